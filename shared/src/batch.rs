@@ -1,0 +1,175 @@
+//! Packing a batch's events into a payload, and unpacking it with limits.
+//!
+//! A payload is the events' canonical JSON, one per line (`\n`-terminated), either as is
+//! ([`Codec::Plain`]) or zstd-compressed ([`Codec::Zstd`]). Unpacking bounds the decompressed
+//! size, so a small hostile payload cannot expand into gigabytes.
+
+use crate::event::{Event, EventError};
+use crate::wire::{Batch, Codec};
+
+/// Largest decompressed payload accepted unless told otherwise (64 MiB).
+pub const DEFAULT_MAX_DECOMPRESSED: usize = 64 * 1024 * 1024;
+
+/// zstd level for batches: fast, and still ~5x smaller on e-commerce JSON.
+const ZSTD_LEVEL: i32 = 1;
+
+/// Why a batch payload was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    #[error("payload does not decompress (zstd) within {limit} bytes: {reason}")]
+    Decompress { limit: usize, reason: String },
+    #[error("batch announces {announced} events but its payload holds {found}")]
+    CountMismatch { announced: u32, found: usize },
+    #[error("event {index} of the batch: {source}")]
+    Event { index: usize, source: EventError },
+    #[error(
+        "event {index} of the batch has (agent {agent_id:?}, source {source_id:?}, seq {seq}); expected (agent {expected_agent:?}, source {expected_source:?}, seq {expected_seq})"
+    )]
+    WrongIdentity {
+        index: usize,
+        agent_id: String,
+        source_id: String,
+        seq: u64,
+        expected_agent: String,
+        expected_source: String,
+        expected_seq: u64,
+    },
+    #[error("event {index} of the batch claims tenant {found:?}; this agent belongs to {expected:?}")]
+    ForeignTenant { index: usize, found: String, expected: String },
+}
+
+/// Packs already-serialized events (each one JSON object, without newline).
+pub fn pack<'a>(events: impl IntoIterator<Item = &'a [u8]>, codec: Codec) -> Vec<u8> {
+    let mut plain = Vec::new();
+    for e in events {
+        plain.extend_from_slice(e);
+        plain.push(b'\n');
+    }
+    match codec {
+        Codec::Plain => plain,
+        // Compressing an in-memory buffer fails only on allocation failure.
+        Codec::Zstd => zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap_or_default(),
+    }
+}
+
+/// Unpacks and checks a batch received from `agent_id` of `tenant`: every event must parse,
+/// belong to that agent, tenant and the batch's source, and carry the consecutive sequence
+/// numbers the batch announced.
+pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usize) -> Result<Vec<Event>, BatchError> {
+    let plain;
+    let bytes: &[u8] = match batch.codec {
+        Codec::Plain => {
+            if batch.payload.len() > max_decompressed {
+                return Err(BatchError::Decompress {
+                    limit: max_decompressed,
+                    reason: format!("plain payload of {} bytes", batch.payload.len()),
+                });
+            }
+            &batch.payload
+        }
+        Codec::Zstd => {
+            plain = zstd::bulk::decompress(&batch.payload, max_decompressed)
+                .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?;
+            &plain
+        }
+    };
+    let mut events = Vec::with_capacity(batch.count.min(100_000) as usize);
+    for (index, line) in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+        if index >= batch.count as usize {
+            return Err(BatchError::CountMismatch { announced: batch.count, found: index + 1 });
+        }
+        let event = Event::from_json(line).map_err(|source| BatchError::Event { index, source })?;
+        let expected_seq = batch.first_seq + index as u64;
+        if event.agent_id != agent_id || event.source_id != batch.source_id || event.seq != expected_seq {
+            return Err(BatchError::WrongIdentity {
+                index,
+                agent_id: event.agent_id,
+                source_id: event.source_id,
+                seq: event.seq,
+                expected_agent: agent_id.to_owned(),
+                expected_source: batch.source_id.clone(),
+                expected_seq,
+            });
+        }
+        if event.tenant != tenant {
+            return Err(BatchError::ForeignTenant { index, found: event.tenant, expected: tenant.to_owned() });
+        }
+        events.push(event);
+    }
+    if events.len() != batch.count as usize {
+        return Err(BatchError::CountMismatch { announced: batch.count, found: events.len() });
+    }
+    Ok(events)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{BehaviorEvent, BehaviorKind, Payload};
+
+    fn event(tenant: &str, seq: u64) -> Event {
+        Event::new(
+            tenant.into(),
+            "a1".into(),
+            "web".into(),
+            seq,
+            "2026-11-27T10:00:00Z".parse().unwrap(),
+            Payload::Behavior(BehaviorEvent {
+                visitor_id: format!("v{seq}"),
+                kind: BehaviorKind::PageView,
+                url: Some("/".into()),
+                referrer: None,
+            }),
+        )
+    }
+
+    fn batch_of(events: &[Event], first_seq: u64, count: u32, codec: Codec) -> Batch {
+        let json: Vec<Vec<u8>> = events.iter().map(Event::to_json).collect();
+        Batch {
+            source_id: "web".into(),
+            first_seq,
+            count,
+            codec,
+            payload: pack(json.iter().map(Vec::as_slice), codec).into(),
+        }
+    }
+
+    #[test]
+    fn round_trip_both_codecs() {
+        let events: Vec<Event> = (10..20).map(|s| event("t", s)).collect();
+        for codec in [Codec::Plain, Codec::Zstd] {
+            let batch = batch_of(&events, 10, 10, codec);
+            assert_eq!(unpack(&batch, "a1", "t", 1 << 20).unwrap(), events);
+        }
+    }
+
+    #[test]
+    fn refuses_gaps_foreign_tenants_bombs_and_miscounts() {
+        let events: Vec<Event> = [1, 2, 4].into_iter().map(|s| event("t", s)).collect();
+        let err = unpack(&batch_of(&events, 1, 3, Codec::Zstd), "a1", "t", 1 << 20).unwrap_err();
+        assert!(matches!(err, BatchError::WrongIdentity { index: 2, seq: 4, expected_seq: 3, .. }), "{err}");
+
+        let events = vec![event("other", 0)];
+        let err = unpack(&batch_of(&events, 0, 1, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
+        assert!(err.to_string().contains("claims tenant \"other\""), "{err}");
+
+        let events: Vec<Event> = (0..3).map(|s| event("t", s)).collect();
+        let err = unpack(&batch_of(&events, 0, 2, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
+        assert!(matches!(err, BatchError::CountMismatch { announced: 2, .. }), "{err}");
+        let err = unpack(&batch_of(&events, 0, 4, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
+        assert!(matches!(err, BatchError::CountMismatch { announced: 4, found: 3 }), "{err}");
+
+        let bomb = zstd::bulk::compress(&vec![b' '; 1 << 20], 3).unwrap();
+        let batch = Batch { source_id: "web".into(), first_seq: 0, count: 1, codec: Codec::Zstd, payload: bomb.into() };
+        assert!(matches!(unpack(&batch, "a1", "t", 4096), Err(BatchError::Decompress { limit: 4096, .. })));
+
+        let garbage = Batch {
+            source_id: "web".into(),
+            first_seq: 0,
+            count: 1,
+            codec: Codec::Zstd,
+            payload: vec![1, 2, 3].into(),
+        };
+        assert!(matches!(unpack(&garbage, "a1", "t", 4096), Err(BatchError::Decompress { .. })));
+    }
+}

@@ -1,0 +1,409 @@
+//! The event envelope and the typed payload of each domain.
+//!
+//! # Schema, version 1
+//!
+//! Every event is one JSON object:
+//!
+//! | field | type | meaning |
+//! |---|---|---|
+//! | `schema_version` | integer | [`SCHEMA_VERSION`]; a reader rejects versions it does not know |
+//! | `tenant` | string | the customer the data belongs to |
+//! | `agent_id` | string | the agent that read it |
+//! | `source_id` | string | the source inside that agent (a file, a table) |
+//! | `seq` | integer | per-source sequence number, starting at 0, gap-free, never reused |
+//! | `event_time` | RFC 3339 UTC | when it happened on-prem |
+//! | `domain` | `sales` \| `marketing` \| `behavior` \| `inventory` | which payload follows |
+//! | `entity_key` | string | the partitioning key: order id, user id, visitor id or `sku@warehouse` |
+//! | `data` | object | the payload of the domain, below |
+//!
+//! (`agent_id`, `source_id`, `seq`) identifies an event uniquely and for ever: it is what the
+//! cloud de-duplicates on.
+//!
+//! Payloads: [`SalesOrder`], [`MarketingTouch`], [`BehaviorEvent`], [`InventoryLevel`]. Unknown
+//! fields are rejected, so a mapping mistake is caught at the edge, not in a dashboard.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::money::Money;
+
+/// Version of the event schema described in this module.
+pub const SCHEMA_VERSION: u16 = 1;
+
+/// One domain event, as it travels from the agent to the processors.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(into = "EventRepr", try_from = "EventRepr")]
+pub struct Event {
+    pub schema_version: u16,
+    pub tenant: String,
+    pub agent_id: String,
+    pub source_id: String,
+    pub seq: u64,
+    pub event_time: DateTime<Utc>,
+    pub entity_key: String,
+    pub payload: Payload,
+}
+
+/// The JSON layout of an [`Event`]: the domain is a top-level field and the payload sits under
+/// `data`, with unknown fields rejected at both levels.
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EventRepr {
+    schema_version: u16,
+    tenant: String,
+    agent_id: String,
+    source_id: String,
+    seq: u64,
+    event_time: DateTime<Utc>,
+    domain: Domain,
+    entity_key: String,
+    data: serde_json::Value,
+}
+
+impl From<Event> for EventRepr {
+    fn from(e: Event) -> EventRepr {
+        let domain = e.payload.domain();
+        let data = match &e.payload {
+            Payload::Sales(p) => serde_json::to_value(p),
+            Payload::Marketing(p) => serde_json::to_value(p),
+            Payload::Behavior(p) => serde_json::to_value(p),
+            Payload::Inventory(p) => serde_json::to_value(p),
+        }
+        // Plain structs with string keys always convert.
+        .unwrap_or(serde_json::Value::Null);
+        EventRepr {
+            schema_version: e.schema_version,
+            tenant: e.tenant,
+            agent_id: e.agent_id,
+            source_id: e.source_id,
+            seq: e.seq,
+            event_time: e.event_time,
+            domain,
+            entity_key: e.entity_key,
+            data,
+        }
+    }
+}
+
+impl TryFrom<EventRepr> for Event {
+    type Error = serde_json::Error;
+    fn try_from(r: EventRepr) -> Result<Event, serde_json::Error> {
+        let payload = Payload::from_data(r.domain, r.data)?;
+        Ok(Event {
+            schema_version: r.schema_version,
+            tenant: r.tenant,
+            agent_id: r.agent_id,
+            source_id: r.source_id,
+            seq: r.seq,
+            event_time: r.event_time,
+            entity_key: r.entity_key,
+            payload,
+        })
+    }
+}
+
+/// The four domains; each has its own Kafka topic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Domain {
+    Sales,
+    Marketing,
+    Behavior,
+    Inventory,
+}
+
+impl Domain {
+    pub const ALL: [Domain; 4] = [Domain::Sales, Domain::Marketing, Domain::Behavior, Domain::Inventory];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Domain::Sales => "sales",
+            Domain::Marketing => "marketing",
+            Domain::Behavior => "behavior",
+            Domain::Inventory => "inventory",
+        }
+    }
+}
+
+impl fmt::Display for Domain {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A name that is not one of the four domains.
+#[derive(Debug, thiserror::Error)]
+#[error("unknown domain {0:?} (expected sales, marketing, behavior or inventory)")]
+pub struct UnknownDomain(pub String);
+
+impl FromStr for Domain {
+    type Err = UnknownDomain;
+    fn from_str(s: &str) -> Result<Domain, UnknownDomain> {
+        Domain::ALL.into_iter().find(|d| d.as_str() == s).ok_or_else(|| UnknownDomain(s.to_owned()))
+    }
+}
+
+/// The typed body of an event, one variant per domain.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Payload {
+    Sales(SalesOrder),
+    Marketing(MarketingTouch),
+    Behavior(BehaviorEvent),
+    Inventory(InventoryLevel),
+}
+
+impl Payload {
+    /// Reads the `data` object of an event of `domain`.
+    pub fn from_data(domain: Domain, data: serde_json::Value) -> Result<Payload, serde_json::Error> {
+        Ok(match domain {
+            Domain::Sales => Payload::Sales(serde_json::from_value(data)?),
+            Domain::Marketing => Payload::Marketing(serde_json::from_value(data)?),
+            Domain::Behavior => Payload::Behavior(serde_json::from_value(data)?),
+            Domain::Inventory => Payload::Inventory(serde_json::from_value(data)?),
+        })
+    }
+
+    pub fn domain(&self) -> Domain {
+        match self {
+            Payload::Sales(_) => Domain::Sales,
+            Payload::Marketing(_) => Domain::Marketing,
+            Payload::Behavior(_) => Domain::Behavior,
+            Payload::Inventory(_) => Domain::Inventory,
+        }
+    }
+
+    /// The key that orders events of one entity: all events of an order (or a user, a visitor,
+    /// a stock item) land in the same Kafka partition.
+    pub fn entity_key(&self) -> String {
+        match self {
+            Payload::Sales(o) => o.order_id.clone(),
+            Payload::Marketing(m) => m.user_id.clone(),
+            Payload::Behavior(b) => b.visitor_id.clone(),
+            Payload::Inventory(i) => format!("{}@{}", i.sku, i.warehouse),
+        }
+    }
+}
+
+/// Lifecycle state of an order. Revenue is recognised once, on `placed`, and taken back on
+/// `cancelled` or `refunded`; `paid` and `shipped` are updates that do not change revenue.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OrderStatus {
+    Placed,
+    Paid,
+    Shipped,
+    Cancelled,
+    Refunded,
+}
+
+impl OrderStatus {
+    /// +1 when the event adds an order to the revenue figures, -1 when it takes one back.
+    pub fn revenue_sign(self) -> i64 {
+        match self {
+            OrderStatus::Placed => 1,
+            OrderStatus::Cancelled | OrderStatus::Refunded => -1,
+            OrderStatus::Paid | OrderStatus::Shipped => 0,
+        }
+    }
+}
+
+/// A sales order (or a change of its state).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SalesOrder {
+    pub order_id: String,
+    pub customer_id: String,
+    /// Sales channel: `web`, `app`, `store`, `marketplace`...
+    pub channel: String,
+    /// The store or site that took the order.
+    pub site: String,
+    /// ISO 3166-1 alpha-2.
+    pub country: String,
+    /// ISO 4217.
+    pub currency: String,
+    /// Order total, in `currency`.
+    pub amount: Money,
+    #[serde(default)]
+    pub items: Vec<LineItem>,
+    pub status: OrderStatus,
+}
+
+/// One line of an order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LineItem {
+    pub sku: String,
+    pub quantity: i64,
+    pub unit_price: Money,
+}
+
+/// A marketing touch: an ad click, an email open, an affiliate visit.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MarketingTouch {
+    pub user_id: String,
+    pub channel: String,
+    pub campaign: String,
+    /// What the touch cost, where known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost: Option<Money>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+}
+
+/// What a visitor did on a site or in an app.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BehaviorEvent {
+    /// The logged-in user or an anonymous visitor id.
+    pub visitor_id: String,
+    #[serde(rename = "type")]
+    pub kind: BehaviorKind,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<String>,
+}
+
+/// The kinds of behavior event the funnels are built from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BehaviorKind {
+    PageView,
+    ProductView,
+    Search,
+    AddToCart,
+    Checkout,
+    Purchase,
+}
+
+/// Stock on hand of one SKU in one warehouse, at `event_time`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InventoryLevel {
+    pub sku: String,
+    pub warehouse: String,
+    pub on_hand: i64,
+}
+
+/// Why an event was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("event is not valid JSON for schema {SCHEMA_VERSION}: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("event has schema version {found}; this build reads version {SCHEMA_VERSION}")]
+    UnsupportedVersion { found: u16 },
+    #[error("event entity_key {found:?} does not match its payload's key {expected:?}")]
+    EntityKeyMismatch { found: String, expected: String },
+}
+
+impl Event {
+    /// Builds an event of the current schema; the entity key is derived from the payload.
+    pub fn new(
+        tenant: String,
+        agent_id: String,
+        source_id: String,
+        seq: u64,
+        event_time: DateTime<Utc>,
+        payload: Payload,
+    ) -> Event {
+        Event {
+            schema_version: SCHEMA_VERSION,
+            entity_key: payload.entity_key(),
+            tenant,
+            agent_id,
+            source_id,
+            seq,
+            event_time,
+            payload,
+        }
+    }
+
+    pub fn domain(&self) -> Domain {
+        self.payload.domain()
+    }
+
+    /// Serializes to the canonical JSON form (what is spooled, shipped and written to Kafka).
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data to a Vec cannot fail: every map key is a string.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and checks one event.
+    pub fn from_json(bytes: &[u8]) -> Result<Event, EventError> {
+        let event: Event = serde_json::from_slice(bytes)?;
+        if event.schema_version != SCHEMA_VERSION {
+            return Err(EventError::UnsupportedVersion { found: event.schema_version });
+        }
+        let expected = event.payload.entity_key();
+        if event.entity_key != expected {
+            return Err(EventError::EntityKeyMismatch { found: event.entity_key, expected });
+        }
+        Ok(event)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn order() -> Event {
+        Event::new(
+            "acme".into(),
+            "agent-1".into(),
+            "orders".into(),
+            7,
+            "2026-11-27T10:00:00Z".parse().unwrap(),
+            Payload::Sales(SalesOrder {
+                order_id: "o-1".into(),
+                customer_id: "c-9".into(),
+                channel: "web".into(),
+                site: "shop-fr".into(),
+                country: "FR".into(),
+                currency: "EUR".into(),
+                amount: Money::parse("59.90").unwrap(),
+                items: vec![LineItem { sku: "SKU-1".into(), quantity: 2, unit_price: Money::parse("29.95").unwrap() }],
+                status: OrderStatus::Placed,
+            }),
+        )
+    }
+
+    #[test]
+    fn json_shape_is_flat_and_readable() {
+        let json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
+        assert_eq!(json["domain"], "sales");
+        assert_eq!(json["entity_key"], "o-1");
+        assert_eq!(json["data"]["amount"], 59.9);
+        assert_eq!(json["event_time"], "2026-11-27T10:00:00Z");
+        assert_eq!(Event::from_json(&order().to_json()).unwrap(), order());
+    }
+
+    #[test]
+    fn rejects_unknown_version_fields_and_forged_keys() {
+        let mut json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
+        json["schema_version"] = 2.into();
+        let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("schema version 2"), "{err}");
+
+        let mut json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
+        json["entity_key"] = "o-2".into();
+        let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert!(matches!(err, EventError::EntityKeyMismatch { .. }), "{err}");
+
+        let mut json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
+        json["data"]["coupon"] = "X".into();
+        let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
+        assert!(err.to_string().contains("coupon"), "{err}");
+    }
+
+    #[test]
+    fn entity_keys_per_domain() {
+        let inv = Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W1".into(), on_hand: 3 });
+        assert_eq!(inv.entity_key(), "S@W1");
+        assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
+        assert!("orders".parse::<Domain>().is_err());
+    }
+}

@@ -1,0 +1,498 @@
+//! The protocol's state machines: [`ClientSession`] for the agent, [`ServerSession`] for the
+//! gateway.
+//!
+//! They do no I/O and read no clock. A driver feeds received frames with `handle_frame`, takes
+//! frames to send with `poll_transmit` and decisions with `poll_event`, and passes the time
+//! (any monotonic [`Duration`] since an epoch of its choosing) where timing matters.
+//!
+//! ```text
+//! agent                              gateway
+//!   Hello ───────────────────────────▶  (driver authenticates: accept / reject)
+//!         ◀─────────────────────────── Welcome (tenant, window, limits)
+//!   Batch, Batch, … (≤ window) ──────▶  (driver makes each durable, then ack)
+//!         ◀─────────────────────────── Ack, Ack, …  (in any order)
+//!   Heartbeat (every interval) ──────▶
+//!   Error ◀──────────────────────────▶ Error   (then the connection closes)
+//! ```
+
+use std::collections::{HashSet, VecDeque};
+use std::time::Duration;
+
+use crate::wire::{Ack, Batch, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Welcome};
+
+/// A breach of the protocol by the peer. The session has queued an error frame for the peer
+/// and is closed.
+#[derive(Debug, thiserror::Error, Clone, PartialEq)]
+#[error("{code:?}: {message}")]
+pub struct ProtocolError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl ProtocolError {
+    fn new(code: ErrorCode, message: impl Into<String>) -> ProtocolError {
+        ProtocolError { code, message: message.into() }
+    }
+}
+
+/// What the agent's session tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientEvent {
+    /// The gateway accepted us; batches may flow.
+    Ready(Welcome),
+    /// A batch is durable in the cloud: its events may be deleted from the spool.
+    Acked(Ack),
+    /// The gateway closed the session.
+    Closed(ErrorFrame),
+}
+
+#[derive(Debug)]
+enum ClientState {
+    AwaitingWelcome,
+    Ready(Welcome),
+    Closed,
+}
+
+/// The agent's side of a connection.
+#[derive(Debug)]
+pub struct ClientSession {
+    state: ClientState,
+    outbox: VecDeque<Frame>,
+    events: VecDeque<ClientEvent>,
+    in_flight: HashSet<(String, u64, u32)>,
+    next_heartbeat: Option<Duration>,
+}
+
+impl ClientSession {
+    /// Starts a session; the hello is the first frame to transmit.
+    pub fn new(hello: Hello) -> ClientSession {
+        ClientSession {
+            state: ClientState::AwaitingWelcome,
+            outbox: VecDeque::from([Frame::Hello(hello)]),
+            events: VecDeque::new(),
+            in_flight: HashSet::new(),
+            next_heartbeat: None,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ClientEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn is_ready(&self) -> bool {
+        matches!(self.state, ClientState::Ready(_))
+    }
+
+    pub fn welcome(&self) -> Option<&Welcome> {
+        match &self.state {
+            ClientState::Ready(w) => Some(w),
+            _ => None,
+        }
+    }
+
+    pub fn n_in_flight(&self) -> usize {
+        self.in_flight.len()
+    }
+
+    /// Whether the window has room for another batch.
+    pub fn can_send_batch(&self) -> bool {
+        match &self.state {
+            ClientState::Ready(w) => self.in_flight.len() < w.max_in_flight.max(1) as usize,
+            _ => false,
+        }
+    }
+
+    /// Queues a batch. The caller keeps its events until the matching [`ClientEvent::Acked`].
+    pub fn send_batch(&mut self, batch: Batch) -> Result<(), ProtocolError> {
+        if !self.can_send_batch() {
+            return Err(ProtocolError::new(ErrorCode::ProtocolViolation, "batch sent without room in the window"));
+        }
+        self.in_flight.insert((batch.source_id.clone(), batch.first_seq, batch.count));
+        self.outbox.push_back(Frame::Batch(batch));
+        Ok(())
+    }
+
+    /// When the driver should next call [`ClientSession::handle_timeout`].
+    pub fn poll_timeout(&self) -> Option<Duration> {
+        self.next_heartbeat
+    }
+
+    /// Returns true when a heartbeat is due: the driver then builds one and calls
+    /// [`ClientSession::send_heartbeat`].
+    pub fn handle_timeout(&mut self, now: Duration) -> bool {
+        matches!(self.next_heartbeat, Some(due) if now >= due)
+    }
+
+    pub fn send_heartbeat(&mut self, heartbeat: Heartbeat, now: Duration) {
+        if let ClientState::Ready(w) = &self.state {
+            self.next_heartbeat = Some(now + Duration::from_millis(w.heartbeat_interval_ms.max(100)));
+            self.outbox.push_back(Frame::Heartbeat(heartbeat));
+        }
+    }
+
+    pub fn handle_frame(&mut self, frame: Frame, now: Duration) -> Result<(), ProtocolError> {
+        let result = match (&self.state, frame) {
+            (ClientState::Closed, _) => Ok(()),
+            (_, Frame::Error(e)) => {
+                self.state = ClientState::Closed;
+                self.events.push_back(ClientEvent::Closed(e));
+                return Ok(());
+            }
+            (ClientState::AwaitingWelcome, Frame::Welcome(w)) => {
+                if w.protocol_version != PROTOCOL_VERSION {
+                    Err(ProtocolError::new(
+                        ErrorCode::UnsupportedVersion,
+                        format!("gateway speaks protocol {}, agent {PROTOCOL_VERSION}", w.protocol_version),
+                    ))
+                } else {
+                    // First heartbeat right away: the fleet view learns of us at once.
+                    self.next_heartbeat = Some(now);
+                    self.state = ClientState::Ready(w.clone());
+                    self.events.push_back(ClientEvent::Ready(w));
+                    Ok(())
+                }
+            }
+            (ClientState::Ready(_), Frame::Ack(ack)) => {
+                if self.in_flight.remove(&(ack.source_id.clone(), ack.first_seq, ack.count)) {
+                    self.events.push_back(ClientEvent::Acked(ack));
+                    Ok(())
+                } else {
+                    Err(ProtocolError::new(
+                        ErrorCode::ProtocolViolation,
+                        format!("ack for a batch not in flight: {} {}+{}", ack.source_id, ack.first_seq, ack.count),
+                    ))
+                }
+            }
+            (_, other) => Err(ProtocolError::new(
+                ErrorCode::ProtocolViolation,
+                format!("unexpected {} frame from the gateway", other.name()),
+            )),
+        };
+        if let Err(e) = &result {
+            self.close_with(e.clone());
+        }
+        result
+    }
+
+    fn close_with(&mut self, e: ProtocolError) {
+        self.state = ClientState::Closed;
+        self.outbox.push_back(Frame::Error(ErrorFrame { code: e.code, message: e.message }));
+    }
+}
+
+/// Limits the gateway imposes on a session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerLimits {
+    pub max_in_flight: u32,
+    pub max_batch_bytes: u32,
+    pub max_batch_events: u32,
+    pub heartbeat_interval: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> ServerLimits {
+        ServerLimits {
+            max_in_flight: 8,
+            max_batch_bytes: 4 * 1024 * 1024,
+            max_batch_events: 10_000,
+            heartbeat_interval: Duration::from_secs(5),
+        }
+    }
+}
+
+/// What the gateway's session tells its driver.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerEvent {
+    /// The agent introduced itself: the driver checks its credential and calls
+    /// [`ServerSession::accept`] or [`ServerSession::reject`].
+    Hello(Hello),
+    /// A batch to make durable, then [`ServerSession::ack`].
+    Batch(Batch),
+    Heartbeat(Heartbeat),
+    /// The agent closed the session.
+    Closed(ErrorFrame),
+}
+
+#[derive(Debug)]
+enum ServerState {
+    AwaitingHello,
+    Authenticating,
+    Ready { agent_id: String },
+    Closed,
+}
+
+/// The gateway's side of a connection.
+#[derive(Debug)]
+pub struct ServerSession {
+    limits: ServerLimits,
+    state: ServerState,
+    outbox: VecDeque<Frame>,
+    events: VecDeque<ServerEvent>,
+    n_unacked: u32,
+}
+
+impl ServerSession {
+    pub fn new(limits: ServerLimits) -> ServerSession {
+        ServerSession {
+            limits,
+            state: ServerState::AwaitingHello,
+            outbox: VecDeque::new(),
+            events: VecDeque::new(),
+            n_unacked: 0,
+        }
+    }
+
+    pub fn poll_transmit(&mut self) -> Option<Frame> {
+        self.outbox.pop_front()
+    }
+
+    pub fn poll_event(&mut self) -> Option<ServerEvent> {
+        self.events.pop_front()
+    }
+
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, ServerState::Closed)
+    }
+
+    /// The authenticated agent, once accepted.
+    pub fn agent_id(&self) -> Option<&str> {
+        match &self.state {
+            ServerState::Ready { agent_id } => Some(agent_id),
+            _ => None,
+        }
+    }
+
+    pub fn handle_frame(&mut self, frame: Frame) -> Result<(), ProtocolError> {
+        let result = match (&self.state, frame) {
+            (ServerState::Closed, _) => Ok(()),
+            (_, Frame::Error(e)) => {
+                self.state = ServerState::Closed;
+                self.events.push_back(ServerEvent::Closed(e));
+                Ok(())
+            }
+            (ServerState::AwaitingHello, Frame::Hello(h)) => {
+                if h.protocol_version != PROTOCOL_VERSION {
+                    Err(ProtocolError::new(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "agent {} speaks protocol {}; this gateway speaks {PROTOCOL_VERSION}",
+                            h.agent_id, h.protocol_version
+                        ),
+                    ))
+                } else {
+                    self.state = ServerState::Authenticating;
+                    self.events.push_back(ServerEvent::Hello(h));
+                    Ok(())
+                }
+            }
+            (ServerState::Ready { .. }, Frame::Batch(b)) => self.check_batch(&b).map(|()| {
+                self.n_unacked += 1;
+                self.events.push_back(ServerEvent::Batch(b));
+            }),
+            (ServerState::Ready { .. }, Frame::Heartbeat(h)) => {
+                self.events.push_back(ServerEvent::Heartbeat(h));
+                Ok(())
+            }
+            (ServerState::AwaitingHello | ServerState::Authenticating, other) => Err(ProtocolError::new(
+                ErrorCode::Unauthenticated,
+                format!("{} frame before the agent was authenticated", other.name()),
+            )),
+            (_, other) => Err(ProtocolError::new(
+                ErrorCode::ProtocolViolation,
+                format!("unexpected {} frame from the agent", other.name()),
+            )),
+        };
+        if let Err(e) = &result {
+            self.fail(e.code, e.message.clone());
+        }
+        result
+    }
+
+    fn check_batch(&self, b: &Batch) -> Result<(), ProtocolError> {
+        if self.n_unacked >= self.limits.max_in_flight {
+            return Err(ProtocolError::new(
+                ErrorCode::ProtocolViolation,
+                format!("more than {} batches in flight", self.limits.max_in_flight),
+            ));
+        }
+        if b.payload.len() > self.limits.max_batch_bytes as usize {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidBatch,
+                format!("batch payload of {} bytes exceeds {}", b.payload.len(), self.limits.max_batch_bytes),
+            ));
+        }
+        if b.count > self.limits.max_batch_events {
+            return Err(ProtocolError::new(
+                ErrorCode::InvalidBatch,
+                format!("batch of {} events exceeds {}", b.count, self.limits.max_batch_events),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The driver authenticated the agent as `agent_id` of `tenant`.
+    pub fn accept(&mut self, agent_id: String, tenant: String) {
+        if matches!(self.state, ServerState::Authenticating) {
+            self.state = ServerState::Ready { agent_id };
+            self.outbox.push_back(Frame::Welcome(Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                tenant,
+                max_in_flight: self.limits.max_in_flight,
+                max_batch_bytes: self.limits.max_batch_bytes,
+                max_batch_events: self.limits.max_batch_events,
+                heartbeat_interval_ms: self.limits.heartbeat_interval.as_millis() as u64,
+            }));
+        }
+    }
+
+    pub fn reject(&mut self, message: String) {
+        self.fail(ErrorCode::Unauthenticated, message);
+    }
+
+    /// A batch is durable: acknowledge it.
+    pub fn ack(&mut self, ack: Ack) {
+        if matches!(self.state, ServerState::Ready { .. }) {
+            self.n_unacked = self.n_unacked.saturating_sub(1);
+            self.outbox.push_back(Frame::Ack(ack));
+        }
+    }
+
+    /// Closes the session with an error for the agent.
+    pub fn fail(&mut self, code: ErrorCode, message: String) {
+        if !self.is_closed() {
+            self.state = ServerState::Closed;
+            self.outbox.push_back(Frame::Error(ErrorFrame { code, message }));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::wire::Codec;
+    use bytes::BytesMut;
+
+    fn hello(version: u16) -> Hello {
+        Hello {
+            protocol_version: version,
+            agent_id: "a1".into(),
+            agent_version: "0.1.0".into(),
+            credential: "secret".into(),
+        }
+    }
+
+    fn batch(first_seq: u64) -> Batch {
+        Batch { source_id: "s".into(), first_seq, count: 2, codec: Codec::Plain, payload: vec![b'x'; 10].into() }
+    }
+
+    /// Moves every queued frame from one side to the other through the real codec.
+    fn pump_to_server(client: &mut ClientSession, server: &mut ServerSession) -> Vec<Result<(), ProtocolError>> {
+        let mut wire = BytesMut::new();
+        while let Some(f) = client.poll_transmit() {
+            f.encode(&mut wire);
+        }
+        let mut results = Vec::new();
+        while let Some(f) = Frame::decode(&mut wire, 1 << 20).unwrap() {
+            results.push(server.handle_frame(f));
+        }
+        results
+    }
+
+    fn pump_to_client(server: &mut ServerSession, client: &mut ClientSession, now: Duration) {
+        let mut wire = BytesMut::new();
+        while let Some(f) = server.poll_transmit() {
+            f.encode(&mut wire);
+        }
+        while let Some(f) = Frame::decode(&mut wire, 1 << 20).unwrap() {
+            client.handle_frame(f, now).unwrap();
+        }
+    }
+
+    #[test]
+    fn handshake_window_acks_out_of_order_and_heartbeats_in_virtual_time() {
+        let limits =
+            ServerLimits { max_in_flight: 2, heartbeat_interval: Duration::from_secs(5), ..Default::default() };
+        let mut client = ClientSession::new(hello(PROTOCOL_VERSION));
+        let mut server = ServerSession::new(limits);
+        assert!(!client.can_send_batch());
+        pump_to_server(&mut client, &mut server);
+        assert_eq!(server.poll_event(), Some(ServerEvent::Hello(hello(PROTOCOL_VERSION))));
+        server.accept("a1".into(), "acme".into());
+        pump_to_client(&mut server, &mut client, Duration::ZERO);
+        assert!(matches!(client.poll_event(), Some(ClientEvent::Ready(w)) if w.tenant == "acme"));
+
+        // The first heartbeat is due at once, the next one an interval later.
+        assert!(client.handle_timeout(Duration::ZERO));
+        client.send_heartbeat(Heartbeat::default(), Duration::ZERO);
+        assert!(!client.handle_timeout(Duration::from_secs(4)));
+        assert!(client.handle_timeout(Duration::from_secs(5)));
+
+        client.send_batch(batch(0)).unwrap();
+        client.send_batch(batch(2)).unwrap();
+        assert!(!client.can_send_batch(), "window of 2 is full");
+        assert!(client.send_batch(batch(4)).is_err());
+        pump_to_server(&mut client, &mut server);
+        assert!(matches!(server.poll_event(), Some(ServerEvent::Heartbeat(_))));
+        assert_eq!(server.poll_event(), Some(ServerEvent::Batch(batch(0))));
+        assert_eq!(server.poll_event(), Some(ServerEvent::Batch(batch(2))));
+
+        // Acks in reverse order are fine.
+        server.ack(Ack { source_id: "s".into(), first_seq: 2, count: 2 });
+        server.ack(Ack { source_id: "s".into(), first_seq: 0, count: 2 });
+        pump_to_client(&mut server, &mut client, Duration::from_secs(1));
+        assert!(matches!(client.poll_event(), Some(ClientEvent::Acked(a)) if a.first_seq == 2));
+        assert!(matches!(client.poll_event(), Some(ClientEvent::Acked(a)) if a.first_seq == 0));
+        assert!(client.can_send_batch());
+        assert_eq!(client.n_in_flight(), 0);
+    }
+
+    #[test]
+    fn server_refuses_wrong_version_unauthenticated_batches_and_window_overrun() {
+        let mut server = ServerSession::new(ServerLimits::default());
+        let err = server.handle_frame(Frame::Hello(hello(99))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::UnsupportedVersion);
+        assert!(matches!(server.poll_transmit(), Some(Frame::Error(e)) if e.code == ErrorCode::UnsupportedVersion));
+        assert!(server.is_closed());
+
+        let mut server = ServerSession::new(ServerLimits::default());
+        let err = server.handle_frame(Frame::Batch(batch(0))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated);
+
+        let mut server = ServerSession::new(ServerLimits { max_in_flight: 1, ..Default::default() });
+        server.handle_frame(Frame::Hello(hello(PROTOCOL_VERSION))).unwrap();
+        server.accept("a1".into(), "t".into());
+        server.handle_frame(Frame::Batch(batch(0))).unwrap();
+        let err = server.handle_frame(Frame::Batch(batch(2))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProtocolViolation);
+
+        let mut server = ServerSession::new(ServerLimits { max_batch_bytes: 4, ..Default::default() });
+        server.handle_frame(Frame::Hello(hello(PROTOCOL_VERSION))).unwrap();
+        server.reject("unknown agent a1".into());
+        assert!(server.is_closed());
+        let mut server = ServerSession::new(ServerLimits { max_batch_bytes: 4, ..Default::default() });
+        server.handle_frame(Frame::Hello(hello(PROTOCOL_VERSION))).unwrap();
+        server.accept("a1".into(), "t".into());
+        let err = server.handle_frame(Frame::Batch(batch(0))).unwrap_err();
+        assert_eq!(err.code, ErrorCode::InvalidBatch);
+    }
+
+    #[test]
+    fn client_refuses_unknown_acks_and_reports_gateway_errors() {
+        let mut client = ClientSession::new(hello(PROTOCOL_VERSION));
+        client.poll_transmit();
+        let err = client
+            .handle_frame(Frame::Ack(Ack { source_id: "s".into(), first_seq: 0, count: 1 }), Duration::ZERO)
+            .unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProtocolViolation);
+
+        let mut client = ClientSession::new(hello(PROTOCOL_VERSION));
+        let e = ErrorFrame { code: ErrorCode::Unauthenticated, message: "no".into() };
+        client.handle_frame(Frame::Error(e.clone()), Duration::ZERO).unwrap();
+        assert_eq!(client.poll_event(), Some(ClientEvent::Closed(e)));
+        assert!(!client.can_send_batch());
+    }
+}
