@@ -1,0 +1,306 @@
+//! The agent's configuration file (TOML).
+//!
+//! ```toml
+//! agent_id = "store-eu-1"
+//! tenant = "acme"
+//! data_dir = "/var/lib/actidash-agent"
+//!
+//! [cloud]
+//! address = "gateway.example.com:4433"
+//! server_name = "gateway.example.com"
+//! ca_file = "/etc/actidash/ca.pem"
+//! credential_file = "/etc/actidash/agent.credential"
+//!
+//! [[sources]]
+//! id = "orders"
+//! type = "file"
+//! path = "/data/exports/orders.jsonl"
+//! [sources.mapping]
+//! domain = "sales"
+//! event_time = { field = "created_at", format = "rfc3339" }
+//! fields = { order_id = "id", amount = "total", channel = "channel" }
+//! ```
+//!
+//! Unknown fields are rejected. Errors name the file, the line and the field. Relative paths
+//! are resolved against the configuration file's folder.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::mapping::MappingConfig;
+use crate::sources::SourceConfig;
+
+/// The whole agent configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// This agent's id, unique in the fleet.
+    pub agent_id: String,
+    /// The tenant this agent's data belongs to.
+    pub tenant: String,
+    /// Where the spool and other state live.
+    pub data_dir: PathBuf,
+    /// How to reach the cloud.
+    pub cloud: CloudConfig,
+    /// The sources to read.
+    #[serde(default)]
+    pub sources: Vec<SourceConfig>,
+    /// Shipping tunables.
+    #[serde(default)]
+    pub shipper: ShipperConfig,
+}
+
+/// The gateway to ship to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// `host:port` of the gateway's QUIC endpoint.
+    pub address: String,
+    /// The name the gateway's certificate must carry.
+    pub server_name: String,
+    /// PEM file of the CA that signed the gateway's certificate.
+    pub ca_file: PathBuf,
+    /// File holding this agent's credential (preferred: keeps the secret out of the config).
+    #[serde(default)]
+    pub credential_file: Option<PathBuf>,
+    /// The credential inline (for tests and demos).
+    #[serde(default)]
+    pub credential: Option<String>,
+}
+
+/// Shipping tunables.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ShipperConfig {
+    /// Largest number of events in a batch (the gateway may impose less).
+    pub max_batch_events: u32,
+    /// Largest uncompressed batch, in bytes.
+    pub max_batch_bytes: u32,
+    /// Upper bound of the reconnection backoff, in milliseconds.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for ShipperConfig {
+    fn default() -> ShipperConfig {
+        ShipperConfig { max_batch_events: 2_000, max_batch_bytes: 2 * 1024 * 1024, max_backoff_ms: 30_000 }
+    }
+}
+
+/// A configuration error, naming the file, the line (where known) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Parse { path: PathBuf, line: usize, message: String },
+    #[error("{path}:{line}: field `{field}`: {message}")]
+    Invalid { path: PathBuf, line: usize, field: String, message: String },
+}
+
+impl AgentConfig {
+    /// Reads, parses and validates a configuration file.
+    pub fn load(path: &Path) -> Result<AgentConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        AgentConfig::parse(&text, path)
+    }
+
+    /// Parses and validates configuration text that was read from `path`.
+    pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            message: e.message().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        config.resolve_paths(base);
+        config.validate().map_err(|(field, message)| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: find_line(text, &field),
+            field,
+            message,
+        })?;
+        Ok(config)
+    }
+
+    fn resolve_paths(&mut self, base: &Path) {
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut self.data_dir);
+        resolve(&mut self.cloud.ca_file);
+        if let Some(p) = &mut self.cloud.credential_file {
+            resolve(p);
+        }
+        for source in &mut self.sources {
+            source.resolve_paths(base);
+        }
+    }
+
+    /// Checks what serde cannot: returns the offending field's dotted path and a message.
+    fn validate(&self) -> Result<(), (String, String)> {
+        check_id("agent_id", &self.agent_id)?;
+        check_id("tenant", &self.tenant)?;
+        if self.cloud.address.parse::<SocketAddr>().is_err() && !self.cloud.address.contains(':') {
+            return Err(("cloud.address".into(), format!("{:?} is not host:port", self.cloud.address)));
+        }
+        match (&self.cloud.credential, &self.cloud.credential_file) {
+            (None, None) => {
+                return Err(("cloud.credential_file".into(), "set credential_file (or credential)".into()));
+            }
+            (Some(_), Some(_)) => {
+                return Err(("cloud.credential".into(), "set credential_file or credential, not both".into()));
+            }
+            _ => {}
+        }
+        if self.shipper.max_batch_events == 0 {
+            return Err(("shipper.max_batch_events".into(), "must be at least 1".into()));
+        }
+        let mut seen = HashSet::new();
+        for (idx, source) in self.sources.iter().enumerate() {
+            let id = source.id();
+            check_id(&format!("sources[{idx}].id"), id)?;
+            if !seen.insert(id) {
+                return Err((format!("sources[{idx}].id"), format!("duplicate source id {id:?}")));
+            }
+            source.mapping().validate().map_err(|(field, msg)| (format!("sources[{idx}].mapping.{field}"), msg))?;
+        }
+        Ok(())
+    }
+
+    /// The credential, read from its file if configured so.
+    pub fn credential(&self) -> anyhow::Result<String> {
+        use anyhow::Context as _;
+        match (&self.cloud.credential, &self.cloud.credential_file) {
+            (Some(c), _) => Ok(c.clone()),
+            (None, Some(path)) => Ok(std::fs::read_to_string(path)
+                .with_context(|| format!("reading credential file {}", path.display()))?
+                .trim()
+                .to_owned()),
+            (None, None) => anyhow::bail!("no credential configured"),
+        }
+    }
+
+    /// The mapping of every source, by id.
+    pub fn mappings(&self) -> impl Iterator<Item = (&str, &MappingConfig)> {
+        self.sources.iter().map(|s| (s.id(), s.mapping()))
+    }
+}
+
+fn check_id(field: &str, value: &str) -> Result<(), (String, String)> {
+    let ok = !value.is_empty()
+        && value.len() <= 128
+        && value.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'));
+    if ok {
+        Ok(())
+    } else {
+        Err((field.to_owned(), format!("{value:?} must be 1-128 characters of A-Z a-z 0-9 - _ .")))
+    }
+}
+
+fn line_of(text: &str, byte_offset: usize) -> usize {
+    text[..byte_offset.min(text.len())].bytes().filter(|b| *b == b'\n').count() + 1
+}
+
+/// Best-effort line of a dotted field path such as `sources[1].mapping.domain`: the line of
+/// the last key, searched after the `[[sources]]` table of that index.
+fn find_line(text: &str, field: &str) -> usize {
+    let mut from = 0;
+    let mut key = field;
+    for part in field.split('.') {
+        if let Some((name, idx)) = part.strip_suffix(']').and_then(|p| p.split_once('[')) {
+            let idx: usize = idx.parse().unwrap_or(0);
+            let header = format!("[[{name}]]");
+            let mut pos = 0;
+            for _ in 0..=idx {
+                match text[pos..].find(&header) {
+                    Some(p) => {
+                        from = pos + p;
+                        pos = from + header.len();
+                    }
+                    None => break,
+                }
+            }
+        }
+        key = part;
+    }
+    let key = key.split('[').next().unwrap_or(key);
+    text[from..]
+        .lines()
+        .scan(from, |offset, line| {
+            let start = *offset;
+            *offset += line.len() + 1;
+            Some((start, line))
+        })
+        .find(|(_, line)| {
+            let t = line.trim_start();
+            t.starts_with(key) && t[key.len()..].trim_start().starts_with('=')
+                || t.contains(&format!(" {key} ="))
+                || t.contains(&format!("{{{key} ="))
+        })
+        .map(|(start, _)| line_of(text, start))
+        .unwrap_or_else(|| line_of(text, from))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+agent_id = "a1"
+tenant = "acme"
+data_dir = "state"
+
+[cloud]
+address = "127.0.0.1:4433"
+server_name = "localhost"
+ca_file = "ca.pem"
+credential = "s3cret"
+
+[[sources]]
+id = "orders"
+type = "file"
+path = "orders.jsonl"
+[sources.mapping]
+domain = "sales"
+event_time = { field = "ts", format = "rfc3339" }
+fields = { order_id = "id", customer_id = "customer", channel = "channel", site = "site", country = "country", currency = "currency", amount = "total", status = "status" }
+"#;
+
+    #[test]
+    fn parses_and_resolves_relative_paths() {
+        let cfg = AgentConfig::parse(GOOD, Path::new("/etc/actidash/agent.toml")).unwrap();
+        assert_eq!(cfg.data_dir, Path::new("/etc/actidash/state"));
+        assert_eq!(cfg.cloud.ca_file, Path::new("/etc/actidash/ca.pem"));
+        assert_eq!(cfg.credential().unwrap(), "s3cret");
+        assert_eq!(cfg.sources.len(), 1);
+    }
+
+    #[test]
+    fn unknown_field_names_file_line_and_field() {
+        let text = GOOD.replace("server_name", "sever_name");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("agent.toml:8:"), "{err}");
+        assert!(err.contains("sever_name"), "{err}");
+    }
+
+    #[test]
+    fn semantic_errors_name_the_field_and_its_line() {
+        let text = GOOD.replace("domain = \"sales\"", "domain = \"sails\"");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("sails"), "{err}");
+
+        let text = GOOD.replace("agent_id = \"a1\"", "agent_id = \"a 1\"");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("agent.toml:2: field `agent_id`"), "{err}");
+
+        let text = GOOD.replace("order_id = \"id\"", "order_number = \"id\"");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("agent.toml:19: field `sources[0].mapping.fields.order_number`"), "{err}");
+    }
+}

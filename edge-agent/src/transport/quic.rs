@@ -1,0 +1,48 @@
+//! The agent's QUIC endpoint: TLS 1.3 only, the gateway's certificate verified against the
+//! configured CA, ALPN `actidash/1`, keep-alives short enough for NAT bindings.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use actidash_shared::wire::ALPN;
+use anyhow::Context as _;
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject as _;
+
+/// Reads every certificate of a PEM file.
+pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
+    let certs = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading certificates from {}", path.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("parsing certificates in {}", path.display()))?;
+    anyhow::ensure!(!certs.is_empty(), "{} holds no certificate", path.display());
+    Ok(certs)
+}
+
+/// A client endpoint that trusts only the CA in `ca_file`.
+pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in load_certs(ca_file)? {
+        roots.add(cert).with_context(|| format!("adding CA certificate from {}", ca_file.display()))?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .context("TLS 1.3 configuration")?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS configuration")?;
+    let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(5)));
+    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().context("idle timeout")?));
+    client.transport_config(Arc::new(transport));
+
+    let bind: SocketAddr = if remote.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
+    let mut endpoint = quinn::Endpoint::client(bind).context("binding the QUIC client socket")?;
+    endpoint.set_default_client_config(client);
+    Ok(endpoint)
+}

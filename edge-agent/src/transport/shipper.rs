@@ -1,0 +1,247 @@
+//! The shipper: reads spooled events, sends them in batches, deletes them once acknowledged.
+//!
+//! One connection at a time, one bidirectional stream on it. The shipper is the I/O driver of
+//! [`ClientSession`]; the session decides what may be sent (window, heartbeats) and checks what
+//! comes back. After any disconnection the shipper reconnects with exponential backoff and
+//! jitter, and starts again from the oldest spooled event of each source: the cloud drops the
+//! duplicates this may cause, so nothing is lost and nothing counts twice.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use actidash_shared::batch;
+use actidash_shared::session::{ClientEvent, ClientSession};
+use actidash_shared::wire::{Batch, Codec, DEFAULT_MAX_FRAME_LEN, Frame, Heartbeat, Hello, PROTOCOL_VERSION};
+use anyhow::Context as _;
+use bytes::BytesMut;
+use rand::Rng as _;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::sources::SharedStatus;
+use crate::spool::Spool;
+
+/// What the shipper needs to know.
+#[derive(Debug, Clone)]
+pub struct ShipperSettings {
+    pub agent_id: String,
+    pub address: String,
+    pub server_name: String,
+    pub ca_file: std::path::PathBuf,
+    pub credential: String,
+    pub max_batch_events: u32,
+    pub max_batch_bytes: u32,
+    pub max_backoff: Duration,
+}
+
+/// The shipping task.
+#[derive(Debug)]
+pub struct Shipper {
+    pub settings: ShipperSettings,
+    pub spool: Spool,
+    pub source_ids: Vec<String>,
+    pub statuses: Vec<SharedStatus>,
+    /// Woken by sources after they spooled something.
+    pub spooled: Arc<Notify>,
+    pub shutdown: CancellationToken,
+    pub started: Instant,
+}
+
+/// The agent's version, reported in hellos and heartbeats.
+pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
+
+impl Shipper {
+    /// Runs until shutdown, reconnecting as needed.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let remote = resolve(&self.settings.address).await?;
+        let endpoint = super::quic::client_endpoint(&self.settings.ca_file, remote)?;
+        let mut n_failures: u32 = 0;
+        while !self.shutdown.is_cancelled() {
+            let connected_at = Instant::now();
+            match self.session(&endpoint, remote).await {
+                Ok(()) => break,
+                Err(e) => {
+                    // A session that lived a while was healthy: start the backoff over.
+                    if connected_at.elapsed() > Duration::from_secs(10) {
+                        n_failures = 0;
+                    }
+                    let delay = backoff(n_failures, self.settings.max_backoff);
+                    n_failures = n_failures.saturating_add(1);
+                    warn!(gateway = %remote, error = format!("{e:#}"), retry_in_ms = delay.as_millis() as u64, "shipping interrupted");
+                    tokio::select! {
+                        () = tokio::time::sleep(delay) => {}
+                        () = self.shutdown.cancelled() => break,
+                    }
+                }
+            }
+        }
+        endpoint.close(0u32.into(), b"agent shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        info!("shipper stopped");
+        Ok(())
+    }
+
+    /// One connection: returns Ok on shutdown, Err when the connection ended otherwise.
+    async fn session(&mut self, endpoint: &quinn::Endpoint, remote: SocketAddr) -> anyhow::Result<()> {
+        let connecting = endpoint.connect(remote, &self.settings.server_name).context("starting the QUIC handshake")?;
+        let conn = tokio::select! {
+            c = connecting => c.context("QUIC handshake")?,
+            () = self.shutdown.cancelled() => return Ok(()),
+        };
+        let (mut send, mut recv) = conn.open_bi().await.context("opening the stream")?;
+        let mut session = ClientSession::new(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: self.settings.agent_id.clone(),
+            agent_version: AGENT_VERSION.into(),
+            credential: self.settings.credential.clone(),
+        });
+        let mut cursors: HashMap<String, u64> = HashMap::new();
+        let mut rx = BytesMut::with_capacity(64 * 1024);
+        let mut tick = tokio::time::interval(Duration::from_millis(200));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if session.is_ready() {
+                self.fill_window(&mut session, &mut cursors)?;
+            }
+            let mut tx = BytesMut::new();
+            while let Some(frame) = session.poll_transmit() {
+                frame.encode(&mut tx);
+            }
+            if !tx.is_empty() {
+                send.write_all(&tx).await.context("sending to the gateway")?;
+            }
+            let heartbeat_at = session
+                .poll_timeout()
+                .map(|d| tokio::time::Instant::from_std(self.started + d))
+                .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
+            tokio::select! {
+                () = self.shutdown.cancelled() => {
+                    conn.close(0u32.into(), b"agent shutting down");
+                    return Ok(());
+                }
+                read = recv.read_buf(&mut rx) => {
+                    if read.context("reading from the gateway")? == 0 {
+                        anyhow::bail!("the gateway closed the stream");
+                    }
+                    while let Some(frame) = Frame::decode(&mut rx, DEFAULT_MAX_FRAME_LEN).context("decoding a gateway frame")? {
+                        session.handle_frame(frame, self.started.elapsed()).context("gateway broke the protocol")?;
+                    }
+                }
+                () = tokio::time::sleep_until(heartbeat_at) => {
+                    let now = self.started.elapsed();
+                    if session.handle_timeout(now) {
+                        let heartbeat = self.heartbeat()?;
+                        session.send_heartbeat(heartbeat, now);
+                    }
+                }
+                () = self.spooled.notified() => {}
+                _ = tick.tick() => {}
+            }
+            while let Some(event) = session.poll_event() {
+                match event {
+                    ClientEvent::Ready(welcome) => {
+                        info!(gateway = %remote, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
+                    }
+                    ClientEvent::Acked(ack) => {
+                        let n_deleted =
+                            tokio::task::block_in_place(|| self.spool.ack(&ack.source_id, ack.first_seq, ack.count))?;
+                        debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, n_deleted, "batch acknowledged");
+                    }
+                    ClientEvent::Closed(e) => {
+                        anyhow::bail!("the gateway closed the session: {:?}: {}", e.code, e.message);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends batches while the window has room and the spool has events.
+    fn fill_window(&mut self, session: &mut ClientSession, cursors: &mut HashMap<String, u64>) -> anyhow::Result<()> {
+        let Some(welcome) = session.welcome().cloned() else { return Ok(()) };
+        let max_events = self.settings.max_batch_events.min(welcome.max_batch_events).max(1) as usize;
+        let max_bytes = self.settings.max_batch_bytes.min(welcome.max_batch_bytes) as usize;
+        let mut idle = 0;
+        let mut idx = 0;
+        while session.can_send_batch() && idle < self.source_ids.len() {
+            let source_id = &self.source_ids[idx % self.source_ids.len()];
+            idx += 1;
+            let spool = &self.spool;
+            let cursor = match cursors.get(source_id) {
+                Some(c) => *c,
+                None => {
+                    let start = match tokio::task::block_in_place(|| spool.oldest_seq(source_id))? {
+                        Some(seq) => seq,
+                        None => tokio::task::block_in_place(|| spool.source_state(source_id))?.next_seq,
+                    };
+                    cursors.insert(source_id.clone(), start);
+                    start
+                }
+            };
+            let rows = tokio::task::block_in_place(|| spool.read(source_id, cursor, max_events, max_bytes))?;
+            let Some(first) = rows.first() else {
+                idle += 1;
+                continue;
+            };
+            idle = 0;
+            let first_seq = first.seq;
+            let count = rows.len() as u32;
+            let payload = batch::pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
+            cursors.insert(source_id.clone(), first_seq + u64::from(count));
+            session.send_batch(Batch {
+                source_id: source_id.clone(),
+                first_seq,
+                count,
+                codec: Codec::Zstd,
+                payload: payload.into(),
+            })?;
+        }
+        Ok(())
+    }
+
+    fn heartbeat(&self) -> anyhow::Result<Heartbeat> {
+        let stats = tokio::task::block_in_place(|| self.spool.stats())?;
+        let sources = self.statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+        Ok(Heartbeat {
+            agent_version: AGENT_VERSION.into(),
+            uptime_secs: self.started.elapsed().as_secs(),
+            spool_events: stats.n_events,
+            spool_bytes: stats.n_bytes,
+            sources,
+        })
+    }
+}
+
+async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
+    tokio::net::lookup_host(address)
+        .await
+        .with_context(|| format!("resolving {address}"))?
+        .next()
+        .with_context(|| format!("{address} resolves to no address"))
+}
+
+/// Exponential backoff from 100 ms, capped, with full jitter in [50 %, 100 %].
+fn backoff(n_failures: u32, max: Duration) -> Duration {
+    let base = Duration::from_millis(100).saturating_mul(1u32 << n_failures.min(16)).min(max);
+    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_is_capped_and_jittered() {
+        let max = Duration::from_secs(30);
+        assert!(backoff(0, max) <= Duration::from_millis(100));
+        assert!(backoff(0, max) >= Duration::from_millis(50));
+        assert!(backoff(5, max) >= Duration::from_millis(1600));
+        for n in [20, 100, u32::MAX] {
+            let d = backoff(n, max);
+            assert!(d <= max && d >= max / 2, "{d:?}");
+        }
+    }
+}
