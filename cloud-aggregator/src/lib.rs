@@ -1,1 +1,103 @@
-//! placeholder
+//! The ActiDash cloud aggregator: a QUIC gateway ([`gateway`]), processors ([`process`]) that
+//! turn events into roll-ups in the serving store ([`store`]), and the HTTP API ([`serve`]).
+//!
+//! The three roles scale independently (each is a `--role` of the binary) or run together in
+//! one process ([`run`]). With Kafka configured the gateway writes to Kafka and processors
+//! consume from it; without, the gateway hands batches to an in-process processor (the
+//! embedded mode) — the same store commit either way.
+
+pub mod certs;
+pub mod config;
+pub mod gateway;
+pub mod process;
+pub mod serve;
+pub mod store;
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+use crate::config::CloudConfig;
+use crate::gateway::Gateway;
+use crate::gateway::sink::Sink;
+
+/// File name of the serving store inside the data folder.
+pub const STORE_FILE: &str = "serving.db";
+
+/// What a process does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    /// The QUIC gateway.
+    Gateway,
+    /// A processor (Kafka consumer group member, or the embedded processor).
+    Process,
+    /// The HTTP API.
+    Serve,
+}
+
+/// Capacity of the gateway-to-embedded-processor queue, in batches.
+const EMBEDDED_QUEUE: usize = 256;
+
+/// Runs `roles` until `shutdown` is cancelled or one of them fails.
+pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
+    let store_path: PathBuf = config.data_dir.join(STORE_FILE);
+    let mut tasks = tokio::task::JoinSet::new();
+    let mut threads = Vec::new();
+
+    let sink = match (&config.kafka, roles.contains(&Role::Gateway)) {
+        (_, false) => None,
+        (Some(kafka), true) => Some(Sink::kafka(kafka).await?),
+        (None, true) => {
+            anyhow::ensure!(
+                roles.contains(&Role::Process),
+                "without [kafka] the gateway hands batches to an in-process processor: run the gateway and process roles together"
+            );
+            let (tx, handle) = process::embedded::spawn(&store_path, EMBEDDED_QUEUE)?;
+            threads.push(handle);
+            Some(Sink::Embedded(tx))
+        }
+    };
+    if let Some(sink) = sink {
+        let gateway_config = config.gateway.clone().context("the gateway role needs a [gateway] section")?;
+        let gateway = Gateway::bind(&gateway_config, sink, shutdown.clone())?;
+        tasks.spawn(gateway.run());
+    }
+    if roles.contains(&Role::Process)
+        && let Some(kafka) = &config.kafka
+    {
+        let processor = process::kafka::KafkaProcessor {
+            config: kafka.clone(),
+            store_path: store_path.clone(),
+            shutdown: shutdown.clone(),
+        };
+        tasks.spawn(
+            async move { tokio::task::spawn_blocking(move || processor.run()).await.context("processor thread")? },
+        );
+    }
+    if roles.contains(&Role::Serve) {
+        let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
+        tasks.spawn(serve::run(serve_config.listen, store_path.clone(), shutdown.clone()));
+    }
+    info!(roles = ?roles, mode = if config.kafka.is_some() { "kafka" } else { "embedded" }, "cloud aggregator started");
+
+    let mut result = Ok(());
+    while let Some(done) = tasks.join_next().await {
+        let outcome = done.context("a role panicked").and_then(|r| r);
+        if let Err(e) = outcome {
+            error!(error = format!("{e:#}"), "a role failed; stopping");
+            if result.is_ok() {
+                result = Err(e);
+            }
+        }
+        shutdown.cancel();
+    }
+    // The embedded processor stops once the gateway (its only sender) is gone.
+    for t in threads {
+        let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    }
+    result
+}

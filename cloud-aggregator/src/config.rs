@@ -1,0 +1,227 @@
+//! The cloud aggregator's configuration file (TOML).
+//!
+//! ```toml
+//! data_dir = "/var/lib/actidash"          # serving store (SQLite) and state
+//!
+//! [kafka]                                 # absent: the embedded mode (no Kafka)
+//! bootstrap_servers = "k1:9092,k2:9092"
+//! topic_prefix = "actidash"
+//! group_id = "actidash-processors"
+//!
+//! [gateway]
+//! listen = "0.0.0.0:4433"
+//! cert_file = "gateway.pem"
+//! key_file = "gateway.key"
+//! [[gateway.agents]]
+//! id = "store-eu-1"
+//! tenant = "acme"
+//! credential_sha256 = "9f86d08…"
+//!
+//! [serve]
+//! listen = "0.0.0.0:8080"
+//! ```
+//!
+//! Unknown fields are rejected; errors name the file, the line and the field. Relative paths
+//! are resolved against the configuration file's folder.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloudConfig {
+    /// Folder of the serving store and other state.
+    pub data_dir: PathBuf,
+    /// Kafka; when absent, the gateway hands batches to the processor in-process.
+    #[serde(default)]
+    pub kafka: Option<KafkaConfig>,
+    #[serde(default)]
+    pub gateway: Option<GatewayConfig>,
+    #[serde(default)]
+    pub serve: Option<ServeConfig>,
+}
+
+/// Where Kafka is and how ActiDash uses it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list.
+    pub bootstrap_servers: String,
+    /// Topics are `{topic_prefix}.sales`, `.marketing`, `.behavior`, `.inventory`, `.fleet`.
+    #[serde(default = "default_prefix")]
+    pub topic_prefix: String,
+    /// Consumer group of the processors.
+    #[serde(default = "default_group")]
+    pub group_id: String,
+    /// Create missing topics at start (with the two settings below).
+    #[serde(default = "yes")]
+    pub create_topics: bool,
+    #[serde(default = "default_partitions")]
+    pub partitions: i32,
+    #[serde(default = "one")]
+    pub replication_factor: i32,
+}
+
+fn default_prefix() -> String {
+    "actidash".into()
+}
+fn default_group() -> String {
+    "actidash-processors".into()
+}
+fn yes() -> bool {
+    true
+}
+fn default_partitions() -> i32 {
+    6
+}
+fn one() -> i32 {
+    1
+}
+
+/// The QUIC gateway.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GatewayConfig {
+    /// UDP address to listen on.
+    pub listen: SocketAddr,
+    /// PEM certificate chain of the gateway.
+    pub cert_file: PathBuf,
+    /// PEM private key of the gateway.
+    pub key_file: PathBuf,
+    /// Most concurrent agent connections.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Batches an agent may have unacknowledged.
+    #[serde(default = "default_window")]
+    pub max_in_flight: u32,
+    /// Expected heartbeat interval, in milliseconds.
+    #[serde(default = "default_heartbeat_ms")]
+    pub heartbeat_interval_ms: u64,
+    /// The agents allowed in.
+    #[serde(default)]
+    pub agents: Vec<AgentEntry>,
+}
+
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_window() -> u32 {
+    8
+}
+fn default_heartbeat_ms() -> u64 {
+    5_000
+}
+
+/// An agent allowed to connect, and the tenant it writes for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentEntry {
+    pub id: String,
+    pub tenant: String,
+    /// SHA-256 (hex) of the agent's credential; the credential itself is never stored here.
+    pub credential_sha256: String,
+}
+
+/// The HTTP API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServeConfig {
+    /// TCP address to listen on.
+    pub listen: SocketAddr,
+}
+
+/// A configuration error, naming the file, the line (where known) and the field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: cannot read: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path}:{line}: {message}")]
+    Parse { path: PathBuf, line: usize, message: String },
+    #[error("{path}: field `{field}`: {message}")]
+    Invalid { path: PathBuf, field: String, message: String },
+}
+
+impl CloudConfig {
+    pub fn load(path: &Path) -> Result<CloudConfig, ConfigError> {
+        let text =
+            std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+        CloudConfig::parse(&text, path)
+    }
+
+    pub fn parse(text: &str, path: &Path) -> Result<CloudConfig, ConfigError> {
+        let mut config: CloudConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1).unwrap_or(0),
+            message: e.message().to_owned(),
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let resolve = |p: &mut PathBuf| {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        };
+        resolve(&mut config.data_dir);
+        if let Some(g) = &mut config.gateway {
+            resolve(&mut g.cert_file);
+            resolve(&mut g.key_file);
+        }
+        config.validate().map_err(|(field, message)| ConfigError::Invalid { path: path.to_owned(), field, message })?;
+        Ok(config)
+    }
+
+    fn validate(&self) -> Result<(), (String, String)> {
+        if let Some(k) = &self.kafka {
+            if k.partitions < 1 {
+                return Err(("kafka.partitions".into(), "must be at least 1".into()));
+            }
+            if k.topic_prefix.is_empty()
+                || !k.topic_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
+            {
+                return Err((
+                    "kafka.topic_prefix".into(),
+                    format!("{:?} is not a valid topic name prefix", k.topic_prefix),
+                ));
+            }
+        }
+        if let Some(g) = &self.gateway {
+            for (idx, a) in g.agents.iter().enumerate() {
+                if a.credential_sha256.len() != 64 || hex::decode(&a.credential_sha256).is_err() {
+                    return Err((format!("gateway.agents[{idx}].credential_sha256"), "must be 64 hex digits".into()));
+                }
+            }
+            if g.max_in_flight == 0 {
+                return Err(("gateway.max_in_flight".into(), "must be at least 1".into()));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_embedded_and_rejects_unknown_fields_with_line() {
+        let text = "data_dir = \"d\"\n[serve]\nlisten = \"127.0.0.1:8080\"\n";
+        let cfg = CloudConfig::parse(text, Path::new("/etc/a/cloud.toml")).unwrap();
+        assert!(cfg.kafka.is_none());
+        assert_eq!(cfg.data_dir, Path::new("/etc/a/d"));
+
+        let err = CloudConfig::parse(
+            "data_dir = \"d\"\n[serve]\nlisten = \"127.0.0.1:8080\"\nport = 1\n",
+            Path::new("c.toml"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("c.toml:4:"), "{err}");
+        assert!(err.contains("port"), "{err}");
+
+        let bad = "data_dir = \"d\"\n[gateway]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\n[[gateway.agents]]\nid = \"a\"\ntenant = \"t\"\ncredential_sha256 = \"xyz\"\n";
+        let err = CloudConfig::parse(bad, Path::new("c.toml")).unwrap_err().to_string();
+        assert_eq!(err, "c.toml: field `gateway.agents[0].credential_sha256`: must be 64 hex digits");
+    }
+}

@@ -1,0 +1,306 @@
+//! The QUIC gateway: authenticates agents, checks their batches and writes them to the sink,
+//! acknowledging each batch only once every event in it is durable.
+//!
+//! Each connection is a driver of [`ServerSession`] over one bidirectional stream. Batches are
+//! enqueued into the sink in the order they arrive and acknowledged in that order too (a
+//! [`FuturesOrdered`] of pending batches, bounded by the session's window). Bad input (garbage
+//! or oversized frames, a wrong protocol version, unknown agents, invalid batches) closes that
+//! connection with an error frame, is logged with the peer and counted in [`GatewayMetrics`];
+//! other connections are not affected.
+
+pub mod auth;
+pub mod sink;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use actidash_shared::batch;
+use actidash_shared::kafka::FleetRecord;
+use actidash_shared::session::{ServerEvent, ServerLimits, ServerSession};
+use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame};
+use anyhow::Context as _;
+use bytes::BytesMut;
+use futures::StreamExt as _;
+use futures::stream::FuturesOrdered;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use serde::Serialize;
+use tokio::io::AsyncReadExt as _;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use self::auth::Authenticator;
+use self::sink::{Pending, Sink};
+use crate::config::GatewayConfig;
+
+/// Largest decompressed batch accepted (64 MiB).
+const MAX_DECOMPRESSED: usize = batch::DEFAULT_MAX_DECOMPRESSED;
+
+/// Counters of what the gateway accepted and refused.
+#[derive(Debug, Default, Serialize)]
+pub struct GatewayMetrics {
+    pub connections_accepted: AtomicU64,
+    pub connections_refused: AtomicU64,
+    pub auth_failures: AtomicU64,
+    pub bad_frames: AtomicU64,
+    pub protocol_errors: AtomicU64,
+    pub invalid_batches: AtomicU64,
+    pub batches_acked: AtomicU64,
+    pub events_acked: AtomicU64,
+    pub sink_failures: AtomicU64,
+}
+
+fn bump(counter: &AtomicU64, n: u64) {
+    counter.fetch_add(n, Ordering::Relaxed);
+}
+
+/// A bound gateway, ready to run.
+#[derive(Debug)]
+pub struct Gateway {
+    endpoint: quinn::Endpoint,
+    auth: Arc<Authenticator>,
+    sink: Sink,
+    limits: ServerLimits,
+    max_connections: usize,
+    pub metrics: Arc<GatewayMetrics>,
+    shutdown: CancellationToken,
+}
+
+impl Gateway {
+    /// Binds the QUIC endpoint.
+    pub fn bind(config: &GatewayConfig, sink: Sink, shutdown: CancellationToken) -> anyhow::Result<Gateway> {
+        let certs = CertificateDer::pem_file_iter(&config.cert_file)
+            .with_context(|| format!("reading {}", config.cert_file.display()))?
+            .collect::<Result<Vec<_>, _>>()
+            .with_context(|| format!("parsing {}", config.cert_file.display()))?;
+        let key = PrivateKeyDer::from_pem_file(&config.key_file)
+            .with_context(|| format!("reading the private key {}", config.key_file.display()))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider)
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .context("TLS 1.3 configuration")?
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .context("the gateway's certificate and key do not match")?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+        let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
+        let mut transport = quinn::TransportConfig::default();
+        transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().context("idle timeout")?));
+        transport.max_concurrent_bidi_streams(1u32.into());
+        transport.max_concurrent_uni_streams(0u32.into());
+        server.transport_config(Arc::new(transport));
+        let endpoint = quinn::Endpoint::server(server, config.listen)
+            .with_context(|| format!("binding the gateway to udp/{}", config.listen))?;
+        Ok(Gateway {
+            endpoint,
+            auth: Arc::new(Authenticator::new(&config.agents)),
+            sink,
+            limits: ServerLimits {
+                max_in_flight: config.max_in_flight,
+                heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
+                ..ServerLimits::default()
+            },
+            max_connections: config.max_connections,
+            metrics: Arc::new(GatewayMetrics::default()),
+            shutdown,
+        })
+    }
+
+    pub fn local_addr(&self) -> anyhow::Result<SocketAddr> {
+        Ok(self.endpoint.local_addr()?)
+    }
+
+    /// Accepts connections until shutdown.
+    pub async fn run(self) -> anyhow::Result<()> {
+        let permits = Arc::new(Semaphore::new(self.max_connections));
+        info!(listen = %self.local_addr()?, "gateway listening (QUIC)");
+        loop {
+            let incoming = tokio::select! {
+                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+                () = self.shutdown.cancelled() => break,
+            };
+            let Ok(permit) = permits.clone().try_acquire_owned() else {
+                bump(&self.metrics.connections_refused, 1);
+                warn!(remote = %incoming.remote_address(), limit = self.max_connections, "connection refused: too many connections");
+                incoming.refuse();
+                continue;
+            };
+            bump(&self.metrics.connections_accepted, 1);
+            let conn = Connection {
+                auth: self.auth.clone(),
+                sink: self.sink.clone(),
+                limits: self.limits,
+                metrics: self.metrics.clone(),
+                shutdown: self.shutdown.clone(),
+            };
+            tokio::spawn(async move {
+                let remote = incoming.remote_address();
+                if let Err(e) = conn.run(incoming).await {
+                    debug!(remote = %remote, error = format!("{e:#}"), "connection ended");
+                }
+                drop(permit);
+            });
+        }
+        self.endpoint.close(0u32.into(), b"gateway shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(3), self.endpoint.wait_idle()).await;
+        self.sink.flush(Duration::from_secs(10));
+        info!("gateway stopped");
+        Ok(())
+    }
+}
+
+/// One agent connection.
+struct Connection {
+    auth: Arc<Authenticator>,
+    sink: Sink,
+    limits: ServerLimits,
+    metrics: Arc<GatewayMetrics>,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn run(self, incoming: quinn::Incoming) -> anyhow::Result<()> {
+        let conn = incoming.await.context("QUIC handshake")?;
+        let remote = conn.remote_address();
+        let (mut send, mut recv) = tokio::select! {
+            s = conn.accept_bi() => s.context("waiting for the agent's stream")?,
+            () = tokio::time::sleep(Duration::from_secs(10)) => anyhow::bail!("no stream opened within 10 s"),
+        };
+        let mut session = ServerSession::new(self.limits);
+        let mut rx = BytesMut::with_capacity(64 * 1024);
+        let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>> =
+            FuturesOrdered::new();
+        let mut identity: Option<(String, String)> = None;
+        loop {
+            let mut tx = BytesMut::new();
+            while let Some(frame) = session.poll_transmit() {
+                frame.encode(&mut tx);
+            }
+            if !tx.is_empty() {
+                send.write_all(&tx).await.context("writing to the agent")?;
+            }
+            if session.is_closed() {
+                let _ = send.finish();
+                // Give the error frame a moment to leave before closing.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                conn.close(1u32.into(), b"session closed");
+                return Ok(());
+            }
+            tokio::select! {
+                read = recv.read_buf(&mut rx) => {
+                    if read.context("reading from the agent")? == 0 {
+                        info!(remote = %remote, agent_id = identity.as_ref().map(|i| i.0.as_str()), "agent closed the stream");
+                        return Ok(());
+                    }
+                    self.handle_bytes(&mut session, &mut rx, remote, identity.as_ref());
+                }
+                Some((ack, result)) = pending.next(), if !pending.is_empty() => match result {
+                    Ok(()) => {
+                        bump(&self.metrics.batches_acked, 1);
+                        bump(&self.metrics.events_acked, u64::from(ack.count));
+                        session.ack(ack);
+                    }
+                    Err(e) => {
+                        bump(&self.metrics.sink_failures, 1);
+                        warn!(remote = %remote, source = %ack.source_id, first_seq = ack.first_seq, error = %e, "batch not made durable; the agent will re-send");
+                        session.fail(ErrorCode::Unavailable, format!("batch {}+{} not made durable: {e}", ack.first_seq, ack.count));
+                    }
+                },
+                () = self.shutdown.cancelled() => {
+                    session.fail(ErrorCode::ShuttingDown, "gateway shutting down".into());
+                }
+            }
+            while let Some(event) = session.poll_event() {
+                match event {
+                    ServerEvent::Hello(hello) => match self.auth.check(&hello.agent_id, &hello.credential) {
+                        Ok(tenant) => {
+                            info!(remote = %remote, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
+                            identity = Some((hello.agent_id.clone(), tenant.clone()));
+                            session.accept(hello.agent_id, tenant);
+                        }
+                        Err(e) => {
+                            bump(&self.metrics.auth_failures, 1);
+                            warn!(remote = %remote, error = %e, "agent refused");
+                            session.reject(e.to_string());
+                        }
+                    },
+                    ServerEvent::Batch(b) => {
+                        let Some((agent_id, tenant)) = &identity else { continue };
+                        let ack = Ack { source_id: b.source_id.clone(), first_seq: b.first_seq, count: b.count };
+                        match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
+                            Ok(events) => match self.sink.submit(events).await {
+                                Ok(done) => pending.push_back(ack_when_done(ack, done)),
+                                Err(e) => {
+                                    bump(&self.metrics.sink_failures, 1);
+                                    warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
+                                    session.fail(ErrorCode::Unavailable, e.to_string());
+                                }
+                            },
+                            Err(e) => {
+                                bump(&self.metrics.invalid_batches, 1);
+                                warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, error = %e, "invalid batch refused");
+                                session.fail(ErrorCode::InvalidBatch, e.to_string());
+                            }
+                        }
+                    }
+                    ServerEvent::Heartbeat(heartbeat) => {
+                        if let Some((agent_id, tenant)) = &identity {
+                            self.sink
+                                .heartbeat(FleetRecord {
+                                    tenant: tenant.clone(),
+                                    agent_id: agent_id.clone(),
+                                    received_at: chrono::Utc::now(),
+                                    transport: "quic".into(),
+                                    remote_addr: remote.to_string(),
+                                    heartbeat,
+                                })
+                                .await;
+                        }
+                    }
+                    ServerEvent::Closed(e) => {
+                        info!(remote = %remote, code = ?e.code, message = %e.message, "agent closed the session");
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decodes what arrived; bad bytes close the session with an error frame.
+    fn handle_bytes(
+        &self,
+        session: &mut ServerSession,
+        rx: &mut BytesMut,
+        remote: SocketAddr,
+        identity: Option<&(String, String)>,
+    ) {
+        let agent_id = identity.map(|i| i.0.as_str());
+        loop {
+            match Frame::decode(rx, DEFAULT_MAX_FRAME_LEN) {
+                Ok(Some(frame)) => {
+                    if let Err(e) = session.handle_frame(frame) {
+                        bump(&self.metrics.protocol_errors, 1);
+                        warn!(remote = %remote, agent_id, code = ?e.code, error = %e.message, "protocol error");
+                        return;
+                    }
+                }
+                Ok(None) => return,
+                Err(e) => {
+                    bump(&self.metrics.bad_frames, 1);
+                    warn!(remote = %remote, agent_id, error = %e, "bad frame");
+                    session.fail(e.code(), e.to_string());
+                    rx.clear();
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn ack_when_done(ack: Ack, done: Pending) -> futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)> {
+    Box::pin(async move { (ack, done.await) })
+}

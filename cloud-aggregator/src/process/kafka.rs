@@ -1,0 +1,217 @@
+//! The Kafka processor: a member of the processors' consumer group over the domain topics and
+//! the fleet topic.
+//!
+//! Offsets live in the serving store, committed in the same transaction as the roll-ups they
+//! produced ([`Store::commit`]). On assignment, each partition starts from its stored offset
+//! (set in the rebalance callback, before the fetcher starts). Offsets are also committed to
+//! Kafka afterwards, asynchronously, only so that standard lag tools see the group's progress.
+//!
+//! A batch spans at most one assignment generation: if a rebalance happens while messages are
+//! being gathered, they are dropped and read again from the stored offsets.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use actidash_shared::event::{Domain, Event};
+use actidash_shared::kafka::{FleetRecord, domain_topic, fleet_topic};
+use anyhow::Context as _;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::message::Message as _;
+use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::KafkaConfig;
+use crate::store::{CommitWork, OffsetClaim, Store, StreamInput};
+
+/// Most messages in one store transaction.
+const MAX_BATCH: usize = 5_000;
+/// Longest wait to fill a batch.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// The believed stored offset of each assigned partition.
+type Assigned = HashMap<(String, i32), Option<i64>>;
+
+struct ProcessorContext {
+    store: Mutex<Store>,
+    assigned: Mutex<Assigned>,
+    generation: AtomicU64,
+    fatal: AtomicBool,
+}
+
+impl ClientContext for ProcessorContext {}
+
+impl ConsumerContext for ProcessorContext {
+    fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                for mut elem in tpl.elements() {
+                    let (topic, partition) = (elem.topic().to_owned(), elem.partition());
+                    match store.stored_offset(&topic, partition) {
+                        Ok(stored) => {
+                            let offset = stored.map(Offset::Offset).unwrap_or(Offset::Beginning);
+                            if let Err(e) = elem.set_offset(offset) {
+                                error!(topic = %topic, partition, error = %e, "cannot set the start offset");
+                                self.fatal.store(true, Ordering::SeqCst);
+                            }
+                            info!(topic = %topic, partition, offset = ?stored, "partition assigned");
+                            assigned.insert((topic, partition), stored);
+                        }
+                        Err(e) => {
+                            error!(topic = %topic, partition, error = %e, "cannot read the stored offset");
+                            self.fatal.store(true, Ordering::SeqCst);
+                        }
+                    }
+                }
+            }
+            Rebalance::Revoke(tpl) => {
+                for elem in tpl.elements() {
+                    info!(topic = elem.topic(), partition = elem.partition(), "partition revoked");
+                    assigned.remove(&(elem.topic().to_owned(), elem.partition()));
+                }
+            }
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+}
+
+/// A Kafka processor, ready to run.
+#[derive(Debug)]
+pub struct KafkaProcessor {
+    pub config: KafkaConfig,
+    pub store_path: PathBuf,
+    pub shutdown: CancellationToken,
+}
+
+impl KafkaProcessor {
+    /// Runs until shutdown. Blocking: call it on a thread of its own.
+    pub fn run(self) -> anyhow::Result<()> {
+        let context = ProcessorContext {
+            store: Mutex::new(Store::open(&self.store_path)?),
+            assigned: Mutex::new(HashMap::new()),
+            generation: AtomicU64::new(0),
+            fatal: AtomicBool::new(false),
+        };
+        let consumer: BaseConsumer<ProcessorContext> = ClientConfig::new()
+            .set("bootstrap.servers", &self.config.bootstrap_servers)
+            .set("group.id", &self.config.group_id)
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "earliest")
+            // Eager protocols: an assignment is whole, so offsets can be set in the callback.
+            .set("partition.assignment.strategy", "range,roundrobin")
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "1000")
+            .create_with_context(context)
+            .context("creating the Kafka consumer")?;
+        let fleet = fleet_topic(&self.config.topic_prefix);
+        let mut topics: Vec<String> = Domain::ALL.iter().map(|d| domain_topic(&self.config.topic_prefix, *d)).collect();
+        topics.push(fleet.clone());
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        consumer.subscribe(&topic_refs).context("subscribing to the topics")?;
+        let mut store = Store::open(&self.store_path)?;
+        info!(group = %self.config.group_id, topics = ?topics, "Kafka processor started");
+
+        while !self.shutdown.is_cancelled() {
+            if consumer.context().fatal.load(Ordering::SeqCst) {
+                anyhow::bail!("the processor cannot read its stored offsets; stopping");
+            }
+            let generation = consumer.context().generation.load(Ordering::SeqCst);
+            let mut n_messages = 0;
+            let mut n_bad = 0;
+            let mut by_partition: HashMap<(String, i32), (Vec<Event>, i64)> = HashMap::new();
+            let mut fleet_records = Vec::new();
+            let started = Instant::now();
+            while n_messages < MAX_BATCH {
+                let Some(wait) = MAX_BATCH_WAIT.checked_sub(started.elapsed()) else { break };
+                let message = match consumer.poll(wait) {
+                    None => break,
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        warn!(error = %e, "Kafka consumer error");
+                        break;
+                    }
+                };
+                n_messages += 1;
+                let key = (message.topic().to_owned(), message.partition());
+                let entry = by_partition.entry(key).or_default();
+                entry.1 = message.offset() + 1;
+                let payload = message.payload().unwrap_or_default();
+                if message.topic() == fleet {
+                    match serde_json::from_slice::<FleetRecord>(payload) {
+                        Ok(r) => fleet_records.push(r),
+                        Err(e) => {
+                            n_bad += 1;
+                            warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "bad fleet record skipped");
+                        }
+                    }
+                    continue;
+                }
+                match Event::from_json(payload) {
+                    Ok(event) => entry.0.push(event),
+                    Err(e) => {
+                        n_bad += 1;
+                        warn!(topic = message.topic(), partition = message.partition(), offset = message.offset(), error = %e, "bad event record skipped");
+                    }
+                }
+            }
+            if by_partition.is_empty() {
+                continue;
+            }
+            if consumer.context().generation.load(Ordering::SeqCst) != generation {
+                debug!(n_messages, "assignment changed while gathering a batch; reading again from stored offsets");
+                continue;
+            }
+            let assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let mut work = CommitWork { fleet: fleet_records, n_bad_records: n_bad, ..CommitWork::default() };
+            for ((topic, partition), (events, new_next)) in by_partition {
+                let Some(expected) = assigned.get(&(topic.clone(), partition)) else { continue };
+                work.inputs.push(StreamInput {
+                    stream: format!("{topic}/{partition}"),
+                    events,
+                    offset: Some(OffsetClaim { topic, partition, expected_next: *expected, new_next }),
+                    gap_check: false,
+                });
+            }
+            let claims: Vec<OffsetClaim> = work.inputs.iter().filter_map(|i| i.offset.clone()).collect();
+            let outcome = store.commit(work)?;
+            let mut positions = TopicPartitionList::new();
+            {
+                let mut assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner());
+                for (idx, claim) in claims.into_iter().enumerate() {
+                    let key = (claim.topic.clone(), claim.partition);
+                    if outcome.fenced.contains(&idx) {
+                        let stored = store.stored_offset(&claim.topic, claim.partition)?;
+                        warn!(topic = %claim.topic, partition = claim.partition, ?stored, "partition moved by another processor; seeking to its stored offset");
+                        let offset = stored.map(Offset::Offset).unwrap_or(Offset::Beginning);
+                        if let Err(e) = consumer.seek(&claim.topic, claim.partition, offset, Duration::from_secs(5)) {
+                            warn!(topic = %claim.topic, partition = claim.partition, error = %e, "seek failed");
+                        }
+                        assigned.insert(key, stored);
+                    } else {
+                        let _ = positions.add_partition_offset(
+                            &claim.topic,
+                            claim.partition,
+                            Offset::Offset(claim.new_next),
+                        );
+                        assigned.insert(key, Some(claim.new_next));
+                    }
+                }
+            }
+            debug!(n_messages, applied = outcome.n_applied, duplicates = outcome.n_duplicates, "batch committed");
+            if positions.count() > 0
+                && let Err(e) = consumer.commit(&positions, CommitMode::Async)
+            {
+                debug!(error = %e, "informational offset commit to Kafka failed");
+            }
+        }
+        info!("Kafka processor stopped");
+        Ok(())
+    }
+}
