@@ -33,6 +33,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let spool_path = config.data_dir.join(SPOOL_FILE);
+    // Opened first: creates the database, switches it to WAL and migrates it before the
+    // sources open their own connections.
+    let shipper_spool = Spool::open(&spool_path)?;
     let spooled = Arc::new(Notify::new());
     let started = Instant::now();
 
@@ -73,7 +76,6 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
 
     // Sources known to the spool but no longer configured still get their events shipped.
-    let shipper_spool = Spool::open(&spool_path)?;
     let mut source_ids: Vec<String> = config.sources.iter().map(|s| s.id().to_owned()).collect();
     for id in shipper_spool.source_ids()? {
         if !source_ids.contains(&id) {

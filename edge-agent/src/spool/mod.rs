@@ -22,7 +22,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
 
@@ -82,7 +82,10 @@ impl Spool {
             return Err(SpoolError::TooNew { path: path.to_owned(), found: version, known: MIGRATIONS.len() });
         }
         for (idx, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = spool.conn.transaction().map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
+            let tx = spool
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
             tx.execute_batch(sql)
                 .and_then(|()| tx.pragma_update(None, "user_version", idx + 1))
                 .and_then(|()| tx.commit())
@@ -133,7 +136,9 @@ impl Spool {
     ) -> Result<u64, SpoolError> {
         let path = self.path.clone();
         let e = |source| SpoolError::Sqlite { path: path.clone(), source };
-        let tx = self.conn.transaction().map_err(e)?;
+        // IMMEDIATE: take the write lock up front. A deferred transaction that reads first
+        // cannot be upgraded once another connection wrote (SQLITE_BUSY_SNAPSHOT).
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
         let first_seq: u64 = tx
             .query_row("SELECT next_seq FROM sources WHERE source_id = ?1", params![source_id], |r| r.get::<_, i64>(0))
             .optional()

@@ -79,26 +79,12 @@ pub struct FileSource {
 
 impl FileSource {
     /// Runs until shutdown. Blocking: call it on a thread of its own.
+    ///
+    /// A spool error (disk full, a lock held too long) does not stop the source: it waits, then
+    /// resumes from the last committed position, so nothing read but not committed is lost.
     pub fn run(mut self) -> anyhow::Result<()> {
         let id = self.config.id.clone();
-        let state = self.spool.source_state(&id)?;
-        let position: FilePosition = if state.position.is_empty() {
-            FilePosition::default()
-        } else {
-            serde_json::from_str(&state.position).unwrap_or_else(|e| {
-                warn!(source = %id, error = %e, "stored position unreadable; reading the file from its start");
-                FilePosition::default()
-            })
-        };
-        info!(source = %id, path = %self.config.path.display(), offset = position.offset, next_seq = state.next_seq, "file source started");
-        update_status(&self.status, |s| {
-            s.source_id = id.clone();
-            s.next_seq = state.next_seq;
-            s.n_errors = state.n_errors;
-        });
-        let mut tailer = FileTailer::new(self.config.path.clone(), position, self.config.max_record_bytes);
-        let mut next_seq = state.next_seq;
-
+        let (mut tailer, mut next_seq) = self.resume()?;
         let (wake_tx, wake_rx) = mpsc::sync_channel::<()>(1);
         let _watcher = self.watch(wake_tx);
         let poll_interval = Duration::from_millis(self.config.poll_interval_ms.max(10));
@@ -108,10 +94,7 @@ impl FileSource {
                 Ok(items) => items,
                 Err(e) => {
                     warn!(source = %id, path = %tailer.path().display(), error = %e, "cannot read file; retrying");
-                    update_status(&self.status, |s| {
-                        s.state = "error".into();
-                        s.last_error = Some(format!("{}: {e}", tailer.path().display()));
-                    });
+                    self.report_error(format!("{}: {e}", tailer.path().display()));
                     std::thread::sleep(poll_interval);
                     continue;
                 }
@@ -128,7 +111,19 @@ impl FileSource {
             }
             let n_items = items.len();
             if n_items > 0 {
-                next_seq = self.spool_items(items, &tailer, next_seq)?;
+                match self.spool_items(items, &tailer, next_seq) {
+                    Ok(n) => next_seq = n,
+                    Err(e) => {
+                        warn!(source = %id, error = format!("{e:#}"), "cannot write to the spool; will resume from the last committed position");
+                        self.report_error(format!("spool: {e:#}"));
+                        std::thread::sleep(Duration::from_secs(1));
+                        match self.resume() {
+                            Ok((t, n)) => (tailer, next_seq) = (t, n),
+                            Err(e) => warn!(source = %id, error = format!("{e:#}"), "cannot read the spool; retrying"),
+                        }
+                        continue;
+                    }
+                }
                 self.spooled.notify_one();
             }
             update_status(&self.status, |s| {
@@ -145,6 +140,33 @@ impl FileSource {
         }
         info!(source = %id, offset = tailer.position().offset, next_seq, "file source stopped");
         Ok(())
+    }
+
+    /// A tailer at the committed position, and the next seq.
+    fn resume(&mut self) -> anyhow::Result<(FileTailer, u64)> {
+        let id = &self.config.id;
+        let state = self.spool.source_state(id)?;
+        let position: FilePosition = if state.position.is_empty() {
+            FilePosition::default()
+        } else {
+            serde_json::from_str(&state.position).unwrap_or_else(|e| {
+                warn!(source = %id, error = %e, "stored position unreadable; reading the file from its start");
+                FilePosition::default()
+            })
+        };
+        info!(source = %id, path = %self.config.path.display(), offset = position.offset, next_seq = state.next_seq, "file source resumed");
+        update_status(&self.status, |s| {
+            s.next_seq = state.next_seq;
+            s.n_errors = state.n_errors;
+        });
+        Ok((FileTailer::new(self.config.path.clone(), position, self.config.max_record_bytes), state.next_seq))
+    }
+
+    fn report_error(&self, message: String) {
+        update_status(&self.status, |s| {
+            s.state = "error".into();
+            s.last_error = Some(message);
+        });
     }
 
     /// Maps the items and appends the good ones with the new position; returns the next seq.

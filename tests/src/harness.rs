@@ -1,0 +1,337 @@
+//! Running the real binaries: certificates, configuration files, processes that can be
+//! SIGKILLed and restarted, and a small HTTP client for the API. Used by the end-to-end tests
+//! and by the demo.
+
+use std::io::{Read as _, Write as _};
+use std::net::{TcpListener, TcpStream, UdpSocket};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, bail};
+
+use crate::generator::Feed;
+
+/// Folder of the workspace's binaries (`target/debug` or `target/release`), found from the
+/// running executable (a test in `target/debug/deps/`, or the demo in `target/release/`).
+pub fn bin_dir() -> anyhow::Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe.parent().context("executable has no folder")?.to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    Ok(dir)
+}
+
+/// Path of a workspace binary; an error says how to build it if it is missing.
+pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
+    let path = bin_dir()?.join(name);
+    if !path.exists() {
+        bail!("{} is missing: build the workspace's binaries first (cargo build --workspace --bins)", path.display());
+    }
+    Ok(path)
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_tcp_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A free UDP port on 127.0.0.1.
+pub fn free_udp_port() -> u16 {
+    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+}
+
+/// A child process that is killed when dropped.
+#[derive(Debug)]
+pub struct Process {
+    pub name: String,
+    child: Child,
+    args: Vec<String>,
+    program: PathBuf,
+    log: PathBuf,
+}
+
+impl Process {
+    /// Starts `program args…`, appending its stdout and stderr to `log`.
+    pub fn start(name: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Process> {
+        let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        let child = spawn(program, &args, log)?;
+        Ok(Process { name: name.to_owned(), child, args, program: program.to_owned(), log: log.to_owned() })
+    }
+
+    /// SIGKILL: no chance to flush or close anything.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait up to `timeout` for a clean exit; returns whether it exited cleanly.
+    pub fn terminate(&mut self, timeout: Duration) -> bool {
+        let _ = Command::new("kill").arg("-TERM").arg(self.child.id().to_string()).status();
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status.success();
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        false
+    }
+
+    /// Starts the same command again (after a kill).
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        self.kill();
+        self.child = spawn(&self.program, &self.args, &self.log)?;
+        Ok(())
+    }
+
+    /// Whether it is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    pub fn log_path(&self) -> &Path {
+        &self.log
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = out.try_clone()?;
+    Command::new(program)
+        .args(args)
+        .env("ACTIDASH_LOG", std::env::var("ACTIDASH_LOG").unwrap_or_else(|_| "info".into()))
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        .spawn()
+        .with_context(|| format!("starting {}", program.display()))
+}
+
+/// Configuration of a deployment under test or demo: one folder with certificates, configs,
+/// data folders and logs.
+#[derive(Debug, Clone)]
+pub struct Deployment {
+    pub root: PathBuf,
+    pub gateway_port: u16,
+    pub api_port: u16,
+    /// `host:port` list; None for the embedded mode.
+    pub kafka: Option<String>,
+    pub topic_prefix: String,
+    pub agents: Vec<(String, String, String)>,
+}
+
+impl Deployment {
+    /// Prepares `root`: certificates, and the cloud configuration for the given agents
+    /// (id, tenant, credential).
+    pub fn new(root: &Path, kafka: Option<String>, agents: &[(&str, &str, &str)]) -> anyhow::Result<Deployment> {
+        std::fs::create_dir_all(root)?;
+        let status = Command::new(bin("cloud-aggregator")?)
+            .args(["dev-certs", "--out"])
+            .arg(root.join("certs"))
+            .stdout(Stdio::null())
+            .status()
+            .context("running cloud-aggregator dev-certs")?;
+        anyhow::ensure!(status.success(), "dev-certs failed");
+        let nanos =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let deployment = Deployment {
+            root: root.to_owned(),
+            gateway_port: free_udp_port(),
+            api_port: free_tcp_port(),
+            kafka,
+            topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
+            agents: agents.iter().map(|(a, t, c)| ((*a).to_owned(), (*t).to_owned(), (*c).to_owned())).collect(),
+        };
+        deployment.write_cloud_config()?;
+        Ok(deployment)
+    }
+
+    pub fn cloud_config_path(&self) -> PathBuf {
+        self.root.join("cloud.toml")
+    }
+
+    fn write_cloud_config(&self) -> anyhow::Result<()> {
+        let mut text = format!("data_dir = \"{}\"\n", self.root.join("cloud-data").display());
+        if let Some(kafka) = &self.kafka {
+            text += &format!(
+                "\n[kafka]\nbootstrap_servers = \"{kafka}\"\ntopic_prefix = \"{}\"\ngroup_id = \"{}-processors\"\npartitions = 3\n",
+                self.topic_prefix, self.topic_prefix
+            );
+        }
+        text += &format!(
+            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n",
+            self.gateway_port
+        );
+        for (id, tenant, credential) in &self.agents {
+            let hash = sha256_hex_of(credential)?;
+            text += &format!(
+                "\n[[gateway.agents]]\nid = \"{id}\"\ntenant = \"{tenant}\"\ncredential_sha256 = \"{hash}\"\n"
+            );
+        }
+        text += &format!("\n[serve]\nlisten = \"127.0.0.1:{}\"\n", self.api_port);
+        std::fs::write(self.cloud_config_path(), text)?;
+        Ok(())
+    }
+
+    /// Writes an agent's configuration reading `feeds` from `data_dir`; returns its path.
+    pub fn write_agent_config(
+        &self,
+        agent_id: &str,
+        tenant: &str,
+        credential: &str,
+        data_dir: &Path,
+        feeds: &[Feed],
+    ) -> anyhow::Result<PathBuf> {
+        let mut text = format!(
+            "agent_id = \"{agent_id}\"\ntenant = \"{tenant}\"\ndata_dir = \"{}\"\n\n[cloud]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{credential}\"\n\n",
+            self.root.join(format!("agent-{agent_id}")).display(),
+            self.gateway_port,
+            self.root.join("certs/ca.pem").display(),
+        );
+        for feed in feeds {
+            text += &feed.source_toml(data_dir);
+            text.push('\n');
+        }
+        let path = self.root.join(format!("agent-{agent_id}.toml"));
+        std::fs::write(&path, text)?;
+        Ok(path)
+    }
+
+    /// Starts `cloud-aggregator run` with the given roles (all when empty).
+    pub fn start_cloud(&self, name: &str, roles: &[&str]) -> anyhow::Result<Process> {
+        let config = self.cloud_config_path();
+        let mut args = vec!["run", "--config", config.to_str().context("non-UTF-8 path")?];
+        for role in roles {
+            args.push("--role");
+            args.push(role);
+        }
+        Process::start(name, &bin("cloud-aggregator")?, &args, &self.root.join(format!("{name}.log")))
+    }
+
+    /// Starts an agent with its configuration file.
+    pub fn start_agent(&self, name: &str, config: &Path) -> anyhow::Result<Process> {
+        let config = config.to_str().context("non-UTF-8 path")?;
+        Process::start(name, &bin("edge-agent")?, &["run", "--config", config], &self.root.join(format!("{name}.log")))
+    }
+
+    /// `GET path` on the API; the body as JSON.
+    pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
+        let body = http_get(self.api_port, path)?;
+        serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
+    }
+
+    /// The API's totals as (channel, currency) -> (orders, revenue in cents).
+    pub fn totals(&self) -> anyhow::Result<crate::generator::ExpectedTotals> {
+        let rows = self.get("/api/v1/sales/totals")?;
+        let mut totals = crate::generator::ExpectedTotals::new();
+        for row in rows.as_array().context("totals are not an array")? {
+            let revenue = row["revenue"].as_str().context("revenue is not text")?;
+            let (units, frac) = revenue.split_once('.').unwrap_or((revenue, "0"));
+            anyhow::ensure!(frac.len() <= 2, "revenue {revenue} has more than 2 decimals");
+            let frac = format!("{frac:0<2}");
+            let magnitude = units.trim_start_matches('-').parse::<i64>()? * 100 + frac.parse::<i64>()?;
+            let cents = if revenue.starts_with('-') { -magnitude } else { magnitude };
+            let key =
+                (row["channel"].as_str().unwrap_or("").to_owned(), row["currency"].as_str().unwrap_or("").to_owned());
+            let orders = row["orders"].as_i64().context("orders is not an integer")?;
+            if (orders, cents) != (0, 0) {
+                totals.insert(key, (orders, cents));
+            }
+        }
+        Ok(totals)
+    }
+
+    /// Events per domain (all minutes since `since` unix seconds), from the API.
+    pub fn domain_counts(&self, since: i64) -> anyhow::Result<std::collections::BTreeMap<String, i64>> {
+        let rows = self.get(&format!("/api/v1/events/minutes?since={since}"))?;
+        let mut counts = std::collections::BTreeMap::new();
+        for row in rows.as_array().context("not an array")? {
+            *counts.entry(row["domain"].as_str().unwrap_or("").to_owned()).or_default() +=
+                row["events"].as_i64().unwrap_or(0);
+        }
+        Ok(counts)
+    }
+
+    /// Waits until the API answers.
+    pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
+        wait_until(timeout, "the API to answer /readyz", || Ok(http_get(self.api_port, "/readyz").is_ok()))
+    }
+}
+
+/// Polls `check` every 200 ms until it returns true or `timeout` passes.
+pub fn wait_until(
+    timeout: Duration,
+    what: &str,
+    mut check: impl FnMut() -> anyhow::Result<bool>,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check() {
+            Ok(true) => return Ok(()),
+            Ok(false) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {timeout:?} waiting for {what} (last error: {last_error:?})");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// A minimal HTTP/1.1 GET on 127.0.0.1:`port`; returns the body of a 2xx answer.
+pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let (head, body) = response.split_once("\r\n\r\n").context("no end of HTTP headers")?;
+    let status = head.split_whitespace().nth(1).unwrap_or("");
+    anyhow::ensure!(status.starts_with('2'), "GET {path}: HTTP {status}: {body}");
+    Ok(body.to_owned())
+}
+
+fn sha256_hex_of(credential: &str) -> anyhow::Result<String> {
+    let mut child = Command::new(bin("cloud-aggregator")?)
+        .arg("hash-credential")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cloud-aggregator hash-credential")?;
+    child.stdin.take().context("no stdin")?.write_all(credential.as_bytes())?;
+    let out = child.wait_with_output()?;
+    anyhow::ensure!(out.status.success(), "hash-credential failed");
+    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+}
+
+/// Appends lines to the feed files in `dir`.
+pub fn append_lines(dir: &Path, lines: &[crate::generator::Line]) -> anyhow::Result<()> {
+    let mut files = std::collections::BTreeMap::new();
+    for line in lines {
+        if !files.contains_key(&line.feed) {
+            let f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(line.feed.file_name()))?;
+            files.insert(line.feed, std::io::BufWriter::new(f));
+        }
+        let f = files.get_mut(&line.feed).context("file just opened")?;
+        f.write_all(line.text.as_bytes())?;
+        f.write_all(b"\n")?;
+    }
+    for (_, mut f) in files {
+        f.flush()?;
+    }
+    Ok(())
+}

@@ -1,0 +1,174 @@
+//! End-to-end: real agent and cloud processes, real QUIC on 127.0.0.1, real Apache Kafka (when
+//! the test script started one), checking the API's numbers against an independent reference.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use actidash_tests::generator::{Feed, Generator, Line, expected_domain_counts, expected_totals};
+use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
+use chrono::Utc;
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// A fresh folder for one test under cargo's target tmp dir: kept after a failure, so that the
+/// processes' logs can be read (CI prints them).
+fn test_root(name: &str) -> PathBuf {
+    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e").join(name);
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(&root).unwrap();
+    root
+}
+
+/// Waits until the API shows exactly the expected totals and domain counts.
+fn assert_converges(d: &Deployment, lines: &[Line], since: i64, procs: &mut [&mut Process]) {
+    let expected = expected_totals(lines);
+    let expected_domains = expected_domain_counts(lines);
+    let result = wait_until(TIMEOUT, "the API totals to equal the input's", || {
+        for p in procs.iter_mut() {
+            anyhow::ensure!(p.is_running(), "{} exited; see {}", p.name, p.log_path().display());
+        }
+        Ok(d.totals()? == expected && d.domain_counts(since)? == expected_domains)
+    });
+    if let Err(e) = result {
+        let got = d.totals().ok();
+        let domains = d.domain_counts(since).ok();
+        let stats = d.get("/api/v1/stats").ok();
+        panic!(
+            "{e:#}\nexpected {expected:?}\n     got {got:?}\nexpected domains {expected_domains:?}\n     got {domains:?}\nstats {stats:?}\nlogs in {}",
+            d.root.display()
+        );
+    }
+}
+
+fn generate(g: &mut Generator, n: usize) -> Vec<Line> {
+    (0..n).map(|_| g.next_line(Utc::now())).collect()
+}
+
+/// Appends `lines` over about `spread`, in small slices, from a background thread.
+fn write_slowly(dir: &Path, lines: Vec<Line>, spread: Duration) -> std::thread::JoinHandle<()> {
+    let dir = dir.to_owned();
+    std::thread::spawn(move || {
+        let n_slices = 40;
+        let per_slice = lines.len().div_ceil(n_slices).max(1);
+        for chunk in lines.chunks(per_slice) {
+            append_lines(&dir, chunk).expect("appending test data");
+            std::thread::sleep(spread / n_slices as u32);
+        }
+    })
+}
+
+/// The scenario shared by both modes: a first load, then a SIGKILLed agent in the middle of a
+/// stream (and, when `kill_processor` names one, a SIGKILLed processor too), restarted; the
+/// totals must be exact after each step.
+fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut Vec<Process>, kill_processor: Option<usize>) {
+    let since = Utc::now().timestamp() - 120;
+    let mut g = Generator::new(42, 97);
+    let agent_config = d.write_agent_config("agent-1", "acme", "secret-1", data_dir, &Feed::ALL).unwrap();
+    let mut lines = generate(&mut g, 3_000);
+    append_lines(data_dir, &lines).unwrap();
+    let mut agent = d.start_agent("agent-1", &agent_config).unwrap();
+    {
+        let mut procs: Vec<&mut Process> = cloud.iter_mut().collect();
+        procs.push(&mut agent);
+        assert_converges(d, &lines, since, &mut procs);
+    }
+
+    // The agent is SIGKILLed in the middle of a stream, then restarted.
+    let more = generate(&mut g, 6_000);
+    lines.extend(more.iter().cloned());
+    let writer = write_slowly(data_dir, more, Duration::from_secs(4));
+    std::thread::sleep(Duration::from_millis(1_500));
+    agent.kill();
+    if let Some(idx) = kill_processor {
+        cloud[idx].kill();
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    agent.restart().unwrap();
+    if let Some(idx) = kill_processor {
+        cloud[idx].restart().unwrap();
+    }
+    writer.join().unwrap();
+    let mut procs: Vec<&mut Process> = cloud.iter_mut().collect();
+    procs.push(&mut agent);
+    assert_converges(d, &lines, since, &mut procs);
+
+    // The fleet view has the agent's heartbeat with its sources and their bad-record counts.
+    let agents = d.get("/api/v1/agents").unwrap();
+    let agent_row = &agents[0];
+    assert_eq!(agent_row["agent_id"], "agent-1");
+    assert_eq!(agent_row["tenant"], "acme");
+    let n_bad_expected = lines.iter().filter(|l| !l.valid).count() as i64;
+    wait_until(TIMEOUT, "the heartbeat to report every bad record", || {
+        let agents = d.get("/api/v1/agents")?;
+        let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
+        let n_bad: i64 = sources.iter().map(|s| s["n_errors"].as_i64().unwrap_or(0)).sum();
+        Ok(sources.len() == Feed::ALL.len() && n_bad == n_bad_expected)
+    })
+    .unwrap();
+    assert!(agent.terminate(Duration::from_secs(10)), "agent did not stop cleanly on SIGTERM");
+}
+
+#[test]
+fn embedded_mode_exact_totals_through_agent_sigkill() {
+    let root = test_root("embedded");
+    let data_dir = root.join("onprem");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None, &[("agent-1", "acme", "secret-1")]).unwrap();
+    let mut cloud = vec![d.start_cloud("cloud", &[]).unwrap()];
+    d.wait_ready(TIMEOUT).unwrap();
+    scenario(&d, &data_dir, &mut cloud, None);
+    assert!(cloud[0].terminate(Duration::from_secs(15)), "cloud did not stop cleanly on SIGTERM");
+}
+
+#[test]
+fn kafka_mode_exact_totals_through_agent_and_processor_sigkill() {
+    let Some(bootstrap) =
+        actidash_tests::kafka_bootstrap("kafka_mode_exact_totals_through_agent_and_processor_sigkill")
+    else {
+        return;
+    };
+    let root = test_root("kafka");
+    let data_dir = root.join("onprem");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("agent-1", "acme", "secret-1")]).unwrap();
+    // Gateway, processor and API as three processes: the roles scale independently.
+    let gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
+    let processor = d.start_cloud("processor", &["process"]).unwrap();
+    let api = d.start_cloud("api", &["serve"]).unwrap();
+    let mut cloud = vec![gateway, processor, api];
+    d.wait_ready(TIMEOUT).unwrap();
+    scenario(&d, &data_dir, &mut cloud, Some(1));
+    for p in &mut cloud {
+        assert!(p.terminate(Duration::from_secs(15)), "{} did not stop cleanly on SIGTERM", p.name);
+    }
+}
+
+#[test]
+fn an_agent_with_a_wrong_credential_is_refused_and_others_keep_working() {
+    let root = test_root("an");
+    let data_dir = root.join("onprem");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None, &[("good", "acme", "right")]).unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(3, 0);
+    let lines: Vec<Line> = (0..200).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
+    append_lines(&data_dir, &lines).unwrap();
+    let bad_config = d.write_agent_config("good", "acme", "wrong", &data_dir, &[Feed::Orders]).unwrap();
+    let bad_config_renamed = d.root.join("intruder.toml");
+    std::fs::rename(&bad_config, &bad_config_renamed).unwrap();
+    let mut intruder = d.start_agent("intruder", &bad_config_renamed).unwrap();
+    wait_until(TIMEOUT, "the gateway to refuse the wrong credential", || {
+        Ok(std::fs::read_to_string(d.root.join("cloud.log"))?.contains("wrong credential for agent"))
+    })
+    .unwrap();
+    let agent_log = std::fs::read_to_string(intruder.log_path()).unwrap();
+    assert!(agent_log.contains("Unauthenticated"), "agent log should name the refusal: {agent_log}");
+    assert!(!agent_log.contains("wrong\""), "the credential must not be logged");
+    assert_eq!(d.totals().unwrap(), Default::default(), "nothing from the refused agent may count");
+    intruder.kill();
+
+    let good_config = d.write_agent_config("good", "acme", "right", &data_dir, &[Feed::Orders]).unwrap();
+    let mut good = d.start_agent("good", &good_config).unwrap();
+    assert_converges(&d, &lines, Utc::now().timestamp() - 120, &mut [&mut cloud, &mut good]);
+}
