@@ -163,7 +163,8 @@ impl Deployment {
         self.root.join("cloud.toml")
     }
 
-    fn write_cloud_config(&self) -> anyhow::Result<()> {
+    /// (Re)writes the cloud configuration from the fields above.
+    pub fn write_cloud_config(&self) -> anyhow::Result<()> {
         let mut text = format!("data_dir = \"{}\"\n", self.root.join("cloud-data").display());
         if let Some(kafka) = &self.kafka {
             text += &format!(
@@ -322,11 +323,13 @@ fn sha256_hex_of(credential: &str) -> anyhow::Result<String> {
 pub fn append_lines(dir: &Path, lines: &[crate::generator::Line]) -> anyhow::Result<()> {
     let mut files = std::collections::BTreeMap::new();
     for line in lines {
-        if !files.contains_key(&line.feed) {
-            let f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(line.feed.file_name()))?;
-            files.insert(line.feed, std::io::BufWriter::new(f));
-        }
-        let f = files.get_mut(&line.feed).context("file just opened")?;
+        let f = match files.entry(line.feed) {
+            std::collections::btree_map::Entry::Occupied(e) => e.into_mut(),
+            std::collections::btree_map::Entry::Vacant(e) => {
+                let f = std::fs::OpenOptions::new().create(true).append(true).open(dir.join(line.feed.file_name()))?;
+                e.insert(std::io::BufWriter::new(f))
+            }
+        };
         f.write_all(line.text.as_bytes())?;
         f.write_all(b"\n")?;
     }

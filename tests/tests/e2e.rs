@@ -60,7 +60,7 @@ fn write_slowly(dir: &Path, lines: Vec<Line>, spread: Duration) -> std::thread::
 /// The scenario shared by both modes: a first load, then a SIGKILLed agent in the middle of a
 /// stream (and, when `kill_processor` names one, a SIGKILLed processor too), restarted; the
 /// totals must be exact after each step.
-fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut Vec<Process>, kill_processor: Option<usize>) {
+fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut [Process], kill_processor: Option<usize>) {
     let since = Utc::now().timestamp() - 120;
     let mut g = Generator::new(42, 97);
     let agent_config = d.write_agent_config("agent-1", "acme", "secret-1", data_dir, &Feed::ALL).unwrap();

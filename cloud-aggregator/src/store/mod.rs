@@ -219,13 +219,19 @@ impl Store {
                         continue;
                     }
                 }
-                // Load the marks this input needs.
+                // Load the marks this input needs (runs of one source are the common case).
+                let mut previous: Option<(&str, &str)> = None;
                 for event in &input.events {
+                    if previous == Some((event.agent_id.as_str(), event.source_id.as_str())) {
+                        continue;
+                    }
+                    previous = Some((event.agent_id.as_str(), event.source_id.as_str()));
                     let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
-                    if !marks.contains_key(&key) {
+                    if let std::collections::hash_map::Entry::Vacant(slot) = marks.entry(key) {
+                        let (stream, agent, source) = slot.key();
                         let mark: Option<i64> =
-                            get_mark.query_row(params![key.0, key.1, key.2], |r| r.get(0)).optional().map_err(err)?;
-                        marks.insert(key, mark);
+                            get_mark.query_row(params![stream, agent, source], |r| r.get(0)).optional().map_err(err)?;
+                        slot.insert(mark);
                     }
                 }
                 if input.gap_check

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh machine: installs and starts what the tests need (Apache
+# Kafka in KRaft mode), then runs fmt, clippy and every test, and stops the services again.
+# This is the README's test command; .ci/run calls it.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+
+# Builds are cached outside the clone, so that CI runs on this machine reuse them; a fresh
+# machine builds from scratch.
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/actidash/target}
+export CARGO_TERM_COLOR=${CARGO_TERM_COLOR:-never}
+export ACTIDASH_REQUIRE_SERVICES=1
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "toolchain"
+cargo --version
+rustc --version
+
+step "cargo fmt --check"
+cargo fmt --all -- --check
+
+step "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "build the binaries the end-to-end tests run"
+cargo build --workspace --bins --locked
+
+step "start Apache Kafka (KRaft, 1 broker)"
+trap 'scripts/kafka.sh stop || true' EXIT
+eval "$(scripts/kafka.sh start 1)"
+echo "ACTIDASH_KAFKA_BOOTSTRAP=$ACTIDASH_KAFKA_BOOTSTRAP"
+
+step "cargo test"
+status=0
+cargo test --workspace --locked -- --test-threads=2 || status=$?
+if [ $status -ne 0 ]; then
+  step "logs of the end-to-end tests' processes"
+  for log in "$CARGO_TARGET_DIR"/tmp/e2e/*/deploy/*.log; do
+    [ -f "$log" ] || continue
+    echo "--- $log (last 40 lines)"
+    tail -40 "$log"
+  done
+fi
+exit $status
