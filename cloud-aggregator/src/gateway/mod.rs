@@ -196,7 +196,13 @@ impl Connection {
                         info!(remote = %remote, agent_id = identity.as_ref().map(|i| i.0.as_str()), "agent closed the stream");
                         return Ok(());
                     }
-                    self.handle_bytes(&mut session, &mut rx, remote, identity.as_ref());
+                    // One frame at a time: a frame's events (authentication above all) are
+                    // handled before the next frame is looked at, so a pipelining agent works.
+                    while !session.is_closed() && self.handle_one_frame(&mut session, &mut rx, remote, identity.as_ref()) {
+                        if self.handle_events(&mut session, &mut identity, &mut pending, remote).await {
+                            return Ok(());
+                        }
+                    }
                 }
                 Some((ack, result)) = pending.next(), if !pending.is_empty() => match result {
                     Ok(()) => {
@@ -214,88 +220,98 @@ impl Connection {
                     session.fail(ErrorCode::ShuttingDown, "gateway shutting down".into());
                 }
             }
-            while let Some(event) = session.poll_event() {
-                match event {
-                    ServerEvent::Hello(hello) => match self.auth.check(&hello.agent_id, &hello.credential) {
-                        Ok(tenant) => {
-                            info!(remote = %remote, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
-                            identity = Some((hello.agent_id.clone(), tenant.clone()));
-                            session.accept(hello.agent_id, tenant);
-                        }
-                        Err(e) => {
-                            bump(&self.metrics.auth_failures, 1);
-                            warn!(remote = %remote, error = %e, "agent refused");
-                            session.reject(e.to_string());
-                        }
-                    },
-                    ServerEvent::Batch(b) => {
-                        let Some((agent_id, tenant)) = &identity else { continue };
-                        let ack = Ack { source_id: b.source_id.clone(), first_seq: b.first_seq, count: b.count };
-                        match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
-                            Ok(events) => match self.sink.submit(events).await {
-                                Ok(done) => pending.push_back(ack_when_done(ack, done)),
-                                Err(e) => {
-                                    bump(&self.metrics.sink_failures, 1);
-                                    warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
-                                    session.fail(ErrorCode::Unavailable, e.to_string());
-                                }
-                            },
-                            Err(e) => {
-                                bump(&self.metrics.invalid_batches, 1);
-                                warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, error = %e, "invalid batch refused");
-                                session.fail(ErrorCode::InvalidBatch, e.to_string());
-                            }
-                        }
-                    }
-                    ServerEvent::Heartbeat(heartbeat) => {
-                        if let Some((agent_id, tenant)) = &identity {
-                            self.sink
-                                .heartbeat(FleetRecord {
-                                    tenant: tenant.clone(),
-                                    agent_id: agent_id.clone(),
-                                    received_at: chrono::Utc::now(),
-                                    transport: "quic".into(),
-                                    remote_addr: remote.to_string(),
-                                    heartbeat,
-                                })
-                                .await;
-                        }
-                    }
-                    ServerEvent::Closed(e) => {
-                        info!(remote = %remote, code = ?e.code, message = %e.message, "agent closed the session");
-                        return Ok(());
-                    }
-                }
-            }
         }
     }
 
-    /// Decodes what arrived; bad bytes close the session with an error frame.
-    fn handle_bytes(
+    /// Acts on what the session decided; returns true when the agent closed the session.
+    async fn handle_events(
+        &self,
+        session: &mut ServerSession,
+        identity: &mut Option<(String, String)>,
+        pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
+        remote: SocketAddr,
+    ) -> bool {
+        while let Some(event) = session.poll_event() {
+            match event {
+                ServerEvent::Hello(hello) => match self.auth.check(&hello.agent_id, &hello.credential) {
+                    Ok(tenant) => {
+                        info!(remote = %remote, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
+                        *identity = Some((hello.agent_id.clone(), tenant.clone()));
+                        session.accept(hello.agent_id, tenant);
+                    }
+                    Err(e) => {
+                        bump(&self.metrics.auth_failures, 1);
+                        warn!(remote = %remote, error = %e, "agent refused");
+                        session.reject(e.to_string());
+                    }
+                },
+                ServerEvent::Batch(b) => {
+                    let Some((agent_id, tenant)) = identity.as_ref() else { continue };
+                    let ack = Ack { source_id: b.source_id.clone(), first_seq: b.first_seq, count: b.count };
+                    match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
+                        Ok(events) => match self.sink.submit(events).await {
+                            Ok(done) => pending.push_back(ack_when_done(ack, done)),
+                            Err(e) => {
+                                bump(&self.metrics.sink_failures, 1);
+                                warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
+                                session.fail(ErrorCode::Unavailable, e.to_string());
+                            }
+                        },
+                        Err(e) => {
+                            bump(&self.metrics.invalid_batches, 1);
+                            warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, error = %e, "invalid batch refused");
+                            session.fail(ErrorCode::InvalidBatch, e.to_string());
+                        }
+                    }
+                }
+                ServerEvent::Heartbeat(heartbeat) => {
+                    if let Some((agent_id, tenant)) = identity.as_ref() {
+                        self.sink
+                            .heartbeat(FleetRecord {
+                                tenant: tenant.clone(),
+                                agent_id: agent_id.clone(),
+                                received_at: chrono::Utc::now(),
+                                transport: "quic".into(),
+                                remote_addr: remote.to_string(),
+                                heartbeat,
+                            })
+                            .await;
+                    }
+                }
+                ServerEvent::Closed(e) => {
+                    info!(remote = %remote, code = ?e.code, message = %e.message, "agent closed the session");
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Decodes and handles at most one frame; returns whether one was handled. Bad bytes close
+    /// the session with an error frame.
+    fn handle_one_frame(
         &self,
         session: &mut ServerSession,
         rx: &mut BytesMut,
         remote: SocketAddr,
         identity: Option<&(String, String)>,
-    ) {
+    ) -> bool {
         let agent_id = identity.map(|i| i.0.as_str());
-        loop {
-            match Frame::decode(rx, DEFAULT_MAX_FRAME_LEN) {
-                Ok(Some(frame)) => {
-                    if let Err(e) = session.handle_frame(frame) {
-                        bump(&self.metrics.protocol_errors, 1);
-                        warn!(remote = %remote, agent_id, code = ?e.code, error = %e.message, "protocol error");
-                        return;
-                    }
+        match Frame::decode(rx, DEFAULT_MAX_FRAME_LEN) {
+            Ok(Some(frame)) => {
+                if let Err(e) = session.handle_frame(frame) {
+                    bump(&self.metrics.protocol_errors, 1);
+                    warn!(remote = %remote, agent_id, code = ?e.code, error = %e.message, "protocol error");
                 }
-                Ok(None) => return,
-                Err(e) => {
-                    bump(&self.metrics.bad_frames, 1);
-                    warn!(remote = %remote, agent_id, error = %e, "bad frame");
-                    session.fail(e.code(), e.to_string());
-                    rx.clear();
-                    return;
-                }
+                true
+            }
+            Ok(None) => false,
+            Err(e) => {
+                bump(&self.metrics.bad_frames, 1);
+                warn!(remote = %remote, agent_id, error = %e, "bad frame");
+                session.fail(e.code(), e.to_string());
+                rx.clear();
+                false
             }
         }
     }
