@@ -1,14 +1,36 @@
 -- Spool schema, version 1. See edge-agent/src/spool/mod.rs for the invariants.
 CREATE TABLE IF NOT EXISTS events (
-    source_id TEXT    NOT NULL,
-    seq       INTEGER NOT NULL,
-    body      BLOB    NOT NULL,  -- the event's canonical JSON
+    source_id  TEXT    NOT NULL,
+    seq        INTEGER NOT NULL,
+    body       BLOB    NOT NULL,  -- the event's canonical JSON
+    crc        INTEGER NOT NULL,  -- CRC-32 of body: silent corruption is detected on read
+    spooled_at INTEGER NOT NULL,  -- unix milliseconds
     PRIMARY KEY (source_id, seq)
 ) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS events_by_age ON events (spooled_at);
 
 CREATE TABLE IF NOT EXISTS sources (
-    source_id TEXT PRIMARY KEY NOT NULL,
-    next_seq  INTEGER NOT NULL,  -- the seq the next spooled event of this source gets
-    position  TEXT    NOT NULL,  -- the source's read position (JSON), as of next_seq
-    n_errors  INTEGER NOT NULL DEFAULT 0
+    source_id     TEXT PRIMARY KEY NOT NULL,
+    next_seq      INTEGER NOT NULL,            -- the seq the next spooled event of this source gets
+    position      TEXT    NOT NULL,            -- the source's read position (JSON), as of next_seq
+    n_errors      INTEGER NOT NULL DEFAULT 0,  -- bad records refused
+    n_dropped     INTEGER NOT NULL DEFAULT 0,  -- events dropped by when_full = "drop_oldest"
+    n_quarantined INTEGER NOT NULL DEFAULT 0   -- events found damaged
+);
+
+-- Running totals of `events`, kept in the same transactions, so the byte limit is O(1).
+CREATE TABLE IF NOT EXISTS totals (
+    id       INTEGER PRIMARY KEY CHECK (id = 1),
+    n_events INTEGER NOT NULL,
+    n_bytes  INTEGER NOT NULL
+);
+INSERT OR IGNORE INTO totals (id, n_events, n_bytes) VALUES (1, 0, 0);
+
+-- Damaged events, kept for inspection, never shipped.
+CREATE TABLE IF NOT EXISTS quarantine (
+    source_id TEXT    NOT NULL,
+    seq       INTEGER NOT NULL,
+    body      BLOB,
+    reason    TEXT    NOT NULL,
+    at        INTEGER NOT NULL
 );

@@ -32,6 +32,7 @@ use serde::Deserialize;
 
 use crate::mapping::MappingConfig;
 use crate::sources::SourceConfig;
+use crate::spool::SpoolConfig;
 
 /// The whole agent configuration.
 #[derive(Debug, Clone, Deserialize)]
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     /// Shipping tunables.
     #[serde(default)]
     pub shipper: ShipperConfig,
+    /// The spool's limit and durability.
+    #[serde(default)]
+    pub spool: SpoolConfig,
 }
 
 /// The gateway to ship to.
@@ -157,6 +161,9 @@ impl AgentConfig {
                 return Err(("cloud.credential".into(), "set credential_file or credential, not both".into()));
             }
             _ => {}
+        }
+        if self.spool.max_bytes < 1024 * 1024 {
+            return Err(("spool.max_bytes".into(), format!("{} is below the minimum of 1 MiB", self.spool.max_bytes)));
         }
         if self.shipper.max_batch_events == 0 {
             return Err(("shipper.max_batch_events".into(), "must be at least 1".into()));

@@ -34,8 +34,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     let spool_path = config.data_dir.join(SPOOL_FILE);
     // Opened first: creates the database, switches it to WAL and migrates it before the
-    // sources open their own connections.
-    let shipper_spool = Spool::open(&spool_path)?;
+    // sources open their own connections; a damaged spool is salvaged before anything runs.
+    let shipper_spool = open_checked_spool(&spool_path, config.spool)?;
     let spooled = Arc::new(Notify::new());
     let started = Instant::now();
 
@@ -48,7 +48,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             ..SourceStatus::default()
         }));
         statuses.push(status.clone());
-        let spool = Spool::open(&spool_path)?;
+        let spool = Spool::open_with(&spool_path, config.spool)?;
         let runner = match source.clone() {
             SourceConfig::File(file_config) => sources::file::FileSource {
                 config: file_config,
@@ -108,4 +108,24 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     }
     info!("agent stopped");
     result
+}
+
+/// Opens the spool, checking its structure first; a damaged spool is salvaged (readable events
+/// and every position kept, the rest quarantined and counted) and the damaged file kept aside.
+pub fn open_checked_spool(path: &std::path::Path, config: spool::SpoolConfig) -> anyhow::Result<Spool> {
+    match Spool::open_with(path, config) {
+        Ok(spool) if spool.quick_check().unwrap_or(false) => return Ok(spool),
+        Ok(_) | Err(spool::SpoolError::Corrupt { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    error!(path = %path.display(), "the spool is damaged; salvaging what can be read");
+    let report = Spool::salvage(path)?;
+    error!(
+        path = %path.display(),
+        n_saved = report.n_saved,
+        n_lost = report.n_lost,
+        damaged_copy = %report.damaged_copy.display(),
+        "spool salvaged: unreadable events quarantined and counted, the rest will be shipped"
+    );
+    Ok(Spool::open_with(path, config)?)
 }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use edge_agent::config::AgentConfig;
+use edge_agent::spool::Spool;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
@@ -28,6 +29,25 @@ enum Command {
         #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Look into the spool (works while the agent runs).
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SpoolCommand {
+    /// Depth, bytes, the oldest event's age and each source's position.
+    Inspect {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+    },
+    /// Check the spool's integrity and every event's checksum; exits 1 on damage.
+    Verify {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,6 +65,59 @@ fn main() -> anyhow::Result<()> {
             let cfg = AgentConfig::load(&config)?;
             println!("{}: OK ({} sources)", config.display(), cfg.sources.len());
             Ok(())
+        }
+        Command::Spool { command: SpoolCommand::Inspect { config } } => {
+            let cfg = AgentConfig::load(&config)?;
+            let spool = Spool::open_with(&cfg.data_dir.join(edge_agent::SPOOL_FILE), cfg.spool)?;
+            let stats = spool.stats()?;
+            let now = chrono::Utc::now().timestamp_millis();
+            println!("spool        {}", spool.path().display());
+            println!("events       {}", stats.n_events);
+            println!(
+                "bytes        {} of {} ({:.1} %), file {}",
+                stats.n_bytes,
+                cfg.spool.max_bytes,
+                100.0 * stats.n_bytes as f64 / cfg.spool.max_bytes as f64,
+                stats.file_bytes
+            );
+            match stats.oldest_spooled_at {
+                Some(at) => println!("oldest event {:.1} s old", (now - at) as f64 / 1000.0),
+                None => println!("oldest event -"),
+            }
+            println!();
+            println!(
+                "{:<20} {:>12} {:>10} {:>10} {:>12}  position",
+                "source", "next_seq", "errors", "dropped", "quarantined"
+            );
+            for id in spool.source_ids()? {
+                let s = spool.source_state(&id)?;
+                println!(
+                    "{:<20} {:>12} {:>10} {:>10} {:>12}  {}",
+                    id, s.next_seq, s.n_errors, s.n_dropped, s.n_quarantined, s.position
+                );
+            }
+            Ok(())
+        }
+        Command::Spool { command: SpoolCommand::Verify { config } } => {
+            let cfg = AgentConfig::load(&config)?;
+            let spool = Spool::open_with(&cfg.data_dir.join(edge_agent::SPOOL_FILE), cfg.spool)?;
+            let report = spool.verify()?;
+            for line in &report.integrity_errors {
+                println!("integrity: {line}");
+            }
+            for (source, seq) in &report.bad_checksums {
+                println!("checksum mismatch: source {source} seq {seq}");
+            }
+            if report.totals_mismatch {
+                println!("the running totals disagree with the stored events");
+            }
+            if report.is_ok() {
+                println!("{}: OK ({} events checked)", spool.path().display(), report.n_checked);
+                Ok(())
+            } else {
+                println!("{}: DAMAGED (the agent salvages it at its next start)", spool.path().display());
+                std::process::exit(1);
+            }
         }
         Command::Run { config } => {
             let cfg = AgentConfig::load(&config)?;

@@ -18,12 +18,14 @@ const ZSTD_LEVEL: i32 = 1;
 pub enum BatchError {
     #[error("payload does not decompress (zstd) within {limit} bytes: {reason}")]
     Decompress { limit: usize, reason: String },
-    #[error("batch announces {announced} events but its payload holds {found}")]
+    #[error("batch spans {announced} seqs but its payload holds {found} events")]
     CountMismatch { announced: u32, found: usize },
+    #[error("batch payload holds no event")]
+    Empty,
     #[error("event {index} of the batch: {source}")]
     Event { index: usize, source: EventError },
     #[error(
-        "event {index} of the batch has (agent {agent_id:?}, source {source_id:?}, seq {seq}); expected (agent {expected_agent:?}, source {expected_source:?}, seq {expected_seq})"
+        "event {index} of the batch has (agent {agent_id:?}, source {source_id:?}, seq {seq}); expected (agent {expected_agent:?}, source {expected_source:?}, a seq from {expected_seq} inside the batch's span)"
     )]
     WrongIdentity {
         index: usize,
@@ -53,8 +55,8 @@ pub fn pack<'a>(events: impl IntoIterator<Item = &'a [u8]>, codec: Codec) -> Vec
 }
 
 /// Unpacks and checks a batch received from `agent_id` of `tenant`: every event must parse,
-/// belong to that agent, tenant and the batch's source, and carry the consecutive sequence
-/// numbers the batch announced.
+/// belong to that agent, tenant and the batch's source, and carry increasing sequence numbers
+/// inside the span the batch announced (holes are allowed, see [`Batch`]).
 pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usize) -> Result<Vec<Event>, BatchError> {
     let plain;
     let bytes: &[u8] = match batch.codec {
@@ -74,13 +76,15 @@ pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usi
         }
     };
     let mut events = Vec::with_capacity(batch.count.min(100_000) as usize);
+    let end = batch.first_seq + u64::from(batch.count);
+    let mut expected_seq = batch.first_seq;
     for (index, line) in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
         if index >= batch.count as usize {
             return Err(BatchError::CountMismatch { announced: batch.count, found: index + 1 });
         }
         let event = Event::from_json(line).map_err(|source| BatchError::Event { index, source })?;
-        let expected_seq = batch.first_seq + index as u64;
-        if event.agent_id != agent_id || event.source_id != batch.source_id || event.seq != expected_seq {
+        let in_span = event.seq >= expected_seq && event.seq < end;
+        if event.agent_id != agent_id || event.source_id != batch.source_id || !in_span {
             return Err(BatchError::WrongIdentity {
                 index,
                 agent_id: event.agent_id,
@@ -94,10 +98,11 @@ pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usi
         if event.tenant != tenant {
             return Err(BatchError::ForeignTenant { index, found: event.tenant, expected: tenant.to_owned() });
         }
+        expected_seq = event.seq + 1;
         events.push(event);
     }
-    if events.len() != batch.count as usize {
-        return Err(BatchError::CountMismatch { announced: batch.count, found: events.len() });
+    if events.is_empty() {
+        return Err(BatchError::Empty);
     }
     Ok(events)
 }
@@ -144,11 +149,20 @@ mod tests {
     }
 
     #[test]
-    fn refuses_gaps_foreign_tenants_bombs_and_miscounts() {
+    fn holes_inside_the_span_are_allowed_but_nothing_outside_or_backwards() {
         let events: Vec<Event> = [1, 2, 4].into_iter().map(|s| event("t", s)).collect();
+        assert_eq!(unpack(&batch_of(&events, 1, 4, Codec::Zstd), "a1", "t", 1 << 20).unwrap(), events);
         let err = unpack(&batch_of(&events, 1, 3, Codec::Zstd), "a1", "t", 1 << 20).unwrap_err();
         assert!(matches!(err, BatchError::WrongIdentity { index: 2, seq: 4, expected_seq: 3, .. }), "{err}");
+        let backwards: Vec<Event> = [2, 1].into_iter().map(|s| event("t", s)).collect();
+        let err = unpack(&batch_of(&backwards, 1, 4, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
+        assert!(matches!(err, BatchError::WrongIdentity { index: 1, seq: 1, expected_seq: 3, .. }), "{err}");
+        let err = unpack(&batch_of(&[], 1, 4, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
+        assert!(matches!(err, BatchError::Empty), "{err}");
+    }
 
+    #[test]
+    fn refuses_foreign_tenants_bombs_and_miscounts() {
         let events = vec![event("other", 0)];
         let err = unpack(&batch_of(&events, 0, 1, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
         assert!(err.to_string().contains("claims tenant \"other\""), "{err}");
@@ -156,8 +170,6 @@ mod tests {
         let events: Vec<Event> = (0..3).map(|s| event("t", s)).collect();
         let err = unpack(&batch_of(&events, 0, 2, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
         assert!(matches!(err, BatchError::CountMismatch { announced: 2, .. }), "{err}");
-        let err = unpack(&batch_of(&events, 0, 4, Codec::Plain), "a1", "t", 1 << 20).unwrap_err();
-        assert!(matches!(err, BatchError::CountMismatch { announced: 4, found: 3 }), "{err}");
 
         let bomb = zstd::bulk::compress(&vec![b' '; 1 << 20], 3).unwrap();
         let batch = Batch { source_id: "web".into(), first_seq: 0, count: 1, codec: Codec::Zstd, payload: bomb.into() };

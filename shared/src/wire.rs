@@ -87,7 +87,9 @@ pub enum Codec {
     Zstd = 1,
 }
 
-/// A run of consecutive events of one source: `first_seq .. first_seq + count`.
+/// Events of one source from the span of seqs `first_seq .. first_seq + count`, in increasing
+/// seq order. A span may have holes: seqs the agent quarantined (a damaged spool row) or dropped
+/// (`drop_oldest`) are never sent, and the acknowledgement covers the whole span.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Batch {
     pub source_id: String,
@@ -121,14 +123,20 @@ pub struct Heartbeat {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceStatus {
     pub source_id: String,
-    /// `running`, `waiting` (nothing to read), `error`.
+    /// `running`, `waiting` (nothing to read), `paused` (spool full), `error`.
     pub state: String,
     /// Human-readable position (for a file: path and byte offset).
     pub position: String,
     /// The next sequence number the source will assign.
     pub next_seq: u64,
-    /// Records refused (bad input) since the source started.
+    /// Records refused (bad input), in all.
     pub n_errors: u64,
+    /// Events dropped from a full spool (`when_full = "drop_oldest"`), in all.
+    #[serde(default)]
+    pub n_dropped: u64,
+    /// Events found damaged in the spool and quarantined, in all.
+    #[serde(default)]
+    pub n_quarantined: u64,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -393,6 +401,8 @@ mod tests {
                         position: "f:10".into(),
                         next_seq: n,
                         n_errors: 1,
+                        n_dropped: 2,
+                        n_quarantined: 3,
                         last_error: Some("bad".into()),
                     }],
                 })

@@ -117,6 +117,7 @@ impl Gateway {
     /// Accepts connections until shutdown.
     pub async fn run(self) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_connections));
+        let mut next_connection_id: u64 = 0;
         info!(listen = %self.local_addr()?, "gateway listening (QUIC)");
         loop {
             let incoming = tokio::select! {
@@ -130,7 +131,9 @@ impl Gateway {
                 continue;
             };
             bump(&self.metrics.connections_accepted, 1);
+            next_connection_id += 1;
             let conn = Connection {
+                id: next_connection_id,
                 auth: self.auth.clone(),
                 sink: self.sink.clone(),
                 limits: self.limits,
@@ -139,9 +142,11 @@ impl Gateway {
             };
             tokio::spawn(async move {
                 let remote = incoming.remote_address();
+                let (id, sink) = (conn.id, conn.sink.clone());
                 if let Err(e) = conn.run(incoming).await {
                     debug!(remote = %remote, error = format!("{e:#}"), "connection ended");
                 }
+                sink.connection_closed(id).await;
                 drop(permit);
             });
         }
@@ -155,6 +160,8 @@ impl Gateway {
 
 /// One agent connection.
 struct Connection {
+    /// Unique in this gateway process.
+    id: u64,
     auth: Arc<Authenticator>,
     sink: Sink,
     limits: ServerLimits,
@@ -249,7 +256,7 @@ impl Connection {
                     let Some((agent_id, tenant)) = identity.as_ref() else { continue };
                     let ack = Ack { source_id: b.source_id.clone(), first_seq: b.first_seq, count: b.count };
                     match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
-                        Ok(events) => match self.sink.submit(events).await {
+                        Ok(events) => match self.sink.submit(self.id, events).await {
                             Ok(done) => pending.push_back(ack_when_done(ack, done)),
                             Err(e) => {
                                 bump(&self.metrics.sink_failures, 1);

@@ -78,11 +78,13 @@ impl Sink {
 
     /// Enqueues every event of a batch, in order; the returned future resolves when all are
     /// durable. Waits (backpressure) while Kafka's local queue is full.
-    pub async fn submit(&self, events: Vec<Event>) -> Result<Pending, SinkError> {
+    /// `connection` identifies the gateway connection the batch came on (see
+    /// [`crate::process::embedded`] for why it matters).
+    pub async fn submit(&self, connection: u64, events: Vec<Event>) -> Result<Pending, SinkError> {
         match self {
             Sink::Embedded(tx) => {
                 let (reply, done) = oneshot::channel();
-                tx.send(EmbeddedInput::Batch { events, reply }).await.map_err(|_| SinkError::Closed)?;
+                tx.send(EmbeddedInput::Batch { connection, events, reply }).await.map_err(|_| SinkError::Closed)?;
                 Ok(Box::pin(async move {
                     match done.await {
                         Ok(Ok(())) => Ok(()),
@@ -143,6 +145,13 @@ impl Sink {
                     warn!(agent_id = %record.agent_id, error = %e, "heartbeat not written to Kafka");
                 }
             }
+        }
+    }
+
+    /// A gateway connection ended.
+    pub async fn connection_closed(&self, connection: u64) {
+        if let Sink::Embedded(tx) = self {
+            let _ = tx.send(EmbeddedInput::Closed { connection }).await;
         }
     }
 

@@ -176,7 +176,6 @@ impl KafkaProcessor {
                     stream: format!("{topic}/{partition}"),
                     events,
                     offset: Some(OffsetClaim { topic, partition, expected_next: *expected, new_next }),
-                    gap_check: false,
                 });
             }
             let claims: Vec<OffsetClaim> = work.inputs.iter().filter_map(|i| i.offset.clone()).collect();

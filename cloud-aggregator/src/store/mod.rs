@@ -16,8 +16,6 @@
 //! * Offsets are fenced: a commit names the offset it believes is stored for each partition,
 //!   and the partition's part of the commit is dropped if another processor moved it since (a
 //!   zombie after a rebalance cannot double-count).
-//! * For the embedded stream a batch must not skip seqs past the mark (`gap_check`): after a
-//!   failed batch, later batches of that source are refused until the agent re-sends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -58,8 +56,6 @@ pub struct StreamInput {
     pub stream: String,
     pub events: Vec<Event>,
     pub offset: Option<OffsetClaim>,
-    /// Refuse the input if it starts past the de-duplication mark + 1 (embedded mode).
-    pub gap_check: bool,
 }
 
 /// One transaction's worth of work.
@@ -78,8 +74,6 @@ pub struct CommitOutcome {
     pub n_duplicates: u64,
     /// Inputs (by index) dropped because another processor moved their partition.
     pub fenced: Vec<usize>,
-    /// Inputs (by index) refused by the gap check, with a description.
-    pub gaps: Vec<(usize, String)>,
 }
 
 /// A sales roll-up row, as served.
@@ -144,7 +138,7 @@ impl Store {
         let err = |source| StoreError { path: path.to_owned(), source };
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
-        conn.pragma_update(None, "journal_mode", "WAL").map_err(err)?;
+        enable_wal(&conn).map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
         for (idx, sql) in MIGRATIONS.iter().enumerate().skip(version) {
@@ -208,7 +202,7 @@ impl Store {
                      ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
                 )
                 .map_err(err)?;
-            'inputs: for (idx, input) in work.inputs.into_iter().enumerate() {
+            for (idx, input) in work.inputs.into_iter().enumerate() {
                 if let Some(claim) = &input.offset {
                     let stored: Option<i64> = get_offset
                         .query_row(params![claim.topic, claim.partition], |r| r.get(0))
@@ -232,26 +226,6 @@ impl Store {
                         let mark: Option<i64> =
                             get_mark.query_row(params![stream, agent, source], |r| r.get(0)).optional().map_err(err)?;
                         slot.insert(mark);
-                    }
-                }
-                if input.gap_check
-                    && let Some(first) = input.events.first()
-                {
-                    let key = (input.stream.clone(), first.agent_id.clone(), first.source_id.clone());
-                    if let Some(Some(mark)) = marks.get(&key)
-                        && first.seq as i64 > mark + 1
-                    {
-                        outcome.gaps.push((
-                            idx,
-                            format!(
-                                "agent {} source {} batch starts at seq {} but seq {} was never applied",
-                                first.agent_id,
-                                first.source_id,
-                                first.seq,
-                                mark + 1
-                            ),
-                        ));
-                        continue 'inputs;
                     }
                 }
                 for event in input.events {
@@ -425,12 +399,37 @@ impl Store {
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
     }
 
+    /// Makes every later write fail, to test how callers handle a failing store.
+    #[cfg(test)]
+    pub(crate) fn fail_writes(&self) {
+        let _ = self.conn.pragma_update(None, "query_only", true);
+    }
+
     /// Processing counters (`events_applied`, `duplicates_dropped`, `bad_records`).
     pub fn counters(&self) -> Result<BTreeMap<String, i64>, StoreError> {
         let mut stmt =
             self.conn.prepare_cached("SELECT name, value FROM counters ORDER BY name").map_err(|e| self.err(e))?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.err(e))?;
         rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    }
+}
+
+/// Switches a database to WAL. Changing the journal mode needs a moment alone with the file and
+/// does not wait on the busy timeout, so a process opening a new database while another does
+/// the same retries for a while instead of failing.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let mut attempt = 0;
+    loop {
+        let result = conn.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).and_then(|mode| {
+            if mode.eq_ignore_ascii_case("wal") { Ok(()) } else { conn.pragma_update(None, "journal_mode", "WAL") }
+        });
+        match result {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && attempt < 100 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
     }
 }
 

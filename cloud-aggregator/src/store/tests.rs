@@ -27,7 +27,7 @@ fn sale(agent: &str, seq: u64, amount: &str) -> Event {
 }
 
 fn input(stream: &str, events: Vec<Event>) -> StreamInput {
-    StreamInput { stream: stream.into(), events, offset: None, gap_check: false }
+    StreamInput { stream: stream.into(), events, offset: None }
 }
 
 fn totals(store: &Store) -> (i64, String) {
@@ -77,25 +77,6 @@ fn a_zombie_commit_on_a_moved_partition_is_fenced() {
     let next = StreamInput { offset: Some(claim(Some(2), 3)), ..input("t/0", vec![sale("a1", 2, "1")]) };
     assert!(store.commit(CommitWork { inputs: vec![next], ..Default::default() }).unwrap().fenced.is_empty());
     assert_eq!(store.stored_offset("t", 0).unwrap(), Some(3));
-}
-
-#[test]
-fn gap_check_refuses_a_batch_that_skips_unapplied_seqs() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
-    let embedded = |events| StreamInput { gap_check: true, ..input("embedded", events) };
-    store.commit(CommitWork { inputs: vec![embedded(vec![sale("a1", 0, "1")])], ..Default::default() }).unwrap();
-    let outcome =
-        store.commit(CommitWork { inputs: vec![embedded(vec![sale("a1", 5, "1")])], ..Default::default() }).unwrap();
-    assert_eq!(outcome.gaps.len(), 1);
-    assert!(outcome.gaps[0].1.contains("seq 1 was never applied"), "{:?}", outcome.gaps);
-    let outcome = store
-        .commit(CommitWork {
-            inputs: vec![embedded((0..6).map(|s| sale("a1", s, "1")).collect())],
-            ..Default::default()
-        })
-        .unwrap();
-    assert_eq!((outcome.n_applied, outcome.n_duplicates), (5, 1));
 }
 
 #[test]

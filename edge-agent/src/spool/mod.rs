@@ -1,38 +1,116 @@
-//! The durable spool: a SQLite database (WAL mode) between the sources and the shipper.
+//! The durable spool: a bounded SQLite database (WAL mode) between the sources and the shipper.
 //!
 //! # Schema
-//! `events(source_id, seq, body)` holds every event not yet acknowledged by the cloud, and
-//! `sources(source_id, next_seq, position, n_errors)` holds each source's read position.
-//! Migrations are numbered files under `edge-agent/migrations/`, applied by `PRAGMA user_version`.
+//! `events(source_id, seq, body, crc, spooled_at)` holds every event not yet acknowledged by
+//! the cloud; `sources(source_id, next_seq, position, n_errors, n_dropped, n_quarantined)` each
+//! source's read position and counters; `totals` the running count and bytes of `events`;
+//! `quarantine` damaged events. Migrations are numbered files under `edge-agent/migrations/`,
+//! applied by `PRAGMA user_version`.
 //!
 //! # Invariants
 //! * A source's events and its new position are written in **one transaction**: after a crash
 //!   the spool holds exactly the events read up to the stored position, so a restarted source
 //!   neither skips nor re-reads a record.
-//! * `seq` is assigned here, per source, gap-free and increasing from 0; a seq is never reused
-//!   (the `sources.next_seq` counter only grows).
-//! * A row is deleted only after the cloud acknowledged its seq ([`Spool::ack`]).
-//! * Rows of one source present in the spool form one contiguous range of seqs: acknowledgements
-//!   may arrive out of order, so a hole can open temporarily, but the shipper only ever reads
-//!   forward from its own cursor and re-reads from the oldest row after a reconnection.
+//! * `seq` is assigned here, per source, increasing from 0; a seq is never reused (the
+//!   `sources.next_seq` counter only grows).
+//! * A row is deleted only after the cloud acknowledged its seq ([`Spool::ack`]), or when
+//!   `when_full = "drop_oldest"` makes room (counted in `sources.n_dropped`), or when it is
+//!   found damaged (moved to `quarantine`, counted in `sources.n_quarantined`).
+//! * `totals` always equals `count(*)` and `sum(length(body))` of `events`.
+//! * The spool never holds more than `max_bytes` of event bodies: with `when_full = "pause"`
+//!   (the default) an append that does not fit fails with [`SpoolError::Full`] and the source
+//!   waits, keeping its position.
 //!
-//! Each component opens its own [`Spool`] handle (one SQLite connection each); SQLite's WAL
-//! lets the shipper read while a source writes.
+//! # Durability
+//! `durability = "process"` (default): a commit survives a crash of the agent process, not a
+//! power loss (WAL with `synchronous = NORMAL`). `durability = "power"`: a commit is fsynced
+//! (`synchronous = FULL`) and survives a power loss. Their cost is measured by the spool
+//! benchmark (docs/BENCHMARKS.md).
+//!
+//! Each component opens its own [`Spool`] handle (one SQLite connection each); WAL lets the
+//! shipper read while a source writes, and write transactions take the lock up front
+//! (`IMMEDIATE`), so concurrent writers queue instead of failing.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
+use serde::Deserialize;
 
 const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+
+/// What to do when the spool is full.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Sources stop reading (keeping their positions) until the shipper frees space.
+    #[default]
+    Pause,
+    /// The oldest events are deleted to make room; every dropped event is counted.
+    DropOldest,
+}
+
+/// How durable a commit is.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// Survives a crash of the process (WAL, `synchronous = NORMAL`).
+    #[default]
+    Process,
+    /// Survives a power loss (`synchronous = FULL`: an fsync per commit).
+    Power,
+}
+
+/// The `[spool]` section of the agent configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SpoolConfig {
+    /// Most bytes of event bodies the spool holds (default 1 GiB).
+    pub max_bytes: u64,
+    /// `pause` (default) or `drop_oldest`.
+    pub when_full: WhenFull,
+    /// `process` (default) or `power`.
+    pub durability: Durability,
+}
+
+impl Default for SpoolConfig {
+    fn default() -> SpoolConfig {
+        SpoolConfig { max_bytes: 1 << 30, when_full: WhenFull::Pause, durability: Durability::Process }
+    }
+}
 
 /// A spool operation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum SpoolError {
+    #[error("spool {path} is full: {used} of {limit} bytes used, {needed} more needed")]
+    Full { path: PathBuf, used: u64, limit: u64, needed: u64 },
+    #[error("spool {path}: the disk is full")]
+    DiskFull { path: PathBuf },
+    #[error("spool {path} is damaged: {source}")]
+    Corrupt { path: PathBuf, source: rusqlite::Error },
     #[error("spool {path}: {source}")]
     Sqlite { path: PathBuf, source: rusqlite::Error },
     #[error("spool {path} has schema version {found}, newer than this agent's {known}")]
     TooNew { path: PathBuf, found: usize, known: usize },
+    #[error("spool {path}: cannot salvage: {reason}")]
+    Salvage { path: PathBuf, reason: String },
+}
+
+impl SpoolError {
+    fn from_sqlite(path: &Path, source: rusqlite::Error) -> SpoolError {
+        match source.sqlite_error_code() {
+            Some(ErrorCode::DiskFull) => SpoolError::DiskFull { path: path.to_owned() },
+            Some(ErrorCode::DatabaseCorrupt | ErrorCode::NotADatabase) => {
+                SpoolError::Corrupt { path: path.to_owned(), source }
+            }
+            _ => SpoolError::Sqlite { path: path.to_owned(), source },
+        }
+    }
+
+    /// Whether waiting (for the shipper to free space, or for the disk) can resolve it.
+    pub fn is_full(&self) -> bool {
+        matches!(self, SpoolError::Full { .. } | SpoolError::DiskFull { .. })
+    }
 }
 
 /// One spooled event.
@@ -49,19 +127,56 @@ pub struct SourceState {
     /// The source's position as JSON (opaque to the spool), empty for a new source.
     pub position: String,
     pub n_errors: u64,
+    pub n_dropped: u64,
+    pub n_quarantined: u64,
 }
 
 /// Depth of the spool, for heartbeats and `spool inspect`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SpoolStats {
     pub n_events: u64,
+    /// Bytes of event bodies (what `max_bytes` limits).
     pub n_bytes: u64,
+    /// Size of the database file.
+    pub file_bytes: u64,
+    /// When the oldest event was spooled (unix milliseconds).
+    pub oldest_spooled_at: Option<i64>,
+}
+
+/// What [`Spool::verify`] found.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VerifyReport {
+    /// `PRAGMA integrity_check` messages other than "ok".
+    pub integrity_errors: Vec<String>,
+    pub n_checked: u64,
+    /// (source, seq) of rows whose checksum does not match.
+    pub bad_checksums: Vec<(String, u64)>,
+    /// Whether `totals` disagrees with the rows.
+    pub totals_mismatch: bool,
+}
+
+impl VerifyReport {
+    pub fn is_ok(&self) -> bool {
+        self.integrity_errors.is_empty() && self.bad_checksums.is_empty() && !self.totals_mismatch
+    }
+}
+
+/// What [`Spool::salvage`] recovered from a damaged database.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SalvageReport {
+    pub n_saved: u64,
+    /// Events known to have been in the spool (seqs below `next_seq` not yet acknowledged
+    /// cannot be told apart from acknowledged ones, so this counts rows that failed to read).
+    pub n_lost: u64,
+    /// Where the damaged file was moved.
+    pub damaged_copy: PathBuf,
 }
 
 /// A handle on the spool database.
 pub struct Spool {
     path: PathBuf,
     conn: Connection,
+    config: SpoolConfig,
 }
 
 impl std::fmt::Debug for Spool {
@@ -70,53 +185,62 @@ impl std::fmt::Debug for Spool {
     }
 }
 
+fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
 impl Spool {
-    /// Opens (and creates or migrates) the spool at `path`.
+    /// Opens (and creates or migrates) the spool at `path` with the default configuration.
     pub fn open(path: &Path) -> Result<Spool, SpoolError> {
-        let conn = Connection::open(path).map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
-        let mut spool = Spool { path: path.to_owned(), conn };
-        spool.init().map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
-        let version: usize =
-            spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(|e| spool.err(e))?;
+        Spool::open_with(path, SpoolConfig::default())
+    }
+
+    /// Opens (and creates or migrates) the spool at `path`.
+    pub fn open_with(path: &Path, config: SpoolConfig) -> Result<Spool, SpoolError> {
+        let e = |source| SpoolError::from_sqlite(path, source);
+        let conn = Connection::open(path).map_err(e)?;
+        conn.busy_timeout(Duration::from_secs(30)).map_err(e)?;
+        enable_wal(&conn).map_err(e)?;
+        let synchronous = match config.durability {
+            Durability::Process => "NORMAL",
+            Durability::Power => "FULL",
+        };
+        conn.pragma_update(None, "synchronous", synchronous).map_err(e)?;
+        let mut spool = Spool { path: path.to_owned(), conn, config };
+        let version: usize = spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(e)?;
         if version > MIGRATIONS.len() {
             return Err(SpoolError::TooNew { path: path.to_owned(), found: version, known: MIGRATIONS.len() });
         }
         for (idx, sql) in MIGRATIONS.iter().enumerate().skip(version) {
-            let tx = spool
-                .conn
-                .transaction_with_behavior(TransactionBehavior::Immediate)
-                .map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
-            tx.execute_batch(sql)
-                .and_then(|()| tx.pragma_update(None, "user_version", idx + 1))
-                .and_then(|()| tx.commit())
-                .map_err(|source| SpoolError::Sqlite { path: path.to_owned(), source })?;
+            let tx = spool.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+            tx.execute_batch(sql).map_err(e)?;
+            tx.pragma_update(None, "user_version", idx + 1).map_err(e)?;
+            tx.commit().map_err(e)?;
         }
         Ok(spool)
     }
 
-    fn init(&mut self) -> rusqlite::Result<()> {
-        self.conn.busy_timeout(Duration::from_secs(30))?;
-        self.conn.pragma_update(None, "journal_mode", "WAL")?;
-        // NORMAL in WAL mode: a commit survives a crash of the process (not a power loss).
-        self.conn.pragma_update(None, "synchronous", "NORMAL")?;
-        Ok(())
+    pub fn path(&self) -> &Path {
+        &self.path
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
-        SpoolError::Sqlite { path: self.path.clone(), source }
+        SpoolError::from_sqlite(&self.path, source)
     }
 
     /// The stored state of `source_id` (zeroes for a new source).
     pub fn source_state(&self, source_id: &str) -> Result<SourceState, SpoolError> {
         self.conn
             .query_row(
-                "SELECT next_seq, position, n_errors FROM sources WHERE source_id = ?1",
+                "SELECT next_seq, position, n_errors, n_dropped, n_quarantined FROM sources WHERE source_id = ?1",
                 params![source_id],
                 |r| {
                     Ok(SourceState {
                         next_seq: r.get::<_, i64>(0)? as u64,
                         position: r.get(1)?,
                         n_errors: r.get::<_, i64>(2)? as u64,
+                        n_dropped: r.get::<_, i64>(3)? as u64,
+                        n_quarantined: r.get::<_, i64>(4)? as u64,
                     })
                 },
             )
@@ -127,6 +251,10 @@ impl Spool {
 
     /// Appends events of `source_id` numbered from its `next_seq`, and stores its new position
     /// and error count, in one transaction. Returns the seq of the first appended event.
+    ///
+    /// When the events do not fit in `max_bytes`: with `pause`, nothing is written and
+    /// [`SpoolError::Full`] is returned; with `drop_oldest`, the oldest events (of any source)
+    /// are deleted first and counted.
     pub fn append(
         &mut self,
         source_id: &str,
@@ -135,20 +263,39 @@ impl Spool {
         n_new_errors: u64,
     ) -> Result<u64, SpoolError> {
         let path = self.path.clone();
-        let e = |source| SpoolError::Sqlite { path: path.clone(), source };
-        // IMMEDIATE: take the write lock up front. A deferred transaction that reads first
-        // cannot be upgraded once another connection wrote (SQLITE_BUSY_SNAPSHOT).
+        let e = |source| SpoolError::from_sqlite(&path, source);
+        let needed: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+        let limit = self.config.max_bytes;
+        let when_full = self.config.when_full;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+        let used: u64 =
+            tx.query_row("SELECT n_bytes FROM totals WHERE id = 1", [], |r| r.get::<_, i64>(0)).map_err(e)? as u64;
+        if needed > 0 && used + needed > limit {
+            match when_full {
+                WhenFull::Pause => return Err(SpoolError::Full { path: path.clone(), used, limit, needed }),
+                WhenFull::DropOldest => {
+                    if needed > limit {
+                        return Err(SpoolError::Full { path: path.clone(), used, limit, needed });
+                    }
+                    drop_oldest(&tx, used + needed - limit).map_err(e)?;
+                }
+            }
+        }
         let first_seq: u64 = tx
             .query_row("SELECT next_seq FROM sources WHERE source_id = ?1", params![source_id], |r| r.get::<_, i64>(0))
             .optional()
             .map_err(e)?
             .unwrap_or(0) as u64;
+        let at = now_ms();
         {
-            let mut insert =
-                tx.prepare_cached("INSERT INTO events (source_id, seq, body) VALUES (?1, ?2, ?3)").map_err(e)?;
+            let mut insert = tx
+                .prepare_cached(
+                    "INSERT INTO events (source_id, seq, body, crc, spooled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                )
+                .map_err(e)?;
             for (idx, body) in bodies.iter().enumerate() {
-                insert.execute(params![source_id, (first_seq + idx as u64) as i64, body]).map_err(e)?;
+                let crc = crc32fast::hash(body);
+                insert.execute(params![source_id, (first_seq + idx as u64) as i64, body, crc, at]).map_err(e)?;
             }
         }
         tx.execute(
@@ -158,42 +305,85 @@ impl Spool {
             params![source_id, (first_seq + bodies.len() as u64) as i64, position, n_new_errors as i64],
         )
         .map_err(e)?;
+        tx.execute(
+            "UPDATE totals SET n_events = n_events + ?1, n_bytes = n_bytes + ?2 WHERE id = 1",
+            params![bodies.len() as i64, needed as i64],
+        )
+        .map_err(e)?;
         tx.commit().map_err(e)?;
         Ok(first_seq)
     }
 
-    /// Up to `max_events` consecutive events of `source_id` from `from_seq` on, stopping before
-    /// `max_bytes` would be exceeded (at least one event is returned if any exists).
+    /// Up to `max_events` events of `source_id` with seq `from_seq` or more, in seq order,
+    /// stopping before `max_bytes` would be exceeded (at least one event is returned if any
+    /// exists). Rows whose checksum does not match are moved to quarantine, counted and skipped.
     pub fn read(
-        &self,
+        &mut self,
         source_id: &str,
         from_seq: u64,
         max_events: usize,
         max_bytes: usize,
     ) -> Result<Vec<SpooledEvent>, SpoolError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT seq, body FROM events WHERE source_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3")
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![source_id, from_seq as i64, max_events as i64], |r| {
-                Ok(SpooledEvent { seq: r.get::<_, i64>(0)? as u64, body: r.get(1)? })
-            })
-            .map_err(|e| self.err(e))?;
         let mut out = Vec::new();
-        let mut n_bytes = 0;
-        let mut expected = from_seq;
-        for row in rows {
-            let row = row.map_err(|e| self.err(e))?;
-            // Stop at a hole (an out-of-order ack deleted rows ahead of an unacked one).
-            if (!out.is_empty() && row.seq != expected) || (!out.is_empty() && n_bytes + row.body.len() > max_bytes) {
-                break;
+        let mut damaged = Vec::new();
+        {
+            let mut stmt = self
+                .conn
+                .prepare_cached(
+                    "SELECT seq, body, crc FROM events WHERE source_id = ?1 AND seq >= ?2 ORDER BY seq LIMIT ?3",
+                )
+                .map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
+            let rows = stmt
+                .query_map(params![source_id, from_seq as i64, max_events as i64], |r| {
+                    Ok((r.get::<_, i64>(0)? as u64, r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
+                })
+                .map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
+            let mut n_bytes = 0;
+            for row in rows {
+                let (seq, body, crc) = row.map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
+                if i64::from(crc32fast::hash(&body)) != crc {
+                    damaged.push((seq, body));
+                    continue;
+                }
+                if !out.is_empty() && n_bytes + body.len() > max_bytes {
+                    break;
+                }
+                n_bytes += body.len();
+                out.push(SpooledEvent { seq, body });
             }
-            expected = row.seq + 1;
-            n_bytes += row.body.len();
-            out.push(row);
+        }
+        for (seq, body) in damaged {
+            tracing::warn!(source = %source_id, seq, path = %self.path.display(), "spooled event fails its checksum; quarantined");
+            self.quarantine(source_id, seq, Some(&body), "checksum mismatch")?;
         }
         Ok(out)
+    }
+
+    /// Moves one event to quarantine and counts it.
+    fn quarantine(&mut self, source_id: &str, seq: u64, body: Option<&[u8]>, reason: &str) -> Result<(), SpoolError> {
+        let path = self.path.clone();
+        let e = |source| SpoolError::from_sqlite(&path, source);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+        let removed: Option<i64> = tx
+            .query_row(
+                "DELETE FROM events WHERE source_id = ?1 AND seq = ?2 RETURNING length(body)",
+                params![source_id, seq as i64],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(e)?;
+        if let Some(len) = removed {
+            tx.execute("UPDATE totals SET n_events = n_events - 1, n_bytes = n_bytes - ?1 WHERE id = 1", params![len])
+                .map_err(e)?;
+        }
+        tx.execute(
+            "INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![source_id, seq as i64, body, reason, now_ms()],
+        )
+        .map_err(e)?;
+        tx.execute("UPDATE sources SET n_quarantined = n_quarantined + 1 WHERE source_id = ?1", params![source_id])
+            .map_err(e)?;
+        tx.commit().map_err(e)
     }
 
     /// The smallest seq of `source_id` still in the spool.
@@ -206,14 +396,38 @@ impl Spool {
             .map_err(|e| self.err(e))
     }
 
-    /// The cloud acknowledged `first_seq .. first_seq + count` of `source_id`: delete them.
-    pub fn ack(&mut self, source_id: &str, first_seq: u64, count: u32) -> Result<usize, SpoolError> {
-        self.conn
-            .execute(
-                "DELETE FROM events WHERE source_id = ?1 AND seq >= ?2 AND seq < ?3",
-                params![source_id, first_seq as i64, (first_seq + u64::from(count)) as i64],
-            )
-            .map_err(|e| self.err(e))
+    /// The cloud acknowledged the span `first_seq .. first_seq + count` of `source_id`: delete
+    /// it. Returns the number of events deleted.
+    pub fn ack(&mut self, source_id: &str, first_seq: u64, count: u32) -> Result<u64, SpoolError> {
+        let path = self.path.clone();
+        let e = |source| SpoolError::from_sqlite(&path, source);
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+        let (n, bytes): (i64, i64) = {
+            let mut stmt = tx
+                .prepare_cached(
+                    "DELETE FROM events WHERE source_id = ?1 AND seq >= ?2 AND seq < ?3 RETURNING length(body)",
+                )
+                .map_err(e)?;
+            let lens = stmt
+                .query_map(params![source_id, first_seq as i64, (first_seq + u64::from(count)) as i64], |r| {
+                    r.get::<_, i64>(0)
+                })
+                .map_err(e)?;
+            let mut n = 0;
+            let mut bytes = 0;
+            for len in lens {
+                n += 1;
+                bytes += len.map_err(e)?;
+            }
+            (n, bytes)
+        };
+        tx.execute(
+            "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
+            params![n, bytes],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(n as u64)
     }
 
     /// Every source known to the spool.
@@ -225,13 +439,216 @@ impl Spool {
     }
 
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
-        let n_events: i64 =
-            self.conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).map_err(|e| self.err(e))?;
-        let page_count: i64 =
-            self.conn.pragma_query_value(None, "page_count", |r| r.get(0)).map_err(|e| self.err(e))?;
-        let page_size: i64 = self.conn.pragma_query_value(None, "page_size", |r| r.get(0)).map_err(|e| self.err(e))?;
-        Ok(SpoolStats { n_events: n_events as u64, n_bytes: (page_count * page_size) as u64 })
+        let (n_events, n_bytes): (i64, i64) = self
+            .conn
+            .query_row("SELECT n_events, n_bytes FROM totals WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
+            .map_err(|e| self.err(e))?;
+        let oldest: Option<i64> =
+            self.conn.query_row("SELECT min(spooled_at) FROM events", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
+            + std::fs::metadata(self.path.with_extension("db-wal")).map(|m| m.len()).unwrap_or(0);
+        Ok(SpoolStats { n_events: n_events as u64, n_bytes: n_bytes as u64, file_bytes, oldest_spooled_at: oldest })
     }
+
+    /// Checks the database's structure, every row's checksum, and the running totals.
+    pub fn verify(&self) -> Result<VerifyReport, SpoolError> {
+        let mut report = VerifyReport::default();
+        {
+            let mut stmt = self.conn.prepare("PRAGMA integrity_check").map_err(|e| self.err(e))?;
+            let lines = stmt.query_map([], |r| r.get::<_, String>(0)).map_err(|e| self.err(e))?;
+            for line in lines {
+                let line = line.map_err(|e| self.err(e))?;
+                if line != "ok" {
+                    report.integrity_errors.push(line);
+                }
+            }
+        }
+        if !report.integrity_errors.is_empty() {
+            return Ok(report);
+        }
+        let mut stmt = self.conn.prepare("SELECT source_id, seq, body, crc FROM events").map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
+            })
+            .map_err(|e| self.err(e))?;
+        let mut n_bytes = 0u64;
+        for row in rows {
+            let (source, seq, body, crc) = row.map_err(|e| self.err(e))?;
+            report.n_checked += 1;
+            n_bytes += body.len() as u64;
+            if i64::from(crc32fast::hash(&body)) != crc {
+                report.bad_checksums.push((source, seq));
+            }
+        }
+        let stats = self.stats()?;
+        report.totals_mismatch = stats.n_events != report.n_checked || stats.n_bytes != n_bytes;
+        Ok(report)
+    }
+
+    /// Quick structural check, for start-up.
+    pub fn quick_check(&self) -> Result<bool, SpoolError> {
+        let first: String = self.conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        Ok(first == "ok")
+    }
+
+    /// Recovers what can be read from a damaged spool at `path` into a fresh one: every event
+    /// that still reads and passes its checksum, and every source's state. The damaged file is
+    /// kept beside it (`spool.db.damaged-<unix ms>`) for inspection.
+    pub fn salvage(path: &Path) -> Result<SalvageReport, SpoolError> {
+        let salvage_err = |reason: String| SpoolError::Salvage { path: path.to_owned(), reason };
+        let damaged_copy = path.with_extension(format!("db.damaged-{}", now_ms()));
+        // Move the damaged database (and its WAL) aside first, then read from the copy.
+        for (from, to) in [
+            (path.to_owned(), damaged_copy.clone()),
+            (path.with_extension("db-wal"), damaged_copy.with_extension("wal")),
+        ] {
+            if from.exists() {
+                std::fs::rename(&from, &to)
+                    .map_err(|e| salvage_err(format!("moving {} aside: {e}", from.display())))?;
+            }
+        }
+        let _ = std::fs::remove_file(path.with_extension("db-shm"));
+        let old = Connection::open_with_flags(&damaged_copy, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+            .map_err(|e| salvage_err(format!("opening the damaged copy: {e}")))?;
+        let mut fresh = Spool::open(path)?;
+        let mut report = SalvageReport { damaged_copy, ..SalvageReport::default() };
+
+        // Sources: their positions matter most (without them a source would re-read its input).
+        let mut sources: Vec<(String, i64, String, i64, i64, i64)> = Vec::new();
+        if let Ok(mut stmt) =
+            old.prepare("SELECT source_id, next_seq, position, n_errors, n_dropped, n_quarantined FROM sources")
+            && let Ok(rows) =
+                stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))
+        {
+            sources.extend(rows.flatten());
+        }
+        // Events: row by row, per source and seq, so one damaged page costs only its rows.
+        let tx = fresh
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(|e| SpoolError::from_sqlite(path, e))?;
+        let mut n_bytes = 0i64;
+        for (source_id, next_seq, position, n_errors, n_dropped, n_quarantined) in &sources {
+            let oldest: i64 = old
+                .query_row("SELECT min(seq) FROM events WHERE source_id = ?1", params![source_id], |r| {
+                    r.get::<_, Option<i64>>(0)
+                })
+                .ok()
+                .flatten()
+                .unwrap_or(0);
+            let mut lost_here = 0i64;
+            for seq in oldest..*next_seq {
+                let row: rusqlite::Result<Option<(Vec<u8>, i64, i64)>> = old
+                    .query_row(
+                        "SELECT body, crc, spooled_at FROM events WHERE source_id = ?1 AND seq = ?2",
+                        params![source_id, seq],
+                        |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+                    )
+                    .optional();
+                match row {
+                    Ok(Some((body, crc, at))) if i64::from(crc32fast::hash(&body)) == crc => {
+                        tx.execute(
+                            "INSERT INTO events (source_id, seq, body, crc, spooled_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                            params![source_id, seq, body, crc, at],
+                        )
+                        .map_err(|e| SpoolError::from_sqlite(path, e))?;
+                        n_bytes += body.len() as i64;
+                        report.n_saved += 1;
+                    }
+                    Ok(None) => {} // acknowledged before the damage
+                    Ok(Some(_)) | Err(_) => {
+                        lost_here += 1;
+                        tx.execute(
+                            "INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, ?2, NULL, 'unreadable after spool damage', ?3)",
+                            params![source_id, seq, now_ms()],
+                        )
+                        .map_err(|e| SpoolError::from_sqlite(path, e))?;
+                    }
+                }
+            }
+            report.n_lost += lost_here as u64;
+            tx.execute(
+                "INSERT INTO sources (source_id, next_seq, position, n_errors, n_dropped, n_quarantined) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                params![source_id, next_seq, position, n_errors, n_dropped, n_quarantined + lost_here],
+            )
+            .map_err(|e| SpoolError::from_sqlite(path, e))?;
+        }
+        tx.execute(
+            "UPDATE totals SET n_events = ?1, n_bytes = ?2 WHERE id = 1",
+            params![report.n_saved as i64, n_bytes],
+        )
+        .map_err(|e| SpoolError::from_sqlite(path, e))?;
+        tx.commit().map_err(|e| SpoolError::from_sqlite(path, e))?;
+        if sources.is_empty() {
+            return Err(salvage_err(
+                "the sources table is unreadable: positions are lost; the damaged copy is kept".into(),
+            ));
+        }
+        Ok(report)
+    }
+
+    /// Caps the database file at `pages` pages, so that writes beyond it fail like on a full
+    /// disk. For tests of the disk-full path.
+    #[doc(hidden)]
+    pub fn limit_pages_for_test(&self, pages: u64) {
+        let _ = self.conn.pragma_update(None, "max_page_count", pages);
+    }
+
+    /// The number of pages the database file has now.
+    #[doc(hidden)]
+    pub fn page_count_for_test(&self) -> u64 {
+        self.conn.pragma_query_value(None, "page_count", |r| r.get::<_, i64>(0)).unwrap_or(0) as u64
+    }
+}
+
+/// Switches a database to WAL. Changing the journal mode needs a moment alone with the file and
+/// does not wait on the busy timeout, so a process opening a new database while another does
+/// the same retries for a while instead of failing.
+fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let mut attempt = 0;
+    loop {
+        let result = conn.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).and_then(|mode| {
+            if mode.eq_ignore_ascii_case("wal") { Ok(()) } else { conn.pragma_update(None, "journal_mode", "WAL") }
+        });
+        match result {
+            Err(e) if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy) && attempt < 100 => {
+                attempt += 1;
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Deletes the oldest events until at least `to_free` bytes are freed; counts them per source.
+fn drop_oldest(tx: &rusqlite::Transaction<'_>, to_free: u64) -> rusqlite::Result<()> {
+    let mut freed = 0u64;
+    let mut victims: Vec<(String, i64, i64)> = Vec::new();
+    {
+        let mut stmt =
+            tx.prepare_cached("SELECT source_id, seq, length(body) FROM events ORDER BY spooled_at, source_id, seq")?;
+        let mut rows = stmt.query([])?;
+        while freed < to_free {
+            let Some(row) = rows.next()? else { break };
+            let len: i64 = row.get(2)?;
+            freed += len as u64;
+            victims.push((row.get(0)?, row.get(1)?, len));
+        }
+    }
+    let mut delete = tx.prepare_cached("DELETE FROM events WHERE source_id = ?1 AND seq = ?2")?;
+    let mut count = tx.prepare_cached("UPDATE sources SET n_dropped = n_dropped + 1 WHERE source_id = ?1")?;
+    for (source, seq, _) in &victims {
+        delete.execute(params![source, seq])?;
+        count.execute(params![source])?;
+    }
+    let bytes: i64 = victims.iter().map(|v| v.2).sum();
+    tx.execute(
+        "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
+        params![victims.len() as i64, bytes],
+    )?;
+    tracing::warn!(n_dropped = victims.len(), bytes, "spool full: oldest events dropped (when_full = drop_oldest)");
+    Ok(())
 }
 
 #[cfg(test)]

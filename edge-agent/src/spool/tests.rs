@@ -1,5 +1,5 @@
-//! Spool tests, including a model-based property test against a `VecDeque` with
-//! close-and-reopen (a crash at a transaction boundary) as one of the actions.
+//! Spool tests, including a model-based property test against a `VecDeque` per source with
+//! close-and-reopen (a crash at a transaction boundary), a full spool and a full disk as actions.
 
 use std::collections::{BTreeMap, VecDeque};
 
@@ -9,6 +9,10 @@ use super::*;
 
 fn body(n: u64) -> Vec<u8> {
     format!("{{\"n\":{n}}}").into_bytes()
+}
+
+fn seqs(rows: &[SpooledEvent]) -> Vec<u64> {
+    rows.iter().map(|r| r.seq).collect()
 }
 
 #[test]
@@ -23,25 +27,132 @@ fn append_read_ack_and_position_survive_reopen() {
 
     let mut spool = Spool::open(&path).unwrap();
     let state = spool.source_state("a").unwrap();
-    assert_eq!(state, SourceState { next_seq: 4, position: "{\"offset\":40}".into(), n_errors: 1 });
-    let rows = spool.read("a", 1, 2, usize::MAX).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![1, 2]);
+    assert_eq!((state.next_seq, state.position.as_str(), state.n_errors), (4, "{\"offset\":40}", 1));
+    assert_eq!(seqs(&spool.read("a", 1, 2, usize::MAX).unwrap()), [1, 2]);
     assert_eq!(spool.ack("a", 0, 2).unwrap(), 2);
     assert_eq!(spool.oldest_seq("a").unwrap(), Some(2));
-    assert_eq!(spool.stats().unwrap().n_events, 2);
+    let stats = spool.stats().unwrap();
+    assert_eq!((stats.n_events, stats.n_bytes), (2, (body(2).len() + body(3).len()) as u64));
+    assert!(stats.oldest_spooled_at.is_some());
     // Byte limit: at least one row, then stop before exceeding it.
     assert_eq!(spool.read("a", 2, 10, 1).unwrap().len(), 1);
     assert_eq!(spool.source_ids().unwrap(), vec!["a".to_owned()]);
+    assert!(spool.verify().unwrap().is_ok());
 }
 
 #[test]
-fn read_stops_at_a_hole_left_by_an_out_of_order_ack() {
+fn read_continues_past_a_hole_left_by_an_out_of_order_ack() {
     let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
     spool.append("a", &(0..6).map(body).collect::<Vec<_>>(), "{}", 0).unwrap();
     spool.ack("a", 2, 2).unwrap();
-    let rows = spool.read("a", 0, 10, usize::MAX).unwrap();
-    assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![0, 1]);
+    assert_eq!(seqs(&spool.read("a", 0, 10, usize::MAX).unwrap()), [0, 1, 4, 5]);
+}
+
+#[test]
+fn pause_mode_refuses_what_does_not_fit_and_accepts_once_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig { max_bytes: 24, ..SpoolConfig::default() };
+    let mut spool = Spool::open_with(&dir.path().join("s.db"), config).unwrap();
+    spool.append("a", &[body(0), body(1), body(2)], "p1", 0).unwrap(); // 3 x 7 bytes
+    let err = spool.append("a", &[body(3)], "p2", 0).unwrap_err();
+    assert!(err.is_full(), "{err}");
+    assert!(err.to_string().contains("21 of 24 bytes used, 7 more needed"), "{err}");
+    assert_eq!(spool.source_state("a").unwrap().position, "p1", "the position did not move");
+    spool.ack("a", 0, 1).unwrap();
+    assert_eq!(spool.append("a", &[body(3)], "p2", 0).unwrap(), 3);
+    // Only bad records (no events) still move the position.
+    spool.append("a", &[], "p3", 2).unwrap();
+    assert_eq!(spool.source_state("a").unwrap().n_errors, 2);
+}
+
+#[test]
+fn drop_oldest_makes_room_and_counts_every_dropped_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig { max_bytes: 24, when_full: WhenFull::DropOldest, ..SpoolConfig::default() };
+    let mut spool = Spool::open_with(&dir.path().join("s.db"), config).unwrap();
+    spool.append("a", &[body(0), body(1)], "", 0).unwrap();
+    spool.append("b", &[body(0)], "", 0).unwrap();
+    spool.append("a", &[body(2), body(3)], "", 0).unwrap(); // needs 14, 3 free: drops the 2 oldest
+    assert_eq!(seqs(&spool.read("a", 0, 10, usize::MAX).unwrap()), [2, 3]);
+    assert_eq!(seqs(&spool.read("b", 0, 10, usize::MAX).unwrap()), [0]);
+    assert_eq!(spool.source_state("a").unwrap().n_dropped, 2);
+    assert_eq!(spool.stats().unwrap().n_bytes, 21);
+    assert!(spool.verify().unwrap().is_ok());
+}
+
+#[test]
+fn a_row_failing_its_checksum_is_quarantined_and_the_rest_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let mut spool = Spool::open(&path).unwrap();
+    spool.append("a", &(0..4).map(body).collect::<Vec<_>>(), "", 0).unwrap();
+    // A silent bit flip in one stored body.
+    let raw = Connection::open(&path).unwrap();
+    raw.execute("UPDATE events SET body = X'7B226E223A397D' WHERE seq = 1", []).unwrap();
+    let report = spool.verify().unwrap();
+    assert_eq!(report.bad_checksums, [("a".to_owned(), 1)]);
+    assert_eq!(seqs(&spool.read("a", 0, 10, usize::MAX).unwrap()), [0, 2, 3]);
+    assert_eq!(spool.source_state("a").unwrap().n_quarantined, 1);
+    let quarantined: i64 = raw.query_row("SELECT count(*) FROM quarantine WHERE seq = 1", [], |r| r.get(0)).unwrap();
+    assert_eq!(quarantined, 1);
+    assert!(spool.verify().unwrap().is_ok(), "the spool is consistent again");
+}
+
+#[test]
+fn a_damaged_page_is_salvaged_keeping_positions_and_readable_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let n = 3000u64;
+    {
+        let mut spool = Spool::open(&path).unwrap();
+        let big: Vec<Vec<u8>> =
+            (0..n).map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300)).into_bytes()).collect();
+        for chunk in big.chunks(500) {
+            let pos = format!("{{\"offset\":{}}}", chunk.len());
+            spool.append("orders", chunk, &pos, 0).unwrap();
+        }
+        spool.ack("orders", 0, 100).unwrap();
+    } // closing checkpoints the WAL into the main file
+    let len = std::fs::metadata(&path).unwrap().len();
+    let page = 4096;
+    let victim = (len / page / 2) * page;
+    let mut bytes = std::fs::read(&path).unwrap();
+    for b in &mut bytes[victim as usize..(victim + page) as usize] {
+        *b = 0xA5;
+    }
+    std::fs::write(&path, bytes).unwrap();
+
+    let spool = Spool::open(&path).unwrap();
+    assert!(!spool.quick_check().unwrap(), "the damage is detected");
+    drop(spool);
+    let report = Spool::salvage(&path).unwrap();
+    assert!(report.damaged_copy.exists());
+    assert!(report.n_lost > 0, "{report:?}");
+    assert_eq!(report.n_saved + report.n_lost, n - 100, "{report:?}");
+
+    let mut spool = Spool::open(&path).unwrap();
+    assert!(spool.quick_check().unwrap());
+    assert!(spool.verify().unwrap().is_ok());
+    let state = spool.source_state("orders").unwrap();
+    assert_eq!(state.next_seq, n);
+    assert_eq!(state.n_quarantined, report.n_lost);
+    assert_eq!(spool.read("orders", 0, 10_000, usize::MAX).unwrap().len() as u64, report.n_saved);
+}
+
+#[test]
+fn a_full_disk_fails_the_append_without_changing_anything() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
+    spool.append("a", &[body(0)], "p0", 0).unwrap();
+    spool.limit_pages_for_test(spool.page_count_for_test());
+    let big: Vec<Vec<u8>> = (0..200).map(|i| vec![b'x'; 1000 + i]).collect();
+    let err = spool.append("a", &big, "p1", 0).unwrap_err();
+    assert!(matches!(err, SpoolError::DiskFull { .. }), "{err}");
+    assert!(err.is_full());
+    assert_eq!(spool.source_state("a").unwrap().position, "p0");
+    spool.limit_pages_for_test(1 << 30);
+    assert_eq!(spool.append("a", &big, "p1", 0).unwrap(), 1);
 }
 
 #[derive(Debug, Clone)]
@@ -49,60 +160,96 @@ enum Action {
     Append { source: u8, n: u8 },
     AckOldest { source: u8, n: u8 },
     Reopen,
+    DiskFull,
+    DiskFreed,
 }
 
 fn action() -> impl Strategy<Value = Action> {
     prop_oneof![
-        4 => (0u8..3, 1u8..5).prop_map(|(source, n)| Action::Append { source, n }),
+        5 => (0u8..3, 1u8..6).prop_map(|(source, n)| Action::Append { source, n }),
         3 => (0u8..3, 1u8..5).prop_map(|(source, n)| Action::AckOldest { source, n }),
         1 => Just(Action::Reopen),
+        1 => Just(Action::DiskFull),
+        1 => Just(Action::DiskFreed),
     ]
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
     #[test]
-    fn behaves_like_a_queue_per_source_across_reopens(actions in proptest::collection::vec(action(), 1..40)) {
+    fn behaves_like_a_bounded_queue_per_source_across_reopens_and_full_disks(
+        actions in proptest::collection::vec(action(), 1..40)
+    ) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("spool.db");
-        let mut spool = Spool::open(&path).unwrap();
+        // Room for ~40 bodies of 7-8 bytes: the limit is hit in longer runs.
+        let config = SpoolConfig { max_bytes: 320, ..SpoolConfig::default() };
+        let mut spool = Spool::open_with(&path, config).unwrap();
         let mut model: BTreeMap<String, (u64, VecDeque<u64>)> = BTreeMap::new();
+        let mut disk_full = false;
         for action in actions {
             match action {
                 Action::Append { source, n } => {
                     let id = format!("s{source}");
                     let entry = model.entry(id.clone()).or_default();
                     let bodies: Vec<Vec<u8>> = (0..u64::from(n)).map(|i| body(entry.0 + i)).collect();
-                    let first = spool.append(&id, &bodies, &format!("{}", entry.0 + u64::from(n)), 0).unwrap();
-                    prop_assert_eq!(first, entry.0);
-                    for i in 0..u64::from(n) {
-                        entry.1.push_back(entry.0 + i);
+                    let needed: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+                    let used = spool.stats().unwrap().n_bytes;
+                    match spool.append(&id, &bodies, &format!("{}", entry.0 + u64::from(n)), 0) {
+                        Ok(first) => {
+                            prop_assert!(used + needed <= 320, "append beyond the limit");
+                            prop_assert_eq!(first, entry.0);
+                            for i in 0..u64::from(n) {
+                                entry.1.push_back(entry.0 + i);
+                            }
+                            entry.0 += u64::from(n);
+                        }
+                        Err(e) => {
+                            prop_assert!(e.is_full(), "unexpected error {}", e);
+                            prop_assert!(disk_full || used + needed > 320, "refused with room: {}", e);
+                        }
                     }
-                    entry.0 += u64::from(n);
                 }
                 Action::AckOldest { source, n } => {
                     let id = format!("s{source}");
                     let Some(entry) = model.get_mut(&id) else { continue };
                     let Some(&first) = entry.1.front() else { continue };
                     let count = (n as usize).min(entry.1.len());
-                    spool.ack(&id, first, count as u32).unwrap();
-                    entry.1.drain(..count);
+                    match spool.ack(&id, first, count as u32) {
+                        Ok(_) => {
+                            entry.1.drain(..count);
+                        }
+                        Err(e) => prop_assert!(disk_full && e.is_full(), "unexpected error {}", e),
+                    }
                 }
                 Action::Reopen => {
                     drop(spool);
-                    spool = Spool::open(&path).unwrap();
+                    spool = Spool::open_with(&path, config).unwrap();
+                    disk_full = false;
+                }
+                Action::DiskFull => {
+                    spool.limit_pages_for_test(spool.page_count_for_test());
+                    disk_full = true;
+                }
+                Action::DiskFreed => {
+                    spool.limit_pages_for_test(1 << 30);
+                    disk_full = false;
                 }
             }
             for (id, (next_seq, queue)) in &model {
                 let state = spool.source_state(id).unwrap();
-                prop_assert_eq!(state.next_seq, *next_seq);
-                prop_assert_eq!(state.position, next_seq.to_string());
+                if !queue.is_empty() || state.next_seq > 0 {
+                    prop_assert_eq!(state.next_seq, *next_seq);
+                    prop_assert_eq!(state.position, next_seq.to_string());
+                }
                 let rows = spool.read(id, 0, 1000, usize::MAX).unwrap();
-                prop_assert_eq!(rows.iter().map(|r| r.seq).collect::<Vec<_>>(), queue.iter().copied().collect::<Vec<_>>());
+                prop_assert_eq!(seqs(&rows), queue.iter().copied().collect::<Vec<_>>());
                 for r in &rows {
                     prop_assert_eq!(&r.body, &body(r.seq));
                 }
             }
+            let expected_bytes: u64 = model.values().flat_map(|(_, q)| q.iter().map(|s| body(*s).len() as u64)).sum();
+            prop_assert_eq!(spool.stats().unwrap().n_bytes, expected_bytes);
         }
     }
 }

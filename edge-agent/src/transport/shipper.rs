@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use actidash_shared::batch;
 use actidash_shared::session::{ClientEvent, ClientSession};
-use actidash_shared::wire::{Batch, Codec, DEFAULT_MAX_FRAME_LEN, Frame, Heartbeat, Hello, PROTOCOL_VERSION};
+use actidash_shared::wire::{
+    Batch, Codec, DEFAULT_MAX_FRAME_LEN, Frame, Heartbeat, Hello, PROTOCOL_VERSION, SourceStatus,
+};
 use anyhow::Context as _;
 use bytes::BytesMut;
 use rand::Rng as _;
@@ -167,28 +169,30 @@ impl Shipper {
         let mut idle = 0;
         let mut idx = 0;
         while session.can_send_batch() && idle < self.source_ids.len() {
-            let source_id = &self.source_ids[idx % self.source_ids.len()];
+            let source_id = self.source_ids[idx % self.source_ids.len()].clone();
+            let source_id = &source_id;
             idx += 1;
-            let spool = &self.spool;
             let cursor = match cursors.get(source_id) {
                 Some(c) => *c,
                 None => {
-                    let start = match tokio::task::block_in_place(|| spool.oldest_seq(source_id))? {
+                    let start = match tokio::task::block_in_place(|| self.spool.oldest_seq(source_id))? {
                         Some(seq) => seq,
-                        None => tokio::task::block_in_place(|| spool.source_state(source_id))?.next_seq,
+                        None => tokio::task::block_in_place(|| self.spool.source_state(source_id))?.next_seq,
                     };
                     cursors.insert(source_id.clone(), start);
                     start
                 }
             };
-            let rows = tokio::task::block_in_place(|| spool.read(source_id, cursor, max_events, max_bytes))?;
-            let Some(first) = rows.first() else {
+            let rows = tokio::task::block_in_place(|| self.spool.read(source_id, cursor, max_events, max_bytes))?;
+            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
                 idle += 1;
                 continue;
             };
             idle = 0;
             let first_seq = first.seq;
-            let count = rows.len() as u32;
+            // The batch covers the span first..=last; holes (acknowledged, quarantined or
+            // dropped events) are fine.
+            let count = u32::try_from(last.seq - first.seq + 1).unwrap_or(u32::MAX);
             let payload = batch::pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
             cursors.insert(source_id.clone(), first_seq + u64::from(count));
             session.send_batch(Batch {
@@ -204,7 +208,15 @@ impl Shipper {
 
     fn heartbeat(&self) -> anyhow::Result<Heartbeat> {
         let stats = tokio::task::block_in_place(|| self.spool.stats())?;
-        let sources = self.statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+        let mut sources: Vec<SourceStatus> =
+            self.statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+        // Drops and quarantines happen outside the source (in other sources' appends, in the
+        // shipper's reads): the spool has the true counts.
+        for status in &mut sources {
+            let state = tokio::task::block_in_place(|| self.spool.source_state(&status.source_id))?;
+            status.n_dropped = state.n_dropped;
+            status.n_quarantined = state.n_quarantined;
+        }
         Ok(Heartbeat {
             agent_version: AGENT_VERSION.into(),
             uptime_secs: self.started.elapsed().as_secs(),

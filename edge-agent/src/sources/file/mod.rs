@@ -111,18 +111,9 @@ impl FileSource {
             }
             let n_items = items.len();
             if n_items > 0 {
-                match self.spool_items(items, &tailer, next_seq) {
-                    Ok(n) => next_seq = n,
-                    Err(e) => {
-                        warn!(source = %id, error = format!("{e:#}"), "cannot write to the spool; will resume from the last committed position");
-                        self.report_error(format!("spool: {e:#}"));
-                        std::thread::sleep(Duration::from_secs(1));
-                        match self.resume() {
-                            Ok((t, n)) => (tailer, next_seq) = (t, n),
-                            Err(e) => warn!(source = %id, error = format!("{e:#}"), "cannot read the spool; retrying"),
-                        }
-                        continue;
-                    }
+                match self.spool_items(items, &tailer, next_seq)? {
+                    Some(n) => next_seq = n,
+                    None => break, // shut down while waiting for room
                 }
                 self.spooled.notify_one();
             }
@@ -169,10 +160,20 @@ impl FileSource {
         });
     }
 
-    /// Maps the items and appends the good ones with the new position; returns the next seq.
-    fn spool_items(&mut self, items: Vec<TailItem>, tailer: &FileTailer, mut next_seq: u64) -> anyhow::Result<u64> {
-        let id = &self.config.id;
-        let path = tailer.path().display();
+    /// Maps the items and appends the good ones with the new position; returns the next seq,
+    /// or None if the agent shut down while the spool was full.
+    ///
+    /// When the spool is full (or the disk, or the spool is busy), the same append is retried
+    /// until it succeeds: the source is paused, keeps its position, and counts each bad record
+    /// once.
+    fn spool_items(
+        &mut self,
+        items: Vec<TailItem>,
+        tailer: &FileTailer,
+        mut next_seq: u64,
+    ) -> anyhow::Result<Option<u64>> {
+        let id = self.config.id.clone();
+        let path = tailer.path().display().to_string();
         let mut bodies = Vec::with_capacity(items.len());
         let mut n_errors = 0;
         let mut last_error = None;
@@ -200,14 +201,42 @@ impl FileSource {
             }
         }
         let position = serde_json::to_string(tailer.position())?;
-        self.spool.append(id, &bodies, &position, n_errors)?;
-        if let Some(err) = last_error {
-            update_status(&self.status, |s| {
-                s.n_errors += n_errors;
-                s.last_error = Some(err);
-            });
+        let mut delay = Duration::from_millis(100);
+        let mut paused_since: Option<std::time::Instant> = None;
+        loop {
+            match self.spool.append(&id, &bodies, &position, n_errors) {
+                Ok(_) => break,
+                Err(e) => {
+                    if paused_since.is_none() {
+                        if e.is_full() {
+                            warn!(source = %id, error = %e, "spool full: source paused, keeping its position");
+                        } else {
+                            warn!(source = %id, error = %e, "cannot write to the spool: source paused, retrying");
+                        }
+                        paused_since = Some(std::time::Instant::now());
+                        update_status(&self.status, |s| {
+                            s.state = "paused".into();
+                            s.last_error = Some(e.to_string());
+                        });
+                    }
+                    if self.shutdown.is_cancelled() {
+                        return Ok(None);
+                    }
+                    std::thread::sleep(delay);
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
         }
-        Ok(next_seq)
+        if let Some(since) = paused_since {
+            info!(source = %id, paused_ms = since.elapsed().as_millis() as u64, "spool has room again: source resumed");
+        }
+        update_status(&self.status, |s| {
+            s.n_errors += n_errors;
+            if last_error.is_some() {
+                s.last_error = last_error;
+            }
+        });
+        Ok(Some(next_seq))
     }
 
     fn to_event(&self, line: &[u8], seq: u64) -> Result<Event, String> {
