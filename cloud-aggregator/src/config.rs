@@ -85,8 +85,15 @@ fn one() -> i32 {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GatewayConfig {
-    /// UDP address to listen on.
+    /// UDP address of the QUIC endpoint.
     pub listen: SocketAddr,
+    /// TCP address of the TLS fallback for agents whose networks block UDP (default: the same
+    /// address as `listen`, on TCP). Same protocol, same TLS 1.3 certificate.
+    #[serde(default)]
+    pub listen_tcp: Option<SocketAddr>,
+    /// Whether to offer the TCP fallback at all.
+    #[serde(default = "yes")]
+    pub tcp_fallback: bool,
     /// PEM certificate chain of the gateway.
     pub cert_file: PathBuf,
     /// PEM private key of the gateway.

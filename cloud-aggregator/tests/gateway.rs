@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 struct Harness {
     addr: SocketAddr,
+    tcp_addr: SocketAddr,
     ca: std::path::PathBuf,
     store: std::path::PathBuf,
     metrics: std::sync::Arc<cloud_aggregator::gateway::GatewayMetrics>,
@@ -33,6 +34,8 @@ async fn start() -> Harness {
     cloud_aggregator::certs::write_dev_certs(&dir.path().join("certs"), &["localhost".into()]).unwrap();
     let config = GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
+        listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
+        tcp_fallback: true,
         cert_file: dir.path().join("certs/gateway.pem"),
         key_file: dir.path().join("certs/gateway.key"),
         max_connections: 16,
@@ -49,9 +52,10 @@ async fn start() -> Harness {
     let shutdown = CancellationToken::new();
     let gateway = Gateway::bind(&config, Sink::Embedded(tx), shutdown.clone()).unwrap();
     let addr = gateway.local_addr().unwrap();
+    let tcp_addr = gateway.local_tcp_addr().unwrap();
     let metrics = gateway.metrics.clone();
     tokio::spawn(gateway.run());
-    Harness { addr, ca: dir.path().join("certs/ca.pem"), store, metrics, _dir: dir, shutdown }
+    Harness { addr, tcp_addr, ca: dir.path().join("certs/ca.pem"), store, metrics, _dir: dir, shutdown }
 }
 
 /// Opens a connection and a stream, sends `bytes`, and returns the frames received until the
@@ -61,6 +65,19 @@ async fn exchange(h: &Harness, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
     let conn = endpoint.connect(h.addr, "localhost").unwrap().await.unwrap();
     let (mut send, mut recv) = conn.open_bi().await.unwrap();
     send.write_all(bytes).await.unwrap();
+    read_frames(&mut recv, n_frames).await
+}
+
+/// The same over the TLS-on-TCP fallback.
+async fn exchange_tcp(h: &Harness, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
+    let tls = edge_agent::transport::quic::client_tls_config(&h.ca).unwrap();
+    let stream = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls).await.unwrap();
+    let (mut recv, mut send) = tokio::io::split(stream);
+    tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await.unwrap();
+    read_frames(&mut recv, n_frames).await
+}
+
+async fn read_frames(recv: &mut (impl tokio::io::AsyncRead + Unpin), n_frames: usize) -> Vec<Frame> {
     let mut frames = Vec::new();
     let mut buf = BytesMut::new();
     let read = async {
@@ -190,5 +207,46 @@ async fn bad_input_is_refused_and_counted_while_good_agents_are_served() {
     assert_eq!(m.auth_failures.load(Ordering::Relaxed), 2);
     assert_eq!(m.invalid_batches.load(Ordering::Relaxed), 1);
     assert_eq!(m.events_acked.load(Ordering::Relaxed), 5);
+    h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tcp_fallback_speaks_the_same_protocol_with_the_same_checks() {
+    let h = start().await;
+    let frames =
+        exchange_tcp(&h, &encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("acme", 0, 3)]), 2).await;
+    assert!(matches!(&frames[0], Frame::Welcome(w) if w.tenant == "acme"), "{frames:?}");
+    assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0 && a.count == 3), "{frames:?}");
+    let frames = exchange_tcp(&h, b"GET / HTTP/1.1\r\n\r\n", 1).await;
+    assert_eq!(error_code(&frames).0, ErrorCode::FrameTooLarge);
+    let frames = exchange_tcp(&h, &encode(&[hello("a1", "nope", PROTOCOL_VERSION)]), 1).await;
+    assert_eq!(error_code(&frames).0, ErrorCode::Unauthenticated);
+    // A plain-text client gets no protocol at all: the TLS handshake fails.
+    let mut plain = tokio::net::TcpStream::connect(h.tcp_addr).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, &encode(&[hello("a1", "secret", PROTOCOL_VERSION)])).await.unwrap();
+    let mut buf = Vec::new();
+    let _ =
+        tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut buf)).await.expect("the gateway hangs up");
+    assert!(buf.windows(7).all(|w| w != b"welcome"), "no welcome in plain text: {buf:?}");
+    assert_eq!(h.metrics.events_acked.load(Ordering::Relaxed), 3);
+    h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quic_session_survives_the_agent_changing_address() {
+    let h = start().await;
+    let endpoint = edge_agent::transport::quic::client_endpoint(&h.ca, h.addr).unwrap();
+    let conn = endpoint.connect(h.addr, "localhost").unwrap().await.unwrap();
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    send.write_all(&encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("acme", 0, 2)])).await.unwrap();
+    let frames = read_frames(&mut recv, 2).await;
+    assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0), "{frames:?}");
+    let before = endpoint.local_addr().unwrap();
+    endpoint.rebind(std::net::UdpSocket::bind("127.0.0.1:0").unwrap()).unwrap();
+    assert_ne!(endpoint.local_addr().unwrap(), before);
+    send.write_all(&encode(&[order_batch("acme", 2, 2)])).await.unwrap();
+    let frames = read_frames(&mut recv, 1).await;
+    assert!(matches!(&frames[0], Frame::Ack(a) if a.first_seq == 2 && a.count == 2), "{frames:?}");
+    assert_eq!(h.metrics.connections_accepted.load(Ordering::Relaxed), 1, "the same connection carried on");
     h.shutdown.cancel();
 }

@@ -73,6 +73,20 @@ pub struct CloudConfig {
     /// The credential inline (for tests and demos).
     #[serde(default)]
     pub credential: Option<String>,
+    /// `auto` (default: QUIC, falling back to TLS over TCP by itself where UDP is blocked),
+    /// `quic` or `tcp`.
+    #[serde(default)]
+    pub transport: TransportMode,
+}
+
+/// Which transport the shipper uses.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportMode {
+    #[default]
+    Auto,
+    Quic,
+    Tcp,
 }
 
 /// Shipping tunables.
@@ -89,7 +103,8 @@ pub struct ShipperConfig {
 
 impl Default for ShipperConfig {
     fn default() -> ShipperConfig {
-        ShipperConfig { max_batch_events: 2_000, max_batch_bytes: 2 * 1024 * 1024, max_backoff_ms: 30_000 }
+        // A 2 s cap: an agent is back within 2 s of the link's return (target P8).
+        ShipperConfig { max_batch_events: 2_000, max_batch_bytes: 2 * 1024 * 1024, max_backoff_ms: 2_000 }
     }
 }
 

@@ -92,6 +92,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             max_batch_events: config.shipper.max_batch_events,
             max_batch_bytes: config.shipper.max_batch_bytes,
             max_backoff: Duration::from_millis(config.shipper.max_backoff_ms),
+            transport: config.cloud.transport,
         },
         spool: shipper_spool,
         source_ids,

@@ -111,6 +111,9 @@ pub struct Ack {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub agent_version: String,
+    /// The transport in use: `quic`, or `tcp` (the fallback).
+    #[serde(default)]
+    pub transport: String,
     pub uptime_secs: u64,
     /// Events waiting in the spool.
     pub spool_events: u64,
@@ -392,6 +395,7 @@ mod tests {
             (arb_text(), any::<u64>(), arb_text(), any::<u64>()).prop_map(|(v, up, sid, n)| {
                 Frame::Heartbeat(Heartbeat {
                     agent_version: v,
+                    transport: "quic".into(),
                     uptime_secs: up,
                     spool_events: n,
                     spool_bytes: n / 2,

@@ -37,9 +37,15 @@ pub fn free_tcp_port() -> u16 {
     TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).unwrap_or(0)
 }
 
-/// A free UDP port on 127.0.0.1.
+/// A port on 127.0.0.1 free for both UDP and TCP (the gateway listens on both).
 pub fn free_udp_port() -> u16 {
-    UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0)
+    for _ in 0..50 {
+        let port = UdpSocket::bind("127.0.0.1:0").and_then(|s| s.local_addr()).map(|a| a.port()).unwrap_or(0);
+        if port != 0 && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    0
 }
 
 /// A child process that is killed when dropped.
@@ -125,7 +131,13 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
 #[derive(Debug, Clone)]
 pub struct Deployment {
     pub root: PathBuf,
+    /// UDP port of the gateway's QUIC endpoint.
     pub gateway_port: u16,
+    /// TCP port of the gateway's TLS fallback.
+    pub gateway_tcp_port: u16,
+    /// The port agents are told to connect to (the gateway's port, unless a test points them
+    /// elsewhere, e.g. at the TCP port only, as if UDP were blocked).
+    pub agent_port: u16,
     pub api_port: u16,
     /// `host:port` list; None for the embedded mode.
     pub kafka: Option<String>,
@@ -147,9 +159,12 @@ impl Deployment {
         anyhow::ensure!(status.success(), "dev-certs failed");
         let nanos =
             std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        let gateway_port = free_udp_port();
         let deployment = Deployment {
             root: root.to_owned(),
-            gateway_port: free_udp_port(),
+            gateway_port,
+            gateway_tcp_port: gateway_port,
+            agent_port: gateway_port,
             api_port: free_tcp_port(),
             kafka,
             topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
@@ -173,8 +188,8 @@ impl Deployment {
             );
         }
         text += &format!(
-            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n",
-            self.gateway_port
+            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nlisten_tcp = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n",
+            self.gateway_port, self.gateway_tcp_port
         );
         for (id, tenant, credential) in &self.agents {
             let hash = sha256_hex_of(credential)?;
@@ -196,12 +211,27 @@ impl Deployment {
         data_dir: &Path,
         feeds: &[Feed],
     ) -> anyhow::Result<PathBuf> {
+        self.write_agent_config_with(agent_id, tenant, credential, data_dir, feeds, "")
+    }
+
+    /// The same, with `extra` TOML tables (such as `[spool]`) added.
+    pub fn write_agent_config_with(
+        &self,
+        agent_id: &str,
+        tenant: &str,
+        credential: &str,
+        data_dir: &Path,
+        feeds: &[Feed],
+        extra: &str,
+    ) -> anyhow::Result<PathBuf> {
         let mut text = format!(
             "agent_id = \"{agent_id}\"\ntenant = \"{tenant}\"\ndata_dir = \"{}\"\n\n[cloud]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{credential}\"\n\n",
             self.root.join(format!("agent-{agent_id}")).display(),
-            self.gateway_port,
+            self.agent_port,
             self.root.join("certs/ca.pem").display(),
         );
+        text += extra;
+        text.push('\n');
         for feed in feeds {
             text += &feed.source_toml(data_dir);
             text.push('\n');

@@ -1,61 +1,15 @@
 //! End-to-end: real agent and cloud processes, real QUIC on 127.0.0.1, real Apache Kafka (when
 //! the test script started one), checking the API's numbers against an independent reference.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::Path;
 use std::time::Duration;
 
-use actidash_tests::generator::{Feed, Generator, Line, expected_domain_counts, expected_totals};
+use actidash_tests::generator::{Feed, Generator, Line};
 use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
 use chrono::Utc;
-
-const TIMEOUT: Duration = Duration::from_secs(120);
-
-/// A fresh folder for one test under cargo's target tmp dir: kept after a failure, so that the
-/// processes' logs can be read (CI prints them).
-fn test_root(name: &str) -> PathBuf {
-    let root = Path::new(env!("CARGO_TARGET_TMPDIR")).join("e2e").join(name);
-    let _ = std::fs::remove_dir_all(&root);
-    std::fs::create_dir_all(&root).unwrap();
-    root
-}
-
-/// Waits until the API shows exactly the expected totals and domain counts.
-fn assert_converges(d: &Deployment, lines: &[Line], since: i64, procs: &mut [&mut Process]) {
-    let expected = expected_totals(lines);
-    let expected_domains = expected_domain_counts(lines);
-    let result = wait_until(TIMEOUT, "the API totals to equal the input's", || {
-        for p in procs.iter_mut() {
-            anyhow::ensure!(p.is_running(), "{} exited; see {}", p.name, p.log_path().display());
-        }
-        Ok(d.totals()? == expected && d.domain_counts(since)? == expected_domains)
-    });
-    if let Err(e) = result {
-        let got = d.totals().ok();
-        let domains = d.domain_counts(since).ok();
-        let stats = d.get("/api/v1/stats").ok();
-        panic!(
-            "{e:#}\nexpected {expected:?}\n     got {got:?}\nexpected domains {expected_domains:?}\n     got {domains:?}\nstats {stats:?}\nlogs in {}",
-            d.root.display()
-        );
-    }
-}
-
-fn generate(g: &mut Generator, n: usize) -> Vec<Line> {
-    (0..n).map(|_| g.next_line(Utc::now())).collect()
-}
-
-/// Appends `lines` over about `spread`, in small slices, from a background thread.
-fn write_slowly(dir: &Path, lines: Vec<Line>, spread: Duration) -> std::thread::JoinHandle<()> {
-    let dir = dir.to_owned();
-    std::thread::spawn(move || {
-        let n_slices = 40;
-        let per_slice = lines.len().div_ceil(n_slices).max(1);
-        for chunk in lines.chunks(per_slice) {
-            append_lines(&dir, chunk).expect("appending test data");
-            std::thread::sleep(spread / n_slices as u32);
-        }
-    })
-}
+use common::{TIMEOUT, assert_converges, generate, test_root, write_slowly};
 
 /// The scenario shared by both modes: a first load, then a SIGKILLed agent in the middle of a
 /// stream (and, when `kill_processor` names one, a SIGKILLed processor too), restarted; the

@@ -1,7 +1,9 @@
-//! The QUIC gateway: authenticates agents, checks their batches and writes them to the sink,
+//! The gateway: authenticates agents, checks their batches and writes them to the sink,
 //! acknowledging each batch only once every event in it is durable.
 //!
-//! Each connection is a driver of [`ServerSession`] over one bidirectional stream. Batches are
+//! Agents connect over QUIC, or over TLS on TCP where their network blocks UDP (the fallback):
+//! the same protocol and the same TLS 1.3 certificate on both. Each connection is a driver of
+//! [`ServerSession`] over one bidirectional byte stream (a QUIC stream or the TLS stream). Batches are
 //! enqueued into the sink in the order they arrive and acknowledged in that order too (a
 //! [`FuturesOrdered`] of pending batches, bounded by the session's window). Bad input (garbage
 //! or oversized frames, a wrong protocol version, unknown agents, invalid batches) closes that
@@ -27,7 +29,7 @@ use futures::stream::FuturesOrdered;
 use rustls_pki_types::pem::PemObject as _;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use serde::Serialize;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
@@ -58,9 +60,9 @@ fn bump(counter: &AtomicU64, n: u64) {
 }
 
 /// A bound gateway, ready to run.
-#[derive(Debug)]
 pub struct Gateway {
     endpoint: quinn::Endpoint,
+    tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     auth: Arc<Authenticator>,
     sink: Sink,
     limits: ServerLimits,
@@ -69,8 +71,17 @@ pub struct Gateway {
     shutdown: CancellationToken,
 }
 
+impl std::fmt::Debug for Gateway {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Gateway")
+            .field("quic", &self.endpoint.local_addr().ok())
+            .field("tcp", &self.local_tcp_addr())
+            .finish()
+    }
+}
+
 impl Gateway {
-    /// Binds the QUIC endpoint.
+    /// Binds the QUIC endpoint and the TCP fallback.
     pub fn bind(config: &GatewayConfig, sink: Sink, shutdown: CancellationToken) -> anyhow::Result<Gateway> {
         let certs = CertificateDer::pem_file_iter(&config.cert_file)
             .with_context(|| format!("reading {}", config.cert_file.display()))?
@@ -86,7 +97,19 @@ impl Gateway {
             .with_single_cert(certs, key)
             .context("the gateway's certificate and key do not match")?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
-        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(tls).context("QUIC TLS configuration")?;
+        let tls = Arc::new(tls);
+        let tcp = if config.tcp_fallback {
+            let addr = config.listen_tcp.unwrap_or(config.listen);
+            let std_listener = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("binding the gateway's TCP fallback to tcp/{addr}"))?;
+            std_listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(std_listener)?;
+            Some((listener, tokio_rustls::TlsAcceptor::from(tls.clone())))
+        } else {
+            None
+        };
+        let quic_tls = quinn::crypto::rustls::QuicServerConfig::try_from(Arc::unwrap_or_clone(tls))
+            .context("QUIC TLS configuration")?;
         let mut server = quinn::ServerConfig::with_crypto(Arc::new(quic_tls));
         let mut transport = quinn::TransportConfig::default();
         transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().context("idle timeout")?));
@@ -97,6 +120,7 @@ impl Gateway {
             .with_context(|| format!("binding the gateway to udp/{}", config.listen))?;
         Ok(Gateway {
             endpoint,
+            tcp,
             auth: Arc::new(Authenticator::new(&config.agents)),
             sink,
             limits: ServerLimits {
@@ -114,20 +138,38 @@ impl Gateway {
         Ok(self.endpoint.local_addr()?)
     }
 
+    /// The TCP fallback's address, if it is offered.
+    pub fn local_tcp_addr(&self) -> Option<SocketAddr> {
+        self.tcp.as_ref().and_then(|(l, _)| l.local_addr().ok())
+    }
+
     /// Accepts connections until shutdown.
     pub async fn run(self) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut next_connection_id: u64 = 0;
-        info!(listen = %self.local_addr()?, "gateway listening (QUIC)");
+        info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
-            let incoming = tokio::select! {
-                i = self.endpoint.accept() => match i { Some(i) => i, None => break },
+            let accepted = tokio::select! {
+                i = self.endpoint.accept() => match i { Some(i) => Accepted::Quic(i), None => break },
+                t = accept_tcp(self.tcp.as_ref()) => match t {
+                    Ok((stream, remote)) => Accepted::Tcp(stream, remote),
+                    Err(e) => {
+                        warn!(error = %e, "accepting a TCP connection failed");
+                        continue;
+                    }
+                },
                 () = self.shutdown.cancelled() => break,
+            };
+            let remote = match &accepted {
+                Accepted::Quic(i) => i.remote_address(),
+                Accepted::Tcp(_, remote) => *remote,
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 bump(&self.metrics.connections_refused, 1);
-                warn!(remote = %incoming.remote_address(), limit = self.max_connections, "connection refused: too many connections");
-                incoming.refuse();
+                warn!(remote = %remote, limit = self.max_connections, "connection refused: too many connections");
+                if let Accepted::Quic(incoming) = accepted {
+                    incoming.refuse();
+                }
                 continue;
             };
             bump(&self.metrics.connections_accepted, 1);
@@ -140,10 +182,15 @@ impl Gateway {
                 metrics: self.metrics.clone(),
                 shutdown: self.shutdown.clone(),
             };
+            let acceptor = self.tcp.as_ref().map(|(_, a)| a.clone());
             tokio::spawn(async move {
-                let remote = incoming.remote_address();
                 let (id, sink) = (conn.id, conn.sink.clone());
-                if let Err(e) = conn.run(incoming).await {
+                let result = match (accepted, acceptor) {
+                    (Accepted::Quic(incoming), _) => conn.run_quic(incoming).await,
+                    (Accepted::Tcp(stream, remote), Some(acceptor)) => conn.run_tcp(stream, remote, acceptor).await,
+                    (Accepted::Tcp(..), None) => Ok(()),
+                };
+                if let Err(e) = result {
                     debug!(remote = %remote, error = format!("{e:#}"), "connection ended");
                 }
                 sink.connection_closed(id).await;
@@ -169,14 +216,63 @@ struct Connection {
     shutdown: CancellationToken,
 }
 
+enum Accepted {
+    Quic(quinn::Incoming),
+    Tcp(tokio::net::TcpStream, SocketAddr),
+}
+
+async fn accept_tcp(
+    tcp: Option<&(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
+) -> std::io::Result<(tokio::net::TcpStream, SocketAddr)> {
+    match tcp {
+        Some((listener, _)) => listener.accept().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// How long a peer may take to finish its handshake and open its stream.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl Connection {
-    async fn run(self, incoming: quinn::Incoming) -> anyhow::Result<()> {
+    async fn run_quic(self, incoming: quinn::Incoming) -> anyhow::Result<()> {
         let conn = incoming.await.context("QUIC handshake")?;
         let remote = conn.remote_address();
-        let (mut send, mut recv) = tokio::select! {
+        let (send, recv) = tokio::select! {
             s = conn.accept_bi() => s.context("waiting for the agent's stream")?,
-            () = tokio::time::sleep(Duration::from_secs(10)) => anyhow::bail!("no stream opened within 10 s"),
+            () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("no stream opened within {HANDSHAKE_TIMEOUT:?}"),
         };
+        let result = self.serve(recv, send, remote, "quic").await;
+        conn.close(1u32.into(), b"session closed");
+        result
+    }
+
+    async fn run_tcp(
+        self,
+        stream: tokio::net::TcpStream,
+        remote: SocketAddr,
+        acceptor: tokio_rustls::TlsAcceptor,
+    ) -> anyhow::Result<()> {
+        stream.set_nodelay(true)?;
+        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
+        let (recv, send) = tokio::io::split(tls);
+        self.serve(recv, send, remote, "tcp").await
+    }
+
+    /// Drives one session over a byte stream until it ends.
+    async fn serve<R, W>(
+        &self,
+        mut recv: R,
+        mut send: W,
+        remote: SocketAddr,
+        transport: &'static str,
+    ) -> anyhow::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         let mut session = ServerSession::new(self.limits);
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>> =
@@ -189,12 +285,12 @@ impl Connection {
             }
             if !tx.is_empty() {
                 send.write_all(&tx).await.context("writing to the agent")?;
+                send.flush().await.context("writing to the agent")?;
             }
             if session.is_closed() {
-                let _ = send.finish();
+                let _ = send.shutdown().await;
                 // Give the error frame a moment to leave before closing.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                conn.close(1u32.into(), b"session closed");
                 return Ok(());
             }
             tokio::select! {
@@ -206,7 +302,7 @@ impl Connection {
                     // One frame at a time: a frame's events (authentication above all) are
                     // handled before the next frame is looked at, so a pipelining agent works.
                     while !session.is_closed() && self.handle_one_frame(&mut session, &mut rx, remote, identity.as_ref()) {
-                        if self.handle_events(&mut session, &mut identity, &mut pending, remote).await {
+                        if self.handle_events(&mut session, &mut identity, &mut pending, remote, transport).await {
                             return Ok(());
                         }
                     }
@@ -237,12 +333,13 @@ impl Connection {
         identity: &mut Option<(String, String)>,
         pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
         remote: SocketAddr,
+        transport: &'static str,
     ) -> bool {
         while let Some(event) = session.poll_event() {
             match event {
                 ServerEvent::Hello(hello) => match self.auth.check(&hello.agent_id, &hello.credential) {
                     Ok(tenant) => {
-                        info!(remote = %remote, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
+                        info!(remote = %remote, transport, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
                         *identity = Some((hello.agent_id.clone(), tenant.clone()));
                         session.accept(hello.agent_id, tenant);
                     }
@@ -278,7 +375,7 @@ impl Connection {
                                 tenant: tenant.clone(),
                                 agent_id: agent_id.clone(),
                                 received_at: chrono::Utc::now(),
-                                transport: "quic".into(),
+                                transport: transport.into(),
                                 remote_addr: remote.to_string(),
                                 heartbeat,
                             })

@@ -1,5 +1,6 @@
-//! The agent's QUIC endpoint: TLS 1.3 only, the gateway's certificate verified against the
-//! configured CA, ALPN `actidash/1`, keep-alives short enough for NAT bindings.
+//! The agent's connections to the gateway: QUIC (keep-alives short enough for NAT bindings),
+//! or TLS over TCP where UDP is blocked. Both use TLS 1.3 only, verify the gateway's certificate
+//! against the configured CA (there is no option to skip that), and negotiate ALPN `actidash/1`.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -21,8 +22,8 @@ pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// A client endpoint that trusts only the CA in `ca_file`.
-pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// The TLS client configuration shared by QUIC and TCP: TLS 1.3, trusting only `ca_file`.
+pub fn client_tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca_file)? {
         roots.add(cert).with_context(|| format!("adding CA certificate from {}", ca_file.display()))?;
@@ -34,7 +35,18 @@ pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<qui
         .with_root_certificates(roots)
         .with_no_client_auth();
     tls.alpn_protocols = vec![ALPN.to_vec()];
-    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(tls).context("QUIC TLS configuration")?;
+    Ok(Arc::new(tls))
+}
+
+/// A client endpoint that trusts only the CA in `ca_file`.
+pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    client_endpoint_with(client_tls_config(ca_file)?, remote)
+}
+
+/// A client endpoint with the given TLS configuration.
+pub fn client_endpoint_with(tls: Arc<rustls::ClientConfig>, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::unwrap_or_clone(tls))
+        .context("QUIC TLS configuration")?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
     let mut transport = quinn::TransportConfig::default();
     transport.keep_alive_interval(Some(Duration::from_secs(5)));
@@ -45,4 +57,25 @@ pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<qui
     let mut endpoint = quinn::Endpoint::client(bind).context("binding the QUIC client socket")?;
     endpoint.set_default_client_config(client);
     Ok(endpoint)
+}
+
+/// TLS over TCP to the gateway's fallback port.
+pub async fn connect_tcp(
+    remote: SocketAddr,
+    server_name: &str,
+    tls: Arc<rustls::ClientConfig>,
+) -> anyhow::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let stream = tokio::time::timeout(Duration::from_secs(10), tokio::net::TcpStream::connect(remote))
+        .await
+        .context("TCP connect timed out")?
+        .with_context(|| format!("TCP connect to {remote}"))?;
+    stream.set_nodelay(true)?;
+    let name = rustls_pki_types::ServerName::try_from(server_name.to_owned())
+        .with_context(|| format!("server name {server_name:?}"))?;
+    let tls =
+        tokio::time::timeout(Duration::from_secs(10), tokio_rustls::TlsConnector::from(tls).connect(name, stream))
+            .await
+            .context("TLS handshake timed out")?
+            .context("TLS handshake")?;
+    Ok(tls)
 }

@@ -1,6 +1,7 @@
 //! The shipper: reads spooled events, sends them in batches, deletes them once acknowledged.
 //!
-//! One connection at a time, one bidirectional stream on it. The shipper is the I/O driver of
+//! One connection at a time, one bidirectional stream on it: QUIC, or TLS over TCP when QUIC
+//! cannot reach the gateway (UDP blocked) — then QUIC is tried again every few minutes. The shipper is the I/O driver of
 //! [`ClientSession`]; the session decides what may be sent (window, heartbeats) and checks what
 //! comes back. After any disconnection the shipper reconnects with exponential backoff and
 //! jitter, and starts again from the oldest spooled event of each source: the cloud drops the
@@ -19,11 +20,12 @@ use actidash_shared::wire::{
 use anyhow::Context as _;
 use bytes::BytesMut;
 use rand::Rng as _;
-use tokio::io::AsyncReadExt as _;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::config::TransportMode;
 use crate::sources::SharedStatus;
 use crate::spool::Spool;
 
@@ -38,6 +40,7 @@ pub struct ShipperSettings {
     pub max_batch_events: u32,
     pub max_batch_bytes: u32,
     pub max_backoff: Duration,
+    pub transport: TransportMode,
 }
 
 /// The shipping task.
@@ -53,6 +56,11 @@ pub struct Shipper {
     pub started: Instant,
 }
 
+/// How long a QUIC handshake may take before the TCP fallback is tried.
+const QUIC_CONNECT_TIMEOUT: Duration = Duration::from_secs(4);
+/// After falling back to TCP, how long before QUIC is tried again.
+const QUIC_RETRY_AFTER: Duration = Duration::from_secs(300);
+
 /// The agent's version, reported in hellos and heartbeats.
 pub const AGENT_VERSION: &str = env!("CARGO_PKG_VERSION");
 
@@ -60,11 +68,13 @@ impl Shipper {
     /// Runs until shutdown, reconnecting as needed.
     pub async fn run(mut self) -> anyhow::Result<()> {
         let remote = resolve(&self.settings.address).await?;
-        let endpoint = super::quic::client_endpoint(&self.settings.ca_file, remote)?;
+        let tls = super::quic::client_tls_config(&self.settings.ca_file)?;
+        let endpoint = super::quic::client_endpoint_with(tls.clone(), remote)?;
         let mut n_failures: u32 = 0;
+        let mut quic_blocked_until: Option<Instant> = None;
         while !self.shutdown.is_cancelled() {
             let connected_at = Instant::now();
-            match self.session(&endpoint, remote).await {
+            match self.session(&endpoint, &tls, remote, &mut quic_blocked_until).await {
                 Ok(()) => break,
                 Err(e) => {
                     // A session that lived a while was healthy: start the backoff over.
@@ -88,13 +98,71 @@ impl Shipper {
     }
 
     /// One connection: returns Ok on shutdown, Err when the connection ended otherwise.
-    async fn session(&mut self, endpoint: &quinn::Endpoint, remote: SocketAddr) -> anyhow::Result<()> {
-        let connecting = endpoint.connect(remote, &self.settings.server_name).context("starting the QUIC handshake")?;
-        let conn = tokio::select! {
-            c = connecting => c.context("QUIC handshake")?,
+    async fn session(
+        &mut self,
+        endpoint: &quinn::Endpoint,
+        tls: &Arc<rustls::ClientConfig>,
+        remote: SocketAddr,
+        quic_blocked_until: &mut Option<Instant>,
+    ) -> anyhow::Result<()> {
+        let try_quic = match self.settings.transport {
+            TransportMode::Quic => true,
+            TransportMode::Tcp => false,
+            TransportMode::Auto => quic_blocked_until.is_none_or(|until| Instant::now() >= until),
+        };
+        let mut quic_error = None;
+        if try_quic {
+            let connect = async {
+                let conn = endpoint.connect(remote, &self.settings.server_name)?.await?;
+                let (send, recv) = conn.open_bi().await?;
+                anyhow::Ok((conn, send, recv))
+            };
+            let attempt = tokio::select! {
+                a = tokio::time::timeout(QUIC_CONNECT_TIMEOUT, connect) => a,
+                () = self.shutdown.cancelled() => return Ok(()),
+            };
+            match attempt {
+                Ok(Ok((conn, send, recv))) => {
+                    *quic_blocked_until = None;
+                    let result = self.drive(recv, send, remote, "quic").await;
+                    conn.close(0u32.into(), b"agent closing");
+                    return result;
+                }
+                Ok(Err(e)) => quic_error = Some(format!("{e:#}")),
+                Err(_) => quic_error = Some(format!("no answer within {QUIC_CONNECT_TIMEOUT:?}")),
+            }
+            if self.settings.transport == TransportMode::Quic {
+                anyhow::bail!("QUIC: {}", quic_error.unwrap_or_default());
+            }
+        }
+        let stream = tokio::select! {
+            s = super::quic::connect_tcp(remote, &self.settings.server_name, tls.clone()) => s,
             () = self.shutdown.cancelled() => return Ok(()),
         };
-        let (mut send, mut recv) = conn.open_bi().await.context("opening the stream")?;
+        let stream = stream.with_context(|| match &quic_error {
+            Some(q) => format!("QUIC failed ({q}), and the TCP fallback too"),
+            None => "the TCP fallback".to_owned(),
+        })?;
+        if let Some(q) = quic_error {
+            warn!(gateway = %remote, quic_error = %q, retry_quic_in_s = QUIC_RETRY_AFTER.as_secs(), "QUIC unreachable (UDP blocked?): using the TCP fallback");
+            *quic_blocked_until = Some(Instant::now() + QUIC_RETRY_AFTER);
+        }
+        let (recv, send) = tokio::io::split(stream);
+        self.drive(recv, send, remote, "tcp").await
+    }
+
+    /// Drives the protocol over one byte stream.
+    async fn drive<R, W>(
+        &mut self,
+        mut recv: R,
+        mut send: W,
+        remote: SocketAddr,
+        transport: &'static str,
+    ) -> anyhow::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         let mut session = ClientSession::new(Hello {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.settings.agent_id.clone(),
@@ -115,6 +183,7 @@ impl Shipper {
             }
             if !tx.is_empty() {
                 send.write_all(&tx).await.context("sending to the gateway")?;
+                send.flush().await.context("sending to the gateway")?;
             }
             let heartbeat_at = session
                 .poll_timeout()
@@ -122,7 +191,7 @@ impl Shipper {
                 .unwrap_or_else(|| tokio::time::Instant::now() + Duration::from_secs(3600));
             tokio::select! {
                 () = self.shutdown.cancelled() => {
-                    conn.close(0u32.into(), b"agent shutting down");
+                    let _ = send.shutdown().await;
                     return Ok(());
                 }
                 read = recv.read_buf(&mut rx) => {
@@ -136,7 +205,7 @@ impl Shipper {
                 () = tokio::time::sleep_until(heartbeat_at) => {
                     let now = self.started.elapsed();
                     if session.handle_timeout(now) {
-                        let heartbeat = self.heartbeat()?;
+                        let heartbeat = self.heartbeat(transport)?;
                         session.send_heartbeat(heartbeat, now);
                     }
                 }
@@ -146,7 +215,7 @@ impl Shipper {
             while let Some(event) = session.poll_event() {
                 match event {
                     ClientEvent::Ready(welcome) => {
-                        info!(gateway = %remote, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
+                        info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                     }
                     ClientEvent::Acked(ack) => {
                         let n_deleted =
@@ -206,7 +275,7 @@ impl Shipper {
         Ok(())
     }
 
-    fn heartbeat(&self) -> anyhow::Result<Heartbeat> {
+    fn heartbeat(&self, transport: &str) -> anyhow::Result<Heartbeat> {
         let stats = tokio::task::block_in_place(|| self.spool.stats())?;
         let mut sources: Vec<SourceStatus> =
             self.statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
@@ -219,6 +288,7 @@ impl Shipper {
         }
         Ok(Heartbeat {
             agent_version: AGENT_VERSION.into(),
+            transport: transport.into(),
             uptime_secs: self.started.elapsed().as_secs(),
             spool_events: stats.n_events,
             spool_bytes: stats.n_bytes,

@@ -1,0 +1,130 @@
+//! Fault tests of store-and-forward: the link down while data keeps arriving, the gateway
+//! SIGKILLed mid-batch, a full spool, UDP blocked. Each ends with the API's totals equal to the
+//! input's, exactly.
+
+mod common;
+
+use std::time::Duration;
+
+use actidash_tests::generator::{Feed, Generator, Line};
+use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
+use chrono::Utc;
+use common::{TIMEOUT, assert_converges, generate, test_root, write_slowly};
+
+fn since() -> i64 {
+    Utc::now().timestamp() - 120
+}
+
+fn log_of(p: &Process) -> String {
+    std::fs::read_to_string(p.log_path()).unwrap_or_default()
+}
+
+#[test]
+fn link_down_while_data_keeps_arriving_then_back() {
+    let root = test_root("link-down");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(11, 0);
+    let mut lines = generate(&mut g, 2_000);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    let since = since();
+    assert_converges(&d, &lines, since, &mut [&mut cloud, &mut agent]);
+
+    // The cloud goes away; the on-prem systems keep writing.
+    cloud.kill();
+    let more = generate(&mut g, 4_000);
+    lines.extend(more.iter().cloned());
+    write_slowly(&data, more, Duration::from_secs(3)).join().unwrap();
+    wait_until(TIMEOUT, "the agent to notice the outage", || Ok(log_of(&agent).contains("shipping interrupted")))
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    cloud.restart().unwrap();
+    assert_converges(&d, &lines, since, &mut [&mut cloud, &mut agent]);
+}
+
+#[test]
+fn gateway_killed_mid_batch_with_kafka() {
+    let Some(bootstrap) = actidash_tests::kafka_bootstrap("gateway_killed_mid_batch_with_kafka") else { return };
+    let root = test_root("gateway-kill");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("a1", "acme", "s1")]).unwrap();
+    let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
+    let mut rest = d.start_cloud("processor-api", &["process", "serve"]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    let mut g = Generator::new(12, 0);
+    let lines = generate(&mut g, 8_000);
+    let writer = write_slowly(&data, lines.clone(), Duration::from_secs(4));
+    std::thread::sleep(Duration::from_millis(1_500));
+    gateway.kill();
+    std::thread::sleep(Duration::from_millis(700));
+    gateway.restart().unwrap();
+    writer.join().unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut gateway, &mut rest, &mut agent]);
+}
+
+#[test]
+fn a_full_spool_pauses_the_sources_then_drains_without_loss() {
+    let root = test_root("spool-full");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    // The agent starts while the cloud is unreachable, with a 1 MiB spool and ~2.4 MB of input.
+    let config =
+        d.write_agent_config_with("a1", "acme", "s1", &data, &Feed::ALL, "[spool]\nmax_bytes = 1048576\n").unwrap();
+    let mut g = Generator::new(13, 0);
+    let lines: Vec<Line> = generate(&mut g, 6_000);
+    append_lines(&data, &lines).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    wait_until(TIMEOUT, "a source to pause on the full spool", || {
+        Ok(log_of(&agent).contains("spool full: source paused"))
+    })
+    .unwrap();
+    assert!(agent.is_running(), "a full spool must not stop the agent");
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    assert!(log_of(&agent).contains("spool has room again: source resumed"));
+    let agents = d.get("/api/v1/agents").unwrap();
+    let dropped: i64 = agents[0]["heartbeat"]["sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["n_dropped"].as_i64().unwrap_or(0))
+        .sum();
+    assert_eq!(dropped, 0, "pause mode drops nothing");
+}
+
+#[test]
+fn udp_blocked_the_agent_falls_back_to_tcp_by_itself() {
+    let root = test_root("udp-blocked");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    // The gateway's TCP fallback listens on a port where nothing answers UDP: to the agent,
+    // exactly what a network that drops UDP looks like.
+    d.gateway_tcp_port = actidash_tests::harness::free_tcp_port();
+    d.agent_port = d.gateway_tcp_port;
+    d.write_cloud_config().unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(14, 0);
+    let lines = generate(&mut g, 2_000);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    let log = log_of(&agent);
+    assert!(log.contains("using the TCP fallback"), "{log}");
+    wait_until(TIMEOUT, "the fleet view to show the TCP transport", || {
+        let agents = d.get("/api/v1/agents")?;
+        Ok(agents[0]["transport"] == "tcp" && agents[0]["heartbeat"]["transport"] == "tcp")
+    })
+    .unwrap();
+}
