@@ -150,7 +150,7 @@ impl Gateway {
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
             let accepted = tokio::select! {
-                i = self.endpoint.accept() => match i { Some(i) => Accepted::Quic(i), None => break },
+                i = self.endpoint.accept() => match i { Some(i) => Accepted::Quic(Box::new(i)), None => break },
                 t = accept_tcp(self.tcp.as_ref()) => match t {
                     Ok((stream, remote)) => Accepted::Tcp(stream, remote),
                     Err(e) => {
@@ -186,7 +186,7 @@ impl Gateway {
             tokio::spawn(async move {
                 let (id, sink) = (conn.id, conn.sink.clone());
                 let result = match (accepted, acceptor) {
-                    (Accepted::Quic(incoming), _) => conn.run_quic(incoming).await,
+                    (Accepted::Quic(incoming), _) => conn.run_quic(*incoming).await,
                     (Accepted::Tcp(stream, remote), Some(acceptor)) => conn.run_tcp(stream, remote, acceptor).await,
                     (Accepted::Tcp(..), None) => Ok(()),
                 };
@@ -217,7 +217,7 @@ struct Connection {
 }
 
 enum Accepted {
-    Quic(quinn::Incoming),
+    Quic(Box<quinn::Incoming>),
     Tcp(tokio::net::TcpStream, SocketAddr),
 }
 
