@@ -101,6 +101,10 @@ impl Process {
     pub fn log_path(&self) -> &Path {
         &self.log
     }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
 }
 
 impl Drop for Process {

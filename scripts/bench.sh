@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Runs every benchmark of ../shared/TARGETS.md that ActiDash measures, with a release build and a
+# real Kafka broker, and writes the report to docs/BENCHMARKS.md. Not part of the test command:
+# figures are measurements, never assertions.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/actidash/target}
+export ACTIDASH_LOG=${ACTIDASH_LOG:-warn,edge_agent=info,cloud_aggregator=info}
+
+cargo build --release --workspace --bins --locked
+trap 'scripts/kafka.sh stop || true' EXIT
+eval "$(scripts/kafka.sh start 1)"
+
+bench="$CARGO_TARGET_DIR/release/actidash-bench"
+work="$CARGO_TARGET_DIR/bench"
+out=docs/BENCHMARKS.md
+tmp=$(mktemp)
+{
+  echo "# Benchmarks"
+  echo
+  echo "Written by \`scripts/bench.sh\` on $(date -u +%Y-%m-%d) at commit $(git rev-parse --short HEAD)."
+  echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB."
+  echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' scripts/kafka/pom.xml) in KRaft mode, one broker on 127.0.0.1, on the same machine."
+  echo "Each figure stands beside its baseline from the same run; targets are in ../shared/TARGETS.md."
+  echo "A 2-core machine is noisy: runs differ by 10-20 %."
+  echo
+  "$bench" --dir "$work" spool
+  "$bench" --dir "$work" pipeline
+  "$bench" --dir "$work" footprint
+  "$bench" --dir "$work" reconnect
+} > "$tmp"
+mv "$tmp" "$out"
+cat "$out"

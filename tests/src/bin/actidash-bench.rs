@@ -1,0 +1,388 @@
+//! `actidash-bench`: the benchmarks of `../shared/TARGETS.md` (P1, P2, P3, P7, P8), each
+//! measured beside its baseline in the same run. Prints a Markdown report; `scripts/bench.sh`
+//! runs it with a Kafka broker and writes docs/BENCHMARKS.md.
+//!
+//! Events are realistic e-commerce JSON of about 400 bytes (orders and web events from the
+//! generator). These are measurements, not tests: nothing here asserts a figure.
+
+use std::collections::VecDeque;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use actidash_shared::event::Event;
+use actidash_tests::generator::{Feed, Generator, Line};
+use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use edge_agent::mapping::MappingConfig;
+use edge_agent::sources::file::tailer::{FilePosition, FileTailer, TailItem};
+use edge_agent::spool::{Durability, Spool, SpoolConfig};
+use rdkafka::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+
+#[derive(Parser, Debug)]
+#[command(about = "ActiDash benchmarks (see ../shared/TARGETS.md)")]
+struct Args {
+    /// Working folder.
+    #[arg(long, default_value = "target/bench")]
+    dir: PathBuf,
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Subcommand, Debug)]
+enum Bench {
+    /// P1 and P3: file tail -> map -> SQLite spool, beside the same path into a memory queue.
+    Spool {
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+    },
+    /// P2 (and P8's drain rate): file -> spool -> QUIC -> gateway -> Kafka, beside raw
+    /// librdkafka produce of the same events. Needs ACTIDASH_KAFKA_BOOTSTRAP.
+    Pipeline {
+        #[arg(long, default_value_t = 100_000)]
+        events: usize,
+    },
+    /// P7: the agent's RSS and CPU, idle and at a steady rate.
+    Footprint {
+        #[arg(long, default_value_t = 10_000)]
+        rate: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+    /// P8: time from the gateway's return to the agent's reconnection.
+    Reconnect {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.dir)?;
+    let dir = std::fs::canonicalize(&args.dir)?;
+    match args.bench {
+        Bench::Spool { events } => bench_spool(&dir.join("spool"), events),
+        Bench::Pipeline { events } => bench_pipeline(&dir.join("pipeline"), events),
+        Bench::Footprint { rate, seconds } => bench_footprint(&dir.join("footprint"), rate, seconds),
+        Bench::Reconnect { rounds } => bench_reconnect(&dir.join("reconnect"), rounds),
+    }
+}
+
+fn fresh(dir: &Path) -> anyhow::Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    Ok(())
+}
+
+/// ~400-byte events: the order feed (orders are the heaviest and the ones that matter).
+fn order_lines(n: usize, seed: u64) -> Vec<Line> {
+    let mut g = Generator::new(seed, 0);
+    let now = chrono::Utc::now();
+    (0..n).map(|_| g.line_for(Feed::Orders, now)).collect()
+}
+
+fn mean_len(lines: &[Line]) -> usize {
+    lines.iter().map(|l| l.text.len()).sum::<usize>() / lines.len().max(1)
+}
+
+fn order_mapping() -> anyhow::Result<MappingConfig> {
+    let text = Feed::Orders.source_toml(Path::new("/unused"));
+    let table: toml::Table = toml::from_str(&text)?;
+    let mapping = table["sources"][0]["mapping"].clone();
+    Ok(mapping.try_into()?)
+}
+
+enum Sink {
+    Memory(VecDeque<Vec<u8>>),
+    Spool(Spool),
+}
+
+/// Tails `file` to its end through the agent's real tailer and mapping into `sink`; events/s.
+fn tail_into(file: &Path, mapping: &MappingConfig, mut sink: Sink) -> anyhow::Result<(usize, f64)> {
+    let mut tailer = FileTailer::new(file.to_owned(), FilePosition::default(), 1 << 20);
+    let started = Instant::now();
+    let mut seq = 0u64;
+    loop {
+        let items = tailer.poll(5_000)?;
+        if items.is_empty() {
+            break;
+        }
+        let mut bodies = Vec::with_capacity(items.len());
+        for item in items {
+            if let TailItem::Line { bytes, .. } = item {
+                let record: serde_json::Value = serde_json::from_slice(&bytes)?;
+                let (time, payload) = mapping.apply(&record)?;
+                bodies.push(Event::new("t".into(), "a".into(), "orders".into(), seq, time, payload).to_json());
+                seq += 1;
+            }
+        }
+        match &mut sink {
+            Sink::Memory(q) => {
+                q.extend(bodies);
+                // A bounded queue drained by a shipper: keep it from growing without limit.
+                while q.len() > 100_000 {
+                    q.pop_front();
+                }
+            }
+            Sink::Spool(s) => {
+                let position = serde_json::to_string(tailer.position())?;
+                s.append("orders", &bodies, &position, 0)?;
+            }
+        }
+    }
+    let secs = started.elapsed().as_secs_f64();
+    Ok((seq as usize, seq as f64 / secs))
+}
+
+fn bench_spool(dir: &Path, n: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let lines = order_lines(n, 1);
+    let file = dir.join("orders.jsonl");
+    append_lines(dir, &lines)?;
+    let mapping = order_mapping()?;
+    let big = SpoolConfig { max_bytes: 1 << 40, ..SpoolConfig::default() };
+
+    let (_, memory) = tail_into(&file, &mapping, Sink::Memory(VecDeque::new()))?;
+    let spool = Spool::open_with(&dir.join("process.db"), big)?;
+    let (_, process) = tail_into(&file, &mapping, Sink::Spool(spool))?;
+    let power_cfg = SpoolConfig { durability: Durability::Power, ..big };
+    let spool = Spool::open_with(&dir.join("power.db"), power_cfg)?;
+    let (count, power) = tail_into(&file, &mapping, Sink::Spool(spool))?;
+
+    // Append-and-acknowledge: the spool's full cycle, in batches of 1 000.
+    let mut spool = Spool::open_with(&dir.join("cycle.db"), big)?;
+    let bodies: Vec<Vec<u8>> = lines.iter().take(1_000).map(|l| l.text.clone().into_bytes()).collect();
+    let started = Instant::now();
+    let rounds = (n / 1_000).max(1);
+    for _ in 0..rounds {
+        let first = spool.append("s", &bodies, "{}", 0)?;
+        let rows = spool.read("s", first, 1_000, usize::MAX)?;
+        spool.ack("s", first, rows.len() as u32)?;
+    }
+    let cycle = (rounds * 1_000) as f64 / started.elapsed().as_secs_f64();
+
+    println!(
+        "### P1, P3: file tail -> map -> spool, one thread ({count} events, {} bytes each on average)\n",
+        mean_len(&lines)
+    );
+    println!("| path | events/s | vs memory queue |");
+    println!("|---|---:|---:|");
+    println!("| memory queue (baseline) | {memory:.0} | 100 % |");
+    println!("| SQLite spool, WAL, durability = process | {process:.0} | {:.0} % |", 100.0 * process / memory);
+    println!(
+        "| SQLite spool, WAL, durability = power (fsync per commit) | {power:.0} | {:.0} % |",
+        100.0 * power / memory
+    );
+    println!("\nSpool append + read + acknowledge cycle, batches of 1 000: **{cycle:.0} events/s**.\n");
+    Ok(())
+}
+
+fn kafka_bootstrap() -> anyhow::Result<String> {
+    std::env::var("ACTIDASH_KAFKA_BOOTSTRAP").context("set ACTIDASH_KAFKA_BOOTSTRAP (scripts/bench.sh starts Kafka)")
+}
+
+/// Sum of the high watermarks of `topics` (3 partitions each).
+fn produced(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for topic in topics {
+        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+        for t in metadata.topics() {
+            for p in t.partitions() {
+                total += consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?.1;
+            }
+        }
+    }
+    Ok(total)
+}
+
+fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let bootstrap = kafka_bootstrap()?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    let lines = order_lines(n, 2);
+    append_lines(&data, &lines)?;
+    let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()), &[("bench", "acme", "s")])?;
+    let mut gateway = d.start_cloud("gateway", &["gateway"])?;
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
+    let topic = format!("{}.sales", d.topic_prefix);
+    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
+        Ok(produced(&consumer, std::slice::from_ref(&topic)).is_ok())
+    })?;
+    let config = d.write_agent_config("bench", "acme", "s", &data, &[Feed::Orders])?;
+    let started = Instant::now();
+    let mut agent = d.start_agent("agent", &config)?;
+    wait_until(Duration::from_secs(600), "every event to reach Kafka", || {
+        anyhow::ensure!(agent.is_running() && gateway.is_running(), "a process died; see {}", d.root.display());
+        Ok(produced(&consumer, std::slice::from_ref(&topic))? >= n as i64)
+    })?;
+    let pipeline = n as f64 / started.elapsed().as_secs_f64();
+    agent.terminate(Duration::from_secs(10));
+    gateway.terminate(Duration::from_secs(10));
+
+    // Raw librdkafka produce of the same events, same broker, same producer settings.
+    let events: Vec<Event> = {
+        let mapping = order_mapping()?;
+        lines
+            .iter()
+            .enumerate()
+            .map(|(seq, l)| {
+                let (time, payload) = mapping.apply(&serde_json::from_str(&l.text)?)?;
+                Ok(Event::new("acme".into(), "bench".into(), "orders".into(), seq as u64, time, payload))
+            })
+            .collect::<anyhow::Result<_>>()?
+    };
+    let raw_topic = format!("{}-raw.sales", d.topic_prefix);
+    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("message.timeout.ms", "0")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create()?;
+    let started = Instant::now();
+    for event in &events {
+        let value = event.to_json();
+        let mut headers = OwnedHeaders::new_with_capacity(4);
+        for (key, v) in actidash_shared::kafka::headers(event) {
+            headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
+        }
+        let mut record = BaseRecord::to(&raw_topic).key(&event.entity_key).payload(&value).headers(headers);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((_, r)) => {
+                    record = r;
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+        }
+    }
+    producer.flush(Duration::from_secs(120))?;
+    let raw = n as f64 / started.elapsed().as_secs_f64();
+
+    println!(
+        "### P2, P8: file -> spool -> QUIC -> gateway -> Kafka ({n} events of {} bytes, a backlog drained)\n",
+        mean_len(&lines)
+    );
+    println!("| path | events/s | vs raw produce |");
+    println!("|---|---:|---:|");
+    println!("| raw librdkafka produce, one process (baseline) | {raw:.0} | 100 % |");
+    println!("| agent -> gateway -> Kafka, end to end | {pipeline:.0} | {:.0} % |\n", 100.0 * pipeline / raw);
+    Ok(())
+}
+
+/// (RSS in KiB, CPU seconds) of a process, from /proc.
+fn proc_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let rss = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
+    let fields: Vec<&str> = after_comm.split_whitespace().collect();
+    let ticks: f64 = fields.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + fields.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    Ok((rss, ticks / 100.0))
+}
+
+fn bench_footprint(dir: &Path, rate: usize, seconds: u64) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    let d = Deployment::new(&dir.join("deploy"), None, &[("fp", "acme", "s")])?;
+    let mut cloud = d.start_cloud("cloud", &[])?;
+    d.wait_ready(Duration::from_secs(30))?;
+    let config = d.write_agent_config("fp", "acme", "s", &data, &Feed::ALL)?;
+    let agent = d.start_agent("agent", &config)?;
+    let pid = agent.pid();
+    std::thread::sleep(Duration::from_secs(3)); // start-up done
+
+    let (_, cpu0) = proc_usage(pid)?;
+    let t0 = Instant::now();
+    std::thread::sleep(Duration::from_secs(seconds));
+    let (idle_rss, cpu1) = proc_usage(pid)?;
+    let idle_cpu = (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
+
+    let mut g = Generator::new(3, 0);
+    let (_, cpu2) = proc_usage(pid)?;
+    let t1 = Instant::now();
+    let mut max_rss = 0;
+    let per_tick = rate / 10;
+    let mut n_written = 0;
+    while t1.elapsed() < Duration::from_secs(seconds) {
+        let tick = Instant::now();
+        let lines: Vec<Line> = (0..per_tick).map(|_| g.next_line(chrono::Utc::now())).collect();
+        append_lines(&data, &lines)?;
+        n_written += lines.len();
+        max_rss = max_rss.max(proc_usage(pid)?.0);
+        std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
+    }
+    let (_, cpu3) = proc_usage(pid)?;
+    let loaded_cpu = (cpu3 - cpu2) / t1.elapsed().as_secs_f64();
+    let achieved = n_written as f64 / t1.elapsed().as_secs_f64();
+    drop(agent);
+    cloud.terminate(Duration::from_secs(10));
+
+    println!("### P7: agent footprint (4 file sources, shipping over QUIC)\n");
+    println!("| state | CPU (cores) | RSS |");
+    println!("|---|---:|---:|");
+    println!("| idle, {seconds} s | {idle_cpu:.4} | {:.1} MiB |", idle_rss as f64 / 1024.0);
+    println!("| {achieved:.0} events/s, {seconds} s | {loaded_cpu:.3} | {:.1} MiB (max) |\n", max_rss as f64 / 1024.0);
+    Ok(())
+}
+
+fn timestamp_of(log: &str, needle: &str, after: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    log.lines()
+        .filter(|l| l.contains(needle))
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|t| *t > after)
+        .find_map(|t| t.parse().ok())
+}
+
+fn bench_reconnect(dir: &Path, rounds: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    let d = Deployment::new(&dir.join("deploy"), None, &[("rc", "acme", "s")])?;
+    let mut cloud: Process = d.start_cloud("cloud", &[])?;
+    d.wait_ready(Duration::from_secs(30))?;
+    let config = d.write_agent_config("rc", "acme", "s", &data, &[Feed::Orders])?;
+    let _agent = d.start_agent("agent", &config)?;
+    let log_path = d.root.join("cloud.log");
+    wait_until(Duration::from_secs(30), "the first connection", || {
+        Ok(std::fs::read_to_string(&log_path)?.contains("agent connected"))
+    })?;
+    let mut delays = Vec::new();
+    for _ in 0..rounds {
+        cloud.kill();
+        std::thread::sleep(Duration::from_secs(8)); // the agent backs off to its cap
+        let mark = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Micros, true);
+        cloud.restart()?;
+        wait_until(Duration::from_secs(60), "the reconnection", || {
+            let log = std::fs::read_to_string(&log_path)?;
+            Ok(timestamp_of(&log, "agent connected", &mark).is_some())
+        })?;
+        let log = std::fs::read_to_string(&log_path)?;
+        let listening = timestamp_of(&log, "gateway listening", &mark).context("no listening line")?;
+        let connected = timestamp_of(&log, "agent connected", &mark).context("no connected line")?;
+        delays.push((connected - listening).num_milliseconds());
+    }
+    cloud.terminate(Duration::from_secs(10));
+    delays.sort_unstable();
+    println!("### P8: reconnection after the gateway returns ({rounds} rounds, gateway down 8 s each)\n");
+    println!("| measure | ms |");
+    println!("|---|---:|");
+    println!("| fastest | {} |", delays.first().copied().unwrap_or(0));
+    println!("| median | {} |", delays.get(delays.len() / 2).copied().unwrap_or(0));
+    println!("| slowest | {} |\n", delays.last().copied().unwrap_or(0));
+    Ok(())
+}
