@@ -1,0 +1,88 @@
+//! The `edge-agent` command line: `check`, `spool inspect`, `spool verify`.
+
+use std::path::Path;
+use std::process::Command;
+
+use edge_agent::spool::Spool;
+
+const AGENT: &str = env!("CARGO_BIN_EXE_edge-agent");
+
+fn write_config(dir: &Path, extra: &str) -> std::path::PathBuf {
+    let text = format!(
+        r#"agent_id = "a1"
+tenant = "acme"
+data_dir = "state"
+{extra}
+[cloud]
+address = "127.0.0.1:4433"
+server_name = "localhost"
+ca_file = "ca.pem"
+credential = "s"
+
+[[sources]]
+id = "inv"
+type = "file"
+path = "inv.jsonl"
+[sources.mapping]
+domain = "inventory"
+event_time = {{ field = "at" }}
+fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
+"#
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn run(args: &[&str]) -> (bool, String) {
+    let out = Command::new(AGENT).args(args).env("ACTIDASH_LOG", "off").output().unwrap();
+    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+}
+
+#[test]
+fn check_accepts_a_good_config_and_names_file_line_and_field_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = write_config(dir.path(), "");
+    let (ok, out) = run(&["check", "--config", good.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("OK (1 sources)"), "{out}");
+
+    let bad = write_config(dir.path(), "[spool]\nmax_bytes = 10\n");
+    let (ok, out) = run(&["check", "--config", bad.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("agent.toml:"), "{out}");
+    assert!(out.contains("field `spool.max_bytes`: 10 is below the minimum of 1 MiB"), "{out}");
+
+    let unknown = write_config(dir.path(), "[spool]\nmax_byte = 10\n");
+    let (ok, out) = run(&["check", "--config", unknown.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("agent.toml:5:"), "{out}");
+    assert!(out.contains("unknown field `max_byte`"), "{out}");
+}
+
+#[test]
+fn spool_inspect_and_verify_report_depth_positions_and_damage() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    std::fs::create_dir_all(dir.path().join("state")).unwrap();
+    let spool_path = dir.path().join("state").join(edge_agent::SPOOL_FILE);
+    {
+        let mut spool = Spool::open(&spool_path).unwrap();
+        spool.append("inv", &[b"{\"a\":1}".to_vec(), b"{\"a\":2}".to_vec()], "{\"offset\":99}", 3).unwrap();
+    }
+    let (ok, out) = run(&["spool", "inspect", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("events       2"), "{out}");
+    assert!(out.contains("{\"offset\":99}"), "{out}");
+    assert!(out.lines().any(|l| l.starts_with("inv") && l.split_whitespace().nth(2) == Some("3")), "{out}");
+
+    let (ok, out) = run(&["spool", "verify", "--config", config.to_str().unwrap()]);
+    assert!(ok, "{out}");
+    assert!(out.contains("OK (2 events checked)"), "{out}");
+
+    rusqlite::Connection::open(&spool_path).unwrap().execute("UPDATE events SET body = X'00' WHERE seq = 0", []).unwrap();
+    let (ok, out) = run(&["spool", "verify", "--config", config.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("checksum mismatch: source inv seq 0"), "{out}");
+    assert!(out.contains("DAMAGED"), "{out}");
+}
