@@ -7,7 +7,6 @@ CREATE TABLE IF NOT EXISTS events (
     spooled_at INTEGER NOT NULL,  -- unix milliseconds
     PRIMARY KEY (source_id, seq)
 ) WITHOUT ROWID;
-CREATE INDEX IF NOT EXISTS events_by_age ON events (spooled_at);
 
 CREATE TABLE IF NOT EXISTS sources (
     source_id     TEXT PRIMARY KEY NOT NULL,

@@ -80,7 +80,10 @@ fn spool_inspect_and_verify_report_depth_positions_and_damage() {
     assert!(ok, "{out}");
     assert!(out.contains("OK (2 events checked)"), "{out}");
 
-    rusqlite::Connection::open(&spool_path).unwrap().execute("UPDATE events SET body = X'00' WHERE seq = 0", []).unwrap();
+    rusqlite::Connection::open(&spool_path)
+        .unwrap()
+        .execute("UPDATE events SET body = X'00' WHERE seq = 0", [])
+        .unwrap();
     let (ok, out) = run(&["spool", "verify", "--config", config.to_str().unwrap()]);
     assert!(!ok, "{out}");
     assert!(out.contains("checksum mismatch: source inv seq 0"), "{out}");

@@ -34,8 +34,8 @@ use crate::money::Money;
 pub const SCHEMA_VERSION: u16 = 1;
 
 /// One domain event, as it travels from the agent to the processors.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(into = "EventRepr", try_from = "EventRepr")]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
+#[serde(try_from = "EventRepr")]
 pub struct Event {
     pub schema_version: u16,
     pub tenant: String,
@@ -49,7 +49,7 @@ pub struct Event {
 
 /// The JSON layout of an [`Event`]: the domain is a top-level field and the payload sits under
 /// `data`, with unknown fields rejected at both levels.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct EventRepr {
     schema_version: u16,
@@ -63,28 +63,48 @@ struct EventRepr {
     data: serde_json::Value,
 }
 
-impl From<Event> for EventRepr {
-    fn from(e: Event) -> EventRepr {
-        let domain = e.payload.domain();
-        let data = match &e.payload {
-            Payload::Sales(p) => serde_json::to_value(p),
-            Payload::Marketing(p) => serde_json::to_value(p),
-            Payload::Behavior(p) => serde_json::to_value(p),
-            Payload::Inventory(p) => serde_json::to_value(p),
+/// Serialization borrows straight from the event (no intermediate JSON value): this runs once
+/// per event on the agent's hot path. The field order is the schema's.
+impl Serialize for Event {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        #[serde(untagged)]
+        enum Data<'a> {
+            Sales(&'a SalesOrder),
+            Marketing(&'a MarketingTouch),
+            Behavior(&'a BehaviorEvent),
+            Inventory(&'a InventoryLevel),
         }
-        // Plain structs with string keys always convert.
-        .unwrap_or(serde_json::Value::Null);
-        EventRepr {
-            schema_version: e.schema_version,
-            tenant: e.tenant,
-            agent_id: e.agent_id,
-            source_id: e.source_id,
-            seq: e.seq,
-            event_time: e.event_time,
-            domain,
-            entity_key: e.entity_key,
+        #[derive(Serialize)]
+        struct EventRef<'a> {
+            schema_version: u16,
+            tenant: &'a str,
+            agent_id: &'a str,
+            source_id: &'a str,
+            seq: u64,
+            event_time: &'a DateTime<Utc>,
+            domain: Domain,
+            entity_key: &'a str,
+            data: Data<'a>,
+        }
+        let data = match &self.payload {
+            Payload::Sales(p) => Data::Sales(p),
+            Payload::Marketing(p) => Data::Marketing(p),
+            Payload::Behavior(p) => Data::Behavior(p),
+            Payload::Inventory(p) => Data::Inventory(p),
+        };
+        EventRef {
+            schema_version: self.schema_version,
+            tenant: &self.tenant,
+            agent_id: &self.agent_id,
+            source_id: &self.source_id,
+            seq: self.seq,
+            event_time: &self.event_time,
+            domain: self.payload.domain(),
+            entity_key: &self.entity_key,
             data,
         }
+        .serialize(serializer)
     }
 }
 

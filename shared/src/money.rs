@@ -106,9 +106,9 @@ impl fmt::Display for Money {
 
 impl Serialize for Money {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // Through the decimal text, so the JSON number is the shortest exact rendering.
-        let value: f64 = self.to_string().parse().unwrap_or(self.to_f64());
-        serializer.serialize_f64(value)
+        // raw / 10^4 is correctly rounded, so the shortest rendering of the float is the
+        // decimal text itself (129.99, not 129.98999…); a property test checks the round trip.
+        serializer.serialize_f64(self.to_f64())
     }
 }
 

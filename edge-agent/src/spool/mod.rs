@@ -443,8 +443,24 @@ impl Spool {
             .conn
             .query_row("SELECT n_events, n_bytes FROM totals WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
-        let oldest: Option<i64> =
-            self.conn.query_row("SELECT min(spooled_at) FROM events", [], |r| r.get(0)).map_err(|e| self.err(e))?;
+        // The oldest event is the first of some source (seqs grow with time): one primary-key
+        // lookup per source, no index to maintain on every insert.
+        let mut oldest: Option<i64> = None;
+        for id in self.source_ids()? {
+            let at: Option<i64> = self
+                .conn
+                .query_row(
+                    "SELECT spooled_at FROM events WHERE source_id = ?1 ORDER BY seq LIMIT 1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(|e| self.err(e))?;
+            oldest = match (oldest, at) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+        }
         let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
             + std::fs::metadata(self.path.with_extension("db-wal")).map(|m| m.len()).unwrap_or(0);
         Ok(SpoolStats { n_events: n_events as u64, n_bytes: n_bytes as u64, file_bytes, oldest_spooled_at: oldest })
@@ -622,32 +638,39 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 /// Deletes the oldest events until at least `to_free` bytes are freed; counts them per source.
+/// The oldest event is always the first of some source, so each step compares the heads of the
+/// sources (primary-key lookups) rather than keeping an index by age.
 fn drop_oldest(tx: &rusqlite::Transaction<'_>, to_free: u64) -> rusqlite::Result<()> {
-    let mut freed = 0u64;
-    let mut victims: Vec<(String, i64, i64)> = Vec::new();
-    {
-        let mut stmt =
-            tx.prepare_cached("SELECT source_id, seq, length(body) FROM events ORDER BY spooled_at, source_id, seq")?;
-        let mut rows = stmt.query([])?;
-        while freed < to_free {
-            let Some(row) = rows.next()? else { break };
-            let len: i64 = row.get(2)?;
-            freed += len as u64;
-            victims.push((row.get(0)?, row.get(1)?, len));
-        }
-    }
+    let sources: Vec<String> = {
+        let mut stmt = tx.prepare_cached("SELECT source_id FROM sources")?;
+        stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?
+    };
+    let mut head = tx
+        .prepare_cached("SELECT seq, spooled_at, length(body) FROM events WHERE source_id = ?1 ORDER BY seq LIMIT 1")?;
     let mut delete = tx.prepare_cached("DELETE FROM events WHERE source_id = ?1 AND seq = ?2")?;
     let mut count = tx.prepare_cached("UPDATE sources SET n_dropped = n_dropped + 1 WHERE source_id = ?1")?;
-    for (source, seq, _) in &victims {
+    let (mut freed, mut n_dropped) = (0i64, 0i64);
+    while (freed as u64) < to_free {
+        let mut victim: Option<(&str, i64, i64, i64)> = None;
+        for source in &sources {
+            let row = head.query_row(params![source], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional()?;
+            if let Some((seq, at, len)) = row
+                && victim.is_none_or(|v| (at, source.as_str()) < (v.2, v.0))
+            {
+                victim = Some((source, seq, at, len));
+            }
+        }
+        let Some((source, seq, _, len)) = victim else { break };
         delete.execute(params![source, seq])?;
         count.execute(params![source])?;
+        freed += len;
+        n_dropped += 1;
     }
-    let bytes: i64 = victims.iter().map(|v| v.2).sum();
     tx.execute(
         "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
-        params![victims.len() as i64, bytes],
+        params![n_dropped, freed],
     )?;
-    tracing::warn!(n_dropped = victims.len(), bytes, "spool full: oldest events dropped (when_full = drop_oldest)");
+    tracing::warn!(n_dropped, bytes = freed, "spool full: oldest events dropped (when_full = drop_oldest)");
     Ok(())
 }
 

@@ -49,8 +49,10 @@ pub fn client_endpoint_with(tls: Arc<rustls::ClientConfig>, remote: SocketAddr) 
         .context("QUIC TLS configuration")?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
     let mut transport = quinn::TransportConfig::default();
-    transport.keep_alive_interval(Some(Duration::from_secs(5)));
-    transport.max_idle_timeout(Some(Duration::from_secs(30).try_into().context("idle timeout")?));
+    // A keep-alive every second (~50 bytes/s): NAT bindings stay open, and a restarted gateway's
+    // stateless reset reaches the agent within a second, so it reconnects at once.
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(Duration::from_secs(15).try_into().context("idle timeout")?));
     client.transport_config(Arc::new(transport));
 
     let bind: SocketAddr = if remote.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };

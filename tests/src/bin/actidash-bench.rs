@@ -20,7 +20,8 @@ use edge_agent::spool::{Durability, Spool, SpoolConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer as _, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Message as _};
 
 #[derive(Parser, Debug)]
 #[command(about = "ActiDash benchmarks (see ../shared/TARGETS.md)")]
@@ -236,15 +237,16 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
             })
             .collect::<anyhow::Result<_>>()?
     };
-    let raw_topic = format!("{}-raw.sales", d.topic_prefix);
-    let producer: ThreadedProducer<DefaultProducerContext> = ClientConfig::new()
+    // The same topic the gateway wrote to (it exists, with its partitions).
+    let raw_topic = topic.clone();
+    let producer: ThreadedProducer<CountFailures> = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("message.timeout.ms", "0")
         .set("linger.ms", "5")
         .set("compression.type", "lz4")
-        .create()?;
+        .create_with_context(CountFailures::default())?;
     let started = Instant::now();
     for event in &events {
         let value = event.to_json();
@@ -265,6 +267,8 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
     }
     producer.flush(Duration::from_secs(120))?;
     let raw = n as f64 / started.elapsed().as_secs_f64();
+    let failed = producer.context().failed.load(std::sync::atomic::Ordering::Relaxed);
+    anyhow::ensure!(failed == 0, "{failed} raw produce deliveries failed: the baseline is invalid");
 
     println!(
         "### P2, P8: file -> spool -> QUIC -> gateway -> Kafka ({n} events of {} bytes, a backlog drained)\n",
@@ -385,4 +389,22 @@ fn bench_reconnect(dir: &Path, rounds: usize) -> anyhow::Result<()> {
     println!("| median | {} |", delays.get(delays.len() / 2).copied().unwrap_or(0));
     println!("| slowest | {} |\n", delays.last().copied().unwrap_or(0));
     Ok(())
+}
+
+/// Counts failed deliveries, so that a broken baseline is never reported.
+#[derive(Default)]
+struct CountFailures {
+    failed: std::sync::atomic::AtomicU64,
+}
+
+impl ClientContext for CountFailures {}
+
+impl ProducerContext for CountFailures {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        if let Err((e, m)) = result {
+            eprintln!("delivery to {} failed: {e}", m.topic());
+            self.failed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
 }
