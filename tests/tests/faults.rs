@@ -128,3 +128,36 @@ fn udp_blocked_the_agent_falls_back_to_tcp_by_itself() {
     })
     .unwrap();
 }
+
+#[test]
+fn processors_joining_and_leaving_the_group_count_everything_once() {
+    let Some(bootstrap) =
+        actidash_tests::kafka_bootstrap("processors_joining_and_leaving_the_group_count_everything_once")
+    else {
+        return;
+    };
+    let root = test_root("rebalance");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("a1", "acme", "s1")]).unwrap();
+    let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
+    let mut first = d.start_cloud("processor-1", &["process", "serve"]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    let mut g = Generator::new(15, 0);
+    let lines = generate(&mut g, 9_000);
+    let writer = write_slowly(&data, lines.clone(), Duration::from_secs(6));
+    // A second processor joins the group mid-stream (a rebalance hands it partitions)...
+    std::thread::sleep(Duration::from_millis(1_500));
+    let mut second = d.start_cloud("processor-2", &["process"]).unwrap();
+    wait_until(TIMEOUT, "the second processor to get partitions", || {
+        Ok(std::fs::read_to_string(second.log_path())?.contains("partition assigned"))
+    })
+    .unwrap();
+    // ...then the first one dies without a goodbye: its partitions move again.
+    first.kill();
+    writer.join().unwrap();
+    let mut api = d.start_cloud("api", &["serve"]).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut gateway, &mut second, &mut api, &mut agent]);
+}

@@ -41,15 +41,22 @@ use crate::config::GatewayConfig;
 /// A connection with no packet for this long is gone (the agent keeps it alive every second).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// The key of QUIC stateless resets, derived from the gateway's private key: a restarted gateway
-/// (or another instance with the same certificate) can then tell an agent at once that its old
-/// connection is gone, instead of the agent waiting for its idle timeout. That is what lets an
-/// agent reconnect within a second or two of a gateway's return.
-fn stateless_reset_key(private_key_der: &[u8]) -> ring::hmac::Key {
-    let mut material = b"actidash quic stateless reset v1".to_vec();
+/// QUIC endpoint settings derived from the gateway's private key rather than chosen at random
+/// per process: the stateless-reset key, and the key that connection IDs are hashed with. A
+/// restarted gateway (or another instance with the same certificate) then recognises an agent's
+/// old connection IDs and answers them with a valid stateless reset, so the agent learns at once
+/// that its connection is gone instead of waiting for its idle timeout. That is what lets an
+/// agent reconnect within about a second of a gateway's return.
+fn stable_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
+    let mut material = b"actidash quic endpoint v1".to_vec();
     material.extend_from_slice(private_key_der);
     let seed = ring::digest::digest(&ring::digest::SHA256, &material);
-    ring::hmac::Key::new(ring::hmac::HMAC_SHA256, seed.as_ref())
+    let seed = seed.as_ref();
+    let reset_key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &seed[..16]);
+    let cid_key = u64::from_le_bytes(seed[16..24].try_into().unwrap_or_default());
+    let mut config = quinn::EndpointConfig::new(Arc::new(reset_key));
+    config.cid_generator(move || Box::new(quinn_proto::HashedConnectionIdGenerator::from_key(cid_key)));
+    config
 }
 
 /// Largest decompressed batch accepted (64 MiB).
@@ -103,7 +110,7 @@ impl Gateway {
             .with_context(|| format!("parsing {}", config.cert_file.display()))?;
         let key = PrivateKeyDer::from_pem_file(&config.key_file)
             .with_context(|| format!("reading the private key {}", config.key_file.display()))?;
-        let reset_key = stateless_reset_key(key.secret_der());
+        let endpoint_config = stable_endpoint_config(key.secret_der());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
@@ -133,13 +140,8 @@ impl Gateway {
         server.transport_config(Arc::new(transport));
         let socket = std::net::UdpSocket::bind(config.listen)
             .with_context(|| format!("binding the gateway to udp/{}", config.listen))?;
-        let endpoint = quinn::Endpoint::new(
-            quinn::EndpointConfig::new(Arc::new(reset_key)),
-            Some(server),
-            socket,
-            Arc::new(quinn::TokioRuntime),
-        )
-        .context("starting the QUIC endpoint")?;
+        let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
+            .context("starting the QUIC endpoint")?;
         Ok(Gateway {
             endpoint,
             tcp,
