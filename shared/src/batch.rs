@@ -4,6 +4,8 @@
 //! ([`Codec::Plain`]) or zstd-compressed ([`Codec::Zstd`]). Unpacking bounds the decompressed
 //! size, so a small hostile payload cannot expand into gigabytes.
 
+use bytes::Bytes;
+
 use crate::event::{Event, EventError};
 use crate::wire::{Batch, Codec};
 
@@ -54,12 +56,24 @@ pub fn pack<'a>(events: impl IntoIterator<Item = &'a [u8]>, codec: Codec) -> Vec
     }
 }
 
+/// One checked event of a batch, with its JSON exactly as received (what is forwarded to Kafka:
+/// it was just parsed and checked, so writing it again would only cost time).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unpacked {
+    pub event: Event,
+    pub json: Bytes,
+}
+
 /// Unpacks and checks a batch received from `agent_id` of `tenant`: every event must parse,
 /// belong to that agent, tenant and the batch's source, and carry increasing sequence numbers
 /// inside the span the batch announced (holes are allowed, see [`Batch`]).
-pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usize) -> Result<Vec<Event>, BatchError> {
-    let plain;
-    let bytes: &[u8] = match batch.codec {
+pub fn unpack(
+    batch: &Batch,
+    agent_id: &str,
+    tenant: &str,
+    max_decompressed: usize,
+) -> Result<Vec<Unpacked>, BatchError> {
+    let bytes: Bytes = match batch.codec {
         Codec::Plain => {
             if batch.payload.len() > max_decompressed {
                 return Err(BatchError::Decompress {
@@ -67,22 +81,32 @@ pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usi
                     reason: format!("plain payload of {} bytes", batch.payload.len()),
                 });
             }
-            &batch.payload
+            batch.payload.clone()
         }
-        Codec::Zstd => {
-            plain = zstd::bulk::decompress(&batch.payload, max_decompressed)
-                .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?;
-            &plain
-        }
+        Codec::Zstd => zstd::bulk::decompress(&batch.payload, max_decompressed)
+            .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
+            .into(),
     };
     let mut events = Vec::with_capacity(batch.count.min(100_000) as usize);
     let end = batch.first_seq + u64::from(batch.count);
     let mut expected_seq = batch.first_seq;
-    for (index, line) in bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).enumerate() {
+    let mut start = 0;
+    let lines = std::iter::from_fn(|| {
+        while start < bytes.len() {
+            let end = bytes[start..].iter().position(|b| *b == b'\n').map_or(bytes.len(), |p| start + p);
+            let line = bytes.slice(start..end);
+            start = end + 1;
+            if !line.is_empty() {
+                return Some(line);
+            }
+        }
+        None
+    });
+    for (index, line) in lines.enumerate() {
         if index >= batch.count as usize {
             return Err(BatchError::CountMismatch { announced: batch.count, found: index + 1 });
         }
-        let event = Event::from_json(line).map_err(|source| BatchError::Event { index, source })?;
+        let event = Event::from_json(&line).map_err(|source| BatchError::Event { index, source })?;
         let in_span = event.seq >= expected_seq && event.seq < end;
         if event.agent_id != agent_id || event.source_id != batch.source_id || !in_span {
             return Err(BatchError::WrongIdentity {
@@ -99,7 +123,7 @@ pub fn unpack(batch: &Batch, agent_id: &str, tenant: &str, max_decompressed: usi
             return Err(BatchError::ForeignTenant { index, found: event.tenant, expected: tenant.to_owned() });
         }
         expected_seq = event.seq + 1;
-        events.push(event);
+        events.push(Unpacked { event, json: line });
     }
     if events.is_empty() {
         return Err(BatchError::Empty);
@@ -144,14 +168,17 @@ mod tests {
         let events: Vec<Event> = (10..20).map(|s| event("t", s)).collect();
         for codec in [Codec::Plain, Codec::Zstd] {
             let batch = batch_of(&events, 10, 10, codec);
-            assert_eq!(unpack(&batch, "a1", "t", 1 << 20).unwrap(), events);
+            let unpacked = unpack(&batch, "a1", "t", 1 << 20).unwrap();
+            assert_eq!(unpacked.iter().map(|u| u.event.clone()).collect::<Vec<_>>(), events);
+            assert!(unpacked.iter().all(|u| u.json == u.event.to_json()), "the JSON as received");
         }
     }
 
     #[test]
     fn holes_inside_the_span_are_allowed_but_nothing_outside_or_backwards() {
         let events: Vec<Event> = [1, 2, 4].into_iter().map(|s| event("t", s)).collect();
-        assert_eq!(unpack(&batch_of(&events, 1, 4, Codec::Zstd), "a1", "t", 1 << 20).unwrap(), events);
+        let unpacked = unpack(&batch_of(&events, 1, 4, Codec::Zstd), "a1", "t", 1 << 20).unwrap();
+        assert_eq!(unpacked.into_iter().map(|u| u.event).collect::<Vec<_>>(), events);
         let err = unpack(&batch_of(&events, 1, 3, Codec::Zstd), "a1", "t", 1 << 20).unwrap_err();
         assert!(matches!(err, BatchError::WrongIdentity { index: 2, seq: 4, expected_seq: 3, .. }), "{err}");
         let backwards: Vec<Event> = [2, 1].into_iter().map(|s| event("t", s)).collect();

@@ -60,7 +60,7 @@ struct EventRepr {
     event_time: DateTime<Utc>,
     domain: Domain,
     entity_key: String,
-    data: serde_json::Value,
+    data: Box<serde_json::value::RawValue>,
 }
 
 /// Serialization borrows straight from the event (no intermediate JSON value): this runs once
@@ -111,7 +111,7 @@ impl Serialize for Event {
 impl TryFrom<EventRepr> for Event {
     type Error = serde_json::Error;
     fn try_from(r: EventRepr) -> Result<Event, serde_json::Error> {
-        let payload = Payload::from_data(r.domain, r.data)?;
+        let payload = Payload::from_json_str(r.domain, r.data.get())?;
         Ok(Event {
             schema_version: r.schema_version,
             tenant: r.tenant,
@@ -183,6 +183,16 @@ impl Payload {
             Domain::Marketing => Payload::Marketing(serde_json::from_value(data)?),
             Domain::Behavior => Payload::Behavior(serde_json::from_value(data)?),
             Domain::Inventory => Payload::Inventory(serde_json::from_value(data)?),
+        })
+    }
+
+    /// Reads the `data` object of an event of `domain` from its JSON text.
+    pub fn from_json_str(domain: Domain, data: &str) -> Result<Payload, serde_json::Error> {
+        Ok(match domain {
+            Domain::Sales => Payload::Sales(serde_json::from_str(data)?),
+            Domain::Marketing => Payload::Marketing(serde_json::from_str(data)?),
+            Domain::Behavior => Payload::Behavior(serde_json::from_str(data)?),
+            Domain::Inventory => Payload::Inventory(serde_json::from_str(data)?),
         })
     }
 

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use actidash_shared::event::Event;
+use actidash_shared::batch::Unpacked;
 use actidash_shared::kafka::{self, FleetRecord};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
@@ -80,9 +80,10 @@ impl Sink {
     /// durable. Waits (backpressure) while Kafka's local queue is full.
     /// `connection` identifies the gateway connection the batch came on (see
     /// [`crate::process::embedded`] for why it matters).
-    pub async fn submit(&self, connection: u64, events: Vec<Event>) -> Result<Pending, SinkError> {
+    pub async fn submit(&self, connection: u64, events: Vec<Unpacked>) -> Result<Pending, SinkError> {
         match self {
             Sink::Embedded(tx) => {
+                let events = events.into_iter().map(|u| u.event).collect();
                 let (reply, done) = oneshot::channel();
                 tx.send(EmbeddedInput::Batch { connection, events, reply }).await.map_err(|_| SinkError::Closed)?;
                 Ok(Box::pin(async move {
@@ -95,16 +96,17 @@ impl Sink {
             }
             Sink::Kafka { producer, prefix } => {
                 let mut deliveries = Vec::with_capacity(events.len());
-                for event in &events {
+                for Unpacked { event, json: value } in &events {
                     let topic = kafka::domain_topic(prefix, event.domain());
-                    let value = event.to_json();
                     let mut headers = OwnedHeaders::new_with_capacity(4);
                     for (key, v) in kafka::headers(event) {
                         headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
                     }
                     loop {
-                        let record =
-                            FutureRecord::to(&topic).key(&event.entity_key).payload(&value).headers(headers.clone());
+                        let record = FutureRecord::to(&topic)
+                            .key(&event.entity_key)
+                            .payload(value.as_ref())
+                            .headers(headers.clone());
                         match producer.send_result(record) {
                             Ok(delivery) => {
                                 deliveries.push(delivery);
