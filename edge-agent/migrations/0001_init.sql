@@ -1,15 +1,19 @@
 -- Spool schema, version 1. See edge-agent/src/spool/mod.rs for the invariants.
+-- One row per event. The key packs the source's number and the seq, (source_no << 40) | seq, so
+-- the table is a single rowid B-tree that each source appends to in order (rows of ~400 bytes
+-- are too large for a WITHOUT ROWID table to pay off).
 CREATE TABLE IF NOT EXISTS events (
-    source_id  TEXT    NOT NULL,
-    seq        INTEGER NOT NULL,
+    key        INTEGER PRIMARY KEY,
     body       BLOB    NOT NULL,  -- the event's canonical JSON
     crc        INTEGER NOT NULL,  -- CRC-32 of body: silent corruption is detected on read
     spooled_at INTEGER NOT NULL,  -- unix milliseconds
-    PRIMARY KEY (source_id, seq)
-) WITHOUT ROWID;
+    source_no  INTEGER GENERATED ALWAYS AS (key >> 40) VIRTUAL,
+    seq        INTEGER GENERATED ALWAYS AS (key & 1099511627775) VIRTUAL
+);
 
 CREATE TABLE IF NOT EXISTS sources (
     source_id     TEXT PRIMARY KEY NOT NULL,
+    source_no     INTEGER NOT NULL UNIQUE,     -- the high bits of its events' keys
     next_seq      INTEGER NOT NULL,            -- the seq the next spooled event of this source gets
     position      TEXT    NOT NULL,            -- the source's read position (JSON), as of next_seq
     n_errors      INTEGER NOT NULL DEFAULT 0,  -- bad records refused
