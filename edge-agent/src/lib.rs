@@ -100,6 +100,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         spooled,
         shutdown: shutdown.clone(),
         started,
+        packer: Default::default(),
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

@@ -12,7 +12,10 @@ use std::collections::BTreeMap;
 use actidash_shared::event::{Domain, Payload};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use std::collections::HashMap;
+
+use serde_json::Value;
+use serde_json::value::RawValue;
 
 /// How a source's records become events.
 #[derive(Debug, Clone, Deserialize)]
@@ -89,6 +92,8 @@ fn schema(domain: Domain) -> &'static [(&'static str, Kind, bool)] {
 /// A record that does not map to an event.
 #[derive(Debug, thiserror::Error, PartialEq)]
 pub enum MappingError {
+    #[error("not JSON: {0}")]
+    NotJson(String),
     #[error("record is not a JSON object")]
     NotAnObject,
     #[error("event time field `{field}` is missing")]
@@ -137,93 +142,143 @@ impl MappingConfig {
         Ok(())
     }
 
-    /// Maps one record.
+    /// Maps one record given as a JSON value.
     pub fn apply(&self, record: &Value) -> Result<(DateTime<Utc>, Payload), MappingError> {
-        let object = record.as_object().ok_or(MappingError::NotAnObject)?;
-        let event_time = self.event_time(object)?;
-        let mut data = Map::new();
+        self.apply_str(&record.to_string())
+    }
+
+    /// Maps one record given as JSON text. The record is never built into a tree: its top level
+    /// is split into raw JSON values, and the payload's JSON is assembled from the mapped ones
+    /// (this runs once per record on the agent's hot path).
+    pub fn apply_str(&self, text: &str) -> Result<(DateTime<Utc>, Payload), MappingError> {
+        let record = RawRecord::parse(text)?;
+        let event_time = self.event_time(&record)?;
+        let mut data = String::with_capacity(text.len());
+        data.push('{');
         for (name, kind, _) in schema(self.domain) {
-            let (value, source_field) = if let Some(c) = self.constants.get(*name) {
-                (toml_to_json(c), "constant")
+            let constant;
+            let (raw, source_field): (&str, &str) = if let Some(c) = self.constants.get(*name) {
+                constant = toml_json_text(c);
+                (&constant, "constant")
             } else {
                 let source_field = self.fields.get(*name).map(String::as_str).unwrap_or("");
-                let from_record = lookup(object, source_field).filter(|v| !v.is_null()).cloned();
+                let from_record = record.lookup(source_field).filter(|v| v.get() != "null");
                 match (from_record, self.defaults.get(*name)) {
-                    (Some(v), _) => (v, source_field),
-                    (None, Some(d)) => (toml_to_json(d), "default"),
+                    (Some(v), _) => (v.get(), source_field),
+                    (None, Some(d)) => {
+                        constant = toml_json_text(d);
+                        (&constant, "default")
+                    }
                     (None, None) => continue,
                 }
             };
-            data.insert((*name).to_owned(), coerce(name, source_field, *kind, value)?);
+            if data.len() > 1 {
+                data.push(',');
+            }
+            data.push('"');
+            data.push_str(name);
+            data.push_str("\":");
+            coerce(name, source_field, *kind, raw, &mut data)?;
         }
-        let payload = Payload::from_data(self.domain, Value::Object(data))
+        data.push('}');
+        let payload = Payload::from_json_str(self.domain, &data)
             .map_err(|e| MappingError::Schema { domain: self.domain, message: e.to_string() })?;
         Ok((event_time, payload))
     }
 
-    fn event_time(&self, object: &Map<String, Value>) -> Result<DateTime<Utc>, MappingError> {
+    fn event_time(&self, record: &RawRecord<'_>) -> Result<DateTime<Utc>, MappingError> {
         let field = &self.event_time.field;
         let format = &self.event_time.format;
-        let value = lookup(object, field).ok_or_else(|| MappingError::MissingTime { field: field.clone() })?;
-        let bad = || MappingError::BadTime { field: field.clone(), value: value.to_string(), format: format.clone() };
+        let raw = record.lookup(field).ok_or_else(|| MappingError::MissingTime { field: field.clone() })?;
+        let bad =
+            || MappingError::BadTime { field: field.clone(), value: raw.get().to_owned(), format: format.clone() };
+        let text = || serde_json::from_str::<String>(raw.get()).ok();
         match format.as_str() {
-            "rfc3339" => {
-                value.as_str().and_then(|s| DateTime::parse_from_rfc3339(s).ok()).map(|t| t.to_utc()).ok_or_else(bad)
-            }
-            "unix_seconds" => number(value).and_then(|s| Utc.timestamp_opt(s, 0).single()).ok_or_else(bad),
-            "unix_millis" => number(value).and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
+            "rfc3339" => text().and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.to_utc()).ok_or_else(bad),
+            "unix_seconds" => number(raw.get()).and_then(|s| Utc.timestamp_opt(s, 0).single()).ok_or_else(bad),
+            "unix_millis" => number(raw.get()).and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
             pattern => {
-                let s = value.as_str().ok_or_else(bad)?;
-                DateTime::parse_from_str(s, pattern)
+                let s = text().ok_or_else(bad)?;
+                DateTime::parse_from_str(&s, pattern)
                     .map(|t| t.to_utc())
-                    .or_else(|_| NaiveDateTime::parse_from_str(s, pattern).map(|t| t.and_utc()))
+                    .or_else(|_| NaiveDateTime::parse_from_str(&s, pattern).map(|t| t.and_utc()))
                     .map_err(|_| bad())
             }
         }
     }
 }
 
-fn number(value: &Value) -> Option<i64> {
-    match value {
-        Value::Number(n) => n.as_i64().or_else(|| n.as_f64().map(|f| f as i64)),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
+/// A record's top level: each key with its value as raw JSON text, borrowed from the record.
+struct RawRecord<'a>(HashMap<String, &'a RawValue>);
+
+impl<'a> RawRecord<'a> {
+    fn parse(text: &'a str) -> Result<RawRecord<'a>, MappingError> {
+        match serde_json::from_str::<HashMap<String, &'a RawValue>>(text) {
+            Ok(map) => Ok(RawRecord(map)),
+            Err(e) => match serde_json::from_str::<serde::de::IgnoredAny>(text) {
+                Ok(_) => Err(MappingError::NotAnObject),
+                Err(_) => Err(MappingError::NotJson(e.to_string())),
+            },
+        }
+    }
+
+    /// The value at a field name, or at a dotted path into nested objects.
+    fn lookup(&self, path: &str) -> Option<&'a RawValue> {
+        if path.is_empty() {
+            return None;
+        }
+        if let Some(v) = self.0.get(path) {
+            return Some(v);
+        }
+        let mut parts = path.split('.');
+        let mut current: &'a RawValue = self.0.get(parts.next()?)?;
+        for part in parts {
+            let nested: HashMap<String, &'a RawValue> = serde_json::from_str(current.get()).ok()?;
+            current = nested.get(part)?;
+        }
+        Some(current)
     }
 }
 
-fn lookup<'a>(object: &'a Map<String, Value>, path: &str) -> Option<&'a Value> {
-    if path.is_empty() {
-        return None;
+/// An integer from a JSON number (whole or not) or a numeric string.
+fn number(raw: &str) -> Option<i64> {
+    match raw.as_bytes().first()? {
+        b'"' => serde_json::from_str::<String>(raw).ok()?.trim().parse().ok(),
+        _ => raw.parse::<i64>().ok().or_else(|| raw.parse::<f64>().ok().map(|f| f as i64)),
     }
-    if let Some(v) = object.get(path) {
-        return Some(v);
-    }
-    let mut parts = path.split('.');
-    let mut current = object.get(parts.next()?)?;
-    for part in parts {
-        current = current.as_object()?.get(part)?;
-    }
-    Some(current)
 }
 
-fn coerce(target: &str, source_field: &str, kind: Kind, value: Value) -> Result<Value, MappingError> {
-    let bad = |v: &Value, expected| MappingError::BadValue {
+/// Writes `raw` (JSON text) converted to the payload field's kind into `out`.
+fn coerce(target: &str, source_field: &str, kind: Kind, raw: &str, out: &mut String) -> Result<(), MappingError> {
+    let bad = |expected| MappingError::BadValue {
         target: target.to_owned(),
         source_field: source_field.to_owned(),
-        value: truncate(&v.to_string()),
+        value: truncate(raw),
         expected,
     };
-    match (kind, value) {
-        (Kind::Str, Value::String(s)) => Ok(Value::String(s)),
-        (Kind::Str, Value::Number(n)) => Ok(Value::String(n.to_string())),
-        (Kind::Str, v) => Err(bad(&v, "a string")),
-        (Kind::Int, Value::Number(n)) if n.is_i64() => Ok(Value::Number(n)),
-        (Kind::Int, v) => match &v {
-            Value::String(s) => s.trim().parse::<i64>().map(Value::from).map_err(|_| bad(&v, "an integer")),
-            _ => Err(bad(&v, "an integer")),
-        },
-        (Kind::AsIs, v) => Ok(v),
+    let first = raw.as_bytes().first().copied().unwrap_or(b' ');
+    let is_number = first == b'-' || first.is_ascii_digit();
+    match kind {
+        Kind::Str if first == b'"' => out.push_str(raw),
+        // A number used as an id: its text, quoted (number text needs no escaping).
+        Kind::Str if is_number => {
+            out.push('"');
+            out.push_str(raw);
+            out.push('"');
+        }
+        Kind::Str => return Err(bad("a string")),
+        Kind::Int if is_number && raw.parse::<i64>().is_ok() => out.push_str(raw),
+        Kind::Int if first == b'"' => {
+            let n = serde_json::from_str::<String>(raw)
+                .ok()
+                .and_then(|s| s.trim().parse::<i64>().ok())
+                .ok_or_else(|| bad("an integer"))?;
+            out.push_str(&n.to_string());
+        }
+        Kind::Int => return Err(bad("an integer")),
+        Kind::AsIs => out.push_str(raw),
     }
+    Ok(())
 }
 
 fn truncate(s: &str) -> String {
@@ -236,6 +291,11 @@ fn truncate(s: &str) -> String {
         }
         format!("{}…", &s[..end])
     }
+}
+
+/// A configured constant or default as JSON text.
+fn toml_json_text(v: &toml::Value) -> String {
+    toml_to_json(v).to_string()
 }
 
 fn toml_to_json(v: &toml::Value) -> Value {
@@ -315,6 +375,12 @@ defaults = { country = "FR" }
         let err = m.apply(&r).unwrap_err().to_string();
         assert!(err.contains("missing field `amount`"), "{err}");
         assert_eq!(m.apply(&json!([1])).unwrap_err(), MappingError::NotAnObject);
+        let err = m.apply_str("{\"id\": ").unwrap_err().to_string();
+        assert!(err.starts_with("not JSON: EOF while parsing"), "{err}");
+        // Escaped keys and nested paths through the raw record.
+        let escaped = r#"{"i\u0064": "o9", "customer": {"id": 5}, "channel": "web", "currency": "EUR", "total": 1, "status": "placed", "created_at": "2026-11-27T10:00:00Z"}"#;
+        let (_, payload) = m.apply_str(escaped).unwrap();
+        assert!(matches!(payload, Payload::Sales(o) if o.order_id == "o9" && o.customer_id == "5"));
     }
 
     #[test]

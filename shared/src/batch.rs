@@ -44,15 +44,42 @@ pub enum BatchError {
 
 /// Packs already-serialized events (each one JSON object, without newline).
 pub fn pack<'a>(events: impl IntoIterator<Item = &'a [u8]>, codec: Codec) -> Vec<u8> {
-    let mut plain = Vec::new();
-    for e in events {
-        plain.extend_from_slice(e);
-        plain.push(b'\n');
+    Packer::default().pack(events, codec)
+}
+
+/// Packs batches, reusing its buffer and its zstd context from one batch to the next.
+#[derive(Default)]
+pub struct Packer {
+    plain: Vec<u8>,
+    compressor: Option<zstd::bulk::Compressor<'static>>,
+}
+
+impl std::fmt::Debug for Packer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Packer").finish_non_exhaustive()
     }
-    match codec {
-        Codec::Plain => plain,
-        // Compressing an in-memory buffer fails only on allocation failure.
-        Codec::Zstd => zstd::bulk::compress(&plain, ZSTD_LEVEL).unwrap_or_default(),
+}
+
+impl Packer {
+    pub fn pack<'a>(&mut self, events: impl IntoIterator<Item = &'a [u8]>, codec: Codec) -> Vec<u8> {
+        self.plain.clear();
+        for e in events {
+            self.plain.extend_from_slice(e);
+            self.plain.push(b'\n');
+        }
+        match codec {
+            Codec::Plain => self.plain.clone(),
+            Codec::Zstd => {
+                if self.compressor.is_none() {
+                    self.compressor = zstd::bulk::Compressor::new(ZSTD_LEVEL).ok();
+                }
+                // Compressing an in-memory buffer fails only on allocation failure.
+                match self.compressor.as_mut() {
+                    Some(c) => c.compress(&self.plain).unwrap_or_default(),
+                    None => zstd::bulk::compress(&self.plain, ZSTD_LEVEL).unwrap_or_default(),
+                }
+            }
+        }
     }
 }
 

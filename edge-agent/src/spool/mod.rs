@@ -280,6 +280,9 @@ impl Spool {
         let e = |source| SpoolError::from_sqlite(path, source);
         let conn = Connection::open(path).map_err(e)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(e)?;
+        // 16 KiB pages: ~35 events a page instead of ~9, so fewer B-tree pages to split and write
+        // per append. Takes effect when the file is created (before WAL), a no-op afterwards.
+        conn.pragma_update(None, "page_size", 16_384).map_err(e)?;
         enable_wal(&conn).map_err(e)?;
         let synchronous = match config.durability {
             Durability::Process => "NORMAL",
@@ -289,7 +292,7 @@ impl Spool {
         // 16 MiB of page cache per connection (a source's batch is ~2 MB), and checkpoints
         // every ~16 MB of WAL rather than every 4 MB: fewer, larger writes.
         conn.pragma_update(None, "cache_size", -16_384).map_err(e)?;
-        conn.pragma_update(None, "wal_autocheckpoint", 4_000).map_err(e)?;
+        conn.pragma_update(None, "wal_autocheckpoint", 1_000).map_err(e)?;
         let mut spool = Spool { path: path.to_owned(), conn, config };
         let version: usize = spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(e)?;
         if version > MIGRATIONS.len() {

@@ -115,7 +115,7 @@ fn a_damaged_page_is_salvaged_keeping_positions_and_readable_events() {
         spool.ack("orders", 0, 100).unwrap();
     } // closing checkpoints the WAL into the main file
     let len = std::fs::metadata(&path).unwrap().len();
-    let page = 4096;
+    let page = 16_384; // the spool's page size
     let victim = (len / page / 2) * page;
     let mut bytes = std::fs::read(&path).unwrap();
     for b in &mut bytes[victim as usize..(victim + page) as usize] {

@@ -54,6 +54,8 @@ pub struct Shipper {
     pub spooled: Arc<Notify>,
     pub shutdown: CancellationToken,
     pub started: Instant,
+    /// Reused from batch to batch.
+    pub packer: batch::Packer,
 }
 
 /// How long a QUIC handshake may take before the TCP fallback is tried.
@@ -262,7 +264,7 @@ impl Shipper {
             // The batch covers the span first..=last; holes (acknowledged, quarantined or
             // dropped events) are fine.
             let count = u32::try_from(last.seq - first.seq + 1).unwrap_or(u32::MAX);
-            let payload = batch::pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
+            let payload = self.packer.pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
             cursors.insert(source_id.clone(), first_seq + u64::from(count));
             session.send_batch(Batch {
                 source_id: source_id.clone(),

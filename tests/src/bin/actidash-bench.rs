@@ -114,8 +114,7 @@ fn tail_into(file: &Path, mapping: &MappingConfig, mut sink: Sink) -> anyhow::Re
         let mut bodies = Vec::with_capacity(items.len());
         for item in items {
             if let TailItem::Line { bytes, .. } = item {
-                let record: serde_json::Value = serde_json::from_slice(&bytes)?;
-                let (time, payload) = mapping.apply(&record)?;
+                let (time, payload) = mapping.apply_str(std::str::from_utf8(&bytes)?)?;
                 bodies.push(Event::new("t".into(), "a".into(), "orders".into(), seq, time, payload).to_json());
                 seq += 1;
             }
@@ -245,7 +244,7 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
             .iter()
             .enumerate()
             .map(|(seq, l)| {
-                let (time, payload) = mapping.apply(&serde_json::from_str(&l.text)?)?;
+                let (time, payload) = mapping.apply_str(&l.text)?;
                 Ok(Event::new("acme".into(), "bench".into(), "orders".into(), seq as u64, time, payload))
             })
             .collect::<anyhow::Result<_>>()?

@@ -241,8 +241,7 @@ impl FileSource {
 
     fn to_event(&self, line: &[u8], seq: u64) -> Result<Event, String> {
         let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-        let record: serde_json::Value = serde_json::from_str(text).map_err(|e| format!("not JSON: {e}"))?;
-        let (event_time, payload) = self.config.mapping.apply(&record).map_err(|e| e.to_string())?;
+        let (event_time, payload) = self.config.mapping.apply_str(text).map_err(|e| e.to_string())?;
         Ok(Event::new(self.tenant.clone(), self.agent_id.clone(), self.config.id.clone(), seq, event_time, payload))
     }
 

@@ -56,6 +56,8 @@ pub struct FileTailer {
     /// Skipping the rest of an oversized line that started at this (line, offset).
     skipping: Option<(u64, u64)>,
     notices: Vec<TailNotice>,
+    /// Read buffer, allocated once (zeroing 256 KiB at every poll showed in profiles).
+    chunk: Vec<u8>,
 }
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -70,6 +72,7 @@ impl FileTailer {
             pending: Vec::new(),
             skipping: None,
             notices: Vec::new(),
+            chunk: vec![0u8; READ_CHUNK],
         }
     }
 
@@ -94,14 +97,13 @@ impl FileTailer {
             return Ok(Vec::new());
         }
         let mut items = Vec::new();
-        let mut chunk = vec![0u8; READ_CHUNK];
         loop {
             self.drain_lines(&mut items, max_items);
             if items.len() >= max_items {
                 break;
             }
             let Some(file) = self.file.as_mut() else { break };
-            let n = file.read(&mut chunk)?;
+            let n = file.read(&mut self.chunk)?;
             if n == 0 {
                 // At the end of this file: if the path names a new file now (rotation), switch
                 // once this one is read to its end.
@@ -113,7 +115,7 @@ impl FileTailer {
                 }
                 break;
             }
-            self.pending.extend_from_slice(&chunk[..n]);
+            self.pending.extend_from_slice(&self.chunk[..n]);
         }
         Ok(items)
     }
