@@ -14,11 +14,14 @@ use actidash_shared::kafka::{self, FleetRecord};
 use anyhow::Context as _;
 use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
+use rdkafka::ClientContext;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use tokio::sync::{mpsc, oneshot};
 use tracing::{info, warn};
 
@@ -44,14 +47,21 @@ pub type Pending = BoxFuture<'static, Result<(), SinkError>>;
 /// The gateway's output.
 #[derive(Clone)]
 pub enum Sink {
-    Kafka { producer: FutureProducer, prefix: String },
+    Kafka(KafkaSink),
     Embedded(mpsc::Sender<EmbeddedInput>),
+}
+
+/// An idempotent Kafka producer and the topics' prefix.
+#[derive(Clone)]
+pub struct KafkaSink {
+    producer: Arc<ThreadedProducer<BatchDeliveries>>,
+    prefix: String,
 }
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Sink::Kafka { prefix, .. } => write!(f, "Sink::Kafka({prefix})"),
+            Sink::Kafka(k) => write!(f, "Sink::Kafka({})", k.prefix),
             Sink::Embedded(_) => f.write_str("Sink::Embedded"),
         }
     }
@@ -60,7 +70,7 @@ impl std::fmt::Debug for Sink {
 impl Sink {
     /// A Kafka sink with an idempotent, gap-free producer; creates the topics if configured.
     pub async fn kafka(config: &KafkaConfig) -> anyhow::Result<Sink> {
-        let producer: FutureProducer = ClientConfig::new()
+        let producer: ThreadedProducer<BatchDeliveries> = ClientConfig::new()
             .set("bootstrap.servers", &config.bootstrap_servers)
             .set("enable.idempotence", "true")
             .set("acks", "all")
@@ -68,12 +78,12 @@ impl Sink {
             .set("enable.gapless.guarantee", "true")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
-            .create()
+            .create_with_context(BatchDeliveries)
             .context("creating the Kafka producer")?;
         if config.create_topics {
             create_topics(config).await?;
         }
-        Ok(Sink::Kafka { producer, prefix: config.topic_prefix.clone() })
+        Ok(Sink::Kafka(KafkaSink { producer: Arc::new(producer), prefix: config.topic_prefix.clone() }))
     }
 
     /// Enqueues every event of a batch, in order; the returned future resolves when all are
@@ -94,41 +104,42 @@ impl Sink {
                     }
                 }))
             }
-            Sink::Kafka { producer, prefix } => {
-                let mut deliveries = Vec::with_capacity(events.len());
+            Sink::Kafka(KafkaSink { producer, prefix }) => {
+                if events.is_empty() {
+                    return Ok(Box::pin(async { Ok(()) }));
+                }
+                let (done, confirmed) = oneshot::channel();
+                let batch = Arc::new(BatchDelivery {
+                    remaining: AtomicUsize::new(events.len()),
+                    failure: Mutex::new(None),
+                    done: Mutex::new(Some(done)),
+                });
                 for Unpacked { event, json: value } in &events {
                     let topic = kafka::domain_topic(prefix, event.domain());
                     let mut headers = OwnedHeaders::new_with_capacity(4);
                     for (key, v) in kafka::headers(event) {
                         headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
                     }
+                    let mut record = BaseRecord::with_opaque_to(&topic, batch.clone())
+                        .key(&event.entity_key)
+                        .payload(value.as_ref())
+                        .headers(headers);
                     loop {
-                        let record = FutureRecord::to(&topic)
-                            .key(&event.entity_key)
-                            .payload(value.as_ref())
-                            .headers(headers.clone());
-                        match producer.send_result(record) {
-                            Ok(delivery) => {
-                                deliveries.push(delivery);
-                                break;
-                            }
-                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                        match producer.send(record) {
+                            Ok(()) => break,
+                            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), returned)) => {
+                                // Backpressure: Kafka's local queue is full.
+                                record = returned;
                                 tokio::time::sleep(Duration::from_millis(5)).await;
                             }
-                            Err((source, _)) => return Err(SinkError::Produce { topic, source }),
+                            Err((source, _)) => {
+                                // Events already enqueued will still report; this batch fails.
+                                return Err(SinkError::Produce { topic, source });
+                            }
                         }
                     }
                 }
-                Ok(Box::pin(async move {
-                    for delivery in deliveries {
-                        match delivery.await {
-                            Ok(Ok(_)) => {}
-                            Ok(Err((e, _))) => return Err(SinkError::Delivery(e)),
-                            Err(_) => return Err(SinkError::Closed),
-                        }
-                    }
-                    Ok(())
-                }))
+                Ok(Box::pin(async move { confirmed.await.unwrap_or(Err(SinkError::Closed)) }))
             }
         }
     }
@@ -139,10 +150,12 @@ impl Sink {
             Sink::Embedded(tx) => {
                 let _ = tx.send(EmbeddedInput::Fleet(record)).await;
             }
-            Sink::Kafka { producer, prefix } => {
+            Sink::Kafka(KafkaSink { producer, prefix }) => {
                 let topic = kafka::fleet_topic(prefix);
                 let value = serde_json::to_vec(&record).unwrap_or_default();
-                let produced = producer.send_result(FutureRecord::to(&topic).key(&record.agent_id).payload(&value));
+                let untracked = Arc::new(BatchDelivery::untracked());
+                let produced =
+                    producer.send(BaseRecord::with_opaque_to(&topic, untracked).key(&record.agent_id).payload(&value));
                 if let Err((e, _)) = produced {
                     warn!(agent_id = %record.agent_id, error = %e, "heartbeat not written to Kafka");
                 }
@@ -159,7 +172,7 @@ impl Sink {
 
     /// Waits for queued Kafka messages to be delivered (at shutdown).
     pub fn flush(&self, timeout: Duration) {
-        if let Sink::Kafka { producer, .. } = self
+        if let Sink::Kafka(KafkaSink { producer, .. }) = self
             && let Err(e) = producer.flush(timeout)
         {
             warn!(error = %e, "Kafka producer flush incomplete at shutdown");
@@ -196,4 +209,44 @@ async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The delivery state of one batch: the last delivery report resolves it.
+struct BatchDelivery {
+    remaining: AtomicUsize,
+    failure: Mutex<Option<KafkaError>>,
+    done: Mutex<Option<oneshot::Sender<Result<(), SinkError>>>>,
+}
+
+impl BatchDelivery {
+    /// For records nobody waits for (heartbeats).
+    fn untracked() -> BatchDelivery {
+        BatchDelivery { remaining: AtomicUsize::new(usize::MAX), failure: Mutex::new(None), done: Mutex::new(None) }
+    }
+}
+
+/// The producer's context: counts a batch's delivery reports down (one shared state per batch,
+/// not a channel per message) and resolves the batch when the last one arrives.
+struct BatchDeliveries;
+
+impl ClientContext for BatchDeliveries {}
+
+impl ProducerContext for BatchDeliveries {
+    type DeliveryOpaque = Arc<BatchDelivery>;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, batch: Arc<BatchDelivery>) {
+        if let Err((e, _)) = result {
+            let mut failure = batch.failure.lock().unwrap_or_else(|p| p.into_inner());
+            failure.get_or_insert_with(|| e.clone());
+        }
+        if batch.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            let failure = batch.failure.lock().unwrap_or_else(|p| p.into_inner()).take();
+            if let Some(done) = batch.done.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _ = done.send(match failure {
+                    None => Ok(()),
+                    Some(e) => Err(SinkError::Delivery(e)),
+                });
+            }
+        }
+    }
 }
