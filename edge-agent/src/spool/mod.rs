@@ -503,27 +503,32 @@ impl Spool {
     /// The cloud acknowledged the span `first_seq .. first_seq + count` of `source_id`: delete
     /// it. Returns the number of events deleted.
     pub fn ack(&mut self, source_id: &str, first_seq: u64, count: u32) -> Result<u64, SpoolError> {
+        self.ack_many(&[(source_id.to_owned(), first_seq, count)])
+    }
+
+    /// Deletes several acknowledged spans `(source, first_seq, count)` in one transaction.
+    pub fn ack_many(&mut self, spans: &[(String, u64, u32)]) -> Result<u64, SpoolError> {
         let path = self.path.clone();
         let e = |source| SpoolError::from_sqlite(&path, source);
-        let Some(no) = source_no(&self.conn, source_id).map_err(e)? else { return Ok(0) };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
-        let (n, bytes): (i64, i64) = {
+        let (mut n, mut bytes) = (0i64, 0i64);
+        {
             let mut stmt = tx
                 .prepare_cached("DELETE FROM events WHERE key >= ?1 AND key < ?2 RETURNING length(body)")
                 .map_err(e)?;
-            let lens = stmt
-                .query_map(params![event_key(no, first_seq), event_key(no, first_seq + u64::from(count))], |r| {
-                    r.get::<_, i64>(0)
-                })
-                .map_err(e)?;
-            let mut n = 0;
-            let mut bytes = 0;
-            for len in lens {
-                n += 1;
-                bytes += len.map_err(e)?;
+            for (source_id, first_seq, count) in spans {
+                let Some(no) = source_no(&tx, source_id).map_err(e)? else { continue };
+                let lens = stmt
+                    .query_map(params![event_key(no, *first_seq), event_key(no, first_seq + u64::from(*count))], |r| {
+                        r.get::<_, i64>(0)
+                    })
+                    .map_err(e)?;
+                for len in lens {
+                    n += 1;
+                    bytes += len.map_err(e)?;
+                }
             }
-            (n, bytes)
-        };
+        }
         tx.execute(
             "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
             params![n, bytes],

@@ -56,6 +56,55 @@ pub struct Shipper {
     pub started: Instant,
     /// Reused from batch to batch.
     pub packer: batch::Packer,
+    /// Deletes acknowledged events off the sending path.
+    pub acker: Acker,
+}
+
+/// Deletes acknowledged events from the spool on a thread of its own, grouping what arrives
+/// together into one transaction. Sending never waits for the spool's write lock (held by a
+/// source committing thousands of records), and the window frees as soon as an ack arrives. If
+/// the agent stops before a deletion, the events are simply sent again and the cloud drops them
+/// as duplicates.
+#[derive(Debug)]
+pub struct Acker {
+    tx: Option<std::sync::mpsc::SyncSender<(String, u64, u32)>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Acker {
+    pub fn spawn(mut spool: Spool) -> anyhow::Result<Acker> {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(String, u64, u32)>(4_096);
+        let thread = std::thread::Builder::new()
+            .name("spool-acker".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut spans = vec![first];
+                    spans.extend(rx.try_iter().take(1_023));
+                    let mut delay = Duration::from_millis(50);
+                    while let Err(e) = spool.ack_many(&spans) {
+                        warn!(error = %e, "cannot delete acknowledged events yet; retrying");
+                        std::thread::sleep(delay);
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                    }
+                }
+            })
+            .context("spawning the spool acker")?;
+        Ok(Acker { tx: Some(tx), thread: Some(thread) })
+    }
+
+    fn acknowledged(&self, source_id: String, first_seq: u64, count: u32) -> anyhow::Result<()> {
+        let tx = self.tx.as_ref().context("acker stopped")?;
+        // Bounded: if deletions fall far behind, shipping waits for them.
+        tokio::task::block_in_place(|| tx.send((source_id, first_seq, count))).context("the spool acker stopped")
+    }
+
+    /// Finishes the pending deletions.
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
 }
 
 /// How long a QUIC handshake may take before the TCP fallback is tried.
@@ -95,6 +144,7 @@ impl Shipper {
         }
         endpoint.close(0u32.into(), b"agent shutting down");
         let _ = tokio::time::timeout(Duration::from_secs(2), endpoint.wait_idle()).await;
+        tokio::task::block_in_place(|| self.acker.stop());
         info!("shipper stopped");
         Ok(())
     }
@@ -220,9 +270,8 @@ impl Shipper {
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                     }
                     ClientEvent::Acked(ack) => {
-                        let n_deleted =
-                            tokio::task::block_in_place(|| self.spool.ack(&ack.source_id, ack.first_seq, ack.count))?;
-                        debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, n_deleted, "batch acknowledged");
+                        debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, "batch acknowledged");
+                        self.acker.acknowledged(ack.source_id, ack.first_seq, ack.count)?;
                     }
                     ClientEvent::Closed(e) => {
                         anyhow::bail!("the gateway closed the session: {:?}: {}", e.code, e.message);
