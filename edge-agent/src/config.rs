@@ -191,6 +191,11 @@ impl AgentConfig {
                 return Err((format!("sources[{idx}].id"), format!("duplicate source id {id:?}")));
             }
             source.mapping().validate().map_err(|(field, msg)| (format!("sources[{idx}].mapping.{field}"), msg))?;
+            match source {
+                SourceConfig::File(f) => {
+                    f.parser().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
+                }
+            }
         }
         Ok(())
     }

@@ -58,6 +58,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                 status,
                 spooled: spooled.clone(),
                 shutdown: shutdown.clone(),
+                dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
             },
         };
         let id = source.id().to_owned();

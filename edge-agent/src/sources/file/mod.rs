@@ -4,6 +4,7 @@
 //! as a fallback that always runs (inotify misses events on network file systems). Each read
 //! of new lines becomes one spool transaction holding the events and the new position.
 
+pub mod format;
 pub mod tailer;
 
 use std::path::PathBuf;
@@ -18,6 +19,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use self::format::RecordParser;
+pub use self::format::{CsvConfig, FileFormat, RegexConfig};
 use self::tailer::{FilePosition, FileTailer, TailItem, TailNotice};
 use super::{SharedStatus, update_status};
 use crate::mapping::MappingConfig;
@@ -31,9 +34,15 @@ pub struct FileSourceConfig {
     pub id: String,
     /// The file to tail.
     pub path: PathBuf,
-    /// Record format. Only `json_lines` today.
+    /// Record format: `json_lines` (default), `csv` or `regex`.
     #[serde(default)]
     pub format: FileFormat,
+    /// CSV settings, for `format = "csv"`.
+    #[serde(default)]
+    pub csv: Option<CsvConfig>,
+    /// Pattern or preset, for `format = "regex"`.
+    #[serde(default)]
+    pub regex: Option<RegexConfig>,
     /// Longest record accepted, in bytes; longer lines are refused and counted.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -42,15 +51,6 @@ pub struct FileSourceConfig {
     pub poll_interval_ms: u64,
     /// How records become events.
     pub mapping: MappingConfig,
-}
-
-/// Record formats of a file.
-#[derive(Debug, Clone, Copy, Default, Deserialize, PartialEq, Eq)]
-#[serde(rename_all = "snake_case")]
-pub enum FileFormat {
-    /// One JSON object per line.
-    #[default]
-    JsonLines,
 }
 
 fn default_max_record_bytes() -> usize {
@@ -75,7 +75,21 @@ pub struct FileSource {
     /// Woken after each commit, so the shipper sends without waiting for its own tick.
     pub spooled: Arc<Notify>,
     pub shutdown: CancellationToken,
+    /// Where refused records go, with their reason and position (a JSON-lines file).
+    pub dead_letter: PathBuf,
 }
+
+impl FileSourceConfig {
+    /// The record parser this configuration asks for; the error names the setting.
+    pub fn parser(&self) -> Result<RecordParser, (String, String)> {
+        RecordParser::new(self.format, self.csv.as_ref(), self.regex.as_ref())
+    }
+}
+
+/// Largest dead-letter file before it is rotated to `.1`.
+const MAX_DEAD_LETTER_BYTES: u64 = 64 * 1024 * 1024;
+/// Longest raw record kept in a dead-letter entry.
+const MAX_DEAD_LETTER_RECORD: usize = 64 * 1024;
 
 impl FileSource {
     /// Runs until shutdown. Blocking: call it on a thread of its own.
@@ -84,7 +98,14 @@ impl FileSource {
     /// resumes from the last committed position, so nothing read but not committed is lost.
     pub fn run(mut self) -> anyhow::Result<()> {
         let id = self.config.id.clone();
+        let mut parser = self.config.parser().map_err(|(field, msg)| anyhow::anyhow!("source {id}: {field}: {msg}"))?;
         let (mut tailer, mut next_seq) = self.resume()?;
+        if parser.needs_header() && tailer.position().line > 0 {
+            // Resuming inside a CSV file: its header is its first line.
+            if let Some(header) = first_line(tailer.path()) {
+                parser.set_header(&header).map_err(|e| anyhow::anyhow!("source {id}: {e}"))?;
+            }
+        }
         let (wake_tx, wake_rx) = mpsc::sync_channel::<()>(1);
         let _watcher = self.watch(wake_tx);
         let poll_interval = Duration::from_millis(self.config.poll_interval_ms.max(10));
@@ -100,6 +121,7 @@ impl FileSource {
                 }
             };
             for notice in tailer.take_notices() {
+                parser.reset(); // a new file (or the same one again): its first line is a header again
                 match notice {
                     TailNotice::Replaced => {
                         info!(source = %id, path = %tailer.path().display(), "new file at path; reading it from its start")
@@ -111,7 +133,7 @@ impl FileSource {
             }
             let n_items = items.len();
             if n_items > 0 {
-                match self.spool_items(items, &tailer, next_seq)? {
+                match self.spool_items(items, &tailer, &mut parser, next_seq)? {
                     Some(n) => next_seq = n,
                     None => break, // shut down while waiting for room
                 }
@@ -170,6 +192,7 @@ impl FileSource {
         &mut self,
         items: Vec<TailItem>,
         tailer: &FileTailer,
+        parser: &mut RecordParser,
         mut next_seq: u64,
     ) -> anyhow::Result<Option<u64>> {
         let id = self.config.id.clone();
@@ -177,15 +200,25 @@ impl FileSource {
         let mut bodies = Vec::with_capacity(items.len());
         let mut n_errors = 0;
         let mut last_error = None;
+        let mut dead = Vec::new();
         for item in items {
             let result = match item {
-                TailItem::Line { bytes, line, offset } => {
-                    self.to_event(&bytes, next_seq).map_err(|reason| (line, offset, reason))
+                TailItem::Line { bytes, line, offset } if parser.needs_header() => {
+                    let header = std::str::from_utf8(&bytes).map_err(|e| format!("CSV header is not UTF-8: {e}"));
+                    match header.and_then(|h| parser.set_header(h)) {
+                        Ok(()) => continue,
+                        Err(reason) => Err((line, offset, reason, bytes)),
+                    }
                 }
+                TailItem::Line { bytes, line, offset } => match self.to_event(&bytes, parser, next_seq) {
+                    Ok(event) => Ok(event),
+                    Err(reason) => Err((line, offset, reason, bytes)),
+                },
                 TailItem::Oversized { line, offset, len } => Err((
                     line,
                     offset,
                     format!("record of {len} bytes exceeds max_record_bytes = {}", self.config.max_record_bytes),
+                    Vec::new(),
                 )),
             };
             match result {
@@ -193,12 +226,19 @@ impl FileSource {
                     bodies.push(event.to_json());
                     next_seq += 1;
                 }
-                Err((line, offset, reason)) => {
+                Err((line, offset, reason, record)) => {
                     n_errors += 1;
                     warn!(source = %id, path = %path, line, offset, reason = %reason, "bad record skipped");
                     last_error = Some(format!("{path}:{line} (offset {offset}): {reason}"));
+                    dead.push(dead_letter_entry(&id, &path, line, offset, &reason, &record));
                 }
             }
+        }
+        // Before the spool commit: a crash in between writes an entry twice, never loses one.
+        if !dead.is_empty()
+            && let Err(e) = append_dead_letters(&self.dead_letter, &dead)
+        {
+            warn!(source = %id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
         }
         let position = serde_json::to_string(tailer.position())?;
         let mut delay = Duration::from_millis(100);
@@ -239,9 +279,10 @@ impl FileSource {
         Ok(Some(next_seq))
     }
 
-    fn to_event(&self, line: &[u8], seq: u64) -> Result<Event, String> {
+    fn to_event(&self, line: &[u8], parser: &RecordParser, seq: u64) -> Result<Event, String> {
         let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-        let (event_time, payload) = self.config.mapping.apply_str(text).map_err(|e| e.to_string())?;
+        let record = parser.parse(text)?;
+        let (event_time, payload) = self.config.mapping.apply_str(&record).map_err(|e| e.to_string())?;
         Ok(Event::new(self.tenant.clone(), self.agent_id.clone(), self.config.id.clone(), seq, event_time, payload))
     }
 
@@ -261,3 +302,47 @@ impl FileSource {
         }
     }
 }
+
+/// The first line of a file (a CSV header), if it can be read.
+fn first_line(path: &std::path::Path) -> Option<String> {
+    use std::io::{BufRead as _, Read as _};
+    let file = std::fs::File::open(path).ok()?;
+    let mut line = String::new();
+    std::io::BufReader::new(file.take(1024 * 1024)).read_line(&mut line).ok()?;
+    Some(line.trim_end_matches(['\n', '\r']).to_owned())
+}
+
+fn dead_letter_entry(source: &str, path: &str, line: u64, offset: u64, reason: &str, record: &[u8]) -> String {
+    let text = String::from_utf8_lossy(&record[..record.len().min(MAX_DEAD_LETTER_RECORD)]);
+    serde_json::json!({
+        "at": chrono::Utc::now().to_rfc3339(),
+        "source": source,
+        "path": path,
+        "line": line,
+        "offset": offset,
+        "reason": reason,
+        "record": text,
+        "truncated": record.len() > MAX_DEAD_LETTER_RECORD,
+    })
+    .to_string()
+}
+
+/// Appends entries to the dead-letter file, rotating it to `.1` past its size limit.
+fn append_dead_letters(file: &std::path::Path, entries: &[String]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    if let Some(dir) = file.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    if std::fs::metadata(file).map(|m| m.len() > MAX_DEAD_LETTER_BYTES).unwrap_or(false) {
+        std::fs::rename(file, file.with_extension("jsonl.1"))?;
+    }
+    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(file)?);
+    for entry in entries {
+        out.write_all(entry.as_bytes())?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()
+}
+
+#[cfg(test)]
+mod tests;

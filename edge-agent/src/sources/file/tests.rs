@@ -1,0 +1,147 @@
+//! The file source running on its thread against a real spool: formats, dead letters, restarts.
+
+use std::io::Write as _;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use actidash_shared::event::{Event, Payload};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+use crate::spool::Spool;
+
+fn append(path: &Path, text: &str) {
+    std::fs::OpenOptions::new().create(true).append(true).open(path).unwrap().write_all(text.as_bytes()).unwrap();
+}
+
+fn config(toml_text: &str) -> FileSourceConfig {
+    toml::from_str(toml_text).unwrap()
+}
+
+/// Runs the source until the spool has `n` events for it (or 20 s), then stops it.
+fn run_until(cfg: FileSourceConfig, spool_path: &Path, dead_letter: &Path, n: u64) {
+    let shutdown = CancellationToken::new();
+    let source = FileSource {
+        config: cfg.clone(),
+        tenant: "acme".into(),
+        agent_id: "a1".into(),
+        spool: Spool::open(spool_path).unwrap(),
+        status: Arc::new(Mutex::new(Default::default())),
+        spooled: Arc::new(tokio::sync::Notify::new()),
+        shutdown: shutdown.clone(),
+        dead_letter: dead_letter.to_owned(),
+    };
+    let thread = std::thread::spawn(move || source.run());
+    let probe = Spool::open(spool_path).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while probe.source_state(&cfg.id).unwrap().next_seq < n && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shutdown.cancel();
+    thread.join().unwrap().unwrap();
+}
+
+fn events(spool_path: &Path, source: &str) -> Vec<Event> {
+    let mut spool = Spool::open(spool_path).unwrap();
+    spool.read(source, 0, 10_000, usize::MAX).unwrap().iter().map(|r| Event::from_json(&r.body).unwrap()).collect()
+}
+
+fn dead_letters(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn csv_with_header_survives_a_restart_mid_file_and_bad_rows_go_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stock.csv");
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/stock.jsonl");
+    let cfg = config(&format!(
+        r#"
+id = "stock"
+path = "{}"
+format = "csv"
+poll_interval_ms = 20
+csv = {{ delimiter = ";" }}
+[mapping]
+domain = "inventory"
+event_time = {{ field = "at", format = "%Y-%m-%d %H:%M:%S" }}
+fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
+"#,
+        file.display()
+    ));
+    append(
+        &file,
+        "sku;wh;qty;at\nS1;W1;5;2026-11-27 10:00:00\nS2;W1;many;2026-11-27 10:00:01\nS3;W2;7;2026-11-27 10:00:02\n",
+    );
+    run_until(cfg.clone(), &spool, &dead, 2);
+
+    // Restarted: the header is read again from the file's first line.
+    append(&file, "S4;W2;1;2026-11-27 10:00:03\nS5;W2\n");
+    run_until(cfg, &spool, &dead, 3);
+
+    let got: Vec<(String, i64)> = events(&spool, "stock")
+        .into_iter()
+        .map(|e| match e.payload {
+            Payload::Inventory(i) => (i.sku, i.on_hand),
+            other => panic!("not inventory: {other:?}"),
+        })
+        .collect();
+    assert_eq!(got, [("S1".into(), 5), ("S3".into(), 7), ("S4".into(), 1)]);
+
+    let dl = dead_letters(&dead);
+    assert_eq!(dl.len(), 2, "{dl:?}");
+    assert_eq!(dl[0]["line"], 3);
+    assert_eq!(dl[0]["record"], "S2;W1;many;2026-11-27 10:00:01");
+    assert!(
+        dl[0]["reason"].as_str().unwrap().contains("field `on_hand` (from `qty`) = \"many\": expected an integer"),
+        "{dl:?}"
+    );
+    assert_eq!(dl[1]["line"], 6);
+    assert_eq!(dl[1]["reason"], "CSV record has 2 fields; the header has 4");
+    assert_eq!(Spool::open(&spool).unwrap().source_state("stock").unwrap().n_errors, 2);
+}
+
+#[test]
+fn the_combined_access_log_preset_becomes_behavior_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("access.log");
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/web.jsonl");
+    let cfg = config(&format!(
+        r#"
+id = "web"
+path = "{}"
+format = "regex"
+poll_interval_ms = 20
+regex = {{ preset = "combined" }}
+[mapping]
+domain = "behavior"
+event_time = {{ field = "time", format = "%d/%b/%Y:%H:%M:%S %z" }}
+fields = {{ visitor_id = "remote", url = "path", referrer = "referrer" }}
+constants = {{ type = "page_view" }}
+"#,
+        file.display()
+    ));
+    append(
+        &file,
+        concat!(
+            "203.0.113.9 - - [27/Nov/2026:10:00:00 +0100] \"GET /p/SKU-1 HTTP/1.1\" 200 512 \"https://www.google.com/\" \"Mozilla/5.0\"\n",
+            "this is not an access log line\n",
+            "198.51.100.7 - - [27/Nov/2026:10:00:05 +0100] \"GET /cart HTTP/2.0\" 200 128 \"-\" \"curl/8\"\n",
+        ),
+    );
+    run_until(cfg, &spool, &dead, 2);
+    let got = events(&spool, "web");
+    assert_eq!(got.len(), 2);
+    let Payload::Behavior(first) = &got[0].payload else { panic!("not behavior") };
+    assert_eq!((first.visitor_id.as_str(), first.url.as_deref()), ("203.0.113.9", Some("/p/SKU-1")));
+    assert_eq!(got[0].event_time.to_rfc3339(), "2026-11-27T09:00:00+00:00");
+    assert_eq!(got[1].seq, 1, "the bad line took no seq");
+    let dl = dead_letters(&dead);
+    assert_eq!(
+        (dl.len(), dl[0]["line"].as_i64(), dl[0]["reason"].as_str()),
+        (1, Some(2), Some("line does not match the pattern"))
+    );
+}
