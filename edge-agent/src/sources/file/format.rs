@@ -245,3 +245,121 @@ mod tests {
         assert_eq!(RecordParser::new(FileFormat::Regex, None, None).unwrap_err().0, "regex");
     }
 }
+
+/// `[sources.multiline]`: records that span lines (stack traces, pretty-printed JSON).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MultilineConfig {
+    /// A regular expression matching the first line of a record; other lines continue it.
+    pub start: String,
+    /// A record with no continuation for this long is complete, in milliseconds.
+    #[serde(default = "default_flush_ms")]
+    pub flush_ms: u64,
+}
+
+fn default_flush_ms() -> u64 {
+    1_000
+}
+
+/// Joins continuation lines to the line that starts their record.
+///
+/// A record is complete when the next start line arrives (or on [`Assembler::flush`]). Until
+/// then its start is where the source's stored position must stay, so that a restart reads the
+/// whole record again: [`Assembler::pending_start`].
+#[derive(Debug)]
+pub struct Assembler {
+    start: Regex,
+    max_bytes: usize,
+    pending: Option<Pending>,
+}
+
+#[derive(Debug)]
+struct Pending {
+    bytes: Vec<u8>,
+    line: u64,
+    offset: u64,
+    len: u64,
+}
+
+impl Assembler {
+    pub fn new(config: &MultilineConfig, max_bytes: usize) -> Result<Assembler, (String, String)> {
+        let start = Regex::new(&config.start).map_err(|e| ("multiline.start".to_owned(), e.to_string()))?;
+        Ok(Assembler { start, max_bytes, pending: None })
+    }
+
+    /// Takes one line; complete records go to `out`.
+    pub fn push(&mut self, item: super::tailer::TailItem, out: &mut Vec<super::tailer::TailItem>) {
+        use super::tailer::TailItem;
+        match item {
+            TailItem::Oversized { .. } => {
+                self.flush(out);
+                out.push(item);
+            }
+            TailItem::Line { bytes, line, offset } => {
+                let starts = self.start.is_match(&String::from_utf8_lossy(&bytes));
+                match &mut self.pending {
+                    Some(p) if !starts => {
+                        p.len += 1 + bytes.len() as u64;
+                        if p.len as usize <= self.max_bytes {
+                            p.bytes.push(b'\n');
+                            p.bytes.extend_from_slice(&bytes);
+                        } else {
+                            p.bytes = Vec::new(); // over the limit: only its size is kept
+                        }
+                    }
+                    _ => {
+                        self.flush(out);
+                        self.pending = Some(Pending { len: bytes.len() as u64, bytes, line, offset });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Completes the pending record, if any.
+    pub fn flush(&mut self, out: &mut Vec<super::tailer::TailItem>) {
+        use super::tailer::TailItem;
+        if let Some(p) = self.pending.take() {
+            if p.len as usize > self.max_bytes {
+                out.push(TailItem::Oversized { line: p.line, offset: p.offset, len: p.len });
+            } else {
+                out.push(TailItem::Line { bytes: p.bytes, line: p.line, offset: p.offset });
+            }
+        }
+    }
+
+    /// (line, offset) where the incomplete record starts.
+    pub fn pending_start(&self) -> Option<(u64, u64)> {
+        self.pending.as_ref().map(|p| (p.line, p.offset))
+    }
+}
+
+#[cfg(test)]
+mod multiline_tests {
+    use super::super::tailer::TailItem;
+    use super::*;
+
+    fn line(text: &str, line: u64, offset: u64) -> TailItem {
+        TailItem::Line { bytes: text.as_bytes().to_vec(), line, offset }
+    }
+
+    #[test]
+    fn continuation_lines_join_their_record_and_the_start_is_remembered() {
+        let cfg = MultilineConfig { start: r"^\{".into(), flush_ms: 10 };
+        let mut a = Assembler::new(&cfg, 30).unwrap();
+        let mut out = Vec::new();
+        a.push(line("{\"a\":", 1, 0), &mut out);
+        a.push(line("  1}", 2, 6), &mut out);
+        assert!(out.is_empty());
+        assert_eq!(a.pending_start(), Some((1, 0)));
+        a.push(line("{\"b\":2}", 3, 11), &mut out);
+        assert_eq!(out, [line("{\"a\":\n  1}", 1, 0)]);
+        assert_eq!(a.pending_start(), Some((3, 11)));
+        // A record over the size limit is reported whole, with its size.
+        a.push(line(&"x".repeat(40), 4, 19), &mut out);
+        a.flush(&mut out);
+        assert_eq!(out[1], TailItem::Oversized { line: 3, offset: 11, len: 48 });
+        assert_eq!(a.pending_start(), None);
+        assert!(Assembler::new(&MultilineConfig { start: "(".into(), flush_ms: 1 }, 10).is_err());
+    }
+}

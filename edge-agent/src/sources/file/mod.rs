@@ -19,8 +19,8 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use self::format::RecordParser;
-pub use self::format::{CsvConfig, FileFormat, RegexConfig};
+use self::format::{Assembler, RecordParser};
+pub use self::format::{CsvConfig, FileFormat, MultilineConfig, RegexConfig};
 use self::tailer::{FilePosition, FileTailer, TailItem, TailNotice};
 use super::{SharedStatus, update_status};
 use crate::mapping::MappingConfig;
@@ -43,6 +43,9 @@ pub struct FileSourceConfig {
     /// Pattern or preset, for `format = "regex"`.
     #[serde(default)]
     pub regex: Option<RegexConfig>,
+    /// Records that span several lines.
+    #[serde(default)]
+    pub multiline: Option<MultilineConfig>,
     /// Longest record accepted, in bytes; longer lines are refused and counted.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -84,6 +87,11 @@ impl FileSourceConfig {
     pub fn parser(&self) -> Result<RecordParser, (String, String)> {
         RecordParser::new(self.format, self.csv.as_ref(), self.regex.as_ref())
     }
+
+    /// The multiline assembler, if configured; the error names the setting.
+    pub fn assembler(&self) -> Result<Option<Assembler>, (String, String)> {
+        self.multiline.as_ref().map(|m| Assembler::new(m, self.max_record_bytes)).transpose()
+    }
 }
 
 /// Largest dead-letter file before it is rotated to `.1`.
@@ -99,6 +107,10 @@ impl FileSource {
     pub fn run(mut self) -> anyhow::Result<()> {
         let id = self.config.id.clone();
         let mut parser = self.config.parser().map_err(|(field, msg)| anyhow::anyhow!("source {id}: {field}: {msg}"))?;
+        let mut assembler =
+            self.config.assembler().map_err(|(field, msg)| anyhow::anyhow!("source {id}: {field}: {msg}"))?;
+        let flush_after = Duration::from_millis(self.config.multiline.as_ref().map_or(0, |m| m.flush_ms));
+        let mut last_line_at = std::time::Instant::now();
         let (mut tailer, mut next_seq) = self.resume()?;
         if parser.needs_header() && tailer.position().line > 0 {
             // Resuming inside a CSV file: its header is its first line.
@@ -133,7 +145,13 @@ impl FileSource {
             }
             let n_items = items.len();
             if n_items > 0 {
-                match self.spool_items(items, &tailer, &mut parser, next_seq)? {
+                last_line_at = std::time::Instant::now();
+            }
+            // A multiline record with no continuation for a while is complete.
+            let flush = assembler.as_ref().is_some_and(|a| a.pending_start().is_some())
+                && last_line_at.elapsed() >= flush_after;
+            if n_items > 0 || flush {
+                match self.spool_items(items, &tailer, &mut parser, assembler.as_mut(), flush, next_seq)? {
                     Some(n) => next_seq = n,
                     None => break, // shut down while waiting for room
                 }
@@ -188,15 +206,44 @@ impl FileSource {
     /// When the spool is full (or the disk, or the spool is busy), the same append is retried
     /// until it succeeds: the source is paused, keeps its position, and counts each bad record
     /// once.
+    #[allow(clippy::too_many_arguments)]
     fn spool_items(
         &mut self,
-        items: Vec<TailItem>,
+        lines: Vec<TailItem>,
         tailer: &FileTailer,
         parser: &mut RecordParser,
+        assembler: Option<&mut Assembler>,
+        flush: bool,
         mut next_seq: u64,
     ) -> anyhow::Result<Option<u64>> {
         let id = self.config.id.clone();
         let path = tailer.path().display().to_string();
+        // Records: lines as they are, or joined by the multiline assembler. The stored position
+        // stays at the start of an incomplete record, so a restart reads it whole again.
+        let mut position = tailer.position().clone();
+        let items = match assembler {
+            None => lines,
+            Some(a) => {
+                let mut records = Vec::with_capacity(lines.len());
+                let mut header_pending = parser.needs_header();
+                for line in lines {
+                    if header_pending {
+                        records.push(line); // a CSV header is one line
+                        header_pending = false;
+                    } else {
+                        a.push(line, &mut records);
+                    }
+                }
+                if flush {
+                    a.flush(&mut records);
+                }
+                if let Some((line, offset)) = a.pending_start() {
+                    position.offset = offset;
+                    position.line = line.saturating_sub(1);
+                }
+                records
+            }
+        };
         let mut bodies = Vec::with_capacity(items.len());
         let mut n_errors = 0;
         let mut last_error = None;
@@ -240,7 +287,7 @@ impl FileSource {
         {
             warn!(source = %id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
         }
-        let position = serde_json::to_string(tailer.position())?;
+        let position = serde_json::to_string(&position)?;
         let mut delay = Duration::from_millis(100);
         let mut paused_since: Option<std::time::Instant> = None;
         loop {

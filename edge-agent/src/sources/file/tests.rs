@@ -145,3 +145,45 @@ constants = {{ type = "page_view" }}
         (1, Some(2), Some("line does not match the pattern"))
     );
 }
+
+#[test]
+fn multiline_records_are_joined_and_a_restart_mid_record_reads_it_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("orders.json");
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/o.jsonl");
+    let cfg = config(&format!(
+        r#"
+id = "o"
+path = "{}"
+poll_interval_ms = 20
+multiline = {{ start = '^\{{', flush_ms = 1000 }}
+[mapping]
+domain = "inventory"
+event_time = {{ field = "at" }}
+fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
+"#,
+        file.display()
+    ));
+    append(
+        &file,
+        "{\"sku\": \"S1\",\n  \"wh\": \"W\", \"qty\": 1,\n  \"at\": \"2026-11-27T10:00:00Z\"}\n{\"sku\": \"S2\",\n",
+    );
+    // The first record completes when the second starts; the second is still open when the
+    // source stops, so its start is where the position stays.
+    run_until(cfg.clone(), &spool, &dead, 1);
+    assert_eq!(events(&spool, "o").len(), 1);
+
+    append(&file, "  \"wh\": \"W\", \"qty\": 2, \"at\": \"2026-11-27T10:00:01Z\"}\n");
+    // No third record starts: the second completes by the flush timeout.
+    run_until(cfg, &spool, &dead, 2);
+    let got: Vec<String> = events(&spool, "o")
+        .into_iter()
+        .map(|e| match e.payload {
+            Payload::Inventory(i) => format!("{}={}", i.sku, i.on_hand),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ["S1=1", "S2=2"]);
+    assert!(dead_letters(&dead).is_empty());
+}
