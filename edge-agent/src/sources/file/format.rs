@@ -291,7 +291,7 @@ impl Assembler {
     pub fn push(&mut self, item: super::tailer::TailItem, out: &mut Vec<super::tailer::TailItem>) {
         use super::tailer::TailItem;
         match item {
-            TailItem::Oversized { .. } => {
+            TailItem::Oversized { .. } | TailItem::Undecodable { .. } => {
                 self.flush(out);
                 out.push(item);
             }

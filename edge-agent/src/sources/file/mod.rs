@@ -21,6 +21,7 @@ use tracing::{info, warn};
 
 use self::format::{Assembler, RecordParser};
 pub use self::format::{CsvConfig, FileFormat, MultilineConfig, RegexConfig};
+pub use self::tailer::Encoding;
 use self::tailer::{FilePosition, FileTailer, TailItem, TailNotice};
 use super::{SharedStatus, update_status};
 use crate::mapping::MappingConfig;
@@ -46,6 +47,9 @@ pub struct FileSourceConfig {
     /// Records that span several lines.
     #[serde(default)]
     pub multiline: Option<MultilineConfig>,
+    /// `utf-8` (default) or `utf-16le`; a byte-order mark at the start of a file is skipped.
+    #[serde(default)]
+    pub encoding: Encoding,
     /// Longest record accepted, in bytes; longer lines are refused and counted.
     #[serde(default = "default_max_record_bytes")]
     pub max_record_bytes: usize,
@@ -190,7 +194,9 @@ impl FileSource {
             s.next_seq = state.next_seq;
             s.n_errors = state.n_errors;
         });
-        Ok((FileTailer::new(self.config.path.clone(), position, self.config.max_record_bytes), state.next_seq))
+        let tailer = FileTailer::new(self.config.path.clone(), position, self.config.max_record_bytes)
+            .with_encoding(self.config.encoding);
+        Ok((tailer, state.next_seq))
     }
 
     fn report_error(&self, message: String) {
@@ -267,6 +273,7 @@ impl FileSource {
                     format!("record of {len} bytes exceeds max_record_bytes = {}", self.config.max_record_bytes),
                     Vec::new(),
                 )),
+                TailItem::Undecodable { line, offset, reason } => Err((line, offset, reason, Vec::new())),
             };
             match result {
                 Ok(event) => {

@@ -26,6 +26,63 @@ pub struct FilePosition {
     pub line: u64,
 }
 
+/// How a file's text is encoded.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Deserialize)]
+pub enum Encoding {
+    #[default]
+    #[serde(rename = "utf-8")]
+    Utf8,
+    #[serde(rename = "utf-16le")]
+    Utf16Le,
+}
+
+impl Encoding {
+    /// Byte length of a newline.
+    fn newline_len(self) -> usize {
+        match self {
+            Encoding::Utf8 => 1,
+            Encoding::Utf16Le => 2,
+        }
+    }
+
+    /// Index of the first newline in `buf` (for UTF-16LE, of an aligned `0A 00` code unit).
+    fn find_newline(self, buf: &[u8]) -> Option<usize> {
+        match self {
+            Encoding::Utf8 => buf.iter().position(|b| *b == b'\n'),
+            Encoding::Utf16Le => buf.chunks_exact(2).position(|u| u == [0x0A, 0x00]).map(|i| i * 2),
+        }
+    }
+
+    fn bom(self) -> &'static [u8] {
+        match self {
+            Encoding::Utf8 => &[0xEF, 0xBB, 0xBF],
+            Encoding::Utf16Le => &[0xFF, 0xFE],
+        }
+    }
+
+    /// A line's bytes (without its newline) as UTF-8, or why not.
+    fn decode(self, mut raw: &[u8]) -> Result<Vec<u8>, String> {
+        match self {
+            Encoding::Utf8 => {
+                if raw.last() == Some(&b'\r') {
+                    raw = &raw[..raw.len() - 1];
+                }
+                Ok(raw.to_vec())
+            }
+            Encoding::Utf16Le => {
+                if raw.ends_with(&[0x0D, 0x00]) {
+                    raw = &raw[..raw.len() - 2];
+                }
+                if raw.len() % 2 != 0 {
+                    return Err(format!("not UTF-16LE: {} bytes (an odd number)", raw.len()));
+                }
+                let units: Vec<u16> = raw.chunks_exact(2).map(|u| u16::from_le_bytes([u[0], u[1]])).collect();
+                String::from_utf16(&units).map(String::into_bytes).map_err(|e| format!("not UTF-16LE: {e}"))
+            }
+        }
+    }
+}
+
 /// What the tailer found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TailItem {
@@ -33,6 +90,8 @@ pub enum TailItem {
     Line { bytes: Vec<u8>, line: u64, offset: u64 },
     /// A line longer than the limit, skipped whole.
     Oversized { line: u64, offset: u64, len: u64 },
+    /// A line that is not valid text in the file's encoding.
+    Undecodable { line: u64, offset: u64, reason: String },
 }
 
 /// Something the caller should report.
@@ -58,6 +117,7 @@ pub struct FileTailer {
     notices: Vec<TailNotice>,
     /// Read buffer, allocated once (zeroing 256 KiB at every poll showed in profiles).
     chunk: Vec<u8>,
+    encoding: Encoding,
 }
 
 const READ_CHUNK: usize = 256 * 1024;
@@ -73,7 +133,14 @@ impl FileTailer {
             skipping: None,
             notices: Vec::new(),
             chunk: vec![0u8; READ_CHUNK],
+            encoding: Encoding::Utf8,
         }
+    }
+
+    /// Reads the file as `encoding` (UTF-8 by default).
+    pub fn with_encoding(mut self, encoding: Encoding) -> FileTailer {
+        self.encoding = encoding;
+        self
     }
 
     pub fn path(&self) -> &Path {
@@ -175,30 +242,41 @@ impl FileTailer {
 
     /// Moves complete lines from `pending` to `items`.
     fn drain_lines(&mut self, items: &mut Vec<TailItem>, max_items: usize) {
+        // A byte-order mark at the very start of a file is not part of its first line.
+        if self.position.offset == 0 && self.position.line == 0 {
+            let bom = self.encoding.bom();
+            if self.pending.len() < bom.len() && bom.starts_with(&self.pending) {
+                return; // wait for enough bytes to tell
+            }
+            if self.pending.starts_with(bom) {
+                self.pending.drain(..bom.len());
+                self.position.offset = bom.len() as u64;
+            }
+        }
+        let nl_len = self.encoding.newline_len();
         let mut start = 0;
         while items.len() < max_items {
-            let Some(nl) = self.pending[start..].iter().position(|b| *b == b'\n') else { break };
+            let Some(nl) = self.encoding.find_newline(&self.pending[start..]) else { break };
             let end = start + nl;
             let offset = self.position.offset;
-            let consumed = (end + 1 - start) as u64;
+            let consumed = (end + nl_len - start) as u64;
             self.position.offset += consumed;
             self.position.line += 1;
             if let Some((line, first_offset)) = self.skipping.take() {
                 items.push(TailItem::Oversized {
                     line,
                     offset: first_offset,
-                    len: self.position.offset - first_offset - 1,
+                    len: self.position.offset - first_offset - nl_len as u64,
                 });
             } else if end - start > self.max_record_bytes {
-                items.push(TailItem::Oversized { line: self.position.line, offset, len: consumed - 1 });
+                items.push(TailItem::Oversized { line: self.position.line, offset, len: consumed - nl_len as u64 });
             } else {
-                let mut bytes = self.pending[start..end].to_vec();
-                if bytes.last() == Some(&b'\r') {
-                    bytes.pop();
+                match self.encoding.decode(&self.pending[start..end]) {
+                    Ok(bytes) => items.push(TailItem::Line { bytes, line: self.position.line, offset }),
+                    Err(reason) => items.push(TailItem::Undecodable { line: self.position.line, offset, reason }),
                 }
-                items.push(TailItem::Line { bytes, line: self.position.line, offset });
             }
-            start = end + 1;
+            start = end + nl_len;
         }
         self.pending.drain(..start);
         // A line already longer than the limit, still without its end: drop what we have and
@@ -206,9 +284,12 @@ impl FileTailer {
         if self.skipping.is_none() && self.pending.len() > self.max_record_bytes {
             self.skipping = Some((self.position.line + 1, self.position.offset));
         }
-        if self.skipping.is_some() && !self.pending.contains(&b'\n') {
-            self.position.offset += self.pending.len() as u64;
-            self.pending.clear();
+        if self.skipping.is_some() && self.encoding.find_newline(&self.pending).is_none() {
+            // Keep whole code units so the newline search stays aligned.
+            let keep = self.pending.len() % nl_len;
+            let drop = self.pending.len() - keep;
+            self.position.offset += drop as u64;
+            self.pending.drain(..drop);
         }
     }
 }
@@ -224,6 +305,7 @@ mod tests {
             .map(|i| match i {
                 TailItem::Line { bytes, .. } => String::from_utf8_lossy(bytes).into_owned(),
                 TailItem::Oversized { line, .. } => format!("<oversized line {line}>"),
+                TailItem::Undecodable { line, reason, .. } => format!("<line {line}: {reason}>"),
             })
             .collect()
     }
@@ -251,6 +333,40 @@ mod tests {
         let items = resumed.poll(10).unwrap();
         assert_eq!(items, [TailItem::Line { bytes: b"four".to_vec(), line: 4, offset: 15 }]);
         assert!(resumed.take_notices().is_empty());
+    }
+
+    #[test]
+    fn utf16le_lines_bom_and_bad_code_units() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.log");
+        let utf16 = |s: &str| s.encode_utf16().flat_map(u16::to_le_bytes).collect::<Vec<u8>>();
+        let mut bytes = vec![0xFF, 0xFE];
+        bytes.extend(utf16("héllo\r\nwörld\n"));
+        bytes.extend([0x00, 0xD8, 0x41, 0x00]); // a lone surrogate, then 'A'
+        bytes.extend(utf16("\nlast"));
+        std::fs::write(&path, &bytes).unwrap();
+        let mut t = FileTailer::new(path.clone(), FilePosition::default(), 100).with_encoding(Encoding::Utf16Le);
+        let items = t.poll(10).unwrap();
+        assert_eq!(lines(&items[..2]), ["héllo", "wörld"]);
+        assert!(
+            matches!(&items[2], TailItem::Undecodable { line: 3, reason, .. } if reason.starts_with("not UTF-16LE"))
+        );
+        assert_eq!(items.len(), 3, "'last' waits for its newline");
+        assert_eq!(t.position().offset, bytes.len() as u64 - 8);
+        // Resuming from the stored position reads on in step with the code units.
+        std::fs::OpenOptions::new().append(true).open(&path).unwrap().write_all(&utf16("\n")).unwrap();
+        let mut resumed = FileTailer::new(path, t.position().clone(), 100).with_encoding(Encoding::Utf16Le);
+        assert_eq!(lines(&resumed.poll(10).unwrap()), ["last"]);
+    }
+
+    #[test]
+    fn a_utf8_bom_is_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f.log");
+        std::fs::write(&path, b"\xEF\xBB\xBF{\"a\":1}\n").unwrap();
+        let mut t = FileTailer::new(path, FilePosition::default(), 100);
+        assert_eq!(lines(&t.poll(10).unwrap()), ["{\"a\":1}"]);
+        assert_eq!(t.position().offset, 11);
     }
 
     #[test]
