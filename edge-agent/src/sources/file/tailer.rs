@@ -73,7 +73,7 @@ impl Encoding {
                 if raw.ends_with(&[0x0D, 0x00]) {
                     raw = &raw[..raw.len() - 2];
                 }
-                if raw.len() % 2 != 0 {
+                if !raw.len().is_multiple_of(2) {
                     return Err(format!("not UTF-16LE: {} bytes (an odd number)", raw.len()));
                 }
                 let units: Vec<u16> = raw.chunks_exact(2).map(|u| u16::from_le_bytes([u[0], u[1]])).collect();
