@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod mapping;
+pub mod reload;
 pub mod sources;
 pub mod spool;
 pub mod transport;

@@ -120,7 +120,8 @@ fn main() -> anyhow::Result<()> {
             }
         }
         Command::Run { config } => {
-            let cfg = AgentConfig::load(&config)?;
+            // Validate before starting anything: a bad file fails the start with its error.
+            AgentConfig::load(&config)?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -134,7 +135,7 @@ fn main() -> anyhow::Result<()> {
                     info!("shutdown requested");
                     signals.cancel();
                 });
-                edge_agent::run(cfg, shutdown).await
+                edge_agent::reload::run_with_reload(config, shutdown).await
             })
         }
     }

@@ -126,3 +126,44 @@ fn an_agent_with_a_wrong_credential_is_refused_and_others_keep_working() {
     let mut good = d.start_agent("good", &good_config).unwrap();
     assert_converges(&d, &lines, Utc::now().timestamp() - 120, &mut [&mut cloud, &mut good]);
 }
+
+#[test]
+fn configuration_reload_adds_a_source_refuses_a_bad_file_and_loses_nothing() {
+    let root = test_root("reload");
+    let data_dir = root.join("onprem");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None, &[("agent-1", "acme", "secret-1")]).unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let since = Utc::now().timestamp() - 120;
+    let mut g = Generator::new(21, 0);
+    let orders: Vec<Line> = (0..1_000).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
+    let web: Vec<Line> = (0..1_000).map(|_| g.line_for(Feed::Web, Utc::now())).collect();
+    append_lines(&data_dir, &orders).unwrap();
+    append_lines(&data_dir, &web).unwrap();
+
+    // At first the agent reads orders only.
+    let config = d.write_agent_config("agent-1", "acme", "secret-1", &data_dir, &[Feed::Orders]).unwrap();
+    let mut agent = d.start_agent("agent-1", &config).unwrap();
+    assert_converges(&d, &orders, since, &mut [&mut cloud, &mut agent]);
+
+    // A new source is added while the agent runs: the web feed arrives, orders are not re-read.
+    d.write_agent_config("agent-1", "acme", "secret-1", &data_dir, &[Feed::Orders, Feed::Web]).unwrap();
+    let mut all = orders.clone();
+    all.extend(web.iter().cloned());
+    assert_converges(&d, &all, since, &mut [&mut cloud, &mut agent]);
+
+    // A broken file is refused; the running configuration keeps reading.
+    std::fs::write(&config, std::fs::read_to_string(&config).unwrap().replace("[cloud]", "[cloud]\nport = 1")).unwrap();
+    wait_until(TIMEOUT, "the bad configuration to be refused", || {
+        Ok(std::fs::read_to_string(agent.log_path())?.contains("new configuration refused"))
+    })
+    .unwrap();
+    let log = std::fs::read_to_string(agent.log_path()).unwrap();
+    assert!(log.contains("unknown field `port`"), "the refusal names the field");
+    let more: Vec<Line> = (0..500).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
+    append_lines(&data_dir, &more).unwrap();
+    all.extend(more);
+    assert_converges(&d, &all, since, &mut [&mut cloud, &mut agent]);
+    assert!(agent.terminate(Duration::from_secs(10)));
+}
