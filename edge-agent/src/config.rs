@@ -194,6 +194,10 @@ impl AgentConfig {
             match source {
                 SourceConfig::File(f) => {
                     f.parser().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
+                    f.assembler().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
+                }
+                SourceConfig::Sqlite(d) => {
+                    d.sql().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
                 }
             }
         }
@@ -325,6 +329,16 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         let text = GOOD.replace("agent_id = \"a1\"", "agent_id = \"a 1\"");
         let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
         assert!(err.starts_with("agent.toml:2: field `agent_id`"), "{err}");
+
+        let text = GOOD.replace("path = \"orders.jsonl\"", "path = \"orders.jsonl\"\nmultiline = { start = \"(\" }");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `sources[0].multiline.start`"), "{err}");
+
+        let text = GOOD
+            .replace("type = \"file\"", "type = \"sqlite\"")
+            .replace("path = \"orders.jsonl\"", "path = \"shop.db\"\ntable = \"orders\"");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `sources[0].incremental_column`"), "{err}");
 
         let text = GOOD.replace("order_id = \"id\"", "order_number = \"id\"");
         let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();

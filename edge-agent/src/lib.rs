@@ -50,17 +50,34 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }));
         statuses.push(status.clone());
         let spool = Spool::open_with(&spool_path, config.spool)?;
-        let runner = match source.clone() {
-            SourceConfig::File(file_config) => sources::file::FileSource {
-                config: file_config,
-                tenant: config.tenant.clone(),
-                agent_id: config.agent_id.clone(),
-                spool,
-                status,
-                spooled: spooled.clone(),
-                shutdown: shutdown.clone(),
-                dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
-            },
+        let dead_letter = config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id()));
+        let runner: Box<dyn FnOnce() -> anyhow::Result<()> + Send> = match source.clone() {
+            SourceConfig::File(file_config) => {
+                let source = sources::file::FileSource {
+                    config: file_config,
+                    tenant: config.tenant.clone(),
+                    agent_id: config.agent_id.clone(),
+                    spool,
+                    status,
+                    spooled: spooled.clone(),
+                    shutdown: shutdown.clone(),
+                    dead_letter,
+                };
+                Box::new(move || source.run())
+            }
+            SourceConfig::Sqlite(db_config) => {
+                let source = sources::sqlite::SqliteSource {
+                    config: db_config,
+                    tenant: config.tenant.clone(),
+                    agent_id: config.agent_id.clone(),
+                    spool,
+                    status,
+                    spooled: spooled.clone(),
+                    shutdown: shutdown.clone(),
+                    dead_letter,
+                };
+                Box::new(move || source.run())
+            }
         };
         let id = source.id().to_owned();
         let token = shutdown.clone();
@@ -68,7 +85,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             std::thread::Builder::new()
                 .name(format!("source-{id}"))
                 .spawn(move || {
-                    if let Err(e) = runner.run() {
+                    if let Err(e) = runner() {
                         error!(source = %id, error = format!("{e:#}"), "source failed; stopping the agent");
                         token.cancel();
                     }

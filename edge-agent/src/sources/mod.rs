@@ -2,9 +2,11 @@
 //!
 //! Every source is built from its [`SourceConfig`] and runs on a thread of its own (reading
 //! files and databases blocks), appending mapped events and its new position to the spool in
-//! one transaction, then waking the shipper. Today there is one kind: [`file`].
+//! one transaction, then waking the shipper. Kinds: [`file`] and [`sqlite`].
 
+mod dead_letter;
 pub mod file;
+pub mod sqlite;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
@@ -20,24 +22,33 @@ use crate::mapping::MappingConfig;
 pub enum SourceConfig {
     /// A growing file of records.
     File(file::FileSourceConfig),
+    /// A table or query of a SQLite database, read incrementally.
+    Sqlite(sqlite::SqliteSourceConfig),
 }
 
 impl SourceConfig {
     pub fn id(&self) -> &str {
         match self {
             SourceConfig::File(c) => &c.id,
+            SourceConfig::Sqlite(c) => &c.id,
         }
     }
 
     pub fn mapping(&self) -> &MappingConfig {
         match self {
             SourceConfig::File(c) => &c.mapping,
+            SourceConfig::Sqlite(c) => &c.mapping,
         }
     }
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
         match self {
             SourceConfig::File(c) => {
+                if c.path.is_relative() {
+                    c.path = base.join(&c.path);
+                }
+            }
+            SourceConfig::Sqlite(c) => {
                 if c.path.is_relative() {
                     c.path = base.join(&c.path);
                 }

@@ -98,11 +98,6 @@ impl FileSourceConfig {
     }
 }
 
-/// Largest dead-letter file before it is rotated to `.1`.
-const MAX_DEAD_LETTER_BYTES: u64 = 64 * 1024 * 1024;
-/// Longest raw record kept in a dead-letter entry.
-const MAX_DEAD_LETTER_RECORD: usize = 64 * 1024;
-
 impl FileSource {
     /// Runs until shutdown. Blocking: call it on a thread of its own.
     ///
@@ -290,7 +285,7 @@ impl FileSource {
         }
         // Before the spool commit: a crash in between writes an entry twice, never loses one.
         if !dead.is_empty()
-            && let Err(e) = append_dead_letters(&self.dead_letter, &dead)
+            && let Err(e) = super::dead_letter::append(&self.dead_letter, &dead)
         {
             warn!(source = %id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
         }
@@ -367,35 +362,12 @@ fn first_line(path: &std::path::Path) -> Option<String> {
 }
 
 fn dead_letter_entry(source: &str, path: &str, line: u64, offset: u64, reason: &str, record: &[u8]) -> String {
-    let text = String::from_utf8_lossy(&record[..record.len().min(MAX_DEAD_LETTER_RECORD)]);
-    serde_json::json!({
-        "at": chrono::Utc::now().to_rfc3339(),
-        "source": source,
-        "path": path,
-        "line": line,
-        "offset": offset,
-        "reason": reason,
-        "record": text,
-        "truncated": record.len() > MAX_DEAD_LETTER_RECORD,
-    })
-    .to_string()
-}
-
-/// Appends entries to the dead-letter file, rotating it to `.1` past its size limit.
-fn append_dead_letters(file: &std::path::Path, entries: &[String]) -> std::io::Result<()> {
-    use std::io::Write as _;
-    if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    if std::fs::metadata(file).map(|m| m.len() > MAX_DEAD_LETTER_BYTES).unwrap_or(false) {
-        std::fs::rename(file, file.with_extension("jsonl.1"))?;
-    }
-    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(file)?);
-    for entry in entries {
-        out.write_all(entry.as_bytes())?;
-        out.write_all(b"\n")?;
-    }
-    out.flush()
+    super::dead_letter::entry(
+        source,
+        serde_json::json!({ "path": path, "line": line, "offset": offset }),
+        reason,
+        record,
+    )
 }
 
 #[cfg(test)]
