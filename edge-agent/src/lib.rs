@@ -50,32 +50,22 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         }));
         statuses.push(status.clone());
         let spool = Spool::open_with(&spool_path, config.spool)?;
-        let dead_letter = config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id()));
+        let ctx = sources::SourceContext {
+            tenant: config.tenant.clone(),
+            agent_id: config.agent_id.clone(),
+            spool,
+            status,
+            spooled: spooled.clone(),
+            shutdown: shutdown.clone(),
+            dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
+        };
         let runner: Box<dyn FnOnce() -> anyhow::Result<()> + Send> = match source.clone() {
             SourceConfig::File(file_config) => {
-                let source = sources::file::FileSource {
-                    config: file_config,
-                    tenant: config.tenant.clone(),
-                    agent_id: config.agent_id.clone(),
-                    spool,
-                    status,
-                    spooled: spooled.clone(),
-                    shutdown: shutdown.clone(),
-                    dead_letter,
-                };
+                let source = sources::file::FileSource { config: file_config, ctx };
                 Box::new(move || source.run())
             }
             SourceConfig::Sqlite(db_config) => {
-                let source = sources::sqlite::SqliteSource {
-                    config: db_config,
-                    tenant: config.tenant.clone(),
-                    agent_id: config.agent_id.clone(),
-                    spool,
-                    status,
-                    spooled: spooled.clone(),
-                    shutdown: shutdown.clone(),
-                    dead_letter,
-                };
+                let source = sources::sqlite::SqliteSource { config: db_config, ctx };
                 Box::new(move || source.run())
             }
         };

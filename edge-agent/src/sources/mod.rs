@@ -8,13 +8,18 @@ mod dead_letter;
 pub mod file;
 pub mod sqlite;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use actidash_shared::wire::SourceStatus;
 use serde::Deserialize;
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
 
 use crate::mapping::MappingConfig;
+use crate::spool::Spool;
 
 /// The configuration of one source, tagged by `type`.
 #[derive(Debug, Clone, Deserialize)]
@@ -64,4 +69,82 @@ pub type SharedStatus = Arc<Mutex<SourceStatus>>;
 pub(crate) fn update_status(status: &SharedStatus, f: impl FnOnce(&mut SourceStatus)) {
     let mut guard = status.lock().unwrap_or_else(|p| p.into_inner());
     f(&mut guard);
+}
+
+/// What every running source needs besides its own configuration.
+#[derive(Debug)]
+pub struct SourceContext {
+    pub tenant: String,
+    pub agent_id: String,
+    /// The source's own spool connection.
+    pub spool: Spool,
+    pub status: SharedStatus,
+    /// Woken after each commit, so the shipper sends without waiting for its own tick.
+    pub spooled: Arc<Notify>,
+    pub shutdown: CancellationToken,
+    /// Where refused records go, with their reason and location (a JSON-lines file).
+    pub dead_letter: PathBuf,
+}
+
+/// One read's worth of a source's output.
+#[derive(Debug, Default)]
+pub(crate) struct Commit {
+    /// The events, serialized.
+    pub(crate) bodies: Vec<Vec<u8>>,
+    /// The source's position after them (JSON).
+    pub(crate) position: String,
+    /// Dead-letter entries of the records refused.
+    pub(crate) dead: Vec<String>,
+    pub(crate) last_error: Option<String>,
+}
+
+impl SourceContext {
+    /// Writes the dead letters, then the events with the new position and the error count in
+    /// one spool transaction, and wakes the shipper. While the spool is full (or the disk, or
+    /// the spool is unwritable) the same append is retried: the source is paused and keeps its
+    /// position, and each bad record is counted once. Returns false if the agent shut down
+    /// while waiting.
+    pub(crate) fn commit(&mut self, source_id: &str, commit: Commit) -> bool {
+        // Before the spool commit: a crash in between writes an entry twice, never loses one.
+        if !commit.dead.is_empty()
+            && let Err(e) = dead_letter::append(&self.dead_letter, &commit.dead)
+        {
+            warn!(source = %source_id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
+        }
+        let n_errors = commit.dead.len() as u64;
+        let mut delay = Duration::from_millis(100);
+        let mut paused_since: Option<Instant> = None;
+        while let Err(e) = self.spool.append(source_id, &commit.bodies, &commit.position, n_errors) {
+            if paused_since.is_none() {
+                if e.is_full() {
+                    warn!(source = %source_id, error = %e, "spool full: source paused, keeping its position");
+                } else {
+                    warn!(source = %source_id, error = %e, "cannot write to the spool: source paused, retrying");
+                }
+                paused_since = Some(Instant::now());
+                update_status(&self.status, |s| {
+                    s.state = "paused".into();
+                    s.last_error = Some(e.to_string());
+                });
+            }
+            if self.shutdown.is_cancelled() {
+                return false;
+            }
+            std::thread::sleep(delay);
+            delay = (delay * 2).min(Duration::from_secs(2));
+        }
+        if let Some(since) = paused_since {
+            info!(source = %source_id, paused_ms = since.elapsed().as_millis() as u64, "spool has room again: source resumed");
+        }
+        update_status(&self.status, |s| {
+            s.n_errors += n_errors;
+            if commit.last_error.is_some() {
+                s.last_error = commit.last_error;
+            }
+        });
+        if !commit.bodies.is_empty() {
+            self.spooled.notify_one();
+        }
+        true
+    }
 }

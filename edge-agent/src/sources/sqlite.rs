@@ -10,7 +10,6 @@
 //! by the application can go backwards; that is the application's choice, and is documented.)
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use actidash_shared::event::Event;
@@ -18,13 +17,10 @@ use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{SharedStatus, update_status};
+use super::{Commit, SourceContext, update_status};
 use crate::mapping::MappingConfig;
-use crate::spool::Spool;
 
 /// Configuration of a SQLite source.
 #[derive(Debug, Clone, Deserialize)]
@@ -123,13 +119,7 @@ impl SqliteSourceConfig {
 #[derive(Debug)]
 pub struct SqliteSource {
     pub config: SqliteSourceConfig,
-    pub tenant: String,
-    pub agent_id: String,
-    pub spool: Spool,
-    pub status: SharedStatus,
-    pub spooled: Arc<Notify>,
-    pub shutdown: CancellationToken,
-    pub dead_letter: PathBuf,
+    pub ctx: SourceContext,
 }
 
 fn to_json(value: ValueRef<'_>) -> Value {
@@ -160,14 +150,14 @@ impl SqliteSource {
         let id = self.config.id.clone();
         let (sql, n_position_params) =
             self.config.sql().map_err(|(field, msg)| anyhow::anyhow!("source {id}: {field}: {msg}"))?;
-        let state = self.spool.source_state(&id)?;
+        let state = self.ctx.spool.source_state(&id)?;
         let mut position: SqlitePosition = serde_json::from_str(&state.position).unwrap_or_default();
         let mut next_seq = state.next_seq;
         info!(source = %id, path = %self.config.path.display(), position = ?position.last, next_seq, "sqlite source started");
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
         let mut conn: Option<Connection> = None;
         let mut delay = poll;
-        while !self.shutdown.is_cancelled() {
+        while !self.ctx.shutdown.is_cancelled() {
             if conn.is_none() {
                 match open_read_only(&self.config.path) {
                     Ok(c) => {
@@ -176,7 +166,7 @@ impl SqliteSource {
                     }
                     Err(e) => {
                         warn!(source = %id, path = %self.config.path.display(), error = %e, "cannot open the database; retrying");
-                        update_status(&self.status, |s| {
+                        update_status(&self.ctx.status, |s| {
                             s.state = "error".into();
                             s.last_error = Some(format!("{}: {e}", self.config.path.display()));
                         });
@@ -203,9 +193,9 @@ impl SqliteSource {
                     Some(n) => next_seq = n,
                     None => break,
                 }
-                self.spooled.notify_one();
+                self.ctx.spooled.notify_one();
             }
-            update_status(&self.status, |s| {
+            update_status(&self.ctx.status, |s| {
                 s.state = if n_rows > 0 { "running".into() } else { "waiting".into() };
                 s.position = format!("{}: {}", self.config.path.display(), position.last);
                 s.next_seq = next_seq;
@@ -228,7 +218,7 @@ impl SqliteSource {
         let id = self.config.id.clone();
         let (order, tie) = self.config.order_columns();
         let mut bodies = Vec::with_capacity(rows.len());
-        let (mut n_errors, mut dead, mut last_error) = (0, Vec::new(), None);
+        let (mut dead, mut last_error) = (Vec::new(), None);
         let mut new_position = position.clone();
         for row in rows {
             new_position.last = row.get(&order).cloned().unwrap_or(Value::Null);
@@ -239,13 +229,19 @@ impl SqliteSource {
             match self.config.mapping.apply_str(&text) {
                 Ok((time, payload)) => {
                     bodies.push(
-                        Event::new(self.tenant.clone(), self.agent_id.clone(), id.clone(), next_seq, time, payload)
-                            .to_json(),
+                        Event::new(
+                            self.ctx.tenant.clone(),
+                            self.ctx.agent_id.clone(),
+                            id.clone(),
+                            next_seq,
+                            time,
+                            payload,
+                        )
+                        .to_json(),
                     );
                     next_seq += 1;
                 }
                 Err(e) => {
-                    n_errors += 1;
                     let reason = e.to_string();
                     warn!(source = %id, position = %new_position.last, reason = %reason, "bad row skipped");
                     let location = serde_json::json!({ "database": self.config.path.display().to_string(), "position": new_position.last });
@@ -254,32 +250,11 @@ impl SqliteSource {
                 }
             }
         }
-        if !dead.is_empty()
-            && let Err(e) = super::dead_letter::append(&self.dead_letter, &dead)
-        {
-            warn!(source = %id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
-        }
         let stored = serde_json::to_string(&new_position)?;
-        let mut delay = Duration::from_millis(100);
-        let mut paused = false;
-        while let Err(e) = self.spool.append(&id, &bodies, &stored, n_errors) {
-            if !paused {
-                warn!(source = %id, error = %e, "cannot write to the spool: source paused, keeping its position");
-                paused = true;
-            }
-            if self.shutdown.is_cancelled() {
-                return Ok(None);
-            }
-            std::thread::sleep(delay);
-            delay = (delay * 2).min(Duration::from_secs(2));
+        if !self.ctx.commit(&id, Commit { bodies, position: stored, dead, last_error }) {
+            return Ok(None);
         }
         *position = new_position;
-        update_status(&self.status, |s| {
-            s.n_errors += n_errors;
-            if last_error.is_some() {
-                s.last_error = last_error;
-            }
-        });
         Ok(Some(next_seq))
     }
 }
@@ -319,20 +294,15 @@ fn read_rows(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
+    use crate::spool::Spool;
     use std::time::Instant;
+    use tokio_util::sync::CancellationToken;
 
     fn run_until(cfg: SqliteSourceConfig, spool: &Path, dead: &Path, n: u64) {
         let shutdown = CancellationToken::new();
         let source = SqliteSource {
             config: cfg.clone(),
-            tenant: "acme".into(),
-            agent_id: "a1".into(),
-            spool: Spool::open(spool).unwrap(),
-            status: Arc::new(Mutex::new(Default::default())),
-            spooled: Arc::new(Notify::new()),
-            shutdown: shutdown.clone(),
-            dead_letter: dead.to_owned(),
+            ctx: crate::sources::file::tests::test_context(spool, dead, &shutdown),
         };
         let t = std::thread::spawn(move || source.run());
         let probe = Spool::open(spool).unwrap();

@@ -8,24 +8,20 @@ pub mod format;
 pub mod tailer;
 
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::Duration;
 
 use actidash_shared::event::Event;
 use notify::Watcher as _;
 use serde::Deserialize;
-use tokio::sync::Notify;
-use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use self::format::{Assembler, RecordParser};
 pub use self::format::{CsvConfig, FileFormat, MultilineConfig, RegexConfig};
 pub use self::tailer::Encoding;
 use self::tailer::{FilePosition, FileTailer, TailItem, TailNotice};
-use super::{SharedStatus, update_status};
+use super::{Commit, SourceContext, update_status};
 use crate::mapping::MappingConfig;
-use crate::spool::Spool;
 
 /// Configuration of a file source.
 #[derive(Debug, Clone, Deserialize)]
@@ -75,15 +71,7 @@ const MAX_LINES_PER_COMMIT: usize = 5_000;
 #[derive(Debug)]
 pub struct FileSource {
     pub config: FileSourceConfig,
-    pub tenant: String,
-    pub agent_id: String,
-    pub spool: Spool,
-    pub status: SharedStatus,
-    /// Woken after each commit, so the shipper sends without waiting for its own tick.
-    pub spooled: Arc<Notify>,
-    pub shutdown: CancellationToken,
-    /// Where refused records go, with their reason and position (a JSON-lines file).
-    pub dead_letter: PathBuf,
+    pub ctx: SourceContext,
 }
 
 impl FileSourceConfig {
@@ -121,7 +109,7 @@ impl FileSource {
         let _watcher = self.watch(wake_tx);
         let poll_interval = Duration::from_millis(self.config.poll_interval_ms.max(10));
 
-        while !self.shutdown.is_cancelled() {
+        while !self.ctx.shutdown.is_cancelled() {
             let items = match tailer.poll(MAX_LINES_PER_COMMIT) {
                 Ok(items) => items,
                 Err(e) => {
@@ -154,9 +142,9 @@ impl FileSource {
                     Some(n) => next_seq = n,
                     None => break, // shut down while waiting for room
                 }
-                self.spooled.notify_one();
+                self.ctx.spooled.notify_one();
             }
-            update_status(&self.status, |s| {
+            update_status(&self.ctx.status, |s| {
                 s.state = if n_items > 0 { "running".into() } else { "waiting".into() };
                 s.position = format!("{}:{}", tailer.path().display(), tailer.position().offset);
                 s.next_seq = next_seq;
@@ -175,7 +163,7 @@ impl FileSource {
     /// A tailer at the committed position, and the next seq.
     fn resume(&mut self) -> anyhow::Result<(FileTailer, u64)> {
         let id = &self.config.id;
-        let state = self.spool.source_state(id)?;
+        let state = self.ctx.spool.source_state(id)?;
         let position: FilePosition = if state.position.is_empty() {
             FilePosition::default()
         } else {
@@ -185,7 +173,7 @@ impl FileSource {
             })
         };
         info!(source = %id, path = %self.config.path.display(), offset = position.offset, next_seq = state.next_seq, "file source resumed");
-        update_status(&self.status, |s| {
+        update_status(&self.ctx.status, |s| {
             s.next_seq = state.next_seq;
             s.n_errors = state.n_errors;
         });
@@ -195,7 +183,7 @@ impl FileSource {
     }
 
     fn report_error(&self, message: String) {
-        update_status(&self.status, |s| {
+        update_status(&self.ctx.status, |s| {
             s.state = "error".into();
             s.last_error = Some(message);
         });
@@ -246,7 +234,6 @@ impl FileSource {
             }
         };
         let mut bodies = Vec::with_capacity(items.len());
-        let mut n_errors = 0;
         let mut last_error = None;
         let mut dead = Vec::new();
         for item in items {
@@ -276,55 +263,16 @@ impl FileSource {
                     next_seq += 1;
                 }
                 Err((line, offset, reason, record)) => {
-                    n_errors += 1;
                     warn!(source = %id, path = %path, line, offset, reason = %reason, "bad record skipped");
                     last_error = Some(format!("{path}:{line} (offset {offset}): {reason}"));
                     dead.push(dead_letter_entry(&id, &path, line, offset, &reason, &record));
                 }
             }
         }
-        // Before the spool commit: a crash in between writes an entry twice, never loses one.
-        if !dead.is_empty()
-            && let Err(e) = super::dead_letter::append(&self.dead_letter, &dead)
-        {
-            warn!(source = %id, path = %self.dead_letter.display(), error = %e, "cannot write the dead-letter file");
-        }
         let position = serde_json::to_string(&position)?;
-        let mut delay = Duration::from_millis(100);
-        let mut paused_since: Option<std::time::Instant> = None;
-        loop {
-            match self.spool.append(&id, &bodies, &position, n_errors) {
-                Ok(_) => break,
-                Err(e) => {
-                    if paused_since.is_none() {
-                        if e.is_full() {
-                            warn!(source = %id, error = %e, "spool full: source paused, keeping its position");
-                        } else {
-                            warn!(source = %id, error = %e, "cannot write to the spool: source paused, retrying");
-                        }
-                        paused_since = Some(std::time::Instant::now());
-                        update_status(&self.status, |s| {
-                            s.state = "paused".into();
-                            s.last_error = Some(e.to_string());
-                        });
-                    }
-                    if self.shutdown.is_cancelled() {
-                        return Ok(None);
-                    }
-                    std::thread::sleep(delay);
-                    delay = (delay * 2).min(Duration::from_secs(2));
-                }
-            }
+        if !self.ctx.commit(&id, Commit { bodies, position, dead, last_error }) {
+            return Ok(None);
         }
-        if let Some(since) = paused_since {
-            info!(source = %id, paused_ms = since.elapsed().as_millis() as u64, "spool has room again: source resumed");
-        }
-        update_status(&self.status, |s| {
-            s.n_errors += n_errors;
-            if last_error.is_some() {
-                s.last_error = last_error;
-            }
-        });
         Ok(Some(next_seq))
     }
 
@@ -332,7 +280,14 @@ impl FileSource {
         let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
         let record = parser.parse(text)?;
         let (event_time, payload) = self.config.mapping.apply_str(&record).map_err(|e| e.to_string())?;
-        Ok(Event::new(self.tenant.clone(), self.agent_id.clone(), self.config.id.clone(), seq, event_time, payload))
+        Ok(Event::new(
+            self.ctx.tenant.clone(),
+            self.ctx.agent_id.clone(),
+            self.config.id.clone(),
+            seq,
+            event_time,
+            payload,
+        ))
     }
 
     /// Watches the file's folder; events only wake the loop (bounded: one pending wake-up).
@@ -371,4 +326,4 @@ fn dead_letter_entry(source: &str, path: &str, line: u64, offset: u64, reason: &
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

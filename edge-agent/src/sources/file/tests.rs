@@ -22,16 +22,7 @@ fn config(toml_text: &str) -> FileSourceConfig {
 /// Runs the source until the spool has `n` events for it (or 20 s), then stops it.
 fn run_until(cfg: FileSourceConfig, spool_path: &Path, dead_letter: &Path, n: u64) {
     let shutdown = CancellationToken::new();
-    let source = FileSource {
-        config: cfg.clone(),
-        tenant: "acme".into(),
-        agent_id: "a1".into(),
-        spool: Spool::open(spool_path).unwrap(),
-        status: Arc::new(Mutex::new(Default::default())),
-        spooled: Arc::new(tokio::sync::Notify::new()),
-        shutdown: shutdown.clone(),
-        dead_letter: dead_letter.to_owned(),
-    };
+    let source = FileSource { config: cfg.clone(), ctx: test_context(spool_path, dead_letter, &shutdown) };
     let thread = std::thread::spawn(move || source.run());
     let probe = Spool::open(spool_path).unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -40,6 +31,19 @@ fn run_until(cfg: FileSourceConfig, spool_path: &Path, dead_letter: &Path, n: u6
     }
     shutdown.cancel();
     thread.join().unwrap().unwrap();
+}
+
+/// A source context over `spool_path` for tests.
+pub(crate) fn test_context(spool_path: &Path, dead_letter: &Path, shutdown: &CancellationToken) -> SourceContext {
+    SourceContext {
+        tenant: "acme".into(),
+        agent_id: "a1".into(),
+        spool: Spool::open(spool_path).unwrap(),
+        status: Arc::new(Mutex::new(Default::default())),
+        spooled: Arc::new(tokio::sync::Notify::new()),
+        shutdown: shutdown.clone(),
+        dead_letter: dead_letter.to_owned(),
+    }
 }
 
 fn events(spool_path: &Path, source: &str) -> Vec<Event> {
