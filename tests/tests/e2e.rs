@@ -60,6 +60,15 @@ fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut [Process], kill_process
     })
     .unwrap();
     assert!(agent.terminate(Duration::from_secs(10)), "agent did not stop cleanly on SIGTERM");
+
+    // No log of any process holds the agent's credential.
+    for entry in std::fs::read_dir(&d.root).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "log") {
+            let log = std::fs::read_to_string(&path).unwrap();
+            assert!(!log.contains("secret-1"), "{} contains the credential", path.display());
+        }
+    }
 }
 
 #[test]
