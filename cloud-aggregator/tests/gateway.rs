@@ -6,9 +6,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use actidash_shared::Money;
 use actidash_shared::batch;
-use actidash_shared::event::{Event, OrderStatus, Payload, SalesOrder};
 use actidash_shared::wire::{Batch, Codec, ErrorCode, Frame, Hello, PROTOCOL_VERSION};
 use bytes::BytesMut;
 use cloud_aggregator::config::{AgentEntry, GatewayConfig};
@@ -106,27 +104,7 @@ fn hello(agent: &str, credential: &str, version: u16) -> Frame {
 
 fn order_batch(tenant: &str, first_seq: u64, n: u64) -> Frame {
     let events: Vec<Vec<u8>> = (first_seq..first_seq + n)
-        .map(|seq| {
-            Event::new(
-                tenant.into(),
-                "a1".into(),
-                "orders".into(),
-                seq,
-                "2026-11-27T10:00:00Z".parse().unwrap(),
-                Payload::Sales(SalesOrder {
-                    order_id: format!("o{seq}"),
-                    customer_id: "c".into(),
-                    channel: "web".into(),
-                    site: "s".into(),
-                    country: "FR".into(),
-                    currency: "EUR".into(),
-                    amount: Money::parse("10.00").unwrap(),
-                    items: vec![],
-                    status: OrderStatus::Placed,
-                }),
-            )
-            .to_json()
-        })
+        .map(|seq| actidash_shared::testing::sale(tenant, "a1", seq, "10.00").to_json())
         .collect();
     Frame::Batch(Batch {
         source_id: "orders".into(),

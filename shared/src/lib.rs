@@ -16,6 +16,8 @@ pub mod event;
 pub mod kafka;
 pub mod money;
 pub mod session;
+#[cfg(feature = "testing")]
+pub mod testing;
 pub mod wire;
 
 pub use event::{Domain, Event, Payload};

@@ -118,28 +118,9 @@ impl Processor {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use actidash_shared::Money;
-    use actidash_shared::event::{OrderStatus, Payload, SalesOrder};
 
     fn batch(connection: u64, seq: u64) -> (EmbeddedInput, oneshot::Receiver<Result<(), String>>) {
-        let event = Event::new(
-            "t".into(),
-            "a".into(),
-            "s".into(),
-            seq,
-            "2026-11-27T10:00:00Z".parse().unwrap(),
-            Payload::Sales(SalesOrder {
-                order_id: format!("o{seq}"),
-                customer_id: "c".into(),
-                channel: "web".into(),
-                site: "x".into(),
-                country: "FR".into(),
-                currency: "EUR".into(),
-                amount: Money::parse("1").unwrap(),
-                items: vec![],
-                status: OrderStatus::Placed,
-            }),
-        );
+        let event = actidash_shared::testing::sale("t", "a", seq, "1");
         let (reply, rx) = oneshot::channel();
         (EmbeddedInput::Batch { connection, events: vec![event], reply }, rx)
     }

@@ -77,27 +77,10 @@ impl RollupDelta {
 mod tests {
     use super::*;
     use actidash_shared::Money;
-    use actidash_shared::event::{BehaviorEvent, BehaviorKind, OrderStatus, SalesOrder};
+    use actidash_shared::event::{BehaviorEvent, BehaviorKind, OrderStatus};
 
     fn sale(time: &str, channel: &str, amount: &str, status: OrderStatus) -> Event {
-        Event::new(
-            "t".into(),
-            "a".into(),
-            "s".into(),
-            0,
-            time.parse().unwrap(),
-            Payload::Sales(SalesOrder {
-                order_id: "o".into(),
-                customer_id: "c".into(),
-                channel: channel.into(),
-                site: "x".into(),
-                country: "FR".into(),
-                currency: "EUR".into(),
-                amount: Money::parse(amount).unwrap(),
-                items: vec![],
-                status,
-            }),
-        )
+        actidash_shared::testing::sale_with("t", "a", 0, time, channel, amount, status)
     }
 
     /// Data-driven check: events in, expected (minute offset, channel, orders, revenue) out.

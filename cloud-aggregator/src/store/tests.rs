@@ -1,29 +1,9 @@
 //! Store tests: de-duplication, offset fencing, the gap check, and totals.
 
-use actidash_shared::Money;
-use actidash_shared::event::{OrderStatus, Payload, SalesOrder};
-
 use super::*;
 
 fn sale(agent: &str, seq: u64, amount: &str) -> Event {
-    Event::new(
-        "acme".into(),
-        agent.into(),
-        "orders".into(),
-        seq,
-        "2026-11-27T10:00:00Z".parse().unwrap(),
-        Payload::Sales(SalesOrder {
-            order_id: format!("o{seq}"),
-            customer_id: "c".into(),
-            channel: "web".into(),
-            site: "s".into(),
-            country: "FR".into(),
-            currency: "EUR".into(),
-            amount: Money::parse(amount).unwrap(),
-            items: vec![],
-            status: OrderStatus::Placed,
-        }),
-    )
+    actidash_shared::testing::sale("acme", agent, seq, amount)
 }
 
 fn input(stream: &str, events: Vec<Event>) -> StreamInput {

@@ -1,0 +1,40 @@
+//! Test fixtures shared by the crates' tests (feature `testing`; never in release builds).
+
+use crate::event::{Event, OrderStatus, Payload, SalesOrder};
+use crate::money::Money;
+
+/// A sales event: order `o{seq}` of `amount` on channel `web` in EUR, placed at
+/// 2026-11-27T10:00:00Z, from source `orders`.
+pub fn sale(tenant: &str, agent_id: &str, seq: u64, amount: &str) -> Event {
+    sale_with(tenant, agent_id, seq, "2026-11-27T10:00:00Z", "web", amount, OrderStatus::Placed)
+}
+
+/// A sales event with every varying part given.
+pub fn sale_with(
+    tenant: &str,
+    agent_id: &str,
+    seq: u64,
+    time: &str,
+    channel: &str,
+    amount: &str,
+    status: OrderStatus,
+) -> Event {
+    Event::new(
+        tenant.into(),
+        agent_id.into(),
+        "orders".into(),
+        seq,
+        time.parse().unwrap_or_default(),
+        Payload::Sales(SalesOrder {
+            order_id: format!("o{seq}"),
+            customer_id: "c".into(),
+            channel: channel.into(),
+            site: "shop".into(),
+            country: "FR".into(),
+            currency: "EUR".into(),
+            amount: Money::parse(amount).unwrap_or_default(),
+            items: vec![],
+            status,
+        }),
+    )
+}
