@@ -1,4 +1,4 @@
-//! Store tests: de-duplication, offset fencing, the gap check, and totals.
+//! Store tests: de-duplication, offset fencing, the fleet view, and totals.
 
 use super::*;
 
