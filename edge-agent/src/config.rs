@@ -73,6 +73,9 @@ pub struct CloudConfig {
     /// The credential inline (for tests and demos).
     #[serde(default)]
     pub credential: Option<String>,
+    /// Name of an environment variable holding the credential.
+    #[serde(default)]
+    pub credential_env: Option<String>,
     /// `auto` (default: QUIC, falling back to TLS over TCP by itself where UDP is blocked),
     /// `quic` or `tcp`.
     #[serde(default)]
@@ -168,14 +171,28 @@ impl AgentConfig {
         if self.cloud.address.parse::<SocketAddr>().is_err() && !self.cloud.address.contains(':') {
             return Err(("cloud.address".into(), format!("{:?} is not host:port", self.cloud.address)));
         }
-        match (&self.cloud.credential, &self.cloud.credential_file) {
-            (None, None) => {
-                return Err(("cloud.credential_file".into(), "set credential_file (or credential)".into()));
+        let n_credentials = [
+            self.cloud.credential.is_some(),
+            self.cloud.credential_file.is_some(),
+            self.cloud.credential_env.is_some(),
+        ]
+        .into_iter()
+        .filter(|set| *set)
+        .count();
+        match n_credentials {
+            0 => {
+                return Err((
+                    "cloud.credential_file".into(),
+                    "set credential_file, credential_env or credential".into(),
+                ));
             }
-            (Some(_), Some(_)) => {
-                return Err(("cloud.credential".into(), "set credential_file or credential, not both".into()));
+            1 => {}
+            _ => {
+                return Err((
+                    "cloud.credential".into(),
+                    "set one of credential_file, credential_env and credential".into(),
+                ));
             }
-            _ => {}
         }
         if self.spool.max_bytes < 1024 * 1024 {
             return Err(("spool.max_bytes".into(), format!("{} is below the minimum of 1 MiB", self.spool.max_bytes)));
@@ -204,17 +221,26 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// The credential, read from its file if configured so.
+    /// The credential, read from its file or environment variable if configured so. Errors
+    /// name where it was looked for, never its value.
     pub fn credential(&self) -> anyhow::Result<String> {
         use anyhow::Context as _;
-        match (&self.cloud.credential, &self.cloud.credential_file) {
-            (Some(c), _) => Ok(c.clone()),
-            (None, Some(path)) => Ok(std::fs::read_to_string(path)
-                .with_context(|| format!("reading credential file {}", path.display()))?
-                .trim()
-                .to_owned()),
-            (None, None) => anyhow::bail!("no credential configured"),
+        let cloud = &self.cloud;
+        if let Some(c) = &cloud.credential {
+            return Ok(c.clone());
         }
+        if let Some(path) = &cloud.credential_file {
+            let text =
+                std::fs::read_to_string(path).with_context(|| format!("reading credential file {}", path.display()))?;
+            return Ok(text.trim().to_owned());
+        }
+        if let Some(var) = &cloud.credential_env {
+            let value =
+                std::env::var(var).with_context(|| format!("environment variable {var} (cloud.credential_env)"))?;
+            anyhow::ensure!(!value.trim().is_empty(), "environment variable {var} (cloud.credential_env) is empty");
+            return Ok(value.trim().to_owned());
+        }
+        anyhow::bail!("no credential configured")
     }
 
     /// The mapping of every source, by id.
@@ -310,6 +336,16 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         assert_eq!(cfg.cloud.ca_file, Path::new("/etc/actidash/ca.pem"));
         assert_eq!(cfg.credential().unwrap(), "s3cret");
         assert_eq!(cfg.sources.len(), 1);
+    }
+
+    #[test]
+    fn the_credential_comes_from_exactly_one_place() {
+        let both = GOOD.replace("credential = \"s3cret\"", "credential = \"a\"\ncredential_env = \"B\"");
+        let err = AgentConfig::parse(&both, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("set one of credential_file, credential_env and credential"), "{err}");
+        let none = GOOD.replace("credential = \"s3cret\"\n", "");
+        let err = AgentConfig::parse(&none, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `cloud.credential_file`"), "{err}");
     }
 
     #[test]

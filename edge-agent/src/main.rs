@@ -63,6 +63,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             let cfg = AgentConfig::load(&config)?;
+            // The credential must be loadable (file readable, variable set); it is never printed.
+            cfg.credential()?;
             println!("{}: OK ({} sources)", config.display(), cfg.sources.len());
             Ok(())
         }

@@ -61,6 +61,33 @@ fn check_accepts_a_good_config_and_names_file_line_and_field_otherwise() {
 }
 
 #[test]
+fn the_credential_can_come_from_an_environment_variable_and_is_never_printed() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    let text =
+        std::fs::read_to_string(&config).unwrap().replace("credential = \"s\"", "credential_env = \"AGENT_SECRET\"");
+    std::fs::write(&config, text).unwrap();
+    let check = |env: Option<&str>| {
+        let mut cmd = Command::new(AGENT);
+        cmd.args(["check", "--config", config.to_str().unwrap()]).env("ACTIDASH_LOG", "off").env_remove("AGENT_SECRET");
+        if let Some(value) = env {
+            cmd.env("AGENT_SECRET", value);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.success(),
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+        )
+    };
+    let (ok, out) = check(None);
+    assert!(!ok);
+    assert!(out.contains("environment variable AGENT_SECRET (cloud.credential_env)"), "{out}");
+    let (ok, out) = check(Some("hunter2-very-secret"));
+    assert!(ok, "{out}");
+    assert!(!out.contains("hunter2"), "the credential is never printed: {out}");
+}
+
+#[test]
 fn spool_inspect_and_verify_report_depth_positions_and_damage() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "");
