@@ -30,7 +30,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::mapping::MappingConfig;
 use crate::sources::SourceConfig;
 use crate::spool::SpoolConfig;
 
@@ -241,11 +240,6 @@ impl AgentConfig {
             return Ok(value.trim().to_owned());
         }
         anyhow::bail!("no credential configured")
-    }
-
-    /// The mapping of every source, by id.
-    pub fn mappings(&self) -> impl Iterator<Item = (&str, &MappingConfig)> {
-        self.sources.iter().map(|s| (s.id(), s.mapping()))
     }
 }
 

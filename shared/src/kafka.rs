@@ -9,6 +9,8 @@
 //!
 //! Agent heartbeats go to `{prefix}.fleet`, keyed by agent id, as [`FleetRecord`] JSON.
 
+use std::borrow::Cow;
+
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
@@ -30,13 +32,13 @@ pub fn fleet_topic(prefix: &str) -> String {
     format!("{prefix}.fleet")
 }
 
-/// The headers of an event's record, in order.
-pub fn headers(event: &Event) -> [(&'static str, String); 4] {
+/// The headers of an event's record, in order (the ids borrowed from the event).
+pub fn headers(event: &Event) -> [(&'static str, Cow<'_, str>); 4] {
     [
-        (HEADER_AGENT_ID, event.agent_id.clone()),
-        (HEADER_SOURCE_ID, event.source_id.clone()),
-        (HEADER_SEQ, event.seq.to_string()),
-        (HEADER_SCHEMA_VERSION, event.schema_version.to_string()),
+        (HEADER_AGENT_ID, Cow::Borrowed(event.agent_id.as_str())),
+        (HEADER_SOURCE_ID, Cow::Borrowed(event.source_id.as_str())),
+        (HEADER_SEQ, Cow::Owned(event.seq.to_string())),
+        (HEADER_SCHEMA_VERSION, Cow::Owned(event.schema_version.to_string())),
     ]
 }
 

@@ -213,24 +213,28 @@ impl Store {
                         continue;
                     }
                 }
-                // Load the marks this input needs (runs of one source are the common case).
-                let mut previous: Option<(&str, &str)> = None;
-                for event in &input.events {
-                    if previous == Some((event.agent_id.as_str(), event.source_id.as_str())) {
-                        continue;
-                    }
-                    previous = Some((event.agent_id.as_str(), event.source_id.as_str()));
-                    let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
-                    if let std::collections::hash_map::Entry::Vacant(slot) = marks.entry(key) {
-                        let (stream, agent, source) = slot.key();
-                        let mark: Option<i64> =
-                            get_mark.query_row(params![stream, agent, source], |r| r.get(0)).optional().map_err(err)?;
-                        slot.insert(mark);
-                    }
-                }
+                // One pass. The mark of the current source is kept at hand and the map (or the
+                // table) consulted only when the source changes: runs of one source are the
+                // common case, and no key is built per event.
+                let mut current: Option<((String, String, String), Option<i64>)> = None;
                 for event in input.events {
-                    let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
-                    let mark = marks.entry(key).or_insert(None);
+                    let same_source =
+                        current.as_ref().is_some_and(|((_, a, s), _)| *a == event.agent_id && *s == event.source_id);
+                    if !same_source {
+                        if let Some((key, mark)) = current.take() {
+                            marks.insert(key, mark);
+                        }
+                        let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
+                        let mark = match marks.get(&key) {
+                            Some(mark) => *mark,
+                            None => get_mark
+                                .query_row(params![key.0, key.1, key.2], |r| r.get(0))
+                                .optional()
+                                .map_err(err)?,
+                        };
+                        current = Some((key, mark));
+                    }
+                    let Some((_, mark)) = current.as_mut() else { continue };
                     if mark.is_some_and(|m| event.seq as i64 <= m) {
                         outcome.n_duplicates += 1;
                         continue;
@@ -238,6 +242,9 @@ impl Store {
                     *mark = Some(event.seq as i64);
                     delta.add(&event);
                     outcome.n_applied += 1;
+                }
+                if let Some((key, mark)) = current {
+                    marks.insert(key, mark);
                 }
                 if let Some(claim) = input.offset {
                     put_offset.execute(params![claim.topic, claim.partition, claim.new_next]).map_err(err)?;

@@ -693,14 +693,14 @@ impl Spool {
 
     /// Caps the database file at `pages` pages, so that writes beyond it fail like on a full
     /// disk. For tests of the disk-full path.
-    #[doc(hidden)]
-    pub fn limit_pages_for_test(&self, pages: u64) {
+    #[cfg(test)]
+    pub(crate) fn limit_pages_for_test(&self, pages: u64) {
         let _ = self.conn.pragma_update(None, "max_page_count", pages);
     }
 
     /// The number of pages the database file has now.
-    #[doc(hidden)]
-    pub fn page_count_for_test(&self) -> u64 {
+    #[cfg(test)]
+    pub(crate) fn page_count_for_test(&self) -> u64 {
         self.conn.pragma_query_value(None, "page_count", |r| r.get::<_, i64>(0)).unwrap_or(0) as u64
     }
 }
