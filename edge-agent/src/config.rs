@@ -209,8 +209,7 @@ impl AgentConfig {
             source.mapping().validate().map_err(|(field, msg)| (format!("sources[{idx}].mapping.{field}"), msg))?;
             match source {
                 SourceConfig::File(f) => {
-                    f.parser().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
-                    f.assembler().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
+                    f.validate().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
                 }
                 SourceConfig::Sqlite(d) => {
                     d.sql().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;

@@ -48,11 +48,7 @@ impl SourceConfig {
 
     pub(crate) fn resolve_paths(&mut self, base: &Path) {
         match self {
-            SourceConfig::File(c) => {
-                if c.path.is_relative() {
-                    c.path = base.join(&c.path);
-                }
-            }
+            SourceConfig::File(c) => c.resolve_paths(base),
             SourceConfig::Sqlite(c) => {
                 if c.path.is_relative() {
                     c.path = base.join(&c.path);

@@ -15,7 +15,8 @@ use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use edge_agent::mapping::MappingConfig;
-use edge_agent::sources::file::tailer::{FilePosition, FileTailer, TailItem};
+use edge_agent::sources::file::fileset::{FileSet, FileSetConfig, SetPosition};
+use edge_agent::sources::file::tailer::{Encoding, TailItem};
 use edge_agent::spool::{Durability, Spool, SpoolConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -101,18 +102,30 @@ enum Sink {
     Spool(Spool),
 }
 
-/// Tails `file` to its end through the agent's real tailer and mapping into `sink`; events/s.
+/// Tails `file` to its end through the agent's real file set, tailer and mapping into `sink`;
+/// events/s.
 fn tail_into(file: &Path, mapping: &MappingConfig, mut sink: Sink) -> anyhow::Result<(usize, f64)> {
-    let mut tailer = FileTailer::new(file.to_owned(), FilePosition::default(), 1 << 20);
+    let cfg = FileSetConfig {
+        include: vec![file.display().to_string()],
+        exclude: Vec::new(),
+        fingerprint_bytes: 1024,
+        release_after: Duration::from_secs(5),
+        close_inactive: Duration::from_secs(300),
+        forget_after: Duration::from_secs(86_400),
+        max_record_bytes: 1 << 20,
+        encoding: Encoding::Utf8,
+    };
+    let mut files = FileSet::new(cfg, SetPosition::default()).map_err(anyhow::Error::msg)?;
     let started = Instant::now();
+    files.scan(started, 0);
     let mut seq = 0u64;
     loop {
-        let items = tailer.poll(5_000)?;
-        if items.is_empty() {
+        let round = files.poll(Instant::now(), 5_000);
+        if round.items.is_empty() {
             break;
         }
-        let mut bodies = Vec::with_capacity(items.len());
-        for item in items {
+        let mut bodies = Vec::with_capacity(round.items.len());
+        for item in round.items.into_iter().map(|fi| fi.item) {
             if let TailItem::Line { bytes, .. } = item {
                 let (time, payload) = mapping.apply_str(std::str::from_utf8(&bytes)?)?;
                 bodies.push(Event::new("t".into(), "a".into(), "orders".into(), seq, time, payload).to_json());
@@ -128,7 +141,7 @@ fn tail_into(file: &Path, mapping: &MappingConfig, mut sink: Sink) -> anyhow::Re
                 }
             }
             Sink::Spool(s) => {
-                let position = serde_json::to_string(tailer.position())?;
+                let position = serde_json::to_string(&files.position(|_| None))?;
                 s.append("orders", &bodies, &position, 0)?;
             }
         }
