@@ -191,3 +191,80 @@ fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
     assert_eq!(got, ["S1=1", "S2=2"]);
     assert!(dead_letters(&dead).is_empty());
 }
+
+#[test]
+fn globs_pick_up_new_files_and_rotations_while_running_with_nothing_lost_or_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir_all(&logs).unwrap();
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/s.jsonl");
+    let cfg = config(&format!(
+        r#"
+id = "s"
+include = ["{0}/*.log", "{0}/*.log.1"]
+exclude = ["skip-*"]
+poll_interval_ms = 20
+scan_interval_ms = 50
+release_after_ms = 200
+[mapping]
+domain = "inventory"
+event_time = {{ field = "at" }}
+fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
+"#,
+        logs.display()
+    ));
+    let line = |sku: &str| format!("{{\"sku\":\"{sku}\",\"wh\":\"W\",\"qty\":1,\"at\":\"2026-11-27T10:00:00Z\"}}\n");
+    append(&logs.join("a.log"), &line("a1"));
+    append(&logs.join("skip-me.log"), &line("never"));
+
+    let shutdown = CancellationToken::new();
+    let source = FileSource { config: cfg.clone(), ctx: test_context(&spool, &dead, &shutdown) };
+    let thread = std::thread::spawn(move || source.run());
+    let wait_for = |n: u64| {
+        let probe = Spool::open(&spool).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while probe.source_state("s").unwrap().next_seq < n && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_for(1);
+    // A new file appears; the first is rotated by rename (still matched as *.log.1) with a
+    // last line written after the rename; then one rotated by copytruncate.
+    append(&logs.join("b.log"), &line("b1"));
+    append(&logs.join("a.log"), &line("a2"));
+    std::fs::rename(logs.join("a.log"), logs.join("a.log.1")).unwrap();
+    append(&logs.join("a.log.1"), &line("a3"));
+    append(&logs.join("a.log"), &line("c1"));
+    wait_for(5);
+    append(&logs.join("b.log"), &line("b2"));
+    std::fs::copy(logs.join("b.log"), logs.join("b.log.1")).unwrap();
+    std::fs::OpenOptions::new().write(true).truncate(true).open(logs.join("b.log")).unwrap();
+    append(&logs.join("b.log"), &line("d1"));
+    wait_for(7);
+    std::thread::sleep(Duration::from_millis(300)); // anything read twice would show up now
+    shutdown.cancel();
+    thread.join().unwrap().unwrap();
+
+    let mut skus: Vec<String> = events(&spool, "s")
+        .into_iter()
+        .map(|e| match e.payload {
+            Payload::Inventory(i) => i.sku,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    skus.sort();
+    assert_eq!(skus, ["a1", "a2", "a3", "b1", "b2", "c1", "d1"]);
+}
+
+#[test]
+fn invalid_patterns_and_a_missing_path_are_named() {
+    let base = "id = \"s\"\n[mapping]\ndomain = \"inventory\"\nevent_time = { field = \"at\" }\nfields = { sku = \"sku\", warehouse = \"wh\", on_hand = \"qty\" }\n";
+    let (field, msg) = config(base).validate().unwrap_err();
+    assert_eq!(field, "path");
+    assert!(msg.contains("include"), "{msg}");
+    let bad = config(&base.replace("id = \"s\"\n", "id = \"s\"\ninclude = [\"/x/[a\"]\n"));
+    let (field, msg) = bad.validate().unwrap_err();
+    assert_eq!(field, "include");
+    assert!(msg.contains("/x/[a"), "{msg}");
+}
