@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite, from a fresh machine: installs and starts what the tests need (Apache
-# Kafka in KRaft mode), then runs fmt, clippy and every test, and stops the services again.
+# Kafka in KRaft mode; PostgreSQL and MariaDB from Debian's packages), then runs fmt, clippy and
+# every test, and stops the services again.
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -27,9 +28,13 @@ step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
 step "start Apache Kafka (KRaft, 1 broker)"
-trap 'scripts/kafka.sh stop || true' EXIT
+trap 'scripts/kafka.sh stop || true; scripts/db.sh stop || true' EXIT
 eval "$(scripts/kafka.sh start 1)"
 echo "ACTIDASH_KAFKA_BOOTSTRAP=$ACTIDASH_KAFKA_BOOTSTRAP"
+
+step "start PostgreSQL and MariaDB"
+eval "$(scripts/db.sh start)"
+echo "ACTIDASH_PG_URL=$ACTIDASH_PG_URL"
 
 step "cargo test"
 status=0

@@ -71,7 +71,7 @@ pub struct CloudConfig {
     pub credential_file: Option<PathBuf>,
     /// The credential inline (for tests and demos).
     #[serde(default)]
-    pub credential: Option<String>,
+    pub credential: Option<crate::secret::Secret>,
     /// Name of an environment variable holding the credential.
     #[serde(default)]
     pub credential_env: Option<String>,
@@ -170,29 +170,7 @@ impl AgentConfig {
         if self.cloud.address.parse::<SocketAddr>().is_err() && !self.cloud.address.contains(':') {
             return Err(("cloud.address".into(), format!("{:?} is not host:port", self.cloud.address)));
         }
-        let n_credentials = [
-            self.cloud.credential.is_some(),
-            self.cloud.credential_file.is_some(),
-            self.cloud.credential_env.is_some(),
-        ]
-        .into_iter()
-        .filter(|set| *set)
-        .count();
-        match n_credentials {
-            0 => {
-                return Err((
-                    "cloud.credential_file".into(),
-                    "set credential_file, credential_env or credential".into(),
-                ));
-            }
-            1 => {}
-            _ => {
-                return Err((
-                    "cloud.credential".into(),
-                    "set one of credential_file, credential_env and credential".into(),
-                ));
-            }
-        }
+        self.credential_source().validate(true)?;
         if self.spool.max_bytes < 1024 * 1024 {
             return Err(("spool.max_bytes".into(), format!("{} is below the minimum of 1 MiB", self.spool.max_bytes)));
         }
@@ -214,31 +192,46 @@ impl AgentConfig {
                 SourceConfig::Sqlite(d) => {
                     d.sql().map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?;
                 }
+                SourceConfig::Postgres(d) => d
+                    .validate(crate::sources::db::Dialect::Postgres)
+                    .map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?,
+                SourceConfig::Mysql(d) => d
+                    .validate(crate::sources::db::Dialect::Mysql)
+                    .map_err(|(field, msg)| (format!("sources[{idx}].{field}"), msg))?,
             }
         }
         Ok(())
     }
 
+    /// Loads every secret the configuration names (the agent credential, database passwords),
+    /// to prove they are there; errors name where each was looked for, never its value.
+    pub fn check_secrets(&self) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        self.credential()?;
+        for source in &self.sources {
+            if let SourceConfig::Postgres(d) | SourceConfig::Mysql(d) = source {
+                d.password_source().load().with_context(|| format!("source {}", d.id))?;
+            }
+        }
+        Ok(())
+    }
+
+    fn credential_source(&self) -> crate::secret::SecretSource<'_> {
+        crate::secret::SecretSource {
+            name: "cloud.credential",
+            inline: self.cloud.credential.as_ref(),
+            env: self.cloud.credential_env.as_deref(),
+            file: self.cloud.credential_file.as_deref(),
+        }
+    }
+
     /// The credential, read from its file or environment variable if configured so. Errors
     /// name where it was looked for, never its value.
     pub fn credential(&self) -> anyhow::Result<String> {
-        use anyhow::Context as _;
-        let cloud = &self.cloud;
-        if let Some(c) = &cloud.credential {
-            return Ok(c.clone());
-        }
-        if let Some(path) = &cloud.credential_file {
-            let text =
-                std::fs::read_to_string(path).with_context(|| format!("reading credential file {}", path.display()))?;
-            return Ok(text.trim().to_owned());
-        }
-        if let Some(var) = &cloud.credential_env {
-            let value =
-                std::env::var(var).with_context(|| format!("environment variable {var} (cloud.credential_env)"))?;
-            anyhow::ensure!(!value.trim().is_empty(), "environment variable {var} (cloud.credential_env) is empty");
-            return Ok(value.trim().to_owned());
-        }
-        anyhow::bail!("no credential configured")
+        let secret = self.credential_source().load()?.ok_or_else(|| anyhow::anyhow!("no credential configured"))?;
+        let value = secret.expose().trim();
+        anyhow::ensure!(!value.is_empty(), "the credential is empty");
+        Ok(value.to_owned())
     }
 }
 
@@ -335,10 +328,42 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
     fn the_credential_comes_from_exactly_one_place() {
         let both = GOOD.replace("credential = \"s3cret\"", "credential = \"a\"\ncredential_env = \"B\"");
         let err = AgentConfig::parse(&both, Path::new("agent.toml")).unwrap_err().to_string();
-        assert!(err.contains("set one of credential_file, credential_env and credential"), "{err}");
+        assert!(err.contains("set one of cloud.credential_file, cloud.credential_env and cloud.credential"), "{err}");
         let none = GOOD.replace("credential = \"s3cret\"\n", "");
         let err = AgentConfig::parse(&none, Path::new("agent.toml")).unwrap_err().to_string();
         assert!(err.contains("field `cloud.credential_file`"), "{err}");
+    }
+
+    #[test]
+    fn database_sources_are_checked_with_their_secrets() {
+        let pg = GOOD.replace(
+            "type = \"file\"\npath = \"orders.jsonl\"",
+            "type = \"postgres\"\nurl = \"postgres://reader@db:5432/shop\"\npassword_file = \"pw\"\ntable = \"orders\"\nincremental_column = \"id\"",
+        );
+        let cfg = AgentConfig::parse(&pg, Path::new("/etc/actidash/agent.toml")).unwrap();
+        let SourceConfig::Postgres(d) = &cfg.sources[0] else { panic!() };
+        assert_eq!(d.password_file.as_deref(), Some(Path::new("/etc/actidash/pw")));
+        let err = format!("{:#}", cfg.check_secrets().unwrap_err());
+        assert!(err.contains("source orders") && err.contains("/etc/actidash/pw"), "{err}");
+
+        let mysql_url = pg.replace("type = \"postgres\"", "type = \"mysql\"");
+        let err = AgentConfig::parse(&mysql_url, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `sources[0].url`") && err.contains("mysql://"), "{err}");
+
+        let logical_mysql = pg
+            .replace("type = \"postgres\"", "type = \"mysql\"")
+            .replace("postgres://", "mysql://")
+            .replace("table = \"orders\"", "table = \"orders\"\nlogical = { create = true }");
+        let err = AgentConfig::parse(&logical_mysql, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `sources[0].logical`"), "{err}");
+
+        let two = pg.replace("password_file = \"pw\"", "password_file = \"pw\"\npassword_env = \"PW\"");
+        let err = AgentConfig::parse(&two, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.contains("field `sources[0].password`"), "{err}");
+        let secret = pg.replace("password_file = \"pw\"", "password = \"hunter2\"");
+        let cfg = AgentConfig::parse(&secret, Path::new("agent.toml")).unwrap();
+        let debug = format!("{cfg:?}");
+        assert!(!debug.contains("hunter2") && !debug.contains("s3cret"), "inline secrets never show in Debug");
     }
 
     #[test]

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod mapping;
 pub mod reload;
+pub mod secret;
 pub mod sources;
 pub mod spool;
 pub mod transport;
@@ -66,6 +67,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             }
             SourceConfig::Sqlite(db_config) => {
                 let source = sources::sqlite::SqliteSource { config: db_config, ctx };
+                Box::new(move || source.run())
+            }
+            SourceConfig::Postgres(config) => {
+                let source = sources::db::DbSource { config, dialect: sources::db::Dialect::Postgres, ctx };
+                Box::new(move || source.run())
+            }
+            SourceConfig::Mysql(config) => {
+                let source = sources::db::DbSource { config, dialect: sources::db::Dialect::Mysql, ctx };
                 Box::new(move || source.run())
             }
         };

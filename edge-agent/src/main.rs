@@ -63,8 +63,8 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Check { config } => {
             let cfg = AgentConfig::load(&config)?;
-            // The credential must be loadable (file readable, variable set); it is never printed.
-            cfg.credential()?;
+            // Secrets must be loadable (files readable, variables set); they are never printed.
+            cfg.check_secrets()?;
             println!("{}: OK ({} sources)", config.display(), cfg.sources.len());
             Ok(())
         }

@@ -2,8 +2,10 @@
 //!
 //! Every source is built from its [`SourceConfig`] and runs on a thread of its own (reading
 //! files and databases blocks), appending mapped events and its new position to the spool in
-//! one transaction, then waking the shipper. Kinds: [`file`] and [`sqlite`].
+//! one transaction, then waking the shipper. Kinds: [`file`], [`sqlite`] and [`db`]
+//! (PostgreSQL, MySQL/MariaDB).
 
+pub mod db;
 mod dead_letter;
 pub mod file;
 pub mod sqlite;
@@ -29,6 +31,10 @@ pub enum SourceConfig {
     File(file::FileSourceConfig),
     /// A table or query of a SQLite database, read incrementally.
     Sqlite(sqlite::SqliteSourceConfig),
+    /// A table or query of a PostgreSQL database, polled; or its changes by logical replication.
+    Postgres(db::DbSourceConfig),
+    /// A table or query of a MySQL or MariaDB database, polled.
+    Mysql(db::DbSourceConfig),
 }
 
 impl SourceConfig {
@@ -36,6 +42,7 @@ impl SourceConfig {
         match self {
             SourceConfig::File(c) => &c.id,
             SourceConfig::Sqlite(c) => &c.id,
+            SourceConfig::Postgres(c) | SourceConfig::Mysql(c) => &c.id,
         }
     }
 
@@ -43,6 +50,7 @@ impl SourceConfig {
         match self {
             SourceConfig::File(c) => &c.mapping,
             SourceConfig::Sqlite(c) => &c.mapping,
+            SourceConfig::Postgres(c) | SourceConfig::Mysql(c) => &c.mapping,
         }
     }
 
@@ -54,6 +62,7 @@ impl SourceConfig {
                     c.path = base.join(&c.path);
                 }
             }
+            SourceConfig::Postgres(c) | SourceConfig::Mysql(c) => crate::secret::resolve(&mut c.password_file, base),
         }
     }
 }

@@ -200,7 +200,9 @@ impl FileSet {
             .exclude
             .iter()
             .map(|p| {
-                glob::Pattern::new(p).map(|pat| (pat, !p.contains('/'))).map_err(|e| format!("exclude pattern {p:?}: {e}"))
+                glob::Pattern::new(p)
+                    .map(|pat| (pat, !p.contains('/')))
+                    .map_err(|e| format!("exclude pattern {p:?}: {e}"))
             })
             .collect::<Result<_, _>>()?;
         let entries = position.files.into_iter().map(|e| (e.id, e)).collect::<BTreeMap<_, _>>();
@@ -340,7 +342,13 @@ impl FileSet {
             let same_start = matches(entry, &head);
             if len < a.tailer.read_to() || !same_start {
                 let offset = a.tailer.position().offset;
-                self.notices.push(Notice::Truncated { id, path: entry.path.clone(), offset, len, restarted: same_start });
+                self.notices.push(Notice::Truncated {
+                    id,
+                    path: entry.path.clone(),
+                    offset,
+                    len,
+                    restarted: same_start,
+                });
                 self.reset.push(id);
                 if same_start {
                     // The same beginning, shorter: read it again from its start.
