@@ -13,7 +13,8 @@
 //! protects the server's disk while the agent is stopped.
 //!
 //! The publication and the slot are created only with `create = true` (it needs the
-//! REPLICATION attribute and ownership of the table); otherwise missing ones are an error.
+//! REPLICATION attribute, CREATE on the database and ownership of the table); otherwise
+//! missing ones are an error naming what to create.
 
 use postgres::Client;
 use serde::Deserialize;
@@ -21,6 +22,7 @@ use serde_json::Value;
 use tracing::{info, warn};
 
 use super::pgoutput::{self, Message, Relations};
+use super::postgres::pg_error;
 use super::{DbSourceConfig, Dialect, KeyPosition, Row, RowReader};
 use crate::secret::Secret;
 
@@ -78,10 +80,6 @@ impl std::fmt::Debug for LogicalReader {
     }
 }
 
-fn err(e: impl std::fmt::Display) -> String {
-    e.to_string()
-}
-
 impl LogicalReader {
     pub fn new(cfg: &DbSourceConfig, password: Option<Secret>) -> Result<LogicalReader, String> {
         let logical = cfg.logical.clone().ok_or("not a logical source")?;
@@ -110,7 +108,7 @@ impl LogicalReader {
     fn set_up(&mut self, client: &mut Client) -> Result<(), String> {
         let has_pub = client
             .query_opt("SELECT 1 FROM pg_publication WHERE pubname = $1", &[&self.publication])
-            .map_err(err)?
+            .map_err(pg_error)?
             .is_some();
         if !has_pub {
             if !self.create {
@@ -125,7 +123,7 @@ impl LogicalReader {
                     "CREATE PUBLICATION {} FOR TABLE {table}",
                     Dialect::Postgres.quote(&self.publication)
                 ))
-                .map_err(err)?;
+                .map_err(pg_error)?;
             info!(publication = %self.publication, table = %self.table, "publication created");
         }
         let slot = client
@@ -133,7 +131,7 @@ impl LogicalReader {
                 "SELECT plugin, wal_status FROM pg_replication_slots WHERE slot_name = $1 AND database = current_database()",
                 &[&self.slot],
             )
-            .map_err(err)?;
+            .map_err(pg_error)?;
         match slot {
             Some(row) => {
                 let plugin: Option<String> = row.get(0);
@@ -151,7 +149,7 @@ impl LogicalReader {
             None if self.create => {
                 client
                     .execute("SELECT pg_create_logical_replication_slot($1, 'pgoutput')", &[&self.slot])
-                    .map_err(err)?;
+                    .map_err(pg_error)?;
                 info!(slot = %self.slot, "replication slot created");
             }
             None => {
@@ -161,7 +159,7 @@ impl LogicalReader {
                 ));
             }
         }
-        let cap: String = client.query_one("SHOW max_slot_wal_keep_size", &[]).map_err(err)?.get(0);
+        let cap: String = client.query_one("SHOW max_slot_wal_keep_size", &[]).map_err(pg_error)?.get(0);
         if cap == "-1" {
             warn!(database = %self.describe, "max_slot_wal_keep_size is unlimited: while this agent is stopped, its slot keeps all WAL and can fill the server's disk; set a cap");
         }
@@ -173,7 +171,7 @@ impl LogicalReader {
         let client = self.client.as_mut().ok_or("not connected")?;
         let confirmed: Option<String> = client
             .query_one("SELECT confirmed_flush_lsn::text FROM pg_replication_slots WHERE slot_name = $1", &[&self.slot])
-            .map_err(err)?
+            .map_err(pg_error)?
             .get(0);
         if confirmed.as_deref().and_then(pgoutput::parse_lsn).is_some_and(|c| c >= lsn) {
             return Ok(());
@@ -183,7 +181,7 @@ impl LogicalReader {
                 "SELECT pg_replication_slot_advance($1, $2::text::pg_lsn)",
                 &[&self.slot, &pgoutput::format_lsn(lsn)],
             )
-            .map_err(err)?;
+            .map_err(pg_error)?;
         Ok(())
     }
 
@@ -198,7 +196,7 @@ impl LogicalReader {
                 "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint, wal_status FROM pg_replication_slots WHERE slot_name = $1",
                 &[&self.slot],
             )
-            .map_err(err)?
+            .map_err(pg_error)?
             .ok_or_else(|| format!("replication slot {:?} was dropped", self.slot))?;
         let retained: Option<i64> = row.get(0);
         let status: Option<String> = row.get(1);
@@ -239,20 +237,20 @@ impl RowReader for LogicalReader {
             self.advance = None;
         }
         let client = self.client.as_mut().ok_or("not connected")?;
-        let current: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).map_err(err)?.get(0);
+        let current: String = client.query_one("SELECT pg_current_wal_lsn()::text", &[]).map_err(pg_error)?.get(0);
         let current = pgoutput::parse_lsn(&current).ok_or("unreadable WAL position")?;
         let messages = client
             .query(
                 "SELECT data FROM pg_logical_slot_peek_binary_changes($1, $2::text::pg_lsn, $3, 'proto_version', '1', 'publication_names', $4)",
                 &[&self.slot, &pgoutput::format_lsn(current), &(limit.min(i32::MAX as usize) as i32), &self.publication],
             )
-            .map_err(err)?;
+            .map_err(pg_error)?;
         let n_messages = messages.len();
         let mut rows = Vec::new();
         let (mut txn_lsn, mut last_end) = (0u64, None);
         for message in messages {
             let data: Vec<u8> = message.get(0);
-            match pgoutput::decode(&data).map_err(err)? {
+            match pgoutput::decode(&data).map_err(|e| e.to_string())? {
                 Message::Begin { final_lsn, .. } => txn_lsn = final_lsn,
                 Message::Commit { end_lsn, .. } => last_end = Some(end_lsn),
                 Message::Relation(r) => {
@@ -260,7 +258,7 @@ impl RowReader for LogicalReader {
                 }
                 Message::Insert { relation, new } | Message::Update { relation, new } if txn_lsn > committed => {
                     let rel = self.relations.get(&relation).ok_or("a row of a relation not described first")?;
-                    let mut record = pgoutput::row_json(rel, &new).map_err(err)?;
+                    let mut record = pgoutput::row_json(rel, &new).map_err(|e| e.to_string())?;
                     record.insert("_table".into(), Value::String(format!("{}.{}", rel.namespace, rel.name)));
                     rows.push(Row { json: Value::Object(record).to_string(), key: vec![Value::from(txn_lsn)] });
                 }

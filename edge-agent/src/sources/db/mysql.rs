@@ -6,6 +6,11 @@
 //! `information_schema.INNODB_TRX`, which needs the PROCESS privilege; without it the delay
 //! alone applies). The whole window after the stored position is then read again, so rows
 //! that committed late inside it are included.
+//!
+//! The server refreshes INNODB_TRX from a cache that is renewed only after 100 ms without
+//! reads of it; the driver spaces its reads wider. Another client reading it without pause
+//! keeps it stale: that only lengthens the wait for transactions already seen, while the
+//! settle delay still covers transactions too new to be listed.
 
 use std::time::{Duration, Instant};
 
@@ -38,7 +43,13 @@ pub struct MysqlReader {
     waiting: Option<String>,
     /// Whether INNODB_TRX could be read (logged once when not).
     trx_visible: Option<bool>,
+    /// When INNODB_TRX was last read: the server refreshes that table's cache only when it
+    /// was not read for 100 ms, so reads are spaced wider than that.
+    last_trx_read: Option<Instant>,
 }
+
+/// Spacing between reads of INNODB_TRX (the server's cache needs 100 ms without reads).
+const TRX_READ_SPACING: Duration = Duration::from_millis(150);
 
 impl std::fmt::Debug for MysqlReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -76,6 +87,7 @@ impl MysqlReader {
             pending: None,
             waiting: None,
             trx_visible: None,
+            last_trx_read: None,
         })
     }
 
@@ -87,11 +99,20 @@ impl MysqlReader {
         format!("({})", vec!["?"; self.keys.len()].join(", "))
     }
 
+    /// Waits until INNODB_TRX shows fresh data.
+    fn space_trx_reads(&mut self) {
+        if let Some(t) = self.last_trx_read {
+            std::thread::sleep(TRX_READ_SPACING.saturating_sub(t.elapsed()));
+        }
+        self.last_trx_read = Some(Instant::now());
+    }
+
     /// Transactions writing now, if this account may see them.
     fn writers(&mut self) -> Result<Option<Vec<String>>, String> {
         if self.trx_visible == Some(false) {
             return Ok(None);
         }
+        self.space_trx_reads();
         let conn = self.conn.as_mut().ok_or("not connected")?;
         match conn.query::<String, _>(
             "SELECT CAST(trx_id AS CHAR) FROM information_schema.INNODB_TRX WHERE trx_rows_modified > 0",
@@ -114,6 +135,7 @@ impl MysqlReader {
         if ids.is_empty() {
             return Ok(0);
         }
+        self.space_trx_reads();
         let conn = self.conn.as_mut().ok_or("not connected")?;
         let list = vec!["?"; ids.len()].join(", ");
         let sql = format!("SELECT COUNT(*) FROM information_schema.INNODB_TRX WHERE CAST(trx_id AS CHAR) IN ({list})");

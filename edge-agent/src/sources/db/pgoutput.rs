@@ -231,7 +231,14 @@ fn typed(ty: u32, text: &str) -> Value {
     const INTS: [u32; 4] = [20, 21, 23, 26];
     const FLOATS: [u32; 3] = [700, 701, 1700];
     const JSONS: [u32; 2] = [114, 3802];
+    const TIMESTAMP: u32 = 1114;
+    const TIMESTAMPTZ: u32 = 1184;
     match ty {
+        // Timestamps in RFC 3339, as the mapping expects (a zone-less one is taken as UTC).
+        TIMESTAMPTZ => chrono::DateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f%#z")
+            .map_or_else(|_| Value::String(text.to_owned()), |t| Value::String(t.to_rfc3339())),
+        TIMESTAMP => chrono::NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S%.f")
+            .map_or_else(|_| Value::String(text.to_owned()), |t| Value::String(t.and_utc().to_rfc3339())),
         BOOL => Value::Bool(text == "t"),
         t if INTS.contains(&t) => text.parse::<i64>().map_or_else(|_| Value::String(text.to_owned()), Value::from),
         // numeric keeps its digits as text when f64 would round them (money stays exact).
@@ -299,6 +306,9 @@ mod tests {
         let row = row_json(&relation, &new).unwrap();
         assert_eq!(Value::Object(row), serde_json::json!({"id": 42, "total": 19.99, "paid": null}));
         assert_eq!(typed(1700, "12345678901234567.01"), Value::String("12345678901234567.01".into()));
+        assert_eq!(typed(1184, "2026-11-27 10:00:00.5+00"), Value::String("2026-11-27T10:00:00.500+00:00".into()));
+        assert_eq!(typed(1184, "2026-11-27 10:00:00+05:30"), Value::String("2026-11-27T10:00:00+05:30".into()));
+        assert_eq!(typed(1114, "2026-11-27 10:00:00"), Value::String("2026-11-27T10:00:00+00:00".into()));
 
         // Every truncation of a valid message is an error, never a panic.
         for n in 0..ins.len() {

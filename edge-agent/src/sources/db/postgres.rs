@@ -65,10 +65,26 @@ pub fn client_config(url: &str, password: Option<&Secret>) -> Result<(postgres::
     Ok((config, describe))
 }
 
+/// A PostgreSQL error with the server's message and code (its `Display` alone says "db error").
+pub fn pg_error(e: postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{}: {} (SQLSTATE {})", db.severity(), db.message(), db.code().code()),
+        None => {
+            let mut text = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(s) = source {
+                text.push_str(&format!(": {s}"));
+                source = s.source();
+            }
+            text
+        }
+    }
+}
+
 /// Connects, with the session settings every reader relies on.
 pub fn connect(config: &postgres::Config) -> Result<Client, String> {
-    let mut client = config.connect(NoTls).map_err(|e| e.to_string())?;
-    client.batch_execute("SET TIME ZONE 'UTC'; SET statement_timeout = '60s'").map_err(|e| e.to_string())?;
+    let mut client = config.connect(NoTls).map_err(pg_error)?;
+    client.batch_execute("SET TIME ZONE 'UTC'; SET statement_timeout = '60s'").map_err(pg_error)?;
     Ok(client)
 }
 
@@ -108,9 +124,7 @@ impl PgReader {
 
 fn key_values(row: &postgres::Row, from: usize, n: usize) -> Result<Vec<Value>, String> {
     (from..from + n)
-        .map(|i| {
-            row.try_get::<_, Option<String>>(i).map(|v| v.map_or(Value::Null, Value::String)).map_err(|e| e.to_string())
-        })
+        .map(|i| row.try_get::<_, Option<String>>(i).map(|v| v.map_or(Value::Null, Value::String)).map_err(pg_error))
         .collect()
 }
 
@@ -129,9 +143,8 @@ impl RowReader for PgReader {
         self.client = None;
         let mut client = connect(&self.config)?;
         // The key columns' types, to compare stored positions in the column's own type.
-        let stmt = client
-            .prepare(&format!("SELECT {} FROM {} t LIMIT 0", self.key_list(), self.from))
-            .map_err(|e| e.to_string())?;
+        let stmt =
+            client.prepare(&format!("SELECT {} FROM {} t LIMIT 0", self.key_list(), self.from)).map_err(pg_error)?;
         self.key_types = stmt.columns().iter().map(|c| c.type_().name().to_owned()).collect();
         self.client = Some(client);
         Ok(())
@@ -164,12 +177,12 @@ impl RowReader for PgReader {
             .isolation_level(postgres::IsolationLevel::RepeatableRead)
             .read_only(true)
             .start()
-            .map_err(|e| e.to_string())?;
+            .map_err(pg_error)?;
         let snap = tx
             .query_one("SELECT pg_snapshot_xmin(s)::text, pg_snapshot_xmax(s)::text FROM pg_current_snapshot() s", &[])
-            .map_err(|e| e.to_string())?;
+            .map_err(pg_error)?;
         let parse = |i: usize| -> Result<u64, String> {
-            snap.try_get::<_, String>(i).map_err(|e| e.to_string())?.parse::<u64>().map_err(|e| e.to_string())
+            snap.try_get::<_, String>(i).map_err(pg_error)?.parse::<u64>().map_err(|e| e.to_string())
         };
         let (xmin, xmax) = (parse(0)?, parse(1)?);
 
@@ -181,8 +194,8 @@ impl RowReader for PgReader {
             params.extend(key_strings(&p.key));
             let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                 params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
-            for row in tx.query(&rows_sql, &refs).map_err(|e| e.to_string())? {
-                let json: String = row.try_get(0).map_err(|e| e.to_string())?;
+            for row in tx.query(&rows_sql, &refs).map_err(pg_error)? {
+                let json: String = row.try_get(0).map_err(pg_error)?;
                 out.push(Row { json, key: key_values(&row, 1, n)? });
             }
             if out.len() < limit {
@@ -200,11 +213,11 @@ impl RowReader for PgReader {
             let max_sql = &max_sql[usize::from(!params.is_empty())];
             let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
                 params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
-            if let Some(row) = tx.query_opt(max_sql, &refs).map_err(|e| e.to_string())? {
+            if let Some(row) = tx.query_opt(max_sql, &refs).map_err(pg_error)? {
                 self.pending = Some(Pending { key: key_values(&row, 0, n)?, xmax });
             }
         }
-        tx.commit().map_err(|e| e.to_string())?;
+        tx.commit().map_err(pg_error)?;
         self.waiting = match &self.pending {
             Some(p) if xmin < p.xmax => Some(format!(
                 "newer rows wait for transactions older than xid {} to end (oldest running: {xmin})",

@@ -220,12 +220,19 @@ fn postgres_timestamp_and_tie_breaker_resume_after_a_restart_and_a_missing_table
         "CREATE TABLE late (id int PRIMARY KEY, sku text, wh text, qty int, at timestamptz);
          GRANT SELECT ON late TO {0};
          INSERT INTO late VALUES (2, 'b', 'W', 2, '2026-11-27T10:00:00Z'), (1, 'a', 'W', 1, '2026-11-27T10:00:00Z'),
-                                 (3, 'c', 'W', 3, '2026-11-27T09:00:00Z');",
+                                 (3, 'c', 'W', 3, '2026-11-27T09:00:00Z'), (9, 'bad', 'W', NULL, '2026-11-27T09:30:00Z');",
         db.name
     ))
     .unwrap();
     assert_eq!(wait_for(&spool, 3), ["c=3", "a=1", "b=2"], "timestamp order, then the tie-breaker");
     running.stop();
+    // The row that fails the mapping is a dead letter naming the database and its position.
+    let dead = std::fs::read_to_string(spool.with_extension("dead.jsonl")).unwrap();
+    let entry: serde_json::Value = serde_json::from_str(dead.lines().next().unwrap()).unwrap();
+    assert!(entry["reason"].as_str().unwrap().contains("on_hand"), "{entry}");
+    assert!(entry["database"].as_str().unwrap().contains(&db.name), "{entry}");
+    assert_eq!(entry["position"][1], "9", "{entry}");
+    assert!(!dead.contains(&format!("pw-{}", db.name)), "no password in dead letters");
     c.batch_execute("INSERT INTO late VALUES (4, 'd', 'W', 4, '2026-11-27T10:00:00Z')").unwrap();
     let running = Running::start(cfg, Dialect::Postgres, &spool);
     assert_eq!(wait_for(&spool, 4), ["c=3", "a=1", "b=2", "d=4"]);
@@ -237,7 +244,12 @@ fn postgres_logical_replication_captures_inserts_and_updates_once_and_moves_an_i
     let Some(admin) = server("ACTIDASH_PG_URL", "postgres logical") else { return };
     let db = PgDb::new(&admin, "REPLICATION");
     let mut c = db.client();
-    c.batch_execute(&format!("ALTER TABLE orders OWNER TO {0}; CREATE TABLE other (x int);", db.name)).unwrap();
+    // Creating a publication needs CREATE on the database and ownership of the table.
+    c.batch_execute(&format!(
+        "ALTER TABLE orders OWNER TO {0}; GRANT CREATE ON DATABASE {0} TO {0}; CREATE TABLE other (x int);",
+        db.name
+    ))
+    .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let spool = dir.path().join("spool.db");
     let base = format!(
@@ -269,6 +281,7 @@ fn postgres_logical_replication_captures_inserts_and_updates_once_and_moves_an_i
     .unwrap();
     assert_eq!(wait_for(&spool, 3), ["a=1", "b=2", "a=5"]);
     wait_until("the delete to be reported", || running.status().position.contains("deletes seen: 1"));
+    assert_eq!(running.status().n_errors, 0);
     running.stop();
 
     // Restarted: nothing again; new changes only.
