@@ -19,6 +19,31 @@
 //! domain = "sales"
 //! event_time = { field = "created_at", format = "rfc3339" }
 //! fields = { order_id = "id", amount = "total", channel = "channel" }
+//!
+//! [[sources]]
+//! id = "web"
+//! type = "file"
+//! include = ["/var/log/nginx/access.log*"]     # globs; new files are picked up
+//! exclude = ["*.tmp"]                          # a pattern without `/` matches file names
+//! format = "regex"
+//! regex = { preset = "combined" }
+//! [sources.mapping]
+//! domain = "behavior"
+//! event_time = { field = "time", format = "%d/%b/%Y:%H:%M:%S %z" }
+//! fields = { visitor_id = "remote", url = "path", referrer = "referrer" }
+//!
+//! [[sources]]
+//! id = "shop-db"
+//! type = "postgres"                            # or "mysql" (MySQL and MariaDB)
+//! url = "postgres://actidash_reader@db.local:5432/shop"
+//! password_file = "/etc/actidash/shop-db.password"   # or password_env = "SHOP_DB_PASSWORD"
+//! table = "orders"                             # or query = "SELECT ..."
+//! incremental_column = "id"                    # or timestamp_column + tie_breaker
+//! # logical = { create = true }                # PostgreSQL: logical replication instead
+//! [sources.mapping]
+//! domain = "sales"
+//! event_time = { field = "created_at" }
+//! fields = { order_id = "id", amount = "total", channel = "channel" }
 //! ```
 //!
 //! Unknown fields are rejected. Errors name the file, the line and the field. Relative paths
