@@ -18,7 +18,7 @@
 //! [sources.mapping]
 //! domain = "sales"
 //! event_time = { field = "created_at", format = "rfc3339" }
-//! fields = { order_id = "id", amount = "total", channel = "channel" }
+//! fields = { order_id = "id", customer_id = "customer", channel = "channel", site = "site", country = "country", currency = "currency", amount = "total", status = "status" }
 //!
 //! [[sources]]
 //! id = "web"
@@ -31,6 +31,7 @@
 //! domain = "behavior"
 //! event_time = { field = "time", format = "%d/%b/%Y:%H:%M:%S %z" }
 //! fields = { visitor_id = "remote", url = "path", referrer = "referrer" }
+//! constants = { type = "page_view" }
 //!
 //! [[sources]]
 //! id = "shop-db"
@@ -43,7 +44,7 @@
 //! [sources.mapping]
 //! domain = "sales"
 //! event_time = { field = "created_at" }
-//! fields = { order_id = "id", amount = "total", channel = "channel" }
+//! fields = { order_id = "id", customer_id = "customer_id", channel = "channel", site = "site", country = "country", currency = "currency", amount = "total", status = "status" }
 //! ```
 //!
 //! Unknown fields are rejected. Errors name the file, the line and the field. Relative paths
@@ -357,6 +358,19 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         let none = GOOD.replace("credential = \"s3cret\"\n", "");
         let err = AgentConfig::parse(&none, Path::new("agent.toml")).unwrap_err().to_string();
         assert!(err.contains("field `cloud.credential_file`"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_example_is_valid() {
+        let source = include_str!("config.rs");
+        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+        let end = start + source[start..].find("//! ```\n").unwrap();
+        let text: String = source[start..end]
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
+            .collect();
+        let cfg = AgentConfig::parse(&text, Path::new("/etc/actidash/agent.toml")).unwrap();
+        assert_eq!(cfg.sources.len(), 3);
     }
 
     #[test]
