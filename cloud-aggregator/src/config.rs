@@ -10,12 +10,13 @@
 //!
 //! [gateway]
 //! listen = "0.0.0.0:4433"
-//! cert_file = "gateway.pem"
+//! cert_file = "gateway.pem"                # the gateway's own TLS certificate
 //! key_file = "gateway.key"
-//! [[gateway.agents]]
-//! id = "store-eu-1"
-//! tenant = "acme"
-//! credential_sha256 = "9f86d08…"
+//!
+//! [fleet]                                 # agents' certificates (all optional)
+//! # ca_cert_file = "fleet-ca.pem"          # an existing CA; default: created in data_dir/fleet
+//! # ca_key_file = "fleet-ca.key"
+//! cert_validity_secs = 2592000            # agents renew at two thirds of it
 //!
 //! [serve]
 //! listen = "0.0.0.0:8080"
@@ -42,6 +43,9 @@ pub struct CloudConfig {
     pub gateway: Option<GatewayConfig>,
     #[serde(default)]
     pub serve: Option<ServeConfig>,
+    /// The fleet CA and registry (agent enrollment, certificates, revocation).
+    #[serde(default)]
+    pub fleet: crate::fleet::FleetConfig,
 }
 
 /// Where Kafka is and how ActiDash uses it.
@@ -104,12 +108,23 @@ pub struct GatewayConfig {
     /// Batches an agent may have unacknowledged.
     #[serde(default = "default_window")]
     pub max_in_flight: u32,
-    /// Expected heartbeat interval, in milliseconds.
+    /// Expected heartbeat interval, in milliseconds. A revocation reaches every connection
+    /// within one interval.
     #[serde(default = "default_heartbeat_ms")]
     pub heartbeat_interval_ms: u64,
-    /// The agents allowed in.
-    #[serde(default)]
-    pub agents: Vec<AgentEntry>,
+    /// Per agent: most concurrent connections.
+    #[serde(default = "default_agent_connections")]
+    pub max_connections_per_agent: usize,
+    /// Per agent: most events per second, over all its connections (beyond it, the gateway
+    /// reads its batches more slowly).
+    #[serde(default = "default_agent_rate")]
+    pub max_events_per_sec_per_agent: u32,
+    /// Per agent: largest batch payload, in bytes (compressed).
+    #[serde(default = "default_batch_bytes")]
+    pub max_batch_bytes: u32,
+    /// Per agent: most events in one batch.
+    #[serde(default = "default_batch_events")]
+    pub max_batch_events: u32,
 }
 
 fn default_max_connections() -> usize {
@@ -121,15 +136,17 @@ fn default_window() -> u32 {
 fn default_heartbeat_ms() -> u64 {
     5_000
 }
-
-/// An agent allowed to connect, and the tenant it writes for.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AgentEntry {
-    pub id: String,
-    pub tenant: String,
-    /// SHA-256 (hex) of the agent's credential; the credential itself is never stored here.
-    pub credential_sha256: String,
+fn default_agent_connections() -> usize {
+    4
+}
+fn default_agent_rate() -> u32 {
+    200_000
+}
+fn default_batch_bytes() -> u32 {
+    4 * 1024 * 1024
+}
+fn default_batch_events() -> u32 {
+    10_000
 }
 
 /// The HTTP API.
@@ -175,6 +192,9 @@ impl CloudConfig {
             resolve(&mut g.cert_file);
             resolve(&mut g.key_file);
         }
+        for p in [&mut config.fleet.ca_cert_file, &mut config.fleet.ca_key_file].into_iter().flatten() {
+            resolve(p);
+        }
         config.validate().map_err(|(field, message)| ConfigError::Invalid { path: path.to_owned(), field, message })?;
         Ok(config)
     }
@@ -194,14 +214,22 @@ impl CloudConfig {
             }
         }
         if let Some(g) = &self.gateway {
-            for (idx, a) in g.agents.iter().enumerate() {
-                if a.credential_sha256.len() != 64 || hex::decode(&a.credential_sha256).is_err() {
-                    return Err((format!("gateway.agents[{idx}].credential_sha256"), "must be 64 hex digits".into()));
-                }
-            }
             if g.max_in_flight == 0 {
                 return Err(("gateway.max_in_flight".into(), "must be at least 1".into()));
             }
+            for (field, value) in [
+                ("max_connections_per_agent", g.max_connections_per_agent as u64),
+                ("max_events_per_sec_per_agent", u64::from(g.max_events_per_sec_per_agent)),
+                ("max_batch_bytes", u64::from(g.max_batch_bytes)),
+                ("max_batch_events", u64::from(g.max_batch_events)),
+            ] {
+                if value == 0 {
+                    return Err((format!("gateway.{field}"), "must be at least 1".into()));
+                }
+            }
+        }
+        if self.fleet.ca_cert_file.is_some() != self.fleet.ca_key_file.is_some() {
+            return Err(("fleet.ca_cert_file".into(), "set both ca_cert_file and ca_key_file, or neither".into()));
         }
         Ok(())
     }
@@ -227,8 +255,11 @@ mod tests {
         assert!(err.starts_with("c.toml:4:"), "{err}");
         assert!(err.contains("port"), "{err}");
 
-        let bad = "data_dir = \"d\"\n[gateway]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\n[[gateway.agents]]\nid = \"a\"\ntenant = \"t\"\ncredential_sha256 = \"xyz\"\n";
+        let bad = "data_dir = \"d\"\n[gateway]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nmax_batch_events = 0\n";
         let err = CloudConfig::parse(bad, Path::new("c.toml")).unwrap_err().to_string();
-        assert_eq!(err, "c.toml: field `gateway.agents[0].credential_sha256`: must be 64 hex digits");
+        assert_eq!(err, "c.toml: field `gateway.max_batch_events`: must be at least 1");
+        let half = "data_dir = \"d\"\n[fleet]\nca_cert_file = \"ca.pem\"\n";
+        let err = CloudConfig::parse(half, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(err.contains("fleet.ca_cert_file"), "{err}");
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod certs;
 pub mod config;
+pub mod fleet;
 pub mod gateway;
 pub mod process;
 pub mod serve;
@@ -63,7 +64,8 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     };
     if let Some(sink) = sink {
         let gateway_config = config.gateway.clone().context("the gateway role needs a [gateway] section")?;
-        let gateway = Gateway::bind(&gateway_config, sink, shutdown.clone())?;
+        let fleet = std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?);
+        let gateway = Gateway::bind(&gateway_config, fleet, sink, shutdown.clone())?;
         tasks.spawn(gateway.run());
     }
     if roles.contains(&Role::Process)

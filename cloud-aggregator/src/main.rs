@@ -41,8 +41,67 @@ enum Command {
         #[arg(long = "name", default_values_t = vec!["localhost".to_owned()])]
         names: Vec<String>,
     },
-    /// Print the SHA-256 of an agent credential read from standard input, for `[[gateway.agents]]`.
-    HashCredential,
+    /// Enrollment tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+    /// Enrolled agents.
+    Agent {
+        #[command(subcommand)]
+        command: AgentCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum TokenCommand {
+    /// Create a single-use enrollment token for a tenant; prints it (only its hash is kept).
+    Create {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        /// How long the token stays valid: `30m`, `24h`, `7d` or seconds.
+        #[arg(long, default_value = "24h")]
+        expires: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum AgentCommand {
+    /// Revoke an agent: its connections close and it cannot reconnect, on every gateway,
+    /// within one heartbeat interval.
+    Revoke {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        id: String,
+    },
+    /// List enrolled agents.
+    List {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+/// `30m`, `24h`, `7d`, `90s` or plain seconds.
+fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
+    let (digits, unit) =
+        text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
+    let n: u64 = digits.parse().with_context(|| format!("{text:?} is not a duration such as 30m, 24h or 7d"))?;
+    let secs = match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        other => anyhow::bail!("unknown unit {other:?} in {text:?}: use s, m, h or d"),
+    };
+    anyhow::ensure!(secs > 0, "the duration must be positive");
+    Ok(std::time::Duration::from_secs(secs))
+}
+
+fn open_fleet(config: &std::path::Path) -> anyhow::Result<cloud_aggregator::fleet::Fleet> {
+    let cfg = CloudConfig::load(config)?;
+    cloud_aggregator::fleet::Fleet::open(&cfg.data_dir, &cfg.fleet)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -65,10 +124,25 @@ fn main() -> anyhow::Result<()> {
             println!("wrote {}/ca.pem, gateway.pem, gateway.key", out.display());
             Ok(())
         }
-        Command::HashCredential => {
-            let mut credential = String::new();
-            std::io::stdin().read_line(&mut credential).context("reading the credential from stdin")?;
-            println!("{}", cloud_aggregator::gateway::auth::credential_sha256(credential.trim()));
+        Command::Token { command: TokenCommand::Create { config, tenant, expires } } => {
+            let ttl = parse_duration(&expires)?;
+            let token = open_fleet(&config)?.create_token(&tenant, ttl, chrono::Utc::now().timestamp())?;
+            println!("{token}");
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::Revoke { config, id } } => {
+            anyhow::ensure!(
+                open_fleet(&config)?.revoke(&id, chrono::Utc::now().timestamp())?,
+                "no enrolled agent {id:?}"
+            );
+            println!("revoked {id}");
+            Ok(())
+        }
+        Command::Agent { command: AgentCommand::List { config } } => {
+            for a in open_fleet(&config)?.agents()? {
+                let state = if a.revoked_at.is_some() { "revoked" } else { "active" };
+                println!("{}\t{}\t{state}", a.agent_id, a.tenant);
+            }
             Ok(())
         }
         Command::Run { config, roles } => {

@@ -1,19 +1,24 @@
-//! The gateway over real QUIC on 127.0.0.1, with the embedded processor behind it: bad input
-//! of every kind gets an error frame naming the problem and is counted, and good agents keep
-//! being served.
+//! The gateway over real QUIC and TLS on 127.0.0.1, with the embedded processor behind it:
+//! enrollment, mutual TLS, revocation and per-agent limits; bad input of every kind gets an
+//! error (a TLS alert or an error frame naming the problem) and is counted, and good agents
+//! keep being served.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use actidash_shared::batch;
-use actidash_shared::wire::{Batch, Codec, ErrorCode, Frame, Hello, PROTOCOL_VERSION};
+use actidash_shared::wire::{Batch, Codec, Enroll, ErrorCode, Frame, Hello, PROTOCOL_VERSION, Renew};
 use bytes::BytesMut;
-use cloud_aggregator::config::{AgentEntry, GatewayConfig};
+use cloud_aggregator::config::GatewayConfig;
+use cloud_aggregator::fleet::{Fleet, FleetConfig, identity_of};
 use cloud_aggregator::gateway::Gateway;
-use cloud_aggregator::gateway::auth::credential_sha256;
 use cloud_aggregator::gateway::sink::Sink;
 use cloud_aggregator::store::Store;
+use edge_agent::identity::Identity;
+use rustls_pki_types::pem::PemObject as _;
+use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::AsyncReadExt as _;
 use tokio_util::sync::CancellationToken;
 
@@ -22,54 +27,130 @@ struct Harness {
     tcp_addr: SocketAddr,
     ca: std::path::PathBuf,
     store: std::path::PathBuf,
-    metrics: std::sync::Arc<cloud_aggregator::gateway::GatewayMetrics>,
-    _dir: tempfile::TempDir,
+    fleet: Arc<Fleet>,
+    metrics: Arc<cloud_aggregator::gateway::GatewayMetrics>,
+    dir: Arc<tempfile::TempDir>,
     shutdown: CancellationToken,
 }
 
-async fn start() -> Harness {
-    let dir = tempfile::tempdir().unwrap();
-    cloud_aggregator::certs::write_dev_certs(&dir.path().join("certs"), &["localhost".into()]).unwrap();
-    let config = GatewayConfig {
+fn gateway_config(dir: &std::path::Path) -> GatewayConfig {
+    GatewayConfig {
         listen: "127.0.0.1:0".parse().unwrap(),
         listen_tcp: Some("127.0.0.1:0".parse().unwrap()),
         tcp_fallback: true,
-        cert_file: dir.path().join("certs/gateway.pem"),
-        key_file: dir.path().join("certs/gateway.key"),
+        cert_file: dir.join("certs/gateway.pem"),
+        key_file: dir.join("certs/gateway.key"),
         max_connections: 16,
         max_in_flight: 4,
         heartbeat_interval_ms: 1000,
-        agents: vec![AgentEntry {
-            id: "a1".into(),
-            tenant: "acme".into(),
-            credential_sha256: credential_sha256("secret"),
-        }],
-    };
-    let store = dir.path().join("serving.db");
+        max_connections_per_agent: 4,
+        max_events_per_sec_per_agent: 100_000,
+        max_batch_bytes: 1024 * 1024,
+        max_batch_events: 1_000,
+    }
+}
+
+async fn start() -> Harness {
+    start_with(|_| {}).await
+}
+
+async fn start_with(tune: impl FnOnce(&mut GatewayConfig)) -> Harness {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    cloud_aggregator::certs::write_dev_certs(&dir.path().join("certs"), &["localhost".into()]).unwrap();
+    let fleet = Arc::new(Fleet::open(dir.path(), &FleetConfig::default()).unwrap());
+    start_on(dir, fleet, tune).await
+}
+
+/// A gateway on `dir`'s fleet (several gateways may share one).
+async fn start_on(dir: Arc<tempfile::TempDir>, fleet: Arc<Fleet>, tune: impl FnOnce(&mut GatewayConfig)) -> Harness {
+    let mut config = gateway_config(dir.path());
+    tune(&mut config);
+    let store = dir.path().join(format!("serving-{}.db", rand_suffix()));
     let (tx, _thread) = cloud_aggregator::process::embedded::spawn(&store, 16).unwrap();
     let shutdown = CancellationToken::new();
-    let gateway = Gateway::bind(&config, Sink::Embedded(tx), shutdown.clone()).unwrap();
+    let gateway = Gateway::bind(&config, fleet.clone(), Sink::Embedded(tx), shutdown.clone()).unwrap();
     let addr = gateway.local_addr().unwrap();
     let tcp_addr = gateway.local_tcp_addr().unwrap();
     let metrics = gateway.metrics.clone();
     tokio::spawn(gateway.run());
-    Harness { addr, tcp_addr, ca: dir.path().join("certs/ca.pem"), store, metrics, _dir: dir, shutdown }
+    Harness { addr, tcp_addr, ca: dir.path().join("certs/ca.pem"), store, fleet, metrics, dir, shutdown }
 }
 
-/// Opens a connection and a stream, sends `bytes`, and returns the frames received until the
-/// gateway closes the stream or `n_frames` arrived.
-async fn exchange(h: &Harness, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
-    let endpoint = edge_agent::transport::quic::client_endpoint(&h.ca, h.addr).unwrap();
-    let conn = endpoint.connect(h.addr, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::AtomicU64;
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// An agent's key and certificate.
+struct AgentId {
+    key_pem: String,
+    cert_pem: String,
+}
+
+impl AgentId {
+    fn identity(&self) -> Identity {
+        Identity {
+            certs: CertificateDer::pem_slice_iter(self.cert_pem.as_bytes()).collect::<Result<_, _>>().unwrap(),
+            key: PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap(),
+            not_before: 0,
+            not_after: 0,
+        }
+    }
+}
+
+/// Enrolls `agent` for `tenant` directly with the fleet.
+fn enroll(h: &Harness, agent: &str, tenant: &str) -> AgentId {
+    let token = h.fleet.create_token(tenant, Duration::from_secs(60), now()).unwrap();
+    let (key_pem, csr) = edge_agent::identity::new_key_and_csr(agent).unwrap();
+    let (_, cert_pem) = h.fleet.enroll(&token, agent, &csr, now()).unwrap();
+    AgentId { key_pem, cert_pem }
+}
+
+fn now() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+fn tls(h: &Harness, agent: Option<&AgentId>) -> Arc<rustls::ClientConfig> {
+    let identity = agent.map(AgentId::identity);
+    edge_agent::identity::client_tls(&h.ca, identity.as_ref()).unwrap()
+}
+
+/// Opens a QUIC connection and a stream as `agent`, sends `bytes`, and returns the frames
+/// received until the gateway closes the stream or `n_frames` arrived.
+async fn exchange(h: &Harness, agent: Option<&AgentId>, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
+    let (mut send, mut recv, _conn, _endpoint) = open_quic(h, agent).await.unwrap();
     send.write_all(bytes).await.unwrap();
     read_frames(&mut recv, n_frames).await
 }
 
+async fn open_quic(
+    h: &Harness,
+    agent: Option<&AgentId>,
+) -> anyhow::Result<(quinn::SendStream, quinn::RecvStream, quinn::Connection, quinn::Endpoint)> {
+    let endpoint = edge_agent::transport::quic::client_endpoint_with(tls(h, agent), h.addr)?;
+    let conn = endpoint.connect(h.addr, "localhost")?.await?;
+    let (send, recv) = conn.open_bi().await?;
+    Ok((send, recv, conn, endpoint))
+}
+
+/// Why a QUIC session as `agent` could not get a welcome (None: it got one).
+async fn quic_refusal(h: &Harness, agent: &AgentId) -> Option<String> {
+    let (mut send, mut recv, conn, _endpoint) = match open_quic(h, Some(agent)).await {
+        Ok(x) => x,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    // TLS 1.3: the client may finish its handshake before the server's verdict arrives.
+    let _ = send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION)])).await;
+    if matches!(read_frames(&mut recv, 1).await.first(), Some(Frame::Welcome(_))) {
+        return None;
+    }
+    Some(conn.closed().await.to_string())
+}
+
 /// The same over the TLS-on-TCP fallback.
-async fn exchange_tcp(h: &Harness, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
-    let tls = edge_agent::transport::quic::client_tls_config(&h.ca).unwrap();
-    let stream = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls).await.unwrap();
+async fn exchange_tcp(h: &Harness, agent: Option<&AgentId>, bytes: &[u8], n_frames: usize) -> Vec<Frame> {
+    let stream = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls(h, agent)).await.unwrap();
     let (mut recv, mut send) = tokio::io::split(stream);
     tokio::io::AsyncWriteExt::write_all(&mut send, bytes).await.unwrap();
     read_frames(&mut recv, n_frames).await
@@ -93,13 +174,8 @@ async fn read_frames(recv: &mut (impl tokio::io::AsyncRead + Unpin), n_frames: u
     frames
 }
 
-fn hello(agent: &str, credential: &str, version: u16) -> Frame {
-    Frame::Hello(Hello {
-        protocol_version: version,
-        agent_id: agent.into(),
-        agent_version: "test".into(),
-        credential: credential.into(),
-    })
+fn hello(agent: &str, version: u16) -> Frame {
+    Frame::Hello(Hello { protocol_version: version, agent_id: agent.into(), agent_version: "test".into() })
 }
 
 fn order_batch(tenant: &str, first_seq: u64, n: u64) -> Frame {
@@ -133,34 +209,37 @@ fn error_code(frames: &[Frame]) -> (ErrorCode, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_refused_and_counted_while_good_agents_are_served() {
     let h = start().await;
+    let a1 = enroll(&h, "a1", "acme");
 
     // An HTTP request on the QUIC port: a "frame" of 1.2 GB.
-    let frames = exchange(&h, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1).await;
+    let frames = exchange(&h, None, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n", 1).await;
     let (code, message) = error_code(&frames);
     assert_eq!(code, ErrorCode::FrameTooLarge, "{message}");
     assert!(message.contains("exceeds the limit"), "{message}");
 
     // Garbage within the size limit.
-    let frames = exchange(&h, &[0, 0, 0, 3, 42, 1, 2], 1).await;
+    let frames = exchange(&h, None, &[0, 0, 0, 3, 42, 1, 2], 1).await;
     assert_eq!(error_code(&frames), (ErrorCode::MalformedFrame, "unknown frame type 42".into()));
 
     // A client of another protocol version.
-    let frames = exchange(&h, &encode(&[hello("a1", "secret", PROTOCOL_VERSION + 1)]), 1).await;
+    let frames = exchange(&h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION + 1)]), 1).await;
     let (code, message) = error_code(&frames);
     assert_eq!(code, ErrorCode::UnsupportedVersion);
-    assert!(message.contains("speaks protocol 2"), "{message}");
+    assert!(message.contains("speaks protocol 3"), "{message}");
 
-    // Data before authentication, unknown agents, wrong credentials.
-    let frames = exchange(&h, &encode(&[order_batch("acme", 0, 1)]), 1).await;
+    // Data before authentication; a hello without a certificate; a hello naming someone else.
+    let frames = exchange(&h, Some(&a1), &encode(&[order_batch("acme", 0, 1)]), 1).await;
     assert_eq!(error_code(&frames).0, ErrorCode::Unauthenticated);
-    let frames = exchange(&h, &encode(&[hello("a9", "secret", PROTOCOL_VERSION)]), 1).await;
-    assert_eq!(error_code(&frames), (ErrorCode::Unauthenticated, "unknown agent \"a9\"".into()));
-    let frames = exchange(&h, &encode(&[hello("a1", "guess", PROTOCOL_VERSION)]), 1).await;
-    assert_eq!(error_code(&frames), (ErrorCode::Unauthenticated, "wrong credential for agent \"a1\"".into()));
+    let frames = exchange(&h, None, &encode(&[hello("a1", PROTOCOL_VERSION)]), 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::Unauthenticated);
+    assert!(message.contains("no client certificate"), "{message}");
+    let frames = exchange(&h, Some(&a1), &encode(&[hello("a9", PROTOCOL_VERSION)]), 1).await;
+    assert!(error_code(&frames).1.contains("certificate is for \"a1\""), "{frames:?}");
 
     // An authenticated agent writing for another tenant.
     let frames =
-        exchange(&h, &encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("globex", 0, 2)]), 2).await;
+        exchange(&h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION), order_batch("globex", 0, 2)]), 2).await;
     let (code, message) = error_code(&frames);
     assert_eq!(code, ErrorCode::InvalidBatch);
     assert!(message.contains("claims tenant \"globex\""), "{message}");
@@ -168,7 +247,8 @@ async fn bad_input_is_refused_and_counted_while_good_agents_are_served() {
     // The good agent is served: welcome, then an ack per batch, in order.
     let frames = exchange(
         &h,
-        &encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("acme", 0, 3), order_batch("acme", 3, 2)]),
+        Some(&a1),
+        &encode(&[hello("a1", PROTOCOL_VERSION), order_batch("acme", 0, 3), order_batch("acme", 3, 2)]),
         3,
     )
     .await;
@@ -184,24 +264,175 @@ async fn bad_input_is_refused_and_counted_while_good_agents_are_served() {
     assert_eq!(m.protocol_errors.load(Ordering::Relaxed), 2, "version and unauthenticated batch");
     assert_eq!(m.auth_failures.load(Ordering::Relaxed), 2);
     assert_eq!(m.invalid_batches.load(Ordering::Relaxed), 1);
+    assert_eq!(m.foreign_tenant_batches.load(Ordering::Relaxed), 1);
     assert_eq!(m.events_acked.load(Ordering::Relaxed), 5);
+    h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_of_another_ca_expired_or_never_enrolled_are_refused() {
+    let h = start().await;
+    let a1 = enroll(&h, "a1", "acme");
+
+    // Another CA (another fleet) signed it: the TLS handshake fails, on QUIC and on TCP.
+    let other = start().await;
+    let foreign = enroll(&other, "a1", "acme");
+    let why = quic_refusal(&h, &foreign).await.expect("a certificate of another CA must not get a session");
+    assert!(why.contains("handshake") || why.contains("certificate"), "{why}");
+    let tcp = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls(&h, Some(&foreign))).await;
+    if let Ok(stream) = tcp {
+        // TLS 1.3: the client may finish before the server's verdict; the session then dies.
+        let (mut recv, mut send) = tokio::io::split(stream);
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut send, &encode(&[hello("a1", PROTOCOL_VERSION)])).await;
+        assert!(read_frames(&mut recv, 1).await.is_empty(), "no welcome for a foreign certificate");
+    }
+
+    // Expired, though signed by the right CA.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let expired_pem = h.fleet.sign_unregistered(&key, "a1", "acme", now() - 60).unwrap();
+    let expired = AgentId { key_pem: key.serialize_pem(), cert_pem: expired_pem };
+    let why = quic_refusal(&h, &expired).await.expect("an expired certificate must not get a session");
+    assert!(why.contains("handshake") || why.contains("certificate"), "{why}");
+
+    // Valid and signed by the CA, but for an agent the registry never enrolled.
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ghost_pem = h.fleet.sign_unregistered(&key, "ghost", "acme", now() + 3600).unwrap();
+    let ghost = AgentId { key_pem: key.serialize_pem(), cert_pem: ghost_pem };
+    let frames = exchange(&h, Some(&ghost), &encode(&[hello("ghost", PROTOCOL_VERSION)]), 1).await;
+    assert_eq!(error_code(&frames), (ErrorCode::Unauthenticated, "agent \"ghost\" is not enrolled".into()));
+
+    assert!(h.metrics.tls_failures.load(Ordering::Relaxed) >= 2, "handshake failures are counted");
+    // The good agent is still served.
+    let frames = exchange(&h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION), order_batch("acme", 0, 1)]), 2).await;
+    assert!(matches!(&frames[1], Frame::Ack(_)), "{frames:?}");
+    h.shutdown.cancel();
+    other.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrollment_over_the_wire_is_single_use_and_renewal_keeps_the_identity() {
+    let h = start().await;
+    let token = h.fleet.create_token("acme", Duration::from_secs(600), now()).unwrap();
+    let enroll_frame = |token: &str| {
+        let (key_pem, csr_pem) = edge_agent::identity::new_key_and_csr("a7").unwrap();
+        let frame = Frame::Enroll(Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: "a7".into(),
+            token: token.into(),
+            csr_pem,
+        });
+        (key_pem, encode(&[frame]))
+    };
+    let (key_pem, bytes) = enroll_frame(&token);
+    let frames = exchange_tcp(&h, None, &bytes, 1).await;
+    let Some(Frame::Enrolled(enrolled)) = frames.first() else { panic!("{frames:?}") };
+    assert_eq!((enrolled.agent_id.as_str(), enrolled.tenant.as_str()), ("a7", "acme"));
+    let der = CertificateDer::from_pem_slice(enrolled.cert_pem.as_bytes()).unwrap();
+    assert_eq!(identity_of(&der).unwrap(), ("a7".into(), "acme".into()));
+
+    // Replayed, unknown and expired tokens.
+    let frames = exchange_tcp(&h, None, &enroll_frame(&token).1, 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::Unauthenticated);
+    assert!(message.contains("already used"), "{message}");
+    assert!(!message.contains(&token));
+    let frames = exchange(&h, None, &enroll_frame("adt_forged").1, 1).await;
+    assert!(error_code(&frames).1.contains("unknown enrollment token"), "{frames:?}");
+    let stale = h.fleet.create_token("acme", Duration::from_secs(1), now() - 10).unwrap();
+    let frames = exchange(&h, None, &enroll_frame(&stale).1, 1).await;
+    assert!(error_code(&frames).1.contains("expired"), "{frames:?}");
+    assert_eq!(h.metrics.enrollments.load(Ordering::Relaxed), 1);
+    assert_eq!(h.metrics.enroll_failures.load(Ordering::Relaxed), 3);
+
+    // The new certificate opens a session; a renewal over it names the same agent.
+    let a7 = AgentId { key_pem, cert_pem: enrolled.cert_pem.clone() };
+    let (_, csr_pem) = edge_agent::identity::new_key_and_csr("someone-else").unwrap();
+    let frames =
+        exchange(&h, Some(&a7), &encode(&[hello("a7", PROTOCOL_VERSION), Frame::Renew(Renew { csr_pem })]), 2).await;
+    let Some(Frame::Renewed(renewed)) = frames.get(1) else { panic!("{frames:?}") };
+    let der = CertificateDer::from_pem_slice(renewed.cert_pem.as_bytes()).unwrap();
+    assert_eq!(identity_of(&der).unwrap(), ("a7".into(), "acme".into()), "the CA, not the CSR, names the agent");
+    h.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn revocation_closes_the_agent_out_of_every_gateway_within_a_heartbeat_interval() {
+    let first = start().await;
+    let second = start_on(first.dir.clone(), first.fleet.clone(), |_| {}).await;
+    let a1 = enroll(&first, "a1", "acme");
+    let mut sessions = Vec::new();
+    for h in [&first, &second] {
+        let (mut send, mut recv, conn, endpoint) = open_quic(h, Some(&a1)).await.unwrap();
+        send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION)])).await.unwrap();
+        assert!(matches!(read_frames(&mut recv, 1).await.first(), Some(Frame::Welcome(_))));
+        sessions.push((send, recv, conn, endpoint));
+    }
+    assert!(first.fleet.revoke("a1", now()).unwrap());
+    // Each gateway reloads the revoked set every half interval (500 ms here).
+    for (_, recv, _, _) in &mut sessions {
+        let frames = read_frames(recv, 1).await;
+        let (code, message) = error_code(&frames);
+        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert!(message.contains("was revoked"), "{message}");
+    }
+    for h in [&first, &second] {
+        assert_eq!(h.metrics.revoked_disconnects.load(Ordering::Relaxed), 1);
+        let frames = exchange(h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION)]), 1).await;
+        assert_eq!(error_code(&frames), (ErrorCode::Unauthenticated, "agent \"a1\" is revoked".into()));
+    }
+    first.shutdown.cancel();
+    second.shutdown.cancel();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn per_agent_limits_on_connections_batch_size_and_rate() {
+    let h = start_with(|c| {
+        c.max_connections_per_agent = 1;
+        c.max_events_per_sec_per_agent = 100;
+        c.max_batch_events = 60;
+    })
+    .await;
+    let a1 = enroll(&h, "a1", "acme");
+    let (mut send, mut recv, _conn, _endpoint) = open_quic(&h, Some(&a1)).await.unwrap();
+    send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION)])).await.unwrap();
+    assert!(matches!(read_frames(&mut recv, 1).await.first(), Some(Frame::Welcome(w)) if w.max_batch_events == 60));
+
+    // A second connection of the same agent is one too many.
+    let frames = exchange(&h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION)]), 1).await;
+    assert!(error_code(&frames).1.contains("too many connections"), "{frames:?}");
+
+    // Over the rate (100 events/s, a second of burst): batches are read more slowly, never lost.
+    send.write_all(&encode(&[order_batch("acme", 0, 60), order_batch("acme", 60, 60), order_batch("acme", 120, 60)]))
+        .await
+        .unwrap();
+    let frames = read_frames(&mut recv, 3).await;
+    assert_eq!(frames.iter().filter(|f| matches!(f, Frame::Ack(_))).count(), 3, "{frames:?}");
+    assert!(h.metrics.rate_limited.load(Ordering::Relaxed) >= 1);
+
+    // A batch over the size limit closes the session with a clear error.
+    send.write_all(&encode(&[order_batch("acme", 180, 61)])).await.unwrap();
+    let frames = read_frames(&mut recv, 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::InvalidBatch);
+    assert!(message.contains("batch of 61 events exceeds 60"), "{message}");
     h.shutdown.cancel();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_tcp_fallback_speaks_the_same_protocol_with_the_same_checks() {
     let h = start().await;
+    let a1 = enroll(&h, "a1", "acme");
     let frames =
-        exchange_tcp(&h, &encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("acme", 0, 3)]), 2).await;
+        exchange_tcp(&h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION), order_batch("acme", 0, 3)]), 2).await;
     assert!(matches!(&frames[0], Frame::Welcome(w) if w.tenant == "acme"), "{frames:?}");
     assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0 && a.count == 3), "{frames:?}");
-    let frames = exchange_tcp(&h, b"GET / HTTP/1.1\r\n\r\n", 1).await;
+    let frames = exchange_tcp(&h, None, b"GET / HTTP/1.1\r\n\r\n", 1).await;
     assert_eq!(error_code(&frames).0, ErrorCode::FrameTooLarge);
-    let frames = exchange_tcp(&h, &encode(&[hello("a1", "nope", PROTOCOL_VERSION)]), 1).await;
+    let frames = exchange_tcp(&h, None, &encode(&[hello("a1", PROTOCOL_VERSION)]), 1).await;
     assert_eq!(error_code(&frames).0, ErrorCode::Unauthenticated);
     // A plain-text client gets no protocol at all: the TLS handshake fails.
     let mut plain = tokio::net::TcpStream::connect(h.tcp_addr).await.unwrap();
-    tokio::io::AsyncWriteExt::write_all(&mut plain, &encode(&[hello("a1", "secret", PROTOCOL_VERSION)])).await.unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut plain, &encode(&[hello("a1", PROTOCOL_VERSION)])).await.unwrap();
     let mut buf = Vec::new();
     let _ =
         tokio::time::timeout(Duration::from_secs(15), plain.read_to_end(&mut buf)).await.expect("the gateway hangs up");
@@ -213,10 +444,9 @@ async fn the_tcp_fallback_speaks_the_same_protocol_with_the_same_checks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_quic_session_survives_the_agent_changing_address() {
     let h = start().await;
-    let endpoint = edge_agent::transport::quic::client_endpoint(&h.ca, h.addr).unwrap();
-    let conn = endpoint.connect(h.addr, "localhost").unwrap().await.unwrap();
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    send.write_all(&encode(&[hello("a1", "secret", PROTOCOL_VERSION), order_batch("acme", 0, 2)])).await.unwrap();
+    let a1 = enroll(&h, "a1", "acme");
+    let (mut send, mut recv, _conn, endpoint) = open_quic(&h, Some(&a1)).await.unwrap();
+    send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION), order_batch("acme", 0, 2)])).await.unwrap();
     let frames = read_frames(&mut recv, 2).await;
     assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0), "{frames:?}");
     let before = endpoint.local_addr().unwrap();

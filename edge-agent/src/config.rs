@@ -8,8 +8,8 @@
 //! [cloud]
 //! address = "gateway.example.com:4433"
 //! server_name = "gateway.example.com"
-//! ca_file = "/etc/actidash/ca.pem"
-//! credential_file = "/etc/actidash/agent.credential"
+//! ca_file = "/etc/actidash/ca.pem"         # the CA of the gateway's certificate
+//! # identity_dir = "/var/lib/actidash-agent/identity"   # key and certificate (edge-agent enroll)
 //!
 //! [[sources]]
 //! id = "orders"
@@ -92,15 +92,10 @@ pub struct CloudConfig {
     pub server_name: String,
     /// PEM file of the CA that signed the gateway's certificate.
     pub ca_file: PathBuf,
-    /// File holding this agent's credential (preferred: keeps the secret out of the config).
+    /// Where the agent's key and certificate live (default `data_dir/identity`); written by
+    /// `edge-agent enroll`, renewed by the agent.
     #[serde(default)]
-    pub credential_file: Option<PathBuf>,
-    /// The credential inline (for tests and demos).
-    #[serde(default)]
-    pub credential: Option<crate::secret::Secret>,
-    /// Name of an environment variable holding the credential.
-    #[serde(default)]
-    pub credential_env: Option<String>,
+    pub identity_dir: Option<PathBuf>,
     /// `auto` (default: QUIC, falling back to TLS over TCP by itself where UDP is blocked),
     /// `quic` or `tcp`.
     #[serde(default)]
@@ -181,7 +176,7 @@ impl AgentConfig {
         };
         resolve(&mut self.data_dir);
         resolve(&mut self.cloud.ca_file);
-        if let Some(p) = &mut self.cloud.credential_file {
+        if let Some(p) = &mut self.cloud.identity_dir {
             resolve(p);
         }
         for source in &mut self.sources {
@@ -196,7 +191,6 @@ impl AgentConfig {
         if self.cloud.address.parse::<SocketAddr>().is_err() && !self.cloud.address.contains(':') {
             return Err(("cloud.address".into(), format!("{:?} is not host:port", self.cloud.address)));
         }
-        self.credential_source().validate(true)?;
         if self.spool.max_bytes < 1024 * 1024 {
             return Err(("spool.max_bytes".into(), format!("{} is below the minimum of 1 MiB", self.spool.max_bytes)));
         }
@@ -229,11 +223,10 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// Loads every secret the configuration names (the agent credential, database passwords),
-    /// to prove they are there; errors name where each was looked for, never its value.
+    /// Loads every secret the configuration names (database passwords), to prove they are
+    /// there; errors name where each was looked for, never its value.
     pub fn check_secrets(&self) -> anyhow::Result<()> {
         use anyhow::Context as _;
-        self.credential()?;
         for source in &self.sources {
             if let SourceConfig::Postgres(d) | SourceConfig::Mysql(d) = source {
                 d.password_source().load().with_context(|| format!("source {}", d.id))?;
@@ -242,22 +235,9 @@ impl AgentConfig {
         Ok(())
     }
 
-    fn credential_source(&self) -> crate::secret::SecretSource<'_> {
-        crate::secret::SecretSource {
-            name: "cloud.credential",
-            inline: self.cloud.credential.as_ref(),
-            env: self.cloud.credential_env.as_deref(),
-            file: self.cloud.credential_file.as_deref(),
-        }
-    }
-
-    /// The credential, read from its file or environment variable if configured so. Errors
-    /// name where it was looked for, never its value.
-    pub fn credential(&self) -> anyhow::Result<String> {
-        let secret = self.credential_source().load()?.ok_or_else(|| anyhow::anyhow!("no credential configured"))?;
-        let value = secret.expose().trim();
-        anyhow::ensure!(!value.is_empty(), "the credential is empty");
-        Ok(value.to_owned())
+    /// Where the agent's key and certificate live.
+    pub fn identity_dir(&self) -> PathBuf {
+        self.cloud.identity_dir.clone().unwrap_or_else(|| self.data_dir.join("identity"))
     }
 }
 
@@ -329,7 +309,6 @@ data_dir = "state"
 address = "127.0.0.1:4433"
 server_name = "localhost"
 ca_file = "ca.pem"
-credential = "s3cret"
 
 [[sources]]
 id = "orders"
@@ -346,18 +325,8 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         let cfg = AgentConfig::parse(GOOD, Path::new("/etc/actidash/agent.toml")).unwrap();
         assert_eq!(cfg.data_dir, Path::new("/etc/actidash/state"));
         assert_eq!(cfg.cloud.ca_file, Path::new("/etc/actidash/ca.pem"));
-        assert_eq!(cfg.credential().unwrap(), "s3cret");
+        assert_eq!(cfg.identity_dir(), Path::new("/etc/actidash/state/identity"));
         assert_eq!(cfg.sources.len(), 1);
-    }
-
-    #[test]
-    fn the_credential_comes_from_exactly_one_place() {
-        let both = GOOD.replace("credential = \"s3cret\"", "credential = \"a\"\ncredential_env = \"B\"");
-        let err = AgentConfig::parse(&both, Path::new("agent.toml")).unwrap_err().to_string();
-        assert!(err.contains("set one of cloud.credential_file, cloud.credential_env and cloud.credential"), "{err}");
-        let none = GOOD.replace("credential = \"s3cret\"\n", "");
-        let err = AgentConfig::parse(&none, Path::new("agent.toml")).unwrap_err().to_string();
-        assert!(err.contains("field `cloud.credential_file`"), "{err}");
     }
 
     #[test]
@@ -402,7 +371,7 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         let secret = pg.replace("password_file = \"pw\"", "password = \"hunter2\"");
         let cfg = AgentConfig::parse(&secret, Path::new("agent.toml")).unwrap();
         let debug = format!("{cfg:?}");
-        assert!(!debug.contains("hunter2") && !debug.contains("s3cret"), "inline secrets never show in Debug");
+        assert!(!debug.contains("hunter2"), "inline secrets never show in Debug");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! gateway acknowledged them. [`run`] wires it all together with one shutdown token.
 
 pub mod config;
+pub mod identity;
 pub mod mapping;
 pub mod reload;
 pub mod secret;
@@ -106,7 +107,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             address: config.cloud.address.clone(),
             server_name: config.cloud.server_name.clone(),
             ca_file: config.cloud.ca_file.clone(),
-            credential: config.credential()?,
+            identity: identity::IdentityStore::new(config.identity_dir()),
             max_batch_events: config.shipper.max_batch_events,
             max_batch_bytes: config.shipper.max_batch_bytes,
             max_backoff: Duration::from_millis(config.shipper.max_backoff_ms),

@@ -29,6 +29,22 @@ enum Command {
         #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Enroll this agent: make its key here, have the fleet CA sign it with a single-use token,
+    /// and store key and certificate (owner-only) for mutual TLS from then on.
+    Enroll {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+        /// The gateway, `host:port` or `actidash://host:port` (default: `cloud.address`).
+        #[arg(long)]
+        url: Option<String>,
+        /// The enrollment token (`cloud-aggregator token create`); better from a file or the
+        /// environment than on the command line.
+        #[arg(long, env = "ACTIDASH_ENROLL_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// A file holding the enrollment token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+    },
     /// Look into the spool (works while the agent runs).
     Spool {
         #[command(subcommand)]
@@ -61,6 +77,50 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Enroll { config, url, token, token_file } => {
+            let cfg = AgentConfig::load(&config)?;
+            let token = match (token, token_file) {
+                (Some(t), None) => t,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .with_context(|| format!("reading the token file {}", f.display()))?
+                    .trim()
+                    .to_owned(),
+                (None, None) => {
+                    anyhow::bail!("give the enrollment token with --token-file, ACTIDASH_ENROLL_TOKEN or --token")
+                }
+                (Some(_), Some(_)) => anyhow::bail!("give the enrollment token once: --token or --token-file"),
+            };
+            let address =
+                url.as_deref().map_or(cfg.cloud.address.as_str(), |u| u.split_once("://").map_or(u, |(_, rest)| rest));
+            let store = edge_agent::identity::IdentityStore::new(cfg.identity_dir());
+            anyhow::ensure!(
+                !store.is_enrolled(),
+                "this agent is already enrolled ({}); remove that folder to enroll again",
+                store.dir().display()
+            );
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+            let enrolled = runtime.block_on(edge_agent::identity::enroll(
+                address,
+                &cfg.cloud.server_name,
+                &cfg.cloud.ca_file,
+                &cfg.agent_id,
+                &token,
+                &store,
+            ))?;
+            anyhow::ensure!(
+                enrolled.tenant == cfg.tenant,
+                "enrolled for tenant {:?}, but the configuration says {:?}: fix `tenant`",
+                enrolled.tenant,
+                cfg.tenant
+            );
+            println!(
+                "enrolled {} for tenant {}; key and certificate in {}",
+                enrolled.agent_id,
+                enrolled.tenant,
+                store.dir().display()
+            );
+            Ok(())
+        }
         Command::Check { config } => {
             let cfg = AgentConfig::load(&config)?;
             // Secrets must be loadable (files readable, variables set); they are never printed.

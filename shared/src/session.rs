@@ -7,18 +7,27 @@
 //!
 //! ```text
 //! agent                              gateway
-//!   Hello ───────────────────────────▶  (driver authenticates: accept / reject)
+//!   Hello ───────────────────────────▶  (driver authenticates by the client certificate:
+//!                                        accept / reject)
 //!         ◀─────────────────────────── Welcome (tenant, window, limits)
 //!   Batch, Batch, … (≤ window) ──────▶  (driver makes each durable, then ack)
 //!         ◀─────────────────────────── Ack, Ack, …  (in any order)
 //!   Heartbeat (every interval) ──────▶
+//!   Renew (a CSR) ───────────────────▶  (any time once ready)
+//!         ◀─────────────────────────── Renewed (the new certificate)
 //!   Error ◀──────────────────────────▶ Error   (then the connection closes)
 //! ```
+//!
+//! An agent without a certificate sends `Enroll` (a token and a CSR) instead of `Hello`; the
+//! gateway answers `Enrolled` (or an error) and the session ends.
 
 use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
-use crate::wire::{Ack, Batch, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Welcome};
+use crate::wire::{
+    Ack, Batch, Enroll, Enrolled, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Renew, Renewed,
+    Welcome,
+};
 
 /// A breach of the protocol by the peer. The session has queued an error frame for the peer
 /// and is closed.
@@ -42,6 +51,8 @@ pub enum ClientEvent {
     Ready(Welcome),
     /// A batch is durable in the cloud: its events may be deleted from the spool.
     Acked(Ack),
+    /// The gateway signed a renewed certificate.
+    Renewed(Renewed),
     /// The gateway closed the session.
     Closed(ErrorFrame),
 }
@@ -61,6 +72,7 @@ pub struct ClientSession {
     events: VecDeque<ClientEvent>,
     in_flight: HashSet<(String, u64, u32)>,
     next_heartbeat: Option<Duration>,
+    renewing: bool,
 }
 
 impl ClientSession {
@@ -72,6 +84,7 @@ impl ClientSession {
             events: VecDeque::new(),
             in_flight: HashSet::new(),
             next_heartbeat: None,
+            renewing: false,
         }
     }
 
@@ -103,6 +116,15 @@ impl ClientSession {
         match &self.state {
             ClientState::Ready(w) => self.in_flight.len() < w.max_in_flight.max(1) as usize,
             _ => false,
+        }
+    }
+
+    /// Asks for a renewed certificate for the key of `csr_pem`; answered by
+    /// [`ClientEvent::Renewed`].
+    pub fn request_renewal(&mut self, csr_pem: String) {
+        if self.is_ready() && !self.renewing {
+            self.renewing = true;
+            self.outbox.push_back(Frame::Renew(Renew { csr_pem }));
         }
     }
 
@@ -156,6 +178,11 @@ impl ClientSession {
                     Ok(())
                 }
             }
+            (ClientState::Ready(_), Frame::Renewed(r)) if self.renewing => {
+                self.renewing = false;
+                self.events.push_back(ClientEvent::Renewed(r));
+                Ok(())
+            }
             (ClientState::Ready(_), Frame::Ack(ack)) => {
                 if self.in_flight.remove(&(ack.source_id.clone(), ack.first_seq, ack.count)) {
                     self.events.push_back(ClientEvent::Acked(ack));
@@ -207,9 +234,14 @@ impl Default for ServerLimits {
 /// What the gateway's session tells its driver.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServerEvent {
-    /// The agent introduced itself: the driver checks its credential and calls
+    /// The agent introduced itself: the driver checks its client certificate and calls
     /// [`ServerSession::accept`] or [`ServerSession::reject`].
     Hello(Hello),
+    /// An agent asks to be enrolled: the driver redeems the token and signs the CSR, then
+    /// calls [`ServerSession::enrolled`] or [`ServerSession::reject`].
+    Enroll(Enroll),
+    /// An authenticated agent asks for a renewed certificate: [`ServerSession::renewed`].
+    Renew(Renew),
     /// A batch to make durable, then [`ServerSession::ack`].
     Batch(Batch),
     Heartbeat(Heartbeat),
@@ -272,6 +304,25 @@ impl ServerSession {
             (_, Frame::Error(e)) => {
                 self.state = ServerState::Closed;
                 self.events.push_back(ServerEvent::Closed(e));
+                Ok(())
+            }
+            (ServerState::AwaitingHello, Frame::Enroll(e)) => {
+                if e.protocol_version != PROTOCOL_VERSION {
+                    Err(ProtocolError::new(
+                        ErrorCode::UnsupportedVersion,
+                        format!(
+                            "enrollment in protocol {}; this gateway speaks {PROTOCOL_VERSION}",
+                            e.protocol_version
+                        ),
+                    ))
+                } else {
+                    self.state = ServerState::Authenticating;
+                    self.events.push_back(ServerEvent::Enroll(e));
+                    Ok(())
+                }
+            }
+            (ServerState::Ready { .. }, Frame::Renew(r)) => {
+                self.events.push_back(ServerEvent::Renew(r));
                 Ok(())
             }
             (ServerState::AwaitingHello, Frame::Hello(h)) => {
@@ -353,6 +404,21 @@ impl ServerSession {
         self.fail(ErrorCode::Unauthenticated, message);
     }
 
+    /// The agent is enrolled: send its certificate, then the session ends.
+    pub fn enrolled(&mut self, enrolled: Enrolled) {
+        if matches!(self.state, ServerState::Authenticating) {
+            self.state = ServerState::Closed;
+            self.outbox.push_back(Frame::Enrolled(enrolled));
+        }
+    }
+
+    /// A renewed certificate for the agent.
+    pub fn renewed(&mut self, renewed: Renewed) {
+        if matches!(self.state, ServerState::Ready { .. }) {
+            self.outbox.push_back(Frame::Renewed(renewed));
+        }
+    }
+
     /// A batch is durable: acknowledge it.
     pub fn ack(&mut self, ack: Ack) {
         if matches!(self.state, ServerState::Ready { .. }) {
@@ -377,12 +443,7 @@ mod tests {
     use bytes::BytesMut;
 
     fn hello(version: u16) -> Hello {
-        Hello {
-            protocol_version: version,
-            agent_id: "a1".into(),
-            agent_version: "0.1.0".into(),
-            credential: "secret".into(),
-        }
+        Hello { protocol_version: version, agent_id: "a1".into(), agent_version: "0.1.0".into() }
     }
 
     fn batch(first_seq: u64) -> Batch {
@@ -410,6 +471,45 @@ mod tests {
         while let Some(f) = Frame::decode(&mut wire, 1 << 20).unwrap() {
             client.handle_frame(f, now).unwrap();
         }
+    }
+
+    #[test]
+    fn enrollment_replaces_the_hello_and_renewal_happens_on_a_ready_session() {
+        let mut server = ServerSession::new(ServerLimits::default());
+        let enroll = Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: "a1".into(),
+            token: "t".into(),
+            csr_pem: "c".into(),
+        };
+        assert!(!format!("{enroll:?}").contains("\"t\""), "the token never shows in Debug");
+        server.handle_frame(Frame::Enroll(enroll.clone())).unwrap();
+        assert_eq!(server.poll_event(), Some(ServerEvent::Enroll(enroll)));
+        let enrolled =
+            Enrolled { agent_id: "a1".into(), tenant: "acme".into(), cert_pem: "C".into(), ca_pem: "CA".into() };
+        server.enrolled(enrolled.clone());
+        assert_eq!(server.poll_transmit(), Some(Frame::Enrolled(enrolled)));
+        assert!(server.is_closed(), "an enrollment session ends with the certificate");
+
+        // No batch or renewal before authentication; a renewal after it.
+        let mut server = ServerSession::new(ServerLimits::default());
+        let err = server.handle_frame(Frame::Renew(Renew { csr_pem: "c".into() })).unwrap_err();
+        assert_eq!(err.code, ErrorCode::Unauthenticated);
+        let mut client = ClientSession::new(hello(PROTOCOL_VERSION));
+        let mut server = ServerSession::new(ServerLimits::default());
+        pump_to_server(&mut client, &mut server);
+        server.poll_event();
+        server.accept("a1".into(), "acme".into());
+        pump_to_client(&mut server, &mut client, Duration::ZERO);
+        client.poll_event();
+        client.request_renewal("csr".into());
+        client.request_renewal("csr".into()); // one at a time
+        pump_to_server(&mut client, &mut server);
+        assert_eq!(server.poll_event(), Some(ServerEvent::Renew(Renew { csr_pem: "csr".into() })));
+        assert_eq!(server.poll_event(), None);
+        server.renewed(Renewed { cert_pem: "new".into() });
+        pump_to_client(&mut server, &mut client, Duration::ZERO);
+        assert_eq!(client.poll_event(), Some(ClientEvent::Renewed(Renewed { cert_pem: "new".into() })));
     }
 
     #[test]

@@ -14,6 +14,10 @@
 //! | 4 | [`Ack`] | binary, below | gateway, once the batch is durable |
 //! | 5 | [`Heartbeat`] | JSON | agent, periodically |
 //! | 6 | [`ErrorFrame`] | JSON | either side, then it closes |
+//! | 7 | [`Enroll`] | JSON | agent, first, instead of a hello (no client certificate yet) |
+//! | 8 | [`Enrolled`] | JSON | gateway, the agent's certificate; then it closes |
+//! | 9 | [`Renew`] | JSON | agent, on an authenticated session |
+//! | 10 | [`Renewed`] | JSON | gateway, the renewed certificate |
 //!
 //! Control frames are JSON so that they can grow optional fields without a version bump; the
 //! hot frames are binary:
@@ -30,10 +34,10 @@ use serde::{Deserialize, Serialize};
 
 /// Version of the protocol in this module. A gateway refuses a hello of another version with
 /// [`ErrorCode::UnsupportedVersion`].
-pub const PROTOCOL_VERSION: u16 = 1;
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// ALPN identifier of the protocol on QUIC and TLS.
-pub const ALPN: &[u8] = b"actidash/1";
+pub const ALPN: &[u8] = b"actidash/2";
 
 /// Largest frame a decoder accepts unless told otherwise (16 MiB).
 pub const DEFAULT_MAX_FRAME_LEN: usize = 16 * 1024 * 1024;
@@ -50,16 +54,58 @@ pub enum Frame {
     Ack(Ack),
     Heartbeat(Heartbeat),
     Error(ErrorFrame),
+    Enroll(Enroll),
+    Enrolled(Enrolled),
+    Renew(Renew),
+    Renewed(Renewed),
 }
 
-/// The agent introduces itself.
+/// The agent introduces itself. Its identity is its client certificate's; `agent_id` must
+/// name the same agent.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Hello {
     pub protocol_version: u16,
     pub agent_id: String,
     pub agent_version: String,
-    /// The agent's secret. Never logged: [`Hello`]'s `Debug` is derived, so drivers log fields.
-    pub credential: String,
+}
+
+/// An agent without a certificate asks for one with an enrollment token. Never logged whole:
+/// the token is a secret, so drivers log fields.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+pub struct Enroll {
+    pub protocol_version: u16,
+    /// The id the agent asks to be enrolled under.
+    pub agent_id: String,
+    pub token: String,
+    /// A PKCS#10 request (PEM) for the agent's key, which never leaves its host.
+    pub csr_pem: String,
+}
+
+impl std::fmt::Debug for Enroll {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Enroll").field("agent_id", &self.agent_id).field("token", &"***").finish_non_exhaustive()
+    }
+}
+
+/// The agent's certificate, naming its id and tenant, and the CA that signed it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Enrolled {
+    pub agent_id: String,
+    pub tenant: String,
+    pub cert_pem: String,
+    pub ca_pem: String,
+}
+
+/// An authenticated agent asks for a new certificate for a new key.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Renew {
+    pub csr_pem: String,
+}
+
+/// The renewed certificate.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Renewed {
+    pub cert_pem: String,
 }
 
 /// The gateway accepted the agent.
@@ -204,6 +250,10 @@ impl Frame {
             Frame::Ack(_) => 4,
             Frame::Heartbeat(_) => 5,
             Frame::Error(_) => 6,
+            Frame::Enroll(_) => 7,
+            Frame::Enrolled(_) => 8,
+            Frame::Renew(_) => 9,
+            Frame::Renewed(_) => 10,
         }
     }
 
@@ -222,6 +272,10 @@ impl Frame {
             Frame::Welcome(v) => put_json(out, v),
             Frame::Heartbeat(v) => put_json(out, v),
             Frame::Error(v) => put_json(out, v),
+            Frame::Enroll(v) => put_json(out, v),
+            Frame::Enrolled(v) => put_json(out, v),
+            Frame::Renew(v) => put_json(out, v),
+            Frame::Renewed(v) => put_json(out, v),
             Frame::Batch(b) => {
                 put_source_id(out, &b.source_id);
                 out.put_u64(b.first_seq);
@@ -277,6 +331,10 @@ fn type_name(ty: u8) -> &'static str {
         4 => "ack",
         5 => "heartbeat",
         6 => "error",
+        7 => "enroll",
+        8 => "enrolled",
+        9 => "renew",
+        10 => "renewed",
         _ => "unknown",
     }
 }
@@ -289,6 +347,10 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, DecodeError> {
         2 => Ok(Frame::Welcome(get_json(frame, &body)?)),
         5 => Ok(Frame::Heartbeat(get_json(frame, &body)?)),
         6 => Ok(Frame::Error(get_json(frame, &body)?)),
+        7 => Ok(Frame::Enroll(get_json(frame, &body)?)),
+        8 => Ok(Frame::Enrolled(get_json(frame, &body)?)),
+        9 => Ok(Frame::Renew(get_json(frame, &body)?)),
+        10 => Ok(Frame::Renewed(get_json(frame, &body)?)),
         3 => {
             let source_id = get_source_id(frame, &mut body)?;
             if body.remaining() < 8 + 4 + 1 {
@@ -363,12 +425,25 @@ mod tests {
 
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
-            (any::<u16>(), arb_text(), arb_text(), arb_text()).prop_map(|(v, a, b, c)| Frame::Hello(Hello {
+            (any::<u16>(), arb_text(), arb_text()).prop_map(|(v, a, b)| Frame::Hello(Hello {
                 protocol_version: v,
                 agent_id: a,
                 agent_version: b,
-                credential: c
             })),
+            (arb_text(), arb_text(), arb_text()).prop_map(|(a, t, c)| Frame::Enroll(Enroll {
+                protocol_version: PROTOCOL_VERSION,
+                agent_id: a,
+                token: t,
+                csr_pem: c
+            })),
+            (arb_text(), arb_text(), arb_text()).prop_map(|(a, t, c)| Frame::Enrolled(Enrolled {
+                agent_id: a,
+                tenant: t,
+                cert_pem: c.clone(),
+                ca_pem: c
+            })),
+            arb_text().prop_map(|c| Frame::Renew(Renew { csr_pem: c })),
+            arb_text().prop_map(|c| Frame::Renewed(Renewed { cert_pem: c })),
             (arb_text(), any::<u32>(), any::<u32>(), any::<u32>(), any::<u64>()).prop_map(|(tenant, a, b, c, d)| {
                 Frame::Welcome(Welcome {
                     protocol_version: PROTOCOL_VERSION,

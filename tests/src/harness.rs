@@ -146,13 +146,12 @@ pub struct Deployment {
     /// `host:port` list; None for the embedded mode.
     pub kafka: Option<String>,
     pub topic_prefix: String,
-    pub agents: Vec<(String, String, String)>,
 }
 
 impl Deployment {
-    /// Prepares `root`: certificates, and the cloud configuration for the given agents
-    /// (id, tenant, credential).
-    pub fn new(root: &Path, kafka: Option<String>, agents: &[(&str, &str, &str)]) -> anyhow::Result<Deployment> {
+    /// Prepares `root`: the gateway's certificates and the cloud configuration. Agents are
+    /// enrolled with tokens when they first start ([`Deployment::enroll`]).
+    pub fn new(root: &Path, kafka: Option<String>) -> anyhow::Result<Deployment> {
         std::fs::create_dir_all(root)?;
         let status = Command::new(bin("cloud-aggregator")?)
             .args(["dev-certs", "--out"])
@@ -172,7 +171,6 @@ impl Deployment {
             api_port: free_tcp_port(),
             kafka,
             topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
-            agents: agents.iter().map(|(a, t, c)| ((*a).to_owned(), (*t).to_owned(), (*c).to_owned())).collect(),
         };
         deployment.write_cloud_config()?;
         Ok(deployment)
@@ -195,12 +193,6 @@ impl Deployment {
             "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nlisten_tcp = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n",
             self.gateway_port, self.gateway_tcp_port
         );
-        for (id, tenant, credential) in &self.agents {
-            let hash = sha256_hex_of(credential)?;
-            text += &format!(
-                "\n[[gateway.agents]]\nid = \"{id}\"\ntenant = \"{tenant}\"\ncredential_sha256 = \"{hash}\"\n"
-            );
-        }
         text += &format!("\n[serve]\nlisten = \"127.0.0.1:{}\"\n", self.api_port);
         std::fs::write(self.cloud_config_path(), text)?;
         Ok(())
@@ -211,11 +203,10 @@ impl Deployment {
         &self,
         agent_id: &str,
         tenant: &str,
-        credential: &str,
         data_dir: &Path,
         feeds: &[Feed],
     ) -> anyhow::Result<PathBuf> {
-        self.write_agent_config_with(agent_id, tenant, credential, data_dir, feeds, "")
+        self.write_agent_config_with(agent_id, tenant, data_dir, feeds, "")
     }
 
     /// The same, with `extra` TOML tables (such as `[spool]`) added.
@@ -223,13 +214,12 @@ impl Deployment {
         &self,
         agent_id: &str,
         tenant: &str,
-        credential: &str,
         data_dir: &Path,
         feeds: &[Feed],
         extra: &str,
     ) -> anyhow::Result<PathBuf> {
         let mut text = format!(
-            "agent_id = \"{agent_id}\"\ntenant = \"{tenant}\"\ndata_dir = \"{}\"\n\n[cloud]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\ncredential = \"{credential}\"\n\n",
+            "agent_id = \"{agent_id}\"\ntenant = \"{tenant}\"\ndata_dir = \"{}\"\n\n[cloud]\naddress = \"127.0.0.1:{}\"\nserver_name = \"localhost\"\nca_file = \"{}\"\n\n",
             self.root.join(format!("agent-{agent_id}")).display(),
             self.agent_port,
             self.root.join("certs/ca.pem").display(),
@@ -256,8 +246,64 @@ impl Deployment {
         Process::start(name, &bin("cloud-aggregator")?, &args, &self.root.join(format!("{name}.log")))
     }
 
-    /// Starts an agent with its configuration file.
+    /// A single-use enrollment token for `tenant`, from `cloud-aggregator token create`.
+    pub fn create_token(&self, tenant: &str, expires: &str) -> anyhow::Result<String> {
+        let out = Command::new(bin("cloud-aggregator")?)
+            .args(["token", "create", "--tenant", tenant, "--expires", expires, "--config"])
+            .arg(self.cloud_config_path())
+            .env("ACTIDASH_LOG", "warn")
+            .output()
+            .context("running cloud-aggregator token create")?;
+        anyhow::ensure!(out.status.success(), "token create failed: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
+    /// Runs `edge-agent enroll` with `token` (from a file, as an operator should); the output.
+    pub fn run_enroll(&self, config: &Path, token: &str) -> anyhow::Result<std::process::Output> {
+        let token_file = config.with_extension("token");
+        std::fs::write(&token_file, token)?;
+        let out = Command::new(bin("edge-agent")?)
+            .args(["enroll", "--config"])
+            .arg(config)
+            .arg("--token-file")
+            .arg(&token_file)
+            .env("ACTIDASH_LOG", "warn")
+            .output()
+            .context("running edge-agent enroll")?;
+        let _ = std::fs::remove_file(&token_file);
+        Ok(out)
+    }
+
+    /// Enrolls the agent of `config` (the gateway must be up: retried while it starts).
+    pub fn enroll(&self, config: &Path) -> anyhow::Result<()> {
+        let cfg = edge_agent::config::AgentConfig::load(config)?;
+        if edge_agent::identity::IdentityStore::new(cfg.identity_dir()).is_enrolled() {
+            return Ok(());
+        }
+        let token = self.create_token(&cfg.tenant, "10m")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.run_enroll(config, &token)?;
+            if out.status.success() {
+                return Ok(());
+            }
+            let err = String::from_utf8_lossy(&out.stderr).into_owned();
+            // Only an unreachable gateway is worth a retry (the token is still unused then).
+            if Instant::now() > deadline || err.contains("refused:") {
+                bail!("enrolling {}: {err}", cfg.agent_id);
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+    }
+
+    /// Starts an agent with its configuration file, enrolling it first if it is not yet.
     pub fn start_agent(&self, name: &str, config: &Path) -> anyhow::Result<Process> {
+        self.enroll(config)?;
+        self.start_agent_unenrolled(name, config)
+    }
+
+    /// Starts an agent as it is, enrolled or not.
+    pub fn start_agent_unenrolled(&self, name: &str, config: &Path) -> anyhow::Result<Process> {
         let config = config.to_str().context("non-UTF-8 path")?;
         Process::start(name, &bin("edge-agent")?, &["run", "--config", config], &self.root.join(format!("{name}.log")))
     }
@@ -338,19 +384,6 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
     let status = head.split_whitespace().nth(1).unwrap_or("");
     anyhow::ensure!(status.starts_with('2'), "GET {path}: HTTP {status}: {body}");
     Ok(body.to_owned())
-}
-
-fn sha256_hex_of(credential: &str) -> anyhow::Result<String> {
-    let mut child = Command::new(bin("cloud-aggregator")?)
-        .arg("hash-credential")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .context("running cloud-aggregator hash-credential")?;
-    child.stdin.take().context("no stdin")?.write_all(credential.as_bytes())?;
-    let out = child.wait_with_output()?;
-    anyhow::ensure!(out.status.success(), "hash-credential failed");
-    Ok(String::from_utf8(out.stdout)?.trim().to_owned())
 }
 
 /// Appends lines to the feed files in `dir`.

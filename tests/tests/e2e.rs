@@ -17,7 +17,7 @@ use common::{TIMEOUT, assert_converges, generate, test_root, write_slowly};
 fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut [Process], kill_processor: Option<usize>) {
     let since = Utc::now().timestamp() - 120;
     let mut g = Generator::new(42, 97);
-    let agent_config = d.write_agent_config("agent-1", "acme", "secret-1", data_dir, &Feed::ALL).unwrap();
+    let agent_config = d.write_agent_config("agent-1", "acme", data_dir, &Feed::ALL).unwrap();
     let mut lines = generate(&mut g, 3_000);
     append_lines(data_dir, &lines).unwrap();
     let mut agent = d.start_agent("agent-1", &agent_config).unwrap();
@@ -61,14 +61,22 @@ fn scenario(d: &Deployment, data_dir: &Path, cloud: &mut [Process], kill_process
     .unwrap();
     assert!(agent.terminate(Duration::from_secs(10)), "agent did not stop cleanly on SIGTERM");
 
-    // No log of any process holds the agent's credential.
+    assert_no_secrets_in_logs(d);
+}
+
+/// No log of any process holds a secret: an enrollment token, a private key.
+fn assert_no_secrets_in_logs(d: &Deployment) {
+    let mut n_logs = 0;
     for entry in std::fs::read_dir(&d.root).unwrap() {
         let path = entry.unwrap().path();
         if path.extension().is_some_and(|e| e == "log") {
             let log = std::fs::read_to_string(&path).unwrap();
-            assert!(!log.contains("secret-1"), "{} contains the credential", path.display());
+            n_logs += 1;
+            assert!(!log.contains("adt_"), "{} contains an enrollment token", path.display());
+            assert!(!log.contains("PRIVATE KEY"), "{} contains a private key", path.display());
         }
     }
+    assert!(n_logs > 0, "no logs were checked");
 }
 
 #[test]
@@ -76,7 +84,7 @@ fn embedded_mode_exact_totals_through_agent_sigkill() {
     let root = test_root("embedded");
     let data_dir = root.join("onprem");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None, &[("agent-1", "acme", "secret-1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None).unwrap();
     let mut cloud = vec![d.start_cloud("cloud", &[]).unwrap()];
     d.wait_ready(TIMEOUT).unwrap();
     scenario(&d, &data_dir, &mut cloud, None);
@@ -93,7 +101,7 @@ fn kafka_mode_exact_totals_through_agent_and_processor_sigkill() {
     let root = test_root("kafka");
     let data_dir = root.join("onprem");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("agent-1", "acme", "secret-1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
     // Gateway, processor and API as three processes: the roles scale independently.
     let gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let processor = d.start_cloud("processor", &["process"]).unwrap();
@@ -107,33 +115,66 @@ fn kafka_mode_exact_totals_through_agent_and_processor_sigkill() {
 }
 
 #[test]
-fn an_agent_with_a_wrong_credential_is_refused_and_others_keep_working() {
+fn enrollment_by_token_then_revocation_closes_the_agent_out_and_others_keep_working() {
     let root = test_root("an");
     let data_dir = root.join("onprem");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None, &[("good", "acme", "right")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None).unwrap();
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let mut g = Generator::new(3, 0);
     let lines: Vec<Line> = (0..200).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
     append_lines(&data_dir, &lines).unwrap();
-    let bad_config = d.write_agent_config("good", "acme", "wrong", &data_dir, &[Feed::Orders]).unwrap();
-    let bad_config_renamed = d.root.join("intruder.toml");
-    std::fs::rename(&bad_config, &bad_config_renamed).unwrap();
-    let mut intruder = d.start_agent("intruder", &bad_config_renamed).unwrap();
-    wait_until(TIMEOUT, "the gateway to refuse the wrong credential", || {
-        Ok(std::fs::read_to_string(d.root.join("cloud.log"))?.contains("wrong credential for agent"))
-    })
-    .unwrap();
-    let agent_log = std::fs::read_to_string(intruder.log_path()).unwrap();
-    assert!(agent_log.contains("Unauthenticated"), "agent log should name the refusal: {agent_log}");
-    assert!(!agent_log.contains("wrong\""), "the credential must not be logged");
-    assert_eq!(d.totals().unwrap(), Default::default(), "nothing from the refused agent may count");
-    intruder.kill();
 
-    let good_config = d.write_agent_config("good", "acme", "right", &data_dir, &[Feed::Orders]).unwrap();
+    // An agent that never enrolled does not start, and says what to do.
+    let stranger = d.write_agent_config("stranger", "acme", &data_dir, &[Feed::Orders]).unwrap();
+    let mut stranger = d.start_agent_unenrolled("stranger", &stranger).unwrap();
+    wait_until(TIMEOUT, "the unenrolled agent to stop", || Ok(!stranger.is_running())).unwrap();
+    assert!(log_of(&stranger).contains("edge-agent enroll"), "{}", log_of(&stranger));
+
+    // Enrollment: the token works once; replayed by another agent, it is refused.
+    let token = d.create_token("acme", "1h").unwrap();
+    let good_config = d.write_agent_config("good", "acme", &data_dir, &[Feed::Orders]).unwrap();
+    let out = d.run_enroll(&good_config, &token).unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let key = std::fs::read_dir(root.join("deploy/agent-good/identity"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "key"))
+        .unwrap();
+    assert_eq!(std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&key).unwrap().permissions()) & 0o777, 0o600);
+    let replay_config = d.write_agent_config("replay", "acme", &data_dir, &[Feed::Orders]).unwrap();
+    let out = d.run_enroll(&replay_config, &token).unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already used"), "{err}");
+    assert!(!err.contains(&token), "the token is never echoed: {err}");
+
     let mut good = d.start_agent("good", &good_config).unwrap();
     assert_converges(&d, &lines, Utc::now().timestamp() - 120, &mut [&mut cloud, &mut good]);
+
+    // Revoked: its connection closes within about a heartbeat interval (1 s here) and every
+    // reconnection is refused.
+    let out = std::process::Command::new(actidash_tests::harness::bin("cloud-aggregator").unwrap())
+        .args(["agent", "revoke", "good", "--config"])
+        .arg(d.cloud_config_path())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let revoked_at = std::time::Instant::now();
+    wait_until(TIMEOUT, "the revoked agent to be closed out", || Ok(log_of(&good).contains("was revoked"))).unwrap();
+    assert!(revoked_at.elapsed() < Duration::from_secs(5), "revocation took {:?}", revoked_at.elapsed());
+    wait_until(TIMEOUT, "its reconnection to be refused", || Ok(log_of(&good).contains("is revoked"))).unwrap();
+    let before = d.totals().unwrap();
+    append_lines(&data_dir, &(0..50).map(|_| g.line_for(Feed::Orders, Utc::now())).collect::<Vec<_>>()).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(d.totals().unwrap(), before, "nothing from a revoked agent counts");
+    good.kill();
+    assert_no_secrets_in_logs(&d);
+}
+
+fn log_of(p: &Process) -> String {
+    std::fs::read_to_string(p.log_path()).unwrap_or_default()
 }
 
 #[test]
@@ -141,7 +182,7 @@ fn configuration_reload_adds_a_source_refuses_a_bad_file_and_loses_nothing() {
     let root = test_root("reload");
     let data_dir = root.join("onprem");
     std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None, &[("agent-1", "acme", "secret-1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None).unwrap();
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let since = Utc::now().timestamp() - 120;
@@ -152,12 +193,12 @@ fn configuration_reload_adds_a_source_refuses_a_bad_file_and_loses_nothing() {
     append_lines(&data_dir, &web).unwrap();
 
     // At first the agent reads orders only.
-    let config = d.write_agent_config("agent-1", "acme", "secret-1", &data_dir, &[Feed::Orders]).unwrap();
+    let config = d.write_agent_config("agent-1", "acme", &data_dir, &[Feed::Orders]).unwrap();
     let mut agent = d.start_agent("agent-1", &config).unwrap();
     assert_converges(&d, &orders, since, &mut [&mut cloud, &mut agent]);
 
     // A new source is added while the agent runs: the web feed arrives, orders are not re-read.
-    d.write_agent_config("agent-1", "acme", "secret-1", &data_dir, &[Feed::Orders, Feed::Web]).unwrap();
+    d.write_agent_config("agent-1", "acme", &data_dir, &[Feed::Orders, Feed::Web]).unwrap();
     let mut all = orders.clone();
     all.extend(web.iter().cloned());
     assert_converges(&d, &all, since, &mut [&mut cloud, &mut agent]);

@@ -24,13 +24,13 @@ fn link_down_while_data_keeps_arriving_then_back() {
     let root = test_root("link-down");
     let data = root.join("onprem");
     std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None).unwrap();
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let mut g = Generator::new(11, 0);
     let mut lines = generate(&mut g, 2_000);
     append_lines(&data, &lines).unwrap();
-    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
     let mut agent = d.start_agent("agent", &config).unwrap();
     let since = since();
     assert_converges(&d, &lines, since, &mut [&mut cloud, &mut agent]);
@@ -53,11 +53,11 @@ fn gateway_killed_mid_batch_with_kafka() {
     let root = test_root("gateway-kill");
     let data = root.join("onprem");
     std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("a1", "acme", "s1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
     let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let mut rest = d.start_cloud("processor-api", &["process", "serve"]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
-    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
     let mut agent = d.start_agent("agent", &config).unwrap();
     let mut g = Generator::new(12, 0);
     let lines = generate(&mut g, 8_000);
@@ -75,20 +75,23 @@ fn a_full_spool_pauses_the_sources_then_drains_without_loss() {
     let root = test_root("spool-full");
     let data = root.join("onprem");
     std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), None).unwrap();
     // The agent starts while the cloud is unreachable, with a 1 MiB spool and ~2.4 MB of input.
-    let config =
-        d.write_agent_config_with("a1", "acme", "s1", &data, &Feed::ALL, "[spool]\nmax_bytes = 1048576\n").unwrap();
+    let config = d.write_agent_config_with("a1", "acme", &data, &Feed::ALL, "[spool]\nmax_bytes = 1048576\n").unwrap();
     let mut g = Generator::new(13, 0);
     let lines: Vec<Line> = generate(&mut g, 6_000);
     append_lines(&data, &lines).unwrap();
+    // Enrolled while the cloud was up; then the cloud goes away.
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.enroll(&config).unwrap();
+    assert!(cloud.terminate(Duration::from_secs(15)));
     let mut agent = d.start_agent("agent", &config).unwrap();
     wait_until(TIMEOUT, "a source to pause on the full spool", || {
         Ok(log_of(&agent).contains("spool full: source paused"))
     })
     .unwrap();
     assert!(agent.is_running(), "a full spool must not stop the agent");
-    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    cloud.restart().unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
     assert!(log_of(&agent).contains("spool has room again: source resumed"));
     let agents = d.get("/api/v1/agents").unwrap();
@@ -106,7 +109,7 @@ fn udp_blocked_the_agent_falls_back_to_tcp_by_itself() {
     let root = test_root("udp-blocked");
     let data = root.join("onprem");
     std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None, &[("a1", "acme", "s1")]).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
     // The gateway's TCP fallback listens on a port where nothing answers UDP: to the agent,
     // exactly what a network that drops UDP looks like.
     d.gateway_tcp_port = actidash_tests::harness::free_tcp_port();
@@ -117,7 +120,7 @@ fn udp_blocked_the_agent_falls_back_to_tcp_by_itself() {
     let mut g = Generator::new(14, 0);
     let lines = generate(&mut g, 2_000);
     append_lines(&data, &lines).unwrap();
-    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
     let mut agent = d.start_agent("agent", &config).unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
     let log = log_of(&agent);
@@ -139,11 +142,11 @@ fn processors_joining_and_leaving_the_group_count_everything_once() {
     let root = test_root("rebalance");
     let data = root.join("onprem");
     std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap), &[("a1", "acme", "s1")]).unwrap();
+    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
     let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let mut first = d.start_cloud("processor-1", &["process", "serve"]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
-    let config = d.write_agent_config("a1", "acme", "s1", &data, &Feed::ALL).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
     let mut agent = d.start_agent("agent", &config).unwrap();
     let mut g = Generator::new(15, 0);
     let lines = generate(&mut g, 9_000);

@@ -1,72 +1,225 @@
-//! Agent authentication by per-agent credential.
+//! Who may write: agents with a certificate of the fleet CA, enrolled and not revoked, within
+//! their per-agent limits.
 //!
-//! The gateway stores only the SHA-256 of each agent's credential and compares in constant
-//! time. The identity (agent id, tenant) comes from the gateway's own table, never from what
-//! the agent claims beyond its id. Certificates per agent replace this in the security work.
+//! TLS (rustls, TLS 1.3 only) has already verified the client certificate's chain and validity
+//! when a hello arrives; [`Admission::admit`] takes the identity from that certificate (CN: the
+//! agent id, O: the tenant), checks it against the registry and the revoked set, and counts the
+//! agent's connections. The revoked set is reloaded from the shared registry every half
+//! heartbeat interval, so a revocation reaches every gateway instance within one interval.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
-use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::warn;
 
-use crate::config::AgentEntry;
+use crate::fleet::Fleet;
 
-/// The agents allowed in.
-#[derive(Debug, Clone, Default)]
-pub struct Authenticator {
-    agents: HashMap<String, (String, [u8; 32])>,
-}
-
-/// Why an agent was refused. The message never contains the credential.
+/// Why an agent was refused. Messages never contain secrets.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
-    #[error("unknown agent {0:?}")]
+    #[error("no client certificate: enroll this agent first (edge-agent enroll)")]
+    NoCertificate,
+    #[error("unreadable client certificate: {0}")]
+    BadCertificate(String),
+    #[error("the hello names agent {hello:?} but the certificate is for {cert:?}")]
+    Mismatch { hello: String, cert: String },
+    #[error("agent {0:?} is revoked")]
+    Revoked(String),
+    #[error("agent {0:?} is not enrolled")]
     UnknownAgent(String),
-    #[error("wrong credential for agent {0:?}")]
-    WrongCredential(String),
+    #[error("the certificate names tenant {cert:?} but agent {agent:?} was enrolled for {enrolled:?}")]
+    TenantMismatch { agent: String, cert: String, enrolled: String },
+    #[error("agent {0:?} has too many connections ({1})")]
+    TooManyConnections(String, usize),
+    #[error("registry unavailable: {0}")]
+    Registry(String),
 }
 
-impl Authenticator {
-    pub fn new(entries: &[AgentEntry]) -> Authenticator {
-        let agents = entries
-            .iter()
-            .filter_map(|e| {
-                let digest: [u8; 32] = hex::decode(&e.credential_sha256).ok()?.try_into().ok()?;
-                Some((e.id.clone(), (e.tenant.clone(), digest)))
-            })
-            .collect();
-        Authenticator { agents }
-    }
+struct AgentState {
+    connections: usize,
+    tokens: f64,
+    refilled: Instant,
+}
 
-    /// Returns the agent's tenant if the credential is right.
-    pub fn check(&self, agent_id: &str, credential: &str) -> Result<String, AuthError> {
-        let (tenant, expected) =
-            self.agents.get(agent_id).ok_or_else(|| AuthError::UnknownAgent(agent_id.to_owned()))?;
-        let actual: [u8; 32] = Sha256::digest(credential.as_bytes()).into();
-        let diff = expected.iter().zip(actual.iter()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
-        if diff == 0 { Ok(tenant.clone()) } else { Err(AuthError::WrongCredential(agent_id.to_owned())) }
+/// Admission control shared by a gateway's connections.
+pub struct Admission {
+    fleet: Arc<Fleet>,
+    revoked: watch::Receiver<Arc<HashSet<String>>>,
+    revoked_tx: watch::Sender<Arc<HashSet<String>>>,
+    agents: Mutex<HashMap<String, AgentState>>,
+    max_connections: usize,
+    rate: f64,
+}
+
+impl std::fmt::Debug for Admission {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admission").field("max_connections", &self.max_connections).field("rate", &self.rate).finish()
     }
 }
 
-/// The hex SHA-256 of a credential, as the gateway's configuration stores it.
-pub fn credential_sha256(credential: &str) -> String {
-    hex::encode(Sha256::digest(credential.as_bytes()))
+impl Admission {
+    pub fn new(
+        fleet: Arc<Fleet>,
+        max_connections_per_agent: usize,
+        max_events_per_sec: u32,
+    ) -> anyhow::Result<Admission> {
+        let (revoked_tx, revoked) = watch::channel(Arc::new(fleet.revoked()?));
+        Ok(Admission {
+            fleet,
+            revoked,
+            revoked_tx,
+            agents: Mutex::new(HashMap::new()),
+            max_connections: max_connections_per_agent,
+            rate: f64::from(max_events_per_sec),
+        })
+    }
+
+    pub fn fleet(&self) -> &Arc<Fleet> {
+        &self.fleet
+    }
+
+    /// Reloads the revoked set every `every` until shutdown.
+    pub fn spawn_refresher(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    () = tokio::time::sleep(every) => {}
+                    () = shutdown.cancelled() => return,
+                }
+                let fleet = me.fleet.clone();
+                match tokio::task::spawn_blocking(move || fleet.revoked()).await {
+                    Ok(Ok(set)) => {
+                        me.revoked_tx.send_if_modified(|current| {
+                            let changed = **current != set;
+                            if changed {
+                                *current = Arc::new(set);
+                            }
+                            changed
+                        });
+                    }
+                    Ok(Err(e)) => {
+                        warn!(error = format!("{e:#}"), "cannot read the revoked agents; keeping the last list")
+                    }
+                    Err(e) => warn!(error = %e, "revocation refresh failed"),
+                }
+            }
+        });
+    }
+
+    /// Changes of the revoked set.
+    pub fn subscribe(&self) -> watch::Receiver<Arc<HashSet<String>>> {
+        self.revoked.clone()
+    }
+
+    pub fn is_revoked(&self, agent_id: &str) -> bool {
+        self.revoked.borrow().contains(agent_id)
+    }
+
+    /// Admits the agent of a verified certificate; returns (agent id, tenant). Every admitted
+    /// connection is [`Admission::release`]d when it ends.
+    pub fn admit(&self, hello_agent: &str, peer: Option<&(String, String)>) -> Result<(String, String), AuthError> {
+        let (agent, tenant) = peer.ok_or(AuthError::NoCertificate)?;
+        if hello_agent != agent {
+            return Err(AuthError::Mismatch { hello: hello_agent.to_owned(), cert: agent.clone() });
+        }
+        if self.is_revoked(agent) {
+            return Err(AuthError::Revoked(agent.clone()));
+        }
+        let record = self
+            .fleet
+            .agent(agent)
+            .map_err(|e| AuthError::Registry(format!("{e:#}")))?
+            .ok_or_else(|| AuthError::UnknownAgent(agent.clone()))?;
+        if record.revoked_at.is_some() {
+            return Err(AuthError::Revoked(agent.clone()));
+        }
+        if record.tenant != *tenant {
+            return Err(AuthError::TenantMismatch {
+                agent: agent.clone(),
+                cert: tenant.clone(),
+                enrolled: record.tenant,
+            });
+        }
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let state = agents.entry(agent.clone()).or_insert_with(|| AgentState {
+            connections: 0,
+            tokens: self.rate,
+            refilled: Instant::now(),
+        });
+        if state.connections >= self.max_connections {
+            return Err(AuthError::TooManyConnections(agent.clone(), state.connections));
+        }
+        state.connections += 1;
+        Ok((agent.clone(), tenant.clone()))
+    }
+
+    /// An admitted connection ended.
+    pub fn release(&self, agent_id: &str) {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(state) = agents.get_mut(agent_id) {
+            state.connections = state.connections.saturating_sub(1);
+        }
+    }
+
+    /// How long to wait before taking `n` events of the agent, by its token bucket (one
+    /// second of events of burst, over all its connections). Zero when within the rate.
+    pub fn throttle(&self, agent_id: &str, n: u32) -> Duration {
+        let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(state) = agents.get_mut(agent_id) else { return Duration::ZERO };
+        let now = Instant::now();
+        let elapsed = now.duration_since(state.refilled).as_secs_f64();
+        state.refilled = now;
+        state.tokens = (state.tokens + elapsed * self.rate).min(self.rate);
+        state.tokens -= f64::from(n);
+        if state.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-state.tokens / self.rate) }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fleet::FleetConfig;
 
     #[test]
-    fn checks_credentials_without_echoing_them() {
-        let auth = Authenticator::new(&[AgentEntry {
-            id: "a1".into(),
-            tenant: "acme".into(),
-            credential_sha256: credential_sha256("right"),
-        }]);
-        assert_eq!(auth.check("a1", "right"), Ok("acme".into()));
-        let err = auth.check("a1", "wrong").unwrap_err();
-        assert_eq!(err, AuthError::WrongCredential("a1".into()));
-        assert!(!err.to_string().contains("wrong\""));
-        assert_eq!(auth.check("a2", "right"), Err(AuthError::UnknownAgent("a2".into())));
+    fn identity_comes_from_the_certificate_and_the_registry_and_limits_apply() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = Arc::new(Fleet::open(dir.path(), &FleetConfig::default()).unwrap());
+        let token = fleet.create_token("acme", Duration::from_secs(60), 0).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+        fleet.enroll(&token, "a1", &csr, 1).unwrap();
+        let admission = Admission::new(fleet.clone(), 1, 100).unwrap();
+        let peer = ("a1".to_owned(), "acme".to_owned());
+
+        assert_eq!(admission.admit("a1", None), Err(AuthError::NoCertificate));
+        assert_eq!(
+            admission.admit("a2", Some(&peer)),
+            Err(AuthError::Mismatch { hello: "a2".into(), cert: "a1".into() })
+        );
+        let foreign = ("a1".to_owned(), "other".to_owned());
+        assert!(matches!(admission.admit("a1", Some(&foreign)), Err(AuthError::TenantMismatch { .. })));
+        let stranger = ("ghost".to_owned(), "acme".to_owned());
+        assert_eq!(admission.admit("ghost", Some(&stranger)), Err(AuthError::UnknownAgent("ghost".into())));
+
+        assert_eq!(admission.admit("a1", Some(&peer)), Ok(peer.clone()));
+        assert_eq!(admission.admit("a1", Some(&peer)), Err(AuthError::TooManyConnections("a1".into(), 1)));
+        admission.release("a1");
+        assert!(admission.admit("a1", Some(&peer)).is_ok());
+
+        // A second of burst, then waits in proportion.
+        assert_eq!(admission.throttle("a1", 100), Duration::ZERO);
+        let wait = admission.throttle("a1", 50);
+        assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+
+        fleet.revoke("a1", 2).unwrap();
+        assert_eq!(
+            admission.admit("a1", Some(&peer)),
+            Err(AuthError::Revoked("a1".into())),
+            "from the registry at once"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The gateway: authenticates agents, checks their batches and writes them to the sink,
-//! acknowledging each batch only once every event in it is durable.
+//! The gateway: authenticates agents by their client certificates, enrolls new ones, checks
+//! their batches and writes them to the sink, acknowledging each batch only once every event in
+//! it is durable.
 //!
 //! Agents connect over QUIC, or over TLS on TCP where their network blocks UDP (the fallback):
 //! the same protocol and the same TLS 1.3 certificate on both. Each connection is a driver of
@@ -21,7 +22,7 @@ use std::time::Duration;
 use actidash_shared::batch;
 use actidash_shared::kafka::FleetRecord;
 use actidash_shared::session::{ServerEvent, ServerLimits, ServerSession};
-use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, ErrorCode, Frame};
+use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Renewed};
 use anyhow::Context as _;
 use bytes::BytesMut;
 use futures::StreamExt as _;
@@ -34,9 +35,18 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use self::auth::Authenticator;
+use self::auth::Admission;
 use self::sink::{Pending, Sink};
 use crate::config::GatewayConfig;
+use crate::fleet::Fleet;
+
+/// The verified identity of a connection's client certificate: (agent id, tenant), or why it
+/// could not be read; None without a certificate.
+type PeerIdentity = Option<Result<(String, String), String>>;
+
+fn now_unix() -> i64 {
+    chrono::Utc::now().timestamp()
+}
 
 /// A connection with no packet for this long is gone (the agent keeps it alive every second).
 const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
@@ -68,6 +78,17 @@ pub struct GatewayMetrics {
     pub connections_accepted: AtomicU64,
     pub connections_refused: AtomicU64,
     pub auth_failures: AtomicU64,
+    /// TLS handshakes that failed (no or a wrong certificate chain, an expired certificate…).
+    pub tls_failures: AtomicU64,
+    pub enrollments: AtomicU64,
+    pub enroll_failures: AtomicU64,
+    pub renewals: AtomicU64,
+    /// Connections closed because their agent was revoked.
+    pub revoked_disconnects: AtomicU64,
+    /// Batches refused because an event claimed another tenant than the certificate's.
+    pub foreign_tenant_batches: AtomicU64,
+    /// Batches delayed by their agent's rate limit.
+    pub rate_limited: AtomicU64,
     pub bad_frames: AtomicU64,
     pub protocol_errors: AtomicU64,
     pub invalid_batches: AtomicU64,
@@ -84,7 +105,8 @@ fn bump(counter: &AtomicU64, n: u64) {
 pub struct Gateway {
     endpoint: quinn::Endpoint,
     tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
-    auth: Arc<Authenticator>,
+    admission: Arc<Admission>,
+    revocation_check: Duration,
     sink: Sink,
     limits: ServerLimits,
     max_connections: usize,
@@ -102,8 +124,14 @@ impl std::fmt::Debug for Gateway {
 }
 
 impl Gateway {
-    /// Binds the QUIC endpoint and the TCP fallback.
-    pub fn bind(config: &GatewayConfig, sink: Sink, shutdown: CancellationToken) -> anyhow::Result<Gateway> {
+    /// Binds the QUIC endpoint and the TCP fallback. Clients are verified against the fleet
+    /// CA; one without a certificate may only enroll.
+    pub fn bind(
+        config: &GatewayConfig,
+        fleet: Arc<Fleet>,
+        sink: Sink,
+        shutdown: CancellationToken,
+    ) -> anyhow::Result<Gateway> {
         let certs = CertificateDer::pem_file_iter(&config.cert_file)
             .with_context(|| format!("reading {}", config.cert_file.display()))?
             .collect::<Result<Vec<_>, _>>()
@@ -112,10 +140,20 @@ impl Gateway {
             .with_context(|| format!("reading the private key {}", config.key_file.display()))?;
         let endpoint_config = stable_endpoint_config(key.secret_der());
         let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut roots = rustls::RootCertStore::empty();
+        for ca in CertificateDer::pem_slice_iter(fleet.ca_pem().as_bytes()) {
+            roots.add(ca.context("parsing the fleet CA")?).context("the fleet CA certificate")?;
+        }
+        // A certificate, when presented, must chain to the fleet CA and be valid; without one
+        // the TLS session is allowed so that an agent can enroll, and nothing else.
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+            .allow_unauthenticated()
+            .build()
+            .context("client certificate verifier")?;
         let mut tls = rustls::ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13])
             .context("TLS 1.3 configuration")?
-            .with_no_client_auth()
+            .with_client_cert_verifier(verifier)
             .with_single_cert(certs, key)
             .context("the gateway's certificate and key do not match")?;
         tls.alpn_protocols = vec![ALPN.to_vec()];
@@ -145,12 +183,18 @@ impl Gateway {
         Ok(Gateway {
             endpoint,
             tcp,
-            auth: Arc::new(Authenticator::new(&config.agents)),
+            admission: Arc::new(Admission::new(
+                fleet,
+                config.max_connections_per_agent,
+                config.max_events_per_sec_per_agent,
+            )?),
+            revocation_check: Duration::from_millis(config.heartbeat_interval_ms / 2).max(Duration::from_millis(50)),
             sink,
             limits: ServerLimits {
                 max_in_flight: config.max_in_flight,
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
-                ..ServerLimits::default()
+                max_batch_bytes: config.max_batch_bytes,
+                max_batch_events: config.max_batch_events,
             },
             max_connections: config.max_connections,
             metrics: Arc::new(GatewayMetrics::default()),
@@ -171,6 +215,7 @@ impl Gateway {
     pub async fn run(self) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut next_connection_id: u64 = 0;
+        self.admission.spawn_refresher(self.revocation_check, self.shutdown.clone());
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
             let accepted = tokio::select! {
@@ -200,7 +245,7 @@ impl Gateway {
             next_connection_id += 1;
             let conn = Connection {
                 id: next_connection_id,
-                auth: self.auth.clone(),
+                admission: self.admission.clone(),
                 sink: self.sink.clone(),
                 limits: self.limits,
                 metrics: self.metrics.clone(),
@@ -233,7 +278,7 @@ impl Gateway {
 struct Connection {
     /// Unique in this gateway process.
     id: u64,
-    auth: Arc<Authenticator>,
+    admission: Arc<Admission>,
     sink: Sink,
     limits: ServerLimits,
     metrics: Arc<GatewayMetrics>,
@@ -259,13 +304,24 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl Connection {
     async fn run_quic(self, incoming: quinn::Incoming) -> anyhow::Result<()> {
-        let conn = incoming.await.context("QUIC handshake")?;
-        let remote = conn.remote_address();
+        let remote = incoming.remote_address();
+        let conn = match incoming.await {
+            Ok(c) => c,
+            Err(e) => {
+                bump(&self.metrics.tls_failures, 1);
+                warn!(remote = %remote, transport = "quic", error = %e, "handshake refused");
+                return Err(e).context("QUIC handshake");
+            }
+        };
+        let peer = conn
+            .peer_identity()
+            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
+            .and_then(|certs| certs.first().map(|c| crate::fleet::identity_of(c)));
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => s.context("waiting for the agent's stream")?,
             () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("no stream opened within {HANDSHAKE_TIMEOUT:?}"),
         };
-        let result = self.serve(recv, send, remote, "quic").await;
+        let result = self.serve(recv, send, remote, "quic", peer).await;
         conn.close(1u32.into(), b"session closed");
         result
     }
@@ -277,12 +333,21 @@ impl Connection {
         acceptor: tokio_rustls::TlsAcceptor,
     ) -> anyhow::Result<()> {
         stream.set_nodelay(true)?;
-        let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-            .await
-            .context("TLS handshake timed out")?
-            .context("TLS handshake")?;
+        let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                bump(&self.metrics.tls_failures, 1);
+                warn!(remote = %remote, transport = "tcp", error = %e, "handshake refused");
+                return Err(e).context("TLS handshake");
+            }
+            Err(_) => {
+                bump(&self.metrics.tls_failures, 1);
+                anyhow::bail!("TLS handshake timed out");
+            }
+        };
+        let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::fleet::identity_of(c));
         let (recv, send) = tokio::io::split(tls);
-        self.serve(recv, send, remote, "tcp").await
+        self.serve(recv, send, remote, "tcp", peer).await
     }
 
     /// Drives one session over a byte stream until it ends.
@@ -292,6 +357,7 @@ impl Connection {
         mut send: W,
         remote: SocketAddr,
         transport: &'static str,
+        peer: PeerIdentity,
     ) -> anyhow::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin,
@@ -302,6 +368,45 @@ impl Connection {
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>> =
             FuturesOrdered::new();
         let mut identity: Option<(String, String)> = None;
+        let mut revoked = self.admission.subscribe();
+        let result = self
+            .serve_loop(
+                &mut recv,
+                &mut send,
+                remote,
+                transport,
+                &peer,
+                &mut identity,
+                &mut session,
+                &mut rx,
+                &mut pending,
+                &mut revoked,
+            )
+            .await;
+        if let Some((agent, _)) = &identity {
+            self.admission.release(agent);
+        }
+        result
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn serve_loop<R, W>(
+        &self,
+        recv: &mut R,
+        send: &mut W,
+        remote: SocketAddr,
+        transport: &'static str,
+        peer: &PeerIdentity,
+        identity: &mut Option<(String, String)>,
+        session: &mut ServerSession,
+        rx: &mut BytesMut,
+        pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
+        revoked: &mut tokio::sync::watch::Receiver<Arc<std::collections::HashSet<String>>>,
+    ) -> anyhow::Result<()>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+        W: tokio::io::AsyncWrite + Unpin,
+    {
         loop {
             let mut tx = BytesMut::new();
             while let Some(frame) = session.poll_transmit() {
@@ -318,17 +423,27 @@ impl Connection {
                 return Ok(());
             }
             tokio::select! {
-                read = recv.read_buf(&mut rx) => {
+                read = recv.read_buf(rx) => {
                     if read.context("reading from the agent")? == 0 {
                         info!(remote = %remote, agent_id = identity.as_ref().map(|i| i.0.as_str()), "agent closed the stream");
                         return Ok(());
                     }
                     // One frame at a time: a frame's events (authentication above all) are
                     // handled before the next frame is looked at, so a pipelining agent works.
-                    while !session.is_closed() && self.handle_one_frame(&mut session, &mut rx, remote, identity.as_ref()) {
-                        if self.handle_events(&mut session, &mut identity, &mut pending, remote, transport).await {
+                    while !session.is_closed() && self.handle_one_frame(session, rx, remote, identity.as_ref()) {
+                        if self.handle_events(session, identity, pending, remote, transport, peer).await {
                             return Ok(());
                         }
+                    }
+                }
+                Ok(()) = revoked.changed() => {
+                    let set = revoked.borrow_and_update().clone();
+                    if let Some((agent, _)) = identity.as_ref()
+                        && set.contains(agent)
+                    {
+                        bump(&self.metrics.revoked_disconnects, 1);
+                        warn!(remote = %remote, agent_id = %agent, "agent revoked: closing its connection");
+                        session.fail(ErrorCode::Unauthenticated, format!("agent {agent:?} was revoked"));
                     }
                 }
                 Some((ack, result)) = pending.next(), if !pending.is_empty() => match result {
@@ -358,24 +473,81 @@ impl Connection {
         pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
         remote: SocketAddr,
         transport: &'static str,
+        peer: &PeerIdentity,
     ) -> bool {
         while let Some(event) = session.poll_event() {
             match event {
-                ServerEvent::Hello(hello) => match self.auth.check(&hello.agent_id, &hello.credential) {
-                    Ok(tenant) => {
-                        info!(remote = %remote, transport, agent_id = %hello.agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
-                        *identity = Some((hello.agent_id.clone(), tenant.clone()));
-                        session.accept(hello.agent_id, tenant);
+                ServerEvent::Hello(hello) => {
+                    let admitted = match peer {
+                        Some(Err(e)) => Err(auth::AuthError::BadCertificate(e.clone())),
+                        Some(Ok(p)) => self.admission.admit(&hello.agent_id, Some(p)),
+                        None => self.admission.admit(&hello.agent_id, None),
+                    };
+                    match admitted {
+                        Ok((agent_id, tenant)) => {
+                            info!(remote = %remote, transport, agent_id = %agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
+                            *identity = Some((agent_id.clone(), tenant.clone()));
+                            session.accept(agent_id, tenant);
+                        }
+                        Err(e) => {
+                            bump(&self.metrics.auth_failures, 1);
+                            warn!(remote = %remote, transport, agent_id = %hello.agent_id, error = %e, "agent refused");
+                            session.reject(e.to_string());
+                        }
                     }
-                    Err(e) => {
-                        bump(&self.metrics.auth_failures, 1);
-                        warn!(remote = %remote, error = %e, "agent refused");
-                        session.reject(e.to_string());
+                }
+                ServerEvent::Enroll(enroll) => {
+                    let fleet = self.admission.fleet().clone();
+                    let agent_id = enroll.agent_id.clone();
+                    let result = tokio::task::spawn_blocking(move || {
+                        fleet.enroll(&enroll.token, &enroll.agent_id, &enroll.csr_pem, now_unix())
+                    })
+                    .await;
+                    match result {
+                        Ok(Ok((tenant, cert_pem))) => {
+                            bump(&self.metrics.enrollments, 1);
+                            info!(remote = %remote, agent_id = %agent_id, tenant = %tenant, "agent enrolled");
+                            let ca_pem = self.admission.fleet().ca_pem().to_owned();
+                            session.enrolled(Enrolled { agent_id, tenant, cert_pem, ca_pem });
+                        }
+                        Ok(Err(e)) => {
+                            bump(&self.metrics.enroll_failures, 1);
+                            warn!(remote = %remote, agent_id = %agent_id, error = %e, "enrollment refused");
+                            session.reject(format!("enrollment refused: {e}"));
+                        }
+                        Err(e) => {
+                            bump(&self.metrics.enroll_failures, 1);
+                            session.fail(ErrorCode::Unavailable, format!("enrollment failed: {e}"));
+                        }
                     }
-                },
+                }
+                ServerEvent::Renew(renew) => {
+                    let Some((agent_id, tenant)) = identity.clone() else { continue };
+                    let fleet = self.admission.fleet().clone();
+                    let (a, t) = (agent_id.clone(), tenant.clone());
+                    match tokio::task::spawn_blocking(move || fleet.renew(&a, &t, &renew.csr_pem, now_unix())).await {
+                        Ok(Ok(cert_pem)) => {
+                            bump(&self.metrics.renewals, 1);
+                            info!(remote = %remote, agent_id = %agent_id, "certificate renewed");
+                            session.renewed(Renewed { cert_pem });
+                        }
+                        Ok(Err(e)) => {
+                            bump(&self.metrics.enroll_failures, 1);
+                            warn!(remote = %remote, agent_id = %agent_id, error = %e, "renewal refused");
+                            session.reject(format!("renewal refused: {e}"));
+                        }
+                        Err(e) => session.fail(ErrorCode::Unavailable, format!("renewal failed: {e}")),
+                    }
+                }
                 ServerEvent::Batch(b) => {
                     let Some((agent_id, tenant)) = identity.as_ref() else { continue };
                     let ack = Ack { source_id: b.source_id.clone(), first_seq: b.first_seq, count: b.count };
+                    let wait = self.admission.throttle(agent_id, b.count);
+                    if !wait.is_zero() {
+                        bump(&self.metrics.rate_limited, 1);
+                        debug!(agent_id = %agent_id, wait_ms = wait.as_millis() as u64, "agent over its rate: reading it more slowly");
+                        tokio::time::sleep(wait).await;
+                    }
                     match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
                         Ok(events) => match self.sink.submit(self.id, events).await {
                             Ok(done) => pending.push_back(ack_when_done(ack, done)),
@@ -387,6 +559,9 @@ impl Connection {
                         },
                         Err(e) => {
                             bump(&self.metrics.invalid_batches, 1);
+                            if matches!(e, batch::BatchError::ForeignTenant { .. }) {
+                                bump(&self.metrics.foreign_tenant_batches, 1);
+                            }
                             warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, error = %e, "invalid batch refused");
                             session.fail(ErrorCode::InvalidBatch, e.to_string());
                         }

@@ -1,13 +1,13 @@
 //! The agent's connections to the gateway: QUIC (keep-alives short enough for NAT bindings),
 //! or TLS over TCP where UDP is blocked. Both use TLS 1.3 only, verify the gateway's certificate
-//! against the configured CA (there is no option to skip that), and negotiate ALPN `actidash/1`.
+//! against the configured CA (there is no option to skip that), present the agent's certificate
+//! (mutual TLS), and negotiate ALPN `actidash/2`.
 
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
-use actidash_shared::wire::ALPN;
 use anyhow::Context as _;
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject as _;
@@ -22,29 +22,14 @@ pub fn load_certs(path: &Path) -> anyhow::Result<Vec<CertificateDer<'static>>> {
     Ok(certs)
 }
 
-/// The TLS client configuration shared by QUIC and TCP: TLS 1.3, trusting only `ca_file`.
+/// The TLS client configuration shared by QUIC and TCP: TLS 1.3, trusting only `ca_file`, with
+/// no client certificate (enrollment, and tests of refusals).
 pub fn client_tls_config(ca_file: &Path) -> anyhow::Result<Arc<rustls::ClientConfig>> {
-    let mut roots = rustls::RootCertStore::empty();
-    for cert in load_certs(ca_file)? {
-        roots.add(cert).with_context(|| format!("adding CA certificate from {}", ca_file.display()))?;
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .context("TLS 1.3 configuration")?
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
-    Ok(Arc::new(tls))
+    crate::identity::client_tls(ca_file, None)
 }
 
-/// A client endpoint that trusts only the CA in `ca_file`.
-pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
-    client_endpoint_with(client_tls_config(ca_file)?, remote)
-}
-
-/// A client endpoint with the given TLS configuration.
-pub fn client_endpoint_with(tls: Arc<rustls::ClientConfig>, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+/// A QUIC client configuration over `tls`, with the agent's transport settings.
+pub fn quic_client_config(tls: Arc<rustls::ClientConfig>) -> anyhow::Result<quinn::ClientConfig> {
     let quic_tls = quinn::crypto::rustls::QuicClientConfig::try_from(Arc::unwrap_or_clone(tls))
         .context("QUIC TLS configuration")?;
     let mut client = quinn::ClientConfig::new(Arc::new(quic_tls));
@@ -54,10 +39,19 @@ pub fn client_endpoint_with(tls: Arc<rustls::ClientConfig>, remote: SocketAddr) 
     transport.keep_alive_interval(Some(Duration::from_secs(1)));
     transport.max_idle_timeout(Some(Duration::from_secs(15).try_into().context("idle timeout")?));
     client.transport_config(Arc::new(transport));
+    Ok(client)
+}
 
+/// A client endpoint that trusts only the CA in `ca_file` (and presents no certificate).
+pub fn client_endpoint(ca_file: &Path, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
+    client_endpoint_with(client_tls_config(ca_file)?, remote)
+}
+
+/// A client endpoint with the given TLS configuration as its default.
+pub fn client_endpoint_with(tls: Arc<rustls::ClientConfig>, remote: SocketAddr) -> anyhow::Result<quinn::Endpoint> {
     let bind: SocketAddr = if remote.is_ipv6() { "[::]:0".parse()? } else { "0.0.0.0:0".parse()? };
     let mut endpoint = quinn::Endpoint::client(bind).context("binding the QUIC client socket")?;
-    endpoint.set_default_client_config(client);
+    endpoint.set_default_client_config(quic_client_config(tls)?);
     Ok(endpoint)
 }
 

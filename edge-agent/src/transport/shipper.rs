@@ -36,7 +36,8 @@ pub struct ShipperSettings {
     pub address: String,
     pub server_name: String,
     pub ca_file: std::path::PathBuf,
-    pub credential: String,
+    /// The agent's key and certificate (renewed in place).
+    pub identity: crate::identity::IdentityStore,
     pub max_batch_events: u32,
     pub max_batch_bytes: u32,
     pub max_backoff: Duration,
@@ -119,13 +120,15 @@ impl Shipper {
     /// Runs until shutdown, reconnecting as needed.
     pub async fn run(mut self) -> anyhow::Result<()> {
         let remote = resolve(&self.settings.address).await?;
-        let tls = super::quic::client_tls_config(&self.settings.ca_file)?;
-        let endpoint = super::quic::client_endpoint_with(tls.clone(), remote)?;
+        // Fails early, with a clear message, on an agent that was never enrolled.
+        crate::identity::client_tls(&self.settings.ca_file, Some(&self.settings.identity.load()?))?;
+        let endpoint =
+            super::quic::client_endpoint_with(super::quic::client_tls_config(&self.settings.ca_file)?, remote)?;
         let mut n_failures: u32 = 0;
         let mut quic_blocked_until: Option<Instant> = None;
         while !self.shutdown.is_cancelled() {
             let connected_at = Instant::now();
-            match self.session(&endpoint, &tls, remote, &mut quic_blocked_until).await {
+            match self.session(&endpoint, remote, &mut quic_blocked_until).await {
                 Ok(()) => break,
                 Err(e) => {
                     // A session that lived a while was healthy: start the backoff over.
@@ -153,10 +156,13 @@ impl Shipper {
     async fn session(
         &mut self,
         endpoint: &quinn::Endpoint,
-        tls: &Arc<rustls::ClientConfig>,
         remote: SocketAddr,
         quic_blocked_until: &mut Option<Instant>,
     ) -> anyhow::Result<()> {
+        // Loaded at every connection: a renewed certificate is used from the next one on.
+        let identity = tokio::task::block_in_place(|| self.settings.identity.load())?;
+        let tls = crate::identity::client_tls(&self.settings.ca_file, Some(&identity))?;
+        let tls = &tls;
         let try_quic = match self.settings.transport {
             TransportMode::Quic => true,
             TransportMode::Tcp => false,
@@ -165,7 +171,8 @@ impl Shipper {
         let mut quic_error = None;
         if try_quic {
             let connect = async {
-                let conn = endpoint.connect(remote, &self.settings.server_name)?.await?;
+                let config = super::quic::quic_client_config(tls.clone())?;
+                let conn = endpoint.connect_with(config, remote, &self.settings.server_name)?.await?;
                 let (send, recv) = conn.open_bi().await?;
                 anyhow::Ok((conn, send, recv))
             };
@@ -176,7 +183,7 @@ impl Shipper {
             match attempt {
                 Ok(Ok((conn, send, recv))) => {
                     *quic_blocked_until = None;
-                    let result = self.drive(recv, send, remote, "quic").await;
+                    let result = self.drive(recv, send, remote, "quic", &identity).await;
                     conn.close(0u32.into(), b"agent closing");
                     return result;
                 }
@@ -200,7 +207,7 @@ impl Shipper {
             *quic_blocked_until = Some(Instant::now() + QUIC_RETRY_AFTER);
         }
         let (recv, send) = tokio::io::split(stream);
-        self.drive(recv, send, remote, "tcp").await
+        self.drive(recv, send, remote, "tcp", &identity).await
     }
 
     /// Drives the protocol over one byte stream.
@@ -210,6 +217,7 @@ impl Shipper {
         mut send: W,
         remote: SocketAddr,
         transport: &'static str,
+        identity: &crate::identity::Identity,
     ) -> anyhow::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin,
@@ -219,8 +227,10 @@ impl Shipper {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.settings.agent_id.clone(),
             agent_version: AGENT_VERSION.into(),
-            credential: self.settings.credential.clone(),
         });
+        // The key of a renewal in progress; its certificate comes back on this session.
+        let mut renewing_key: Option<String> = None;
+        let mut renewed = false;
         let mut cursors: HashMap<String, u64> = HashMap::new();
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -259,6 +269,12 @@ impl Shipper {
                     if session.handle_timeout(now) {
                         let heartbeat = self.heartbeat(transport)?;
                         session.send_heartbeat(heartbeat, now);
+                        if !renewed && renewing_key.is_none() && identity.renewal_due(chrono::Utc::now().timestamp()) {
+                            let (key, csr) = crate::identity::new_key_and_csr(&self.settings.agent_id)?;
+                            info!(not_after = identity.not_after, "certificate renewal due: asking for a new one");
+                            renewing_key = Some(key);
+                            session.request_renewal(csr);
+                        }
                     }
                 }
                 () = self.spooled.notified() => {}
@@ -272,6 +288,14 @@ impl Shipper {
                     ClientEvent::Acked(ack) => {
                         debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, "batch acknowledged");
                         self.acker.acknowledged(ack.source_id, ack.first_seq, ack.count)?;
+                    }
+                    ClientEvent::Renewed(r) => {
+                        if let Some(key) = renewing_key.take() {
+                            let store = self.settings.identity.clone();
+                            tokio::task::block_in_place(|| store.store(&key, &r.cert_pem, None))?;
+                            renewed = true;
+                            info!("certificate renewed; the next connection uses it");
+                        }
                     }
                     ClientEvent::Closed(e) => {
                         anyhow::bail!("the gateway closed the session: {:?}: {}", e.code, e.message);

@@ -231,7 +231,7 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
     std::fs::create_dir_all(&data)?;
     let lines = order_lines(n, 2);
     append_lines(&data, &lines)?;
-    let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()), &[("bench", "acme", "s")])?;
+    let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()))?;
     let mut gateway = d.start_cloud("gateway", &["gateway"])?;
     let consumer: BaseConsumer =
         ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
@@ -263,7 +263,7 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
     raw_produce(&producer, &topic, &events[..events.len() / 2])?;
 
     let base = produced(&consumer, std::slice::from_ref(&topic))?;
-    let config = d.write_agent_config("bench", "acme", "s", &data, &[Feed::Orders])?;
+    let config = d.write_agent_config("bench", "acme", &data, &[Feed::Orders])?;
     let mut agent = d.start_agent("agent", &config)?;
     // Sustained rate: from the first event in Kafka to the last, so the agent's start-up and
     // handshake do not count.
@@ -342,10 +342,10 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64) -> anyhow::Result<()> 
     fresh(dir)?;
     let data = dir.join("onprem");
     std::fs::create_dir_all(&data)?;
-    let d = Deployment::new(&dir.join("deploy"), None, &[("fp", "acme", "s")])?;
+    let d = Deployment::new(&dir.join("deploy"), None)?;
     let mut cloud = d.start_cloud("cloud", &[])?;
     d.wait_ready(Duration::from_secs(30))?;
-    let config = d.write_agent_config("fp", "acme", "s", &data, &Feed::ALL)?;
+    let config = d.write_agent_config("fp", "acme", &data, &Feed::ALL)?;
     let agent = d.start_agent("agent", &config)?;
     let pid = agent.pid();
     std::thread::sleep(Duration::from_secs(3)); // start-up done
@@ -396,10 +396,10 @@ fn bench_reconnect(dir: &Path, rounds: usize) -> anyhow::Result<()> {
     fresh(dir)?;
     let data = dir.join("onprem");
     std::fs::create_dir_all(&data)?;
-    let d = Deployment::new(&dir.join("deploy"), None, &[("rc", "acme", "s")])?;
+    let d = Deployment::new(&dir.join("deploy"), None)?;
     let mut cloud: Process = d.start_cloud("cloud", &[])?;
     d.wait_ready(Duration::from_secs(30))?;
-    let config = d.write_agent_config("rc", "acme", "s", &data, &[Feed::Orders])?;
+    let config = d.write_agent_config("rc", "acme", &data, &[Feed::Orders])?;
     let _agent = d.start_agent("agent", &config)?;
     let log_path = d.root.join("cloud.log");
     wait_until(Duration::from_secs(30), "the first connection", || {

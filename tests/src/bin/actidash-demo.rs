@@ -41,7 +41,7 @@ fn main() -> anyhow::Result<()> {
     std::fs::create_dir_all(&onprem)?;
 
     println!("ActiDash demo: setting up in {}", root.display());
-    let mut deployment = Deployment::new(&root.join("cloud"), None, &[("demo-agent", "demo-shop", "demo-credential")])?;
+    let mut deployment = Deployment::new(&root.join("cloud"), None)?;
     if std::net::TcpListener::bind(("127.0.0.1", args.port)).is_ok() {
         deployment.api_port = args.port;
         deployment.write_cloud_config()?;
@@ -65,8 +65,7 @@ fn main() -> anyhow::Result<()> {
             Ok(())
         })
     };
-    let agent_config =
-        deployment.write_agent_config("demo-agent", "demo-shop", "demo-credential", &onprem, &Feed::ALL)?;
+    let agent_config = deployment.write_agent_config("demo-agent", "demo-shop", &onprem, &Feed::ALL)?;
     let mut agent = deployment.start_agent("agent", &agent_config)?;
     wait_until(Duration::from_secs(30), "the first events to arrive", || {
         Ok(deployment.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) > 0)
