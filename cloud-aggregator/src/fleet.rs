@@ -52,6 +52,9 @@ fn default_cert_validity_secs() -> u64 {
     30 * 24 * 3600
 }
 
+/// Shortest certificate lifetime (short ones are for tests of renewal).
+const MIN_VALIDITY_SECS: u64 = 10;
+
 /// Why an enrollment or renewal was refused. Messages never contain the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum EnrollError {
@@ -144,7 +147,7 @@ impl Fleet {
             ca_pem,
             issuer,
             registry: dir.join("registry.db"),
-            validity: Duration::from_secs(config.cert_validity_secs.max(60)),
+            validity: Duration::from_secs(config.cert_validity_secs.max(MIN_VALIDITY_SECS)),
         };
         fleet.connect()?; // creates the schema
         Ok(fleet)
@@ -298,7 +301,10 @@ impl Fleet {
         serial[0] &= 0x7f; // a positive integer
         params.serial_number = Some(SerialNumber::from_slice(&serial));
         let start = time::OffsetDateTime::from_unix_timestamp(now).unwrap_or_else(|_| time::OffsetDateTime::now_utc());
-        params.not_before = start - time::Duration::minutes(5); // clock skew
+        // Some slack for clocks behind ours, small against the lifetime: agents renew at two
+        // thirds of not_before..not_after.
+        let skew = (self.validity.as_secs() / 10).min(300) as i64;
+        params.not_before = start - time::Duration::seconds(skew);
         params.not_after = start + time::Duration::seconds(self.validity.as_secs() as i64);
         let cert = CertificateSigningRequestParams { params, public_key: csr.public_key }
             .signed_by(&self.issuer)

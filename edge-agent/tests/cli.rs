@@ -17,7 +17,6 @@ data_dir = "state"
 address = "127.0.0.1:4433"
 server_name = "localhost"
 ca_file = "ca.pem"
-credential = "s"
 
 [[sources]]
 id = "inv"
@@ -61,17 +60,19 @@ fn check_accepts_a_good_config_and_names_file_line_and_field_otherwise() {
 }
 
 #[test]
-fn the_credential_can_come_from_an_environment_variable_and_is_never_printed() {
+fn a_database_password_from_the_environment_is_checked_and_never_printed() {
     let dir = tempfile::tempdir().unwrap();
     let config = write_config(dir.path(), "");
-    let text =
-        std::fs::read_to_string(&config).unwrap().replace("credential = \"s\"", "credential_env = \"AGENT_SECRET\"");
-    std::fs::write(&config, text).unwrap();
+    let with_db = std::fs::read_to_string(&config).unwrap()
+        + "\n[[sources]]\nid = \"shop\"\ntype = \"postgres\"\nurl = \"postgres://reader@db:5432/shop\"\npassword_env = \"SHOP_DB_PASSWORD\"\ntable = \"orders\"\nincremental_column = \"id\"\n[sources.mapping]\ndomain = \"inventory\"\nevent_time = { field = \"at\" }\nfields = { sku = \"sku\", warehouse = \"wh\", on_hand = \"qty\" }\n";
+    std::fs::write(&config, with_db).unwrap();
     let check = |env: Option<&str>| {
         let mut cmd = Command::new(AGENT);
-        cmd.args(["check", "--config", config.to_str().unwrap()]).env("ACTIDASH_LOG", "off").env_remove("AGENT_SECRET");
+        cmd.args(["check", "--config", config.to_str().unwrap()])
+            .env("ACTIDASH_LOG", "off")
+            .env_remove("SHOP_DB_PASSWORD");
         if let Some(value) = env {
-            cmd.env("AGENT_SECRET", value);
+            cmd.env("SHOP_DB_PASSWORD", value);
         }
         let out = cmd.output().unwrap();
         (
@@ -81,10 +82,26 @@ fn the_credential_can_come_from_an_environment_variable_and_is_never_printed() {
     };
     let (ok, out) = check(None);
     assert!(!ok);
-    assert!(out.contains("environment variable AGENT_SECRET (cloud.credential_env)"), "{out}");
+    assert!(
+        out.contains("source shop") && out.contains("environment variable SHOP_DB_PASSWORD (password_env)"),
+        "{out}"
+    );
     let (ok, out) = check(Some("hunter2-very-secret"));
     assert!(ok, "{out}");
-    assert!(!out.contains("hunter2"), "the credential is never printed: {out}");
+    assert!(!out.contains("hunter2"), "the password is never printed: {out}");
+}
+
+#[test]
+fn an_agent_that_is_not_enrolled_says_how_to_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = write_config(dir.path(), "");
+    std::fs::write(dir.path().join("ca.pem"), "").unwrap();
+    let (ok, out) = run(&["enroll", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("--token-file, ACTIDASH_ENROLL_TOKEN or --token"), "{out}");
+    let (ok, out) = run(&["run", "--config", config.to_str().unwrap()]);
+    assert!(!ok);
+    assert!(out.contains("not enrolled") && out.contains("edge-agent enroll"), "{out}");
 }
 
 #[test]

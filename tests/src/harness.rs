@@ -146,6 +146,8 @@ pub struct Deployment {
     /// `host:port` list; None for the embedded mode.
     pub kafka: Option<String>,
     pub topic_prefix: String,
+    /// Extra TOML appended to the cloud configuration (such as a `[fleet]` table).
+    pub cloud_extra: String,
 }
 
 impl Deployment {
@@ -171,6 +173,7 @@ impl Deployment {
             api_port: free_tcp_port(),
             kafka,
             topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
+            cloud_extra: String::new(),
         };
         deployment.write_cloud_config()?;
         Ok(deployment)
@@ -194,6 +197,7 @@ impl Deployment {
             self.gateway_port, self.gateway_tcp_port
         );
         text += &format!("\n[serve]\nlisten = \"127.0.0.1:{}\"\n", self.api_port);
+        text += &self.cloud_extra;
         std::fs::write(self.cloud_config_path(), text)?;
         Ok(())
     }

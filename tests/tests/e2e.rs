@@ -173,6 +173,41 @@ fn enrollment_by_token_then_revocation_closes_the_agent_out_and_others_keep_work
     assert_no_secrets_in_logs(&d);
 }
 
+#[test]
+fn certificates_are_renewed_before_they_expire_without_losing_data() {
+    let root = test_root("renew");
+    let data_dir = root.join("onprem");
+    std::fs::create_dir_all(&data_dir).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    // Certificates live 12 s: the agent renews at about 8 s, over its live session.
+    d.cloud_extra = "\n[fleet]\ncert_validity_secs = 12\n".into();
+    d.write_cloud_config().unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(5, 0);
+    let config = d.write_agent_config("a1", "acme", &data_dir, &[Feed::Orders]).unwrap();
+    let mut lines: Vec<Line> = (0..300).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
+    append_lines(&data_dir, &lines).unwrap();
+    let mut agent = d.start_agent("a1", &config).unwrap();
+    let more: Vec<Line> = (0..600).map(|_| g.line_for(Feed::Orders, Utc::now())).collect();
+    lines.extend(more.iter().cloned());
+    let writer = write_slowly(&data_dir, more, Duration::from_secs(14));
+    wait_until(Duration::from_secs(30), "the agent to renew its certificate", || {
+        Ok(log_of(&agent).contains("certificate renewed"))
+    })
+    .unwrap();
+    // Past the first certificate's end, the gateway restarts: the agent reconnects with the
+    // renewed certificate (the old one would be refused as expired).
+    std::thread::sleep(Duration::from_secs(6));
+    cloud.kill();
+    cloud.restart().unwrap();
+    writer.join().unwrap();
+    assert_converges(&d, &lines, Utc::now().timestamp() - 300, &mut [&mut cloud, &mut agent]);
+    let cloud_log = std::fs::read_to_string(cloud.log_path()).unwrap();
+    assert!(cloud_log.contains("certificate renewed"), "the gateway renewed it");
+    assert_no_secrets_in_logs(&d);
+}
+
 fn log_of(p: &Process) -> String {
     std::fs::read_to_string(p.log_path()).unwrap_or_default()
 }

@@ -268,6 +268,19 @@ pub fn format_lsn(lsn: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(tag in proptest::sample::select(b"BCRIUDTYO".to_vec()), body in proptest::collection::vec(any::<u8>(), 0..200)) {
+            let mut bytes = vec![tag];
+            bytes.extend(body);
+            if let Ok(Message::Insert { new, .. }) = decode(&bytes) {
+                let rel = Relation { oid: 1, namespace: "p".into(), name: "t".into(), columns: vec![("a".into(), 1700, false); new.len()] };
+                let _ = row_json(&rel, &new);
+            }
+        }
+    }
 
     fn string(s: &str) -> Vec<u8> {
         let mut v = s.as_bytes().to_vec();
