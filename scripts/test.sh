@@ -24,6 +24,19 @@ cargo fmt --all -- --check
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
+step "cargo deny (licences, banned crates, sources)"
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  cargo install cargo-deny --locked --version 0.20.2
+fi
+cargo deny --locked check licenses bans sources
+# Advisories need the RustSec database from GitHub: checked strictly where it can be reached,
+# reported as not checked where it cannot (this workplace's network).
+if timeout 20 git ls-remote https://github.com/RustSec/advisory-db HEAD >/dev/null 2>&1; then
+  cargo deny --locked check advisories
+else
+  echo "NOTE: advisories NOT checked: the RustSec database (github.com) is unreachable from here" >&2
+fi
+
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
