@@ -240,6 +240,20 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_documented_example_is_valid() {
+        let source = include_str!("config.rs");
+        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
+        let end = start + source[start..].find("//! ```\n").unwrap();
+        let text: String = source[start..end]
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
+            .collect();
+        let cfg = CloudConfig::parse(&text, Path::new("/etc/actidash/cloud.toml")).unwrap();
+        assert_eq!(cfg.fleet.cert_validity_secs, 2_592_000);
+        assert!(cfg.kafka.is_some() && cfg.gateway.is_some() && cfg.serve.is_some());
+    }
+
+    #[test]
     fn parses_embedded_and_rejects_unknown_fields_with_line() {
         let text = "data_dir = \"d\"\n[serve]\nlisten = \"127.0.0.1:8080\"\n";
         let cfg = CloudConfig::parse(text, Path::new("/etc/a/cloud.toml")).unwrap();

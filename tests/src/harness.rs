@@ -271,6 +271,9 @@ impl Deployment {
             .arg(config)
             .arg("--token-file")
             .arg(&token_file)
+            // Enrollment speaks TLS on TCP: the gateway's fallback port.
+            .arg("--url")
+            .arg(format!("actidash://127.0.0.1:{}", self.gateway_tcp_port))
             .env("ACTIDASH_LOG", "warn")
             .output()
             .context("running edge-agent enroll")?;
