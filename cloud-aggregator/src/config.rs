@@ -241,13 +241,7 @@ mod tests {
 
     #[test]
     fn the_documented_example_is_valid() {
-        let source = include_str!("config.rs");
-        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
-        let end = start + source[start..].find("//! ```\n").unwrap();
-        let text: String = source[start..end]
-            .lines()
-            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
-            .collect();
+        let text = actidash_shared::testing::doc_toml(include_str!("config.rs")).unwrap();
         let cfg = CloudConfig::parse(&text, Path::new("/etc/actidash/cloud.toml")).unwrap();
         assert_eq!(cfg.fleet.cert_validity_secs, 2_592_000);
         assert!(cfg.kafka.is_some() && cfg.gateway.is_some() && cfg.serve.is_some());

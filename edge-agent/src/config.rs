@@ -331,13 +331,7 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
 
     #[test]
     fn the_documented_example_is_valid() {
-        let source = include_str!("config.rs");
-        let start = source.find("//! ```toml\n").unwrap() + "//! ```toml\n".len();
-        let end = start + source[start..].find("//! ```\n").unwrap();
-        let text: String = source[start..end]
-            .lines()
-            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
-            .collect();
+        let text = actidash_shared::testing::doc_toml(include_str!("config.rs")).unwrap();
         let cfg = AgentConfig::parse(&text, Path::new("/etc/actidash/agent.toml")).unwrap();
         assert_eq!(cfg.sources.len(), 3);
     }

@@ -38,3 +38,16 @@ pub fn sale_with(
         }),
     )
 }
+
+/// The first ` ```toml ` block of a module's `//!` documentation, as plain TOML: lets a test
+/// parse the documented example so that it cannot drift from the code.
+pub fn doc_toml(source: &str) -> Option<String> {
+    let start = source.find("//! ```toml\n")? + "//! ```toml\n".len();
+    let end = start + source[start..].find("//! ```\n")?;
+    Some(
+        source[start..end]
+            .lines()
+            .map(|l| format!("{}\n", l.trim_start_matches("//!").trim_start_matches(' ')))
+            .collect(),
+    )
+}

@@ -9,7 +9,7 @@ use std::time::Duration;
 use actidash_tests::generator::{Feed, Generator, Line};
 use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
 use chrono::Utc;
-use common::{TIMEOUT, assert_converges, generate, test_root, write_slowly};
+use common::{TIMEOUT, assert_converges, generate, log_of, test_root, write_slowly};
 
 /// The scenario shared by both modes: a first load, then a SIGKILLed agent in the middle of a
 /// stream (and, when `kill_processor` names one, a SIGKILLed processor too), restarted; the
@@ -206,10 +206,6 @@ fn certificates_are_renewed_before_they_expire_without_losing_data() {
     let cloud_log = std::fs::read_to_string(cloud.log_path()).unwrap();
     assert!(cloud_log.contains("certificate renewed"), "the gateway renewed it");
     assert_no_secrets_in_logs(&d);
-}
-
-fn log_of(p: &Process) -> String {
-    std::fs::read_to_string(p.log_path()).unwrap_or_default()
 }
 
 #[test]

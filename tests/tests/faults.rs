@@ -7,16 +7,12 @@ mod common;
 use std::time::Duration;
 
 use actidash_tests::generator::{Feed, Generator, Line};
-use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
+use actidash_tests::harness::{Deployment, append_lines, wait_until};
 use chrono::Utc;
-use common::{TIMEOUT, assert_converges, generate, test_root, write_slowly};
+use common::{TIMEOUT, assert_converges, generate, log_of, test_root, write_slowly};
 
 fn since() -> i64 {
     Utc::now().timestamp() - 120
-}
-
-fn log_of(p: &Process) -> String {
-    std::fs::read_to_string(p.log_path()).unwrap_or_default()
 }
 
 #[test]

@@ -11,6 +11,11 @@ use chrono::Utc;
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
 
+/// What a process has logged so far.
+pub fn log_of(p: &Process) -> String {
+    std::fs::read_to_string(p.log_path()).unwrap_or_default()
+}
+
 /// A fresh folder for one test under cargo's target tmp dir: kept after a failure, so that the
 /// processes' logs can be read (CI prints them).
 pub fn test_root(name: &str) -> PathBuf {
