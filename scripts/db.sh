@@ -3,8 +3,9 @@
 # (installed if missing), each in a private folder on 127.0.0.1 so nothing of the machine's own
 # servers is touched.
 #
-#   scripts/db.sh start   install if needed, start both; prints `export ACTIDASH_PG_URL=...` and
-#                         `export ACTIDASH_MYSQL_URL=...` (admin URLs the tests set up with)
+#   scripts/db.sh start   install if needed, start both; prints `export ACTIDASH_PG_URL=...`,
+#                         `export ACTIDASH_MYSQL_URL=...` (admin URLs the tests set up with) and
+#                         `export ACTIDASH_DB_CA=...` (the CA of both servers' TLS certificates)
 #   scripts/db.sh stop    stop both
 #
 # PostgreSQL runs with wal_level=logical (the logical-replication source needs it) and a WAL
@@ -33,12 +34,29 @@ install() {
   local want=()
   [ -n "$(pg_bin)" ] || want+=(postgresql)
   command -v mariadbd >/dev/null 2>&1 || want+=(mariadb-server)
+  command -v openssl >/dev/null 2>&1 || want+=(openssl)
   if [ ${#want[@]} -gt 0 ]; then
     log "installing ${want[*]} (Debian's packages)"
     export DEBIAN_FRONTEND=noninteractive
     apt-get update -qq >&2
     apt-get install -y -qq --no-install-recommends "${want[@]}" >&2
   fi
+}
+
+# A test CA and a server certificate for localhost/127.0.0.1, shared by both servers (TLS
+# connections from database sources are verified against the CA).
+make_tls() {
+  local dir=$run/tls
+  if [ -f "$dir/server.crt" ]; then return; fi
+  mkdir -p "$dir"
+  local curve=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  openssl req -x509 "${curve[@]}" -days 3650 -subj "/CN=ActiDash test database CA" \
+    -keyout "$dir/ca.key" -out "$dir/ca.crt" 2>/dev/null
+  openssl req "${curve[@]}" -subj "/CN=localhost" -keyout "$dir/server.key" -out "$dir/server.csr" 2>/dev/null
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n' > "$dir/ext.cnf"
+  openssl x509 -req -in "$dir/server.csr" -CA "$dir/ca.crt" -CAkey "$dir/ca.key" -CAcreateserial \
+    -days 3650 -extfile "$dir/ext.cnf" -out "$dir/server.crt" 2>/dev/null
+  chmod 600 "$dir"/*.key
 }
 
 # PostgreSQL refuses to run as root: it runs as the postgres user the package creates.
@@ -70,6 +88,13 @@ EOF
     rm "$dir/pg_hba.conf.new"
     if [ "$(id -u)" = 0 ]; then chown -R postgres: "$dir"; fi
   fi
+  if ! grep -q "^ssl = on" "$dir/postgresql.conf"; then
+    cp "$run/tls/server.crt" "$run/tls/server.key" "$dir/"
+    if [ "$(id -u)" = 0 ]; then chown postgres: "$dir/server.crt" "$dir/server.key"; fi
+    chmod 600 "$dir/server.key"
+    printf "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\n" >> "$dir/postgresql.conf"
+    as_pg "$bin/pg_ctl" -D "$dir" -m fast stop >/dev/null 2>&1 || true
+  fi
   if ! as_pg "$bin/pg_ctl" -D "$dir" status >/dev/null 2>&1; then
     as_pg "$bin/pg_ctl" -D "$dir" -l "$dir/server.log" -w -t 60 start >/dev/null
   fi
@@ -88,6 +113,7 @@ start_mysql() {
     nohup mariadbd --no-defaults --datadir="$dir/data" --socket="$dir/mysqld.sock" \
       --pid-file="$dir/mysqld.pid" --port="$my_port" --bind-address=127.0.0.1 \
       --user="$(id -un)" --log-error="$dir/server.log" --innodb-flush-log-at-trx-commit=0 \
+      --ssl-ca="$run/tls/ca.crt" --ssl-cert="$run/tls/server.crt" --ssl-key="$run/tls/server.key" \
       --skip-name-resolve >/dev/null 2>&1 &
     local i
     for i in $(seq 1 120); do
@@ -118,10 +144,13 @@ stop() {
 case ${1:-} in
   start)
     install
+    mkdir -p "$run"
+    make_tls
     start_pg
     start_mysql
     echo "export ACTIDASH_PG_URL=postgres://postgres@127.0.0.1:$pg_port/postgres"
     echo "export ACTIDASH_MYSQL_URL=mysql://actidash_admin:admin-pw@127.0.0.1:$my_port/mysql"
+    echo "export ACTIDASH_DB_CA=$run/tls/ca.crt"
     ;;
   stop) stop ;;
   *)

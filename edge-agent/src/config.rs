@@ -40,6 +40,7 @@
 //! password_file = "/etc/actidash/shop-db.password"   # or password_env = "SHOP_DB_PASSWORD"
 //! table = "orders"                             # or query = "SELECT ..."
 //! incremental_column = "id"                    # or timestamp_column + tie_breaker
+//! tls = { ca_file = "/etc/actidash/shop-db-ca.pem" }  # encrypted, server verified
 //! # logical = { create = true }                # PostgreSQL: logical replication instead
 //! [sources.mapping]
 //! domain = "sales"
@@ -398,6 +399,6 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
 
         let text = GOOD.replace("order_id = \"id\"", "order_number = \"id\"");
         let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
-        assert!(err.starts_with("agent.toml:19: field `sources[0].mapping.fields.order_number`"), "{err}");
+        assert!(err.starts_with("agent.toml:18: field `sources[0].mapping.fields.order_number`"), "{err}");
     }
 }

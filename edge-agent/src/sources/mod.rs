@@ -62,7 +62,14 @@ impl SourceConfig {
                     c.path = base.join(&c.path);
                 }
             }
-            SourceConfig::Postgres(c) | SourceConfig::Mysql(c) => crate::secret::resolve(&mut c.password_file, base),
+            SourceConfig::Postgres(c) | SourceConfig::Mysql(c) => {
+                crate::secret::resolve(&mut c.password_file, base);
+                if let Some(tls) = &mut c.tls
+                    && tls.ca_file.is_relative()
+                {
+                    tls.ca_file = base.join(&tls.ca_file);
+                }
+            }
         }
     }
 }

@@ -56,7 +56,7 @@ fn default_name(source_id: &str) -> String {
 
 /// Reads a table's changes from a logical replication slot.
 pub struct LogicalReader {
-    config: postgres::Config,
+    connect: super::postgres::PgConnect,
     describe: String,
     client: Option<Client>,
     table: String,
@@ -83,11 +83,11 @@ impl std::fmt::Debug for LogicalReader {
 impl LogicalReader {
     pub fn new(cfg: &DbSourceConfig, password: Option<Secret>) -> Result<LogicalReader, String> {
         let logical = cfg.logical.clone().ok_or("not a logical source")?;
-        let (config, describe) = super::postgres::client_config(&cfg.url, password.as_ref())?;
+        let (connect, describe) = super::postgres::PgConnect::new(cfg, password.as_ref())?;
         let table = cfg.table.clone().ok_or("table: logical replication reads a table")?;
         let slot = logical.slot.unwrap_or_else(|| default_name(&cfg.id));
         Ok(LogicalReader {
-            config,
+            connect,
             describe: format!("{describe} {table} (slot {slot})"),
             client: None,
             table,
@@ -220,7 +220,7 @@ impl LogicalReader {
 impl RowReader for LogicalReader {
     fn connect(&mut self) -> Result<(), String> {
         self.client = None;
-        let mut client = super::postgres::connect(&self.config)?;
+        let mut client = self.connect.connect()?;
         self.set_up(&mut client)?;
         self.relations.clear();
         self.client = Some(client);

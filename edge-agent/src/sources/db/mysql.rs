@@ -22,6 +22,11 @@ use tracing::info;
 use super::{DbSourceConfig, Dialect, KeyPosition, Row, RowReader};
 use crate::secret::Secret;
 
+/// The CA file must exist and hold a certificate (the driver would only say so at connect).
+fn check_ca_file(ca_file: &std::path::Path) -> Result<(), String> {
+    crate::transport::quic::load_certs(ca_file).map(|_| ()).map_err(|e| format!("tls.ca_file: {e:#}"))
+}
+
 /// A key observed, and what it waits for.
 #[derive(Debug, Clone)]
 struct Pending {
@@ -77,6 +82,15 @@ impl MysqlReader {
         if let Some(p) = password {
             builder = builder.pass(Some(p.expose().to_owned()));
         }
+        let describe = match &cfg.tls {
+            Some(tls) => {
+                check_ca_file(&tls.ca_file)?;
+                let ssl = mysql::SslOpts::default().with_root_cert_path(Some(tls.ca_file.clone()));
+                builder = builder.ssl_opts(Some(ssl));
+                format!("{describe} (TLS)")
+            }
+            None => describe,
+        };
         Ok(MysqlReader {
             opts: builder.into(),
             describe,

@@ -26,7 +26,7 @@ struct Pending {
 
 /// Reads a PostgreSQL table or query.
 pub struct PgReader {
-    config: postgres::Config,
+    connect: PgConnect,
     describe: String,
     client: Option<Client>,
     from: String,
@@ -40,6 +40,39 @@ pub struct PgReader {
 impl std::fmt::Debug for PgReader {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PgReader").field("database", &self.describe).finish()
+    }
+}
+
+/// How to connect: the server's configuration and, with TLS, the verifying client.
+#[derive(Clone)]
+pub struct PgConnect {
+    pub config: postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl PgConnect {
+    /// From a source's URL, password and TLS settings; with a description free of secrets.
+    pub fn new(cfg: &DbSourceConfig, password: Option<&Secret>) -> Result<(PgConnect, String), String> {
+        let (mut config, describe) = client_config(&cfg.url, password)?;
+        let tls = match &cfg.tls {
+            None => None,
+            Some(t) => {
+                config.ssl_mode(postgres::config::SslMode::Require);
+                Some(tokio_postgres_rustls::MakeRustlsConnect::new(super::tls_client_config(&t.ca_file)?))
+            }
+        };
+        let describe = if tls.is_some() { format!("{describe} (TLS)") } else { describe };
+        Ok((PgConnect { config, tls }, describe))
+    }
+
+    /// Connects, with the session settings every reader relies on.
+    pub fn connect(&self) -> Result<Client, String> {
+        let mut client = match &self.tls {
+            Some(tls) => self.config.connect(tls.clone()).map_err(pg_error)?,
+            None => self.config.connect(NoTls).map_err(pg_error)?,
+        };
+        client.batch_execute("SET TIME ZONE 'UTC'; SET statement_timeout = '60s'").map_err(pg_error)?;
+        Ok(client)
     }
 }
 
@@ -81,21 +114,14 @@ pub fn pg_error(e: postgres::Error) -> String {
     }
 }
 
-/// Connects, with the session settings every reader relies on.
-pub fn connect(config: &postgres::Config) -> Result<Client, String> {
-    let mut client = config.connect(NoTls).map_err(pg_error)?;
-    client.batch_execute("SET TIME ZONE 'UTC'; SET statement_timeout = '60s'").map_err(pg_error)?;
-    Ok(client)
-}
-
 impl PgReader {
     pub fn new(cfg: &DbSourceConfig, password: Option<Secret>) -> Result<PgReader, String> {
-        let (config, describe) = client_config(&cfg.url, password.as_ref())?;
+        let (connect, describe) = PgConnect::new(cfg, password.as_ref())?;
         let from = cfg.relation_sql(Dialect::Postgres).map_err(|(f, m)| format!("{f}: {m}"))?;
         let keys = cfg.key_columns().map_err(|(f, m)| format!("{f}: {m}"))?;
         let what = cfg.table.clone().unwrap_or_else(|| "query".into());
         Ok(PgReader {
-            config,
+            connect,
             describe: format!("{describe} {what}"),
             client: None,
             from,
@@ -141,7 +167,7 @@ fn key_strings(key: &[Value]) -> Vec<Option<String>> {
 impl RowReader for PgReader {
     fn connect(&mut self) -> Result<(), String> {
         self.client = None;
-        let mut client = connect(&self.config)?;
+        let mut client = self.connect.connect()?;
         // The key columns' types, to compare stored positions in the column's own type.
         let stmt =
             client.prepare(&format!("SELECT {} FROM {} t LIMIT 0", self.key_list(), self.from)).map_err(pg_error)?;

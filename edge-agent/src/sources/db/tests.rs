@@ -397,3 +397,83 @@ fn mysql_a_transaction_longer_than_the_settle_delay_is_waited_for_when_visible()
     // With PROCESS, the running writer is seen and waited for, however long it takes.
     mysql_out_of_order("PROCESS", 200, Duration::from_millis(1_500));
 }
+
+// ---- TLS ----
+
+/// A CA file that signed nothing the servers present.
+fn stranger_ca(dir: &Path) -> std::path::PathBuf {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let path = dir.join("stranger-ca.pem");
+    std::fs::write(&path, params.self_signed(&key).unwrap().pem()).unwrap();
+    path
+}
+
+#[test]
+fn database_sources_over_tls_verify_the_server_and_refuse_an_unknown_ca() {
+    let Some(pg_admin) = server("ACTIDASH_PG_URL", "tls") else { return };
+    let Some(my_admin) = server("ACTIDASH_MYSQL_URL", "tls") else { return };
+    let ca = std::env::var("ACTIDASH_DB_CA").expect("scripts/db.sh exports ACTIDASH_DB_CA with the servers");
+    let dir = tempfile::tempdir().unwrap();
+    let stranger = stranger_ca(dir.path());
+
+    // PostgreSQL: the certificate names localhost.
+    let db = PgDb::new(&pg_admin, "");
+    db.client().batch_execute("INSERT INTO orders (sku, qty) VALUES ('tls', 1)").unwrap();
+    let url = db.url.replace("127.0.0.1", "localhost");
+    let pg = |ca: &Path| {
+        source_config(
+            "postgres",
+            &format!(
+                "url = \"{url}\"\npassword_file = \"{}\"\ntable = \"orders\"\nincremental_column = \"id\"\npoll_interval_ms = 50\nmax_backoff_ms = 200\ntls = {{ ca_file = \"{}\" }}",
+                db.password_file.path().display(),
+                ca.display()
+            ),
+        )
+    };
+    let spool = dir.path().join("pg.db");
+    let refused = Running::start(pg(&stranger), Dialect::Postgres, &spool);
+    wait_until("the unknown CA to be refused", || {
+        refused.status().last_error.is_some_and(|e| e.to_lowercase().contains("certificate"))
+    });
+    refused.stop();
+    assert!(skus(&spool).is_empty());
+    let running = Running::start(pg(Path::new(&ca)), Dialect::Postgres, &spool);
+    assert_eq!(wait_for(&spool, 1), ["tls=1"]);
+    let encrypted: Option<bool> = db
+        .client()
+        .query_one(
+            "SELECT bool_and(s.ssl) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) WHERE a.datname = $1 AND a.usename = $1",
+            &[&db.name],
+        )
+        .unwrap()
+        .get(0);
+    assert_eq!(encrypted, Some(true), "the source's connection is encrypted");
+    assert!(running.status().position.contains("(TLS)"));
+    running.stop();
+
+    // MariaDB: the account requires TLS, so only an encrypted connection reads anything.
+    let my = MyDb::new(&my_admin, "");
+    my.conn().query_drop(format!("ALTER USER '{}'@'127.0.0.1' REQUIRE SSL", my.name)).unwrap();
+    my.conn().query_drop("INSERT INTO orders (sku, qty) VALUES ('tls', 2)").unwrap();
+    let password_file = dir.path().join("my.pw");
+    std::fs::write(&password_file, format!("pw-{}", my.name)).unwrap();
+    let mysql = |tls: &str| {
+        source_config(
+            "mysql",
+            &format!(
+                "url = \"{}\"\npassword_file = \"{}\"\ntable = \"orders\"\nincremental_column = \"id\"\npoll_interval_ms = 50\nsettle_ms = 100\nmax_backoff_ms = 200\n{tls}",
+                my.url,
+                password_file.display()
+            ),
+        )
+    };
+    let spool = dir.path().join("my.db");
+    let plain = Running::start(mysql(""), Dialect::Mysql, &spool);
+    wait_until("the server to refuse a connection without TLS", || plain.status().last_error.is_some());
+    plain.stop();
+    let running = Running::start(mysql(&format!("tls = {{ ca_file = \"{ca}\" }}")), Dialect::Mysql, &spool);
+    assert_eq!(wait_for(&spool, 1), ["tls=2"]);
+    running.stop();
+}
