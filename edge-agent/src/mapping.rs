@@ -12,7 +12,6 @@ use std::collections::BTreeMap;
 use actidash_shared::event::{Domain, Payload};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde::Deserialize;
-use std::collections::HashMap;
 
 use serde_json::Value;
 use serde_json::value::RawValue;
