@@ -248,6 +248,20 @@ impl FileSet {
         self.active.len()
     }
 
+    /// For the status: the files being read and how far (the first few).
+    pub fn summary(&self) -> String {
+        let mut parts: Vec<String> = self
+            .active
+            .iter()
+            .take(3)
+            .map(|a| format!("{}:{}", a.tailer.path().display(), a.tailer.position().offset))
+            .collect();
+        if self.active.len() > 3 {
+            parts.push(format!("and {} more", self.active.len() - 3));
+        }
+        if parts.is_empty() { "no file open".to_owned() } else { parts.join(", ") }
+    }
+
     /// Every file matching the include patterns and no exclude pattern, in path order.
     fn list(&self) -> Vec<(PathBuf, std::fs::Metadata)> {
         let options = glob::MatchOptions { require_literal_separator: true, ..Default::default() };

@@ -236,7 +236,7 @@ impl FileSource {
             }
             update_status(&self.ctx.status, |s| {
                 s.state = if n_items > 0 { "running".into() } else { "waiting".into() };
-                s.position = format!("{} files open", files.n_active());
+                s.position = files.summary();
                 s.next_seq = next_seq;
             });
             if n_items < MAX_LINES_PER_COMMIT {
