@@ -41,6 +41,21 @@ fn append_read_ack_and_position_survive_reopen() {
 }
 
 #[test]
+fn large_appends_go_in_chunks_and_read_back_whole_in_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
+    // 64-row chunks plus a remainder, twice, for two sources.
+    assert_eq!(spool.append("a", &(0..150).map(body).collect::<Vec<_>>(), "{}", 0).unwrap(), 0);
+    assert_eq!(spool.append("b", &(0..3).map(body).collect::<Vec<_>>(), "{}", 0).unwrap(), 0);
+    assert_eq!(spool.append("a", &(150..278).map(body).collect::<Vec<_>>(), "{}", 0).unwrap(), 150);
+    let rows = spool.read("a", 0, 1_000, usize::MAX).unwrap();
+    assert_eq!(seqs(&rows), (0..278).collect::<Vec<u64>>());
+    assert!(rows.iter().enumerate().all(|(i, r)| r.body == body(i as u64)), "bodies in their seq's place");
+    assert_eq!(seqs(&spool.read("b", 0, 10, usize::MAX).unwrap()), [0, 1, 2]);
+    assert!(spool.verify().unwrap().is_ok(), "every checksum right");
+}
+
+#[test]
 fn read_continues_past_a_hole_left_by_an_out_of_order_ack() {
     let dir = tempfile::tempdir().unwrap();
     let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
