@@ -37,9 +37,14 @@ pub struct Identity {
 impl Identity {
     /// Renewal is due once two thirds of the certificate's lifetime have passed.
     pub fn renewal_due(&self, now: i64) -> bool {
-        let lifetime = (self.not_after - self.not_before).max(1);
-        now >= self.not_before + lifetime * 2 / 3
+        renewal_due((self.not_before, self.not_after), now)
     }
+}
+
+/// Whether two thirds of the lifetime `(not_before, not_after)` have passed at `now`.
+pub fn renewal_due((not_before, not_after): (i64, i64), now: i64) -> bool {
+    let lifetime = (not_after - not_before).max(1);
+    now >= not_before + lifetime * 2 / 3
 }
 
 /// A new key and a certificate signing request for it (PEM of both).

@@ -161,8 +161,7 @@ impl Shipper {
     ) -> anyhow::Result<()> {
         // Loaded at every connection: a renewed certificate is used from the next one on.
         let identity = tokio::task::block_in_place(|| self.settings.identity.load())?;
-        let tls = crate::identity::client_tls(&self.settings.ca_file, Some(&identity))?;
-        let tls = &tls;
+        let tls = &crate::identity::client_tls(&self.settings.ca_file, Some(&identity))?;
         let try_quic = match self.settings.transport {
             TransportMode::Quic => true,
             TransportMode::Tcp => false,
@@ -228,9 +227,11 @@ impl Shipper {
             agent_id: self.settings.agent_id.clone(),
             agent_version: AGENT_VERSION.into(),
         });
-        // The key of a renewal in progress; its certificate comes back on this session.
+        // The key of a renewal in progress; its certificate comes back on this session. The
+        // validity checked is the newest certificate's, so a session that outlives several
+        // renewals renews each time.
         let mut renewing_key: Option<String> = None;
-        let mut renewed = false;
+        let mut validity = (identity.not_before, identity.not_after);
         let mut cursors: HashMap<String, u64> = HashMap::new();
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
@@ -269,9 +270,11 @@ impl Shipper {
                     if session.handle_timeout(now) {
                         let heartbeat = self.heartbeat(transport)?;
                         session.send_heartbeat(heartbeat, now);
-                        if !renewed && renewing_key.is_none() && identity.renewal_due(chrono::Utc::now().timestamp()) {
+                        if renewing_key.is_none()
+                            && crate::identity::renewal_due(validity, chrono::Utc::now().timestamp())
+                        {
                             let (key, csr) = crate::identity::new_key_and_csr(&self.settings.agent_id)?;
-                            info!(not_after = identity.not_after, "certificate renewal due: asking for a new one");
+                            info!(not_after = validity.1, "certificate renewal due: asking for a new one");
                             renewing_key = Some(key);
                             session.request_renewal(csr);
                         }
@@ -292,9 +295,12 @@ impl Shipper {
                     ClientEvent::Renewed(r) => {
                         if let Some(key) = renewing_key.take() {
                             let store = self.settings.identity.clone();
-                            tokio::task::block_in_place(|| store.store(&key, &r.cert_pem, None))?;
-                            renewed = true;
-                            info!("certificate renewed; the next connection uses it");
+                            let new = tokio::task::block_in_place(|| {
+                                store.store(&key, &r.cert_pem, None)?;
+                                store.load()
+                            })?;
+                            validity = (new.not_before, new.not_after);
+                            info!(not_after = new.not_after, "certificate renewed; the next connection uses it");
                         }
                     }
                     ClientEvent::Closed(e) => {
