@@ -149,7 +149,7 @@ impl Fleet {
             registry: dir.join("registry.db"),
             validity: Duration::from_secs(config.cert_validity_secs.max(MIN_VALIDITY_SECS)),
         };
-        fleet.connect()?; // creates the schema
+        fleet.create_schema()?;
         Ok(fleet)
     }
 
@@ -174,9 +174,16 @@ impl Fleet {
         &self.ca_pem
     }
 
+    /// A connection to the registry (the schema exists: [`Fleet::create_schema`] ran at open).
     fn connect(&self) -> anyhow::Result<Connection> {
         let conn = Connection::open(&self.registry).with_context(|| format!("opening {}", self.registry.display()))?;
         conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    /// WAL (a property of the file, set once) and the tables.
+    fn create_schema(&self) -> anyhow::Result<()> {
+        let conn = self.connect()?;
         conn.pragma_update(None, "journal_mode", "wal")?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
@@ -186,7 +193,7 @@ impl Fleet {
              CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, agent_id TEXT NOT NULL,
                  issued_at INTEGER NOT NULL, not_after INTEGER NOT NULL);",
         )?;
-        Ok(conn)
+        Ok(())
     }
 
     /// A new single-use token for `tenant`, valid for `ttl`; only its hash is stored.

@@ -9,6 +9,7 @@ pub mod config;
 pub mod identity;
 pub mod mapping;
 pub mod reload;
+pub mod retry;
 pub mod secret;
 pub mod sources;
 pub mod spool;

@@ -478,10 +478,16 @@ impl Connection {
         while let Some(event) = session.poll_event() {
             match event {
                 ServerEvent::Hello(hello) => {
-                    let admitted = match peer {
-                        Some(Err(e)) => Err(auth::AuthError::BadCertificate(e.clone())),
-                        Some(Ok(p)) => self.admission.admit(&hello.agent_id, Some(p)),
-                        None => self.admission.admit(&hello.agent_id, None),
+                    // The registry is a file: read it off the async workers, as enrollment does.
+                    let admitted = match peer.clone() {
+                        Some(Err(e)) => Err(auth::AuthError::BadCertificate(e)),
+                        peer => {
+                            let (admission, agent) = (self.admission.clone(), hello.agent_id.clone());
+                            let peer = peer.and_then(Result::ok);
+                            tokio::task::spawn_blocking(move || admission.admit(&agent, peer.as_ref()))
+                                .await
+                                .unwrap_or_else(|e| Err(auth::AuthError::Registry(e.to_string())))
+                        }
                     };
                     match admitted {
                         Ok((agent_id, tenant)) => {

@@ -19,7 +19,6 @@ use actidash_shared::wire::{
 };
 use anyhow::Context as _;
 use bytes::BytesMut;
-use rand::Rng as _;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
@@ -388,8 +387,7 @@ async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {
 
 /// Exponential backoff from 100 ms, capped, with full jitter in [50 %, 100 %].
 fn backoff(n_failures: u32, max: Duration) -> Duration {
-    let base = Duration::from_millis(100).saturating_mul(1u32 << n_failures.min(16)).min(max);
-    base.mul_f64(rand::rng().random_range(0.5..=1.0))
+    crate::retry::backoff(Duration::from_millis(100), n_failures, max)
 }
 
 #[cfg(test)]

@@ -422,9 +422,7 @@ impl Backoff {
     /// The wait after one more failure.
     pub(crate) fn fail(&mut self) -> Duration {
         self.failures = self.failures.saturating_add(1);
-        let exp = self.base.saturating_mul(1 << self.failures.min(16)).min(self.max);
-        let jitter = rand::random_range(0.5..1.0);
-        exp.mul_f64(jitter).max(Duration::from_millis(10))
+        crate::retry::backoff(self.base, self.failures, self.max).max(Duration::from_millis(10))
     }
 }
 

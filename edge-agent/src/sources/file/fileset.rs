@@ -28,7 +28,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read as _};
+use std::io::{self, Read as _, Seek as _, SeekFrom};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime};
@@ -157,14 +157,16 @@ fn matches(entry: &Entry, head: &[u8]) -> bool {
 
 /// Up to `n` (decompressed) bytes from the start of `path`, and whether it is gzip.
 pub fn read_head(path: &Path, n: usize) -> io::Result<(File, Vec<u8>, bool)> {
+    // One open: the head read is the head of the very file handed back, even if the path is
+    // renamed over meanwhile.
     let mut file = File::open(path)?;
     let mut magic = [0u8; 2];
     let got = read_up_to(&mut file, &mut magic)?;
     let gzip = got == 2 && magic == GZIP_MAGIC;
-    let reopened = File::open(path)?;
+    file.seek(SeekFrom::Start(0))?;
     let mut head = Vec::with_capacity(n);
     if gzip {
-        let mut decoder = flate2::read::MultiGzDecoder::new(io::BufReader::new(reopened.try_clone()?)).take(n as u64);
+        let mut decoder = flate2::read::MultiGzDecoder::new(io::BufReader::new(&file)).take(n as u64);
         // A gzip file still being written ends early: keep what decompressed.
         let mut buf = [0u8; 4096];
         loop {
@@ -174,9 +176,9 @@ pub fn read_head(path: &Path, n: usize) -> io::Result<(File, Vec<u8>, bool)> {
             }
         }
     } else {
-        reopened.try_clone()?.take(n as u64).read_to_end(&mut head)?;
+        (&file).take(n as u64).read_to_end(&mut head)?;
     }
-    Ok((reopened, head, gzip))
+    Ok((file, head, gzip))
 }
 
 fn read_up_to(file: &mut File, buf: &mut [u8]) -> io::Result<usize> {
