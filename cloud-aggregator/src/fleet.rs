@@ -130,10 +130,21 @@ impl Fleet {
             (Some(c), Some(k)) => (c.clone(), k.clone()),
             (None, None) => {
                 let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
+                // Every process that opens the fleet (each role, `token create`…) may be the
+                // first: one creates the CA while the others wait, then all read the same one.
+                let lock_path = dir.join("ca.lock");
+                let lock = std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&lock_path)
+                    .with_context(|| format!("opening {}", lock_path.display()))?;
+                lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
                 if !c.exists() {
                     Self::create_ca(&c, &k)?;
                     tracing::info!(ca = %c.display(), "fleet certificate authority created");
                 }
+                drop(lock);
                 (c, k)
             }
             _ => anyhow::bail!("fleet: set both ca_cert_file and ca_key_file, or neither"),
@@ -165,7 +176,10 @@ impl Fleet {
         let key_pair = KeyPair::generate()?;
         let ca = params.self_signed(&key_pair)?;
         write_private(key, &key_pair.serialize_pem())?;
-        std::fs::write(cert, ca.pem())?;
+        // The certificate last, and whole: its presence means the CA is complete.
+        let tmp = cert.with_extension("pem.tmp");
+        std::fs::write(&tmp, ca.pem())?;
+        std::fs::rename(&tmp, cert)?;
         Ok(())
     }
 
@@ -455,5 +469,19 @@ mod tests {
         let reopened = Fleet::open(dir.path(), &FleetConfig::default()).unwrap();
         assert_eq!(reopened.ca_pem(), fleet.ca_pem());
         assert_eq!(reopened.agent("a1").unwrap().unwrap().tenant, "acme");
+    }
+
+    #[test]
+    fn processes_opening_a_new_fleet_at_once_share_one_ca() {
+        // The cloud's roles and `token create` open the fleet concurrently on a first start.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().to_owned();
+        let cas: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| Fleet::open(&path, &FleetConfig::default()).map(|f| f.ca_pem().to_owned())))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap().unwrap()).collect()
+        });
+        assert!(cas.iter().all(|ca| *ca == cas[0]), "every opener reads the one CA");
     }
 }
