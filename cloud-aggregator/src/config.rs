@@ -20,6 +20,16 @@
 //!
 //! [serve]
 //! listen = "0.0.0.0:8080"
+//!
+//! [analytics]                             # metric definitions (all optional; defaults shown)
+//! session_gap_secs = 1800                 # a gap of exactly this continues a session
+//! allowed_lateness_secs = 86400           # later events still correct sessions and attribution
+//! attribution_lookback_secs = 2592000     # touches up to 30 days before an order
+//! time_decay_half_life_secs = 604800
+//! order_retention_secs = 2592000          # a cancellation retracts credit this long
+//! max_future_skew_secs = 300
+//! low_stock_threshold = 20
+//! funnel_steps = ["page_view", "add_to_cart", "checkout", "purchase"]
 //! ```
 //!
 //! Unknown fields are rejected; errors name the file, the line and the field. Relative paths
@@ -46,6 +56,9 @@ pub struct CloudConfig {
     /// The fleet CA and registry (agent enrollment, certificates, revocation).
     #[serde(default)]
     pub fleet: crate::fleet::FleetConfig,
+    /// Metric definitions and the state horizon ([`crate::analytics`]).
+    #[serde(default)]
+    pub analytics: crate::analytics::AnalyticsConfig,
 }
 
 /// Where Kafka is and how ActiDash uses it.
@@ -228,6 +241,7 @@ impl CloudConfig {
                 }
             }
         }
+        self.analytics.validate()?;
         if self.fleet.ca_cert_file.is_some() != self.fleet.ca_key_file.is_some() {
             return Err(("fleet.ca_cert_file".into(), "set both ca_cert_file and ca_key_file, or neither".into()));
         }

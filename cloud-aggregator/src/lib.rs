@@ -6,6 +6,7 @@
 //! consume from it; without, the gateway hands batches to an in-process processor (the
 //! embedded mode) — the same store commit either way.
 
+pub mod analytics;
 pub mod certs;
 pub mod config;
 pub mod fleet;
@@ -57,7 +58,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
                 roles.contains(&Role::Process),
                 "without [kafka] the gateway hands batches to an in-process processor: run the gateway and process roles together"
             );
-            let (tx, handle) = process::embedded::spawn(&store_path, EMBEDDED_QUEUE)?;
+            let (tx, handle) = process::embedded::spawn(&store_path, config.analytics.clone(), EMBEDDED_QUEUE)?;
             threads.push(handle);
             Some(Sink::Embedded(tx))
         }
@@ -74,6 +75,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
         let processor = process::kafka::KafkaProcessor {
             config: kafka.clone(),
             store_path: store_path.clone(),
+            analytics: config.analytics.clone(),
             shutdown: shutdown.clone(),
         };
         tasks.spawn(
@@ -82,7 +84,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     }
     if roles.contains(&Role::Serve) {
         let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
-        tasks.spawn(serve::run(serve_config.listen, store_path.clone(), shutdown.clone()));
+        tasks.spawn(serve::run(serve_config.listen, store_path.clone(), config.analytics.clone(), shutdown.clone()));
     }
     info!(roles = ?roles, mode = if config.kafka.is_some() { "kafka" } else { "embedded" }, "cloud aggregator started");
 

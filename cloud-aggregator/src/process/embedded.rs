@@ -19,6 +19,7 @@ use anyhow::Context as _;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
+use crate::analytics::AnalyticsConfig;
 use crate::store::{CommitWork, Store, StreamInput};
 
 /// The stream name of embedded input in the de-duplication marks.
@@ -44,8 +45,12 @@ pub enum EmbeddedInput {
 }
 
 /// Starts the processor thread; it stops when every sender is dropped.
-pub fn spawn(store_path: &Path, capacity: usize) -> anyhow::Result<(mpsc::Sender<EmbeddedInput>, JoinHandle<()>)> {
-    let store = Store::open(store_path)?;
+pub fn spawn(
+    store_path: &Path,
+    analytics: AnalyticsConfig,
+    capacity: usize,
+) -> anyhow::Result<(mpsc::Sender<EmbeddedInput>, JoinHandle<()>)> {
+    let store = Store::open(store_path)?.with_analytics(analytics);
     let (tx, mut rx) = mpsc::channel::<EmbeddedInput>(capacity);
     let handle = std::thread::Builder::new()
         .name("embedded-processor".into())

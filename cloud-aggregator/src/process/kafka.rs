@@ -24,6 +24,7 @@ use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
+use crate::analytics::AnalyticsConfig;
 use crate::config::KafkaConfig;
 use crate::store::{CommitWork, OffsetClaim, Store, StreamInput};
 
@@ -50,7 +51,7 @@ impl ConsumerContext for ProcessorContext {
         let mut assigned = self.assigned.lock().unwrap_or_else(|p| p.into_inner());
         match rebalance {
             Rebalance::Assign(tpl) => {
-                let store = self.store.lock().unwrap_or_else(|p| p.into_inner());
+                let mut store = self.store.lock().unwrap_or_else(|p| p.into_inner());
                 for mut elem in tpl.elements() {
                     let (topic, partition) = (elem.topic().to_owned(), elem.partition());
                     match store.stored_offset(&topic, partition) {
@@ -86,6 +87,7 @@ impl ConsumerContext for ProcessorContext {
 pub struct KafkaProcessor {
     pub config: KafkaConfig,
     pub store_path: PathBuf,
+    pub analytics: AnalyticsConfig,
     pub shutdown: CancellationToken,
 }
 
@@ -115,7 +117,7 @@ impl KafkaProcessor {
         topics.push(fleet.clone());
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs).context("subscribing to the topics")?;
-        let mut store = Store::open(&self.store_path)?;
+        let mut store = Store::open(&self.store_path)?.with_analytics(self.analytics.clone());
         info!(group = %self.config.group_id, topics = ?topics, "Kafka processor started");
 
         while !self.shutdown.is_cancelled() {

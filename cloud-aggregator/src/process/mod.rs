@@ -2,8 +2,7 @@
 //!
 //! Both modes end in the same [`crate::store::Store::commit`]: [`kafka`] reads the domain
 //! topics as a consumer group and commits offsets with the roll-ups; [`embedded`] takes batches
-//! straight from an in-process gateway. The metrics themselves are pure functions in [`rollup`].
+//! straight from an in-process gateway. The metrics are computed by [`crate::analytics`] inside that commit.
 
 pub mod embedded;
 pub mod kafka;
-pub mod rollup;

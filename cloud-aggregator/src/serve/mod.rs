@@ -1,21 +1,34 @@
-//! The HTTP API (axum): roll-ups, fleet health, counters, live push, and the dashboard page.
+//! The HTTP API (axum): the analytics per dashboard, fleet health, counters, live push, and the
+//! dashboard page.
 //!
 //! | route | what |
 //! |---|---|
 //! | `GET /healthz` | the process is up |
 //! | `GET /readyz` | the serving store answers (503 otherwise) |
-//! | `GET /api/v1/sales/totals?tenant=` | orders, revenue, AOV per channel and currency |
-//! | `GET /api/v1/sales/minutes?tenant=&since=` | the same per minute (`since`: RFC 3339 or unix seconds; default: last hour) |
-//! | `GET /api/v1/events/minutes?tenant=&since=` | events per domain per minute |
-//! | `GET /api/v1/agents?tenant=` | each agent's last heartbeat |
-//! | `GET /api/v1/stats` | processing counters |
-//! | `GET /api/v1/live?tenant=` | server-sent events: a `snapshot` whenever the store changes |
+//! | `GET /api/v1/sales` | orders, revenue, AOV, units, cancellations, refunds; group-by and filters `channel`, `site`, `country`, `currency` |
+//! | `GET /api/v1/sales/totals` | the same, all time, per channel and currency (a flat list) |
+//! | `GET /api/v1/sales/products` | top products: `sort=revenue\|units`, `limit`, filters `sku`, `currency` |
+//! | `GET /api/v1/behavior` | sessions, bounces, bounce rate, mean duration (group-by and filter `referrer`), events per type, page views |
+//! | `GET /api/v1/behavior/funnel` | sessions per step, step and overall conversion: `steps=page_view,add_to_cart,…`, filter `referrer` |
+//! | `GET /api/v1/marketing/attribution` | `model=last_touch\|first_touch\|linear\|time_decay\|position_based`: attributed orders and revenue, cost, ROAS per `channel`/`campaign` and currency; orders without touch |
+//! | `GET /api/v1/inventory` | latest on-hand per SKU and warehouse, total, low stock (`threshold`), days of cover (`as_of`); filters `sku`, `warehouse` |
+//! | `GET /api/v1/events` | events per domain |
+//! | `GET /api/v1/agents` | each agent's last heartbeat |
+//! | `GET /api/v1/stats` | processing counters and analytics state size |
+//! | `GET /api/v1/live` | server-sent events: an `update` with the figures of every dashboard that changed |
 //! | `GET /` | the dashboard |
 //!
+//! Common parameters: `tenant`; `from`, `to` (event time, RFC 3339 or unix seconds; `[from,
+//! to)`, whole minutes; default: the last 24 hours); `granularity` (`minute`, `hour`, `day`:
+//! a series; absent: one total over the range); `group_by` (comma-separated dimensions);
+//! dimension filters (`channel=web,app`: any of the values). An unknown or malformed
+//! parameter is a 400 that names it. Money is exact decimal text.
+//!
 //! The API reads the store through its own read-only connection; it learns of new data from
-//! SQLite's `data_version`, so it works the same whether the processor runs in this process or
-//! in another one.
+//! SQLite's `data_version` and of what changed from the store's change versions, so it works
+//! the same whether the processor runs in this process or in another one.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -30,42 +43,35 @@ use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
 use axum::{Router, serve};
 use futures::Stream;
-use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::store::{AgentRow, DomainRow, SalesRow, Store, TotalsRow};
+use crate::analytics::AnalyticsConfig;
+use crate::analytics::attribution::Model;
+use crate::analytics::tables::{self, TableSpec};
+use crate::store::db::DbError;
+use crate::store::query::{self, Selection};
+use crate::store::{Store, StoreError};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+/// Longest range a query may span.
+const MAX_RANGE_SECS: i64 = 400 * 86_400;
+/// Most buckets a series may have.
+const MAX_BUCKETS: i64 = 50_000;
 
 #[derive(Clone)]
 struct AppState {
     store: Arc<Mutex<Store>>,
     changes: watch::Receiver<i64>,
-}
-
-/// Common query parameters.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct Filter {
-    tenant: Option<String>,
-    since: Option<String>,
-}
-
-/// What the live stream pushes.
-#[derive(Debug, Serialize)]
-struct Snapshot {
-    totals: Vec<TotalsRow>,
-    minutes: Vec<SalesRow>,
-    domains: Vec<DomainRow>,
-    agents: Vec<AgentRow>,
-    counters: std::collections::BTreeMap<String, i64>,
+    analytics: Arc<AnalyticsConfig>,
 }
 
 /// An API error, as JSON with a status.
+#[derive(Debug)]
 struct ApiError(StatusCode, String);
 
 impl IntoResponse for ApiError {
@@ -74,32 +80,47 @@ impl IntoResponse for ApiError {
     }
 }
 
+fn bad(message: String) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, message)
+}
+
 /// Serves the API on `listen` until shutdown.
-pub async fn run(listen: SocketAddr, store_path: PathBuf, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    listen: SocketAddr,
+    store_path: PathBuf,
+    analytics: AnalyticsConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the API to tcp/{listen}"))?;
-    run_on(listener, store_path, shutdown).await
+    run_on(listener, store_path, analytics, shutdown).await
 }
 
 /// Serves the API on a bound listener until shutdown.
 pub async fn run_on(
     listener: tokio::net::TcpListener,
     store_path: PathBuf,
+    analytics: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     // The writer creates the schema; make sure it exists even if the API starts first.
     drop(Store::open(&store_path)?);
     let store = Store::open_read_only(&store_path)?;
     let (tx, rx) = watch::channel(store.data_version()?);
-    let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx };
+    let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx, analytics: Arc::new(analytics) };
     tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));
     let app = Router::new()
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/api/v1/sales", get(sales))
         .route("/api/v1/sales/totals", get(sales_totals))
-        .route("/api/v1/sales/minutes", get(sales_minutes))
-        .route("/api/v1/events/minutes", get(domain_minutes))
+        .route("/api/v1/sales/products", get(products))
+        .route("/api/v1/behavior", get(behavior))
+        .route("/api/v1/behavior/funnel", get(funnel))
+        .route("/api/v1/marketing/attribution", get(attribution))
+        .route("/api/v1/inventory", get(inventory))
+        .route("/api/v1/events", get(events))
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/live", get(live))
@@ -139,95 +160,387 @@ async fn watch_changes(store: Arc<Mutex<Store>>, tx: watch::Sender<i64>, shutdow
 
 async fn query<T: Send + 'static>(
     state: &AppState,
-    f: impl FnOnce(&Store) -> Result<T, crate::store::StoreError> + Send + 'static,
+    f: impl FnOnce(&mut dyn crate::store::db::Tx) -> Result<T, DbError> + Send + 'static,
 ) -> Result<T, ApiError> {
     let store = state.store.clone();
-    tokio::task::spawn_blocking(move || f(&store.lock().unwrap_or_else(|p| p.into_inner())))
+    tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).read(f))
         .await
         .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+        .map_err(|e: StoreError| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
 }
 
-fn since(filter: &Filter) -> Result<i64, ApiError> {
-    let default = chrono::Utc::now().timestamp() - 3600;
-    match filter.since.as_deref() {
-        None => Ok(default),
-        Some(s) => s
-            .parse::<i64>()
+/// A request's query parameters, taken one by one; what is left over is refused by name.
+struct Params(BTreeMap<String, String>);
+
+impl Params {
+    fn new(pairs: Vec<(String, String)>) -> Result<Params, ApiError> {
+        let mut map = BTreeMap::new();
+        for (k, v) in pairs {
+            if map.insert(k.clone(), v).is_some() {
+                return Err(bad(format!("parameter {k:?} is given twice (use a comma-separated list)")));
+            }
+        }
+        Ok(Params(map))
+    }
+
+    fn take(&mut self, name: &str) -> Option<String> {
+        self.0.remove(name).filter(|v| !v.is_empty())
+    }
+
+    fn list(&mut self, name: &str) -> Vec<String> {
+        self.take(name)
+            .map(|v| v.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect())
+            .unwrap_or_default()
+    }
+
+    fn time(&mut self, name: &str) -> Result<Option<i64>, ApiError> {
+        let Some(v) = self.take(name) else { return Ok(None) };
+        v.parse::<i64>()
             .ok()
-            .or_else(|| chrono::DateTime::parse_from_rfc3339(s).ok().map(|t| t.timestamp()))
-            .ok_or_else(|| {
-                ApiError(StatusCode::BAD_REQUEST, format!("since={s:?}: expected RFC 3339 or unix seconds"))
-            }),
+            .or_else(|| chrono::DateTime::parse_from_rfc3339(&v).ok().map(|t| t.timestamp()))
+            .map(Some)
+            .ok_or_else(|| bad(format!("{name}={v:?}: expected RFC 3339 or unix seconds")))
+    }
+
+    fn number(&mut self, name: &str, min: i64, max: i64) -> Result<Option<i64>, ApiError> {
+        let Some(v) = self.take(name) else { return Ok(None) };
+        match v.parse::<i64>() {
+            Ok(n) if (min..=max).contains(&n) => Ok(Some(n)),
+            _ => Err(bad(format!("{name}={v:?}: expected a whole number from {min} to {max}"))),
+        }
+    }
+
+    fn done(self) -> Result<(), ApiError> {
+        match self.0.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(bad(format!("unknown parameter {k:?}"))),
+        }
+    }
+
+    /// Tenant, range, granularity, group-by and filters over `dims` (the dimensions a report
+    /// groups and filters by).
+    fn selection(&mut self, dims: &[&str], default_range: i64) -> Result<Selection, ApiError> {
+        let tenant = self.take("tenant");
+        let now = chrono::Utc::now().timestamp();
+        let to = self.time("to")?.unwrap_or(now + 60);
+        let from = self.time("from")?.unwrap_or(to.saturating_sub(default_range));
+        if from >= to {
+            return Err(bad(format!("from={from} must be before to={to}")));
+        }
+        if to - from > MAX_RANGE_SECS {
+            return Err(bad(format!("from..to spans more than {} days", MAX_RANGE_SECS / 86_400)));
+        }
+        let granularity = match self.take("granularity").as_deref() {
+            None => None,
+            Some("minute") => Some(60),
+            Some("hour") => Some(3600),
+            Some("day") => Some(86_400),
+            Some(other) => return Err(bad(format!("granularity={other:?}: expected minute, hour or day"))),
+        };
+        if let Some(g) = granularity
+            && (to - from) / g > MAX_BUCKETS
+        {
+            return Err(bad(format!("granularity: more than {MAX_BUCKETS} buckets in from..to; choose a coarser one")));
+        }
+        let group_by = self.list("group_by");
+        for g in &group_by {
+            if !dims.contains(&g.as_str()) {
+                return Err(bad(format!("group_by: {g:?} is not one of {}", dims.join(", "))));
+            }
+        }
+        let mut filters = Vec::new();
+        for dim in dims {
+            let values = self.list(dim);
+            if !values.is_empty() {
+                filters.push(((*dim).to_owned(), values));
+            }
+        }
+        Ok(Selection { tenant, from, to, granularity, group_by, filters })
     }
 }
 
+type Pairs = Query<Vec<(String, String)>>;
+
+/// Change versions per (tenant, dashboard).
+type Versions = BTreeMap<(String, String), i64>;
+
+/// The dimensions a report groups by and filters on.
+fn dims_of(spec: &TableSpec) -> Vec<&'static str> {
+    spec.dims.to_vec()
+}
+
+/// The range an answer covers.
+fn range_json(sel: &Selection) -> serde_json::Value {
+    serde_json::json!({
+        "from": query::time_text(sel.from.div_euclid(60) * 60),
+        "to": query::time_text(-(-sel.to).div_euclid(60) * 60),
+        "granularity": sel.granularity.map(|g| match g { 60 => "minute", 3600 => "hour", _ => "day" }),
+    })
+}
+
+fn with_range(sel: &Selection, body: serde_json::Value) -> Json<serde_json::Value> {
+    let mut out = range_json(sel);
+    if let (Some(o), serde_json::Value::Object(b)) = (out.as_object_mut(), body) {
+        o.extend(b);
+    }
+    Json(out)
+}
+
 async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError> {
-    query(&state, |s| s.data_version()).await.map(|_| "ready")
+    query(&state, |tx| tx.query("SELECT 1", &[])).await.map(|_| "ready")
 }
 
-async fn sales_totals(
-    State(state): State<AppState>,
-    Query(f): Query<Filter>,
-) -> Result<Json<Vec<TotalsRow>>, ApiError> {
-    query(&state, move |s| s.sales_totals(f.tenant.as_deref())).await.map(Json)
+async fn sales(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let sel = p.selection(&dims_of(&tables::SALES), 86_400)?;
+    p.done()?;
+    let s = sel.clone();
+    let rows = query(&state, move |tx| query::sales(tx, &s)).await?;
+    Ok(with_range(&sel, serde_json::json!({ "rows": rows })))
 }
 
-async fn sales_minutes(
-    State(state): State<AppState>,
-    Query(f): Query<Filter>,
-) -> Result<Json<Vec<SalesRow>>, ApiError> {
-    let since = since(&f)?;
-    query(&state, move |s| s.sales_minutes(f.tenant.as_deref(), since)).await.map(Json)
+async fn sales_totals(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<Vec<query::SalesRow>>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant");
+    p.done()?;
+    let sel = Selection { tenant, group_by: vec!["channel".into(), "currency".into()], ..Selection::all_time() };
+    query(&state, move |tx| query::sales(tx, &sel)).await.map(Json)
 }
 
-async fn domain_minutes(
-    State(state): State<AppState>,
-    Query(f): Query<Filter>,
-) -> Result<Json<Vec<DomainRow>>, ApiError> {
-    let since = since(&f)?;
-    query(&state, move |s| s.domain_minutes(f.tenant.as_deref(), since)).await.map(Json)
+async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let sel = p.selection(&dims_of(&tables::PRODUCTS), 86_400)?;
+    let by_units = match p.take("sort").as_deref() {
+        None | Some("revenue") => false,
+        Some("units") => true,
+        Some(other) => return Err(bad(format!("sort={other:?}: expected revenue or units"))),
+    };
+    let limit = p.number("limit", 1, 1000)?.unwrap_or(10) as usize;
+    p.done()?;
+    if sel.granularity.is_some() || !sel.group_by.is_empty() {
+        return Err(bad("granularity and group_by do not apply to top products".into()));
+    }
+    let s = sel.clone();
+    let rows = query(&state, move |tx| query::products(tx, &s, by_units, limit)).await?;
+    Ok(with_range(&sel, serde_json::json!({ "sort": if by_units { "units" } else { "revenue" }, "rows": rows })))
 }
 
-async fn agents(State(state): State<AppState>, Query(f): Query<Filter>) -> Result<Json<Vec<AgentRow>>, ApiError> {
-    query(&state, move |s| s.agents(f.tenant.as_deref())).await.map(Json)
+async fn behavior(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let sel = p.selection(&["referrer"], 86_400)?;
+    p.done()?;
+    let s = sel.clone();
+    let report = query(&state, move |tx| query::behavior(tx, &s)).await?;
+    Ok(with_range(&sel, serde_json::to_value(report).unwrap_or_default()))
 }
 
-async fn stats(State(state): State<AppState>) -> Result<Json<std::collections::BTreeMap<String, i64>>, ApiError> {
-    query(&state, |s| s.counters()).await.map(Json)
+fn steps(p: &mut Params, cfg: &AnalyticsConfig) -> Result<Vec<String>, ApiError> {
+    let steps = p.list("steps");
+    if steps.is_empty() {
+        return Ok(cfg.funnel_steps.clone());
+    }
+    for s in &steps {
+        if crate::analytics::sessions::kind_by_name(s).is_none() {
+            return Err(bad(format!("steps: {s:?} is not one of {}", query::kind_names().join(", "))));
+        }
+    }
+    Ok(steps)
 }
 
-async fn snapshot(state: &AppState, tenant: Option<String>) -> Result<Snapshot, ApiError> {
-    let since = chrono::Utc::now().timestamp() - 30 * 60;
-    query(state, move |s| {
-        let t = tenant.as_deref();
-        Ok(Snapshot {
-            totals: s.sales_totals(t)?,
-            minutes: s.sales_minutes(t, since)?,
-            domains: s.domain_minutes(t, since)?,
-            agents: s.agents(t)?,
-            counters: s.counters()?,
+async fn funnel(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let sel = p.selection(&["referrer"], 86_400)?;
+    let steps = steps(&mut p, &state.analytics)?;
+    p.done()?;
+    if sel.granularity.is_some() || !sel.group_by.is_empty() {
+        return Err(bad("granularity and group_by do not apply to the funnel".into()));
+    }
+    let s = sel.clone();
+    let report = query(&state, move |tx| query::funnel(tx, &s, &steps)).await?;
+    Ok(with_range(&sel, serde_json::to_value(report).unwrap_or_default()))
+}
+
+fn model(p: &mut Params) -> Result<Model, ApiError> {
+    match p.take("model") {
+        None => Ok(Model::LastTouch),
+        Some(m) => Model::by_name(&m).ok_or_else(|| {
+            let names: Vec<&str> = Model::ALL.iter().map(|m| m.name()).collect();
+            bad(format!("model={m:?}: expected one of {}", names.join(", ")))
+        }),
+    }
+}
+
+async fn attribution(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let sel = p.selection(&["channel", "campaign", "currency"], 86_400)?;
+    let model = model(&mut p)?;
+    p.done()?;
+    if sel.group_by.iter().any(|g| g == "currency") {
+        return Err(bad("group_by: attribution is always grouped by currency; use channel and/or campaign".into()));
+    }
+    let s = sel.clone();
+    let report = query(&state, move |tx| query::attribution(tx, &s, model)).await?;
+    Ok(with_range(&sel, serde_json::to_value(report).unwrap_or_default()))
+}
+
+async fn inventory(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<query::Inventory>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant");
+    let threshold = p.number("threshold", i64::MIN, i64::MAX)?.unwrap_or(state.analytics.low_stock_threshold);
+    let as_of = p.time("as_of")?.unwrap_or_else(|| chrono::Utc::now().timestamp());
+    let limit = p.number("limit", 1, 10_000)?.unwrap_or(100) as usize;
+    let mut filters = Vec::new();
+    for dim in ["sku", "warehouse"] {
+        let values = p.list(dim);
+        if !values.is_empty() {
+            filters.push((dim.to_owned(), values));
+        }
+    }
+    p.done()?;
+    query(&state, move |tx| query::inventory(tx, tenant.as_deref(), &filters, threshold, as_of, limit)).await.map(Json)
+}
+
+async fn events(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
+    let mut p = Params::new(p)?;
+    let mut sel = p.selection(&dims_of(&tables::DOMAINS), 86_400)?;
+    p.done()?;
+    if !sel.group_by.iter().any(|g| g == "domain") {
+        sel.group_by.push("domain".into());
+    }
+    let s = sel.clone();
+    let rows = query(&state, move |tx| query::rollup(tx, &tables::DOMAINS, &s)).await?;
+    let rows: Vec<serde_json::Value> = rows
+        .into_iter()
+        .map(|r| {
+            let mut o = serde_json::json!({ "tenant": r.tenant, "events": r.metrics[0] });
+            if let Some(b) = r.bucket {
+                o["bucket"] = query::time_text(b).into();
+            }
+            for (g, v) in sel.group_by.iter().zip(r.dims) {
+                o[g] = v.into();
+            }
+            o
         })
+        .collect();
+    Ok(with_range(&sel, serde_json::json!({ "rows": rows })))
+}
+
+async fn agents(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<Vec<query::AgentRow>>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant");
+    p.done()?;
+    query(&state, move |tx| query::agents(tx, tenant.as_deref())).await.map(Json)
+}
+
+async fn stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
+    query(&state, |tx| {
+        let mut out = serde_json::to_value(query::counters(tx)?).unwrap_or_default();
+        out["state_rows"] = serde_json::to_value(query::state_sizes(tx)?).unwrap_or_default();
+        Ok(out)
     })
     .await
+    .map(Json)
 }
 
+/// The figures of the dashboards in `which` for a live subscriber.
+fn live_update(
+    tx: &mut dyn crate::store::db::Tx,
+    sel: &Selection,
+    model: Model,
+    cfg: &AnalyticsConfig,
+    which: &BTreeSet<String>,
+) -> Result<serde_json::Value, DbError> {
+    let mut out = range_json(sel);
+    out["changed"] = serde_json::to_value(which).unwrap_or_default();
+    out["as_of"] = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true).into();
+    let totals = Selection { granularity: None, group_by: vec![], ..sel.clone() };
+    if which.contains("sales") {
+        let by_channel = Selection { group_by: vec!["channel".into(), "currency".into()], ..totals.clone() };
+        out["sales"] = serde_json::json!({
+            "totals": query::sales(tx, &by_channel)?,
+            "series": query::sales(tx, &Selection { group_by: vec!["currency".into()], ..sel.clone() })?,
+            "top_products": query::products(tx, &totals, false, 10)?,
+        });
+    }
+    if which.contains("behavior") {
+        out["behavior"] = serde_json::json!({
+            "totals": query::behavior(tx, &totals)?,
+            "series": query::behavior(tx, sel)?.sessions,
+            "funnel": query::funnel(tx, &totals, &cfg.funnel_steps)?,
+        });
+    }
+    if which.contains("marketing") || which.contains("sales") {
+        let by_channel = Selection { group_by: vec!["channel".into()], ..totals.clone() };
+        out["marketing"] = serde_json::to_value(query::attribution(tx, &by_channel, model)?).unwrap_or_default();
+    }
+    if which.contains("inventory") {
+        let now = chrono::Utc::now().timestamp();
+        out["inventory"] =
+            serde_json::to_value(query::inventory(tx, sel.tenant.as_deref(), &[], cfg.low_stock_threshold, now, 100)?)
+                .unwrap_or_default();
+    }
+    if which.contains("fleet") {
+        out["fleet"] = serde_json::to_value(query::agents(tx, sel.tenant.as_deref())?).unwrap_or_default();
+    }
+    let domains = Selection { group_by: vec!["domain".into()], ..totals };
+    let events: BTreeMap<String, i64> =
+        query::rollup(tx, &tables::DOMAINS, &domains)?.into_iter().map(|r| (r.dims[0].clone(), r.metrics[0])).collect();
+    out["events"] = serde_json::to_value(events).unwrap_or_default();
+    out["stats"] = serde_json::to_value(query::counters(tx)?).unwrap_or_default();
+    Ok(out)
+}
+
+/// Server-sent events: first an `update` with every dashboard, then one whenever a dashboard's
+/// figures change (at most one per 250 ms), carrying only the dashboards that changed. Takes
+/// the common parameters (the range is re-read relative to now when `to` is not given) and
+/// `model` for the attribution figures.
 async fn live(
     State(state): State<AppState>,
-    Query(f): Query<Filter>,
-) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
+    Query(p): Pairs,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let mut p = Params::new(p)?;
+    let fixed_to = p.0.contains_key("to");
+    let default_range = 86_400;
+    let sel = p.selection(&["currency"], default_range)?;
+    let model = model(&mut p)?;
+    p.done()?;
+    let span = sel.to - sel.from;
     let changes = WatchStream::new(state.changes.clone());
-    // At most one snapshot per 250 ms however fast the store changes.
+    let seen: Arc<Mutex<Option<Versions>>> = Arc::new(Mutex::new(None));
     let stream = changes.throttle(Duration::from_millis(250)).then(move |_| {
-        let state = state.clone();
-        let tenant = f.tenant.clone();
+        let (state, seen, mut sel) = (state.clone(), seen.clone(), sel.clone());
         async move {
-            let event = match snapshot(&state, tenant).await {
-                Ok(s) => SseEvent::default().event("snapshot").json_data(&s).unwrap_or_default(),
-                Err(ApiError(_, message)) => SseEvent::default().event("error").data(message),
-            };
-            Ok(event)
+            if !fixed_to {
+                sel.to = chrono::Utc::now().timestamp() + 60;
+                sel.from = sel.to - span;
+            }
+            let cfg = state.analytics.clone();
+            let result = query(&state, move |tx| {
+                let versions = query::changes(tx)?;
+                let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
+                let which: BTreeSet<String> = match seen.as_ref() {
+                    None => ["sales", "behavior", "marketing", "inventory", "fleet"].map(String::from).into(),
+                    Some(old) => versions
+                        .iter()
+                        .filter(|((t, _), _)| sel.tenant.as_ref().is_none_or(|want| want == t))
+                        .filter(|(k, v)| old.get(*k) != Some(*v))
+                        .map(|((_, d), _)| d.clone())
+                        .collect(),
+                };
+                *seen = Some(versions);
+                if which.is_empty() {
+                    return Ok(None);
+                }
+                live_update(tx, &sel, model, &cfg, &which).map(Some)
+            })
+            .await;
+            match result {
+                Ok(Some(update)) => Some(SseEvent::default().event("update").json_data(&update).unwrap_or_default()),
+                Ok(None) => None,
+                Err(ApiError(_, message)) => Some(SseEvent::default().event("error").data(message)),
+            }
         }
     });
-    Sse::new(stream).keep_alive(KeepAlive::default())
+    let stream = stream.filter_map(|e| e.map(Ok));
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
 }

@@ -1,15 +1,18 @@
-//! The serving store: SQLite, holding the roll-ups the API serves and the state that makes
-//! processing exactly-once.
+//! The serving store: the roll-ups the API serves, the analytics state behind them, and what
+//! makes processing exactly-once — SQLite here (the embedded default); every statement goes
+//! through [`db::Tx`] so that the same code runs on PostgreSQL.
 //!
 //! # Schema
-//! `migrations/0001_init.sql`: `sales_minute`, `domain_minute` (roll-ups), `dedup` (highest seq
-//! applied per stream and source), `offsets` (Kafka positions), `agents` (fleet health),
-//! `counters`.
+//! Version 1 (`migrations/0001_init.sql`): `dedup` (highest seq applied per stream and
+//! source), `offsets` (Kafka positions), `agents` (fleet health), `counters`. Version 2: the
+//! roll-ups ([`crate::analytics::tables`]) and the analytics state ([`crate::analytics`]);
+//! version 1's revenue and domain roll-ups are carried over.
 //!
 //! # Invariants
-//! * One [`Store::commit`] is one transaction: roll-up changes, de-duplication marks, Kafka
-//!   offsets and counters are stored together or not at all. A processor that dies at any
-//!   point resumes from the stored offsets and neither loses nor double-counts.
+//! * One [`Store::commit`] is one transaction: roll-up changes, analytics state,
+//!   de-duplication marks, Kafka offsets and counters are stored together or not at all. A
+//!   processor that dies at any point resumes from the stored offsets and neither loses nor
+//!   double-counts.
 //! * An event is applied only if its seq is above the `dedup.last_seq` of its (stream, agent,
 //!   source). This relies on the gateway writing each source's events to any one partition in
 //!   seq order, except for re-sends of events already written (see ARCHITECTURE.md).
@@ -17,25 +20,56 @@
 //!   and the partition's part of the commit is dropped if another processor moved it since (a
 //!   zombie after a rebalance cannot double-count).
 
+pub mod db;
+pub mod query;
+
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use actidash_shared::event::Event;
 use actidash_shared::kafka::FleetRecord;
-use rusqlite::{Connection, OpenFlags, OptionalExtension, params};
-use serde::Serialize;
+use rusqlite::{Connection, OpenFlags};
 
-use crate::process::rollup::RollupDelta;
+use crate::analytics::{self, AnalyticsConfig};
+use db::{DbError, Tx, Val};
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+/// The schema, one migration per version.
+fn migrations() -> Vec<String> {
+    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2()]
+}
+
+/// Version 2: the analytics roll-ups and state; version 1's roll-ups carried over (its orders
+/// and revenue were net of cancellations, and had no site or country).
+fn migration_2() -> String {
+    let mut sql = analytics::state_ddl();
+    for grain in analytics::tables::GRAINS {
+        sql += &format!(
+            "INSERT INTO sales_rollup (tenant, grain, bucket, channel, site, country, currency, placed_orders, gross_revenue)
+             SELECT tenant, {grain}, (minute / {grain}) * {grain}, channel, '', '', currency, sum(orders), sum(revenue)
+             FROM sales_minute GROUP BY tenant, (minute / {grain}) * {grain}, channel, currency;
+             INSERT INTO domain_rollup (tenant, grain, bucket, domain, events)
+             SELECT tenant, {grain}, (minute / {grain}) * {grain}, domain, sum(events)
+             FROM domain_minute GROUP BY tenant, (minute / {grain}) * {grain}, domain;\n"
+        );
+    }
+    sql += "DROP TABLE sales_minute;\nDROP TABLE domain_minute;\n";
+    sql
+}
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
 #[error("serving store {path}: {source}")]
 pub struct StoreError {
-    path: PathBuf,
-    source: rusqlite::Error,
+    path: String,
+    source: DbError,
+}
+
+impl StoreError {
+    /// Whether trying the same transaction again may succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.source.retryable
+    }
 }
 
 /// A Kafka partition's position claim in a commit.
@@ -72,58 +106,17 @@ pub struct CommitWork {
 pub struct CommitOutcome {
     pub n_applied: u64,
     pub n_duplicates: u64,
+    /// Events older than the state horizon (applied to additive figures only).
+    pub n_late_beyond_horizon: u64,
     /// Inputs (by index) dropped because another processor moved their partition.
     pub fenced: Vec<usize>,
-}
-
-/// A sales roll-up row, as served.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct SalesRow {
-    pub tenant: String,
-    pub minute: String,
-    pub channel: String,
-    pub currency: String,
-    pub orders: i64,
-    pub revenue: f64,
-    pub average_order_value: Option<f64>,
-}
-
-/// Totals per channel and currency, as served.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct TotalsRow {
-    pub tenant: String,
-    pub channel: String,
-    pub currency: String,
-    pub orders: i64,
-    /// Exact decimal text of the revenue.
-    pub revenue: String,
-    pub average_order_value: Option<f64>,
-}
-
-/// Event count per domain and minute, as served.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct DomainRow {
-    pub tenant: String,
-    pub minute: String,
-    pub domain: String,
-    pub events: i64,
-}
-
-/// Fleet health row, as served.
-#[derive(Debug, Clone, Serialize)]
-pub struct AgentRow {
-    pub tenant: String,
-    pub agent_id: String,
-    pub received_at: String,
-    pub transport: String,
-    pub remote_addr: String,
-    pub heartbeat: serde_json::Value,
 }
 
 /// A connection to the serving store.
 pub struct Store {
     path: PathBuf,
     conn: Connection,
+    analytics: AnalyticsConfig,
 }
 
 impl std::fmt::Debug for Store {
@@ -135,33 +128,49 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (creating and migrating) the store for reading and writing.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let err = |source| StoreError { path: path.to_owned(), source };
+        let err = |e: rusqlite::Error| StoreError { path: path.display().to_string(), source: e.into() };
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
         enable_wal(&conn).map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
-        for (idx, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        for (idx, sql) in migrations().iter().enumerate().skip(version) {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
+            // Another process may have migrated while this one waited for the lock.
+            let now: usize = tx.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
+            if now > idx {
+                continue;
+            }
             tx.execute_batch(sql).map_err(err)?;
             tx.pragma_update(None, "user_version", idx + 1).map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store { path: path.to_owned(), conn })
+        Ok(Store { path: path.to_owned(), conn, analytics: AnalyticsConfig::default() })
     }
 
     /// Opens an existing store read-only (the API).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
-        let err = |source| StoreError { path: path.to_owned(), source };
+        let err = |e: rusqlite::Error| StoreError { path: path.display().to_string(), source: e.into() };
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        Ok(Store { path: path.to_owned(), conn })
+        Ok(Store { path: path.to_owned(), conn, analytics: AnalyticsConfig::default() })
     }
 
-    fn err(&self, source: rusqlite::Error) -> StoreError {
-        StoreError { path: self.path.clone(), source }
+    /// Uses `config` for the analytics of later commits.
+    pub fn with_analytics(mut self, config: AnalyticsConfig) -> Store {
+        self.analytics = config;
+        self
+    }
+
+    fn err(&self, source: impl Into<DbError>) -> StoreError {
+        StoreError { path: self.path.display().to_string(), source: source.into() }
+    }
+
+    /// Statements on this connection (the API's reads).
+    pub fn read<T>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError>) -> Result<T, StoreError> {
+        f(&mut self.conn).map_err(|e| StoreError { path: self.path.display().to_string(), source: e })
     }
 
     /// Changes whenever another connection commits (SQLite's `data_version`).
@@ -170,240 +179,41 @@ impl Store {
     }
 
     /// The stored position of a partition.
-    pub fn stored_offset(&self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
-        self.conn
-            .query_row(
-                "SELECT next_offset FROM offsets WHERE topic = ?1 AND partition = ?2",
-                params![topic, partition],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(|e| self.err(e))
+    pub fn stored_offset(&mut self, topic: &str, partition: i32) -> Result<Option<i64>, StoreError> {
+        self.read(|tx| stored_offset(tx, topic, partition))
     }
 
     /// Applies `work` in one transaction (see the module's invariants).
     pub fn commit(&mut self, work: CommitWork) -> Result<CommitOutcome, StoreError> {
-        let path = self.path.clone();
-        let err = |source| StoreError { path: path.clone(), source };
-        let tx = self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
-        let mut outcome = CommitOutcome::default();
-        let mut delta = RollupDelta::default();
-        let mut marks: HashMap<(String, String, String), Option<i64>> = HashMap::new();
-        {
-            let mut get_mark = tx
-                .prepare_cached("SELECT last_seq FROM dedup WHERE stream = ?1 AND agent_id = ?2 AND source_id = ?3")
-                .map_err(err)?;
-            let mut get_offset = tx
-                .prepare_cached("SELECT next_offset FROM offsets WHERE topic = ?1 AND partition = ?2")
-                .map_err(err)?;
-            let mut put_offset = tx
-                .prepare_cached(
-                    "INSERT INTO offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
-                     ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
-                )
-                .map_err(err)?;
-            for (idx, input) in work.inputs.into_iter().enumerate() {
-                if let Some(claim) = &input.offset {
-                    let stored: Option<i64> = get_offset
-                        .query_row(params![claim.topic, claim.partition], |r| r.get(0))
-                        .optional()
-                        .map_err(err)?;
-                    if stored != claim.expected_next {
-                        outcome.fenced.push(idx);
-                        continue;
-                    }
-                }
-                // One pass. The mark of the current source is kept at hand and the map (or the
-                // table) consulted only when the source changes: runs of one source are the
-                // common case, and no key is built per event.
-                let mut current: Option<((String, String, String), Option<i64>)> = None;
-                for event in input.events {
-                    let same_source =
-                        current.as_ref().is_some_and(|((_, a, s), _)| *a == event.agent_id && *s == event.source_id);
-                    if !same_source {
-                        if let Some((key, mark)) = current.take() {
-                            marks.insert(key, mark);
-                        }
-                        let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
-                        let mark = match marks.get(&key) {
-                            Some(mark) => *mark,
-                            None => get_mark
-                                .query_row(params![key.0, key.1, key.2], |r| r.get(0))
-                                .optional()
-                                .map_err(err)?,
-                        };
-                        current = Some((key, mark));
-                    }
-                    let Some((_, mark)) = current.as_mut() else { continue };
-                    if mark.is_some_and(|m| event.seq as i64 <= m) {
-                        outcome.n_duplicates += 1;
-                        continue;
-                    }
-                    *mark = Some(event.seq as i64);
-                    delta.add(&event);
-                    outcome.n_applied += 1;
-                }
-                if let Some((key, mark)) = current {
-                    marks.insert(key, mark);
-                }
-                if let Some(claim) = input.offset {
-                    put_offset.execute(params![claim.topic, claim.partition, claim.new_next]).map_err(err)?;
-                }
-            }
-        }
-        write_delta(&tx, &delta).map_err(err)?;
-        {
-            let mut put_mark = tx
-                .prepare_cached(
-                    "INSERT INTO dedup (stream, agent_id, source_id, last_seq) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT (stream, agent_id, source_id) DO UPDATE SET last_seq = max(last_seq, excluded.last_seq)",
-                )
-                .map_err(err)?;
-            for ((stream, agent, source), mark) in &marks {
-                if let Some(m) = mark {
-                    put_mark.execute(params![stream, agent, source, m]).map_err(err)?;
-                }
-            }
-            let mut put_agent = tx
-                .prepare_cached(
-                    "INSERT INTO agents (tenant, agent_id, received_at, transport, remote_addr, heartbeat)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                     ON CONFLICT (tenant, agent_id) DO UPDATE SET received_at = excluded.received_at,
-                         transport = excluded.transport, remote_addr = excluded.remote_addr, heartbeat = excluded.heartbeat
-                     WHERE excluded.received_at >= agents.received_at",
-                )
-                .map_err(err)?;
-            for f in &work.fleet {
-                let heartbeat = serde_json::to_string(&f.heartbeat).unwrap_or_default();
-                put_agent
-                    .execute(params![
-                        f.tenant,
-                        f.agent_id,
-                        f.received_at.to_rfc3339(),
-                        f.transport,
-                        f.remote_addr,
-                        heartbeat
-                    ])
-                    .map_err(err)?;
-            }
-            let mut bump = tx
-                .prepare_cached(
-                    "INSERT INTO counters (name, value) VALUES (?1, ?2)
-                     ON CONFLICT (name) DO UPDATE SET value = value + excluded.value",
-                )
-                .map_err(err)?;
-            for (name, n) in [
-                ("events_applied", outcome.n_applied),
-                ("duplicates_dropped", outcome.n_duplicates),
-                ("bad_records", work.n_bad_records),
-            ] {
-                if n > 0 {
-                    bump.execute(params![name, n as i64]).map_err(err)?;
-                }
-            }
-        }
-        tx.commit().map_err(err)?;
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let path = self.path.display().to_string();
+        let err = |e: DbError| StoreError { path: path.clone(), source: e };
+        let mut tx =
+            self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| err(e.into()))?;
+        let outcome = commit_in(&mut tx, work, &self.analytics, now_ms).map_err(err)?;
+        tx.commit().map_err(|e| err(e.into()))?;
         Ok(outcome)
     }
 
-    /// Sales roll-up rows from `since` (unix seconds) on, oldest first.
-    pub fn sales_minutes(&self, tenant: Option<&str>, since: i64) -> Result<Vec<SalesRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT tenant, minute, channel, currency, orders, revenue FROM sales_minute
-                 WHERE (?1 IS NULL OR tenant = ?1) AND minute >= ?2 ORDER BY minute, tenant, channel, currency",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![tenant, since], |r| {
-                let orders: i64 = r.get(4)?;
-                let revenue = actidash_shared::Money(r.get(5)?).to_f64();
-                Ok(SalesRow {
-                    tenant: r.get(0)?,
-                    minute: minute_text(r.get(1)?),
-                    channel: r.get(2)?,
-                    currency: r.get(3)?,
-                    orders,
-                    revenue,
-                    average_order_value: (orders > 0).then(|| revenue / orders as f64),
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
-    }
-
-    /// All-time totals per tenant, channel and currency.
-    pub fn sales_totals(&self, tenant: Option<&str>) -> Result<Vec<TotalsRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT tenant, channel, currency, sum(orders), sum(revenue) FROM sales_minute
-                 WHERE (?1 IS NULL OR tenant = ?1) GROUP BY tenant, channel, currency ORDER BY tenant, channel, currency",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![tenant], |r| {
-                let orders: i64 = r.get(3)?;
-                let revenue = actidash_shared::Money(r.get(4)?);
-                Ok(TotalsRow {
-                    tenant: r.get(0)?,
-                    channel: r.get(1)?,
-                    currency: r.get(2)?,
-                    orders,
-                    revenue: revenue.to_string(),
-                    average_order_value: (orders > 0).then(|| revenue.to_f64() / orders as f64),
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
-    }
-
-    /// Event counts per domain and minute from `since` on.
-    pub fn domain_minutes(&self, tenant: Option<&str>, since: i64) -> Result<Vec<DomainRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT tenant, minute, domain, events FROM domain_minute
-                 WHERE (?1 IS NULL OR tenant = ?1) AND minute >= ?2 ORDER BY minute, tenant, domain",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![tenant, since], |r| {
-                Ok(DomainRow {
-                    tenant: r.get(0)?,
-                    minute: minute_text(r.get(1)?),
-                    domain: r.get(2)?,
-                    events: r.get(3)?,
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    /// All-time totals per tenant, channel and currency (net orders and revenue).
+    pub fn sales_totals(&mut self, tenant: Option<&str>) -> Result<Vec<query::SalesRow>, StoreError> {
+        let selection = query::Selection {
+            tenant: tenant.map(str::to_owned),
+            group_by: vec!["channel".into(), "currency".into()],
+            ..query::Selection::all_time()
+        };
+        self.read(|tx| query::sales(tx, &selection))
     }
 
     /// The fleet: every agent's last heartbeat.
-    pub fn agents(&self, tenant: Option<&str>) -> Result<Vec<AgentRow>, StoreError> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT tenant, agent_id, received_at, transport, remote_addr, heartbeat FROM agents
-                 WHERE (?1 IS NULL OR tenant = ?1) ORDER BY tenant, agent_id",
-            )
-            .map_err(|e| self.err(e))?;
-        let rows = stmt
-            .query_map(params![tenant], |r| {
-                let heartbeat: String = r.get(5)?;
-                Ok(AgentRow {
-                    tenant: r.get(0)?,
-                    agent_id: r.get(1)?,
-                    received_at: r.get(2)?,
-                    transport: r.get(3)?,
-                    remote_addr: r.get(4)?,
-                    heartbeat: serde_json::from_str(&heartbeat).unwrap_or(serde_json::Value::Null),
-                })
-            })
-            .map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+    pub fn agents(&mut self, tenant: Option<&str>) -> Result<Vec<query::AgentRow>, StoreError> {
+        self.read(|tx| query::agents(tx, tenant))
+    }
+
+    /// Processing counters (`events_applied`, `duplicates_dropped`, `bad_records`,
+    /// `late_events_beyond_horizon`).
+    pub fn counters(&mut self) -> Result<BTreeMap<String, i64>, StoreError> {
+        self.read(query::counters)
     }
 
     /// Makes every later write fail, to test how callers handle a failing store.
@@ -411,14 +221,132 @@ impl Store {
     pub(crate) fn fail_writes(&self) {
         let _ = self.conn.pragma_update(None, "query_only", true);
     }
+}
 
-    /// Processing counters (`events_applied`, `duplicates_dropped`, `bad_records`).
-    pub fn counters(&self) -> Result<BTreeMap<String, i64>, StoreError> {
-        let mut stmt =
-            self.conn.prepare_cached("SELECT name, value FROM counters ORDER BY name").map_err(|e| self.err(e))?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).map_err(|e| self.err(e))?;
-        rows.collect::<Result<_, _>>().map_err(|e| self.err(e))
+fn stored_offset(tx: &mut dyn Tx, topic: &str, partition: i32) -> Result<Option<i64>, DbError> {
+    let rows = tx.query(
+        "SELECT next_offset FROM offsets WHERE topic = ?1 AND partition = ?2",
+        &[topic.into(), i64::from(partition).into()],
+    )?;
+    Ok(rows.first().and_then(|r| r[0].int()))
+}
+
+/// The body of a commit, on any engine: fencing, de-duplication, analytics, marks, fleet,
+/// counters and change versions.
+pub fn commit_in(
+    tx: &mut dyn Tx,
+    work: CommitWork,
+    cfg: &AnalyticsConfig,
+    now_ms: i64,
+) -> Result<CommitOutcome, DbError> {
+    let mut outcome = CommitOutcome::default();
+    let mut accepted: Vec<Event> = Vec::new();
+    let mut marks: HashMap<(String, String, String), Option<i64>> = HashMap::new();
+    for (idx, input) in work.inputs.into_iter().enumerate() {
+        if let Some(claim) = &input.offset
+            && stored_offset(tx, &claim.topic, claim.partition)? != claim.expected_next
+        {
+            outcome.fenced.push(idx);
+            continue;
+        }
+        // One pass. The mark of the current source is kept at hand and the map (or the table)
+        // consulted only when the source changes: runs of one source are the common case.
+        let mut current: Option<((String, String, String), Option<i64>)> = None;
+        for event in input.events {
+            let same_source =
+                current.as_ref().is_some_and(|((_, a, s), _)| *a == event.agent_id && *s == event.source_id);
+            if !same_source {
+                if let Some((key, mark)) = current.take() {
+                    marks.insert(key, mark);
+                }
+                let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
+                let mark = match marks.get(&key) {
+                    Some(mark) => *mark,
+                    None => tx
+                        .query(
+                            "SELECT last_seq FROM dedup WHERE stream = ?1 AND agent_id = ?2 AND source_id = ?3",
+                            &[(&key.0).into(), (&key.1).into(), (&key.2).into()],
+                        )?
+                        .first()
+                        .and_then(|r| r[0].int()),
+                };
+                current = Some((key, mark));
+            }
+            let Some((_, mark)) = current.as_mut() else { continue };
+            if mark.is_some_and(|m| event.seq as i64 <= m) {
+                outcome.n_duplicates += 1;
+                continue;
+            }
+            *mark = Some(event.seq as i64);
+            accepted.push(event);
+        }
+        if let Some((key, mark)) = current {
+            marks.insert(key, mark);
+        }
+        if let Some(claim) = input.offset {
+            tx.exec(
+                "INSERT INTO offsets (topic, partition, next_offset) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (topic, partition) DO UPDATE SET next_offset = excluded.next_offset",
+                &[claim.topic.into(), i64::from(claim.partition).into(), claim.new_next.into()],
+            )?;
+        }
     }
+    outcome.n_applied = accepted.len() as u64;
+    let applied = analytics::apply(tx, &accepted, cfg, now_ms)?;
+    outcome.n_late_beyond_horizon = applied.late_beyond_horizon;
+
+    let mut sorted_marks: Vec<_> = marks.into_iter().filter_map(|(k, m)| m.map(|m| (k, m))).collect();
+    sorted_marks.sort();
+    for ((stream, agent, source), mark) in sorted_marks {
+        tx.exec(
+            "INSERT INTO dedup (stream, agent_id, source_id, last_seq) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (stream, agent_id, source_id) DO UPDATE SET last_seq = excluded.last_seq
+             WHERE excluded.last_seq > dedup.last_seq",
+            &[stream.into(), agent.into(), source.into(), mark.into()],
+        )?;
+    }
+    let mut changed = applied.changed;
+    for f in &work.fleet {
+        changed.insert((f.tenant.clone(), "fleet"));
+        let heartbeat = serde_json::to_string(&f.heartbeat).unwrap_or_default();
+        tx.exec(
+            "INSERT INTO agents (tenant, agent_id, received_at, transport, remote_addr, heartbeat)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (tenant, agent_id) DO UPDATE SET received_at = excluded.received_at,
+                 transport = excluded.transport, remote_addr = excluded.remote_addr, heartbeat = excluded.heartbeat
+             WHERE excluded.received_at >= agents.received_at",
+            &[
+                (&f.tenant).into(),
+                (&f.agent_id).into(),
+                f.received_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into(),
+                (&f.transport).into(),
+                (&f.remote_addr).into(),
+                heartbeat.into(),
+            ],
+        )?;
+    }
+    for (name, n) in [
+        ("events_applied", outcome.n_applied),
+        ("duplicates_dropped", outcome.n_duplicates),
+        ("bad_records", work.n_bad_records),
+        ("late_events_beyond_horizon", outcome.n_late_beyond_horizon),
+    ] {
+        if n > 0 {
+            tx.exec(
+                "INSERT INTO counters (name, value) VALUES (?1, ?2)
+                 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
+                &[name.into(), Val::Int(n as i64)],
+            )?;
+        }
+    }
+    for (tenant, dashboard) in changed {
+        tx.exec(
+            "INSERT INTO changes (tenant, dashboard, version) VALUES (?1, ?2, 1)
+             ON CONFLICT (tenant, dashboard) DO UPDATE SET version = changes.version + 1",
+            &[tenant.into(), dashboard.into()],
+        )?;
+    }
+    Ok(outcome)
 }
 
 /// Switches a database to WAL. Changing the journal mode needs a moment alone with the file and
@@ -438,31 +366,6 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
             other => return other,
         }
     }
-}
-
-fn write_delta(tx: &rusqlite::Transaction<'_>, delta: &RollupDelta) -> rusqlite::Result<()> {
-    let mut sales = tx.prepare_cached(
-        "INSERT INTO sales_minute (tenant, minute, channel, currency, orders, revenue) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-         ON CONFLICT (tenant, minute, channel, currency)
-         DO UPDATE SET orders = orders + excluded.orders, revenue = revenue + excluded.revenue",
-    )?;
-    for (k, v) in &delta.sales {
-        sales.execute(params![k.tenant, k.minute, k.channel, k.currency, v.orders, v.revenue])?;
-    }
-    let mut domains = tx.prepare_cached(
-        "INSERT INTO domain_minute (tenant, minute, domain, events) VALUES (?1, ?2, ?3, ?4)
-         ON CONFLICT (tenant, minute, domain) DO UPDATE SET events = events + excluded.events",
-    )?;
-    for (k, n) in &delta.domains {
-        domains.execute(params![k.tenant, k.minute, k.domain, n])?;
-    }
-    Ok(())
-}
-
-fn minute_text(unix: i64) -> String {
-    chrono::DateTime::from_timestamp(unix, 0)
-        .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
-        .unwrap_or_default()
 }
 
 #[cfg(test)]

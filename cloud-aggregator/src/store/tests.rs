@@ -10,7 +10,7 @@ fn input(stream: &str, events: Vec<Event>) -> StreamInput {
     StreamInput { stream: stream.into(), events, offset: None }
 }
 
-fn totals(store: &Store) -> (i64, String) {
+fn totals(store: &mut Store) -> (i64, String) {
     let rows = store.sales_totals(Some("acme")).unwrap();
     (rows.iter().map(|r| r.orders).sum(), rows.first().map(|r| r.revenue.clone()).unwrap_or_default())
 }
@@ -30,10 +30,10 @@ fn resent_events_count_once_even_after_reopen() {
     again.push(sale("a1", 3, "1"));
     let outcome = store.commit(CommitWork { inputs: vec![input("t/0", again)], ..Default::default() }).unwrap();
     assert_eq!((outcome.n_applied, outcome.n_duplicates), (1, 3));
-    assert_eq!(totals(&store), (4, "31.75".into()));
+    assert_eq!(totals(&mut store), (4, "31.75".into()));
     // Another agent's seq 0 is not a duplicate of a1's.
     store.commit(CommitWork { inputs: vec![input("t/0", vec![sale("a2", 0, "1")])], ..Default::default() }).unwrap();
-    assert_eq!(totals(&store).0, 5);
+    assert_eq!(totals(&mut store).0, 5);
     let counters = store.counters().unwrap();
     assert_eq!(counters["events_applied"], 5);
     assert_eq!(counters["duplicates_dropped"], 3);
@@ -52,7 +52,7 @@ fn a_zombie_commit_on_a_moved_partition_is_fenced() {
     assert_eq!(outcome.fenced, [0]);
     assert_eq!(outcome.n_applied, 0);
     assert_eq!(store.stored_offset("t", 0).unwrap(), Some(2));
-    assert_eq!(totals(&store).0, 2);
+    assert_eq!(totals(&mut store).0, 2);
     // Continuing from the stored position works.
     let next = StreamInput { offset: Some(claim(Some(2), 3)), ..input("t/0", vec![sale("a1", 2, "1")]) };
     assert!(store.commit(CommitWork { inputs: vec![next], ..Default::default() }).unwrap().fenced.is_empty());
@@ -64,7 +64,7 @@ fn fleet_rows_keep_the_newest_heartbeat_and_data_version_moves() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
     let mut store = Store::open(&path).unwrap();
-    let reader = Store::open_read_only(&path).unwrap();
+    let mut reader = Store::open_read_only(&path).unwrap();
     let v0 = reader.data_version().unwrap();
     let record = |at: &str, version: &str| FleetRecord {
         tenant: "acme".into(),

@@ -1,0 +1,281 @@
+//! Marketing attribution, as a pure function of an order and its customer's touches.
+//!
+//! The touches of an order are its customer's touches (`customer_id` = touch `user_id`, same
+//! tenant) with `order_time - lookback < touch_time <= order_time`, ordered by time, then
+//! channel, then campaign. Each model splits the order (one order, its whole amount) over them:
+//!
+//! | model | weights over touches 1..n |
+//! |---|---|
+//! | `last_touch` | all to n |
+//! | `first_touch` | all to 1 |
+//! | `linear` | 1/n each |
+//! | `time_decay` | 2^(-age/half_life), age = order time − touch time, normalised to 1 |
+//! | `position_based` | n = 1: 1; n = 2: 1/2 each; n ≥ 3: 40 % to 1 and to n, 20 % shared by the rest |
+//!
+//! An order without touches is credited whole to channel and campaign `(none)` in every model.
+//!
+//! # Rounding
+//! Credit is split per order, in integers: revenue in hundred-millionths of the currency unit
+//! (`revenue_nano`, 10⁴ finer than money) and orders in millionths (`orders_micro`), by the
+//! largest-remainder method (ties to the earlier touch), so that one order's credits add up
+//! exactly to its amount and to one order. The rational models are split exactly; time-decay
+//! weights are irrational and are first turned into integers (53 significant bits). A sum of
+//! credits is then within 10⁻⁸ of the exact value per order it holds — within a cent for any
+//! sum of up to a million orders — and is rounded to ten-thousandths (half away from zero)
+//! only when served.
+
+use serde::{Deserialize, Serialize};
+
+/// The channel and campaign of orders without touches.
+pub const NONE: &str = "(none)";
+
+/// An attribution model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Model {
+    LastTouch,
+    FirstTouch,
+    Linear,
+    TimeDecay,
+    PositionBased,
+}
+
+impl Model {
+    pub const ALL: [Model; 5] =
+        [Model::LastTouch, Model::FirstTouch, Model::Linear, Model::TimeDecay, Model::PositionBased];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Model::LastTouch => "last_touch",
+            Model::FirstTouch => "first_touch",
+            Model::Linear => "linear",
+            Model::TimeDecay => "time_decay",
+            Model::PositionBased => "position_based",
+        }
+    }
+
+    pub fn by_name(name: &str) -> Option<Model> {
+        Model::ALL.into_iter().find(|m| m.name() == name)
+    }
+}
+
+/// A marketing touch of a customer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Touch {
+    pub time_ms: i64,
+    pub channel: String,
+    pub campaign: String,
+}
+
+/// The attribution settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Params {
+    pub lookback_ms: i64,
+    pub half_life_ms: i64,
+}
+
+/// The credit one order gives one channel and campaign under one model.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Credit {
+    pub model: Model,
+    pub channel: String,
+    pub campaign: String,
+    pub orders_micro: i64,
+    pub revenue_nano: i64,
+}
+
+/// Revenue credit units per unit of [`actidash_shared::Money`]'s raw value.
+pub const NANO_PER_RAW: i64 = 10_000;
+/// Order credit units per order.
+pub const MICRO_PER_ORDER: i64 = 1_000_000;
+
+/// The credits of an order of `amount_raw` (money's raw units) placed at `order_ms`, given its
+/// customer's touches in any order (those outside the lookback window are ignored). Sorted by
+/// model, channel, campaign.
+pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
+    let mut eligible: Vec<&Touch> = touches
+        .iter()
+        .filter(|t| t.time_ms <= order_ms && t.time_ms > order_ms.saturating_sub(params.lookback_ms))
+        .collect();
+    eligible.sort();
+    let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
+    let mut out = Vec::new();
+    for model in Model::ALL {
+        if eligible.is_empty() {
+            out.push(Credit {
+                model,
+                channel: NONE.into(),
+                campaign: NONE.into(),
+                orders_micro: MICRO_PER_ORDER,
+                revenue_nano: clamp(revenue),
+            });
+            continue;
+        }
+        let weights = weights(model, &eligible, order_ms, params.half_life_ms);
+        let orders = allocate(i128::from(MICRO_PER_ORDER), &weights);
+        let revenues = allocate(revenue, &weights);
+        let mut per_key: Vec<Credit> = Vec::new();
+        for (i, t) in eligible.iter().enumerate() {
+            if orders[i] == 0 && revenues[i] == 0 && weights[i] == 0 {
+                continue;
+            }
+            match per_key.iter_mut().find(|c| c.channel == t.channel && c.campaign == t.campaign) {
+                Some(c) => {
+                    c.orders_micro = c.orders_micro.saturating_add(clamp(orders[i]));
+                    c.revenue_nano = c.revenue_nano.saturating_add(clamp(revenues[i]));
+                }
+                None => per_key.push(Credit {
+                    model,
+                    channel: t.channel.clone(),
+                    campaign: t.campaign.clone(),
+                    orders_micro: clamp(orders[i]),
+                    revenue_nano: clamp(revenues[i]),
+                }),
+            }
+        }
+        per_key.sort();
+        out.extend(per_key);
+    }
+    out
+}
+
+/// Integer weights of the touches (sorted) under `model`.
+fn weights(model: Model, touches: &[&Touch], order_ms: i64, half_life_ms: i64) -> Vec<u128> {
+    let n = touches.len();
+    match model {
+        Model::LastTouch => (0..n).map(|i| u128::from(i == n - 1)).collect(),
+        Model::FirstTouch => (0..n).map(|i| u128::from(i == 0)).collect(),
+        Model::Linear => vec![1; n],
+        Model::PositionBased => match n {
+            1 => vec![1],
+            2 => vec![1, 1],
+            _ => {
+                // 40 % = 2(n-2) / 5(n-2), and 20 % / (n-2) = 1 / 5(n-2) for each middle touch.
+                let ends = 2 * (n as u128 - 2);
+                (0..n).map(|i| if i == 0 || i == n - 1 { ends } else { 1 }).collect()
+            }
+        },
+        Model::TimeDecay => {
+            let half_life = half_life_ms.max(1) as f64;
+            let raw: Vec<f64> = touches.iter().map(|t| (-((order_ms - t.time_ms) as f64) / half_life).exp2()).collect();
+            let max = raw.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+            // 2^53 keeps every significant bit of an f64 weight relative to the largest.
+            raw.iter().map(|w| ((w / max) * 9_007_199_254_740_992.0).round() as u128).collect()
+        }
+    }
+}
+
+/// Splits `total` in proportion to `weights` by the largest-remainder method: the parts add up
+/// to `total` exactly; ties go to the earlier part.
+pub fn allocate(total: i128, weights: &[u128]) -> Vec<i128> {
+    let denominator: u128 = weights.iter().sum();
+    if denominator == 0 {
+        return vec![0; weights.len()];
+    }
+    let negative = total < 0;
+    let magnitude = total.unsigned_abs();
+    let mut parts: Vec<u128> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    for (i, w) in weights.iter().enumerate() {
+        // magnitude < 2^127 / 10^4 and weights < 2^60: split to avoid overflow of the product.
+        let (q1, r1) = (magnitude / denominator, magnitude % denominator);
+        let part = q1 * w + (r1 * w) / denominator;
+        let rem = (r1 * w) % denominator;
+        parts.push(part);
+        remainders.push((rem, i));
+    }
+    let mut left = magnitude - parts.iter().sum::<u128>();
+    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+    for (_, i) in remainders {
+        if left == 0 {
+            break;
+        }
+        if weights[i] > 0 {
+            parts[i] += 1;
+            left -= 1;
+        }
+    }
+    parts.into_iter().map(|p| if negative { -(p as i128) } else { p as i128 }).collect()
+}
+
+fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DAY: i64 = 86_400_000;
+    const PARAMS: Params = Params { lookback_ms: 30 * DAY, half_life_ms: 7 * DAY };
+
+    fn touch(day: i64, channel: &str) -> Touch {
+        Touch { time_ms: day * DAY, channel: channel.into(), campaign: "c".into() }
+    }
+
+    /// (channel, revenue in raw money units) of one model's credits for an order of 100.00.
+    fn credits(model: Model, touches: &[Touch], order_day: i64) -> Vec<(String, i64)> {
+        credit_order(order_day * DAY, 1_000_000, touches, PARAMS)
+            .into_iter()
+            .filter(|c| c.model == model)
+            .map(|c| (c.channel, c.revenue_nano / NANO_PER_RAW))
+            .collect()
+    }
+
+    #[test]
+    fn rational_models_split_exactly() {
+        let t = [touch(1, "a"), touch(2, "b"), touch(3, "c"), touch(4, "d"), touch(5, "e")];
+        let v = |pairs: &[(&str, i64)]| pairs.iter().map(|(c, r)| ((*c).to_owned(), *r)).collect::<Vec<_>>();
+        assert_eq!(credits(Model::LastTouch, &t, 10), v(&[("e", 1_000_000)]));
+        assert_eq!(credits(Model::FirstTouch, &t, 10), v(&[("a", 1_000_000)]));
+        assert_eq!(
+            credits(Model::Linear, &t, 10),
+            v(&[("a", 200_000), ("b", 200_000), ("c", 200_000), ("d", 200_000), ("e", 200_000)])
+        );
+        // 40 / 20 / 40: the three middle touches share 20 %.
+        let pb = credit_order(10 * DAY, 1_000_000, &t, PARAMS);
+        let pb: Vec<(String, i64)> =
+            pb.into_iter().filter(|c| c.model == Model::PositionBased).map(|c| (c.channel, c.revenue_nano)).collect();
+        let third = 200_000 * NANO_PER_RAW / 3;
+        assert_eq!(pb.iter().map(|p| p.1).sum::<i64>(), 1_000_000 * NANO_PER_RAW);
+        assert_eq!(pb[0].1, 400_000 * NANO_PER_RAW);
+        assert!((pb[1].1 - third).abs() <= 1 && (pb[2].1 - third).abs() <= 1);
+        assert_eq!(credits(Model::PositionBased, &t[..2], 10), v(&[("a", 500_000), ("b", 500_000)]));
+        assert_eq!(credits(Model::PositionBased, &t[..1], 10), v(&[("a", 1_000_000)]));
+    }
+
+    #[test]
+    fn time_decay_halves_per_half_life_and_sums_exactly() {
+        // Ages 7 and 0 days: weights 1/2 and 1, so 1/3 and 2/3.
+        let c = credit_order(10 * DAY, 999_999, &[touch(3, "old"), touch(10, "new")], PARAMS);
+        let td: Vec<&Credit> = c.iter().filter(|c| c.model == Model::TimeDecay).collect();
+        assert_eq!(td.iter().map(|c| c.revenue_nano).sum::<i64>(), 999_999 * NANO_PER_RAW);
+        assert_eq!(td.iter().map(|c| c.orders_micro).sum::<i64>(), MICRO_PER_ORDER);
+        let new = td.iter().find(|c| c.channel == "new").unwrap();
+        assert!((new.revenue_nano - 666_666 * NANO_PER_RAW).abs() <= 1, "{}", new.revenue_nano);
+    }
+
+    #[test]
+    fn window_bounds_ties_and_no_touch() {
+        // Exactly `lookback` before: outside; at the order's instant: inside.
+        let t = [touch(0, "edge"), touch(30, "same-instant")];
+        assert_eq!(credits(Model::FirstTouch, &t, 30), vec![("same-instant".to_owned(), 1_000_000)]);
+        // Same instant: ordered by channel, then campaign.
+        let t = [touch(5, "z"), touch(5, "a")];
+        assert_eq!(credits(Model::FirstTouch, &t, 6)[0].0, "a");
+        assert_eq!(credits(Model::LastTouch, &t, 6)[0].0, "z");
+        // Touches after the order do not count; none left: (none).
+        let none = credits(Model::Linear, &[touch(7, "late")], 6);
+        assert_eq!(none, vec![(NONE.to_owned(), 1_000_000)]);
+    }
+
+    #[test]
+    fn allocation_is_exact_and_fair() {
+        assert_eq!(allocate(10, &[1, 1, 1]), vec![4, 3, 3]);
+        assert_eq!(allocate(-10, &[1, 1, 1]), vec![-4, -3, -3]);
+        assert_eq!(allocate(7, &[0, 1]), vec![0, 7]);
+        assert_eq!(allocate(5, &[0, 0]), vec![0, 0]);
+        let big = i128::from(i64::MAX) * 10_000;
+        assert_eq!(allocate(big, &[3, 5, 1 << 53]).iter().sum::<i128>(), big);
+    }
+}

@@ -1,0 +1,658 @@
+//! The analytics engine: what each metric means, and how a commit's events change the
+//! roll-ups and the state they need — in the caller's store transaction, so that results,
+//! state and input positions are committed together (exactly once).
+//!
+//! # Definitions (per tenant, by event time, UTC)
+//!
+//! **Sales** ([`tables::SALES`], [`tables::PRODUCTS`]). Each sales event counts in the minute
+//! of its own event time: `placed` adds an order (`placed_orders`), its amount
+//! (`gross_revenue`) and its line items' quantities (`units`; per SKU with quantity × unit
+//! price in the products roll-up); `cancelled` and `refunded` add a cancellation or refund and
+//! its amount; `paid` and `shipped` change no figure. Served: `orders` = placed − cancelled −
+//! refunded, `revenue` = gross − cancelled − refunded amounts, `average_order_value` = gross
+//! revenue / placed orders (rounded to 1/10000, half away from zero).
+//!
+//! **Behavior** ([`tables::BEHAVIOR`], [`tables::SESSIONS`], [`sessions`]). Events per type.
+//! Sessions per visitor with gaps of at most `session_gap_secs` (a gap of exactly that
+//! continues the session), counted in the bucket of their first event, by the referrer host of
+//! their first event: sessions, bounces (one event, a page view), duration (last − first
+//! event), events. The funnel counts, per step, the sessions that hold every type of that step
+//! and the steps before it (in any order within the session).
+//!
+//! **Attribution** ([`tables::ATTRIBUTION`], [`attribution`]): every placed order that has no
+//! cancellation or refund, credited to its customer's touches by each model; ad cost per
+//! channel, campaign and currency by touch time ([`tables::MARKETING`]).
+//!
+//! **Inventory**: the latest on-hand per SKU and warehouse by event time — an older update
+//! never overwrites a newer one (equal times: the larger agent, source, seq wins).
+//!
+//! # Late data and the state horizon
+//! Each tenant has a watermark `W`: the largest event time seen, but never more than
+//! `max_future_skew_secs` past the processor's clock (a wrong clock on-prem cannot push it
+//! into the future). An event older than `W − allowed_lateness_secs` is *beyond the horizon*:
+//! it is still added to every additive figure (sales, products, events per type, ad cost,
+//! inventory) and counted in `late_events_beyond_horizon`, but it does not change sessions and
+//! attribution, whose state is kept only that far back:
+//!
+//! | state | kept while | cost |
+//! |---|---|---|
+//! | sessions | last event ≥ W − lateness − gap | the sessions of the last lateness + gap |
+//! | touches | time > W − lateness − lookback | the touches of the last lateness + lookback |
+//! | orders | time ≥ W − max(lateness, order_retention) | one row per order of that span |
+//! | inventory | always | one row per SKU and warehouse |
+//!
+//! Within the horizon every figure is exactly what it would be had the events arrived in
+//! event-time order: a late page view merges sessions, a late touch re-credits its customer's
+//! orders, a late stock level is ordered by event time. A cancellation retracts its order's
+//! credit as long as the order is kept (`order_retention_secs`, default the lookback).
+
+pub mod attribution;
+pub mod sessions;
+pub mod tables;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use actidash_shared::event::{Event, OrderStatus, Payload};
+use serde::Deserialize;
+
+use crate::store::db::{DbError, Tx, Val};
+use attribution::{Credit, Params, Touch};
+use sessions::{Hit, Session};
+use tables::Deltas;
+
+/// The `[analytics]` section of the cloud configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AnalyticsConfig {
+    /// Longest gap inside a session.
+    pub session_gap_secs: u64,
+    /// How late an event may arrive and still correct sessions and attribution.
+    pub allowed_lateness_secs: u64,
+    /// Touches up to this long before an order are credited.
+    pub attribution_lookback_secs: u64,
+    /// Half-life of the time-decay model.
+    pub time_decay_half_life_secs: u64,
+    /// How long an order is kept so that its cancellation retracts its credit.
+    pub order_retention_secs: u64,
+    /// Event times further than this past the processor's clock do not move the watermark.
+    pub max_future_skew_secs: u64,
+    /// On-hand below this is low stock (the API's default).
+    pub low_stock_threshold: i64,
+    /// The funnel's steps (the API's default), behavior types in order.
+    pub funnel_steps: Vec<String>,
+}
+
+impl Default for AnalyticsConfig {
+    fn default() -> AnalyticsConfig {
+        AnalyticsConfig {
+            session_gap_secs: 30 * 60,
+            allowed_lateness_secs: 24 * 3600,
+            attribution_lookback_secs: 30 * 86_400,
+            time_decay_half_life_secs: 7 * 86_400,
+            order_retention_secs: 30 * 86_400,
+            max_future_skew_secs: 300,
+            low_stock_threshold: 20,
+            funnel_steps: ["page_view", "add_to_cart", "checkout", "purchase"].map(String::from).to_vec(),
+        }
+    }
+}
+
+impl AnalyticsConfig {
+    /// Checks the values; the error names the field.
+    pub fn validate(&self) -> Result<(), (String, String)> {
+        for (field, v) in [
+            ("session_gap_secs", self.session_gap_secs),
+            ("attribution_lookback_secs", self.attribution_lookback_secs),
+            ("time_decay_half_life_secs", self.time_decay_half_life_secs),
+        ] {
+            if v == 0 || v > 366 * 86_400 {
+                return Err((format!("analytics.{field}"), "must be between 1 s and 366 days".into()));
+            }
+        }
+        if self.allowed_lateness_secs > 366 * 86_400 || self.order_retention_secs > 3660 * 86_400 {
+            return Err(("analytics.allowed_lateness_secs".into(), "must be at most 366 days".into()));
+        }
+        if self.funnel_steps.is_empty() {
+            return Err(("analytics.funnel_steps".into(), "needs at least one step".into()));
+        }
+        for step in &self.funnel_steps {
+            if sessions::kind_by_name(step).is_none() {
+                return Err((
+                    "analytics.funnel_steps".into(),
+                    format!(
+                        "{step:?} is not a behavior type (page_view, product_view, search, add_to_cart, checkout, purchase)"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    fn ms(secs: u64) -> i64 {
+        i64::try_from(secs.saturating_mul(1000)).unwrap_or(i64::MAX)
+    }
+
+    fn params(&self) -> Params {
+        Params {
+            lookback_ms: Self::ms(self.attribution_lookback_secs),
+            half_life_ms: Self::ms(self.time_decay_half_life_secs),
+        }
+    }
+}
+
+/// What [`apply`] did, for the counters.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Applied {
+    pub late_beyond_horizon: u64,
+    /// (tenant, dashboard) pairs whose figures changed: `sales`, `behavior`, `marketing`,
+    /// `inventory`.
+    pub changed: BTreeSet<(String, &'static str)>,
+}
+
+/// An order's facts as kept for attribution.
+struct OrderState {
+    customer: String,
+    time_ms: i64,
+    amount: i64,
+    currency: String,
+    placed: bool,
+    cancelled: bool,
+    credits: Vec<Credit>,
+}
+
+/// Applies `events` (already de-duplicated) to the roll-ups and the analytics state in `tx`.
+/// `now_ms` is the processor's clock (it only caps the watermark).
+pub fn apply(tx: &mut dyn Tx, events: &[Event], cfg: &AnalyticsConfig, now_ms: i64) -> Result<Applied, DbError> {
+    let mut applied = Applied::default();
+    if events.is_empty() {
+        return Ok(applied);
+    }
+    let lateness = AnalyticsConfig::ms(cfg.allowed_lateness_secs);
+    let gap = AnalyticsConfig::ms(cfg.session_gap_secs);
+    let params = cfg.params();
+
+    // The watermarks before this commit decide what is beyond the horizon.
+    let mut watermark: BTreeMap<String, Option<i64>> = BTreeMap::new();
+    for e in events {
+        if !watermark.contains_key(&e.tenant) {
+            let w = tx.query("SELECT max_event_ms FROM watermarks WHERE tenant = ?1", &[Val::from(&e.tenant)])?;
+            watermark.insert(e.tenant.clone(), w.first().and_then(|r| r[0].int()));
+        }
+    }
+    let horizon =
+        |tenant: &str| watermark.get(tenant).copied().flatten().map_or(i64::MIN, |w| w.saturating_sub(lateness));
+
+    let mut deltas = Deltas::default();
+    let mut hits: BTreeMap<(String, String), Vec<Hit>> = BTreeMap::new();
+    // (tenant, customer) -> earliest time from which its orders' credit may have changed.
+    let mut customers: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut newest: HashMap<String, i64> = HashMap::new();
+    for e in events {
+        let t = e.event_time.timestamp_millis();
+        let tenant = e.tenant.as_str();
+        let late = t < horizon(tenant);
+        if late {
+            applied.late_beyond_horizon += 1;
+        }
+        let w = newest.entry(e.tenant.clone()).or_insert(i64::MIN);
+        *w = (*w).max(t);
+        deltas.add(&tables::DOMAINS, tenant, t, vec![e.domain().as_str().into()], &[1]);
+        match &e.payload {
+            Payload::Sales(o) => {
+                applied.changed.insert((e.tenant.clone(), "sales"));
+                let dims = vec![o.channel.clone(), o.site.clone(), o.country.clone(), o.currency.clone()];
+                let amount = o.amount.raw();
+                match o.status {
+                    OrderStatus::Placed => {
+                        let units = o.items.iter().fold(0_i64, |n, i| n.saturating_add(i.quantity));
+                        deltas.add(&tables::SALES, tenant, t, dims, &[1, amount, 0, 0, 0, 0, units]);
+                        for item in &o.items {
+                            let revenue = item.unit_price.raw().saturating_mul(item.quantity);
+                            deltas.add(
+                                &tables::PRODUCTS,
+                                tenant,
+                                t,
+                                vec![item.sku.clone(), o.currency.clone()],
+                                &[item.quantity, revenue],
+                            );
+                        }
+                    }
+                    OrderStatus::Cancelled => deltas.add(&tables::SALES, tenant, t, dims, &[0, 0, 1, amount]),
+                    OrderStatus::Refunded => deltas.add(&tables::SALES, tenant, t, dims, &[0, 0, 0, 0, 1, amount]),
+                    OrderStatus::Paid | OrderStatus::Shipped => {}
+                }
+                order_event(tx, e, t, late, &mut deltas, &mut customers, &mut applied)?;
+            }
+            Payload::Marketing(m) => {
+                applied.changed.insert((e.tenant.clone(), "marketing"));
+                let cost = m.cost.map_or(0, |c| c.raw());
+                let currency = m.currency.clone().unwrap_or_default();
+                deltas.add(
+                    &tables::MARKETING,
+                    tenant,
+                    t,
+                    vec![m.channel.clone(), m.campaign.clone(), currency],
+                    &[1, cost],
+                );
+                if !late {
+                    tx.exec(
+                        "INSERT INTO touches (tenant, user_id, time_ms, channel, campaign, agent_id, source_id, seq)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
+                        &[
+                            tenant.into(),
+                            (&m.user_id).into(),
+                            t.into(),
+                            (&m.channel).into(),
+                            (&m.campaign).into(),
+                            (&e.agent_id).into(),
+                            (&e.source_id).into(),
+                            Val::Int(e.seq as i64),
+                        ],
+                    )?;
+                    let from = customers.entry((e.tenant.clone(), m.user_id.clone())).or_insert(t);
+                    *from = (*from).min(t);
+                }
+            }
+            Payload::Behavior(b) => {
+                applied.changed.insert((e.tenant.clone(), "behavior"));
+                deltas.add(&tables::BEHAVIOR, tenant, t, vec![sessions::kind_name(b.kind).into()], &[1]);
+                if !late {
+                    hits.entry((e.tenant.clone(), b.visitor_id.clone())).or_default().push(Hit {
+                        time_ms: t,
+                        kind: b.kind,
+                        referrer: sessions::referrer_host(b.referrer.as_deref()),
+                    });
+                }
+            }
+            Payload::Inventory(i) => {
+                applied.changed.insert((e.tenant.clone(), "inventory"));
+                tx.exec(
+                    "INSERT INTO inventory (tenant, sku, warehouse, on_hand, time_ms, agent_id, source_id, seq)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                     ON CONFLICT (tenant, sku, warehouse) DO UPDATE SET on_hand = excluded.on_hand,
+                         time_ms = excluded.time_ms, agent_id = excluded.agent_id, source_id = excluded.source_id,
+                         seq = excluded.seq
+                     WHERE (excluded.time_ms, excluded.agent_id, excluded.source_id, excluded.seq)
+                         > (inventory.time_ms, inventory.agent_id, inventory.source_id, inventory.seq)",
+                    &[
+                        tenant.into(),
+                        (&i.sku).into(),
+                        (&i.warehouse).into(),
+                        i.on_hand.into(),
+                        t.into(),
+                        (&e.agent_id).into(),
+                        (&e.source_id).into(),
+                        Val::Int(e.seq as i64),
+                    ],
+                )?;
+            }
+        }
+    }
+
+    for ((tenant, visitor), visitor_hits) in &hits {
+        sessionize(tx, tenant, visitor, visitor_hits, gap, &mut deltas)?;
+    }
+    for ((tenant, customer), from) in &customers {
+        attribute(tx, tenant, customer, (*from).max(horizon(tenant)), params, &mut deltas)?;
+    }
+    write_deltas(tx, &deltas)?;
+
+    // Move the watermarks on, then compact state that fell behind the horizon.
+    let cap = now_ms.saturating_add(AnalyticsConfig::ms(cfg.max_future_skew_secs));
+    for (tenant, batch_max) in newest {
+        let old = watermark.get(&tenant).copied().flatten();
+        let candidate = batch_max.min(cap);
+        let w = match old {
+            Some(old) if old >= candidate => continue,
+            _ => candidate,
+        };
+        tx.exec(
+            "INSERT INTO watermarks (tenant, max_event_ms) VALUES (?1, ?2)
+             ON CONFLICT (tenant) DO UPDATE SET max_event_ms = excluded.max_event_ms
+             WHERE excluded.max_event_ms > watermarks.max_event_ms",
+            &[Val::from(&tenant), w.into()],
+        )?;
+        let h = w.saturating_sub(lateness);
+        tx.exec(
+            "DELETE FROM sessions WHERE tenant = ?1 AND end_ms < ?2",
+            &[Val::from(&tenant), h.saturating_sub(gap).into()],
+        )?;
+        tx.exec(
+            "DELETE FROM touches WHERE tenant = ?1 AND time_ms <= ?2",
+            &[Val::from(&tenant), h.saturating_sub(params.lookback_ms).into()],
+        )?;
+        let keep_orders = lateness.max(AnalyticsConfig::ms(cfg.order_retention_secs));
+        tx.exec(
+            "DELETE FROM attr_orders WHERE tenant = ?1 AND time_ms < ?2",
+            &[Val::from(&tenant), w.saturating_sub(keep_orders).into()],
+        )?;
+    }
+    Ok(applied)
+}
+
+/// Records a sales event's effect on its order's attribution state.
+fn order_event(
+    tx: &mut dyn Tx,
+    e: &Event,
+    t: i64,
+    late: bool,
+    deltas: &mut Deltas,
+    customers: &mut BTreeMap<(String, String), i64>,
+    applied: &mut Applied,
+) -> Result<(), DbError> {
+    let Payload::Sales(o) = &e.payload else { return Ok(()) };
+    let cancels = matches!(o.status, OrderStatus::Cancelled | OrderStatus::Refunded);
+    if o.status != OrderStatus::Placed && !cancels {
+        return Ok(());
+    }
+    if late && !cancels {
+        // Its touches may have been compacted: an order beyond the horizon is not attributed.
+        return Ok(());
+    }
+    let stored = load_order(tx, &e.tenant, &o.order_id)?;
+    let mut state = match stored {
+        Some(s) => s,
+        None if late => return Ok(()),
+        None => OrderState {
+            customer: o.customer_id.clone(),
+            time_ms: t,
+            amount: o.amount.raw(),
+            currency: o.currency.clone(),
+            placed: false,
+            cancelled: false,
+            credits: Vec::new(),
+        },
+    };
+    if cancels {
+        state.cancelled = true;
+        if !state.credits.is_empty() {
+            retract(deltas, &e.tenant, &state, &state.credits);
+            state.credits.clear();
+            applied.changed.insert((e.tenant.clone(), "marketing"));
+        }
+    } else if !state.placed || t < state.time_ms {
+        // The earliest placement defines the order (a cancellation seen first only holds the
+        // order's place).
+        state.placed = true;
+        state.customer = o.customer_id.clone();
+        state.time_ms = t;
+        state.amount = o.amount.raw();
+        state.currency = o.currency.clone();
+        if !state.cancelled {
+            let from = customers.entry((e.tenant.clone(), state.customer.clone())).or_insert(t);
+            *from = (*from).min(t);
+        }
+    }
+    tx.exec(
+        "INSERT INTO attr_orders (tenant, order_id, customer_id, time_ms, amount, currency, placed, cancelled, credits)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (tenant, order_id) DO UPDATE SET customer_id = excluded.customer_id, time_ms = excluded.time_ms,
+             amount = excluded.amount, currency = excluded.currency, placed = excluded.placed,
+             cancelled = excluded.cancelled, credits = excluded.credits",
+        &[
+            (&e.tenant).into(),
+            (&o.order_id).into(),
+            (&state.customer).into(),
+            state.time_ms.into(),
+            state.amount.into(),
+            (&state.currency).into(),
+            i64::from(state.placed).into(),
+            i64::from(state.cancelled).into(),
+            credits_text(&state.credits).into(),
+        ],
+    )?;
+    Ok(())
+}
+
+fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<OrderState>, DbError> {
+    let rows = tx.query(
+        "SELECT customer_id, time_ms, amount, currency, placed, cancelled, credits FROM attr_orders
+         WHERE tenant = ?1 AND order_id = ?2",
+        &[tenant.into(), order_id.into()],
+    )?;
+    Ok(rows.into_iter().next().map(|r| {
+        let mut r = r.into_iter();
+        let mut next = || r.next().unwrap_or(Val::Null);
+        OrderState {
+            customer: next().into_text(),
+            time_ms: next().int_or_zero(),
+            amount: next().int_or_zero(),
+            currency: next().into_text(),
+            placed: next().int_or_zero() != 0,
+            cancelled: next().int_or_zero() != 0,
+            credits: parse_credits(next().text()),
+        }
+    }))
+}
+
+fn credits_text(credits: &[Credit]) -> String {
+    serde_json::to_string(credits).unwrap_or_default()
+}
+
+fn parse_credits(text: &str) -> Vec<Credit> {
+    serde_json::from_str(text).unwrap_or_default()
+}
+
+fn retract(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
+    for c in credits {
+        deltas.sub(
+            &tables::ATTRIBUTION,
+            tenant,
+            order.time_ms,
+            vec![c.model.name().into(), c.channel.clone(), c.campaign.clone(), order.currency.clone()],
+            &[c.orders_micro, c.revenue_nano],
+        );
+    }
+}
+
+fn credit(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
+    for c in credits {
+        deltas.add(
+            &tables::ATTRIBUTION,
+            tenant,
+            order.time_ms,
+            vec![c.model.name().into(), c.channel.clone(), c.campaign.clone(), order.currency.clone()],
+            &[c.orders_micro, c.revenue_nano],
+        );
+    }
+}
+
+/// Re-credits the attributable orders of a customer placed at or after `from_ms`.
+fn attribute(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    customer: &str,
+    from_ms: i64,
+    params: Params,
+    deltas: &mut Deltas,
+) -> Result<(), DbError> {
+    tx.lock_key(&format!("customer/{tenant}/{customer}"))?;
+    let rows = tx.query(
+        "SELECT order_id, time_ms, amount, currency, credits FROM attr_orders
+         WHERE tenant = ?1 AND customer_id = ?2 AND placed = 1 AND cancelled = 0 AND time_ms >= ?3
+         ORDER BY time_ms, order_id",
+        &[tenant.into(), customer.into(), from_ms.into()],
+    )?;
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let first = rows.iter().map(|r| r[1].int_or_zero()).min().unwrap_or(from_ms);
+    let last = rows.iter().map(|r| r[1].int_or_zero()).max().unwrap_or(from_ms);
+    let touches: Vec<Touch> = tx
+        .query(
+            "SELECT time_ms, channel, campaign FROM touches
+             WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4",
+            &[tenant.into(), customer.into(), first.saturating_sub(params.lookback_ms).into(), last.into()],
+        )?
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter();
+            Touch {
+                time_ms: r.next().map_or(0, |v| v.int_or_zero()),
+                channel: r.next().map(Val::into_text).unwrap_or_default(),
+                campaign: r.next().map(Val::into_text).unwrap_or_default(),
+            }
+        })
+        .collect();
+    for row in rows {
+        let mut r = row.into_iter();
+        let order_id = r.next().map(Val::into_text).unwrap_or_default();
+        let order = OrderState {
+            customer: customer.to_owned(),
+            time_ms: r.next().map_or(0, |v| v.int_or_zero()),
+            amount: r.next().map_or(0, |v| v.int_or_zero()),
+            currency: r.next().map(Val::into_text).unwrap_or_default(),
+            placed: true,
+            cancelled: false,
+            credits: r.next().map(|v| parse_credits(v.text())).unwrap_or_default(),
+        };
+        let new = attribution::credit_order(order.time_ms, order.amount, &touches, params);
+        if new == order.credits {
+            continue;
+        }
+        retract(deltas, tenant, &order, &order.credits);
+        credit(deltas, tenant, &order, &new);
+        tx.exec(
+            "UPDATE attr_orders SET credits = ?3 WHERE tenant = ?1 AND order_id = ?2",
+            &[tenant.into(), order_id.into(), credits_text(&new).into()],
+        )?;
+    }
+    Ok(())
+}
+
+/// Adds a visitor's hits to its sessions.
+fn sessionize(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    visitor: &str,
+    hits: &[Hit],
+    gap: i64,
+    deltas: &mut Deltas,
+) -> Result<(), DbError> {
+    let stored: Vec<Session> = tx
+        .query(
+            "SELECT start_ms, end_ms, events, mask, referrer FROM sessions WHERE tenant = ?1 AND visitor_id = ?2",
+            &[tenant.into(), visitor.into()],
+        )?
+        .into_iter()
+        .map(|r| {
+            let mut r = r.into_iter();
+            Session {
+                start_ms: r.next().map_or(0, |v| v.int_or_zero()),
+                end_ms: r.next().map_or(0, |v| v.int_or_zero()),
+                events: r.next().map_or(0, |v| v.int_or_zero()),
+                mask: r.next().map_or(0, |v| v.int_or_zero() as u8),
+                referrer: r.next().map(Val::into_text).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let (removed, added) = sessions::apply(&stored, hits, gap);
+    for s in &removed {
+        let (dims, metrics) = s.rollup();
+        deltas.sub(&tables::SESSIONS, tenant, s.start_ms, dims, &metrics);
+        tx.exec(
+            "DELETE FROM sessions WHERE tenant = ?1 AND visitor_id = ?2 AND start_ms = ?3",
+            &[tenant.into(), visitor.into(), s.start_ms.into()],
+        )?;
+    }
+    for s in &added {
+        let (dims, metrics) = s.rollup();
+        deltas.add(&tables::SESSIONS, tenant, s.start_ms, dims, &metrics);
+        tx.exec(
+            "INSERT INTO sessions (tenant, visitor_id, start_ms, end_ms, events, mask, referrer)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            &[
+                tenant.into(),
+                visitor.into(),
+                s.start_ms.into(),
+                s.end_ms.into(),
+                s.events.into(),
+                i64::from(s.mask).into(),
+                (&s.referrer).into(),
+            ],
+        )?;
+    }
+    Ok(())
+}
+
+/// Writes the roll-up deltas, at every grain.
+fn write_deltas(tx: &mut dyn Tx, deltas: &Deltas) -> Result<(), DbError> {
+    let mut sql: HashMap<&'static str, String> = HashMap::new();
+    for row in deltas.by_grain() {
+        let Some(spec) = Deltas::spec(row.table) else { continue };
+        let sql = sql.entry(row.table).or_insert_with(|| spec.upsert_sql());
+        let params: Vec<Val> = [Val::Text(row.tenant), Val::Int(row.grain), Val::Int(row.bucket)]
+            .into_iter()
+            .chain(row.dims.into_iter().map(Val::Text))
+            .chain(row.metrics.into_iter().map(Val::Int))
+            .collect();
+        tx.exec(sql, &params)?;
+    }
+    Ok(())
+}
+
+/// The state tables (portable SQL), after the roll-ups.
+pub fn state_ddl() -> String {
+    let mut ddl: String = tables::ALL.iter().map(|t| t.ddl()).collect();
+    ddl += "
+CREATE TABLE IF NOT EXISTS watermarks (
+    tenant TEXT PRIMARY KEY NOT NULL,
+    max_event_ms BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    tenant TEXT NOT NULL,
+    visitor_id TEXT NOT NULL,
+    start_ms BIGINT NOT NULL,
+    end_ms BIGINT NOT NULL,
+    events BIGINT NOT NULL,
+    mask BIGINT NOT NULL,
+    referrer TEXT NOT NULL,
+    PRIMARY KEY (tenant, visitor_id, start_ms)
+);
+CREATE INDEX IF NOT EXISTS sessions_by_end ON sessions (tenant, end_ms);
+CREATE TABLE IF NOT EXISTS touches (
+    tenant TEXT NOT NULL,
+    user_id TEXT NOT NULL,
+    time_ms BIGINT NOT NULL,
+    channel TEXT NOT NULL,
+    campaign TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (tenant, user_id, time_ms, agent_id, source_id, seq)
+);
+CREATE INDEX IF NOT EXISTS touches_by_time ON touches (tenant, time_ms);
+CREATE TABLE IF NOT EXISTS attr_orders (
+    tenant TEXT NOT NULL,
+    order_id TEXT NOT NULL,
+    customer_id TEXT NOT NULL,
+    time_ms BIGINT NOT NULL,
+    amount BIGINT NOT NULL,
+    currency TEXT NOT NULL,
+    placed BIGINT NOT NULL,
+    cancelled BIGINT NOT NULL,
+    credits TEXT NOT NULL,
+    PRIMARY KEY (tenant, order_id)
+);
+CREATE INDEX IF NOT EXISTS attr_orders_by_customer ON attr_orders (tenant, customer_id, time_ms);
+CREATE INDEX IF NOT EXISTS attr_orders_by_time ON attr_orders (tenant, time_ms);
+CREATE TABLE IF NOT EXISTS inventory (
+    tenant TEXT NOT NULL,
+    sku TEXT NOT NULL,
+    warehouse TEXT NOT NULL,
+    on_hand BIGINT NOT NULL,
+    time_ms BIGINT NOT NULL,
+    agent_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    seq BIGINT NOT NULL,
+    PRIMARY KEY (tenant, sku, warehouse)
+);
+CREATE TABLE IF NOT EXISTS changes (
+    tenant TEXT NOT NULL,
+    dashboard TEXT NOT NULL,
+    version BIGINT NOT NULL,
+    PRIMARY KEY (tenant, dashboard)
+);
+";
+    ddl
+}
