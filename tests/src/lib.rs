@@ -2,8 +2,10 @@
 //! independent reference of the expected metrics ([`generator`]), and a harness that runs the
 //! real binaries as processes ([`harness`]).
 
+pub mod dataset;
 pub mod generator;
 pub mod harness;
+pub mod reference;
 
 /// The Kafka bootstrap servers the test script started, if any.
 ///

@@ -85,3 +85,109 @@ fn fleet_rows_keep_the_newest_heartbeat_and_data_version_moves() {
     assert_eq!(agents[0].heartbeat["agent_version"], "new");
     assert_ne!(reader.data_version().unwrap(), v0);
 }
+
+fn at(time: &str, seq: u64, payload: actidash_shared::event::Payload) -> Event {
+    Event::new("acme".into(), "a1".into(), "s".into(), seq, time.parse().unwrap(), payload)
+}
+
+fn page_view(visitor: &str) -> actidash_shared::event::Payload {
+    actidash_shared::event::Payload::Behavior(actidash_shared::event::BehaviorEvent {
+        visitor_id: visitor.into(),
+        kind: actidash_shared::event::BehaviorKind::PageView,
+        url: None,
+        referrer: None,
+    })
+}
+
+fn sessions(store: &mut Store) -> i64 {
+    let sel = query::Selection { tenant: Some("acme".into()), ..query::Selection::all_time() };
+    store.read(|tx| query::behavior(tx, &sel)).unwrap().sessions.iter().map(|r| r.sessions).sum()
+}
+
+#[test]
+fn beyond_the_horizon_an_event_counts_in_additive_figures_only_and_state_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::analytics::AnalyticsConfig { allowed_lateness_secs: 3600, ..Default::default() };
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap().with_analytics(cfg);
+    let commit = |store: &mut Store, events: Vec<Event>| {
+        store.commit(CommitWork { inputs: vec![input("embedded", events)], ..Default::default() }).unwrap()
+    };
+    // Two sessions of one visitor an hour apart, then the watermark moves 3 hours on.
+    commit(
+        &mut store,
+        vec![at("2026-11-27T10:00:00Z", 0, page_view("v")), at("2026-11-27T11:00:00Z", 1, page_view("v"))],
+    );
+    assert_eq!(sessions(&mut store), 2);
+    commit(&mut store, vec![at("2026-11-27T14:00:00Z", 2, page_view("w"))]);
+    let state = store.read(query::state_sizes).unwrap();
+    assert_eq!(state["sessions"], 1, "sessions that ended before the horizon are compacted: {state:?}");
+    // A page view at 10:30 would bridge the two old sessions, but it is beyond the horizon
+    // (14:00 - 1 h): counted as a page view and as late, and no session changes.
+    let outcome = commit(&mut store, vec![at("2026-11-27T10:30:00Z", 3, page_view("v"))]);
+    assert_eq!(outcome.n_late_beyond_horizon, 1);
+    assert_eq!(sessions(&mut store), 3);
+    let sel = query::Selection { tenant: Some("acme".into()), ..query::Selection::all_time() };
+    assert_eq!(store.read(|tx| query::behavior(tx, &sel)).unwrap().page_views, 4);
+    assert_eq!(store.counters().unwrap()["late_events_beyond_horizon"], 1);
+    // Within the horizon a late event still merges: 13:30 bridges nothing, 13:45 joins 14:00.
+    commit(&mut store, vec![at("2026-11-27T13:45:00Z", 4, page_view("w"))]);
+    assert_eq!(sessions(&mut store), 3, "joined w's session");
+}
+
+#[test]
+fn a_future_clock_does_not_move_the_watermark() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let now = chrono::Utc::now();
+    let time = |d: chrono::Duration| (now + d).to_rfc3339();
+    store
+        .commit(CommitWork {
+            inputs: vec![input(
+                "embedded",
+                vec![
+                    at(&time(chrono::Duration::days(400)), 0, page_view("v")),
+                    at(&time(chrono::Duration::hours(-2)), 1, page_view("v")),
+                ],
+            )],
+            ..Default::default()
+        })
+        .unwrap();
+    // Were the watermark a year ahead, an event of an hour ago would be beyond the horizon.
+    let outcome = store
+        .commit(CommitWork {
+            inputs: vec![input("embedded", vec![at(&time(chrono::Duration::hours(-1)), 2, page_view("v"))])],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(outcome.n_late_beyond_horizon, 0);
+    // The cap is the processor's clock: 25 hours ago is beyond the default 24 h horizon.
+    let outcome = store
+        .commit(CommitWork {
+            inputs: vec![input("embedded", vec![at(&time(chrono::Duration::hours(-25)), 3, page_view("v"))])],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(outcome.n_late_beyond_horizon, 1);
+}
+
+#[test]
+fn version_1_stores_are_migrated_with_their_figures() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(include_str!("../../migrations/0001_init.sql")).unwrap();
+        conn.execute_batch(
+            "INSERT INTO sales_minute VALUES ('acme', 1764237600, 'web', 'EUR', 2, 150000);
+             INSERT INTO sales_minute VALUES ('acme', 1764237660, 'web', 'EUR', 1, 50000);
+             INSERT INTO domain_minute VALUES ('acme', 1764237600, 'sales', 3);
+             PRAGMA user_version = 1;",
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(totals(&mut store), (3, "20".into()));
+    let sel = query::Selection { tenant: Some("acme".into()), granularity: Some(3600), ..query::Selection::all_time() };
+    let rows = store.read(|tx| query::rollup(tx, &crate::analytics::tables::DOMAINS, &sel)).unwrap();
+    assert_eq!(rows.iter().map(|r| r.metrics[0]).sum::<i64>(), 3);
+}
