@@ -1,0 +1,170 @@
+//! The HTTP API over a real store and a real socket: the reports' shapes (money as decimal
+//! text), parameters checked with a 400 that names the parameter, and the live push carrying
+//! the dashboards that changed.
+
+use std::io::{BufRead as _, BufReader, Write as _};
+use std::net::TcpStream;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use actidash_shared::event::{Event, InventoryLevel, MarketingTouch, OrderStatus, Payload};
+use actidash_shared::testing::sale_with;
+use actidash_tests::harness::http_get;
+use cloud_aggregator::store::{CommitWork, Store, StreamInput};
+use tokio_util::sync::CancellationToken;
+
+fn commit(path: &Path, events: Vec<Event>) {
+    let mut store = Store::open(path).unwrap();
+    store
+        .commit(CommitWork {
+            inputs: vec![StreamInput { stream: "embedded".into(), events, offset: None }],
+            ..Default::default()
+        })
+        .unwrap();
+}
+
+fn event(seq: u64, time: &str, payload: Payload) -> Event {
+    Event::new("acme".into(), "a".into(), "s2".into(), seq, time.parse().unwrap(), payload)
+}
+
+/// Starts the API on a free port over `store`; stops with the returned token.
+fn start(store: &Path) -> (u16, CancellationToken, tokio::runtime::Runtime) {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = CancellationToken::new();
+    rt.spawn(cloud_aggregator::serve::run_on(listener, store.to_owned(), Default::default(), shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http_get(port, "/readyz").is_err() {
+        assert!(Instant::now() < deadline, "the API did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (port, shutdown, rt)
+}
+
+fn json(port: u16, path: &str) -> serde_json::Value {
+    serde_json::from_str(&http_get(port, path).unwrap()).unwrap()
+}
+
+#[test]
+fn reports_serve_exact_money_and_refuse_bad_parameters_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    let mut events: Vec<Event> =
+        (0..3).map(|s| sale_with("acme", "a", s, "2026-11-27T10:00:00Z", "web", "0.10", OrderStatus::Placed)).collect();
+    // Order o2 is cancelled.
+    let mut cancel = sale_with("acme", "a", 3, "2026-11-27T10:05:00Z", "web", "0.10", OrderStatus::Cancelled);
+    if let Payload::Sales(o) = &mut cancel.payload {
+        o.order_id = "o2".into();
+    }
+    cancel.entity_key = cancel.payload.entity_key();
+    events.push(cancel);
+    commit(&path, events);
+    commit(
+        &path,
+        vec![
+            event(
+                0,
+                "2026-11-27T09:00:00Z",
+                Payload::Marketing(MarketingTouch {
+                    user_id: "c".into(),
+                    channel: "google".into(),
+                    campaign: "bf".into(),
+                    cost: Some(actidash_shared::Money::parse("0.05").unwrap()),
+                    currency: Some("EUR".into()),
+                }),
+            ),
+            event(
+                1,
+                "2026-11-27T09:00:00Z",
+                Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand: 3 }),
+            ),
+        ],
+    );
+    let (port, shutdown, _rt) = start(&path);
+    let range = "from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z";
+
+    // 0.10 + 0.10 + 0.10 - 0.10, exactly: no float drift, and text rather than a number.
+    let sales = json(port, &format!("/api/v1/sales?{range}&group_by=channel"));
+    let row = &sales["rows"][0];
+    assert_eq!((row["orders"].as_i64(), row["revenue"].as_str()), (Some(2), Some("0.2")), "{sales}");
+    assert_eq!(row["average_order_value"], "0.1");
+    assert_eq!(sales["from"], "2026-11-27T00:00:00Z");
+    let series = json(port, &format!("/api/v1/sales?{range}&granularity=minute"));
+    assert_eq!(series["rows"].as_array().unwrap().len(), 2, "two minutes with sales: {series}");
+
+    // The orders were placed after the touch: all credited to it, with cost and ROAS.
+    let attribution = json(port, &format!("/api/v1/marketing/attribution?{range}&model=linear&group_by=channel"));
+    let google = attribution["rows"].as_array().unwrap().iter().find(|r| r["channel"] == "google").unwrap();
+    assert_eq!(google["attributed_orders"], "2", "{attribution}");
+    assert_eq!(google["attributed_revenue"], "0.2");
+    assert_eq!(google["cost"], "0.05");
+    assert_eq!(google["roas"], "4");
+    let inventory = json(port, "/api/v1/inventory?tenant=acme");
+    assert_eq!(inventory["low_stock"][0]["sku"], "S", "{inventory}");
+
+    for (path, named) in [
+        ("/api/v1/sales?granularity=week", "granularity"),
+        ("/api/v1/sales?from=yesterday", "from"),
+        ("/api/v1/sales?group_by=colour", "group_by"),
+        ("/api/v1/sales?colour=red", "colour"),
+        ("/api/v1/sales?from=2026-11-28T00:00:00Z&to=2026-11-27T00:00:00Z", "from"),
+        ("/api/v1/marketing/attribution?model=u_shaped", "model"),
+        ("/api/v1/behavior/funnel?steps=page_view,teleport", "steps"),
+        ("/api/v1/sales/products?limit=0", "limit"),
+        ("/api/v1/inventory?threshold=low", "threshold"),
+    ] {
+        let err = http_get(port, path).unwrap_err().to_string();
+        assert!(err.contains("HTTP 400") && err.contains(named), "{path}: {err}");
+    }
+    shutdown.cancel();
+}
+
+/// Reads server-sent events until an `update` arrives; returns its data.
+fn next_update(reader: &mut BufReader<TcpStream>) -> serde_json::Value {
+    let mut event = String::new();
+    loop {
+        let mut line = String::new();
+        assert!(reader.read_line(&mut line).unwrap() > 0, "the live stream ended");
+        let line = line.trim_end();
+        if let Some(name) = line.strip_prefix("event:") {
+            event = name.trim().to_owned();
+        } else if let Some(data) = line.strip_prefix("data:")
+            && event == "update"
+        {
+            return serde_json::from_str(data.trim()).unwrap();
+        }
+    }
+}
+
+#[test]
+fn the_live_push_carries_the_dashboards_that_changed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
+    let (port, shutdown, _rt) = start(&path);
+    let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    // HTTP/1.0: the body is the raw event stream, not chunked.
+    write!(&stream, "GET /api/v1/live?tenant=acme&from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z HTTP/1.0\r\n\r\n")
+        .unwrap();
+    let mut reader = BufReader::new(stream);
+    let first = next_update(&mut reader);
+    assert_eq!(first["changed"], serde_json::json!(["behavior", "fleet", "inventory", "marketing", "sales"]));
+    assert_eq!(first["sales"]["totals"][0]["revenue"], "5");
+
+    // A stock level arrives: the next update carries the inventory only.
+    commit(
+        &path,
+        vec![event(
+            0,
+            "2026-11-27T10:01:00Z",
+            Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand: 7 }),
+        )],
+    );
+    let update = next_update(&mut reader);
+    assert_eq!(update["changed"], serde_json::json!(["inventory"]), "{update}");
+    assert_eq!(update["inventory"]["total_on_hand"], 7);
+    assert!(update.get("sales").is_none());
+    shutdown.cancel();
+}
