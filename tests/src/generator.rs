@@ -112,6 +112,9 @@ const CHANNELS: [&str; 4] = ["web", "app", "store", "marketplace"];
 const SITES: [(&str, &str, &str); 4] =
     [("shop-fr", "FR", "EUR"), ("shop-de", "DE", "EUR"), ("shop-uk", "GB", "GBP"), ("shop-us", "US", "USD")];
 const EVENTS: [&str; 6] = ["page_view", "product_view", "search", "add_to_cart", "checkout", "purchase"];
+/// Customers who order and are touched by marketing, and visitors of the site.
+const CUSTOMERS: u32 = 5_000;
+const VISITORS: u32 = 3_000;
 const SOURCES: [&str; 5] = ["google", "facebook", "newsletter", "affiliate", "tiktok"];
 
 impl Generator {
@@ -189,7 +192,7 @@ impl Generator {
         json!({
             "id": id,
             "created_at": now.to_rfc3339(),
-            "customer": {"id": format!("C-{:06}", self.rng.random_range(0..200_000)), "segment": "returning"},
+            "customer": {"id": format!("C-{:06}", self.rng.random_range(0..CUSTOMERS)), "segment": "returning"},
             "channel": channel, "site": site, "country": country, "currency": currency,
             "total": total, "status": "placed", "lines": lines,
             "payment": {"method": "card", "psp": "adyen"}, "shipping": {"method": "standard"}
@@ -200,7 +203,7 @@ impl Generator {
         let event = EVENTS[self.rng.random_range(0..EVENTS.len())];
         json!({
             "ts": now.timestamp_millis(),
-            "visitor": format!("V-{:08x}", self.rng.random::<u32>()),
+            "visitor": format!("V-{:06}", self.rng.random_range(0..VISITORS)),
             "event": event,
             "url": format!("https://shop.example.com/p/SKU-{:05}?ref=home", self.rng.random_range(0..5000)),
             "referrer": "https://www.google.com/",
@@ -212,7 +215,8 @@ impl Generator {
     fn marketing(&mut self, now: DateTime<Utc>) -> Value {
         json!({
             "time": now.format("%Y-%m-%d %H:%M:%S").to_string(),
-            "user": format!("U-{:06}", self.rng.random_range(0..100_000)),
+            // Touches name the shop's customers, so orders can be attributed to them.
+            "user": format!("C-{:06}", self.rng.random_range(0..CUSTOMERS)),
             "utm_source": SOURCES[self.rng.random_range(0..SOURCES.len())],
             "utm_campaign": format!("black-friday-{}", self.rng.random_range(1..6)),
             "cost": format!("0.{:02}", self.rng.random_range(1..99)),
