@@ -21,6 +21,10 @@
 //! [serve]
 //! listen = "0.0.0.0:8080"
 //!
+//! [store]                                 # absent: SQLite in data_dir (the embedded default)
+//! url = "postgres://actidash@db:5432/actidash"
+//! password_env = "ACTIDASH_STORE_PASSWORD"  # or password_file = "/etc/actidash/store.pass"
+//!
 //! [analytics]                             # metric definitions (all optional; defaults shown)
 //! session_gap_secs = 1800                 # a gap of exactly this continues a session
 //! allowed_lateness_secs = 86400           # later events still correct sessions and attribution
@@ -59,6 +63,31 @@ pub struct CloudConfig {
     /// Metric definitions and the state horizon ([`crate::analytics`]).
     #[serde(default)]
     pub analytics: crate::analytics::AnalyticsConfig,
+    /// The serving store (absent: SQLite in `data_dir`).
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+/// The serving store: PostgreSQL, shared by processors and API servers on several hosts.
+#[derive(Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `postgres://user@host:port/database`; absent: SQLite in `data_dir`.
+    pub url: Option<String>,
+    /// The password, from this environment variable…
+    pub password_env: Option<String>,
+    /// …or from this file (its first line).
+    pub password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for StoreConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreConfig")
+            .field("url", &self.url.as_deref().map(crate::store::postgres::redact))
+            .field("password_env", &self.password_env)
+            .field("password_file", &self.password_file)
+            .finish()
+    }
 }
 
 /// Where Kafka is and how ActiDash uses it.
@@ -182,6 +211,29 @@ pub enum ConfigError {
 }
 
 impl CloudConfig {
+    /// Where the serving store is, with its password read from the environment or its file.
+    pub fn store_location(&self) -> anyhow::Result<crate::store::Location> {
+        use anyhow::Context as _;
+        let Some(url) = &self.store.url else {
+            return Ok(crate::store::Location::Sqlite(self.data_dir.join(crate::STORE_FILE)));
+        };
+        let password = match (&self.store.password_env, &self.store.password_file) {
+            (Some(var), _) => {
+                Some(std::env::var(var).with_context(|| format!("store.password_env: ${var} is not set"))?)
+            }
+            (_, Some(file)) => Some(
+                std::fs::read_to_string(file)
+                    .with_context(|| format!("store.password_file: reading {}", file.display()))?
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .to_owned(),
+            ),
+            _ => None,
+        };
+        Ok(crate::store::Location::Postgres { url: url.clone(), password })
+    }
+
     pub fn load(path: &Path) -> Result<CloudConfig, ConfigError> {
         let text =
             std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
@@ -205,7 +257,10 @@ impl CloudConfig {
             resolve(&mut g.cert_file);
             resolve(&mut g.key_file);
         }
-        for p in [&mut config.fleet.ca_cert_file, &mut config.fleet.ca_key_file].into_iter().flatten() {
+        for p in [&mut config.fleet.ca_cert_file, &mut config.fleet.ca_key_file, &mut config.store.password_file]
+            .into_iter()
+            .flatten()
+        {
             resolve(p);
         }
         config.validate().map_err(|(field, message)| ConfigError::Invalid { path: path.to_owned(), field, message })?;
@@ -242,6 +297,16 @@ impl CloudConfig {
             }
         }
         self.analytics.validate()?;
+        if let Some(url) = &self.store.url {
+            if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+                return Err(("store.url".into(), "expected a postgres:// URL".into()));
+            }
+            if self.store.password_env.is_some() && self.store.password_file.is_some() {
+                return Err(("store.password_env".into(), "set password_env or password_file, not both".into()));
+            }
+        } else if self.store.password_env.is_some() || self.store.password_file.is_some() {
+            return Err(("store.url".into(), "a password is set but no url".into()));
+        }
         if self.fleet.ca_cert_file.is_some() != self.fleet.ca_key_file.is_some() {
             return Err(("fleet.ca_cert_file".into(), "set both ca_cert_file and ca_key_file, or neither".into()));
         }

@@ -198,7 +198,8 @@ impl Fleet {
     /// WAL (a property of the file, set once) and the tables.
     fn create_schema(&self) -> anyhow::Result<()> {
         let conn = self.connect()?;
-        conn.pragma_update(None, "journal_mode", "wal")?;
+        // Processes opening a new registry at once: the switch to WAL waits its turn.
+        crate::store::enable_wal(&conn)?;
         conn.execute_batch(
             "CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
                  expires_at INTEGER NOT NULL, used_at INTEGER, used_by TEXT);

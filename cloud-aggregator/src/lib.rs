@@ -16,7 +16,6 @@ pub mod serve;
 pub mod store;
 
 use std::collections::BTreeSet;
-use std::path::PathBuf;
 
 use anyhow::Context as _;
 use tokio_util::sync::CancellationToken;
@@ -46,7 +45,7 @@ const EMBEDDED_QUEUE: usize = 256;
 /// Runs `roles` until `shutdown` is cancelled or one of them fails.
 pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
-    let store_path: PathBuf = config.data_dir.join(STORE_FILE);
+    let store = config.store_location()?;
     let mut tasks = tokio::task::JoinSet::new();
     let mut threads = Vec::new();
 
@@ -58,7 +57,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
                 roles.contains(&Role::Process),
                 "without [kafka] the gateway hands batches to an in-process processor: run the gateway and process roles together"
             );
-            let (tx, handle) = process::embedded::spawn(&store_path, config.analytics.clone(), EMBEDDED_QUEUE)?;
+            let (tx, handle) = process::embedded::spawn(store.clone(), config.analytics.clone(), EMBEDDED_QUEUE)?;
             threads.push(handle);
             Some(Sink::Embedded(tx))
         }
@@ -74,7 +73,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     {
         let processor = process::kafka::KafkaProcessor {
             config: kafka.clone(),
-            store_path: store_path.clone(),
+            store: store.clone(),
             analytics: config.analytics.clone(),
             shutdown: shutdown.clone(),
         };
@@ -84,7 +83,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     }
     if roles.contains(&Role::Serve) {
         let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
-        tasks.spawn(serve::run(serve_config.listen, store_path.clone(), config.analytics.clone(), shutdown.clone()));
+        tasks.spawn(serve::run(serve_config.listen, store.clone(), config.analytics.clone(), shutdown.clone()));
     }
     info!(roles = ?roles, mode = if config.kafka.is_some() { "kafka" } else { "embedded" }, "cloud aggregator started");
 

@@ -33,7 +33,12 @@ fn start(store: &Path) -> (u16, CancellationToken, tokio::runtime::Runtime) {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let shutdown = CancellationToken::new();
-    rt.spawn(cloud_aggregator::serve::run_on(listener, store.to_owned(), Default::default(), shutdown.clone()));
+    rt.spawn(cloud_aggregator::serve::run_on(
+        listener,
+        cloud_aggregator::store::Location::Sqlite(store.to_owned()),
+        Default::default(),
+        shutdown.clone(),
+    ));
     let deadline = Instant::now() + Duration::from_secs(10);
     while http_get(port, "/readyz").is_err() {
         assert!(Instant::now() < deadline, "the API did not start");

@@ -66,7 +66,12 @@ async fn start_on(dir: Arc<tempfile::TempDir>, fleet: Arc<Fleet>, tune: impl FnO
     let mut config = gateway_config(dir.path());
     tune(&mut config);
     let store = dir.path().join(format!("serving-{}.db", rand_suffix()));
-    let (tx, _thread) = cloud_aggregator::process::embedded::spawn(&store, Default::default(), 16).unwrap();
+    let (tx, _thread) = cloud_aggregator::process::embedded::spawn(
+        cloud_aggregator::store::Location::Sqlite(store.clone()),
+        Default::default(),
+        16,
+    )
+    .unwrap();
     let shutdown = CancellationToken::new();
     let gateway = Gateway::bind(&config, fleet.clone(), Sink::Embedded(tx), shutdown.clone()).unwrap();
     let addr = gateway.local_addr().unwrap();

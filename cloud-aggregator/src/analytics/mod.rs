@@ -161,8 +161,17 @@ struct OrderState {
 }
 
 /// Applies `events` (already de-duplicated) to the roll-ups and the analytics state in `tx`.
-/// `now_ms` is the processor's clock (it only caps the watermark).
-pub fn apply(tx: &mut dyn Tx, events: &[Event], cfg: &AnalyticsConfig, now_ms: i64) -> Result<Applied, DbError> {
+/// `now_ms` is the processor's clock (it only caps the watermark). `writer` names the rows this
+/// commit may update that others also update (watermarks): one of the input streams, which no
+/// other processor commits at the same time, so concurrent processors never wait on each other
+/// for them.
+pub fn apply(
+    tx: &mut dyn Tx,
+    events: &[Event],
+    writer: &str,
+    cfg: &AnalyticsConfig,
+    now_ms: i64,
+) -> Result<Applied, DbError> {
     let mut applied = Applied::default();
     if events.is_empty() {
         return Ok(applied);
@@ -175,7 +184,10 @@ pub fn apply(tx: &mut dyn Tx, events: &[Event], cfg: &AnalyticsConfig, now_ms: i
     let mut watermark: BTreeMap<String, Option<i64>> = BTreeMap::new();
     for e in events {
         if !watermark.contains_key(&e.tenant) {
-            let w = tx.query("SELECT max_event_ms FROM watermarks WHERE tenant = ?1", &[Val::from(&e.tenant)])?;
+            let w = tx.query(
+                "SELECT CAST(max(max_event_ms) AS BIGINT) FROM watermarks WHERE tenant = ?1",
+                &[Val::from(&e.tenant)],
+            )?;
             watermark.insert(e.tenant.clone(), w.first().and_then(|r| r[0].int()));
         }
     }
@@ -307,10 +319,10 @@ pub fn apply(tx: &mut dyn Tx, events: &[Event], cfg: &AnalyticsConfig, now_ms: i
             _ => candidate,
         };
         tx.exec(
-            "INSERT INTO watermarks (tenant, max_event_ms) VALUES (?1, ?2)
-             ON CONFLICT (tenant) DO UPDATE SET max_event_ms = excluded.max_event_ms
+            "INSERT INTO watermarks (tenant, writer, max_event_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT (tenant, writer) DO UPDATE SET max_event_ms = excluded.max_event_ms
              WHERE excluded.max_event_ms > watermarks.max_event_ms",
-            &[Val::from(&tenant), w.into()],
+            &[Val::from(&tenant), writer.into(), w.into()],
         )?;
         let h = w.saturating_sub(lateness);
         tx.exec(
@@ -591,13 +603,16 @@ fn write_deltas(tx: &mut dyn Tx, deltas: &Deltas) -> Result<(), DbError> {
     Ok(())
 }
 
-/// The state tables (portable SQL), after the roll-ups.
+/// The roll-ups and state tables (portable SQL). Rows that several processors update (watermarks,
+/// change versions, counters) are kept per writer and summed when read.
 pub fn state_ddl() -> String {
     let mut ddl: String = tables::ALL.iter().map(|t| t.ddl()).collect();
     ddl += "
 CREATE TABLE IF NOT EXISTS watermarks (
-    tenant TEXT PRIMARY KEY NOT NULL,
-    max_event_ms BIGINT NOT NULL
+    tenant TEXT NOT NULL,
+    writer TEXT NOT NULL,
+    max_event_ms BIGINT NOT NULL,
+    PRIMARY KEY (tenant, writer)
 );
 CREATE TABLE IF NOT EXISTS sessions (
     tenant TEXT NOT NULL,
@@ -650,8 +665,15 @@ CREATE TABLE IF NOT EXISTS inventory (
 CREATE TABLE IF NOT EXISTS changes (
     tenant TEXT NOT NULL,
     dashboard TEXT NOT NULL,
+    writer TEXT NOT NULL,
     version BIGINT NOT NULL,
-    PRIMARY KEY (tenant, dashboard)
+    PRIMARY KEY (tenant, dashboard, writer)
+);
+CREATE TABLE IF NOT EXISTS stat_counters (
+    name TEXT NOT NULL,
+    writer TEXT NOT NULL,
+    value BIGINT NOT NULL,
+    PRIMARY KEY (name, writer)
 );
 ";
     ddl

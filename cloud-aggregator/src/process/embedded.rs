@@ -10,7 +10,6 @@
 //! (the connection is *poisoned*): the agent reconnects and re-sends all of them in order.
 
 use std::collections::HashSet;
-use std::path::Path;
 use std::thread::JoinHandle;
 
 use actidash_shared::event::Event;
@@ -20,7 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
 use crate::analytics::AnalyticsConfig;
-use crate::store::{CommitWork, Store, StreamInput};
+use crate::store::{CommitWork, Location, Store, StreamInput};
 
 /// The stream name of embedded input in the de-duplication marks.
 pub const EMBEDDED_STREAM: &str = "embedded";
@@ -46,11 +45,11 @@ pub enum EmbeddedInput {
 
 /// Starts the processor thread; it stops when every sender is dropped.
 pub fn spawn(
-    store_path: &Path,
+    store: Location,
     analytics: AnalyticsConfig,
     capacity: usize,
 ) -> anyhow::Result<(mpsc::Sender<EmbeddedInput>, JoinHandle<()>)> {
-    let store = Store::open(store_path)?.with_analytics(analytics);
+    let store = store.open()?.with_analytics(analytics);
     let (tx, mut rx) = mpsc::channel::<EmbeddedInput>(capacity);
     let handle = std::thread::Builder::new()
         .name("embedded-processor".into())

@@ -10,7 +10,6 @@
 //! being gathered, they are dropped and read again from the stored offsets.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -26,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::analytics::AnalyticsConfig;
 use crate::config::KafkaConfig;
-use crate::store::{CommitWork, OffsetClaim, Store, StreamInput};
+use crate::store::{CommitWork, Location, OffsetClaim, Store, StreamInput};
 
 /// Most messages in one store transaction.
 const MAX_BATCH: usize = 5_000;
@@ -86,7 +85,7 @@ impl ConsumerContext for ProcessorContext {
 #[derive(Debug)]
 pub struct KafkaProcessor {
     pub config: KafkaConfig,
-    pub store_path: PathBuf,
+    pub store: Location,
     pub analytics: AnalyticsConfig,
     pub shutdown: CancellationToken,
 }
@@ -95,7 +94,7 @@ impl KafkaProcessor {
     /// Runs until shutdown. Blocking: call it on a thread of its own.
     pub fn run(self) -> anyhow::Result<()> {
         let context = ProcessorContext {
-            store: Mutex::new(Store::open(&self.store_path)?),
+            store: Mutex::new(self.store.open()?),
             assigned: Mutex::new(HashMap::new()),
             generation: AtomicU64::new(0),
             fatal: AtomicBool::new(false),
@@ -117,7 +116,7 @@ impl KafkaProcessor {
         topics.push(fleet.clone());
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         consumer.subscribe(&topic_refs).context("subscribing to the topics")?;
-        let mut store = Store::open(&self.store_path)?.with_analytics(self.analytics.clone());
+        let mut store = self.store.open()?.with_analytics(self.analytics.clone());
         info!(group = %self.config.group_id, topics = ?topics, "Kafka processor started");
 
         while !self.shutdown.is_cancelled() {

@@ -24,14 +24,13 @@
 //! dimension filters (`channel=web,app`: any of the values). An unknown or malformed
 //! parameter is a 400 that names it. Money is exact decimal text.
 //!
-//! The API reads the store through its own read-only connection; it learns of new data from
-//! SQLite's `data_version` and of what changed from the store's change versions, so it works
-//! the same whether the processor runs in this process or in another one.
+//! The API reads the store through its own connection (read-only snapshots on PostgreSQL); it
+//! learns of new data from SQLite's `data_version` or the store's change versions, so it works
+//! the same whether the processors run in this process or on other hosts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -54,7 +53,7 @@ use crate::analytics::attribution::Model;
 use crate::analytics::tables::{self, TableSpec};
 use crate::store::db::DbError;
 use crate::store::query::{self, Selection};
-use crate::store::{Store, StoreError};
+use crate::store::{Location, Store, StoreError};
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -87,25 +86,23 @@ fn bad(message: String) -> ApiError {
 /// Serves the API on `listen` until shutdown.
 pub async fn run(
     listen: SocketAddr,
-    store_path: PathBuf,
+    store: Location,
     analytics: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the API to tcp/{listen}"))?;
-    run_on(listener, store_path, analytics, shutdown).await
+    run_on(listener, store, analytics, shutdown).await
 }
 
 /// Serves the API on a bound listener until shutdown.
 pub async fn run_on(
     listener: tokio::net::TcpListener,
-    store_path: PathBuf,
+    location: Location,
     analytics: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    // The writer creates the schema; make sure it exists even if the API starts first.
-    drop(Store::open(&store_path)?);
-    let store = Store::open_read_only(&store_path)?;
+    let mut store = location.open_reader()?;
     let (tx, rx) = watch::channel(store.data_version()?);
     let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx, analytics: Arc::new(analytics) };
     tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));

@@ -21,6 +21,7 @@
 //!   zombie after a rebalance cannot double-count).
 
 pub mod db;
+pub mod postgres;
 pub mod query;
 
 use std::collections::{BTreeMap, HashMap};
@@ -33,6 +34,50 @@ use rusqlite::{Connection, OpenFlags};
 
 use crate::analytics::{self, AnalyticsConfig};
 use db::{DbError, Tx, Val};
+use postgres::{PgTx, StatementCache};
+
+/// Where the serving store is: a SQLite file (the embedded default) or a PostgreSQL database
+/// shared by processors and API servers on several hosts.
+#[derive(Clone)]
+pub enum Location {
+    Sqlite(PathBuf),
+    Postgres { url: String, password: Option<String> },
+}
+
+impl std::fmt::Debug for Location {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name())
+    }
+}
+
+impl Location {
+    /// The path, or the URL without its password.
+    pub fn name(&self) -> String {
+        match self {
+            Location::Sqlite(p) => p.display().to_string(),
+            Location::Postgres { url, .. } => postgres::redact(url),
+        }
+    }
+
+    /// Opens the store for reading and writing (creating or migrating its schema).
+    pub fn open(&self) -> Result<Store, StoreError> {
+        match self {
+            Location::Sqlite(p) => Store::open(p),
+            Location::Postgres { url, password } => Store::open_postgres(url, password.as_deref()),
+        }
+    }
+
+    /// Opens the store for the API's reads (the schema is made to exist first).
+    pub fn open_reader(&self) -> Result<Store, StoreError> {
+        match self {
+            Location::Sqlite(p) => {
+                drop(Store::open(p)?);
+                Store::open_read_only(p)
+            }
+            Location::Postgres { .. } => self.open(),
+        }
+    }
+}
 
 /// The schema, one migration per version.
 fn migrations() -> Vec<String> {
@@ -53,9 +98,44 @@ fn migration_2() -> String {
              FROM domain_minute GROUP BY tenant, (minute / {grain}) * {grain}, domain;\n"
         );
     }
-    sql += "DROP TABLE sales_minute;\nDROP TABLE domain_minute;\n";
+    sql += "INSERT INTO stat_counters (name, writer, value) SELECT name, '', value FROM counters;\n";
+    sql += "DROP TABLE sales_minute;\nDROP TABLE domain_minute;\nDROP TABLE counters;\n";
     sql
 }
+
+/// The whole schema on PostgreSQL (created at once: there is no older PostgreSQL schema).
+fn postgres_schema() -> String {
+    let mut sql = String::from(
+        "CREATE TABLE IF NOT EXISTS dedup (
+    stream TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    source_id TEXT NOT NULL,
+    last_seq BIGINT NOT NULL,
+    PRIMARY KEY (stream, agent_id, source_id)
+);
+CREATE TABLE IF NOT EXISTS offsets (
+    topic TEXT NOT NULL,
+    partition BIGINT NOT NULL,
+    next_offset BIGINT NOT NULL,
+    PRIMARY KEY (topic, partition)
+);
+CREATE TABLE IF NOT EXISTS agents (
+    tenant TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    received_at TEXT NOT NULL,
+    transport TEXT NOT NULL,
+    remote_addr TEXT NOT NULL,
+    heartbeat TEXT NOT NULL,
+    PRIMARY KEY (tenant, agent_id)
+);
+",
+    );
+    sql += &analytics::state_ddl();
+    sql
+}
+
+/// Most attempts of a PostgreSQL commit that meets a deadlock or a serialization failure.
+const MAX_ATTEMPTS: u32 = 20;
 
 /// A store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -112,21 +192,26 @@ pub struct CommitOutcome {
     pub fenced: Vec<usize>,
 }
 
+enum Engine {
+    Sqlite(Connection),
+    Postgres(Box<::postgres::Client>, StatementCache),
+}
+
 /// A connection to the serving store.
 pub struct Store {
-    path: PathBuf,
-    conn: Connection,
+    name: String,
+    engine: Engine,
     analytics: AnalyticsConfig,
 }
 
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Store").field("path", &self.path).finish()
+        f.debug_struct("Store").field("name", &self.name).finish()
     }
 }
 
 impl Store {
-    /// Opens (creating and migrating) the store for reading and writing.
+    /// Opens (creating and migrating) a SQLite store for reading and writing.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let err = |e: rusqlite::Error| StoreError { path: path.display().to_string(), source: e.into() };
         let mut conn = Connection::open(path).map_err(err)?;
@@ -145,17 +230,41 @@ impl Store {
             tx.pragma_update(None, "user_version", idx + 1).map_err(err)?;
             tx.commit().map_err(err)?;
         }
-        Ok(Store { path: path.to_owned(), conn, analytics: AnalyticsConfig::default() })
+        Ok(Store {
+            name: path.display().to_string(),
+            engine: Engine::Sqlite(conn),
+            analytics: AnalyticsConfig::default(),
+        })
     }
 
-    /// Opens an existing store read-only (the API).
+    /// Opens an existing SQLite store read-only (the API).
     pub fn open_read_only(path: &Path) -> Result<Store, StoreError> {
         let err = |e: rusqlite::Error| StoreError { path: path.display().to_string(), source: e.into() };
         let conn =
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
-        Ok(Store { path: path.to_owned(), conn, analytics: AnalyticsConfig::default() })
+        Ok(Store {
+            name: path.display().to_string(),
+            engine: Engine::Sqlite(conn),
+            analytics: AnalyticsConfig::default(),
+        })
+    }
+
+    /// Connects to a PostgreSQL store, creating its schema if needed (one process at a time).
+    pub fn open_postgres(url: &str, password: Option<&str>) -> Result<Store, StoreError> {
+        let name = postgres::redact(url);
+        let err = |source: DbError| StoreError { path: name.clone(), source };
+        let mut client = postgres::connect(url, password).map_err(err)?;
+        let mut cache = StatementCache::default();
+        {
+            let mut tx = client.transaction().map_err(|e| err(e.into()))?;
+            PgTx { tx: &mut tx, cache: &mut cache }.lock_key("actidash/schema").map_err(err)?;
+            tx.batch_execute(&postgres_schema()).map_err(|e| err(e.into()))?;
+            tx.commit().map_err(|e| err(e.into()))?;
+        }
+        // Statements prepared inside the schema transaction stay valid on the connection.
+        Ok(Store { name, engine: Engine::Postgres(Box::new(client), cache), analytics: AnalyticsConfig::default() })
     }
 
     /// Uses `config` for the analytics of later commits.
@@ -165,17 +274,40 @@ impl Store {
     }
 
     fn err(&self, source: impl Into<DbError>) -> StoreError {
-        StoreError { path: self.path.display().to_string(), source: source.into() }
+        StoreError { path: self.name.clone(), source: source.into() }
     }
 
-    /// Statements on this connection (the API's reads).
+    /// Statements on this connection (the API's reads; on PostgreSQL, one read-only snapshot).
     pub fn read<T>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError>) -> Result<T, StoreError> {
-        f(&mut self.conn).map_err(|e| StoreError { path: self.path.display().to_string(), source: e })
+        let name = self.name.clone();
+        let err = |source: DbError| StoreError { path: name.clone(), source };
+        match &mut self.engine {
+            Engine::Sqlite(conn) => f(conn).map_err(err),
+            Engine::Postgres(client, cache) => {
+                let mut tx = client
+                    .build_transaction()
+                    .isolation_level(::postgres::IsolationLevel::RepeatableRead)
+                    .read_only(true)
+                    .start()
+                    .map_err(|e| err(e.into()))?;
+                let out = f(&mut PgTx { tx: &mut tx, cache }).map_err(err)?;
+                tx.commit().map_err(|e| err(e.into()))?;
+                Ok(out)
+            }
+        }
     }
 
-    /// Changes whenever another connection commits (SQLite's `data_version`).
-    pub fn data_version(&self) -> Result<i64, StoreError> {
-        self.conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))
+    /// Changes whenever another connection commits something the API shows.
+    pub fn data_version(&mut self) -> Result<i64, StoreError> {
+        match &self.engine {
+            Engine::Sqlite(conn) => {
+                conn.pragma_query_value(None, "data_version", |r| r.get(0)).map_err(|e| self.err(e))
+            }
+            Engine::Postgres(..) => self.read(|tx| {
+                let rows = tx.query("SELECT CAST(coalesce(sum(version), 0) AS BIGINT) FROM changes", &[])?;
+                Ok(rows.first().map_or(0, |r| r[0].int_or_zero()))
+            }),
+        }
     }
 
     /// The stored position of a partition.
@@ -183,16 +315,42 @@ impl Store {
         self.read(|tx| stored_offset(tx, topic, partition))
     }
 
-    /// Applies `work` in one transaction (see the module's invariants).
+    /// Applies `work` in one transaction (see the module's invariants). On PostgreSQL a commit
+    /// that meets a deadlock or a serialization failure is tried again from the start.
     pub fn commit(&mut self, work: CommitWork) -> Result<CommitOutcome, StoreError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
-        let path = self.path.display().to_string();
-        let err = |e: DbError| StoreError { path: path.clone(), source: e };
-        let mut tx =
-            self.conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(|e| err(e.into()))?;
-        let outcome = commit_in(&mut tx, work, &self.analytics, now_ms).map_err(err)?;
-        tx.commit().map_err(|e| err(e.into()))?;
-        Ok(outcome)
+        let name = self.name.clone();
+        let err = |e: DbError| StoreError { path: name.clone(), source: e };
+        match &mut self.engine {
+            Engine::Sqlite(conn) => {
+                let mut tx = conn
+                    .transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)
+                    .map_err(|e| err(e.into()))?;
+                let outcome = commit_in(&mut tx, work, &self.analytics, now_ms).map_err(err)?;
+                tx.commit().map_err(|e| err(e.into()))?;
+                Ok(outcome)
+            }
+            Engine::Postgres(client, cache) => {
+                let mut attempt = 0;
+                loop {
+                    attempt += 1;
+                    let result = (|| {
+                        let mut tx = client.transaction()?;
+                        let outcome =
+                            commit_in(&mut PgTx { tx: &mut tx, cache }, work.clone(), &self.analytics, now_ms)?;
+                        tx.commit()?;
+                        Ok::<_, DbError>(outcome)
+                    })();
+                    match result {
+                        Err(e) if e.retryable && attempt < MAX_ATTEMPTS => {
+                            tracing::debug!(attempt, error = %e, "store commit met a concurrent writer; trying again");
+                            std::thread::sleep(Duration::from_millis(rand::random_range(1..20 * u64::from(attempt))));
+                        }
+                        other => return other.map_err(err),
+                    }
+                }
+            }
+        }
     }
 
     /// All-time totals per tenant, channel and currency (net orders and revenue).
@@ -219,7 +377,9 @@ impl Store {
     /// Makes every later write fail, to test how callers handle a failing store.
     #[cfg(test)]
     pub(crate) fn fail_writes(&self) {
-        let _ = self.conn.pragma_update(None, "query_only", true);
+        if let Engine::Sqlite(conn) = &self.engine {
+            let _ = conn.pragma_update(None, "query_only", true);
+        }
     }
 }
 
@@ -240,14 +400,20 @@ pub fn commit_in(
     now_ms: i64,
 ) -> Result<CommitOutcome, DbError> {
     let mut outcome = CommitOutcome::default();
+    // The rows every processor updates (counters, change versions, watermarks) are kept per
+    // writer: one of this commit's streams, which no other processor commits concurrently.
+    let writer = work.inputs.iter().map(|i| i.stream.clone()).min().unwrap_or_default();
     let mut accepted: Vec<Event> = Vec::new();
     let mut marks: HashMap<(String, String, String), Option<i64>> = HashMap::new();
     for (idx, input) in work.inputs.into_iter().enumerate() {
-        if let Some(claim) = &input.offset
-            && stored_offset(tx, &claim.topic, claim.partition)? != claim.expected_next
-        {
-            outcome.fenced.push(idx);
-            continue;
+        if let Some(claim) = &input.offset {
+            // Another processor committing this partition (a zombie after a rebalance) waits
+            // here, then sees the moved offset and is fenced.
+            tx.lock_key(&format!("partition/{}/{}", claim.topic, claim.partition))?;
+            if stored_offset(tx, &claim.topic, claim.partition)? != claim.expected_next {
+                outcome.fenced.push(idx);
+                continue;
+            }
         }
         // One pass. The mark of the current source is kept at hand and the map (or the table)
         // consulted only when the source changes: runs of one source are the common case.
@@ -262,13 +428,19 @@ pub fn commit_in(
                 let key = (input.stream.clone(), event.agent_id.clone(), event.source_id.clone());
                 let mark = match marks.get(&key) {
                     Some(mark) => *mark,
-                    None => tx
-                        .query(
+                    None => {
+                        if input.offset.is_none() {
+                            // Without a partition to lock (embedded input), the source's mark
+                            // is the unit two instances could race on.
+                            tx.lock_key(&format!("dedup/{}/{}/{}", key.0, key.1, key.2))?;
+                        }
+                        tx.query(
                             "SELECT last_seq FROM dedup WHERE stream = ?1 AND agent_id = ?2 AND source_id = ?3",
                             &[(&key.0).into(), (&key.1).into(), (&key.2).into()],
                         )?
                         .first()
-                        .and_then(|r| r[0].int()),
+                        .and_then(|r| r[0].int())
+                    }
                 };
                 current = Some((key, mark));
             }
@@ -292,7 +464,7 @@ pub fn commit_in(
         }
     }
     outcome.n_applied = accepted.len() as u64;
-    let applied = analytics::apply(tx, &accepted, cfg, now_ms)?;
+    let applied = analytics::apply(tx, &accepted, &writer, cfg, now_ms)?;
     outcome.n_late_beyond_horizon = applied.late_beyond_horizon;
 
     let mut sorted_marks: Vec<_> = marks.into_iter().filter_map(|(k, m)| m.map(|m| (k, m))).collect();
@@ -333,17 +505,17 @@ pub fn commit_in(
     ] {
         if n > 0 {
             tx.exec(
-                "INSERT INTO counters (name, value) VALUES (?1, ?2)
-                 ON CONFLICT (name) DO UPDATE SET value = counters.value + excluded.value",
-                &[name.into(), Val::Int(n as i64)],
+                "INSERT INTO stat_counters (name, writer, value) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name, writer) DO UPDATE SET value = stat_counters.value + excluded.value",
+                &[name.into(), (&writer).into(), Val::Int(n as i64)],
             )?;
         }
     }
     for (tenant, dashboard) in changed {
         tx.exec(
-            "INSERT INTO changes (tenant, dashboard, version) VALUES (?1, ?2, 1)
-             ON CONFLICT (tenant, dashboard) DO UPDATE SET version = changes.version + 1",
-            &[tenant.into(), dashboard.into()],
+            "INSERT INTO changes (tenant, dashboard, writer, version) VALUES (?1, ?2, ?3, 1)
+             ON CONFLICT (tenant, dashboard, writer) DO UPDATE SET version = changes.version + 1",
+            &[tenant.into(), dashboard.into(), (&writer).into()],
         )?;
     }
     Ok(outcome)
@@ -352,7 +524,7 @@ pub fn commit_in(
 /// Switches a database to WAL. Changing the journal mode needs a moment alone with the file and
 /// does not wait on the busy timeout, so a process opening a new database while another does
 /// the same retries for a while instead of failing.
-fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
+pub(crate) fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
     let mut attempt = 0;
     loop {
         let result = conn.pragma_query_value(None, "journal_mode", |r| r.get::<_, String>(0)).and_then(|mode| {

@@ -663,7 +663,7 @@ pub fn agents(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<AgentRow>, Db
 
 pub fn counters(tx: &mut dyn Tx) -> Result<BTreeMap<String, i64>, DbError> {
     Ok(tx
-        .query("SELECT name, value FROM counters ORDER BY name", &[])?
+        .query("SELECT name, CAST(sum(value) AS BIGINT) FROM stat_counters GROUP BY name ORDER BY name", &[])?
         .into_iter()
         .map(|r| (r[0].text().to_owned(), r[1].int_or_zero()))
         .collect())
@@ -682,7 +682,7 @@ pub fn state_sizes(tx: &mut dyn Tx) -> Result<BTreeMap<String, i64>, DbError> {
 /// Change versions per (tenant, dashboard): a dashboard whose version moved has new figures.
 pub fn changes(tx: &mut dyn Tx) -> Result<BTreeMap<(String, String), i64>, DbError> {
     Ok(tx
-        .query("SELECT tenant, dashboard, version FROM changes", &[])?
+        .query("SELECT tenant, dashboard, CAST(sum(version) AS BIGINT) FROM changes GROUP BY tenant, dashboard", &[])?
         .into_iter()
         .map(|r| ((r[0].text().to_owned(), r[1].text().to_owned()), r[2].int_or_zero()))
         .collect())
