@@ -11,7 +11,7 @@ use actidash_tests::dataset::{self, Record};
 use actidash_tests::reference::{self, Answers, Figures};
 use cloud_aggregator::analytics::attribution::Model;
 use cloud_aggregator::store::query::{self, Selection};
-use cloud_aggregator::store::{CommitWork, Store, StreamInput};
+use cloud_aggregator::store::{CommitWork, Location, Store, StreamInput};
 use rand::rngs::StdRng;
 use rand::{Rng as _, SeedableRng as _};
 
@@ -37,10 +37,11 @@ fn stream_of(layout: Layout, event: &Event) -> String {
     }
 }
 
-/// Feeds every source's events to the store in random chunks, sources interleaved at random
+/// Splits every source's events into commits, in random chunks, sources interleaved at random
 /// speeds (the CRM's touches start late and trail behind), with one chunk in eight re-sent
-/// (after a lost acknowledgement: only events already delivered). Returns the re-sent count.
-fn feed(store: &mut Store, records: &[Record], layout: Layout, seed: u64) -> u64 {
+/// (after a lost acknowledgement: only events already delivered); hands each commit to
+/// `commit`. Returns the re-sent count.
+fn feed(records: &[Record], layout: Layout, seed: u64, mut commit: impl FnMut(CommitWork)) -> u64 {
     let mut rng = StdRng::seed_from_u64(seed);
     let mut queues: Vec<Vec<&Event>> = vec![Vec::new(); dataset::SOURCES.len()];
     for r in records {
@@ -51,18 +52,14 @@ fn feed(store: &mut Store, records: &[Record], layout: Layout, seed: u64) -> u64
     // Relative speeds; the CRM (index 4) holds back for the first half.
     let speeds = [3, 3, 5, 2, 1, 1];
     let mut resent = 0;
-    let mut round = 0;
     loop {
-        round += 1;
-        let open: Vec<usize> = (0..queues.len())
-            .filter(|&i| sent[i] < queues[i].len() && !(i == 4 && round < 150 && sent.iter().sum::<usize>() < N / 2))
-            .collect();
+        let delivered: usize = sent.iter().sum();
+        let open: Vec<usize> =
+            (0..queues.len()).filter(|&i| sent[i] < queues[i].len() && !(i == 4 && delivered < N / 2)).collect();
+        let open =
+            if open.is_empty() { (0..queues.len()).filter(|&i| sent[i] < queues[i].len()).collect() } else { open };
         if open.is_empty() {
-            if sent.iter().zip(&queues).all(|(s, q)| *s == q.len()) {
-                break;
-            }
-            round = 150;
-            continue;
+            break;
         }
         let total: u32 = open.iter().map(|&i| speeds[i]).sum();
         let mut pick = rng.random_range(0..total);
@@ -91,13 +88,44 @@ fn feed(store: &mut Store, records: &[Record], layout: Layout, seed: u64) -> u64
         for e in chunk {
             inputs.entry(stream_of(layout, &e)).or_default().push(e);
         }
-        let work = CommitWork {
+        commit(CommitWork {
             inputs: inputs.into_iter().map(|(stream, events)| StreamInput { stream, events, offset: None }).collect(),
             ..CommitWork::default()
-        };
-        store.commit(work).unwrap();
+        });
     }
     resent
+}
+
+/// Commits on `writers` processors at once, each owning a share of the streams (as Kafka's
+/// group would assign partitions), each with its own connection to the store.
+fn feed_concurrently(location: &Location, records: &[Record], layout: Layout, seed: u64, writers: usize) -> u64 {
+    std::thread::scope(|scope| {
+        let mut senders = Vec::new();
+        for _ in 0..writers {
+            let (tx, rx) = std::sync::mpsc::sync_channel::<CommitWork>(16);
+            let mut store = location.open().unwrap();
+            senders.push(tx);
+            scope.spawn(move || {
+                for work in rx {
+                    store.commit(work).unwrap();
+                }
+            });
+        }
+        let resent = feed(records, layout, seed, |work| {
+            let mut parts: Vec<CommitWork> = vec![CommitWork::default(); writers];
+            for input in work.inputs {
+                let owner = input.stream.bytes().fold(0_usize, |h, b| h.wrapping_mul(31).wrapping_add(usize::from(b)));
+                parts[owner % writers].inputs.push(input);
+            }
+            for (tx, part) in senders.iter().zip(parts) {
+                if !part.inputs.is_empty() {
+                    tx.send(part).unwrap();
+                }
+            }
+        });
+        drop(senders);
+        resent
+    })
 }
 
 /// A report as JSON, as the API serializes it.
@@ -137,7 +165,7 @@ fn product_figures(store: &mut Store, from: i64, to: i64) -> Figures {
     Figures::from_api(&a).unwrap()
 }
 
-fn check(layout: Layout, seed: u64) {
+fn check(location: &Location, layout: Layout, writers: usize, seed: u64) {
     let start = "2026-11-27T08:00:00Z".parse().unwrap();
     // 4 hours of data; one record in 20 written up to 10 minutes late.
     let records = dataset::generate(seed, N, start, 4 * 3_600_000, 20, 600_000);
@@ -146,12 +174,14 @@ fn check(layout: Layout, seed: u64) {
     eprintln!("{layout:?}: reference computed in {:?}", t.elapsed());
     assert!(expected.funnel[3] > 0 && expected.attribution.len() > 20, "the data set exercises every metric");
 
-    let dir = tempfile::tempdir().unwrap();
-    let mut store = Store::open(&dir.path().join("serving.db")).unwrap();
     let t = std::time::Instant::now();
-    let resent = feed(&mut store, &records, layout, seed + 1);
-    eprintln!("{layout:?}: {N} events and {resent} re-sent ones processed in {:?}", t.elapsed());
+    let resent = feed_concurrently(location, &records, layout, seed + 1, writers);
+    eprintln!(
+        "{location:?} {layout:?}: {N} events and {resent} re-sent ones processed by {writers} in {:?}",
+        t.elapsed()
+    );
     assert!(resent > 1000, "re-sends happened: {resent}");
+    let mut store = location.open().unwrap();
     let counters = store.counters().unwrap();
     assert_eq!(counters["events_applied"], N as i64, "{layout:?}: every event once");
     assert_eq!(counters["duplicates_dropped"], resent as i64);
@@ -162,12 +192,29 @@ fn check(layout: Layout, seed: u64) {
     got.assert_matches(&expected);
 }
 
-#[test]
-fn embedded_layout_matches_the_reference() {
-    check(Layout::Embedded, 11);
+fn sqlite() -> (tempfile::TempDir, Location) {
+    let dir = tempfile::tempdir().unwrap();
+    let location = Location::Sqlite(dir.path().join("serving.db"));
+    (dir, location)
 }
 
 #[test]
-fn partitioned_layout_matches_the_reference() {
-    check(Layout::Partitioned(3), 23);
+fn embedded_layout_matches_the_reference_on_sqlite() {
+    let (_dir, location) = sqlite();
+    check(&location, Layout::Embedded, 1, 11);
+}
+
+#[test]
+fn partitioned_layout_matches_the_reference_on_sqlite() {
+    let (_dir, location) = sqlite();
+    check(&location, Layout::Partitioned(3), 1, 23);
+}
+
+/// Two processors on one PostgreSQL store at once: partitions split between them, customers
+/// (attribution) and tenants (watermarks) shared.
+#[test]
+fn partitioned_layout_with_two_processors_matches_the_reference_on_postgres() {
+    let Some(admin) = actidash_tests::postgres_admin("analytics on postgres") else { return };
+    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_analytics_test").unwrap();
+    check(&Location::Postgres { url, password: None }, Layout::Partitioned(4), 2, 37);
 }

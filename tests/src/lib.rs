@@ -13,15 +13,36 @@ pub mod reference;
 /// message, unless `ACTIDASH_REQUIRE_SERVICES=1` (set by `scripts/test.sh`), where a missing
 /// broker is an error: the suite never passes by skipping silently.
 pub fn kafka_bootstrap(test: &str) -> Option<String> {
-    match std::env::var("ACTIDASH_KAFKA_BOOTSTRAP") {
+    service("ACTIDASH_KAFKA_BOOTSTRAP", test, "start Kafka with scripts/kafka.sh")
+}
+
+/// The PostgreSQL admin URL the test script started (`scripts/db.sh`), on the same terms as
+/// [`kafka_bootstrap`].
+pub fn postgres_admin(test: &str) -> Option<String> {
+    service("ACTIDASH_PG_URL", test, "start the servers with scripts/db.sh")
+}
+
+fn service(var: &str, test: &str, how: &str) -> Option<String> {
+    match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),
         _ => {
             assert!(
                 std::env::var("ACTIDASH_REQUIRE_SERVICES").as_deref() != Ok("1"),
-                "{test}: ACTIDASH_KAFKA_BOOTSTRAP is not set but ACTIDASH_REQUIRE_SERVICES=1; start Kafka with scripts/kafka.sh"
+                "{test}: {var} is not set but ACTIDASH_REQUIRE_SERVICES=1; {how}"
             );
-            eprintln!("{test}: skipped: no Kafka (run scripts/test.sh, which starts one)");
+            eprintln!("{test}: skipped: {var} is not set (run scripts/test.sh, which starts it)");
             None
         }
     }
+}
+
+/// A new, empty PostgreSQL database named `name` (dropped first if it exists) on the server of
+/// `admin`; returns its URL.
+pub fn fresh_postgres_database(admin: &str, name: &str) -> anyhow::Result<String> {
+    let mut client = postgres::Client::connect(admin, postgres::NoTls)?;
+    // One statement per call: a multi-statement batch would run in one transaction.
+    client.batch_execute(&format!("DROP DATABASE IF EXISTS {name} WITH (FORCE)"))?;
+    client.batch_execute(&format!("CREATE DATABASE {name}"))?;
+    let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
+    Ok(format!("{base}/{name}"))
 }

@@ -361,7 +361,17 @@ fn order_event(
         // Its touches may have been compacted: an order beyond the horizon is not attributed.
         return Ok(());
     }
-    let stored = load_order(tx, &e.tenant, &o.order_id)?;
+    // The order's credit may be re-computed at this moment by the processor of a touch of its
+    // customer: read and change it only under the customer's lock (the one `attribute` holds).
+    tx.lock_key(&customer_lock(&e.tenant, &o.customer_id))?;
+    let mut stored = load_order(tx, &e.tenant, &o.order_id)?;
+    if let Some(s) = &stored
+        && s.customer != o.customer_id
+    {
+        // Placed for another customer than this event names: that one's lock, and read again.
+        tx.lock_key(&customer_lock(&e.tenant, &s.customer))?;
+        stored = load_order(tx, &e.tenant, &o.order_id)?;
+    }
     let mut state = match stored {
         Some(s) => s,
         None if late => return Ok(()),
@@ -384,7 +394,12 @@ fn order_event(
         }
     } else if !state.placed || t < state.time_ms {
         // The earliest placement defines the order (a cancellation seen first only holds the
-        // order's place).
+        // order's place). Credit given under a later placement is taken back first: the order
+        // is re-credited at its new time.
+        if !state.credits.is_empty() {
+            retract(deltas, &e.tenant, &state, &state.credits);
+            state.credits.clear();
+        }
         state.placed = true;
         state.customer = o.customer_id.clone();
         state.time_ms = t;
@@ -414,6 +429,11 @@ fn order_event(
         ],
     )?;
     Ok(())
+}
+
+/// The lock that serializes the changes of one customer's attribution.
+fn customer_lock(tenant: &str, customer: &str) -> String {
+    format!("customer/{tenant}/{customer}")
 }
 
 fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<OrderState>, DbError> {
@@ -478,7 +498,7 @@ fn attribute(
     params: Params,
     deltas: &mut Deltas,
 ) -> Result<(), DbError> {
-    tx.lock_key(&format!("customer/{tenant}/{customer}"))?;
+    tx.lock_key(&customer_lock(tenant, customer))?;
     let rows = tx.query(
         "SELECT order_id, time_ms, amount, currency, credits FROM attr_orders
          WHERE tenant = ?1 AND customer_id = ?2 AND placed = 1 AND cancelled = 0 AND time_ms >= ?3

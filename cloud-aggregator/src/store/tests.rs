@@ -191,3 +191,56 @@ fn version_1_stores_are_migrated_with_their_figures() {
     let rows = store.read(|tx| query::rollup(tx, &crate::analytics::tables::DOMAINS, &sel)).unwrap();
     assert_eq!(rows.iter().map(|r| r.metrics[0]).sum::<i64>(), 3);
 }
+
+#[test]
+fn an_earlier_placement_of_an_order_moves_its_credit_and_a_cancellation_retracts_it() {
+    use actidash_shared::event::{MarketingTouch, OrderStatus, Payload};
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let touch = at(
+        "2026-11-27T10:00:00Z",
+        0,
+        Payload::Marketing(MarketingTouch {
+            user_id: "c".into(),
+            channel: "google".into(),
+            campaign: "x".into(),
+            cost: None,
+            currency: None,
+        }),
+    );
+    let order = |time: &str, seq: u64, status: OrderStatus| {
+        let mut e = actidash_shared::testing::sale_with("acme", "a1", seq, time, "web", "10", status);
+        e.source_id = "orders".into();
+        if let Payload::Sales(o) = &mut e.payload {
+            o.order_id = "o".into();
+        }
+        e.entity_key = e.payload.entity_key();
+        e
+    };
+    let mut commit = |events: Vec<Event>| {
+        store.commit(CommitWork { inputs: vec![input("embedded", events)], ..Default::default() }).unwrap();
+    };
+    commit(vec![touch, order("2026-11-27T10:05:00Z", 0, OrderStatus::Placed)]);
+    commit(vec![order("2026-11-27T10:02:00Z", 1, OrderStatus::Placed)]);
+    let minute_sel = |from: &str| query::Selection {
+        tenant: Some("acme".into()),
+        from: from.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp(),
+        to: from.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp() + 60,
+        ..query::Selection::all_time()
+    };
+    let credited = |store: &mut Store, from: &str| {
+        store
+            .read(|tx| query::attribution(tx, &minute_sel(from), crate::analytics::attribution::Model::LastTouch))
+            .unwrap()
+            .orders
+    };
+    assert_eq!(credited(&mut store, "2026-11-27T10:05:00Z"), "0", "moved away from the later placement");
+    assert_eq!(credited(&mut store, "2026-11-27T10:02:00Z"), "1");
+    store
+        .commit(CommitWork {
+            inputs: vec![input("embedded", vec![order("2026-11-27T11:00:00Z", 2, OrderStatus::Cancelled)])],
+            ..Default::default()
+        })
+        .unwrap();
+    assert_eq!(credited(&mut store, "2026-11-27T10:02:00Z"), "0", "a cancelled order is not credited");
+}
