@@ -170,7 +170,8 @@ fn check(location: &Location, layout: Layout, writers: usize, seed: u64) {
     // 4 hours of data; one record in 20 written up to 10 minutes late.
     let records = dataset::generate(seed, N, start, 4 * 3_600_000, 20, 600_000);
     let t = std::time::Instant::now();
-    let expected = reference::compute(&records).unwrap();
+    let raw: Vec<reference::RawLine> = records.iter().map(Record::raw).collect();
+    let expected = reference::compute(&raw).unwrap();
     eprintln!("{layout:?}: reference computed in {:?}", t.elapsed());
     assert!(expected.funnel[3] > 0 && expected.attribution.len() > 20, "the data set exercises every metric");
 

@@ -31,6 +31,19 @@ pub struct Record {
     pub event: Event,
 }
 
+impl Record {
+    /// The raw line with its identity, for [`crate::reference::compute`].
+    pub fn raw(&self) -> crate::reference::RawLine {
+        crate::reference::RawLine {
+            agent: self.agent.into(),
+            source: self.source.into(),
+            seq: self.event.seq,
+            feed: self.feed,
+            line: self.line.clone(),
+        }
+    }
+}
+
 /// The sources of the data set: (agent, source, feed).
 pub const SOURCES: [(&str, &str, Feed); 6] = [
     ("erp", "orders-eu", Feed::Orders),

@@ -163,7 +163,7 @@ impl Generator {
             let (id, channel, site, total) = self.placed.swap_remove(idx);
             let (_, country, currency) = SITES.iter().find(|s| s.0 == site).copied().unwrap_or(SITES[0]);
             return json!({
-                "id": id, "created_at": now.to_rfc3339(), "customer": {"id": "C-0"}, "channel": channel,
+                "id": id, "created_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true), "customer": {"id": "C-0"}, "channel": channel,
                 "site": site, "country": country, "currency": currency, "total": total, "status": "cancelled",
                 "lines": [], "reason": "customer request"
             });
@@ -191,7 +191,7 @@ impl Generator {
         }
         json!({
             "id": id,
-            "created_at": now.to_rfc3339(),
+            "created_at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "customer": {"id": format!("C-{:06}", self.rng.random_range(0..CUSTOMERS)), "segment": "returning"},
             "channel": channel, "site": site, "country": country, "currency": currency,
             "total": total, "status": "placed", "lines": lines,
@@ -225,7 +225,7 @@ impl Generator {
 
     fn inventory(&mut self, now: DateTime<Utc>) -> Value {
         json!({
-            "at": now.to_rfc3339(),
+            "at": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
             "sku": format!("SKU-{:05}", self.rng.random_range(0..5000)),
             "warehouse": format!("WH-{}", self.rng.random_range(1..4)),
             "qty": self.rng.random_range(0..500),

@@ -353,6 +353,27 @@ impl Deployment {
         Ok(counts)
     }
 
+    /// Every analytics figure over `[from, to)` (unix seconds), from the API.
+    pub fn figures(&self, from: i64, to: i64) -> anyhow::Result<crate::reference::Figures> {
+        use crate::reference::{Answers, Figures, MODELS};
+        let r = format!("from={from}&to={to}");
+        let mut a = Answers {
+            sales: self.get(&format!("/api/v1/sales?{r}&group_by=channel,site,country,currency"))?["rows"].take(),
+            sales_hourly: self.get(&format!("/api/v1/sales?{r}&granularity=hour&group_by=currency"))?["rows"].take(),
+            products: self.get(&format!("/api/v1/sales/products?{r}&limit=10000"))?["rows"].take(),
+            behavior: self.get(&format!("/api/v1/behavior?{r}&group_by=referrer"))?,
+            behavior_hourly: self.get(&format!("/api/v1/behavior?{r}&granularity=hour"))?,
+            funnel: self.get(&format!("/api/v1/behavior/funnel?{r}"))?,
+            inventory: self.get("/api/v1/inventory?limit=10000")?,
+            ..Answers::default()
+        };
+        for m in MODELS {
+            a.attribution
+                .insert(m.into(), self.get(&format!("/api/v1/marketing/attribution?{r}&model={m}&group_by=channel"))?);
+        }
+        Figures::from_api(&a)
+    }
+
     /// Waits until the API answers.
     pub fn wait_ready(&self, timeout: Duration) -> anyhow::Result<()> {
         wait_until(timeout, "the API to answer /readyz", || Ok(http_get(self.api_port, "/readyz").is_ok()))

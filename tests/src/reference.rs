@@ -15,7 +15,38 @@ use rusqlite::Connection;
 use rusqlite::functions::FunctionFlags;
 use serde_json::Value;
 
-use crate::dataset::Record;
+use crate::generator::{Feed, Line};
+
+/// One raw on-prem line and the identity the agent gives it.
+#[derive(Debug, Clone)]
+pub struct RawLine {
+    pub agent: String,
+    pub source: String,
+    pub seq: u64,
+    pub feed: Feed,
+    pub line: String,
+}
+
+/// The valid lines of one agent's files as raw lines, numbered per source in file order (the
+/// order of the agent's seqs).
+pub fn raw_lines(agent: &str, lines: &[Line]) -> Vec<RawLine> {
+    let mut seqs = std::collections::BTreeMap::new();
+    lines
+        .iter()
+        .filter(|l| l.valid)
+        .map(|l| {
+            let seq = seqs.entry(l.feed).or_insert(0_u64);
+            *seq += 1;
+            RawLine {
+                agent: agent.into(),
+                source: l.feed.source_id().into(),
+                seq: *seq,
+                feed: l.feed,
+                line: l.text.clone(),
+            }
+        })
+        .collect()
+}
 
 /// The figures compared.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -50,7 +81,7 @@ const HALF_LIFE_MS: f64 = 7.0 * 86_400_000.0;
 const GAP_MS: i64 = 30 * 60_000;
 
 /// The figures of `records` (each counted once), by SQL.
-pub fn compute(records: &[Record]) -> anyhow::Result<Figures> {
+pub fn compute(records: &[RawLine]) -> anyhow::Result<Figures> {
     let db = Connection::open_in_memory()?;
     db.create_scalar_function("pow2", 1, FunctionFlags::SQLITE_DETERMINISTIC, |ctx| Ok(ctx.get::<f64>(0)?.exp2()))?;
     db.execute_batch("CREATE TABLE raw (agent TEXT, source TEXT, seq INTEGER, feed TEXT, line TEXT);")?;
@@ -58,7 +89,7 @@ pub fn compute(records: &[Record]) -> anyhow::Result<Figures> {
         let mut insert = db.prepare("INSERT INTO raw VALUES (?1, ?2, ?3, ?4, ?5)")?;
         for r in records {
             let feed = format!("{:?}", r.feed).to_lowercase();
-            insert.execute(rusqlite::params![r.agent, r.source, r.event.seq as i64, feed, r.line])?;
+            insert.execute(rusqlite::params![r.agent, r.source, r.seq as i64, feed, r.line])?;
         }
     }
     db.execute_batch(&format!(

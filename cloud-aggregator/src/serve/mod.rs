@@ -312,7 +312,7 @@ async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json
         Some("units") => true,
         Some(other) => return Err(bad(format!("sort={other:?}: expected revenue or units"))),
     };
-    let limit = p.number("limit", 1, 1000)?.unwrap_or(10) as usize;
+    let limit = p.number("limit", 1, 10_000)?.unwrap_or(10) as usize;
     p.done()?;
     if sel.granularity.is_some() || !sel.group_by.is_empty() {
         return Err(bad("granularity and group_by do not apply to top products".into()));

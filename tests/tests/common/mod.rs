@@ -7,9 +7,13 @@ use std::time::Duration;
 
 use actidash_tests::generator::{Generator, Line, expected_domain_counts, expected_totals};
 use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
+use actidash_tests::reference;
 use chrono::Utc;
 
 pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The agent id the convergence checks give the lines (only inventory ties look at it).
+const AGENT: &str = "agent";
 
 /// What a process has logged so far.
 pub fn log_of(p: &Process) -> String {
@@ -35,6 +39,13 @@ pub fn assert_converges(d: &Deployment, lines: &[Line], since: i64, procs: &mut 
         }
         Ok(d.totals()? == expected && d.domain_counts(since)? == expected_domains)
     });
+    // Then every analytics figure, against the independent SQL reference of the same lines.
+    if result.is_ok() {
+        let reference = reference::compute(&reference::raw_lines(AGENT, lines)).unwrap();
+        let to = Utc::now().timestamp() + 3600;
+        let got = d.figures(since, to).unwrap();
+        got.assert_matches(&reference);
+    }
     if let Err(e) = result {
         let got = d.totals().ok();
         let domains = d.domain_counts(since).ok();
