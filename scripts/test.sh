@@ -40,10 +40,16 @@ fi
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
-step "start Apache Kafka (KRaft, 1 broker)"
-trap 'scripts/kafka.sh stop || true; scripts/db.sh stop || true' EXIT
+step "start Apache Kafka (KRaft, 1 broker; and a 3-broker cluster for failover tests)"
+cache=${ACTIDASH_CACHE:-$HOME/.cache/actidash}
+export ACTIDASH_KAFKA3_DIR=$cache/kafka3-run
+kafka3() { ACTIDASH_KAFKA_DIR=$ACTIDASH_KAFKA3_DIR ACTIDASH_KAFKA_PORT=29092 scripts/kafka.sh "$@"; }
+trap 'scripts/kafka.sh stop || true; kafka3 stop || true; scripts/db.sh stop || true' EXIT
 eval "$(scripts/kafka.sh start 1)"
 echo "ACTIDASH_KAFKA_BOOTSTRAP=$ACTIDASH_KAFKA_BOOTSTRAP"
+ACTIDASH_KAFKA3_BOOTSTRAP=$(kafka3 start 3 | sed -n 's/^export ACTIDASH_KAFKA_BOOTSTRAP=//p')
+export ACTIDASH_KAFKA3_BOOTSTRAP
+echo "ACTIDASH_KAFKA3_BOOTSTRAP=$ACTIDASH_KAFKA3_BOOTSTRAP (pids in $ACTIDASH_KAFKA3_DIR/broker-*/pid)"
 
 step "start PostgreSQL and MariaDB"
 eval "$(scripts/db.sh start)"

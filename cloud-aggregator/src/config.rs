@@ -7,6 +7,9 @@
 //! bootstrap_servers = "k1:9092,k2:9092"
 //! topic_prefix = "actidash"
 //! group_id = "actidash-processors"
+//! partitions = 6                          # of created topics; processors beyond it stay idle
+//! replication_factor = 3
+//! min_insync_replicas = 2
 //!
 //! [gateway]
 //! listen = "0.0.0.0:4433"
@@ -109,6 +112,17 @@ pub struct KafkaConfig {
     pub partitions: i32,
     #[serde(default = "one")]
     pub replication_factor: i32,
+    /// `min.insync.replicas` of created topics (default: 2 with a replication factor of 3 or
+    /// more, else 1). With `acks=all` a write needs this many replicas.
+    #[serde(default)]
+    pub min_insync_replicas: Option<i32>,
+}
+
+impl KafkaConfig {
+    /// The `min.insync.replicas` topics are created with.
+    pub fn min_insync(&self) -> i32 {
+        self.min_insync_replicas.unwrap_or(if self.replication_factor >= 3 { 2 } else { 1 })
+    }
 }
 
 fn default_prefix() -> String {
@@ -271,6 +285,15 @@ impl CloudConfig {
         if let Some(k) = &self.kafka {
             if k.partitions < 1 {
                 return Err(("kafka.partitions".into(), "must be at least 1".into()));
+            }
+            if k.replication_factor < 1 {
+                return Err(("kafka.replication_factor".into(), "must be at least 1".into()));
+            }
+            if !(1..=k.replication_factor).contains(&k.min_insync()) {
+                return Err((
+                    "kafka.min_insync_replicas".into(),
+                    format!("must be between 1 and the replication factor ({})", k.replication_factor),
+                ));
             }
             if k.topic_prefix.is_empty()
                 || !k.topic_prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))

@@ -148,6 +148,8 @@ pub struct Deployment {
     pub topic_prefix: String,
     /// Extra TOML appended to the cloud configuration (such as a `[fleet]` table).
     pub cloud_extra: String,
+    /// More lines of the `[kafka]` section.
+    pub kafka_extra: String,
 }
 
 impl Deployment {
@@ -174,6 +176,7 @@ impl Deployment {
             kafka,
             topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
             cloud_extra: String::new(),
+            kafka_extra: String::new(),
         };
         deployment.write_cloud_config()?;
         Ok(deployment)
@@ -188,8 +191,8 @@ impl Deployment {
         let mut text = format!("data_dir = \"{}\"\n", self.root.join("cloud-data").display());
         if let Some(kafka) = &self.kafka {
             text += &format!(
-                "\n[kafka]\nbootstrap_servers = \"{kafka}\"\ntopic_prefix = \"{}\"\ngroup_id = \"{}-processors\"\npartitions = 3\n",
-                self.topic_prefix, self.topic_prefix
+                "\n[kafka]\nbootstrap_servers = \"{kafka}\"\ntopic_prefix = \"{}\"\ngroup_id = \"{}-processors\"\npartitions = 3\n{}",
+                self.topic_prefix, self.topic_prefix, self.kafka_extra
             );
         }
         text += &format!(

@@ -16,6 +16,14 @@ pub fn kafka_bootstrap(test: &str) -> Option<String> {
     service("ACTIDASH_KAFKA_BOOTSTRAP", test, "start Kafka with scripts/kafka.sh")
 }
 
+/// The 3-broker cluster the test script started for failover tests, and the folder of its
+/// brokers' pid files (`broker-N/pid`).
+pub fn kafka_cluster(test: &str) -> Option<(String, std::path::PathBuf)> {
+    let bootstrap = service("ACTIDASH_KAFKA3_BOOTSTRAP", test, "scripts/test.sh starts a 3-broker cluster")?;
+    let dir = std::env::var("ACTIDASH_KAFKA3_DIR").ok()?;
+    Some((bootstrap, dir.into()))
+}
+
 /// The PostgreSQL admin URL the test script started (`scripts/db.sh`), on the same terms as
 /// [`kafka_bootstrap`].
 pub fn postgres_admin(test: &str) -> Option<String> {

@@ -184,7 +184,8 @@ pub fn compute(records: &[RawLine]) -> anyhow::Result<Figures> {
         f.sessions_hourly.insert(r.get(0)?, r.get(1)?);
     }
     f.funnel = db.query_row(
-        "SELECT sum(pv), sum(pv AND cart), sum(pv AND cart AND co), sum(pv AND cart AND co AND buy) FROM sess",
+        "SELECT coalesce(sum(pv), 0), coalesce(sum(pv AND cart), 0), coalesce(sum(pv AND cart AND co), 0),
+            coalesce(sum(pv AND cart AND co AND buy), 0) FROM sess",
         [],
         |r| Ok(vec![r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?]),
     )?;

@@ -160,3 +160,46 @@ fn processors_joining_and_leaving_the_group_count_everything_once() {
     let mut api = d.start_cloud("api", &["serve"]).unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut gateway, &mut second, &mut api, &mut agent]);
 }
+
+#[test]
+fn the_leader_of_a_partition_killed_during_ingest_on_a_three_broker_cluster() {
+    use rdkafka::consumer::{BaseConsumer, Consumer as _};
+    let Some((bootstrap, dir)) =
+        actidash_tests::kafka_cluster("the_leader_of_a_partition_killed_during_ingest_on_a_three_broker_cluster")
+    else {
+        return;
+    };
+    let root = test_root("leader-kill");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), Some(bootstrap.clone())).unwrap();
+    d.kafka_extra = "replication_factor = 3\nmin_insync_replicas = 2\n".into();
+    d.write_cloud_config().unwrap();
+    let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
+    let mut processor = d.start_cloud("processor", &["process"]).unwrap();
+    let mut api = d.start_cloud("api", &["serve"]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    let mut g = Generator::new(17, 0);
+    let lines = generate(&mut g, 9_000);
+    let writer = write_slowly(&data, lines.clone(), Duration::from_secs(6));
+    std::thread::sleep(Duration::from_millis(1_500));
+
+    // The leader of the sales topic's partition 0, as the cluster reports it, is SIGKILLed.
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new().set("bootstrap.servers", &bootstrap).create().unwrap();
+    let topic = format!("{}.sales", d.topic_prefix);
+    let metadata = consumer.fetch_metadata(Some(&topic), Duration::from_secs(10)).unwrap();
+    let partition = &metadata.topics()[0].partitions()[0];
+    assert_eq!(partition.replicas().len(), 3, "created with replication factor 3");
+    let leader = partition.leader();
+    let pid = std::fs::read_to_string(dir.join(format!("broker-{leader}/pid"))).unwrap();
+    let status = std::process::Command::new("kill").args(["-9", pid.trim()]).status().unwrap();
+    assert!(status.success());
+    drop(consumer);
+
+    writer.join().unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut gateway, &mut processor, &mut api, &mut agent]);
+    let log = std::fs::read_to_string(gateway.log_path()).unwrap();
+    assert!(log.contains("replication_factor=3"), "the topics were created by the gateway with RF 3");
+}

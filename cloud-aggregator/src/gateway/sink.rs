@@ -189,12 +189,12 @@ async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     let mut names: Vec<String> =
         actidash_shared::Domain::ALL.iter().map(|d| kafka::domain_topic(&config.topic_prefix, *d)).collect();
     names.push(kafka::fleet_topic(&config.topic_prefix));
-    let min_isr = if config.replication_factor >= 3 { "2" } else { "1" };
+    let min_isr = config.min_insync().to_string();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
         .map(|n| {
             NewTopic::new(n, config.partitions, TopicReplication::Fixed(config.replication_factor))
-                .set("min.insync.replicas", min_isr)
+                .set("min.insync.replicas", &min_isr)
         })
         .collect();
     let results = admin
@@ -203,7 +203,13 @@ async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
         .context("creating Kafka topics")?;
     for result in results {
         match result {
-            Ok(name) => info!(topic = %name, partitions = config.partitions, "topic created"),
+            Ok(name) => info!(
+                topic = %name,
+                partitions = config.partitions,
+                replication_factor = config.replication_factor,
+                min_insync_replicas = %min_isr,
+                "topic created"
+            ),
             Err((name, RDKafkaErrorCode::TopicAlreadyExists)) => info!(topic = %name, "topic exists"),
             Err((name, code)) => anyhow::bail!("creating topic {name}: {code}"),
         }
