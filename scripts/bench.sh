@@ -8,8 +8,9 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/actidash/target}
 export ACTIDASH_LOG=${ACTIDASH_LOG:-warn,edge_agent=info,cloud_aggregator=info}
 
 cargo build --release --workspace --bins --locked
-trap 'scripts/kafka.sh stop || true' EXIT
+trap 'scripts/kafka.sh stop || true; scripts/db.sh stop || true' EXIT
 eval "$(scripts/kafka.sh start 1)"
+eval "$(scripts/db.sh start)"
 
 bench="$CARGO_TARGET_DIR/release/actidash-bench"
 work="$CARGO_TARGET_DIR/bench"
@@ -26,6 +27,9 @@ tmp=$(mktemp)
   echo
   "$bench" --dir "$work" spool
   "$bench" --dir "$work" pipeline
+  "$bench" --dir "$work" processor
+  "$bench" --dir "$work" freshness
+  "$bench" --dir "$work" api
   "$bench" --dir "$work" footprint
   "$bench" --dir "$work" reconnect
 } > "$tmp"

@@ -134,6 +134,9 @@ CREATE TABLE IF NOT EXISTS agents (
     sql
 }
 
+/// Prepared statements kept per SQLite connection.
+const STATEMENT_CACHE: usize = 256;
+
 /// Most attempts of a PostgreSQL commit that meets a deadlock or a serialization failure.
 const MAX_ATTEMPTS: u32 = 20;
 
@@ -216,8 +219,14 @@ impl Store {
         let err = |e: rusqlite::Error| StoreError { path: path.display().to_string(), source: e.into() };
         let mut conn = Connection::open(path).map_err(err)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(err)?;
+        // A commit runs a few dozen distinct statements: keep every one prepared (the default
+        // cache of 16 would prepare some again in every commit).
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         enable_wal(&conn).map_err(err)?;
         conn.pragma_update(None, "synchronous", "NORMAL").map_err(err)?;
+        // The analytics state and the newest roll-up rows are read on every commit: keep them
+        // in SQLite's own cache (64 MiB) rather than the kernel's.
+        conn.pragma_update(None, "cache_size", -65_536).map_err(err)?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
         for (idx, sql) in migrations().iter().enumerate().skip(version) {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
@@ -244,6 +253,7 @@ impl Store {
             Connection::open_with_flags(path, OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX)
                 .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
+        conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         Ok(Store {
             name: path.display().to_string(),
             engine: Engine::Sqlite(conn),

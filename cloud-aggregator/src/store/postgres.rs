@@ -30,6 +30,9 @@ impl From<postgres::Error> for DbError {
     }
 }
 
+/// Most statements kept prepared per connection.
+const MAX_STATEMENTS: usize = 512;
+
 /// Statements prepared on one connection, by their `?N` text.
 #[derive(Default)]
 pub struct StatementCache(HashMap<String, Statement>);
@@ -46,6 +49,10 @@ impl PgTx<'_, '_> {
             return Ok(s.clone());
         }
         let stmt = self.tx.prepare(&dollar_params(sql))?;
+        // Bounded: the API's statements vary with its filters.
+        if self.cache.0.len() >= MAX_STATEMENTS {
+            self.cache.0.clear();
+        }
         self.cache.0.insert(sql.to_owned(), stmt.clone());
         Ok(stmt)
     }

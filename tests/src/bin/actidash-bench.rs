@@ -54,6 +54,29 @@ enum Bench {
         #[arg(long, default_value_t = 10)]
         seconds: u64,
     },
+    /// P4: the processor (Kafka -> decode -> sessions, attribution, roll-ups -> serving store)
+    /// beside a consumer that only decodes, on the same topics. Needs ACTIDASH_KAFKA_BOOTSTRAP.
+    Processor {
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+    },
+    /// P5: freshness, a record appended on-prem -> visible through the API, under load (embedded).
+    Freshness {
+        /// Background load, records per second.
+        #[arg(long, default_value_t = 2_000)]
+        rate: usize,
+        #[arg(long, default_value_t = 60)]
+        probes: usize,
+    },
+    /// P6: dashboard queries at 20/s during ingest over 30 days of roll-ups, on SQLite and, with
+    /// ACTIDASH_PG_URL, on PostgreSQL.
+    Api {
+        /// Events spread over the 30 days loaded first.
+        #[arg(long, default_value_t = 200_000)]
+        events: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
     /// P8: time from the gateway's return to the agent's reconnection.
     Reconnect {
         #[arg(long, default_value_t = 3)]
@@ -70,6 +93,21 @@ fn main() -> anyhow::Result<()> {
         Bench::Pipeline { events } => bench_pipeline(&dir.join("pipeline"), events),
         Bench::Footprint { rate, seconds } => bench_footprint(&dir.join("footprint"), rate, seconds),
         Bench::Reconnect { rounds } => bench_reconnect(&dir.join("reconnect"), rounds),
+        Bench::Processor { events } => bench_processor(&dir.join("processor"), events),
+        Bench::Freshness { rate, probes } => bench_freshness(&dir.join("freshness"), rate, probes),
+        Bench::Api { events, seconds } => {
+            bench_api(&dir.join("api-sqlite"), None, events, seconds)?;
+            match std::env::var("ACTIDASH_PG_URL") {
+                Ok(admin) => {
+                    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_bench_api")?;
+                    bench_api(&dir.join("api-postgres"), Some(url), events, seconds)
+                }
+                Err(_) => {
+                    println!("(PostgreSQL not measured: ACTIDASH_PG_URL is not set)\n");
+                    Ok(())
+                }
+            }
+        }
     }
 }
 
@@ -293,6 +331,257 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
     println!("|---|---:|---:|");
     println!("| raw librdkafka produce, one process (baseline) | {raw:.0} | 100 % |");
     println!("| agent -> gateway -> Kafka, end to end | {pipeline:.0} | {:.0} % |\n", 100.0 * pipeline / raw);
+    Ok(())
+}
+
+/// Events applied by the processors, read from the serving store's counters (0 before the first
+/// commit).
+fn applied(store: &Path) -> i64 {
+    let Ok(conn) = rusqlite::Connection::open_with_flags(store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY) else {
+        return 0;
+    };
+    conn.query_row("SELECT coalesce(sum(value), 0) FROM stat_counters WHERE name = 'events_applied'", [], |r| r.get(0))
+        .unwrap_or(0)
+}
+
+fn bench_processor(dir: &Path, n: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let bootstrap = kafka_bootstrap()?;
+    let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()))?;
+    // The gateway creates the topics (3 partitions each), then leaves.
+    let mut gateway = d.start_cloud("gateway", &["gateway"])?;
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
+    let topics: Vec<String> =
+        actidash_shared::Domain::ALL.iter().map(|dm| format!("{}.{dm}", d.topic_prefix)).collect();
+    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
+        Ok(produced(&consumer, &topics).is_ok())
+    })?;
+    gateway.terminate(Duration::from_secs(10));
+
+    // Realistic, joined events of six sources (orders, page views, touches, stock), produced
+    // as the gateway writes them.
+    let start = chrono::Utc::now() - chrono::Duration::hours(6);
+    let records = actidash_tests::dataset::generate(3, n, start, 6 * 3_600_000, 20, 600_000);
+    let mean = records.iter().map(|r| r.event.to_json().len()).sum::<usize>() / n.max(1);
+    let producer: ThreadedProducer<CountFailures> = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4")
+        .create_with_context(CountFailures::default())?;
+    for topic in &topics {
+        let of_topic: Vec<Event> =
+            records.iter().filter(|r| topic.ends_with(r.event.domain().as_str())).map(|r| r.event.clone()).collect();
+        raw_produce(&producer, topic, &of_topic)?;
+    }
+
+    let in_kafka = produced(&consumer, &topics)?;
+    anyhow::ensure!(in_kafka >= n as i64, "only {in_kafka} of {n} events are in Kafka");
+    // Baseline: a consumer of the same topics that decodes every event and does nothing else.
+    let noop: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("{}-noop", d.topic_prefix))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    noop.subscribe(&topics.iter().map(String::as_str).collect::<Vec<_>>())?;
+    let (mut decoded, mut first) = (0_usize, None);
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while decoded < n {
+        // `poll` also returns None after serving a rebalance: only the deadline ends the wait.
+        anyhow::ensure!(Instant::now() < deadline, "the no-op consumer read {decoded} of {n} events");
+        if let Some(m) = noop.poll(Duration::from_millis(500)) {
+            let m = m?;
+            first.get_or_insert_with(Instant::now);
+            Event::from_json(m.payload().unwrap_or_default())?;
+            decoded += 1;
+        }
+    }
+    let noop_rate = n as f64 / first.map_or(1.0, |f| f.elapsed().as_secs_f64());
+    drop(noop);
+
+    // The processor, alone in its process: from its first commit to the last event applied,
+    // with the CPU it used over that span.
+    let store = d.root.join("cloud-data").join("serving.db");
+    let processor = d.start_cloud("processor", &["process"])?;
+    let mut first: Option<(Instant, i64, f64)> = None;
+    wait_until(Duration::from_secs(1800), "the processor to apply every event", || {
+        let done = applied(&store);
+        if done > 0 && first.is_none() {
+            first = Some((Instant::now(), done, proc_usage(processor.pid())?.1));
+        }
+        Ok(done >= n as i64)
+    })?;
+    let (first_at, first_done, cpu0) = first.context("nothing was applied")?;
+    let elapsed = first_at.elapsed().as_secs_f64();
+    let cpu = proc_usage(processor.pid())?.1 - cpu0;
+    let rate = (n as i64 - first_done) as f64 / elapsed;
+    let per_core = (n as i64 - first_done) as f64 / cpu.max(1e-9);
+    drop(processor);
+
+    println!("### P4: processor, Kafka -> decode -> sessions, attribution, roll-ups -> SQLite serving store ({n} events of {mean} bytes from 6 sources, 4 topics of 3 partitions, one processor)
+");
+    println!("| path | events/s | per core (CPU s) | vs no-op |");
+    println!("|---|---:|---:|---:|");
+    println!("| no-op consumer: poll + decode, one thread (baseline) | {noop_rate:.0} | {noop_rate:.0} | 100 % |");
+    println!("| processor, every metric on | {rate:.0} | {per_core:.0} | {:.1} % |\n", 100.0 * rate / noop_rate);
+    Ok(())
+}
+
+/// Writes generator records at `rate` per second to the on-prem files until `stop`.
+fn background_load(
+    data: PathBuf,
+    rate: usize,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> std::thread::JoinHandle<usize> {
+    std::thread::spawn(move || {
+        let mut g = Generator::new(99, 0);
+        let per_tick = (rate / 20).max(1);
+        let mut n = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let tick = Instant::now();
+            let lines: Vec<Line> = (0..per_tick).map(|_| g.next_line(chrono::Utc::now())).collect();
+            if append_lines(&data, &lines).is_ok() {
+                n += lines.len();
+            }
+            std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+        }
+        n
+    })
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+/// GET, timed in milliseconds.
+fn timed_get(d: &Deployment, path: &str) -> anyhow::Result<f64> {
+    let t = Instant::now();
+    actidash_tests::harness::http_get(d.api_port, path)?;
+    Ok(t.elapsed().as_secs_f64() * 1000.0)
+}
+
+fn bench_freshness(dir: &Path, rate: usize, probes: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    let d = Deployment::new(&dir.join("deploy"), None)?;
+    let _cloud = d.start_cloud("cloud", &[])?;
+    d.wait_ready(Duration::from_secs(30))?;
+    let config = d.write_agent_config("fresh", "acme", &data, &Feed::ALL)?;
+    let _agent = d.start_agent("agent", &config)?;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = background_load(data.clone(), rate, stop.clone());
+    std::thread::sleep(Duration::from_secs(3));
+    // Each probe: one marketing touch of its own campaign, appended; then the API is asked for
+    // that campaign every 2 ms until it shows.
+    let mut latencies = Vec::new();
+    let from = chrono::Utc::now().timestamp() - 3600;
+    for i in 0..probes {
+        let campaign = format!("probe-{i}");
+        let line = serde_json::json!({
+            "time": chrono::Utc::now().format("%Y-%m-%d %H:%M:%S").to_string(),
+            "user": "C-probe", "utm_source": "probe", "utm_campaign": campaign, "cost": "0.01"
+        });
+        let t = Instant::now();
+        append_lines(&data, &[Line { feed: Feed::Marketing, text: line.to_string(), valid: true }])?;
+        let path = format!("/api/v1/marketing/attribution?from={from}&campaign={campaign}&group_by=campaign");
+        wait_until(Duration::from_secs(30), "the probe to show", || {
+            let answer = d.get(&path)?;
+            Ok(answer["rows"].as_array().is_some_and(|r| r.iter().any(|r| r["touches"].as_i64() == Some(1))))
+        })?;
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = load.join().unwrap_or(0);
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "### P5: freshness, record appended on-prem -> visible through the API (embedded, {probes} probes, background load {rate} records/s, {written} written)\n"
+    );
+    println!("| p50 | p99 | max |");
+    println!("|---:|---:|---:|");
+    println!(
+        "| {:.0} ms | {:.0} ms | {:.0} ms |\n",
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(0.0)
+    );
+    Ok(())
+}
+
+fn bench_api(dir: &Path, postgres: Option<String>, n: usize, seconds: u64) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    let mut d = Deployment::new(&dir.join("deploy"), None)?;
+    let store = match &postgres {
+        Some(url) => {
+            d.cloud_extra = format!("\n[store]\nurl = \"{url}\"\n");
+            d.write_cloud_config()?;
+            "PostgreSQL"
+        }
+        None => "SQLite",
+    };
+    // 30 days of history, as an agent reads it from the on-prem files.
+    let now = chrono::Utc::now();
+    let records =
+        actidash_tests::dataset::generate(5, n, now - chrono::Duration::days(30), 30 * 86_400_000, 20, 600_000);
+    let lines: Vec<Line> = records.iter().map(|r| Line { feed: r.feed, text: r.line.clone(), valid: true }).collect();
+    append_lines(&data, &lines)?;
+    let _cloud = d.start_cloud("cloud", &[])?;
+    d.wait_ready(Duration::from_secs(30))?;
+    let config = d.write_agent_config("api", "acme", &data, &Feed::ALL)?;
+    let _agent = d.start_agent("agent", &config)?;
+    let loaded = Instant::now();
+    wait_until(Duration::from_secs(3600), "the history to be processed", || {
+        Ok(d.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) >= n as i64)
+    })?;
+    let load_secs = loaded.elapsed().as_secs_f64();
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = background_load(data.clone(), 1_000, stop.clone());
+    let (t, day, week, month) = (now.timestamp() + 60, 86_400, 7 * 86_400, 30 * 86_400);
+    let queries = [
+        format!("/api/v1/sales?from={}&to={t}&granularity=day&group_by=channel", t - month),
+        format!("/api/v1/sales?from={}&to={t}&granularity=hour&group_by=currency", t - day),
+        format!("/api/v1/sales?from={}&to={t}&group_by=channel,site,country,currency", t - month),
+        format!("/api/v1/sales/products?from={}&to={t}&limit=20", t - month),
+        format!("/api/v1/behavior?from={}&to={t}&granularity=day&group_by=referrer", t - week),
+        format!("/api/v1/behavior/funnel?from={}&to={t}", t - month),
+        format!("/api/v1/marketing/attribution?from={}&to={t}&model=time_decay&group_by=channel,campaign", t - month),
+        format!("/api/v1/marketing/attribution?from={}&to={t}&model=linear&group_by=channel", t - week),
+        "/api/v1/inventory?limit=50".to_owned(),
+    ];
+    let mut latencies = Vec::new();
+    let started = Instant::now();
+    let mut i = 0;
+    while started.elapsed() < Duration::from_secs(seconds) {
+        let tick = Instant::now();
+        latencies.push(timed_get(&d, &queries[i % queries.len()])?);
+        i += 1;
+        std::thread::sleep(Duration::from_millis(50).saturating_sub(tick.elapsed()));
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written = load.join().unwrap_or(0);
+    latencies.sort_by(f64::total_cmp);
+    println!(
+        "### P6: dashboard queries at 20/s during ingest ({store} store, 30 days of history: {n} events loaded in {load_secs:.0} s; {written} more written during the {seconds} s)\n"
+    );
+    println!("| queries | p50 | p99 | max |");
+    println!("|---:|---:|---:|---:|");
+    println!(
+        "| {} | {:.1} ms | {:.1} ms | {:.1} ms |\n",
+        latencies.len(),
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        latencies.last().copied().unwrap_or(0.0)
+    );
     Ok(())
 }
 
