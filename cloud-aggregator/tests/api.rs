@@ -173,3 +173,40 @@ fn the_live_push_carries_the_dashboards_that_changed() {
     assert!(update.get("sales").is_none());
     shutdown.cancel();
 }
+
+/// The roles run inside the async runtime; the PostgreSQL store must work there (its client
+/// refuses to run on a runtime's threads).
+#[test]
+fn the_api_and_the_embedded_processor_run_on_postgres() {
+    let Some(admin) = actidash_tests::postgres_admin("api on postgres") else { return };
+    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_api_test").unwrap();
+    let location = cloud_aggregator::store::Location::Postgres { url, password: None };
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    // The embedded processor, started from the runtime, commits a batch.
+    let (tx, thread) = rt
+        .block_on(async { cloud_aggregator::process::embedded::spawn(location.clone(), Default::default(), 4) })
+        .unwrap();
+    let (reply, done) = tokio::sync::oneshot::channel();
+    let events = vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "12.5", OrderStatus::Placed)];
+    rt.block_on(async {
+        tx.send(cloud_aggregator::process::embedded::EmbeddedInput::Batch { connection: 1, events, reply })
+            .await
+            .unwrap();
+        done.await.unwrap().unwrap();
+    });
+    drop(tx);
+    thread.join().unwrap();
+    // The API reads it.
+    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let shutdown = CancellationToken::new();
+    rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while http_get(port, "/readyz").is_err() {
+        assert!(Instant::now() < deadline, "the API did not start on PostgreSQL");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let totals = json(port, "/api/v1/sales/totals");
+    assert_eq!(totals[0]["revenue"], "12.5", "{totals}");
+    shutdown.cancel();
+}

@@ -265,15 +265,17 @@ impl Store {
     pub fn open_postgres(url: &str, password: Option<&str>) -> Result<Store, StoreError> {
         let name = postgres::redact(url);
         let err = |source: DbError| StoreError { path: name.clone(), source };
-        let mut client = postgres::connect(url, password).map_err(err)?;
-        let mut cache = StatementCache::default();
-        {
-            let mut tx = client.transaction().map_err(|e| err(e.into()))?;
-            PgTx { tx: &mut tx, cache: &mut cache }.lock_key("actidash/schema").map_err(err)?;
-            tx.batch_execute(&postgres_schema()).map_err(|e| err(e.into()))?;
-            tx.commit().map_err(|e| err(e.into()))?;
-        }
-        // Statements prepared inside the schema transaction stay valid on the connection.
+        let (client, cache) = off_runtime(|| {
+            let mut client = postgres::connect(url, password)?;
+            let mut cache = StatementCache::default();
+            let mut tx = client.transaction()?;
+            PgTx { tx: &mut tx, cache: &mut cache }.lock_key("actidash/schema")?;
+            tx.batch_execute(&postgres_schema())?;
+            tx.commit()?;
+            // Statements prepared inside the schema transaction stay valid on the connection.
+            Ok::<_, DbError>((client, cache))
+        })
+        .map_err(err)?;
         Ok(Store { name, engine: Engine::Postgres(Box::new(client), cache), analytics: AnalyticsConfig::default() })
     }
 
@@ -288,22 +290,25 @@ impl Store {
     }
 
     /// Statements on this connection (the API's reads; on PostgreSQL, one read-only snapshot).
-    pub fn read<T>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError>) -> Result<T, StoreError> {
+    pub fn read<T: Send>(
+        &mut self,
+        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send,
+    ) -> Result<T, StoreError> {
         let name = self.name.clone();
         let err = |source: DbError| StoreError { path: name.clone(), source };
         match &mut self.engine {
             Engine::Sqlite(conn) => f(conn).map_err(err),
-            Engine::Postgres(client, cache) => {
+            Engine::Postgres(client, cache) => off_runtime(|| {
                 let mut tx = client
                     .build_transaction()
                     .isolation_level(::postgres::IsolationLevel::RepeatableRead)
                     .read_only(true)
-                    .start()
-                    .map_err(|e| err(e.into()))?;
-                let out = f(&mut PgTx { tx: &mut tx, cache }).map_err(err)?;
-                tx.commit().map_err(|e| err(e.into()))?;
+                    .start()?;
+                let out = f(&mut PgTx { tx: &mut tx, cache })?;
+                tx.commit()?;
                 Ok(out)
-            }
+            })
+            .map_err(err),
         }
     }
 
@@ -340,7 +345,7 @@ impl Store {
                 tx.commit().map_err(|e| err(e.into()))?;
                 Ok(outcome)
             }
-            Engine::Postgres(client, cache) => {
+            Engine::Postgres(client, cache) => off_runtime(|| {
                 let mut attempt = 0;
                 loop {
                     attempt += 1;
@@ -359,7 +364,7 @@ impl Store {
                         other => return other.map_err(err),
                     }
                 }
-            }
+            }),
         }
     }
 
@@ -391,6 +396,16 @@ impl Store {
             let _ = conn.pragma_update(None, "query_only", true);
         }
     }
+}
+
+/// Runs `f` on a thread of its own, outside any async runtime: the synchronous PostgreSQL
+/// client drives its own runtime and must not run on a thread that is inside one (an API
+/// worker, a `spawn_blocking` thread).
+fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    std::thread::scope(|scope| match scope.spawn(f).join() {
+        Ok(r) => r,
+        Err(panic) => std::panic::resume_unwind(panic),
+    })
 }
 
 fn stored_offset(tx: &mut dyn Tx, topic: &str, partition: i32) -> Result<Option<i64>, DbError> {
