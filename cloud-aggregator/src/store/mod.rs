@@ -290,10 +290,7 @@ impl Store {
     }
 
     /// Statements on this connection (the API's reads; on PostgreSQL, one read-only snapshot).
-    pub fn read<T: Send>(
-        &mut self,
-        f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send,
-    ) -> Result<T, StoreError> {
+    pub fn read<T: Send>(&mut self, f: impl FnOnce(&mut dyn Tx) -> Result<T, DbError> + Send) -> Result<T, StoreError> {
         let name = self.name.clone();
         let err = |source: DbError| StoreError { path: name.clone(), source };
         match &mut self.engine {
