@@ -625,9 +625,11 @@ fn write_deltas(tx: &mut dyn Tx, deltas: &Deltas) -> Result<(), DbError> {
 
 /// The roll-ups and state tables (portable SQL). Rows that several processors update (watermarks,
 /// change versions, counters) are kept per writer and summed when read.
-pub fn state_ddl() -> String {
-    let mut ddl: String = tables::ALL.iter().map(|t| t.ddl()).collect();
-    ddl += "
+pub fn state_ddl(sqlite: bool) -> String {
+    // SQLite stores these tables in key order (no rowid): the reads are key ranges.
+    let suffix = if sqlite { " WITHOUT ROWID" } else { "" };
+    let mut ddl: String = tables::ALL.iter().map(|t| t.ddl(suffix)).collect();
+    let state = "
 CREATE TABLE IF NOT EXISTS watermarks (
     tenant TEXT NOT NULL,
     writer TEXT NOT NULL,
@@ -696,5 +698,7 @@ CREATE TABLE IF NOT EXISTS stat_counters (
     PRIMARY KEY (name, writer)
 );
 ";
+    // Table definitions end with ");" on a line of their own; index definitions do not.
+    ddl += &state.replace("\n);\n", &format!("\n){suffix};\n"));
     ddl
 }

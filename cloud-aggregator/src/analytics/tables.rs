@@ -67,13 +67,14 @@ pub const DOMAINS: TableSpec = TableSpec { name: "domain_rollup", dims: &["domai
 pub const ALL: [&TableSpec; 7] = [&SALES, &PRODUCTS, &BEHAVIOR, &SESSIONS, &MARKETING, &ATTRIBUTION, &DOMAINS];
 
 impl TableSpec {
-    /// `CREATE TABLE` for this roll-up (portable SQL: SQLite and PostgreSQL).
-    pub fn ddl(&self) -> String {
+    /// `CREATE TABLE` for this roll-up (portable SQL: SQLite and PostgreSQL; `suffix` ends the
+    /// statement, `WITHOUT ROWID` on SQLite so that rows are stored in key order).
+    pub fn ddl(&self, suffix: &str) -> String {
         let dims: String = self.dims.iter().map(|d| format!("    {d} TEXT NOT NULL,\n")).collect();
         let metrics: String = self.metrics.iter().map(|m| format!("    {m} BIGINT NOT NULL DEFAULT 0,\n")).collect();
         let key: Vec<&str> = ["tenant", "grain", "bucket"].into_iter().chain(self.dims.iter().copied()).collect();
         format!(
-            "CREATE TABLE IF NOT EXISTS {} (\n    tenant TEXT NOT NULL,\n    grain BIGINT NOT NULL,\n    bucket BIGINT NOT NULL,\n{dims}{metrics}    PRIMARY KEY ({})\n);\n",
+            "CREATE TABLE IF NOT EXISTS {} (\n    tenant TEXT NOT NULL,\n    grain BIGINT NOT NULL,\n    bucket BIGINT NOT NULL,\n{dims}{metrics}    PRIMARY KEY ({})\n){suffix};\n",
             self.name,
             key.join(", ")
         )
@@ -226,6 +227,7 @@ mod tests {
         let sql = MARKETING.upsert_sql();
         assert!(sql.contains("(tenant, grain, bucket, channel, campaign, currency, touches, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"), "{sql}");
         assert!(sql.contains("cost = marketing_rollup.cost + excluded.cost"), "{sql}");
-        assert!(SESSIONS.ddl().contains("PRIMARY KEY (tenant, grain, bucket, referrer, mask)"));
+        assert!(SESSIONS.ddl("").contains("PRIMARY KEY (tenant, grain, bucket, referrer, mask)\n);"));
+        assert!(SESSIONS.ddl(" WITHOUT ROWID").ends_with(") WITHOUT ROWID;\n"));
     }
 }

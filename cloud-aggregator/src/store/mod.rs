@@ -87,7 +87,7 @@ fn migrations() -> Vec<String> {
 /// Version 2: the analytics roll-ups and state; version 1's roll-ups carried over (its orders
 /// and revenue were net of cancellations, and had no site or country).
 fn migration_2() -> String {
-    let mut sql = analytics::state_ddl();
+    let mut sql = analytics::state_ddl(true);
     for grain in analytics::tables::GRAINS {
         sql += &format!(
             "INSERT INTO sales_rollup (tenant, grain, bucket, channel, site, country, currency, placed_orders, gross_revenue)
@@ -130,7 +130,7 @@ CREATE TABLE IF NOT EXISTS agents (
 );
 ",
     );
-    sql += &analytics::state_ddl();
+    sql += &analytics::state_ddl(false);
     sql
 }
 

@@ -86,48 +86,32 @@ pub struct Row {
 /// Reads `spec`'s rows for `sel`. Group-by and filter names must be dimensions of `spec`
 /// (checked by the caller; an unknown one here is an error).
 pub fn rollup(tx: &mut dyn Tx, spec: &TableSpec, sel: &Selection) -> Result<Vec<Row>, DbError> {
+    rollup_ordered(tx, spec, sel, None)
+}
+
+/// [`rollup`], largest first by the metric of index `top.0` (ties in group order), at most
+/// `top.1` rows.
+fn rollup_ordered(
+    tx: &mut dyn Tx,
+    spec: &TableSpec,
+    sel: &Selection,
+    top: Option<(usize, usize)>,
+) -> Result<Vec<Row>, DbError> {
     let bad = |name: &str| DbError { message: format!("{} has no dimension {name:?}", spec.name), retryable: false };
     let mut params: Vec<Val> = Vec::new();
     let mut param = |v: Val| {
         params.push(v);
         format!("?{}", params.len())
     };
-    let mut wh: Vec<String> = Vec::new();
+    // What every piece shares: tenant and dimension filters.
+    let mut common: Vec<String> = Vec::new();
     if let Some(t) = &sel.tenant {
-        wh.push(format!("tenant = {}", param(t.into())));
-    }
-    match sel.granularity {
-        Some(g) => {
-            let from = sel.from.div_euclid(g) * g;
-            wh.push(format!(
-                "grain = {} AND bucket >= {} AND bucket < {}",
-                param(g.into()),
-                param(from.into()),
-                param(sel.to.into())
-            ));
-        }
-        None => {
-            let pieces: Vec<String> = cover(sel.from, sel.to)
-                .into_iter()
-                .map(|(g, lo, hi)| {
-                    format!(
-                        "(grain = {} AND bucket >= {} AND bucket < {})",
-                        param(g.into()),
-                        param(lo.into()),
-                        param(hi.into())
-                    )
-                })
-                .collect();
-            if pieces.is_empty() {
-                return Ok(Vec::new());
-            }
-            wh.push(format!("({})", pieces.join(" OR ")));
-        }
+        common.push(format!("tenant = {}", param(t.into())));
     }
     for (dim, values) in &sel.filters {
         spec.dim(dim).ok_or_else(|| bad(dim))?;
         let list: Vec<String> = values.iter().map(|v| param(v.into())).collect();
-        wh.push(format!("{dim} IN ({})", list.join(", ")));
+        common.push(format!("{dim} IN ({})", list.join(", ")));
     }
     let mut group: Vec<String> = vec!["tenant".into()];
     if sel.granularity.is_some() {
@@ -137,13 +121,42 @@ pub fn rollup(tx: &mut dyn Tx, spec: &TableSpec, sel: &Selection) -> Result<Vec<
         spec.dim(dim).ok_or_else(|| bad(dim))?;
         group.push(dim.clone());
     }
+    // One key range per piece of the range, each read through the key (tenant, grain,
+    // bucket, …); their union is grouped. (SQLite does not use the key for an OR of ranges.)
+    let pieces: Vec<(i64, i64, i64)> = match sel.granularity {
+        Some(g) => vec![(g, sel.from.div_euclid(g) * g, sel.to)],
+        None => cover(sel.from, sel.to),
+    };
+    if pieces.is_empty() {
+        return Ok(Vec::new());
+    }
+    let columns: Vec<&str> =
+        ["tenant", "bucket"].into_iter().chain(spec.dims.iter().copied()).chain(spec.metrics.iter().copied()).collect();
+    let selects: Vec<String> = pieces
+        .into_iter()
+        .map(|(g, lo, hi)| {
+            let mut wh = common.clone();
+            wh.push(format!(
+                "grain = {} AND bucket >= {} AND bucket < {}",
+                param(g.into()),
+                param(lo.into()),
+                param(hi.into())
+            ));
+            format!("SELECT {} FROM {} WHERE {}", columns.join(", "), spec.name, wh.join(" AND "))
+        })
+        .collect();
     let sums: Vec<String> = spec.metrics.iter().map(|m| format!("CAST(sum({m}) AS BIGINT)")).collect();
+    let order = match top {
+        Some((metric, limit)) => {
+            format!("CAST(sum({}) AS BIGINT) DESC, {} LIMIT {limit}", spec.metrics[metric], group.join(", "))
+        }
+        None => group.join(", "),
+    };
     let sql = format!(
-        "SELECT {g}, {s} FROM {t} WHERE {w} GROUP BY {g} ORDER BY {g}",
+        "SELECT {g}, {s} FROM ({u}) AS pieces GROUP BY {g} ORDER BY {order}",
         g = group.join(", "),
         s = sums.join(", "),
-        t = spec.name,
-        w = wh.join(" AND ")
+        u = selects.join(" UNION ALL "),
     );
     let n_dims = sel.group_by.len();
     let with_bucket = sel.granularity.is_some();
@@ -266,14 +279,9 @@ pub struct ProductRow {
 /// The top `limit` products by `by` (`revenue` or `units`), ties by SKU.
 pub fn products(tx: &mut dyn Tx, sel: &Selection, by_units: bool, limit: usize) -> Result<Vec<ProductRow>, DbError> {
     let sel = Selection { granularity: None, group_by: vec!["sku".into(), "currency".into()], ..sel.clone() };
-    let mut rows = rollup(tx, &tables::PRODUCTS, &sel)?;
-    rows.sort_by(|a, b| {
-        let key = |r: &Row| if by_units { (r.metrics[0], r.metrics[1]) } else { (r.metrics[1], r.metrics[0]) };
-        key(b).cmp(&key(a)).then_with(|| a.dims.cmp(&b.dims))
-    });
+    let rows = rollup_ordered(tx, &tables::PRODUCTS, &sel, Some((if by_units { 0 } else { 1 }, limit)))?;
     Ok(rows
         .into_iter()
-        .take(limit)
         .map(|r| ProductRow {
             tenant: r.tenant,
             sku: r.dims[0].clone(),
