@@ -99,6 +99,9 @@ fn migration_2() -> String {
         );
     }
     sql += "INSERT INTO stat_counters (name, writer, value) SELECT name, '', value FROM counters;\n";
+    // Every tenant with figures has a watermark (reads find tenants there).
+    sql += "INSERT INTO watermarks (tenant, writer, max_event_ms)
+            SELECT tenant, '', max(minute) * 1000 + 59999 FROM domain_minute GROUP BY tenant;\n";
     sql += "DROP TABLE sales_minute;\nDROP TABLE domain_minute;\nDROP TABLE counters;\n";
     sql
 }
@@ -254,6 +257,7 @@ impl Store {
                 .map_err(err)?;
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+        conn.pragma_update(None, "cache_size", -65_536).map_err(err)?;
         Ok(Store {
             name: path.display().to_string(),
             engine: Engine::Sqlite(conn),

@@ -103,11 +103,22 @@ fn rollup_ordered(
         params.push(v);
         format!("?{}", params.len())
     };
-    // What every piece shares: tenant and dimension filters.
-    let mut common: Vec<String> = Vec::new();
-    if let Some(t) = &sel.tenant {
-        common.push(format!("tenant = {}", param(t.into())));
+    // What every piece shares: the tenants and the dimension filters. The tenant leads every
+    // key: without one, every tenant is named, so that each piece stays a key range.
+    let tenants: Vec<String> = match &sel.tenant {
+        Some(t) => vec![t.clone()],
+        None => tx
+            .query("SELECT DISTINCT tenant FROM watermarks ORDER BY tenant", &[])?
+            .into_iter()
+            .map(|r| r[0].text().to_owned())
+            .collect(),
+    };
+    if tenants.is_empty() {
+        return Ok(Vec::new());
     }
+    let mut common: Vec<String> = Vec::new();
+    let list: Vec<String> = tenants.into_iter().map(|t| param(t.into())).collect();
+    common.push(format!("tenant IN ({})", list.join(", ")));
     for (dim, values) in &sel.filters {
         spec.dim(dim).ok_or_else(|| bad(dim))?;
         let list: Vec<String> = values.iter().map(|v| param(v.into())).collect();

@@ -187,6 +187,9 @@ fn version_1_stores_are_migrated_with_their_figures() {
     }
     let mut store = Store::open(&path).unwrap();
     assert_eq!(totals(&mut store), (3, "20".into()));
+    // Reads for every tenant find the migrated one too.
+    let all = store.read(|tx| query::sales(tx, &query::Selection::all_time())).unwrap();
+    assert_eq!(all.iter().map(|r| r.orders).sum::<i64>(), 3);
     let sel = query::Selection { tenant: Some("acme".into()), granularity: Some(3600), ..query::Selection::all_time() };
     let rows = store.read(|tx| query::rollup(tx, &crate::analytics::tables::DOMAINS, &sel)).unwrap();
     assert_eq!(rows.iter().map(|r| r.metrics[0]).sum::<i64>(), 3);
