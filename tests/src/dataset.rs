@@ -110,17 +110,8 @@ pub fn generate(
                     "id": id, "created_at": rfc3339(t), "customer": {"id": customer}, "channel": channel,
                     "site": site, "country": country, "currency": currency, "total": total, "status": status, "lines": []
                 });
-                let payload = Payload::Sales(SalesOrder {
-                    order_id: id,
-                    customer_id: customer,
-                    channel: channel.into(),
-                    site: site.into(),
-                    country: country.into(),
-                    currency: currency.into(),
-                    amount: Money::parse(&total).unwrap_or_default(),
-                    items: vec![],
-                    status: if action == 0 { OrderStatus::Refunded } else { OrderStatus::Cancelled },
-                });
+                let status = if action == 0 { OrderStatus::Refunded } else { OrderStatus::Cancelled };
+                let payload = sales(id, customer, channel, (site, country, currency), &total, vec![], status);
                 (src, payload, line)
             } else {
                 let id = format!("ORD-{next_order:07}");
@@ -146,17 +137,8 @@ pub fn generate(
                     "channel": channel, "site": site, "country": country, "currency": currency, "total": total,
                     "status": "placed", "lines": lines, "payment": {"method": "card"}
                 });
-                let payload = Payload::Sales(SalesOrder {
-                    order_id: id,
-                    customer_id: customer,
-                    channel: channel.into(),
-                    site: site.into(),
-                    country: country.into(),
-                    currency: currency.into(),
-                    amount: Money::parse(&total).unwrap_or_default(),
-                    items,
-                    status: OrderStatus::Placed,
-                });
+                let payload =
+                    sales(id, customer, channel, (site, country, currency), &total, items, OrderStatus::Placed);
                 (src, payload, line)
             }
         } else if roll < 80 {
@@ -222,6 +204,29 @@ pub fn generate(
         out.push(record(src, &mut seqs, line, payload, event_time));
     }
     out
+}
+
+/// A sales payload; `place` is (site, country, currency).
+fn sales(
+    id: String,
+    customer: String,
+    channel: &str,
+    place: (&str, &str, &str),
+    total: &str,
+    items: Vec<LineItem>,
+    status: OrderStatus,
+) -> Payload {
+    Payload::Sales(SalesOrder {
+        order_id: id,
+        customer_id: customer,
+        channel: channel.into(),
+        site: place.0.into(),
+        country: place.1.into(),
+        currency: place.2.into(),
+        amount: Money::parse(total).unwrap_or_default(),
+        items,
+        status,
+    })
 }
 
 fn record(src: usize, seqs: &mut [u64], line: serde_json::Value, payload: Payload, time: DateTime<Utc>) -> Record {

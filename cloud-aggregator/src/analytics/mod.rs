@@ -465,26 +465,24 @@ fn parse_credits(text: &str) -> Vec<Credit> {
     serde_json::from_str(text).unwrap_or_default()
 }
 
+/// Takes an order's credits back from the attribution roll-up.
 fn retract(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
-    for c in credits {
-        deltas.sub(
-            &tables::ATTRIBUTION,
-            tenant,
-            order.time_ms,
-            vec![c.model.name().into(), c.channel.clone(), c.campaign.clone(), order.currency.clone()],
-            &[c.orders_micro, c.revenue_nano],
-        );
-    }
+    credit_signed(deltas, tenant, order, credits, -1);
 }
 
+/// Gives an order's credits to the attribution roll-up.
 fn credit(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
+    credit_signed(deltas, tenant, order, credits, 1);
+}
+
+fn credit_signed(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit], sign: i64) {
     for c in credits {
         deltas.add(
             &tables::ATTRIBUTION,
             tenant,
             order.time_ms,
             vec![c.model.name().into(), c.channel.clone(), c.campaign.clone(), order.currency.clone()],
-            &[c.orders_micro, c.revenue_nano],
+            &[sign.saturating_mul(c.orders_micro), sign.saturating_mul(c.revenue_nano)],
         );
     }
 }
