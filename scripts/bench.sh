@@ -12,6 +12,12 @@ trap 'scripts/kafka.sh stop || true; scripts/db.sh stop || true' EXIT
 eval "$(scripts/kafka.sh start 1)"
 eval "$(scripts/db.sh start)"
 
+# The Kafka Streams peer of P4, from Maven Central, built outside the clone.
+cache=${ACTIDASH_CACHE:-$HOME/.cache/actidash}
+mvn -q -B -f scripts/kafka-streams/pom.xml package dependency:copy-dependencies -Dmaven.test.skip=true \
+  -DincludeScope=runtime -DoutputDirectory="$cache/kafka-streams-libs" >&2
+export ACTIDASH_KSTREAMS_CP="$cache/kafka-streams-build/kafka-streams-sessions-1.jar:$cache/kafka-streams-libs/*"
+
 bench="$CARGO_TARGET_DIR/release/actidash-bench"
 work="$CARGO_TARGET_DIR/bench"
 out=docs/BENCHMARKS.md

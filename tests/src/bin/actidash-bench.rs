@@ -421,12 +421,44 @@ fn bench_processor(dir: &Path, n: usize) -> anyhow::Result<()> {
     let per_core = (n as i64 - first_done) as f64 / cpu.max(1e-9);
     drop(processor);
 
+    // The peer: Kafka Streams counting the same sessions (30-minute gap) with exactly_once_v2,
+    // on the behavior topic (scripts/kafka-streams, built by scripts/bench.sh).
+    let behavior_topic = format!("{}.behavior", d.topic_prefix);
+    let n_behavior = records.iter().filter(|r| r.event.domain() == actidash_shared::Domain::Behavior).count();
+    let streams = match std::env::var("ACTIDASH_KSTREAMS_CP") {
+        Ok(cp) => {
+            let out = std::process::Command::new("java")
+                .args(["-Xmx1g", "-cp", &cp, "dev.actidash.bench.SessionCount", &bootstrap, &behavior_topic])
+                .arg(n_behavior.to_string())
+                .arg(format!("{}-streams", d.topic_prefix))
+                .arg(dir.join("streams-state"))
+                .output()?;
+            let text = String::from_utf8_lossy(&out.stdout);
+            let rate: f64 =
+                text.lines().find_map(|l| l.strip_prefix("RATE ")).and_then(|r| r.trim().parse().ok()).with_context(
+                    || format!("Kafka Streams gave no rate: {text} {}", String::from_utf8_lossy(&out.stderr)),
+                )?;
+            Some(rate)
+        }
+        Err(_) => None,
+    };
+
     println!("### P4: processor, Kafka -> decode -> sessions, attribution, roll-ups -> SQLite serving store ({n} events of {mean} bytes from 6 sources, 4 topics of 3 partitions, one processor)
 ");
     println!("| path | events/s | per core (CPU s) | vs no-op |");
     println!("|---|---:|---:|---:|");
     println!("| no-op consumer: poll + decode, one thread (baseline) | {noop_rate:.0} | {noop_rate:.0} | 100 % |");
-    println!("| processor, every metric on | {rate:.0} | {per_core:.0} | {:.1} % |\n", 100.0 * rate / noop_rate);
+    println!("| processor, every metric on | {rate:.0} | {per_core:.0} | {:.1} % |", 100.0 * rate / noop_rate);
+    match streams {
+        Some(s) => println!(
+            "| Kafka Streams, sessions only (30-min session windows, exactly_once_v2), behavior topic only ({n_behavior} events) | {s:.0} | | {:.1} % |\n\nActiDash's processor / Kafka Streams: {:.2}x.\n",
+            100.0 * s / noop_rate,
+            rate / s
+        ),
+        None => {
+            println!("\n(Kafka Streams not measured: ACTIDASH_KSTREAMS_CP is not set; scripts/bench.sh builds it.)\n")
+        }
+    }
     Ok(())
 }
 
