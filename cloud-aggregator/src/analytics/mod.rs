@@ -55,7 +55,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use actidash_shared::event::{Event, OrderStatus, Payload};
 use serde::Deserialize;
 
-use crate::store::db::{DbError, Tx, Val};
+use crate::store::db::{Cols, DbError, Tx, Val};
 use attribution::{Credit, Params, Touch};
 use sessions::{Hit, Session};
 use tables::Deltas;
@@ -196,8 +196,7 @@ pub fn apply(
 
     let mut deltas = Deltas::default();
     let mut hits: BTreeMap<(String, String), Vec<Hit>> = BTreeMap::new();
-    // (tenant, customer) -> earliest time from which its orders' credit may have changed.
-    let mut customers: BTreeMap<(String, String), i64> = BTreeMap::new();
+    let mut customers = Customers::new();
     let mut newest: HashMap<String, i64> = HashMap::new();
     for e in events {
         let t = e.event_time.timestamp_millis();
@@ -261,8 +260,7 @@ pub fn apply(
                             Val::Int(e.seq as i64),
                         ],
                     )?;
-                    let from = customers.entry((e.tenant.clone(), m.user_id.clone())).or_insert(t);
-                    *from = (*from).min(t);
+                    touch_customer(&mut customers, &e.tenant, &m.user_id, t);
                 }
             }
             Payload::Behavior(b) => {
@@ -342,6 +340,15 @@ pub fn apply(
     Ok(applied)
 }
 
+/// (tenant, customer) -> the earliest time from which its orders' credit may have changed.
+type Customers = BTreeMap<(String, String), i64>;
+
+/// Notes that `customer`'s orders from `time_ms` on must be credited again.
+fn touch_customer(customers: &mut Customers, tenant: &str, customer: &str, time_ms: i64) {
+    let from = customers.entry((tenant.to_owned(), customer.to_owned())).or_insert(time_ms);
+    *from = (*from).min(time_ms);
+}
+
 /// Records a sales event's effect on its order's attribution state.
 fn order_event(
     tx: &mut dyn Tx,
@@ -349,7 +356,7 @@ fn order_event(
     t: i64,
     late: bool,
     deltas: &mut Deltas,
-    customers: &mut BTreeMap<(String, String), i64>,
+    customers: &mut Customers,
     applied: &mut Applied,
 ) -> Result<(), DbError> {
     let Payload::Sales(o) = &e.payload else { return Ok(()) };
@@ -406,8 +413,7 @@ fn order_event(
         state.amount = o.amount.raw();
         state.currency = o.currency.clone();
         if !state.cancelled {
-            let from = customers.entry((e.tenant.clone(), state.customer.clone())).or_insert(t);
-            *from = (*from).min(t);
+            touch_customer(&mut *customers, &e.tenant, &state.customer, t);
         }
     }
     tx.exec(
@@ -443,16 +449,15 @@ fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<Or
         &[tenant.into(), order_id.into()],
     )?;
     Ok(rows.into_iter().next().map(|r| {
-        let mut r = r.into_iter();
-        let mut next = || r.next().unwrap_or(Val::Null);
+        let mut c = Cols::new(r);
         OrderState {
-            customer: next().into_text(),
-            time_ms: next().int_or_zero(),
-            amount: next().int_or_zero(),
-            currency: next().into_text(),
-            placed: next().int_or_zero() != 0,
-            cancelled: next().int_or_zero() != 0,
-            credits: parse_credits(next().text()),
+            customer: c.text(),
+            time_ms: c.int(),
+            amount: c.int(),
+            currency: c.text(),
+            placed: c.int() != 0,
+            cancelled: c.int() != 0,
+            credits: parse_credits(&c.text()),
         }
     }))
 }
@@ -516,25 +521,21 @@ fn attribute(
         )?
         .into_iter()
         .map(|r| {
-            let mut r = r.into_iter();
-            Touch {
-                time_ms: r.next().map_or(0, |v| v.int_or_zero()),
-                channel: r.next().map(Val::into_text).unwrap_or_default(),
-                campaign: r.next().map(Val::into_text).unwrap_or_default(),
-            }
+            let mut c = Cols::new(r);
+            Touch { time_ms: c.int(), channel: c.text(), campaign: c.text() }
         })
         .collect();
     for row in rows {
-        let mut r = row.into_iter();
-        let order_id = r.next().map(Val::into_text).unwrap_or_default();
+        let mut c = Cols::new(row);
+        let order_id = c.text();
         let order = OrderState {
             customer: customer.to_owned(),
-            time_ms: r.next().map_or(0, |v| v.int_or_zero()),
-            amount: r.next().map_or(0, |v| v.int_or_zero()),
-            currency: r.next().map(Val::into_text).unwrap_or_default(),
+            time_ms: c.int(),
+            amount: c.int(),
+            currency: c.text(),
             placed: true,
             cancelled: false,
-            credits: r.next().map(|v| parse_credits(v.text())).unwrap_or_default(),
+            credits: parse_credits(&c.text()),
         };
         let new = attribution::credit_order(order.time_ms, order.amount, &touches, params);
         if new == order.credits {
@@ -566,14 +567,8 @@ fn sessionize(
         )?
         .into_iter()
         .map(|r| {
-            let mut r = r.into_iter();
-            Session {
-                start_ms: r.next().map_or(0, |v| v.int_or_zero()),
-                end_ms: r.next().map_or(0, |v| v.int_or_zero()),
-                events: r.next().map_or(0, |v| v.int_or_zero()),
-                mask: r.next().map_or(0, |v| v.int_or_zero() as u8),
-                referrer: r.next().map(Val::into_text).unwrap_or_default(),
-            }
+            let mut c = Cols::new(r);
+            Session { start_ms: c.int(), end_ms: c.int(), events: c.int(), mask: c.int() as u8, referrer: c.text() }
         })
         .collect();
     let (removed, added) = sessions::apply(&stored, hits, gap);
@@ -607,10 +602,11 @@ fn sessionize(
 
 /// Writes the roll-up deltas, at every grain.
 fn write_deltas(tx: &mut dyn Tx, deltas: &Deltas) -> Result<(), DbError> {
-    let mut sql: HashMap<&'static str, String> = HashMap::new();
+    // The upsert of each roll-up table, built once.
+    static UPSERTS: std::sync::LazyLock<HashMap<&'static str, String>> =
+        std::sync::LazyLock::new(|| tables::ALL.iter().map(|t| (t.name, t.upsert_sql())).collect());
     for row in deltas.by_grain() {
-        let Some(spec) = Deltas::spec(row.table) else { continue };
-        let sql = sql.entry(row.table).or_insert_with(|| spec.upsert_sql());
+        let Some(sql) = UPSERTS.get(row.table) else { continue };
         let params: Vec<Val> = [Val::Text(row.tenant), Val::Int(row.grain), Val::Int(row.bucket)]
             .into_iter()
             .chain(row.dims.into_iter().map(Val::Text))

@@ -300,8 +300,7 @@ async fn sales_totals(State(state): State<AppState>, Query(p): Pairs) -> Result<
     let mut p = Params::new(p)?;
     let tenant = p.take("tenant");
     p.done()?;
-    let sel = Selection { tenant, group_by: vec!["channel".into(), "currency".into()], ..Selection::all_time() };
-    query(&state, move |tx| query::sales(tx, &sel)).await.map(Json)
+    query(&state, move |tx| query::sales_totals(tx, tenant.as_deref())).await.map(Json)
 }
 
 async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {

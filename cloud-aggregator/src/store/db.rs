@@ -44,6 +44,36 @@ impl Val {
     }
 }
 
+/// The columns of a result row, read in order (a missing or NULL column reads as 0 or "").
+#[derive(Debug)]
+pub struct Cols(std::vec::IntoIter<Val>);
+
+impl Cols {
+    pub fn new(row: Vec<Val>) -> Cols {
+        Cols(row.into_iter())
+    }
+
+    /// The next column as an integer.
+    pub fn int(&mut self) -> i64 {
+        self.0.next().map_or(0, |v| v.int_or_zero())
+    }
+
+    /// The next column as an integer, None for NULL.
+    pub fn opt_int(&mut self) -> Option<i64> {
+        self.0.next().and_then(|v| v.int())
+    }
+
+    /// The next column as text.
+    pub fn text(&mut self) -> String {
+        self.0.next().map(Val::into_text).unwrap_or_default()
+    }
+
+    /// The columns not read yet, as integers.
+    pub fn rest_ints(self) -> Vec<i64> {
+        self.0.map(|v| v.int_or_zero()).collect()
+    }
+}
+
 impl From<i64> for Val {
     fn from(v: i64) -> Val {
         Val::Int(v)

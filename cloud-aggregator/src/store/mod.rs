@@ -371,12 +371,7 @@ impl Store {
 
     /// All-time totals per tenant, channel and currency (net orders and revenue).
     pub fn sales_totals(&mut self, tenant: Option<&str>) -> Result<Vec<query::SalesRow>, StoreError> {
-        let selection = query::Selection {
-            tenant: tenant.map(str::to_owned),
-            group_by: vec!["channel".into(), "currency".into()],
-            ..query::Selection::all_time()
-        };
-        self.read(|tx| query::sales(tx, &selection))
+        self.read(|tx| query::sales_totals(tx, tenant))
     }
 
     /// The fleet: every agent's last heartbeat.

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use actidash_shared::Money;
 use serde::Serialize;
 
-use super::db::{DbError, Tx, Val};
+use super::db::{Cols, DbError, Tx, Val};
 use crate::analytics::attribution::{MICRO_PER_ORDER, Model, NANO_PER_RAW, NONE};
 use crate::analytics::sessions::{self, KINDS};
 use crate::analytics::tables::{self, GRAINS, TableSpec};
@@ -175,12 +175,11 @@ fn rollup_ordered(
         .query(&sql, &params)?
         .into_iter()
         .map(|r| {
-            let mut r = r.into_iter();
-            let tenant = r.next().map(Val::into_text).unwrap_or_default();
-            let bucket = if with_bucket { r.next().and_then(|v| v.int()) } else { None };
-            let dims = (0..n_dims).map(|_| r.next().map(Val::into_text).unwrap_or_default()).collect();
-            let metrics = r.map(|v| v.int_or_zero()).collect();
-            Row { tenant, bucket, dims, metrics }
+            let mut c = Cols::new(r);
+            let tenant = c.text();
+            let bucket = if with_bucket { c.opt_int() } else { None };
+            let dims = (0..n_dims).map(|_| c.text()).collect();
+            Row { tenant, bucket, dims, metrics: c.rest_ints() }
         })
         .collect())
 }
@@ -275,6 +274,16 @@ pub fn sales(tx: &mut dyn Tx, sel: &Selection) -> Result<Vec<SalesRow>, DbError>
             }
         })
         .collect())
+}
+
+/// All-time sales per tenant, channel and currency.
+pub fn sales_totals(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<SalesRow>, DbError> {
+    let sel = Selection {
+        tenant: tenant.map(str::to_owned),
+        group_by: vec!["channel".into(), "currency".into()],
+        ..Selection::all_time()
+    };
+    sales(tx, &sel)
 }
 
 /// A product's units and revenue over a range.
@@ -582,13 +591,13 @@ pub fn inventory(
     let levels: Vec<StockRow> = rows
         .into_iter()
         .map(|r| {
-            let mut r = r.into_iter();
+            let mut c = Cols::new(r);
             StockRow {
-                tenant: r.next().map(Val::into_text).unwrap_or_default(),
-                sku: r.next().map(Val::into_text).unwrap_or_default(),
-                warehouse: r.next().map(Val::into_text).unwrap_or_default(),
-                on_hand: r.next().map_or(0, |v| v.int_or_zero()),
-                as_of: chrono::DateTime::from_timestamp_millis(r.next().map_or(0, |v| v.int_or_zero()))
+                tenant: c.text(),
+                sku: c.text(),
+                warehouse: c.text(),
+                on_hand: c.int(),
+                as_of: chrono::DateTime::from_timestamp_millis(c.int())
                     .map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
                     .unwrap_or_default(),
             }
@@ -666,15 +675,14 @@ pub fn agents(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<AgentRow>, Db
         .query(sql, &params)?
         .into_iter()
         .map(|r| {
-            let mut r = r.into_iter().map(Val::into_text);
-            let mut next = || r.next().unwrap_or_default();
+            let mut c = Cols::new(r);
             AgentRow {
-                tenant: next(),
-                agent_id: next(),
-                received_at: next(),
-                transport: next(),
-                remote_addr: next(),
-                heartbeat: serde_json::from_str(&next()).unwrap_or(serde_json::Value::Null),
+                tenant: c.text(),
+                agent_id: c.text(),
+                received_at: c.text(),
+                transport: c.text(),
+                remote_addr: c.text(),
+                heartbeat: serde_json::from_str(&c.text()).unwrap_or(serde_json::Value::Null),
             }
         })
         .collect())
