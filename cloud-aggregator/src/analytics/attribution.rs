@@ -89,6 +89,67 @@ pub const NANO_PER_RAW: i64 = 10_000;
 /// Order credit units per order.
 pub const MICRO_PER_ORDER: i64 = 1_000_000;
 
+/// An order's credits as stored with the order: per channel and campaign, the models that
+/// credit it. `{len}:{channel}{len}:{campaign}` (lengths in bytes), then `{model},{orders},{revenue};`
+/// per model (`model` its index in [`Model::ALL`]), then a line end. About a quarter of the
+/// size of JSON, which matters: an order is re-credited every time its customer gets a touch.
+pub fn encode_credits(credits: &[Credit]) -> String {
+    use std::fmt::Write as _;
+    let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&Credit>> = std::collections::BTreeMap::new();
+    for c in credits {
+        groups.entry((&c.channel, &c.campaign)).or_default().push(c);
+    }
+    let mut out = String::with_capacity(groups.len() * 64);
+    for ((channel, campaign), of_group) in groups {
+        let _ = write!(out, "{}:{channel}{}:{campaign}", channel.len(), campaign.len());
+        for c in of_group {
+            let model = Model::ALL.iter().position(|m| *m == c.model).unwrap_or(0);
+            let _ = write!(out, "{model},{},{};", c.orders_micro, c.revenue_nano);
+        }
+        out.push('\n');
+    }
+    out
+}
+
+/// Reads [`encode_credits`]' text (or the JSON list that stores before it held), sorted by
+/// model, channel, campaign. The error says where the text stops making sense.
+pub fn decode_credits(text: &str) -> Result<Vec<Credit>, String> {
+    if text.starts_with('[') {
+        return serde_json::from_str(text).map_err(|e| e.to_string());
+    }
+    fn take<'a>(rest: &mut &'a str, until: char) -> Result<&'a str, String> {
+        let (head, tail) = rest.split_once(until).ok_or_else(|| format!("no {until:?} in {rest:?}"))?;
+        *rest = tail;
+        Ok(head)
+    }
+    fn sized<'a>(rest: &mut &'a str) -> Result<&'a str, String> {
+        let len: usize = take(rest, ':')?.parse().map_err(|e| format!("bad length: {e}"))?;
+        let s = rest.get(..len).ok_or_else(|| format!("{len} bytes do not fit in {rest:?}"))?;
+        *rest = &rest[len..];
+        Ok(s)
+    }
+    let mut out = Vec::new();
+    let mut rest = text;
+    while !rest.is_empty() {
+        let channel = sized(&mut rest)?;
+        let campaign = sized(&mut rest)?;
+        let mut line = take(&mut rest, '\n')?;
+        while !line.is_empty() {
+            let model = take(&mut line, ',')?;
+            let model = model
+                .parse::<usize>()
+                .ok()
+                .and_then(|i| Model::ALL.get(i).copied())
+                .ok_or_else(|| format!("bad model {model:?}"))?;
+            let orders_micro = take(&mut line, ',')?.parse().map_err(|e| format!("bad orders: {e}"))?;
+            let revenue_nano = take(&mut line, ';')?.parse().map_err(|e| format!("bad revenue: {e}"))?;
+            out.push(Credit { model, channel: channel.into(), campaign: campaign.into(), orders_micro, revenue_nano });
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
 /// The credits of an order of `amount_raw` (money's raw units) placed at `order_ms`, given its
 /// customer's touches in any order (those outside the lookback window are ignored). Sorted by
 /// model, channel, campaign.
@@ -207,6 +268,23 @@ mod tests {
     use super::*;
 
     const DAY: i64 = 86_400_000;
+
+    #[test]
+    fn credits_round_trip_through_their_stored_text() {
+        let touches = [touch(1, "email"), touch(2, "se:o\n3:x"), touch(3, "email"), touch(4, "")];
+        let credits = credit_order(5 * DAY, 12_345_678, &touches, PARAMS);
+        assert!(credits.len() >= 10, "{credits:?}");
+        let text = encode_credits(&credits);
+        assert_eq!(decode_credits(&text).as_deref(), Ok(&credits[..]));
+        assert!(text.len() * 3 < serde_json::to_string(&credits).unwrap().len(), "{text}");
+        // What stores wrote before: JSON.
+        assert_eq!(decode_credits(&serde_json::to_string(&credits).unwrap()).as_deref(), Ok(&credits[..]));
+        assert_eq!(decode_credits(""), Ok(vec![]));
+        assert!(decode_credits("5:email1:c0,1,2").is_err(), "cut short");
+        assert!(decode_credits("9:email").is_err());
+        assert!(decode_credits("5:email1:c9,1,2;\n").is_err(), "no model 9");
+    }
+
     const PARAMS: Params = Params { lookback_ms: 30 * DAY, half_life_ms: 7 * DAY };
 
     fn touch(day: i64, channel: &str) -> Touch {

@@ -207,29 +207,29 @@ pub fn apply(
         }
         let w = newest.entry(e.tenant.clone()).or_insert(i64::MIN);
         *w = (*w).max(t);
-        deltas.add(&tables::DOMAINS, tenant, t, vec![e.domain().as_str().into()], &[1]);
+        deltas.add(&tables::DOMAINS, tenant, t, &[e.domain().as_str()], &[1]);
         match &e.payload {
             Payload::Sales(o) => {
                 applied.changed.insert((e.tenant.clone(), "sales"));
-                let dims = vec![o.channel.clone(), o.site.clone(), o.country.clone(), o.currency.clone()];
+                let dims = [o.channel.as_str(), &o.site, &o.country, &o.currency];
                 let amount = o.amount.raw();
                 match o.status {
                     OrderStatus::Placed => {
                         let units = o.items.iter().fold(0_i64, |n, i| n.saturating_add(i.quantity));
-                        deltas.add(&tables::SALES, tenant, t, dims, &[1, amount, 0, 0, 0, 0, units]);
+                        deltas.add(&tables::SALES, tenant, t, &dims, &[1, amount, 0, 0, 0, 0, units]);
                         for item in &o.items {
                             let revenue = item.unit_price.raw().saturating_mul(item.quantity);
                             deltas.add(
                                 &tables::PRODUCTS,
                                 tenant,
                                 t,
-                                vec![item.sku.clone(), o.currency.clone()],
+                                &[&item.sku, &o.currency],
                                 &[item.quantity, revenue],
                             );
                         }
                     }
-                    OrderStatus::Cancelled => deltas.add(&tables::SALES, tenant, t, dims, &[0, 0, 1, amount]),
-                    OrderStatus::Refunded => deltas.add(&tables::SALES, tenant, t, dims, &[0, 0, 0, 0, 1, amount]),
+                    OrderStatus::Cancelled => deltas.add(&tables::SALES, tenant, t, &dims, &[0, 0, 1, amount]),
+                    OrderStatus::Refunded => deltas.add(&tables::SALES, tenant, t, &dims, &[0, 0, 0, 0, 1, amount]),
                     OrderStatus::Paid | OrderStatus::Shipped => {}
                 }
                 order_event(tx, e, t, late, &mut deltas, &mut customers, &mut applied)?;
@@ -237,14 +237,8 @@ pub fn apply(
             Payload::Marketing(m) => {
                 applied.changed.insert((e.tenant.clone(), "marketing"));
                 let cost = m.cost.map_or(0, |c| c.raw());
-                let currency = m.currency.clone().unwrap_or_default();
-                deltas.add(
-                    &tables::MARKETING,
-                    tenant,
-                    t,
-                    vec![m.channel.clone(), m.campaign.clone(), currency],
-                    &[1, cost],
-                );
+                let currency = m.currency.as_deref().unwrap_or_default();
+                deltas.add(&tables::MARKETING, tenant, t, &[&m.channel, &m.campaign, currency], &[1, cost]);
                 if !late {
                     tx.exec(
                         "INSERT INTO touches (tenant, user_id, time_ms, channel, campaign, agent_id, source_id, seq)
@@ -265,7 +259,7 @@ pub fn apply(
             }
             Payload::Behavior(b) => {
                 applied.changed.insert((e.tenant.clone(), "behavior"));
-                deltas.add(&tables::BEHAVIOR, tenant, t, vec![sessions::kind_name(b.kind).into()], &[1]);
+                deltas.add(&tables::BEHAVIOR, tenant, t, &[sessions::kind_name(b.kind)], &[1]);
                 if !late {
                     hits.entry((e.tenant.clone(), b.visitor_id.clone())).or_default().push(Hit {
                         time_ms: t,
@@ -448,26 +442,30 @@ fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<Or
          WHERE tenant = ?1 AND order_id = ?2",
         &[tenant.into(), order_id.into()],
     )?;
-    Ok(rows.into_iter().next().map(|r| {
-        let mut c = Cols::new(r);
-        OrderState {
-            customer: c.text(),
-            time_ms: c.int(),
-            amount: c.int(),
-            currency: c.text(),
-            placed: c.int() != 0,
-            cancelled: c.int() != 0,
-            credits: parse_credits(&c.text()),
-        }
+    let Some(row) = rows.into_iter().next() else { return Ok(None) };
+    let mut c = Cols::new(row);
+    Ok(Some(OrderState {
+        customer: c.text(),
+        time_ms: c.int(),
+        amount: c.int(),
+        currency: c.text(),
+        placed: c.int() != 0,
+        cancelled: c.int() != 0,
+        credits: parse_credits(&c.text(), tenant, order_id)?,
     }))
 }
 
 fn credits_text(credits: &[Credit]) -> String {
-    serde_json::to_string(credits).unwrap_or_default()
+    attribution::encode_credits(credits)
 }
 
-fn parse_credits(text: &str) -> Vec<Credit> {
-    serde_json::from_str(text).unwrap_or_default()
+/// An order's stored credits. Unreadable text (the store's own, so never expected) is an error
+/// that stops the commit: retracting nothing would leave the credit counted for ever.
+fn parse_credits(text: &str, tenant: &str, order_id: &str) -> Result<Vec<Credit>, DbError> {
+    attribution::decode_credits(text).map_err(|e| DbError {
+        message: format!("the stored credits of order {order_id:?} of tenant {tenant:?}: {e}"),
+        retryable: false,
+    })
 }
 
 /// Takes an order's credits back from the attribution roll-up.
@@ -482,12 +480,13 @@ fn credit(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Cred
 
 fn credit_signed(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit], sign: i64) {
     for c in credits {
-        deltas.add(
+        deltas.add_signed(
             &tables::ATTRIBUTION,
             tenant,
             order.time_ms,
-            vec![c.model.name().into(), c.channel.clone(), c.campaign.clone(), order.currency.clone()],
-            &[sign.saturating_mul(c.orders_micro), sign.saturating_mul(c.revenue_nano)],
+            &[c.model.name(), &c.channel, &c.campaign, &order.currency],
+            &[c.orders_micro, c.revenue_nano],
+            sign,
         );
     }
 }
@@ -535,7 +534,7 @@ fn attribute(
             currency: c.text(),
             placed: true,
             cancelled: false,
-            credits: parse_credits(&c.text()),
+            credits: parse_credits(&c.text(), tenant, &order_id)?,
         };
         let new = attribution::credit_order(order.time_ms, order.amount, &touches, params);
         if new == order.credits {
@@ -574,7 +573,7 @@ fn sessionize(
     let (removed, added) = sessions::apply(&stored, hits, gap);
     for s in &removed {
         let (dims, metrics) = s.rollup();
-        deltas.sub(&tables::SESSIONS, tenant, s.start_ms, dims, &metrics);
+        deltas.sub(&tables::SESSIONS, tenant, s.start_ms, &dims, &metrics);
         tx.exec(
             "DELETE FROM sessions WHERE tenant = ?1 AND visitor_id = ?2 AND start_ms = ?3",
             &[tenant.into(), visitor.into(), s.start_ms.into()],
@@ -582,7 +581,7 @@ fn sessionize(
     }
     for s in &added {
         let (dims, metrics) = s.rollup();
-        deltas.add(&tables::SESSIONS, tenant, s.start_ms, dims, &metrics);
+        deltas.add(&tables::SESSIONS, tenant, s.start_ms, &dims, &metrics);
         tx.exec(
             "INSERT INTO sessions (tenant, visitor_id, start_ms, end_ms, events, mask, referrer)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
@@ -606,11 +605,11 @@ fn write_deltas(tx: &mut dyn Tx, deltas: &Deltas) -> Result<(), DbError> {
     static UPSERTS: std::sync::LazyLock<HashMap<&'static str, String>> =
         std::sync::LazyLock::new(|| tables::ALL.iter().map(|t| (t.name, t.upsert_sql())).collect());
     for row in deltas.by_grain() {
-        let Some(sql) = UPSERTS.get(row.table) else { continue };
-        let params: Vec<Val> = [Val::Text(row.tenant), Val::Int(row.grain), Val::Int(row.bucket)]
+        let Some(sql) = UPSERTS.get(row.table.name) else { continue };
+        let params: Vec<Val> = [Val::from(row.tenant), Val::Int(row.grain), Val::Int(row.bucket)]
             .into_iter()
-            .chain(row.dims.into_iter().map(Val::Text))
-            .chain(row.metrics.into_iter().map(Val::Int))
+            .chain(row.dims.iter().map(Val::from))
+            .chain(row.metrics().iter().map(|m| Val::Int(*m)))
             .collect();
         tx.exec(sql, &params)?;
     }

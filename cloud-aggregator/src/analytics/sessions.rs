@@ -23,6 +23,14 @@ pub const KINDS: [BehaviorKind; 6] = [
     BehaviorKind::Purchase,
 ];
 
+/// Every type set (6 bits) as decimal text, the `mask` dimension of [`crate::analytics::tables::SESSIONS`].
+const MASK_TEXT: [&str; 64] = [
+    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11", "12", "13", "14", "15", "16", "17", "18", "19", "20",
+    "21", "22", "23", "24", "25", "26", "27", "28", "29", "30", "31", "32", "33", "34", "35", "36", "37", "38", "39",
+    "40", "41", "42", "43", "44", "45", "46", "47", "48", "49", "50", "51", "52", "53", "54", "55", "56", "57", "58",
+    "59", "60", "61", "62", "63",
+];
+
 /// The wire name of a behavior type (`page_view`…).
 pub fn kind_name(kind: BehaviorKind) -> &'static str {
     match kind {
@@ -104,9 +112,9 @@ impl Session {
     }
 
     /// The session's row in [`crate::analytics::tables::SESSIONS`]: dims and metrics.
-    pub fn rollup(&self) -> (Vec<String>, [i64; 4]) {
+    pub fn rollup(&self) -> ([&str; 2], [i64; 4]) {
         (
-            vec![self.referrer.clone(), self.mask.to_string()],
+            [&self.referrer, MASK_TEXT[usize::from(self.mask & 63)]],
             [1, i64::from(self.is_bounce()), self.end_ms - self.start_ms, self.events],
         )
     }

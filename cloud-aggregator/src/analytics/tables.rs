@@ -8,7 +8,7 @@
 //! Every metric is an integer sum; money is in ten-thousandths of the currency unit
 //! ([`actidash_shared::Money`]), except where a table says otherwise.
 
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 /// The grains every roll-up is kept at, in seconds.
 pub const GRAINS: [i64; 3] = [60, 3600, 86_400];
@@ -113,52 +113,101 @@ impl TableSpec {
     }
 }
 
-/// Key of a delta row: table, tenant, event-time minute, dimension values.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct DeltaKey {
-    pub table: &'static str,
-    pub tenant: String,
-    /// Unix seconds of the minute.
-    pub minute: i64,
-    pub dims: Vec<String>,
-}
+/// Most metrics of any roll-up table.
+pub const MAX_METRICS: usize = 7;
 
-/// One row to add to a roll-up table at one grain.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
-pub struct GrainRow {
-    pub table: &'static str,
-    pub tenant: String,
+/// One row to add to a roll-up table at one grain (borrowed from [`Deltas`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GrainRow<'a> {
+    pub table: &'static TableSpec,
+    pub tenant: &'a str,
     pub grain: i64,
     pub bucket: i64,
-    pub dims: Vec<String>,
-    pub metrics: Vec<i64>,
+    pub dims: &'a [String],
+    sums: [i64; MAX_METRICS],
+}
+
+impl GrainRow<'_> {
+    /// The sums, in the table's metric order.
+    pub fn metrics(&self) -> &[i64] {
+        &self.sums[..self.table.metrics.len()]
+    }
+}
+
+/// A distinct (table, tenant, dims) of a commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Series {
+    table: &'static TableSpec,
+    tenant: String,
+    dims: Vec<String>,
 }
 
 /// Additive changes to the roll-ups, gathered over a commit and written once per row and grain.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+///
+/// A commit adds to few distinct rows many times, so the (table, tenant, dims) of a row is
+/// interned once: adding to a known row costs a hash of its parts and no allocation.
+#[derive(Debug, Default, Clone)]
 pub struct Deltas {
-    rows: HashMap<DeltaKey, Vec<i64>>,
+    /// Encoded (table, tenant, dims) -> index into `series`.
+    ids: FxHashMap<Box<str>, u32>,
+    series: Vec<Series>,
+    /// (series, minute) -> sums.
+    rows: FxHashMap<(u32, i64), [i64; MAX_METRICS]>,
+    /// Scratch for encoding keys.
+    buf: String,
 }
 
 impl Deltas {
     /// Adds `metrics` (in the table's metric order; shorter means the rest are zero) to the row
     /// of `table` for `tenant`, the minute of `time_ms`, and `dims`. Sums saturate.
-    pub fn add(&mut self, table: &'static TableSpec, tenant: &str, time_ms: i64, dims: Vec<String>, metrics: &[i64]) {
-        debug_assert_eq!(dims.len(), table.dims.len(), "{}", table.name);
-        let minute = time_ms.div_euclid(60_000) * 60;
-        let row = self
-            .rows
-            .entry(DeltaKey { table: table.name, tenant: tenant.to_owned(), minute, dims })
-            .or_insert_with(|| vec![0; table.metrics.len()]);
-        for (sum, m) in row.iter_mut().zip(metrics) {
-            *sum = sum.saturating_add(*m);
-        }
+    pub fn add(&mut self, table: &'static TableSpec, tenant: &str, time_ms: i64, dims: &[&str], metrics: &[i64]) {
+        self.add_signed(table, tenant, time_ms, dims, metrics, 1);
     }
 
     /// Adds `metrics` with the opposite sign (a retraction).
-    pub fn sub(&mut self, table: &'static TableSpec, tenant: &str, time_ms: i64, dims: Vec<String>, metrics: &[i64]) {
-        let negated: Vec<i64> = metrics.iter().map(|m| m.saturating_neg()).collect();
-        self.add(table, tenant, time_ms, dims, &negated);
+    pub fn sub(&mut self, table: &'static TableSpec, tenant: &str, time_ms: i64, dims: &[&str], metrics: &[i64]) {
+        self.add_signed(table, tenant, time_ms, dims, metrics, -1);
+    }
+
+    /// Adds `sign` × `metrics`.
+    pub fn add_signed(
+        &mut self,
+        table: &'static TableSpec,
+        tenant: &str,
+        time_ms: i64,
+        dims: &[&str],
+        metrics: &[i64],
+        sign: i64,
+    ) {
+        debug_assert_eq!(dims.len(), table.dims.len(), "{}", table.name);
+        let id = self.intern(table, tenant, dims);
+        let minute = time_ms.div_euclid(60_000) * 60;
+        let row = self.rows.entry((id, minute)).or_insert([0; MAX_METRICS]);
+        for (sum, m) in row.iter_mut().zip(metrics) {
+            *sum = sum.saturating_add(m.saturating_mul(sign));
+        }
+    }
+
+    /// The id of a (table, tenant, dims), length-prefixed so that no two differ only in where
+    /// one part ends.
+    fn intern(&mut self, table: &'static TableSpec, tenant: &str, dims: &[&str]) -> u32 {
+        use std::fmt::Write as _;
+        self.buf.clear();
+        for part in [table.name, tenant].iter().chain(dims) {
+            let _ = write!(self.buf, "{}:", part.len());
+            self.buf.push_str(part);
+        }
+        if let Some(id) = self.ids.get(self.buf.as_str()) {
+            return *id;
+        }
+        let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
+        self.series.push(Series {
+            table,
+            tenant: tenant.to_owned(),
+            dims: dims.iter().map(|d| (*d).to_owned()).collect(),
+        });
+        self.ids.insert(self.buf.as_str().into(), id);
+        id
     }
 
     pub fn is_empty(&self) -> bool {
@@ -166,35 +215,39 @@ impl Deltas {
     }
 
     /// The rows to write: every delta row at every grain, merged per bucket, without rows whose
-    /// metrics are all zero (a change that cancelled out). Sorted, so that concurrent writers
-    /// lock rows in one order.
-    pub fn by_grain(&self) -> Vec<GrainRow> {
-        type Key<'a> = (&'static str, &'a str, i64, i64, &'a [String]);
-        let mut merged: HashMap<Key<'_>, Vec<i64>> = HashMap::new();
-        for (k, v) in &self.rows {
+    /// metrics are all zero (a change that cancelled out). In one order that depends only on the
+    /// rows' keys, so that concurrent writers lock rows in the same order.
+    pub fn by_grain(&self) -> Vec<GrainRow<'_>> {
+        // Series in key order.
+        let mut order: Vec<u32> = (0..self.series.len() as u32).collect();
+        order.sort_by(|a, b| {
+            let (a, b) = (&self.series[*a as usize], &self.series[*b as usize]);
+            (a.table.name, &a.tenant, &a.dims).cmp(&(b.table.name, &b.tenant, &b.dims))
+        });
+        let mut rank = vec![0_u32; order.len()];
+        for (r, id) in order.iter().enumerate() {
+            rank[*id as usize] = r as u32;
+        }
+        let mut merged: FxHashMap<(u32, i64, i64), [i64; MAX_METRICS]> = FxHashMap::default();
+        merged.reserve(self.rows.len() * 2);
+        for ((id, minute), v) in &self.rows {
             for grain in GRAINS {
-                let bucket = k.minute.div_euclid(grain) * grain;
-                let row =
-                    merged.entry((k.table, &k.tenant, grain, bucket, &k.dims)).or_insert_with(|| vec![0; v.len()]);
+                let bucket = minute.div_euclid(grain) * grain;
+                let row = merged.entry((rank[*id as usize], grain, bucket)).or_insert([0; MAX_METRICS]);
                 for (sum, m) in row.iter_mut().zip(v) {
                     *sum = sum.saturating_add(*m);
                 }
             }
         }
-        let mut out: Vec<_> = merged
-            .into_iter()
-            .filter(|(_, v)| v.iter().any(|m| *m != 0))
-            .map(|((table, tenant, grain, bucket, dims), metrics)| GrainRow {
-                table,
-                tenant: tenant.to_owned(),
-                grain,
-                bucket,
-                dims: dims.to_vec(),
-                metrics,
+        let mut keys: Vec<((u32, i64, i64), [i64; MAX_METRICS])> =
+            merged.into_iter().filter(|(_, v)| v.iter().any(|m| *m != 0)).collect();
+        keys.sort_unstable_by_key(|(k, _)| *k);
+        keys.into_iter()
+            .map(|((rank, grain, bucket), sums)| {
+                let s = &self.series[order[rank as usize] as usize];
+                GrainRow { table: s.table, tenant: &s.tenant, grain, bucket, dims: &s.dims, sums }
             })
-            .collect();
-        out.sort();
-        out
+            .collect()
     }
 
     /// The table specs by name.
@@ -212,14 +265,34 @@ mod tests {
         let mut d = Deltas::default();
         // 10:00:30 and 10:59:59 on one day: two minutes, one hour, one day.
         let t0 = 1_764_237_630_000;
-        d.add(&BEHAVIOR, "t", t0, vec!["page_view".into()], &[1]);
-        d.add(&BEHAVIOR, "t", t0 + 3_569_000, vec!["page_view".into()], &[2]);
-        d.add(&DOMAINS, "t", t0, vec!["sales".into()], &[1]);
-        d.sub(&DOMAINS, "t", t0, vec!["sales".into()], &[1]);
+        d.add(&BEHAVIOR, "t", t0, &["page_view"], &[1]);
+        d.add(&BEHAVIOR, "t", t0 + 3_569_000, &["page_view"], &[2]);
+        d.add(&DOMAINS, "t", t0, &["sales"], &[1]);
+        d.sub(&DOMAINS, "t", t0, &["sales"], &[1]);
+        // Parts that only differ in where one ends are different rows.
+        d.add(&SALES, "t", t0, &["ab", "c", "", "EUR"], &[1]);
+        d.add(&SALES, "t", t0, &["a", "bc", "", "EUR"], &[1, 5]);
         let rows = d.by_grain();
-        let grains: Vec<(i64, i64)> = rows.iter().map(|r| (r.grain, r.metrics[0])).collect();
-        assert_eq!(grains, [(60, 1), (60, 2), (3600, 3), (86_400, 3)]);
-        assert!(rows.iter().all(|r| r.table == "behavior_rollup"), "the cancelled-out domain row is not written");
+        let grains: Vec<(&str, i64, i64)> = rows.iter().map(|r| (r.table.name, r.grain, r.metrics()[0])).collect();
+        assert_eq!(
+            grains,
+            [
+                ("behavior_rollup", 60, 1),
+                ("behavior_rollup", 60, 2),
+                ("behavior_rollup", 3600, 3),
+                ("behavior_rollup", 86_400, 3),
+                ("sales_rollup", 60, 1),
+                ("sales_rollup", 3600, 1),
+                ("sales_rollup", 86_400, 1),
+                ("sales_rollup", 60, 1),
+                ("sales_rollup", 3600, 1),
+                ("sales_rollup", 86_400, 1),
+            ],
+            "the cancelled-out domain row is not written"
+        );
+        assert_eq!(rows[4].dims, ["a", "bc", "", "EUR"]);
+        assert_eq!(rows[4].metrics(), [1, 5, 0, 0, 0, 0, 0]);
+        assert_eq!(rows[7].dims, ["ab", "c", "", "EUR"]);
     }
 
     #[test]

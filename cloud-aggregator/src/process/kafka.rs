@@ -28,7 +28,7 @@ use crate::config::KafkaConfig;
 use crate::store::{CommitWork, Location, OffsetClaim, Store, StreamInput};
 
 /// Most messages in one store transaction.
-const MAX_BATCH: usize = 5_000;
+const MAX_BATCH: usize = 20_000;
 /// Longest wait to fill a batch.
 const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
 
