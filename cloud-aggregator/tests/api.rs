@@ -108,6 +108,18 @@ fn reports_serve_exact_money_and_refuse_bad_parameters_by_name() {
     let inventory = json(port, "/api/v1/inventory?tenant=acme");
     assert_eq!(inventory["low_stock"][0]["sku"], "S", "{inventory}");
 
+    // Attribution and products are kept per hour: a range inside an hour is widened to it, and
+    // the answer says so.
+    let within = "from=2026-11-27T10:01:00Z&to=2026-11-27T10:07:00Z";
+    let attribution = json(port, &format!("/api/v1/marketing/attribution?{within}&model=last_touch"));
+    assert_eq!(
+        (attribution["from"].as_str(), attribution["to"].as_str()),
+        (Some("2026-11-27T10:00:00Z"), Some("2026-11-27T11:00:00Z"))
+    );
+    assert_eq!(attribution["orders"], "2", "{attribution}");
+    let products = json(port, &format!("/api/v1/sales/products?{within}"));
+    assert_eq!(products["from"], "2026-11-27T10:00:00Z", "{products}");
+
     for (path, named) in [
         ("/api/v1/sales?granularity=week", "granularity"),
         ("/api/v1/sales?from=yesterday", "from"),
@@ -115,6 +127,7 @@ fn reports_serve_exact_money_and_refuse_bad_parameters_by_name() {
         ("/api/v1/sales?colour=red", "colour"),
         ("/api/v1/sales?from=2026-11-28T00:00:00Z&to=2026-11-27T00:00:00Z", "from"),
         ("/api/v1/marketing/attribution?model=u_shaped", "model"),
+        ("/api/v1/marketing/attribution?granularity=minute", "granularity"),
         ("/api/v1/behavior/funnel?steps=page_view,teleport", "steps"),
         ("/api/v1/sales/products?limit=0", "limit"),
         ("/api/v1/inventory?threshold=low", "threshold"),

@@ -21,6 +21,11 @@ pub struct TableSpec {
     pub dims: &'static [&'static str],
     /// Integer sums.
     pub metrics: &'static [&'static str],
+    /// The finest grain kept, in seconds (one of [`GRAINS`]). Attribution and products are
+    /// kept per hour: per minute they would be most of what a commit writes (every credited
+    /// channel and campaign of every order, every SKU of every line item) for a resolution no
+    /// report of theirs needs.
+    pub finest: i64,
 }
 
 /// Sales by event time of each sales event (a cancellation counts in its own minute).
@@ -36,22 +41,29 @@ pub const SALES: TableSpec = TableSpec {
         "refunded_revenue",
         "units",
     ],
+    finest: 60,
 };
 /// Line items of placed orders, per SKU (revenue: quantity × unit price).
 pub const PRODUCTS: TableSpec =
-    TableSpec { name: "product_rollup", dims: &["sku", "currency"], metrics: &["units", "revenue"] };
+    TableSpec { name: "product_rollup", dims: &["sku", "currency"], metrics: &["units", "revenue"], finest: 3600 };
 /// Behavior events per type.
-pub const BEHAVIOR: TableSpec = TableSpec { name: "behavior_rollup", dims: &["type"], metrics: &["events"] };
+pub const BEHAVIOR: TableSpec =
+    TableSpec { name: "behavior_rollup", dims: &["type"], metrics: &["events"], finest: 60 };
 /// Sessions, in the bucket of their first event; `mask` is the set of event types the session
 /// holds (bit i: [`crate::analytics::sessions::KINDS`]`[i]`), as decimal text.
 pub const SESSIONS: TableSpec = TableSpec {
     name: "session_rollup",
     dims: &["referrer", "mask"],
     metrics: &["sessions", "bounces", "duration_ms", "events"],
+    finest: 60,
 };
 /// Marketing touches and their cost, by touch time.
-pub const MARKETING: TableSpec =
-    TableSpec { name: "marketing_rollup", dims: &["channel", "campaign", "currency"], metrics: &["touches", "cost"] };
+pub const MARKETING: TableSpec = TableSpec {
+    name: "marketing_rollup",
+    dims: &["channel", "campaign", "currency"],
+    metrics: &["touches", "cost"],
+    finest: 60,
+};
 /// Attributed credit, by order time. `orders_micro`: millionths of an order; `revenue_nano`:
 /// hundred-millionths of the currency unit (finer than money, so that sums of per-order
 /// credits stay within a cent of the exact value; see [`crate::analytics::attribution`]).
@@ -59,9 +71,10 @@ pub const ATTRIBUTION: TableSpec = TableSpec {
     name: "attribution_rollup",
     dims: &["model", "channel", "campaign", "currency"],
     metrics: &["orders_micro", "revenue_nano"],
+    finest: 3600,
 };
 /// Events per domain.
-pub const DOMAINS: TableSpec = TableSpec { name: "domain_rollup", dims: &["domain"], metrics: &["events"] };
+pub const DOMAINS: TableSpec = TableSpec { name: "domain_rollup", dims: &["domain"], metrics: &["events"], finest: 60 };
 
 /// Every roll-up table.
 pub const ALL: [&TableSpec; 7] = [&SALES, &PRODUCTS, &BEHAVIOR, &SESSIONS, &MARKETING, &ATTRIBUTION, &DOMAINS];
@@ -231,7 +244,8 @@ impl Deltas {
         let mut merged: FxHashMap<(u32, i64, i64), [i64; MAX_METRICS]> = FxHashMap::default();
         merged.reserve(self.rows.len() * 2);
         for ((id, minute), v) in &self.rows {
-            for grain in GRAINS {
+            let finest = self.series[*id as usize].table.finest;
+            for grain in GRAINS.into_iter().filter(|g| *g >= finest) {
                 let bucket = minute.div_euclid(grain) * grain;
                 let row = merged.entry((rank[*id as usize], grain, bucket)).or_insert([0; MAX_METRICS]);
                 for (sum, m) in row.iter_mut().zip(v) {

@@ -305,7 +305,7 @@ async fn sales_totals(State(state): State<AppState>, Query(p): Pairs) -> Result<
 
 async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
-    let sel = p.selection(&dims_of(&tables::PRODUCTS), 86_400)?;
+    let sel = p.selection(&dims_of(&tables::PRODUCTS), 86_400)?.widened(tables::PRODUCTS.finest);
     let by_units = match p.take("sort").as_deref() {
         None | Some("revenue") => false,
         Some("units") => true,
@@ -368,9 +368,12 @@ fn model(p: &mut Params) -> Result<Model, ApiError> {
 
 async fn attribution(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
-    let sel = p.selection(&["channel", "campaign", "currency"], 86_400)?;
+    let sel = p.selection(&["channel", "campaign", "currency"], 86_400)?.widened(tables::ATTRIBUTION.finest);
     let model = model(&mut p)?;
     p.done()?;
+    if sel.granularity.is_some_and(|g| g < tables::ATTRIBUTION.finest) {
+        return Err(bad("granularity=minute: attribution is kept per hour; use hour or day".into()));
+    }
     if sel.group_by.iter().any(|g| g == "currency") {
         return Err(bad("group_by: attribution is always grouped by currency; use channel and/or campaign".into()));
     }

@@ -35,10 +35,21 @@ impl Selection {
     pub fn all_time() -> Selection {
         Selection { tenant: None, from: 0, to: 253_402_300_800, granularity: None, group_by: vec![], filters: vec![] }
     }
+
+    /// The range widened to whole buckets of `grain` (a table's finest grain): what a report
+    /// of that table covers, and says it covers.
+    pub fn widened(&self, grain: i64) -> Selection {
+        Selection {
+            from: self.from.div_euclid(grain) * grain,
+            to: -(-self.to).div_euclid(grain) * grain,
+            ..self.clone()
+        }
+    }
 }
 
-/// `[from, to)` tiled by roll-up rows: (grain, first bucket, end), coarsest inside.
-pub fn cover(from: i64, to: i64) -> Vec<(i64, i64, i64)> {
+/// `[from, to)`, widened to whole buckets of `finest`, tiled by roll-up rows of grains of at
+/// least `finest`: (grain, first bucket, end), coarsest inside.
+pub fn cover(from: i64, to: i64, finest: i64) -> Vec<(i64, i64, i64)> {
     let floor = |t: i64, g: i64| t.div_euclid(g) * g;
     let ceil = |t: i64, g: i64| -(-t).div_euclid(g) * g;
     fn tile(
@@ -67,7 +78,9 @@ pub fn cover(from: i64, to: i64) -> Vec<(i64, i64, i64)> {
         tile(hi, to, finer, out, floor, ceil);
     }
     let mut out = Vec::new();
-    tile(floor(from, 60), ceil(to, 60), &GRAINS, &mut out, &floor, &ceil);
+    let grains: Vec<i64> = GRAINS.into_iter().filter(|g| *g >= finest).collect();
+    let finest = grains.first().copied().unwrap_or(60);
+    tile(floor(from, finest), ceil(to, finest), &grains, &mut out, &floor, &ceil);
     out
 }
 
@@ -135,8 +148,14 @@ fn rollup_ordered(
     // One key range per piece of the range, each read through the key (tenant, grain,
     // bucket, …); their union is grouped. (SQLite does not use the key for an OR of ranges.)
     let pieces: Vec<(i64, i64, i64)> = match sel.granularity {
+        Some(g) if g < spec.finest => {
+            return Err(DbError {
+                message: format!("{} is kept per {} s, not per {g} s", spec.name, spec.finest),
+                retryable: false,
+            });
+        }
         Some(g) => vec![(g, sel.from.div_euclid(g) * g, sel.to)],
-        None => cover(sel.from, sel.to),
+        None => cover(sel.from, sel.to, spec.finest),
     };
     if pieces.is_empty() {
         return Ok(Vec::new());
@@ -465,6 +484,8 @@ pub struct Attribution {
 
 /// Attribution under `model`, grouped by `channel` and/or `campaign` (and always currency).
 pub fn attribution(tx: &mut dyn Tx, sel: &Selection, model: Model) -> Result<Attribution, DbError> {
+    // Credit is kept per hour: ad cost is read over the same whole hours.
+    let sel = &sel.widened(tables::ATTRIBUTION.finest);
     let mut group: Vec<String> = sel.group_by.iter().filter(|g| *g == "channel" || *g == "campaign").cloned().collect();
     group.push("currency".into());
     let mut filters = sel.filters.clone();
@@ -731,13 +752,16 @@ mod tests {
         let from = d - 1800;
         let to = 3 * d + 3600 + 600;
         assert_eq!(
-            cover(from, to),
+            cover(from, to, 60),
             vec![(60, from, d), (86_400, d, 3 * d), (3600, 3 * d, 3 * d + 3600), (60, 3 * d + 3600, to)]
         );
         // Rounded to whole minutes; an empty range reads nothing.
-        assert_eq!(cover(61, 119), vec![(60, 60, 120)]);
-        assert!(cover(120, 120).is_empty());
-        assert_eq!(cover(0, d), vec![(86_400, 0, d)]);
+        assert_eq!(cover(61, 119, 60), vec![(60, 60, 120)]);
+        assert!(cover(120, 120, 60).is_empty());
+        assert_eq!(cover(0, d, 60), vec![(86_400, 0, d)]);
+        // A table kept per hour: widened to whole hours, never read per minute.
+        assert_eq!(cover(from, to, 3600), vec![(3600, d - 3600, d), (86_400, d, 3 * d), (3600, 3 * d, 3 * d + 7200)]);
+        assert_eq!(cover(61, 119, 3600), vec![(3600, 0, 3600)]);
     }
 
     #[test]

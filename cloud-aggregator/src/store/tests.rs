@@ -201,7 +201,7 @@ fn an_earlier_placement_of_an_order_moves_its_credit_and_a_cancellation_retracts
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(&dir.path().join("s.db")).unwrap();
     let touch = at(
-        "2026-11-27T10:00:00Z",
+        "2026-11-27T09:00:00Z",
         0,
         Payload::Marketing(MarketingTouch {
             user_id: "c".into(),
@@ -224,26 +224,27 @@ fn an_earlier_placement_of_an_order_moves_its_credit_and_a_cancellation_retracts
         store.commit(CommitWork { inputs: vec![input("embedded", events)], ..Default::default() }).unwrap();
     };
     commit(vec![touch, order("2026-11-27T10:05:00Z", 0, OrderStatus::Placed)]);
-    commit(vec![order("2026-11-27T10:02:00Z", 1, OrderStatus::Placed)]);
-    let minute_sel = |from: &str| query::Selection {
+    commit(vec![order("2026-11-27T09:02:00Z", 1, OrderStatus::Placed)]);
+    // Attribution is kept per hour: one hour each.
+    let hour_sel = |from: &str| query::Selection {
         tenant: Some("acme".into()),
         from: from.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp(),
-        to: from.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp() + 60,
+        to: from.parse::<chrono::DateTime<chrono::Utc>>().unwrap().timestamp() + 3600,
         ..query::Selection::all_time()
     };
     let credited = |store: &mut Store, from: &str| {
         store
-            .read(|tx| query::attribution(tx, &minute_sel(from), crate::analytics::attribution::Model::LastTouch))
+            .read(|tx| query::attribution(tx, &hour_sel(from), crate::analytics::attribution::Model::LastTouch))
             .unwrap()
             .orders
     };
-    assert_eq!(credited(&mut store, "2026-11-27T10:05:00Z"), "0", "moved away from the later placement");
-    assert_eq!(credited(&mut store, "2026-11-27T10:02:00Z"), "1");
+    assert_eq!(credited(&mut store, "2026-11-27T10:00:00Z"), "0", "moved away from the later placement");
+    assert_eq!(credited(&mut store, "2026-11-27T09:00:00Z"), "1");
     store
         .commit(CommitWork {
             inputs: vec![input("embedded", vec![order("2026-11-27T11:00:00Z", 2, OrderStatus::Cancelled)])],
             ..Default::default()
         })
         .unwrap();
-    assert_eq!(credited(&mut store, "2026-11-27T10:02:00Z"), "0", "a cancelled order is not credited");
+    assert_eq!(credited(&mut store, "2026-11-27T09:00:00Z"), "0", "a cancelled order is not credited");
 }
