@@ -175,27 +175,23 @@ pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: P
         let weights = weights(model, &eligible, order_ms, params.half_life_ms);
         let orders = allocate(i128::from(MICRO_PER_ORDER), &weights);
         let revenues = allocate(revenue, &weights);
-        let mut per_key: Vec<Credit> = Vec::new();
+        // Per channel and campaign, in key order (the order of the credits).
+        let mut per_key: std::collections::BTreeMap<(&str, &str), (i64, i64)> = std::collections::BTreeMap::new();
         for (i, t) in eligible.iter().enumerate() {
             if orders[i] == 0 && revenues[i] == 0 && weights[i] == 0 {
                 continue;
             }
-            match per_key.iter_mut().find(|c| c.channel == t.channel && c.campaign == t.campaign) {
-                Some(c) => {
-                    c.orders_micro = c.orders_micro.saturating_add(clamp(orders[i]));
-                    c.revenue_nano = c.revenue_nano.saturating_add(clamp(revenues[i]));
-                }
-                None => per_key.push(Credit {
-                    model,
-                    channel: t.channel.clone(),
-                    campaign: t.campaign.clone(),
-                    orders_micro: clamp(orders[i]),
-                    revenue_nano: clamp(revenues[i]),
-                }),
-            }
+            let c = per_key.entry((&t.channel, &t.campaign)).or_default();
+            c.0 = c.0.saturating_add(clamp(orders[i]));
+            c.1 = c.1.saturating_add(clamp(revenues[i]));
         }
-        per_key.sort();
-        out.extend(per_key);
+        out.extend(per_key.into_iter().map(|((channel, campaign), (orders_micro, revenue_nano))| Credit {
+            model,
+            channel: channel.to_owned(),
+            campaign: campaign.to_owned(),
+            orders_micro,
+            revenue_nano,
+        }));
     }
     out
 }
@@ -235,23 +231,29 @@ pub fn allocate(total: i128, weights: &[u128]) -> Vec<i128> {
     }
     let negative = total < 0;
     let magnitude = total.unsigned_abs();
+    // magnitude < 2^127 / 10^4 and weights < 2^60: split to avoid overflow of the product.
+    let (q1, r1) = (magnitude / denominator, magnitude % denominator);
     let mut parts: Vec<u128> = Vec::with_capacity(weights.len());
-    let mut remainders: Vec<(u128, usize)> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::new();
     for (i, w) in weights.iter().enumerate() {
-        // magnitude < 2^127 / 10^4 and weights < 2^60: split to avoid overflow of the product.
-        let (q1, r1) = (magnitude / denominator, magnitude % denominator);
-        let part = q1 * w + (r1 * w) / denominator;
-        let rem = (r1 * w) % denominator;
-        parts.push(part);
-        remainders.push((rem, i));
+        if *w == 0 {
+            parts.push(0);
+            continue;
+        }
+        let scaled = r1 * w;
+        let q2 = scaled / denominator;
+        parts.push(q1 * w + q2);
+        remainders.push((scaled - q2 * denominator, i));
     }
     let mut left = magnitude - parts.iter().sum::<u128>();
-    remainders.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    for (_, i) in remainders {
-        if left == 0 {
-            break;
-        }
-        if weights[i] > 0 {
+    if left > 0 {
+        // The largest remainders get one more unit each (ties: the earlier part); `left` is
+        // less than the number of parts with a weight.
+        remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, i) in remainders {
+            if left == 0 {
+                break;
+            }
             parts[i] += 1;
             left -= 1;
         }
@@ -355,5 +357,46 @@ mod tests {
         assert_eq!(allocate(5, &[0, 0]), vec![0, 0]);
         let big = i128::from(i64::MAX) * 10_000;
         assert_eq!(allocate(big, &[3, 5, 1 << 53]).iter().sum::<i128>(), big);
+        // Against the definition, by rational arithmetic: each part is the floor of its exact
+        // share or one more, the ones more go to the largest remainders (ties: the earlier
+        // part), and the parts add up.
+        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        for _ in 0..2_000 {
+            let n = 1 + next(12) as usize;
+            let weights: Vec<u128> = (0..n).map(|_| if next(4) == 0 { 0 } else { u128::from(next(1 << 20)) }).collect();
+            let total = i128::from(next(1 << 40)) * if next(2) == 0 { 1 } else { -1 };
+            let parts = allocate(total, &weights);
+            let d: u128 = weights.iter().sum();
+            if d == 0 {
+                assert!(parts.iter().all(|p| *p == 0));
+                continue;
+            }
+            assert_eq!(parts.iter().sum::<i128>(), total, "{weights:?} {total}");
+            let m = total.unsigned_abs();
+            let mut extra: Vec<(u128, usize)> = Vec::new();
+            for (i, w) in weights.iter().enumerate() {
+                let (floor, rem) = ((m * w) / d, (m * w) % d);
+                let got = parts[i].unsigned_abs();
+                assert!(got == floor || got == floor + 1, "part {i} of {weights:?} {total}");
+                if got == floor + 1 {
+                    extra.push((rem, i));
+                }
+                assert!(*w > 0 || got == 0);
+            }
+            // No part left at its floor has a larger remainder (or an equal one, earlier) than
+            // a part that got one more.
+            for (i, w) in weights.iter().enumerate() {
+                let (floor, rem) = ((m * w) / d, (m * w) % d);
+                if *w > 0 && parts[i].unsigned_abs() == floor {
+                    assert!(extra.iter().all(|(r, j)| *r > rem || (*r == rem && *j < i)), "{weights:?} {total}");
+                }
+            }
+        }
     }
 }
