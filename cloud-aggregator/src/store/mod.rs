@@ -81,7 +81,17 @@ impl Location {
 
 /// The schema, one migration per version.
 fn migrations() -> Vec<String> {
-    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2()]
+    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3()]
+}
+
+/// Version 3: attribution and products are kept from the hour up; their minute rows, which no
+/// report reads any more, are removed (their hour and day rows hold the same sums).
+fn migration_3() -> String {
+    analytics::tables::ALL
+        .iter()
+        .filter(|t| t.finest > 60)
+        .map(|t| format!("DELETE FROM {} WHERE grain < {};\n", t.name, t.finest))
+        .collect()
 }
 
 /// Version 2: the analytics roll-ups and state; version 1's roll-ups carried over (its orders

@@ -171,6 +171,41 @@ fn a_future_clock_does_not_move_the_watermark() {
 }
 
 #[test]
+fn version_2_stores_lose_the_minute_rows_of_tables_kept_per_hour() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(include_str!("../../migrations/0001_init.sql")).unwrap();
+        conn.execute_batch(&super::migration_2()).unwrap();
+        for grain in [60, 3600] {
+            conn.execute(
+                "INSERT INTO product_rollup (tenant, grain, bucket, sku, currency, units, revenue) VALUES ('acme', ?1, 0, 'S', 'EUR', 2, 10)",
+                [grain],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO sales_rollup (tenant, grain, bucket, channel, site, country, currency, placed_orders) VALUES ('acme', ?1, 0, 'web', '', '', 'EUR', 1)",
+                [grain],
+            )
+            .unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    let grains = |store: &mut Store, table: &'static str| {
+        store
+            .read(move |tx| tx.query(&format!("SELECT grain FROM {table} ORDER BY grain"), &[]))
+            .unwrap()
+            .into_iter()
+            .map(|r| r[0].int_or_zero())
+            .collect::<Vec<i64>>()
+    };
+    assert_eq!(grains(&mut store, "product_rollup"), [3600]);
+    assert_eq!(grains(&mut store, "sales_rollup"), [60, 3600], "tables kept per minute keep their minutes");
+}
+
+#[test]
 fn version_1_stores_are_migrated_with_their_figures() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
