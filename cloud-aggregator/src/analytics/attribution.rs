@@ -16,10 +16,12 @@
 //!
 //! # Rounding
 //! Credit is split per order, in integers: revenue in hundred-millionths of the currency unit
-//! (`revenue_nano`, 10⁴ finer than money) and orders in millionths (`orders_micro`), by the
-//! largest-remainder method (ties to the earlier touch), so that one order's credits add up
-//! exactly to its amount and to one order. The rational models are split exactly; time-decay
-//! weights are irrational and are first turned into integers (53 significant bits). A sum of
+//! (`revenue_nano`, 10⁴ finer than money) and orders in millionths (`orders_micro`), over the
+//! order's channels and campaigns (each weighing the sum of its touches' weights) by the
+//! largest-remainder method (ties to the first in channel, then campaign order), so that one
+//! order's credits add up exactly to its amount and to one order. The rational models are split
+//! exactly; time-decay weights are irrational and are first turned into integers (53 significant
+//! bits; fewer when the sum of an order's weights would pass 2^64). A sum of
 //! credits is then within 10⁻⁸ of the exact value per order it holds — within a cent for any
 //! sum of up to a million orders — and is rounded to ten-thousandths (half away from zero)
 //! only when served.
@@ -158,40 +160,49 @@ pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: P
         .iter()
         .filter(|t| t.time_ms <= order_ms && t.time_ms > order_ms.saturating_sub(params.lookback_ms))
         .collect();
-    eligible.sort();
+    if !eligible.is_sorted() {
+        eligible.sort();
+    }
     let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
-    let mut out = Vec::new();
-    for model in Model::ALL {
-        if eligible.is_empty() {
-            out.push(Credit {
+    if eligible.is_empty() {
+        return Model::ALL
+            .into_iter()
+            .map(|model| Credit {
                 model,
                 channel: NONE.into(),
                 campaign: NONE.into(),
                 orders_micro: MICRO_PER_ORDER,
                 revenue_nano: clamp(revenue),
-            });
-            continue;
+            })
+            .collect();
+    }
+    // The channels and campaigns, in order, and each touch's among them.
+    let mut keys: Vec<(&str, &str)> = eligible.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let key_of: Vec<usize> =
+        eligible.iter().map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0)).collect();
+    let mut out = Vec::new();
+    let mut per_key = vec![0_u128; keys.len()];
+    for model in Model::ALL {
+        per_key.iter_mut().for_each(|w| *w = 0);
+        for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
+            per_key[*k] += w;
         }
-        let weights = weights(model, &eligible, order_ms, params.half_life_ms);
-        let orders = allocate(i128::from(MICRO_PER_ORDER), &weights);
-        let revenues = allocate(revenue, &weights);
-        // Per channel and campaign, in key order (the order of the credits).
-        let mut per_key: std::collections::BTreeMap<(&str, &str), (i64, i64)> = std::collections::BTreeMap::new();
-        for (i, t) in eligible.iter().enumerate() {
-            if orders[i] == 0 && revenues[i] == 0 && weights[i] == 0 {
+        let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
+        let revenues = allocate(revenue, &per_key);
+        for (k, (channel, campaign)) in keys.iter().enumerate() {
+            if per_key[k] == 0 {
                 continue;
             }
-            let c = per_key.entry((&t.channel, &t.campaign)).or_default();
-            c.0 = c.0.saturating_add(clamp(orders[i]));
-            c.1 = c.1.saturating_add(clamp(revenues[i]));
+            out.push(Credit {
+                model,
+                channel: (*channel).to_owned(),
+                campaign: (*campaign).to_owned(),
+                orders_micro: clamp(orders[k]),
+                revenue_nano: clamp(revenues[k]),
+            });
         }
-        out.extend(per_key.into_iter().map(|((channel, campaign), (orders_micro, revenue_nano))| Credit {
-            model,
-            channel: channel.to_owned(),
-            campaign: campaign.to_owned(),
-            orders_micro,
-            revenue_nano,
-        }));
     }
     out
 }
@@ -223,15 +234,22 @@ fn weights(model: Model, touches: &[&Touch], order_ms: i64, half_life_ms: i64) -
 }
 
 /// Splits `total` in proportion to `weights` by the largest-remainder method: the parts add up
-/// to `total` exactly; ties go to the earlier part.
+/// to `total` exactly; ties go to the earlier part. Weights that sum past 2^64 are scaled down
+/// (their low bits dropped) first.
 pub fn allocate(total: i128, weights: &[u128]) -> Vec<i128> {
-    let denominator: u128 = weights.iter().sum();
+    let denominator = weights.iter().fold(0_u128, |sum, w| sum.saturating_add(*w));
     if denominator == 0 {
         return vec![0; weights.len()];
     }
+    if denominator >> 64 != 0 {
+        let shift = 64 - denominator.leading_zeros();
+        let scaled: Vec<u128> = weights.iter().map(|w| w >> shift).collect();
+        return allocate(total, &scaled);
+    }
     let negative = total < 0;
     let magnitude = total.unsigned_abs();
-    // magnitude < 2^127 / 10^4 and weights < 2^60: split to avoid overflow of the product.
+    // weights <= denominator < 2^64 and r1 < denominator: r1 * w < 2^128. Split to avoid
+    // overflow of magnitude * w.
     let (q1, r1) = (magnitude / denominator, magnitude % denominator);
     let mut parts: Vec<u128> = Vec::with_capacity(weights.len());
     let mut remainders: Vec<(u128, usize)> = Vec::new();
@@ -357,6 +375,12 @@ mod tests {
         assert_eq!(allocate(5, &[0, 0]), vec![0, 0]);
         let big = i128::from(i64::MAX) * 10_000;
         assert_eq!(allocate(big, &[3, 5, 1 << 53]).iter().sum::<i128>(), big);
+        // Weights past 2^64 in sum (time decay over thousands of touches of one key) are
+        // scaled, not overflowed.
+        let huge = [u128::MAX / 3, u128::MAX / 3, 1 << 70];
+        let parts = allocate(big, &huge);
+        assert_eq!(parts.iter().sum::<i128>(), big);
+        assert!((parts[0] - parts[1]).abs() <= 1 && parts[2] < parts[0] / 1_000_000, "{parts:?}");
         // Against the definition, by rational arithmetic: each part is the floor of its exact
         // share or one more, the ones more go to the largest remainders (ties: the earlier
         // part), and the parts add up.

@@ -470,24 +470,42 @@ fn parse_credits(text: &str, tenant: &str, order_id: &str) -> Result<Vec<Credit>
 
 /// Takes an order's credits back from the attribution roll-up.
 fn retract(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
-    credit_signed(deltas, tenant, order, credits, -1);
+    credit_change(deltas, tenant, order.time_ms, &order.currency, credits, &[]);
 }
 
-/// Gives an order's credits to the attribution roll-up.
-fn credit(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
-    credit_signed(deltas, tenant, order, credits, 1);
-}
-
-fn credit_signed(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit], sign: i64) {
-    for c in credits {
-        deltas.add_signed(
-            &tables::ATTRIBUTION,
-            tenant,
-            order.time_ms,
-            &[c.model.name(), &c.channel, &c.campaign, &order.currency],
-            &[c.orders_micro, c.revenue_nano],
-            sign,
-        );
+/// Replaces an order's credits `old` by `new` (both sorted) in the attribution roll-up: one
+/// delta per model, channel and campaign whose credit changed.
+fn credit_change(deltas: &mut Deltas, tenant: &str, time_ms: i64, currency: &str, old: &[Credit], new: &[Credit]) {
+    use std::cmp::Ordering;
+    fn key(c: &Credit) -> (attribution::Model, &str, &str) {
+        (c.model, &c.channel, &c.campaign)
+    }
+    let (mut i, mut j) = (0, 0);
+    while i < old.len() || j < new.len() {
+        let (c, orders, revenue) = match (old.get(i), new.get(j)) {
+            (Some(o), Some(n)) if key(o) == key(n) => {
+                (i, j) = (i + 1, j + 1);
+                (n, n.orders_micro.saturating_sub(o.orders_micro), n.revenue_nano.saturating_sub(o.revenue_nano))
+            }
+            (Some(o), n) if n.is_none_or(|n| key(o).cmp(&key(n)) == Ordering::Less) => {
+                i += 1;
+                (o, o.orders_micro.saturating_neg(), o.revenue_nano.saturating_neg())
+            }
+            (_, Some(n)) => {
+                j += 1;
+                (n, n.orders_micro, n.revenue_nano)
+            }
+            (_, None) => break,
+        };
+        if orders != 0 || revenue != 0 {
+            deltas.add(
+                &tables::ATTRIBUTION,
+                tenant,
+                time_ms,
+                &[c.model.name(), &c.channel, &c.campaign, currency],
+                &[orders, revenue],
+            );
+        }
     }
 }
 
@@ -527,24 +545,17 @@ fn attribute(
     for row in rows {
         let mut c = Cols::new(row);
         let order_id = c.text();
-        let order = OrderState {
-            customer: customer.to_owned(),
-            time_ms: c.int(),
-            amount: c.int(),
-            currency: c.text(),
-            placed: true,
-            cancelled: false,
-            credits: parse_credits(&c.text(), tenant, &order_id)?,
-        };
-        let new = attribution::credit_order(order.time_ms, order.amount, &touches, params);
-        if new == order.credits {
+        let (time_ms, amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
+        let new = attribution::credit_order(time_ms, amount, &touches, params);
+        let text = credits_text(&new);
+        if text == stored {
             continue;
         }
-        retract(deltas, tenant, &order, &order.credits);
-        credit(deltas, tenant, &order, &new);
+        let old = parse_credits(&stored, tenant, &order_id)?;
+        credit_change(deltas, tenant, time_ms, &currency, &old, &new);
         tx.exec(
             "UPDATE attr_orders SET credits = ?3 WHERE tenant = ?1 AND order_id = ?2",
-            &[tenant.into(), order_id.into(), credits_text(&new).into()],
+            &[tenant.into(), order_id.into(), text.into()],
         )?;
     }
     Ok(())
@@ -694,4 +705,37 @@ CREATE TABLE IF NOT EXISTS stat_counters (
     // Table definitions end with ");" on a line of their own; index definitions do not.
     ddl += &state.replace("\n);\n", &format!("\n){suffix};\n"));
     ddl
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use attribution::Model;
+
+    fn c(model: Model, channel: &str, orders_micro: i64) -> Credit {
+        Credit { model, channel: channel.into(), campaign: "x".into(), orders_micro, revenue_nano: orders_micro * 10 }
+    }
+
+    #[test]
+    fn a_credit_change_writes_only_what_changed() {
+        let old = [c(Model::LastTouch, "a", 1), c(Model::LastTouch, "b", 2), c(Model::Linear, "a", 7)];
+        let new = [c(Model::LastTouch, "b", 5), c(Model::LastTouch, "c", 1), c(Model::Linear, "a", 7)];
+        let mut deltas = Deltas::default();
+        credit_change(&mut deltas, "t", 0, "EUR", &old, &new);
+        let changed: Vec<(String, String, Vec<i64>)> = deltas
+            .by_grain()
+            .into_iter()
+            .filter(|r| r.grain == 3600)
+            .map(|r| (r.dims[0].clone(), r.dims[1].clone(), r.metrics().to_vec()))
+            .collect();
+        let row = |m: &str, ch: &str, o: i64| (m.to_owned(), ch.to_owned(), vec![o, o * 10]);
+        assert_eq!(changed, [row("last_touch", "a", -1), row("last_touch", "b", 3), row("last_touch", "c", 1)]);
+        // Retracting everything, and nothing to nothing.
+        let mut deltas = Deltas::default();
+        credit_change(&mut deltas, "t", 0, "EUR", &old, &[]);
+        assert_eq!(deltas.by_grain().iter().filter(|r| r.grain == 3600).count(), 3);
+        let mut deltas = Deltas::default();
+        credit_change(&mut deltas, "t", 0, "EUR", &[], &[]);
+        assert!(deltas.is_empty());
+    }
 }
