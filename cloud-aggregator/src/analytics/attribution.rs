@@ -156,6 +156,171 @@ pub fn decode_credits(text: &str) -> Result<Vec<Credit>, String> {
 /// customer's touches in any order (those outside the lookback window are ignored). Sorted by
 /// model, channel, campaign.
 pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
+    credit_orders(&[(order_ms, amount_raw)], touches, params).pop().unwrap_or_default()
+}
+
+/// [`credit_order`] for many orders of one customer: `orders` are (time, amount), the result
+/// is in their order. The touches are sorted and keyed once, and a window slides over them in
+/// order time, so that an order costs its customer's channels and campaigns (and, for time
+/// decay, its touches), not a scan and sort of every touch.
+pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -> Vec<Vec<Credit>> {
+    let mut sorted: Vec<&Touch> = touches.iter().collect();
+    if !sorted.is_sorted() {
+        sorted.sort();
+    }
+    // The channels and campaigns, in order, and each touch's among them.
+    let mut keys: Vec<(&str, &str)> = sorted.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
+    keys.sort_unstable();
+    keys.dedup();
+    let key_of: Vec<usize> =
+        sorted.iter().map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0)).collect();
+    let mut by_time: Vec<usize> = (0..orders.len()).collect();
+    by_time.sort_by_key(|i| orders[*i].0);
+    let mut out: Vec<Vec<Credit>> = vec![Vec::new(); orders.len()];
+    // The window [lo, hi): touches with order time - lookback < time <= order time, and the
+    // number of them per key.
+    let (mut lo, mut hi) = (0, 0);
+    let mut counts = vec![0_u128; keys.len()];
+    let mut per_key = vec![0_u128; keys.len()];
+    for i in by_time {
+        let (order_ms, amount_raw) = orders[i];
+        while hi < sorted.len() && sorted[hi].time_ms <= order_ms {
+            counts[key_of[hi]] += 1;
+            hi += 1;
+        }
+        let start = order_ms.saturating_sub(params.lookback_ms);
+        while lo < hi && sorted[lo].time_ms <= start {
+            counts[key_of[lo]] -= 1;
+            lo += 1;
+        }
+        let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
+        let n = hi - lo;
+        if n == 0 {
+            out[i] = Model::ALL
+                .into_iter()
+                .map(|model| Credit {
+                    model,
+                    channel: NONE.into(),
+                    campaign: NONE.into(),
+                    orders_micro: MICRO_PER_ORDER,
+                    revenue_nano: clamp(revenue),
+                })
+                .collect();
+            continue;
+        }
+        let (first, last) = (key_of[lo], key_of[hi - 1]);
+        let credits = &mut out[i];
+        for model in Model::ALL {
+            per_key.iter_mut().for_each(|w| *w = 0);
+            match model {
+                Model::LastTouch => per_key[last] = 1,
+                Model::FirstTouch => per_key[first] = 1,
+                Model::Linear => per_key.copy_from_slice(&counts),
+                Model::PositionBased if n <= 2 => {
+                    per_key[first] += 1;
+                    if n == 2 {
+                        per_key[last] += 1;
+                    }
+                }
+                Model::PositionBased => {
+                    // 40 % = 2(n-2) / 5(n-2) to each end, and 1 / 5(n-2) to each middle touch.
+                    per_key.copy_from_slice(&counts);
+                    let ends = 2 * (n as u128 - 2);
+                    per_key[first] += ends - 1;
+                    per_key[last] += ends - 1;
+                }
+                Model::TimeDecay => {
+                    let window: Vec<i64> = sorted[lo..hi].iter().map(|t| t.time_ms).collect();
+                    for (w, k) in decay_weights(&window, order_ms, params.half_life_ms).into_iter().zip(&key_of[lo..hi]) {
+                        per_key[*k] += w;
+                    }
+                }
+            }
+            let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
+            let revenues = allocate(revenue, &per_key);
+            for (k, (channel, campaign)) in keys.iter().enumerate() {
+                if per_key[k] == 0 {
+                    continue;
+                }
+                credits.push(Credit {
+                    model,
+                    channel: (*channel).to_owned(),
+                    campaign: (*campaign).to_owned(),
+                    orders_micro: clamp(orders[k]),
+                    revenue_nano: clamp(revenues[k]),
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Time-decay weights of touches at `times` for an order at `order_ms`, as integers: 2^53 for
+/// the newest, the others in proportion (every significant bit of an f64 weight).
+fn decay_weights(times: &[i64], order_ms: i64, half_life_ms: i64) -> Vec<u128> {
+    let half_life = half_life_ms.max(1) as f64;
+    let raw: Vec<f64> = times.iter().map(|t| (-((order_ms - t) as f64) / half_life).exp2()).collect();
+    let max = raw.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+    raw.iter().map(|w| ((w / max) * 9_007_199_254_740_992.0).round() as u128).collect()
+}
+
+/// Splits `total` in proportion to `weights` by the largest-remainder method: the parts add up
+/// to `total` exactly; ties go to the earlier part. Weights that sum past 2^64 are scaled down
+/// (their low bits dropped) first.
+pub fn allocate(total: i128, weights: &[u128]) -> Vec<i128> {
+    let denominator = weights.iter().fold(0_u128, |sum, w| sum.saturating_add(*w));
+    if denominator == 0 {
+        return vec![0; weights.len()];
+    }
+    if denominator >> 64 != 0 {
+        let shift = 64 - denominator.leading_zeros();
+        let scaled: Vec<u128> = weights.iter().map(|w| w >> shift).collect();
+        return allocate(total, &scaled);
+    }
+    let negative = total < 0;
+    let magnitude = total.unsigned_abs();
+    // weights <= denominator < 2^64 and r1 < denominator: r1 * w < 2^128. Split to avoid
+    // overflow of magnitude * w.
+    let (q1, r1) = (magnitude / denominator, magnitude % denominator);
+    let mut parts: Vec<u128> = Vec::with_capacity(weights.len());
+    let mut remainders: Vec<(u128, usize)> = Vec::new();
+    for (i, w) in weights.iter().enumerate() {
+        if *w == 0 {
+            parts.push(0);
+            continue;
+        }
+        let scaled = r1 * w;
+        let q2 = scaled / denominator;
+        parts.push(q1 * w + q2);
+        remainders.push((scaled - q2 * denominator, i));
+    }
+    let mut left = magnitude - parts.iter().sum::<u128>();
+    if left > 0 {
+        // The largest remainders get one more unit each (ties: the earlier part); `left` is
+        // less than the number of parts with a weight.
+        remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
+        for (_, i) in remainders {
+            if left == 0 {
+                break;
+            }
+            parts[i] += 1;
+            left -= 1;
+        }
+    }
+    parts.into_iter().map(|p| if negative { -(p as i128) } else { p as i128 }).collect()
+}
+
+fn clamp(v: i128) -> i64 {
+    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+/// The credits of one order, computed directly from the definition: the oracle of
+/// [`credit_orders`].
+fn credit_order_direct(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
     let mut eligible: Vec<&Touch> = touches
         .iter()
         .filter(|t| t.time_ms <= order_ms && t.time_ms > order_ms.saturating_sub(params.lookback_ms))
@@ -224,68 +389,38 @@ fn weights(model: Model, touches: &[&Touch], order_ms: i64, half_life_ms: i64) -
             }
         },
         Model::TimeDecay => {
-            let half_life = half_life_ms.max(1) as f64;
-            let raw: Vec<f64> = touches.iter().map(|t| (-((order_ms - t.time_ms) as f64) / half_life).exp2()).collect();
-            let max = raw.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
-            // 2^53 keeps every significant bit of an f64 weight relative to the largest.
-            raw.iter().map(|w| ((w / max) * 9_007_199_254_740_992.0).round() as u128).collect()
+            decay_weights(&touches.iter().map(|t| t.time_ms).collect::<Vec<_>>(), order_ms, half_life_ms)
         }
     }
 }
 
-/// Splits `total` in proportion to `weights` by the largest-remainder method: the parts add up
-/// to `total` exactly; ties go to the earlier part. Weights that sum past 2^64 are scaled down
-/// (their low bits dropped) first.
-pub fn allocate(total: i128, weights: &[u128]) -> Vec<i128> {
-    let denominator = weights.iter().fold(0_u128, |sum, w| sum.saturating_add(*w));
-    if denominator == 0 {
-        return vec![0; weights.len()];
-    }
-    if denominator >> 64 != 0 {
-        let shift = 64 - denominator.leading_zeros();
-        let scaled: Vec<u128> = weights.iter().map(|w| w >> shift).collect();
-        return allocate(total, &scaled);
-    }
-    let negative = total < 0;
-    let magnitude = total.unsigned_abs();
-    // weights <= denominator < 2^64 and r1 < denominator: r1 * w < 2^128. Split to avoid
-    // overflow of magnitude * w.
-    let (q1, r1) = (magnitude / denominator, magnitude % denominator);
-    let mut parts: Vec<u128> = Vec::with_capacity(weights.len());
-    let mut remainders: Vec<(u128, usize)> = Vec::new();
-    for (i, w) in weights.iter().enumerate() {
-        if *w == 0 {
-            parts.push(0);
-            continue;
-        }
-        let scaled = r1 * w;
-        let q2 = scaled / denominator;
-        parts.push(q1 * w + q2);
-        remainders.push((scaled - q2 * denominator, i));
-    }
-    let mut left = magnitude - parts.iter().sum::<u128>();
-    if left > 0 {
-        // The largest remainders get one more unit each (ties: the earlier part); `left` is
-        // less than the number of parts with a weight.
-        remainders.sort_unstable_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-        for (_, i) in remainders {
-            if left == 0 {
-                break;
+
+    #[test]
+    fn many_orders_at_once_are_credited_as_each_alone() {
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = |m: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % m
+        };
+        let params = Params { lookback_ms: 10 * DAY, half_life_ms: 3 * DAY };
+        for _ in 0..300 {
+            let touches: Vec<Touch> = (0..next(40))
+                .map(|_| Touch {
+                    time_ms: next(30) as i64 * DAY / 2 + next(3) as i64,
+                    channel: ["email", "google", "meta"][next(3) as usize].into(),
+                    campaign: ["a", "b"][next(2) as usize].into(),
+                })
+                .collect();
+            let orders: Vec<(i64, i64)> =
+                (0..1 + next(20)).map(|_| (next(40) as i64 * DAY / 2, 1 + next(1_000_000) as i64)).collect();
+            let got = credit_orders(&orders, &touches, params);
+            for (o, credits) in orders.iter().zip(&got) {
+                assert_eq!(credits, &credit_order_direct(o.0, o.1, &touches, params), "{o:?} {touches:?}");
             }
-            parts[i] += 1;
-            left -= 1;
         }
     }
-    parts.into_iter().map(|p| if negative { -(p as i128) } else { p as i128 }).collect()
-}
-
-fn clamp(v: i128) -> i64 {
-    i64::try_from(v).unwrap_or(if v < 0 { i64::MIN } else { i64::MAX })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     const DAY: i64 = 86_400_000;
 

@@ -533,7 +533,8 @@ fn attribute(
     let touches: Vec<Touch> = tx
         .query(
             "SELECT time_ms, channel, campaign FROM touches
-             WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4",
+             WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4
+             ORDER BY time_ms, channel, campaign",
             &[tenant.into(), customer.into(), first.saturating_sub(params.lookback_ms).into(), last.into()],
         )?
         .into_iter()
@@ -542,11 +543,12 @@ fn attribute(
             Touch { time_ms: c.int(), channel: c.text(), campaign: c.text() }
         })
         .collect();
-    for row in rows {
+    let orders: Vec<(i64, i64)> = rows.iter().map(|r| (r[1].int_or_zero(), r[2].int_or_zero())).collect();
+    let credited = attribution::credit_orders(&orders, &touches, params);
+    for (row, new) in rows.into_iter().zip(credited) {
         let mut c = Cols::new(row);
         let order_id = c.text();
-        let (time_ms, amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
-        let new = attribution::credit_order(time_ms, amount, &touches, params);
+        let (time_ms, _amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
         let text = credits_text(&new);
         if text == stored {
             continue;
