@@ -6,4 +6,6 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/actidash/target}
 echo "Building ActiDash (the first build takes a few minutes)…"
 cargo build --workspace --bins --locked
+echo "Building the dashboards (npm)…"
+scripts/ui.sh build
 exec "$CARGO_TARGET_DIR/debug/actidash-demo" "$@"

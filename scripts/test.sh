@@ -40,6 +40,11 @@ fi
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
+step "build the dashboards (npm ci, type check, vite) and install Debian's chromium for the browser test"
+scripts/ui.sh build
+eval "$(scripts/ui.sh chromium)"
+echo "ACTIDASH_CHROMIUM=$ACTIDASH_CHROMIUM"
+
 step "start Apache Kafka (KRaft, 1 broker; and a 3-broker cluster for failover tests)"
 cache=${ACTIDASH_CACHE:-$HOME/.cache/actidash}
 export ACTIDASH_KAFKA3_DIR=$cache/kafka3-run

@@ -211,6 +211,10 @@ fn default_batch_events() -> u32 {
 pub struct ServeConfig {
     /// TCP address to listen on.
     pub listen: SocketAddr,
+    /// The built dashboards (`desktop/ui/dist`, made by `npm run build` there), served at `/`.
+    /// Without it, `/` serves a one-page fallback that says how to build them.
+    #[serde(default)]
+    pub ui_dir: Option<PathBuf>,
 }
 
 /// A configuration error, naming the file, the line (where known) and the field.

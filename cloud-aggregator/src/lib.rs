@@ -83,7 +83,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     }
     if roles.contains(&Role::Serve) {
         let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
-        tasks.spawn(serve::run(serve_config.listen, store.clone(), config.analytics.clone(), shutdown.clone()));
+        tasks.spawn(serve::run(serve_config, store.clone(), config.analytics.clone(), shutdown.clone()));
     }
     info!(roles = ?roles, mode = if config.kafka.is_some() { "kafka" } else { "embedded" }, "cloud aggregator started");
 

@@ -37,6 +37,7 @@ fn start(store: &Path) -> (u16, CancellationToken, tokio::runtime::Runtime) {
         listener,
         cloud_aggregator::store::Location::Sqlite(store.to_owned()),
         Default::default(),
+        None,
         shutdown.clone(),
     ));
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -213,7 +214,7 @@ fn the_api_and_the_embedded_processor_run_on_postgres() {
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let shutdown = CancellationToken::new();
-    rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), shutdown.clone()));
+    rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), None, shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(port, "/readyz").is_err() {
         assert!(Instant::now() < deadline, "the API did not start on PostgreSQL");

@@ -200,6 +200,9 @@ impl Deployment {
             self.gateway_port, self.gateway_tcp_port
         );
         text += &format!("\n[serve]\nlisten = \"127.0.0.1:{}\"\n", self.api_port);
+        if let Some(dir) = ui_dir() {
+            text += &format!("ui_dir = \"{}\"\n", dir.display());
+        }
         text += &self.cloud_extra;
         std::fs::write(self.cloud_config_path(), text)?;
         Ok(())
@@ -435,4 +438,15 @@ pub fn append_lines(dir: &Path, lines: &[crate::generator::Line]) -> anyhow::Res
         f.flush()?;
     }
     Ok(())
+}
+
+/// The built dashboards, where there are some: `ACTIDASH_UI_DIR`, or the workspace's
+/// `desktop/ui/dist` (made by `npm run build` there, as the test command and the demo do).
+pub fn ui_dir() -> Option<PathBuf> {
+    let dir = match std::env::var_os("ACTIDASH_UI_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => Path::new(env!("CARGO_MANIFEST_DIR")).join("../desktop/ui/dist"),
+    };
+    let dir = std::fs::canonicalize(dir).ok()?;
+    dir.join("index.html").is_file().then_some(dir)
 }

@@ -30,6 +30,12 @@ pub fn postgres_admin(test: &str) -> Option<String> {
     service("ACTIDASH_PG_URL", test, "start the servers with scripts/db.sh")
 }
 
+/// Debian's chromium for the browser tests (`ACTIDASH_CHROMIUM`, set by `scripts/test.sh`
+/// after installing it), on the same terms as [`kafka_bootstrap`].
+pub fn chromium(test: &str) -> Option<String> {
+    service("ACTIDASH_CHROMIUM", test, "install Debian's chromium (scripts/test.sh does)")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

@@ -231,7 +231,8 @@ pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -
                 }
                 Model::TimeDecay => {
                     let window: Vec<i64> = sorted[lo..hi].iter().map(|t| t.time_ms).collect();
-                    for (w, k) in decay_weights(&window, order_ms, params.half_life_ms).into_iter().zip(&key_of[lo..hi]) {
+                    for (w, k) in decay_weights(&window, order_ms, params.half_life_ms).into_iter().zip(&key_of[lo..hi])
+                    {
                         per_key[*k] += w;
                     }
                 }
@@ -318,82 +319,83 @@ fn clamp(v: i128) -> i64 {
 mod tests {
     use super::*;
 
-/// The credits of one order, computed directly from the definition: the oracle of
-/// [`credit_orders`].
-fn credit_order_direct(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
-    let mut eligible: Vec<&Touch> = touches
-        .iter()
-        .filter(|t| t.time_ms <= order_ms && t.time_ms > order_ms.saturating_sub(params.lookback_ms))
-        .collect();
-    if !eligible.is_sorted() {
-        eligible.sort();
-    }
-    let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
-    if eligible.is_empty() {
-        return Model::ALL
-            .into_iter()
-            .map(|model| Credit {
-                model,
-                channel: NONE.into(),
-                campaign: NONE.into(),
-                orders_micro: MICRO_PER_ORDER,
-                revenue_nano: clamp(revenue),
-            })
+    /// The credits of one order, computed directly from the definition: the oracle of
+    /// [`credit_orders`].
+    fn credit_order_direct(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
+        let mut eligible: Vec<&Touch> = touches
+            .iter()
+            .filter(|t| t.time_ms <= order_ms && t.time_ms > order_ms.saturating_sub(params.lookback_ms))
             .collect();
-    }
-    // The channels and campaigns, in order, and each touch's among them.
-    let mut keys: Vec<(&str, &str)> = eligible.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let key_of: Vec<usize> =
-        eligible.iter().map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0)).collect();
-    let mut out = Vec::new();
-    let mut per_key = vec![0_u128; keys.len()];
-    for model in Model::ALL {
-        per_key.iter_mut().for_each(|w| *w = 0);
-        for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
-            per_key[*k] += w;
+        if !eligible.is_sorted() {
+            eligible.sort();
         }
-        let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
-        let revenues = allocate(revenue, &per_key);
-        for (k, (channel, campaign)) in keys.iter().enumerate() {
-            if per_key[k] == 0 {
-                continue;
+        let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
+        if eligible.is_empty() {
+            return Model::ALL
+                .into_iter()
+                .map(|model| Credit {
+                    model,
+                    channel: NONE.into(),
+                    campaign: NONE.into(),
+                    orders_micro: MICRO_PER_ORDER,
+                    revenue_nano: clamp(revenue),
+                })
+                .collect();
+        }
+        // The channels and campaigns, in order, and each touch's among them.
+        let mut keys: Vec<(&str, &str)> = eligible.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let key_of: Vec<usize> = eligible
+            .iter()
+            .map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0))
+            .collect();
+        let mut out = Vec::new();
+        let mut per_key = vec![0_u128; keys.len()];
+        for model in Model::ALL {
+            per_key.iter_mut().for_each(|w| *w = 0);
+            for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
+                per_key[*k] += w;
             }
-            out.push(Credit {
-                model,
-                channel: (*channel).to_owned(),
-                campaign: (*campaign).to_owned(),
-                orders_micro: clamp(orders[k]),
-                revenue_nano: clamp(revenues[k]),
-            });
-        }
-    }
-    out
-}
-
-/// Integer weights of the touches (sorted) under `model`.
-fn weights(model: Model, touches: &[&Touch], order_ms: i64, half_life_ms: i64) -> Vec<u128> {
-    let n = touches.len();
-    match model {
-        Model::LastTouch => (0..n).map(|i| u128::from(i == n - 1)).collect(),
-        Model::FirstTouch => (0..n).map(|i| u128::from(i == 0)).collect(),
-        Model::Linear => vec![1; n],
-        Model::PositionBased => match n {
-            1 => vec![1],
-            2 => vec![1, 1],
-            _ => {
-                // 40 % = 2(n-2) / 5(n-2), and 20 % / (n-2) = 1 / 5(n-2) for each middle touch.
-                let ends = 2 * (n as u128 - 2);
-                (0..n).map(|i| if i == 0 || i == n - 1 { ends } else { 1 }).collect()
+            let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
+            let revenues = allocate(revenue, &per_key);
+            for (k, (channel, campaign)) in keys.iter().enumerate() {
+                if per_key[k] == 0 {
+                    continue;
+                }
+                out.push(Credit {
+                    model,
+                    channel: (*channel).to_owned(),
+                    campaign: (*campaign).to_owned(),
+                    orders_micro: clamp(orders[k]),
+                    revenue_nano: clamp(revenues[k]),
+                });
             }
-        },
-        Model::TimeDecay => {
-            decay_weights(&touches.iter().map(|t| t.time_ms).collect::<Vec<_>>(), order_ms, half_life_ms)
+        }
+        out
+    }
+
+    /// Integer weights of the touches (sorted) under `model`.
+    fn weights(model: Model, touches: &[&Touch], order_ms: i64, half_life_ms: i64) -> Vec<u128> {
+        let n = touches.len();
+        match model {
+            Model::LastTouch => (0..n).map(|i| u128::from(i == n - 1)).collect(),
+            Model::FirstTouch => (0..n).map(|i| u128::from(i == 0)).collect(),
+            Model::Linear => vec![1; n],
+            Model::PositionBased => match n {
+                1 => vec![1],
+                2 => vec![1, 1],
+                _ => {
+                    // 40 % = 2(n-2) / 5(n-2), and 20 % / (n-2) = 1 / 5(n-2) for each middle touch.
+                    let ends = 2 * (n as u128 - 2);
+                    (0..n).map(|i| if i == 0 || i == n - 1 { ends } else { 1 }).collect()
+                }
+            },
+            Model::TimeDecay => {
+                decay_weights(&touches.iter().map(|t| t.time_ms).collect::<Vec<_>>(), order_ms, half_life_ms)
+            }
         }
     }
-}
-
 
     #[test]
     fn many_orders_at_once_are_credited_as_each_alone() {

@@ -30,7 +30,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::convert::Infallible;
-use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -85,14 +84,15 @@ fn bad(message: String) -> ApiError {
 
 /// Serves the API on `listen` until shutdown.
 pub async fn run(
-    listen: SocketAddr,
+    config: crate::config::ServeConfig,
     store: Location,
     analytics: AnalyticsConfig,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let listen = config.listen;
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the API to tcp/{listen}"))?;
-    run_on(listener, store, analytics, shutdown).await
+    run_on(listener, store, analytics, config.ui_dir, shutdown).await
 }
 
 /// Serves the API on a bound listener until shutdown.
@@ -100,14 +100,21 @@ pub async fn run_on(
     listener: tokio::net::TcpListener,
     location: Location,
     analytics: AnalyticsConfig,
+    ui_dir: Option<std::path::PathBuf>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    if let Some(dir) = &ui_dir {
+        anyhow::ensure!(
+            dir.join("index.html").is_file(),
+            "[serve] ui_dir {}: no index.html there (build the dashboards with `npm ci && npm run build` in desktop/ui)",
+            dir.display()
+        );
+    }
     let mut store = location.open_reader()?;
     let (tx, rx) = watch::channel(store.data_version()?);
     let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx, analytics: Arc::new(analytics) };
     tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));
     let app = Router::new()
-        .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/api/v1/sales", get(sales))
@@ -122,6 +129,15 @@ pub async fn run_on(
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/live", get(live))
         .with_state(state);
+    // The dashboards: the built app (any path that is not a file is the app's own route), or
+    // the fallback page.
+    let app = match &ui_dir {
+        Some(dir) => app.fallback_service(
+            tower_http::services::ServeDir::new(dir)
+                .fallback(tower_http::services::ServeFile::new(dir.join("index.html"))),
+        ),
+        None => app.route("/", get(|| async { Html(DASHBOARD) })),
+    };
     info!(listen = %listener.local_addr()?, "API listening (HTTP)");
     serve(listener, app)
         .with_graceful_shutdown(async move { shutdown.cancelled().await })

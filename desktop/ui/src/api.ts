@@ -1,0 +1,191 @@
+// The HTTP API of `cloud-aggregator` (docs/api.md): typed reads and the live push.
+
+export interface SalesRow {
+  tenant: string;
+  bucket?: string;
+  channel?: string;
+  site?: string;
+  country?: string;
+  currency?: string;
+  orders: number;
+  revenue: string;
+  placed_orders: number;
+  gross_revenue: string;
+  cancellations: number;
+  cancelled_revenue: string;
+  refunds: number;
+  refunded_revenue: string;
+  units: number;
+  average_order_value: string | null;
+}
+
+export interface Ranged<T> {
+  from: string;
+  to: string;
+  granularity: string | null;
+  rows: T[];
+}
+
+export interface ProductRow {
+  tenant: string;
+  sku: string;
+  currency: string;
+  units: number;
+  revenue: string;
+}
+
+export interface SessionRow {
+  tenant: string;
+  bucket?: string;
+  referrer?: string;
+  sessions: number;
+  bounces: number;
+  bounce_rate: number | null;
+  average_session_duration_secs: number | null;
+  events_in_sessions: number;
+}
+
+export interface Behavior {
+  from: string;
+  to: string;
+  sessions: SessionRow[];
+  events: { tenant: string; type: string; events: number }[];
+  page_views: number;
+}
+
+export interface Funnel {
+  sessions: number;
+  steps: { step: string; sessions: number; step_conversion: number | null; overall_conversion: number | null }[];
+}
+
+export interface AttributionRow {
+  tenant: string;
+  bucket?: string;
+  channel?: string;
+  campaign?: string;
+  currency: string;
+  attributed_orders: string;
+  attributed_revenue: string;
+  touches: number;
+  cost: string;
+  roas: string | null;
+}
+
+export interface Attribution {
+  from: string;
+  to: string;
+  model: string;
+  rows: AttributionRow[];
+  orders: string;
+  unattributed_orders: string;
+  unattributed_share: number | null;
+}
+
+export interface Level {
+  tenant: string;
+  sku: string;
+  warehouse: string;
+  on_hand: number;
+  as_of: string;
+}
+
+export interface Inventory {
+  total_on_hand: number;
+  skus: number;
+  threshold: number;
+  low_stock: Level[];
+  levels: Level[];
+  cover: { tenant: string; sku: string; on_hand: number; units_sold_7d: number; days_of_cover: number | null }[];
+}
+
+export interface SourceHealth {
+  source_id: string;
+  state: string;
+  position?: string;
+  n_errors: number;
+  n_dropped: number;
+  n_quarantined: number;
+  next_seq: number;
+  last_error?: string | null;
+}
+
+export interface Agent {
+  tenant: string;
+  agent_id: string;
+  received_at: string;
+  transport: string;
+  remote_addr: string;
+  heartbeat: {
+    agent_version?: string;
+    uptime_secs?: number;
+    spool_events?: number;
+    spool_bytes?: number;
+    spool_capacity_bytes?: number;
+    transport?: string;
+    sources?: SourceHealth[];
+  };
+}
+
+/** An API error with what the server said. */
+export class ApiError extends Error {
+  constructor(
+    readonly status: number,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+
+/** GET a JSON document of the API (`path` starts with `/api/`). */
+export async function get<T>(path: string, params: Record<string, string | undefined> = {}): Promise<T> {
+  const query = new URLSearchParams();
+  for (const [k, v] of Object.entries(params)) {
+    if (v !== undefined && v !== "") query.set(k, v);
+  }
+  const url = query.size > 0 ? `${path}?${query}` : path;
+  let response: Response;
+  try {
+    response = await fetch(url, { headers: { Accept: "application/json" } });
+  } catch (e) {
+    throw new ApiError(0, `the API cannot be reached (${(e as Error).message})`);
+  }
+  if (!response.ok) {
+    let message = `${response.status} ${response.statusText}`;
+    try {
+      const body = await response.json();
+      if (body && typeof body.error === "string") message = body.error;
+    } catch {
+      // not JSON: keep the status line
+    }
+    throw new ApiError(response.status, message);
+  }
+  return (await response.json()) as T;
+}
+
+/** The live push's state, as the status bar shows it. */
+export type LiveState = "connecting" | "live" | "reconnecting";
+
+/**
+ * Follows `/api/v1/live`: calls `onUpdate` with the dashboards whose figures changed and the
+ * server's "as of" time. The browser's EventSource reconnects by itself after an error; the
+ * first update after a (re)connection names every dashboard.
+ */
+export function follow(
+  onUpdate: (changed: string[], asOf: string) => void,
+  onState: (state: LiveState) => void,
+): () => void {
+  onState("connecting");
+  const source = new EventSource("/api/v1/live");
+  source.addEventListener("open", () => onState("live"));
+  source.addEventListener("error", () => onState("reconnecting"));
+  source.addEventListener("update", (e) => {
+    onState("live");
+    try {
+      const data = JSON.parse((e as MessageEvent<string>).data);
+      onUpdate(Array.isArray(data.changed) ? data.changed : [], String(data.as_of ?? ""));
+    } catch {
+      // a malformed push changes nothing; the next one will do
+    }
+  });
+  return () => source.close();
+}

@@ -1,0 +1,166 @@
+// The app shell: navigation, the time range, the live status, and one page at a time.
+
+import "./style.css";
+import { ApiError, follow, type LiveState } from "./api";
+import { time } from "./format";
+import { FEEDS, RENDER, TITLES, setNavigate } from "./pages";
+import { PAGES, RANGES, type View, defaultGranularity, format, parse } from "./view";
+
+const app = document.querySelector<HTMLDivElement>("#app")!;
+app.innerHTML = `
+  <header>
+    <div class="brand">ActiDash</div>
+    <nav>${PAGES.map((p) => `<a href="#/${p}" data-page="${p}">${TITLES[p]}</a>`).join("")}</nav>
+    <div class="status" id="status" role="status" aria-live="polite"></div>
+  </header>
+  <div class="toolbar">
+    <label>Range <select id="range">${Object.keys(RANGES)
+      .map((r) => `<option value="${r}">last ${r}</option>`)
+      .join("")}<option value="custom">custom…</option></select></label>
+    <span id="custom" hidden>
+      <label>from <input type="datetime-local" id="from" step="60" /></label>
+      <label>to <input type="datetime-local" id="to" step="60" /></label>
+      <button type="button" id="apply">Apply</button>
+    </span>
+    <label>Granularity <select id="granularity"><option>minute</option><option>hour</option><option>day</option></select></label>
+    <span class="asof">Data as of <span id="asof">–</span></span>
+  </div>
+  <div id="banner" class="banner" hidden></div>
+  <main id="page" aria-busy="true"><p class="loading">Loading…</p></main>`;
+
+const el = {
+  page: document.querySelector<HTMLElement>("#page")!,
+  status: document.querySelector<HTMLElement>("#status")!,
+  banner: document.querySelector<HTMLElement>("#banner")!,
+  asof: document.querySelector<HTMLElement>("#asof")!,
+  range: document.querySelector<HTMLSelectElement>("#range")!,
+  granularity: document.querySelector<HTMLSelectElement>("#granularity")!,
+  custom: document.querySelector<HTMLElement>("#custom")!,
+  from: document.querySelector<HTMLInputElement>("#from")!,
+  to: document.querySelector<HTMLInputElement>("#to")!,
+  apply: document.querySelector<HTMLButtonElement>("#apply")!,
+};
+
+let view: View = parse(location.hash);
+let live: LiveState = "connecting";
+let lastAsOf = "";
+let rendering = false;
+let again = false;
+let retry: number | undefined;
+
+function navigate(next: View): void {
+  location.hash = format(next);
+}
+setNavigate(navigate);
+
+/** UTC ISO minute <-> the datetime-local inputs (shown in UTC, like every figure). */
+const toInput = (unix?: string) => (unix ? new Date(Number(unix) * 1000).toISOString().slice(0, 16) : "");
+const fromInput = (v: string) => (v ? String(Math.floor(Date.parse(`${v}:00Z`) / 1000)) : undefined);
+
+function syncToolbar(): void {
+  el.range.value = view.range;
+  el.granularity.value = view.granularity;
+  el.custom.hidden = view.range !== "custom";
+  el.from.value = toInput(view.from);
+  el.to.value = toInput(view.to);
+  for (const a of document.querySelectorAll<HTMLAnchorElement>("nav a")) {
+    const on = a.dataset.page === view.page;
+    a.classList.toggle("on", on);
+    a.href = format({ ...view, page: a.dataset.page as View["page"], params: {} });
+    if (on) a.setAttribute("aria-current", "page");
+    else a.removeAttribute("aria-current");
+  }
+  document.title = `${TITLES[view.page]} · ActiDash`;
+}
+
+el.range.onchange = () => {
+  const range = el.range.value;
+  if (range === "custom") {
+    const now = Math.floor(Date.now() / 60_000) * 60;
+    navigate({ ...view, range, from: view.from ?? String(now - 86_400), to: view.to ?? String(now + 60) });
+  } else {
+    navigate({ ...view, range, from: undefined, to: undefined, granularity: defaultGranularity(range) });
+  }
+};
+el.granularity.onchange = () => navigate({ ...view, granularity: el.granularity.value as View["granularity"] });
+el.apply.onclick = () => navigate({ ...view, range: "custom", from: fromInput(el.from.value), to: fromInput(el.to.value) });
+
+function showStatus(): void {
+  const text: Record<LiveState, string> = {
+    connecting: "Connecting…",
+    live: "Live",
+    reconnecting: "Disconnected — reconnecting…",
+  };
+  el.status.textContent = text[live];
+  el.status.className = `status ${live}`;
+  el.status.dataset.state = live;
+  document.body.classList.toggle("stale", live !== "live" || !el.banner.hidden);
+}
+
+/** Renders the current page; a render asked for meanwhile runs once after it. */
+async function render(): Promise<void> {
+  if (rendering) {
+    again = true;
+    return;
+  }
+  rendering = true;
+  window.clearTimeout(retry);
+  const shown = view;
+  try {
+    el.page.setAttribute("aria-busy", "true");
+    const next = document.createElement("div");
+    next.className = `page ${shown.page}`;
+    // Render off-screen first only on a page change; a refresh updates in place (the charts
+    // keep their state).
+    const target = el.page.firstElementChild?.classList.contains(shown.page) ? (el.page.firstElementChild as HTMLElement) : next;
+    await RENDER[shown.page](shown, target);
+    if (target === next) el.page.replaceChildren(next);
+    el.banner.hidden = true;
+    el.asof.textContent = time(lastAsOf || new Date().toISOString());
+    el.page.dataset.page = shown.page;
+    el.page.dataset.rendered = String(Date.now());
+  } catch (e) {
+    const message = e instanceof ApiError ? e.message : (e as Error).message;
+    const first = !el.page.firstElementChild?.classList.contains(shown.page);
+    el.banner.hidden = false;
+    el.banner.textContent = first
+      ? `Cannot load this page: ${message}. Retrying every 5 seconds; check that the ActiDash cloud is running.`
+      : `Stale: the figures below are from ${el.asof.textContent}; refreshing failed (${message}). Retrying every 5 seconds.`;
+    if (first) el.page.innerHTML = "";
+    retry = window.setTimeout(() => void render(), 5_000);
+  } finally {
+    el.page.setAttribute("aria-busy", "false");
+    rendering = false;
+    showStatus();
+    if (again) {
+      again = false;
+      void render();
+    }
+  }
+}
+
+window.addEventListener("hashchange", () => {
+  const next = parse(location.hash);
+  if (next.page !== view.page) el.page.innerHTML = '<p class="loading">Loading…</p>';
+  view = next;
+  syncToolbar();
+  void render();
+});
+
+follow(
+  (changed, asOf) => {
+    lastAsOf = asOf;
+    if (changed.some((c) => FEEDS[view.page].includes(c))) void render();
+  },
+  (state) => {
+    const was = live;
+    live = state;
+    showStatus();
+    if (was !== "live" && state === "live") void render();
+  },
+);
+
+if (!location.hash) history.replaceState(null, "", format(view));
+syncToolbar();
+showStatus();
+void render();
