@@ -196,16 +196,7 @@ pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -
         let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
         let n = hi - lo;
         if n == 0 {
-            out[i] = Model::ALL
-                .into_iter()
-                .map(|model| Credit {
-                    model,
-                    channel: NONE.into(),
-                    campaign: NONE.into(),
-                    orders_micro: MICRO_PER_ORDER,
-                    revenue_nano: clamp(revenue),
-                })
-                .collect();
+            out[i] = untouched(revenue);
             continue;
         }
         let (first, last) = (key_of[lo], key_of[hi - 1]);
@@ -237,23 +228,43 @@ pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -
                     }
                 }
             }
-            let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
-            let revenues = allocate(revenue, &per_key);
-            for (k, (channel, campaign)) in keys.iter().enumerate() {
-                if per_key[k] == 0 {
-                    continue;
-                }
-                credits.push(Credit {
-                    model,
-                    channel: (*channel).to_owned(),
-                    campaign: (*campaign).to_owned(),
-                    orders_micro: clamp(orders[k]),
-                    revenue_nano: clamp(revenues[k]),
-                });
-            }
+            split(model, &keys, &per_key, revenue, credits);
         }
     }
     out
+}
+
+/// The credits of an order without touches: whole, to `(none)`, in every model.
+fn untouched(revenue: i128) -> Vec<Credit> {
+    Model::ALL
+        .into_iter()
+        .map(|model| Credit {
+            model,
+            channel: NONE.into(),
+            campaign: NONE.into(),
+            orders_micro: MICRO_PER_ORDER,
+            revenue_nano: clamp(revenue),
+        })
+        .collect()
+}
+
+/// One model's credit of an order: one order and `revenue` split over `keys` (channel,
+/// campaign) by their weights; keys without weight get nothing.
+fn split(model: Model, keys: &[(&str, &str)], per_key: &[u128], revenue: i128, out: &mut Vec<Credit>) {
+    let orders = allocate(i128::from(MICRO_PER_ORDER), per_key);
+    let revenues = allocate(revenue, per_key);
+    for (k, (channel, campaign)) in keys.iter().enumerate() {
+        if per_key[k] == 0 {
+            continue;
+        }
+        out.push(Credit {
+            model,
+            channel: (*channel).to_owned(),
+            campaign: (*campaign).to_owned(),
+            orders_micro: clamp(orders[k]),
+            revenue_nano: clamp(revenues[k]),
+        });
+    }
 }
 
 /// Time-decay weights of touches at `times` for an order at `order_ms`, as integers: 2^53 for
@@ -331,16 +342,7 @@ mod tests {
         }
         let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
         if eligible.is_empty() {
-            return Model::ALL
-                .into_iter()
-                .map(|model| Credit {
-                    model,
-                    channel: NONE.into(),
-                    campaign: NONE.into(),
-                    orders_micro: MICRO_PER_ORDER,
-                    revenue_nano: clamp(revenue),
-                })
-                .collect();
+            return untouched(revenue);
         }
         // The channels and campaigns, in order, and each touch's among them.
         let mut keys: Vec<(&str, &str)> = eligible.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
@@ -357,20 +359,7 @@ mod tests {
             for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
                 per_key[*k] += w;
             }
-            let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
-            let revenues = allocate(revenue, &per_key);
-            for (k, (channel, campaign)) in keys.iter().enumerate() {
-                if per_key[k] == 0 {
-                    continue;
-                }
-                out.push(Credit {
-                    model,
-                    channel: (*channel).to_owned(),
-                    campaign: (*campaign).to_owned(),
-                    orders_micro: clamp(orders[k]),
-                    revenue_nano: clamp(revenues[k]),
-                });
-            }
+            split(model, &keys, &per_key, revenue, &mut out);
         }
         out
     }
@@ -397,15 +386,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn many_orders_at_once_are_credited_as_each_alone() {
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        let mut next = |m: u64| {
+    /// A small deterministic generator: each call, a number below `m`.
+    fn xorshift(mut seed: u64) -> impl FnMut(u64) -> u64 {
+        move |m| {
             seed ^= seed << 13;
             seed ^= seed >> 7;
             seed ^= seed << 17;
             seed % m
-        };
+        }
+    }
+
+    #[test]
+    fn many_orders_at_once_are_credited_as_each_alone() {
+        let mut next = xorshift(0x2545_f491_4f6c_dd1d_u64);
         let params = Params { lookback_ms: 10 * DAY, half_life_ms: 3 * DAY };
         for _ in 0..300 {
             let touches: Vec<Touch> = (0..next(40))
@@ -521,13 +514,7 @@ mod tests {
         // Against the definition, by rational arithmetic: each part is the floor of its exact
         // share or one more, the ones more go to the largest remainders (ties: the earlier
         // part), and the parts add up.
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        let mut next = |m: u64| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed % m
-        };
+        let mut next = xorshift(0x9e37_79b9_7f4a_7c15_u64);
         for _ in 0..2_000 {
             let n = 1 + next(12) as usize;
             let weights: Vec<u128> = (0..n).map(|_| if next(4) == 0 { 0 } else { u128::from(next(1 << 20)) }).collect();
