@@ -215,6 +215,13 @@ pub struct ServeConfig {
     /// Without it, `/` serves a one-page fallback that says how to build them.
     #[serde(default)]
     pub ui_dir: Option<PathBuf>,
+    /// Origins (`https://dash.example.com`) whose pages may call the API from a browser; none
+    /// by default (the app served here is same-origin).
+    #[serde(default)]
+    pub cors_origins: Vec<String>,
+    /// Requests a second each API token may make (bursts of four seconds' worth); 50 by default.
+    #[serde(default)]
+    pub requests_per_sec_per_token: Option<f64>,
 }
 
 /// A configuration error, naming the file, the line (where known) and the field.

@@ -7,6 +7,7 @@
 //! embedded mode) — the same store commit either way.
 
 pub mod analytics;
+pub mod api_tokens;
 pub mod certs;
 pub mod config;
 pub mod fleet;
@@ -83,7 +84,19 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     }
     if roles.contains(&Role::Serve) {
         let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
-        tasks.spawn(serve::run(serve_config, store.clone(), config.analytics.clone(), shutdown.clone()));
+        let options = serve::ServeOptions {
+            tokens: api_tokens::ApiTokens::open(&config.data_dir)?,
+            ui_dir: serve_config.ui_dir.clone(),
+            cors_origins: serve_config.cors_origins.clone(),
+            rate_per_token: serve_config.requests_per_sec_per_token.unwrap_or(serve::DEFAULT_RATE_PER_TOKEN),
+        };
+        tasks.spawn(serve::run(
+            serve_config.listen,
+            store.clone(),
+            config.analytics.clone(),
+            options,
+            shutdown.clone(),
+        ));
     }
     info!(roles = ?roles, mode = if config.kafka.is_some() { "kafka" } else { "embedded" }, "cloud aggregator started");
 

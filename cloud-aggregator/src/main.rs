@@ -51,6 +51,42 @@ enum Command {
         #[command(subcommand)]
         command: AgentCommand,
     },
+    /// Tokens of the HTTP API.
+    ApiToken {
+        #[command(subcommand)]
+        command: ApiTokenCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ApiTokenCommand {
+    /// Create an API token; prints it once (only its hash is kept) and its id on stderr.
+    Create {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        /// The tenant it reads.
+        #[arg(long, required_unless_present = "all_tenants", conflicts_with = "all_tenants")]
+        tenant: Option<String>,
+        /// Every tenant (the service's own operators).
+        #[arg(long)]
+        all_tenants: bool,
+        #[arg(long, value_enum, default_value = "viewer")]
+        role: cloud_aggregator::api_tokens::Role,
+        /// How long it stays valid: `30m`, `24h`, `90d`, seconds, or `never`.
+        #[arg(long, default_value = "90d")]
+        expires: String,
+    },
+    /// List API tokens (ids, never the tokens).
+    List {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+    },
+    /// Revoke an API token by id; refused within seconds on every API server of the registry.
+    Revoke {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        id: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +135,55 @@ fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
     Ok(std::time::Duration::from_secs(secs))
 }
 
+fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
+    use cloud_aggregator::api_tokens::ApiTokens;
+    let open = |config: &std::path::Path| -> anyhow::Result<ApiTokens> {
+        ApiTokens::open(&CloudConfig::load(config)?.data_dir)
+    };
+    let now = chrono::Utc::now().timestamp();
+    let when = |t: Option<i64>| {
+        t.and_then(|t| chrono::DateTime::from_timestamp(t, 0)).map_or("-".to_owned(), |t| t.to_rfc3339())
+    };
+    match command {
+        ApiTokenCommand::Create { config, tenant, all_tenants: _, role, expires } => {
+            let ttl = if expires == "never" { None } else { Some(parse_duration(&expires)?) };
+            let (id, token) = open(&config)?.create(tenant.as_deref(), role, ttl, now)?;
+            eprintln!(
+                "API token {id}: tenant {}, role {}, expires {}. It is shown only now.",
+                tenant.as_deref().unwrap_or("(every tenant)"),
+                role.name(),
+                when(ttl.map(|d| now + d.as_secs() as i64))
+            );
+            println!("{token}");
+        }
+        ApiTokenCommand::List { config } => {
+            println!("id\ttenant\trole\tcreated\texpires\tstate");
+            for t in open(&config)?.list()? {
+                let state = if t.revoked_at.is_some() {
+                    "revoked"
+                } else if t.expires_at.is_some_and(|e| e <= now) {
+                    "expired"
+                } else {
+                    "active"
+                };
+                println!(
+                    "{}\t{}\t{}\t{}\t{}\t{state}",
+                    t.id,
+                    t.tenant.as_deref().unwrap_or("*"),
+                    t.role.name(),
+                    when(Some(t.created_at)),
+                    when(t.expires_at)
+                );
+            }
+        }
+        ApiTokenCommand::Revoke { config, id } => {
+            anyhow::ensure!(open(&config)?.revoke(&id, now)?, "no API token {id:?}");
+            println!("revoked {id}");
+        }
+    }
+    Ok(())
+}
+
 fn open_fleet(config: &std::path::Path) -> anyhow::Result<cloud_aggregator::fleet::Fleet> {
     let cfg = CloudConfig::load(config)?;
     cloud_aggregator::fleet::Fleet::open(&cfg.data_dir, &cfg.fleet)
@@ -145,6 +230,7 @@ fn main() -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::ApiToken { command } => api_token(command),
         Command::Run { config, roles } => {
             let cfg = CloudConfig::load(&config)?;
             let roles: BTreeSet<Role> = if roles.is_empty() {

@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 
 use actidash_shared::event::{Event, InventoryLevel, MarketingTouch, OrderStatus, Payload};
 use actidash_shared::testing::sale_with;
-use actidash_tests::harness::http_get;
+use actidash_tests::harness::{http_get, http_get_auth};
+use cloud_aggregator::api_tokens::{ApiTokens, Role};
+use cloud_aggregator::serve::ServeOptions;
 use cloud_aggregator::store::{CommitWork, Store, StreamInput};
 use tokio_util::sync::CancellationToken;
 
@@ -27,29 +29,48 @@ fn event(seq: u64, time: &str, payload: Payload) -> Event {
     Event::new("acme".into(), "a".into(), "s2".into(), seq, time.parse().unwrap(), payload)
 }
 
-/// Starts the API on a free port over `store`; stops with the returned token.
-fn start(store: &Path) -> (u16, CancellationToken, tokio::runtime::Runtime) {
+/// An API server of a test, with its token registry and a token for every tenant.
+struct Api {
+    port: u16,
+    shutdown: CancellationToken,
+    tokens: ApiTokens,
+    /// Role admin, every tenant.
+    token: String,
+    _rt: tokio::runtime::Runtime,
+}
+
+impl Api {
+    fn json(&self, path: &str) -> serde_json::Value {
+        serde_json::from_str(&http_get_auth(self.port, path, Some(&self.token)).unwrap()).unwrap()
+    }
+}
+
+/// Starts the API on a free port over `location`, its tokens in `data_dir`.
+fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api {
     let rt = tokio::runtime::Runtime::new().unwrap();
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let shutdown = CancellationToken::new();
-    rt.spawn(cloud_aggregator::serve::run_on(
-        listener,
-        cloud_aggregator::store::Location::Sqlite(store.to_owned()),
-        Default::default(),
-        None,
-        shutdown.clone(),
-    ));
-    let deadline = Instant::now() + Duration::from_secs(10);
+    let tokens = ApiTokens::open(data_dir).unwrap();
+    let (_, token) = tokens.create(None, Role::Admin, None, chrono::Utc::now().timestamp()).unwrap();
+    let options = ServeOptions {
+        tokens: tokens.clone(),
+        ui_dir: None,
+        cors_origins: vec![],
+        rate_per_token: cloud_aggregator::serve::DEFAULT_RATE_PER_TOKEN,
+    };
+    rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), options, shutdown.clone()));
+    let deadline = Instant::now() + Duration::from_secs(20);
     while http_get(port, "/readyz").is_err() {
         assert!(Instant::now() < deadline, "the API did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    (port, shutdown, rt)
+    Api { port, shutdown, tokens, token, _rt: rt }
 }
 
-fn json(port: u16, path: &str) -> serde_json::Value {
-    serde_json::from_str(&http_get(port, path).unwrap()).unwrap()
+/// Starts the API on a free port over the SQLite `store`.
+fn start(store: &Path) -> Api {
+    start_on(cloud_aggregator::store::Location::Sqlite(store.to_owned()), store.parent().unwrap())
 }
 
 #[test]
@@ -87,38 +108,39 @@ fn reports_serve_exact_money_and_refuse_bad_parameters_by_name() {
             ),
         ],
     );
-    let (port, shutdown, _rt) = start(&path);
+    let api = start(&path);
+    let (port, shutdown) = (api.port, api.shutdown.clone());
     let range = "from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z";
 
     // 0.10 + 0.10 + 0.10 - 0.10, exactly: no float drift, and text rather than a number.
-    let sales = json(port, &format!("/api/v1/sales?{range}&group_by=channel"));
+    let sales = api.json(&format!("/api/v1/sales?{range}&group_by=channel"));
     let row = &sales["rows"][0];
     assert_eq!((row["orders"].as_i64(), row["revenue"].as_str()), (Some(2), Some("0.2")), "{sales}");
     assert_eq!(row["average_order_value"], "0.1");
     assert_eq!(sales["from"], "2026-11-27T00:00:00Z");
-    let series = json(port, &format!("/api/v1/sales?{range}&granularity=minute"));
+    let series = api.json(&format!("/api/v1/sales?{range}&granularity=minute"));
     assert_eq!(series["rows"].as_array().unwrap().len(), 2, "two minutes with sales: {series}");
 
     // The orders were placed after the touch: all credited to it, with cost and ROAS.
-    let attribution = json(port, &format!("/api/v1/marketing/attribution?{range}&model=linear&group_by=channel"));
+    let attribution = api.json(&format!("/api/v1/marketing/attribution?{range}&model=linear&group_by=channel"));
     let google = attribution["rows"].as_array().unwrap().iter().find(|r| r["channel"] == "google").unwrap();
     assert_eq!(google["attributed_orders"], "2", "{attribution}");
     assert_eq!(google["attributed_revenue"], "0.2");
     assert_eq!(google["cost"], "0.05");
     assert_eq!(google["roas"], "4");
-    let inventory = json(port, "/api/v1/inventory?tenant=acme");
+    let inventory = api.json("/api/v1/inventory?tenant=acme");
     assert_eq!(inventory["low_stock"][0]["sku"], "S", "{inventory}");
 
     // Attribution and products are kept per hour: a range inside an hour is widened to it, and
     // the answer says so.
     let within = "from=2026-11-27T10:01:00Z&to=2026-11-27T10:07:00Z";
-    let attribution = json(port, &format!("/api/v1/marketing/attribution?{within}&model=last_touch"));
+    let attribution = api.json(&format!("/api/v1/marketing/attribution?{within}&model=last_touch"));
     assert_eq!(
         (attribution["from"].as_str(), attribution["to"].as_str()),
         (Some("2026-11-27T10:00:00Z"), Some("2026-11-27T11:00:00Z"))
     );
     assert_eq!(attribution["orders"], "2", "{attribution}");
-    let products = json(port, &format!("/api/v1/sales/products?{within}"));
+    let products = api.json(&format!("/api/v1/sales/products?{within}"));
     assert_eq!(products["from"], "2026-11-27T10:00:00Z", "{products}");
 
     for (path, named) in [
@@ -133,7 +155,7 @@ fn reports_serve_exact_money_and_refuse_bad_parameters_by_name() {
         ("/api/v1/sales/products?limit=0", "limit"),
         ("/api/v1/inventory?threshold=low", "threshold"),
     ] {
-        let err = http_get(port, path).unwrap_err().to_string();
+        let err = http_get_auth(port, path, Some(&api.token)).unwrap_err().to_string();
         assert!(err.contains("HTTP 400") && err.contains(named), "{path}: {err}");
     }
     shutdown.cancel();
@@ -161,12 +183,17 @@ fn the_live_push_carries_the_dashboards_that_changed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("serving.db");
     commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
-    let (port, shutdown, _rt) = start(&path);
+    let api = start(&path);
+    let (port, shutdown) = (api.port, api.shutdown.clone());
     let stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
     stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
     // HTTP/1.0: the body is the raw event stream, not chunked.
-    write!(&stream, "GET /api/v1/live?tenant=acme&from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z HTTP/1.0\r\n\r\n")
-        .unwrap();
+    write!(
+        &stream,
+        "GET /api/v1/live?tenant=acme&from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z HTTP/1.0\r\nAuthorization: Bearer {}\r\n\r\n",
+        api.token
+    )
+    .unwrap();
     let mut reader = BufReader::new(stream);
     let first = next_update(&mut reader);
     assert_eq!(first["changed"], serde_json::json!(["behavior", "fleet", "inventory", "marketing", "sales"]));
@@ -211,16 +238,95 @@ fn the_api_and_the_embedded_processor_run_on_postgres() {
     drop(tx);
     thread.join().unwrap();
     // The API reads it.
-    let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let shutdown = CancellationToken::new();
-    rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), None, shutdown.clone()));
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while http_get(port, "/readyz").is_err() {
-        assert!(Instant::now() < deadline, "the API did not start on PostgreSQL");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    let totals = json(port, "/api/v1/sales/totals");
+    let dir = tempfile::tempdir().unwrap();
+    let api = start_on(location, dir.path());
+    let totals = api.json("/api/v1/sales/totals");
     assert_eq!(totals[0]["revenue"], "12.5", "{totals}");
-    shutdown.cancel();
+    api.shutdown.cancel();
+}
+
+/// The status line's code of a GET (with an optional bearer token).
+fn status(port: u16, path: &str, token: Option<&str>) -> u16 {
+    match http_get_auth(port, path, token) {
+        Ok(_) => 200,
+        Err(e) => {
+            let text = e.to_string();
+            text.split("HTTP ").nth(1).and_then(|r| r.get(..3)).and_then(|c| c.parse().ok()).unwrap_or(0)
+        }
+    }
+}
+
+#[test]
+fn every_route_refuses_missing_wrong_expired_revoked_and_foreign_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
+    commit(&path, vec![sale_with("other", "b", 0, "2026-11-27T10:00:00Z", "web", "7", OrderStatus::Placed)]);
+    let api = start(&path);
+    let now = chrono::Utc::now().timestamp();
+    let make = |role, ttl: Option<u64>, created: i64| {
+        api.tokens.create(Some("acme"), role, ttl.map(Duration::from_secs), created).unwrap()
+    };
+    let (_, viewer) = make(Role::Viewer, None, now);
+    let (_, ops) = make(Role::Ops, None, now);
+    let (_, expired) = make(Role::Admin, Some(5), now - 10);
+    let (revoked_id, revoked) = make(Role::Admin, None, now);
+    assert!(api.tokens.revoke(&revoked_id, now).unwrap());
+    let routes = [
+        "/api/v1/sales",
+        "/api/v1/sales/totals",
+        "/api/v1/sales/products",
+        "/api/v1/behavior",
+        "/api/v1/behavior/funnel",
+        "/api/v1/marketing/attribution",
+        "/api/v1/inventory",
+        "/api/v1/events",
+        "/api/v1/agents",
+        "/api/v1/stats",
+        "/api/v1/live",
+    ];
+    for route in routes {
+        for (token, what) in [
+            (None, "no token"),
+            (Some("adk_0000"), "a wrong token"),
+            (Some(&*expired), "an expired token"),
+            (Some(&*revoked), "a revoked token"),
+        ] {
+            assert_eq!(status(api.port, route, token), 401, "{route} with {what}");
+        }
+        let foreign = format!("{route}?tenant=other");
+        assert_eq!(status(api.port, &foreign, Some(&ops)), 403, "{foreign} with a token of acme");
+    }
+    // Roles: the fleet needs ops; the service's counters need a token for every tenant.
+    assert_eq!(status(api.port, "/api/v1/agents", Some(&viewer)), 403);
+    assert_eq!(status(api.port, "/api/v1/agents", Some(&ops)), 200);
+    assert_eq!(status(api.port, "/api/v1/stats", Some(&ops)), 403);
+    assert_eq!(status(api.port, "/api/v1/stats", Some(&api.token)), 200);
+    // A token sees its tenant only, named or not.
+    let mine = http_get_auth(api.port, "/api/v1/sales/totals", Some(&viewer)).unwrap();
+    let rows: serde_json::Value = serde_json::from_str(&mine).unwrap();
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["revenue"], "5");
+    assert_eq!(status(api.port, "/api/v1/sales/totals?tenant=acme", Some(&viewer)), 200);
+    assert_eq!(api.json("/api/v1/sales/totals").as_array().unwrap().len(), 2, "a token for every tenant sees both");
+    // The open routes, and the live push's token in the query (and nowhere else).
+    assert_eq!(status(api.port, "/healthz", None), 200);
+    assert_eq!(status(api.port, "/readyz", None), 200);
+    assert_eq!(status(api.port, &format!("/api/v1/sales?access_token={viewer}"), None), 401);
+    let stream = TcpStream::connect(("127.0.0.1", api.port)).unwrap();
+    stream.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let range = "from=2026-11-27T00:00:00Z&to=2026-11-28T00:00:00Z";
+    write!(&stream, "GET /api/v1/live?access_token={viewer}&{range} HTTP/1.0\r\n\r\n").unwrap();
+    let mut reader = BufReader::new(stream);
+    let update = next_update(&mut reader);
+    assert_eq!(update["sales"]["totals"].as_array().unwrap().len(), 1, "the live push is scoped too: {update}");
+    assert_eq!(update["sales"]["totals"][0]["revenue"], "5");
+    assert!(update.get("fleet").is_none() && update.get("stats").is_none(), "a viewer's push has no fleet: {update}");
+    // A revocation is honoured within the grant cache's life.
+    let (id, soon_revoked) = make(Role::Viewer, None, now);
+    assert_eq!(status(api.port, "/api/v1/events", Some(&soon_revoked)), 200);
+    api.tokens.revoke(&id, now).unwrap();
+    std::thread::sleep(Duration::from_millis(2_100));
+    assert_eq!(status(api.port, "/api/v1/events", Some(&soon_revoked)), 401);
+    api.shutdown.cancel();
 }

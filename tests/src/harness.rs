@@ -150,6 +150,8 @@ pub struct Deployment {
     pub cloud_extra: String,
     /// More lines of the `[kafka]` section.
     pub kafka_extra: String,
+    /// More lines of the `[serve]` section.
+    pub serve_extra: String,
 }
 
 impl Deployment {
@@ -177,6 +179,7 @@ impl Deployment {
             topic_prefix: format!("t{}x{}", std::process::id(), nanos % 1_000_000_000),
             cloud_extra: String::new(),
             kafka_extra: String::new(),
+            serve_extra: String::new(),
         };
         deployment.write_cloud_config()?;
         Ok(deployment)
@@ -203,6 +206,7 @@ impl Deployment {
         if let Some(dir) = ui_dir() {
             text += &format!("ui_dir = \"{}\"\n", dir.display());
         }
+        text += &self.serve_extra;
         text += &self.cloud_extra;
         std::fs::write(self.cloud_config_path(), text)?;
         Ok(())
@@ -322,8 +326,31 @@ impl Deployment {
     }
 
     /// `GET path` on the API; the body as JSON.
+    /// An API token for every tenant, role admin, made once per deployment (kept in its root).
+    pub fn api_token(&self) -> anyhow::Result<String> {
+        let path = self.root.join("api-token");
+        if let Ok(token) = std::fs::read_to_string(&path) {
+            return Ok(token.trim().to_owned());
+        }
+        let token = self.make_api_token(&["--all-tenants", "--role", "admin", "--expires", "never"])?;
+        std::fs::write(&path, &token)?;
+        Ok(token)
+    }
+
+    /// A new API token: `cloud-aggregator api-token create` with `args` (`--tenant`, `--role`…).
+    pub fn make_api_token(&self, args: &[&str]) -> anyhow::Result<String> {
+        let out = Command::new(bin("cloud-aggregator")?)
+            .args(["api-token", "create", "--config"])
+            .arg(self.cloud_config_path())
+            .args(args)
+            .output()
+            .context("running cloud-aggregator api-token create")?;
+        anyhow::ensure!(out.status.success(), "api-token create: {}", String::from_utf8_lossy(&out.stderr));
+        Ok(String::from_utf8(out.stdout)?.trim().to_owned())
+    }
+
     pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let body = http_get(self.api_port, path)?;
+        let body = http_get_auth(self.api_port, path, Some(&self.api_token()?))?;
         serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
     }
 
@@ -409,9 +436,15 @@ pub fn wait_until(
 
 /// A minimal HTTP/1.1 GET on 127.0.0.1:`port`; returns the body of a 2xx answer.
 pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
+    http_get_auth(port, path, None)
+}
+
+/// [`http_get`] with `Authorization: Bearer <token>`.
+pub fn http_get_auth(port: u16, path: &str, token: Option<&str>) -> anyhow::Result<String> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")?;
+    let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n")?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("no end of HTTP headers")?;

@@ -48,10 +48,13 @@ fn every_page_shows_the_apis_numbers_live_and_marks_stale_data() {
     .unwrap();
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
+    // What a manager of the tenant (with the Fleet page: ops) would be given.
+    let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"]).unwrap();
     let mut browser = Command::new("node")
         .arg(ui.join("tests/browser.mjs"))
         .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
         .env("ACTIDASH_CHROMIUM", &chromium)
+        .env("ACTIDASH_TOKEN", &token)
         .env("ACTIDASH_SCREENSHOTS", &shots)
         .env("ACTIDASH_FROM", from.to_string())
         .env("ACTIDASH_TO", (chrono::Utc::now().timestamp() + 3600).to_string())

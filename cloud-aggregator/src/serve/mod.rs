@@ -50,9 +50,14 @@ use tracing::{info, warn};
 use crate::analytics::AnalyticsConfig;
 use crate::analytics::attribution::Model;
 use crate::analytics::tables::{self, TableSpec};
+use crate::api_tokens::ApiTokens;
 use crate::store::db::DbError;
 use crate::store::query::{self, Selection};
 use crate::store::{Location, Store, StoreError};
+
+mod auth;
+
+pub use auth::DEFAULT_RATE as DEFAULT_RATE_PER_TOKEN;
 
 const DASHBOARD: &str = include_str!("dashboard.html");
 
@@ -84,15 +89,28 @@ fn bad(message: String) -> ApiError {
 
 /// Serves the API on `listen` until shutdown.
 pub async fn run(
-    config: crate::config::ServeConfig,
+    listen: std::net::SocketAddr,
     store: Location,
     analytics: AnalyticsConfig,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let listen = config.listen;
     let listener =
         tokio::net::TcpListener::bind(listen).await.with_context(|| format!("binding the API to tcp/{listen}"))?;
-    run_on(listener, store, analytics, config.ui_dir, shutdown).await
+    run_on(listener, store, analytics, options, shutdown).await
+}
+
+/// What the API serves with besides the store.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// The tokens every `/api` request is checked against.
+    pub tokens: ApiTokens,
+    /// The built dashboards ([`crate::config::ServeConfig::ui_dir`]).
+    pub ui_dir: Option<std::path::PathBuf>,
+    /// Origins allowed to call the API from a browser.
+    pub cors_origins: Vec<String>,
+    /// Requests a second per token.
+    pub rate_per_token: f64,
 }
 
 /// Serves the API on a bound listener until shutdown.
@@ -100,9 +118,10 @@ pub async fn run_on(
     listener: tokio::net::TcpListener,
     location: Location,
     analytics: AnalyticsConfig,
-    ui_dir: Option<std::path::PathBuf>,
+    options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
+    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token } = options;
     if let Some(dir) = &ui_dir {
         anyhow::ensure!(
             dir.join("index.html").is_file(),
@@ -114,9 +133,21 @@ pub async fn run_on(
     let (tx, rx) = watch::channel(store.data_version()?);
     let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx, analytics: Arc::new(analytics) };
     tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));
-    let app = Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
+    let cors = if cors_origins.is_empty() {
+        None
+    } else {
+        let origins = cors_origins
+            .iter()
+            .map(|o| o.parse::<axum::http::HeaderValue>().with_context(|| format!("[serve] cors_origins: {o:?}")))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        Some(
+            tower_http::cors::CorsLayer::new()
+                .allow_origin(origins)
+                .allow_methods([axum::http::Method::GET])
+                .allow_headers([axum::http::header::AUTHORIZATION]),
+        )
+    };
+    let api = Router::new()
         .route("/api/v1/sales", get(sales))
         .route("/api/v1/sales/totals", get(sales_totals))
         .route("/api/v1/sales/products", get(products))
@@ -128,7 +159,17 @@ pub async fn run_on(
         .route("/api/v1/agents", get(agents))
         .route("/api/v1/stats", get(stats))
         .route("/api/v1/live", get(live))
-        .with_state(state);
+        .with_state(state.clone())
+        .layer(axum::middleware::from_fn_with_state(auth::Auth::new(tokens, rate_per_token), auth::require_token));
+    let api = match cors {
+        Some(cors) => api.layer(cors),
+        None => api,
+    };
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .with_state(state)
+        .merge(api);
     // The dashboards: the built app (any path that is not a file is the app's own route), or
     // the fallback page.
     let app = match &ui_dir {
@@ -464,6 +505,7 @@ fn live_update(
     model: Model,
     cfg: &AnalyticsConfig,
     which: &BTreeSet<String>,
+    with_stats: bool,
 ) -> Result<serde_json::Value, DbError> {
     let mut out = range_json(sel);
     out["changed"] = serde_json::to_value(which).unwrap_or_default();
@@ -501,7 +543,9 @@ fn live_update(
     let events: BTreeMap<String, i64> =
         query::rollup(tx, &tables::DOMAINS, &domains)?.into_iter().map(|r| (r.dims[0].clone(), r.metrics[0])).collect();
     out["events"] = serde_json::to_value(events).unwrap_or_default();
-    out["stats"] = serde_json::to_value(query::counters(tx)?).unwrap_or_default();
+    if with_stats {
+        out["stats"] = serde_json::to_value(query::counters(tx)?).unwrap_or_default();
+    }
     Ok(out)
 }
 
@@ -511,8 +555,13 @@ fn live_update(
 /// `model` for the attribution figures.
 async fn live(
     State(state): State<AppState>,
+    grant: Option<axum::Extension<auth::Grant>>,
     Query(p): Pairs,
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    // The fleet needs ops; the service's counters a token for every tenant (as their routes).
+    let grant = grant.map(|g| g.0);
+    let fleet_ok = grant.is_some_and(|g| g.role >= crate::api_tokens::Role::Ops);
+    let stats_ok = fleet_ok && grant.is_some_and(|g| g.all_tenants);
     let mut p = Params::new(p)?;
     let fixed_to = p.0.contains_key("to");
     let default_range = 86_400;
@@ -533,7 +582,7 @@ async fn live(
             let result = query(&state, move |tx| {
                 let versions = query::changes(tx)?;
                 let mut seen = seen.lock().unwrap_or_else(|p| p.into_inner());
-                let which: BTreeSet<String> = match seen.as_ref() {
+                let mut which: BTreeSet<String> = match seen.as_ref() {
                     None => ["sales", "behavior", "marketing", "inventory", "fleet"].map(String::from).into(),
                     Some(old) => versions
                         .iter()
@@ -542,11 +591,14 @@ async fn live(
                         .map(|((_, d), _)| d.clone())
                         .collect(),
                 };
+                if !fleet_ok {
+                    which.remove("fleet");
+                }
                 *seen = Some(versions);
                 if which.is_empty() {
                     return Ok(None);
                 }
-                live_update(tx, &sel, model, &cfg, &which).map(Some)
+                live_update(tx, &sel, model, &cfg, &which, stats_ok).map(Some)
             })
             .await;
             match result {

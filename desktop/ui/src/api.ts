@@ -136,6 +136,26 @@ export class ApiError extends Error {
   }
 }
 
+const TOKEN_KEY = "actidash.token";
+
+/**
+ * The API token: taken once from the address (`/?token=…`, what the demo prints and what a
+ * colleague shares), then kept in this browser's storage and removed from the address.
+ */
+export function token(): string | null {
+  const fromUrl = new URLSearchParams(location.search).get("token");
+  if (fromUrl) {
+    localStorage.setItem(TOKEN_KEY, fromUrl);
+    history.replaceState(null, "", `${location.pathname}${location.hash}`);
+  }
+  return localStorage.getItem(TOKEN_KEY);
+}
+
+export function setToken(value: string | null): void {
+  if (value) localStorage.setItem(TOKEN_KEY, value.trim());
+  else localStorage.removeItem(TOKEN_KEY);
+}
+
 /** GET a JSON document of the API (`path` starts with `/api/`). */
 export async function get<T>(path: string, params: Record<string, string | undefined> = {}): Promise<T> {
   const query = new URLSearchParams();
@@ -145,7 +165,10 @@ export async function get<T>(path: string, params: Record<string, string | undef
   const url = query.size > 0 ? `${path}?${query}` : path;
   let response: Response;
   try {
-    response = await fetch(url, { headers: { Accept: "application/json" } });
+    const headers: Record<string, string> = { Accept: "application/json" };
+    const t = token();
+    if (t) headers.Authorization = `Bearer ${t}`;
+    response = await fetch(url, { headers });
   } catch (e) {
     throw new ApiError(0, `the API cannot be reached (${(e as Error).message})`);
   }
@@ -175,7 +198,8 @@ export function follow(
   onState: (state: LiveState) => void,
 ): () => void {
   onState("connecting");
-  const source = new EventSource("/api/v1/live");
+  const t = token();
+  const source = new EventSource(t ? `/api/v1/live?access_token=${encodeURIComponent(t)}` : "/api/v1/live");
   source.addEventListener("open", () => onState("live"));
   source.addEventListener("error", () => onState("reconnecting"));
   source.addEventListener("update", (e) => {

@@ -1,7 +1,7 @@
 // The app shell: navigation, the time range, the live status, and one page at a time.
 
 import "./style.css";
-import { ApiError, follow, type LiveState } from "./api";
+import { ApiError, follow, setToken, token, type LiveState } from "./api";
 import { time } from "./format";
 import { FEEDS, RENDER, TITLES, setNavigate } from "./pages";
 import { PAGES, RANGES, type View, defaultGranularity, format, parse } from "./view";
@@ -120,6 +120,10 @@ async function render(): Promise<void> {
     el.page.dataset.page = shown.page;
     el.page.dataset.rendered = String(Date.now());
   } catch (e) {
+    if (e instanceof ApiError && (e.status === 401 || e.status === 403)) {
+      askForToken(e.message);
+      return;
+    }
     const message = e instanceof ApiError ? e.message : (e as Error).message;
     const first = !el.page.firstElementChild?.classList.contains(shown.page);
     el.banner.hidden = false;
@@ -137,6 +141,24 @@ async function render(): Promise<void> {
       void render();
     }
   }
+}
+
+/** The sign-in form: a token refused or missing. */
+function askForToken(reason: string): void {
+  el.banner.hidden = true;
+  el.page.innerHTML = `
+    <section class="panel signin">
+      <h2>Sign in with an API token</h2>
+      <p>${token() ? `The API refused this browser's token: ${reason.replace(/[<>&]/g, "")}.` : "This dashboard needs an API token."}
+      Ask your administrator for one (<code>cloud-aggregator api-token create --tenant … --role viewer</code>).</p>
+      <form id="signin"><label>Token <input id="token" type="password" autocomplete="off" size="60" required /></label>
+      <button type="submit">Sign in</button></form>
+    </section>`;
+  el.page.querySelector<HTMLFormElement>("#signin")!.onsubmit = (ev) => {
+    ev.preventDefault();
+    setToken(el.page.querySelector<HTMLInputElement>("#token")!.value);
+    location.reload();
+  };
 }
 
 window.addEventListener("hashchange", () => {

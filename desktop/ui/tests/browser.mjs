@@ -3,7 +3,8 @@
 // answers this script's requests on stdin/stdout:
 //   "APPEND" -> the test appends records on-prem and answers "OK"
 //   "STOP"   -> the test stops the cloud and answers "OK"
-// Environment: ACTIDASH_URL (the API and app), ACTIDASH_CHROMIUM (the browser),
+// Environment: ACTIDASH_URL (the API and app), ACTIDASH_TOKEN (an API token of role ops for the
+// tenant), ACTIDASH_CHROMIUM (the browser),
 // ACTIDASH_SCREENSHOTS (where every page's screenshot goes), ACTIDASH_FROM/ACTIDASH_TO (unix
 // seconds: a range holding all the data).
 
@@ -16,7 +17,10 @@ const base = process.env.ACTIDASH_URL;
 const shots = process.env.ACTIDASH_SCREENSHOTS;
 const from = process.env.ACTIDASH_FROM;
 const to = process.env.ACTIDASH_TO;
-if (!base || !shots || !from || !to) throw new Error("ACTIDASH_URL, ACTIDASH_SCREENSHOTS, ACTIDASH_FROM and ACTIDASH_TO are needed");
+const token = process.env.ACTIDASH_TOKEN;
+if (!base || !shots || !from || !to || !token) {
+  throw new Error("ACTIDASH_URL, ACTIDASH_SCREENSHOTS, ACTIDASH_FROM, ACTIDASH_TO and ACTIDASH_TOKEN are needed");
+}
 mkdirSync(shots, { recursive: true });
 
 const stdin = createInterface({ input: process.stdin });
@@ -28,7 +32,7 @@ async function ask(request) {
 }
 
 async function api(path) {
-  const r = await fetch(`${base}${path}`);
+  const r = await fetch(`${base}${path}`, { headers: { Authorization: `Bearer ${token}` } });
   if (!r.ok) throw new Error(`${path}: HTTP ${r.status}`);
   return r.json();
 }
@@ -75,6 +79,18 @@ async function text(selector) {
 const metric = (name) => `[data-metric="${name}"]`;
 
 try {
+  // Without a token: the sign-in form. With a wrong one: the same, saying why. The token in
+  // the address signs in and leaves the address.
+  await page.goto(`${base}/#/sales`);
+  await page.waitForSelector("#signin");
+  await page.fill("#token", "adk_wrong");
+  await page.click('#signin button[type="submit"]');
+  await page.waitForSelector("text=The API refused this browser's token");
+  await page.goto(`${base}/?token=${token}#/overview`);
+  await page.waitForSelector('main[data-page="overview"][aria-busy="false"]', { timeout: 20_000 });
+  if (page.url().includes("token=")) throw new Error(`the token stayed in the address: ${page.url()}`);
+  checked++;
+
   // Every page shows the API's numbers.
   await open("sales");
   const sales = await api(`/api/v1/sales?from=${from}&to=${to}&group_by=channel,currency`);

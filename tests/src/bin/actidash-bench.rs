@@ -502,7 +502,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// GET, timed in milliseconds.
 fn timed_get(d: &Deployment, path: &str) -> anyhow::Result<f64> {
     let t = Instant::now();
-    actidash_tests::harness::http_get(d.api_port, path)?;
+    actidash_tests::harness::http_get_auth(d.api_port, path, Some(&d.api_token()?))?;
     Ok(t.elapsed().as_secs_f64() * 1000.0)
 }
 
@@ -510,7 +510,10 @@ fn bench_freshness(dir: &Path, rate: usize, probes: usize) -> anyhow::Result<()>
     fresh(dir)?;
     let data = dir.join("onprem");
     std::fs::create_dir_all(&data)?;
-    let d = Deployment::new(&dir.join("deploy"), None)?;
+    let mut d = Deployment::new(&dir.join("deploy"), None)?;
+    // The probes ask every 2 ms: above the API's default rate per token.
+    d.serve_extra = "requests_per_sec_per_token = 100000\n".into();
+    d.write_cloud_config()?;
     let _cloud = d.start_cloud("cloud", &[])?;
     d.wait_ready(Duration::from_secs(30))?;
     let config = d.write_agent_config("fresh", "acme", &data, &Feed::ALL)?;

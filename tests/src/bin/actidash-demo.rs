@@ -71,9 +71,14 @@ fn main() -> anyhow::Result<()> {
         Ok(deployment.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) > 0)
     })?;
 
+    // The demo's manager: the tenant's dashboards and its fleet.
+    let token = deployment.make_api_token(&["--tenant", "demo-shop", "--role", "ops", "--expires", "7d"])?;
     println!();
-    println!("  Dashboard:  http://127.0.0.1:{}/", deployment.api_port);
-    println!("  API:        http://127.0.0.1:{}/api/v1/sales/totals", deployment.api_port);
+    println!("  Dashboard:  http://127.0.0.1:{}/?token={token}", deployment.api_port);
+    println!(
+        "  API:        curl -H 'Authorization: Bearer {token}' http://127.0.0.1:{}/api/v1/sales/totals",
+        deployment.api_port
+    );
     println!("  On-prem files the agent tails: {}", onprem.display());
     println!("  Logs: {}", deployment.root.display());
     println!("  Press Ctrl-C to stop.");

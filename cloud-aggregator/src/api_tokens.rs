@@ -1,0 +1,199 @@
+//! API tokens: who may read the HTTP API, for which tenant, in which role.
+//!
+//! A token is `adk_` and 64 hex digits, shown once when it is made; the registry keeps only its
+//! SHA-256, its public id (the first 12 hex digits of that hash), its tenant (or every tenant,
+//! for the service's own operators), its role, and when it expires or was revoked. They live in
+//! the fleet registry (`<data_dir>/fleet/registry.db`) beside the enrollment tokens.
+//!
+//! Roles, each including the ones before: `viewer` (the dashboards' reports and live push),
+//! `ops` (plus the fleet: agents, counters), `admin` (plus tokens and agents, from the command
+//! line today).
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rusqlite::{Connection, OptionalExtension, params};
+use sha2::{Digest, Sha256};
+
+/// What a token may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Role {
+    Viewer,
+    Ops,
+    Admin,
+}
+
+impl Role {
+    pub fn name(self) -> &'static str {
+        match self {
+            Role::Viewer => "viewer",
+            Role::Ops => "ops",
+            Role::Admin => "admin",
+        }
+    }
+
+    fn by_name(name: &str) -> Option<Role> {
+        [Role::Viewer, Role::Ops, Role::Admin].into_iter().find(|r| r.name() == name)
+    }
+}
+
+/// A token as the registry knows it (never the token itself).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiToken {
+    pub id: String,
+    /// None: every tenant.
+    pub tenant: Option<String>,
+    pub role: Role,
+    pub created_at: i64,
+    pub expires_at: Option<i64>,
+    pub revoked_at: Option<i64>,
+}
+
+/// Why a token is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Refused {
+    #[error("no such API token")]
+    Unknown,
+    #[error("this API token expired")]
+    Expired,
+    #[error("this API token was revoked")]
+    Revoked,
+    #[error("the token registry cannot be read: {0}")]
+    Unavailable(String),
+}
+
+/// The API tokens of a deployment.
+#[derive(Debug, Clone)]
+pub struct ApiTokens {
+    registry: PathBuf,
+}
+
+fn sha256_hex(text: &str) -> String {
+    hex::encode(Sha256::digest(text.as_bytes()))
+}
+
+impl ApiTokens {
+    /// Opens (creating if needed) the token table of `data_dir`'s registry.
+    pub fn open(data_dir: &Path) -> anyhow::Result<ApiTokens> {
+        let dir = data_dir.join("fleet");
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let tokens = ApiTokens { registry: dir.join("registry.db") };
+        let conn = tokens.connect()?;
+        crate::store::enable_wal(&conn)?;
+        conn.execute_batch(
+            "CREATE TABLE IF NOT EXISTS api_tokens (hash TEXT PRIMARY KEY, id TEXT NOT NULL UNIQUE,
+                 tenant TEXT, role TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER,
+                 revoked_at INTEGER);",
+        )?;
+        Ok(tokens)
+    }
+
+    fn connect(&self) -> anyhow::Result<Connection> {
+        let conn = Connection::open(&self.registry).with_context(|| format!("opening {}", self.registry.display()))?;
+        conn.busy_timeout(Duration::from_secs(5))?;
+        Ok(conn)
+    }
+
+    /// A new token; returns its id and the token, which is not kept.
+    pub fn create(
+        &self,
+        tenant: Option<&str>,
+        role: Role,
+        ttl: Option<Duration>,
+        now: i64,
+    ) -> anyhow::Result<(String, String)> {
+        if let Some(t) = tenant {
+            anyhow::ensure!(crate::fleet::valid_agent_id(t), "invalid tenant {t:?}");
+        }
+        let token = format!("adk_{}", hex::encode(rand::random::<[u8; 32]>()));
+        let hash = sha256_hex(&token);
+        let id = hash[..12].to_owned();
+        let expires_at = ttl.map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
+        self.connect()?.execute(
+            "INSERT INTO api_tokens (hash, id, tenant, role, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![hash, id, tenant, role.name(), now, expires_at],
+        )?;
+        Ok((id, token))
+    }
+
+    /// Every token, oldest first.
+    pub fn list(&self) -> anyhow::Result<Vec<ApiToken>> {
+        let conn = self.connect()?;
+        let mut stmt = conn.prepare(
+            "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM api_tokens ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([], row_token)?;
+        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+    }
+
+    /// Revokes a token by id; false if there is none.
+    pub fn revoke(&self, id: &str, now: i64) -> anyhow::Result<bool> {
+        let n = self
+            .connect()?
+            .execute("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+        Ok(n > 0)
+    }
+
+    /// The token's grant, if it may be used at `now`.
+    pub fn check(&self, token: &str, now: i64) -> Result<ApiToken, Refused> {
+        let found = (|| -> anyhow::Result<Option<ApiToken>> {
+            let conn = self.connect()?;
+            Ok(conn
+                .query_row(
+                    "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM api_tokens WHERE hash = ?1",
+                    [sha256_hex(token)],
+                    row_token,
+                )
+                .optional()?)
+        })()
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        let t = found.ok_or(Refused::Unknown)?;
+        if t.revoked_at.is_some() {
+            return Err(Refused::Revoked);
+        }
+        if t.expires_at.is_some_and(|e| e <= now) {
+            return Err(Refused::Expired);
+        }
+        Ok(t)
+    }
+}
+
+fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiToken> {
+    let role: String = r.get(2)?;
+    Ok(ApiToken {
+        id: r.get(0)?,
+        tenant: r.get(1)?,
+        // An unknown role (a newer version's) grants the least.
+        role: Role::by_name(&role).unwrap_or(Role::Viewer),
+        created_at: r.get(3)?,
+        expires_at: r.get(4)?,
+        revoked_at: r.get(5)?,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_kept_hashed_and_checked_for_expiry_and_revocation() {
+        let dir = tempfile::tempdir().unwrap();
+        let tokens = ApiTokens::open(dir.path()).unwrap();
+        let (id, token) = tokens.create(Some("acme"), Role::Viewer, Some(Duration::from_secs(60)), 1_000).unwrap();
+        assert!(token.starts_with("adk_") && token.len() == 68);
+        let registry = std::fs::read(dir.path().join("fleet/registry.db")).unwrap();
+        assert!(!registry.windows(token.len()).any(|w| w == token.as_bytes()), "the token itself is not stored");
+        let grant = tokens.check(&token, 1_030).unwrap();
+        assert_eq!((grant.id.as_str(), grant.tenant.as_deref(), grant.role), (id.as_str(), Some("acme"), Role::Viewer));
+        assert_eq!(tokens.check(&token, 1_060), Err(Refused::Expired));
+        assert_eq!(tokens.check("adk_00", 1_030), Err(Refused::Unknown));
+        assert!(tokens.revoke(&id, 1_040).unwrap());
+        assert_eq!(tokens.check(&token, 1_041), Err(Refused::Revoked));
+        assert!(!tokens.revoke("nope", 1_040).unwrap());
+        let (_, all) = tokens.create(None, Role::Admin, None, 1_000).unwrap();
+        assert_eq!(tokens.check(&all, i64::MAX).unwrap().tenant, None, "no expiry, every tenant");
+        assert_eq!(tokens.list().unwrap().len(), 2);
+        assert!(tokens.create(Some("no spaces"), Role::Viewer, None, 0).is_err());
+    }
+}
