@@ -330,3 +330,68 @@ fn every_route_refuses_missing_wrong_expired_revoked_and_foreign_tokens() {
     assert_eq!(status(api.port, "/api/v1/events", Some(&soon_revoked)), 401);
     api.shutdown.cancel();
 }
+
+/// The OpenAPI document is made from the same registrations as the routes: every route is in
+/// it, and everything in it is a route that answers.
+#[test]
+fn the_openapi_document_lists_every_route_and_only_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
+    let api = start(&path);
+    // Open, like /healthz: tools read it before they have a token.
+    let doc: serde_json::Value = serde_json::from_str(&http_get(api.port, "/api/v1/openapi.json").unwrap()).unwrap();
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
+    assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
+    let paths: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
+    let mut expected = vec![
+        "/api/v1/agents",
+        "/api/v1/behavior",
+        "/api/v1/behavior/funnel",
+        "/api/v1/events",
+        "/api/v1/inventory",
+        "/api/v1/live",
+        "/api/v1/marketing/attribution",
+        "/api/v1/sales",
+        "/api/v1/sales/products",
+        "/api/v1/sales/totals",
+        "/api/v1/stats",
+    ];
+    expected.sort();
+    assert_eq!(paths, expected);
+    for p in &paths {
+        let op = &doc["paths"][p]["get"];
+        assert!(op["responses"]["200"].is_object() && op["responses"]["401"].is_object(), "{p}: {op}");
+        if p == "/api/v1/live" {
+            continue; // a stream: its answer is checked in the live push's test
+        }
+        http_get_auth(api.port, p, Some(&api.token)).unwrap_or_else(|e| panic!("{p} is documented but: {e}"));
+        assert_eq!(status(api.port, p, None), 401, "{p} is documented as needing a token");
+    }
+    // Every reference resolves, and the report types are described, money as text.
+    fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                if let Some(r) = m.get("$ref").and_then(|r| r.as_str()) {
+                    out.push(r.to_owned());
+                }
+                m.values().for_each(|v| refs(v, out));
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| refs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    refs(&doc, &mut all);
+    assert!(!all.is_empty());
+    for r in all {
+        let name = r.strip_prefix("#/components/schemas/").unwrap_or_else(|| panic!("{r}"));
+        assert!(doc["components"]["schemas"][name].is_object(), "{r} is not in the document");
+    }
+    let sales_row = doc["components"]["schemas"]["SalesRow"].to_string();
+    assert!(
+        sales_row.contains(r#""revenue":{"description":"Gross − cancelled − refunded amounts.","type":"string"}"#),
+        "{sales_row}"
+    );
+    api.shutdown.cancel();
+}

@@ -16,7 +16,10 @@
 //! | `GET /api/v1/agents` | each agent's last heartbeat |
 //! | `GET /api/v1/stats` | processing counters and analytics state size |
 //! | `GET /api/v1/live` | server-sent events: an `update` with the figures of every dashboard that changed |
-//! | `GET /` | the dashboard |
+//! | `GET /api/v1/openapi.json` | the OpenAPI document of the routes above (open) |
+//! | `GET /` | the dashboards (`[serve] ui_dir`), or a page that says how to build them |
+//!
+//! Every `/api/v1` route but the OpenAPI document needs an API token (`auth.rs`).
 //!
 //! Common parameters: `tenant`; `from`, `to` (event time, RFC 3339 or unix seconds; `[from,
 //! to)`, whole minutes; default: the last 24 hours); `granularity` (`minute`, `hour`, `day`:
@@ -56,6 +59,7 @@ use crate::store::query::{self, Selection};
 use crate::store::{Location, Store, StoreError};
 
 mod auth;
+mod openapi;
 
 pub use auth::DEFAULT_RATE as DEFAULT_RATE_PER_TOKEN;
 
@@ -147,18 +151,22 @@ pub async fn run_on(
                 .allow_headers([axum::http::header::AUTHORIZATION]),
         )
     };
-    let api = Router::new()
-        .route("/api/v1/sales", get(sales))
-        .route("/api/v1/sales/totals", get(sales_totals))
-        .route("/api/v1/sales/products", get(products))
-        .route("/api/v1/behavior", get(behavior))
-        .route("/api/v1/behavior/funnel", get(funnel))
-        .route("/api/v1/marketing/attribution", get(attribution))
-        .route("/api/v1/inventory", get(inventory))
-        .route("/api/v1/events", get(events))
-        .route("/api/v1/agents", get(agents))
-        .route("/api/v1/stats", get(stats))
-        .route("/api/v1/live", get(live))
+    // One registration makes each route and its entry in the OpenAPI document.
+    let (api, doc) = utoipa_axum::router::OpenApiRouter::with_openapi(<openapi::ApiDoc as utoipa::OpenApi>::openapi())
+        .routes(utoipa_axum::routes!(sales))
+        .routes(utoipa_axum::routes!(sales_totals))
+        .routes(utoipa_axum::routes!(products))
+        .routes(utoipa_axum::routes!(behavior))
+        .routes(utoipa_axum::routes!(funnel))
+        .routes(utoipa_axum::routes!(attribution))
+        .routes(utoipa_axum::routes!(inventory))
+        .routes(utoipa_axum::routes!(events))
+        .routes(utoipa_axum::routes!(agents))
+        .routes(utoipa_axum::routes!(stats))
+        .routes(utoipa_axum::routes!(live))
+        .split_for_parts();
+    let doc = Arc::new(doc);
+    let api = api
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(auth::Auth::new(tokens, rate_per_token), auth::require_token));
     let api = match cors {
@@ -168,6 +176,7 @@ pub async fn run_on(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
+        .route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
         .with_state(state)
         .merge(api);
     // The dashboards: the built app (any path that is not a file is the app's own route), or
@@ -344,6 +353,9 @@ async fn readyz(State(state): State<AppState>) -> Result<&'static str, ApiError>
     query(&state, |tx| tx.query("SELECT 1", &[])).await.map(|_| "ready")
 }
 
+#[utoipa::path(get, path = "/api/v1/sales", tag = "sales",
+    params(openapi::RangeParams, ("channel" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("site" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("country" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("currency" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Orders, revenue, AOV, units, cancellations, refunds", body = openapi::SalesReport), openapi::Refusals))]
 async fn sales(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let sel = p.selection(&dims_of(&tables::SALES), 86_400)?;
@@ -353,6 +365,9 @@ async fn sales(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<se
     Ok(with_range(&sel, serde_json::json!({ "rows": rows })))
 }
 
+#[utoipa::path(get, path = "/api/v1/sales/totals", tag = "sales",
+    params(("tenant" = Option<String>, Query, description = "one tenant")),
+    responses((status = 200, description = "All time, per channel and currency", body = Vec<query::SalesRow>), openapi::Refusals))]
 async fn sales_totals(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<Vec<query::SalesRow>>, ApiError> {
     let mut p = Params::new(p)?;
     let tenant = p.take("tenant");
@@ -360,6 +375,9 @@ async fn sales_totals(State(state): State<AppState>, Query(p): Pairs) -> Result<
     query(&state, move |tx| query::sales_totals(tx, tenant.as_deref())).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/sales/products", tag = "sales",
+    params(openapi::RangeParams, ("sort" = Option<String>, Query, description = "`revenue` (default) or `units`"), ("limit" = Option<i64>, Query, description = "1 to 10 000, default 10"), ("sku" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("currency" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Top products over the range (kept per hour)", body = openapi::ProductsReport), openapi::Refusals))]
 async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let sel = p.selection(&dims_of(&tables::PRODUCTS), 86_400)?.widened(tables::PRODUCTS.finest);
@@ -378,6 +396,9 @@ async fn products(State(state): State<AppState>, Query(p): Pairs) -> Result<Json
     Ok(with_range(&sel, serde_json::json!({ "sort": if by_units { "units" } else { "revenue" }, "rows": rows })))
 }
 
+#[utoipa::path(get, path = "/api/v1/behavior", tag = "behavior",
+    params(openapi::RangeParams, ("referrer" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Sessions, bounce rate, duration, events per type, page views", body = openapi::BehaviorReport), openapi::Refusals))]
 async fn behavior(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let sel = p.selection(&["referrer"], 86_400)?;
@@ -400,6 +421,9 @@ fn steps(p: &mut Params, cfg: &AnalyticsConfig) -> Result<Vec<String>, ApiError>
     Ok(steps)
 }
 
+#[utoipa::path(get, path = "/api/v1/behavior/funnel", tag = "behavior",
+    params(openapi::RangeParams, ("steps" = Option<String>, Query, description = "comma-separated behavior types (default: the configured funnel)"), ("referrer" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Sessions per step, step and overall conversion", body = openapi::FunnelReport), openapi::Refusals))]
 async fn funnel(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let sel = p.selection(&["referrer"], 86_400)?;
@@ -423,6 +447,9 @@ fn model(p: &mut Params) -> Result<Model, ApiError> {
     }
 }
 
+#[utoipa::path(get, path = "/api/v1/marketing/attribution", tag = "marketing",
+    params(openapi::RangeParams, ("model" = Option<String>, Query, description = "`last_touch` (default), `first_touch`, `linear`, `time_decay`, `position_based`"), ("channel" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("campaign" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("currency" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Attributed orders and revenue, cost, ROAS (kept per hour)", body = openapi::AttributionReport), openapi::Refusals))]
 async fn attribution(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let sel = p.selection(&["channel", "campaign", "currency"], 86_400)?.widened(tables::ATTRIBUTION.finest);
@@ -439,6 +466,9 @@ async fn attribution(State(state): State<AppState>, Query(p): Pairs) -> Result<J
     Ok(with_range(&sel, serde_json::to_value(report).unwrap_or_default()))
 }
 
+#[utoipa::path(get, path = "/api/v1/inventory", tag = "inventory",
+    params(("tenant" = Option<String>, Query, description = "one tenant"), ("threshold" = Option<i64>, Query, description = "low stock below this (default: configured)"), ("as_of" = Option<String>, Query, description = "days of cover up to this time (default: now)"), ("limit" = Option<i64>, Query, description = "rows per list, default 100"), ("sku" = Option<String>, Query, description = "filter: any of these comma-separated values"), ("warehouse" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Latest on-hand, low stock, days of cover", body = query::Inventory), openapi::Refusals))]
 async fn inventory(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<query::Inventory>, ApiError> {
     let mut p = Params::new(p)?;
     let tenant = p.take("tenant");
@@ -456,6 +486,9 @@ async fn inventory(State(state): State<AppState>, Query(p): Pairs) -> Result<Jso
     query(&state, move |tx| query::inventory(tx, tenant.as_deref(), &filters, threshold, as_of, limit)).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/events", tag = "fleet",
+    params(openapi::RangeParams, ("domain" = Option<String>, Query, description = "filter: any of these comma-separated values")),
+    responses((status = 200, description = "Events per domain", body = openapi::EventsReport), openapi::Refusals))]
 async fn events(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<serde_json::Value>, ApiError> {
     let mut p = Params::new(p)?;
     let mut sel = p.selection(&dims_of(&tables::DOMAINS), 86_400)?;
@@ -481,6 +514,9 @@ async fn events(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<s
     Ok(with_range(&sel, serde_json::json!({ "rows": rows })))
 }
 
+#[utoipa::path(get, path = "/api/v1/agents", tag = "fleet",
+    params(("tenant" = Option<String>, Query, description = "one tenant")),
+    responses((status = 200, description = "Each agent's last heartbeat (role ops)", body = Vec<query::AgentRow>), openapi::Refusals))]
 async fn agents(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<Vec<query::AgentRow>>, ApiError> {
     let mut p = Params::new(p)?;
     let tenant = p.take("tenant");
@@ -488,6 +524,8 @@ async fn agents(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<V
     query(&state, move |tx| query::agents(tx, tenant.as_deref())).await.map(Json)
 }
 
+#[utoipa::path(get, path = "/api/v1/stats", tag = "fleet",
+    responses((status = 200, description = "The service's counters and analytics state size (role ops, a token for every tenant)", body = Object), openapi::Refusals))]
 async fn stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
     query(&state, |tx| {
         let mut out = serde_json::to_value(query::counters(tx)?).unwrap_or_default();
@@ -553,6 +591,9 @@ fn live_update(
 /// figures change (at most one per 250 ms), carrying only the dashboards that changed. Takes
 /// the common parameters (the range is re-read relative to now when `to` is not given) and
 /// `model` for the attribution figures.
+#[utoipa::path(get, path = "/api/v1/live", tag = "live",
+    params(openapi::RangeParams, ("model" = Option<String>, Query, description = "attribution model of the pushed figures"), ("access_token" = Option<String>, Query, description = "the token, for clients that cannot send headers")),
+    responses((status = 200, description = "Server-sent events: `update`, with the dashboards that changed and their figures", content_type = "text/event-stream", body = String), openapi::Refusals))]
 async fn live(
     State(state): State<AppState>,
     grant: Option<axum::Extension<auth::Grant>>,

@@ -246,12 +246,13 @@ fn dims_map(sel: &Selection, row: &Row) -> BTreeMap<String, String> {
 }
 
 /// A sales row: a bucket (series) and the group-by dimensions, then the figures.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SalesRow {
     pub tenant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bucket: Option<String>,
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub dims: BTreeMap<String, String>,
     /// Placed − cancelled − refunded.
     pub orders: i64,
@@ -306,7 +307,7 @@ pub fn sales_totals(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<SalesRo
 }
 
 /// A product's units and revenue over a range.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct ProductRow {
     pub tenant: String,
     pub sku: String,
@@ -332,7 +333,7 @@ pub fn products(tx: &mut dyn Tx, sel: &Selection, by_units: bool, limit: usize) 
 }
 
 /// Session figures of a bucket and referrer group.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct SessionRow {
     pub tenant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -349,7 +350,7 @@ pub struct SessionRow {
 }
 
 /// Events of one type.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct EventTypeRow {
     pub tenant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -360,7 +361,7 @@ pub struct EventTypeRow {
 }
 
 /// The behavior report: sessions (grouped by `referrer` if asked) and events per type.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Behavior {
     pub sessions: Vec<SessionRow>,
     pub events: Vec<EventTypeRow>,
@@ -407,7 +408,7 @@ pub fn behavior(tx: &mut dyn Tx, sel: &Selection) -> Result<Behavior, DbError> {
 }
 
 /// One funnel step.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct FunnelStep {
     pub step: String,
     /// Sessions holding this step's type and every earlier step's.
@@ -419,7 +420,7 @@ pub struct FunnelStep {
 }
 
 /// The funnel of `steps` over the sessions that started in the range.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Funnel {
     pub sessions: i64,
     pub steps: Vec<FunnelStep>,
@@ -452,12 +453,13 @@ pub fn funnel(tx: &mut dyn Tx, sel: &Selection, steps: &[String]) -> Result<Funn
 }
 
 /// Attributed figures of a channel (and campaign) under one model, with the ad cost.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct AttributionRow {
     pub tenant: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bucket: Option<String>,
     #[serde(flatten)]
+    #[schema(value_type = Object)]
     pub dims: BTreeMap<String, String>,
     pub currency: String,
     /// Credited orders (fractions of orders).
@@ -471,7 +473,7 @@ pub struct AttributionRow {
 }
 
 /// The attribution report of a model.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Attribution {
     pub model: &'static str,
     pub rows: Vec<AttributionRow>,
@@ -542,7 +544,7 @@ pub fn attribution(tx: &mut dyn Tx, sel: &Selection, model: Model) -> Result<Att
 }
 
 /// Stock of a SKU in a warehouse.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct StockRow {
     pub tenant: String,
     pub sku: String,
@@ -554,7 +556,7 @@ pub struct StockRow {
 
 /// Days of cover of a SKU: its on-hand over all warehouses / its mean daily units sold over
 /// the 7 days before `as_of`.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct CoverRow {
     pub tenant: String,
     pub sku: String,
@@ -565,7 +567,7 @@ pub struct CoverRow {
 }
 
 /// The inventory report.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct Inventory {
     pub total_on_hand: i64,
     pub skus: i64,
@@ -671,13 +673,14 @@ pub fn inventory(
 }
 
 /// Fleet health row, as served.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentRow {
     pub tenant: String,
     pub agent_id: String,
     pub received_at: String,
     pub transport: String,
     pub remote_addr: String,
+    #[schema(value_type = Object)]
     pub heartbeat: serde_json::Value,
 }
 
