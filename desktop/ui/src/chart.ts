@@ -24,8 +24,9 @@ export function lineChart(
   const data: uPlot.AlignedData = [times, ...series.map((s) => s.values)];
   const key = series.map((s) => s.label).join("|");
   const holder = el as HTMLElement & { _plot?: uPlot; _key?: string; _range?: [number, number] };
-  // The x axis spans the selected range, whatever the data covers.
-  holder._range = [Number(range.from), Number(range.to)];
+  // The x axis spans the selected range, whatever the data covers (and the whole of a bucket
+  // that starts before it).
+  holder._range = [Math.min(Number(range.from), times[0] ?? Infinity), Math.max(Number(range.to), times[times.length - 1] ?? -Infinity)];
   const width = Math.max(320, el.clientWidth || 800);
   if (holder._plot && holder._key === key) {
     holder._plot.setData(data);

@@ -3,7 +3,8 @@
 import "./style.css";
 import { ApiError, follow, setToken, token, type LiveState } from "./api";
 import { time } from "./format";
-import { FEEDS, RENDER, TITLES, setNavigate } from "./pages";
+import { esc } from "./format";
+import { FEEDS, FILTERS, RENDER, TITLES, setNavigate } from "./pages";
 import { PAGES, RANGES, type View, defaultGranularity, format, parse } from "./view";
 
 const app = document.querySelector<HTMLDivElement>("#app")!;
@@ -23,6 +24,7 @@ app.innerHTML = `
       <button type="button" id="apply">Apply</button>
     </span>
     <label>Granularity <select id="granularity"><option>minute</option><option>hour</option><option>day</option></select></label>
+    <span id="filters" class="filters"></span>
     <span class="asof">Data as of <span id="asof">–</span></span>
   </div>
   <div id="banner" class="banner" hidden></div>
@@ -39,7 +41,40 @@ const el = {
   from: document.querySelector<HTMLInputElement>("#from")!,
   to: document.querySelector<HTMLInputElement>("#to")!,
   apply: document.querySelector<HTMLButtonElement>("#apply")!,
+  filters: document.querySelector<HTMLElement>("#filters")!,
 };
+
+/** The page's filters: the active ones as removable chips, and a form to add one. */
+function renderFilters(): void {
+  const dims = FILTERS[view.page];
+  if (dims.length === 0) {
+    el.filters.innerHTML = "";
+    return;
+  }
+  const chips = dims
+    .filter((d) => view.params[d])
+    .map(
+      (d) =>
+        `<span class="chip">${esc(d)} = ${esc(view.params[d])} <button type="button" data-remove="${esc(d)}" aria-label="Remove the ${esc(d)} filter">×</button></span>`,
+    )
+    .join("");
+  el.filters.innerHTML = `${chips}<form id="add-filter" class="add-filter"><select id="filter-dim" aria-label="Filter by">${dims
+    .map((d) => `<option>${d}</option>`)
+    .join("")}</select><input id="filter-value" placeholder="value, or a,b" aria-label="Filter value" size="12" /><button type="submit">Filter</button></form>`;
+  for (const b of el.filters.querySelectorAll<HTMLButtonElement>("button[data-remove]")) {
+    b.onclick = () => {
+      const params = { ...view.params };
+      delete params[b.dataset.remove!];
+      navigate({ ...view, params });
+    };
+  }
+  el.filters.querySelector<HTMLFormElement>("#add-filter")!.onsubmit = (ev) => {
+    ev.preventDefault();
+    const dim = el.filters.querySelector<HTMLSelectElement>("#filter-dim")!.value;
+    const value = el.filters.querySelector<HTMLInputElement>("#filter-value")!.value.trim();
+    if (value) navigate({ ...view, params: { ...view.params, [dim]: value } });
+  };
+}
 
 let view: View = parse(location.hash);
 let live: LiveState = "connecting";
@@ -71,6 +106,7 @@ function syncToolbar(): void {
     else a.removeAttribute("aria-current");
   }
   document.title = `${TITLES[view.page]} · ActiDash`;
+  renderFilters();
 }
 
 el.range.onchange = () => {

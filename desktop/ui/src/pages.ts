@@ -18,6 +18,16 @@ export const FEEDS: Record<Page, string[]> = {
   fleet: ["fleet"],
 };
 
+/** The dimensions each page filters by (`channel=web,app` in the URL). */
+export const FILTERS: Record<Page, string[]> = {
+  overview: [],
+  sales: ["channel", "site", "country", "currency"],
+  marketing: ["channel", "campaign", "currency"],
+  behavior: ["referrer"],
+  inventory: ["sku", "warehouse"],
+  fleet: [],
+};
+
 export const TITLES: Record<Page, string> = {
   overview: "Overview",
   sales: "Sales",

@@ -100,6 +100,23 @@ try {
     same(`revenue of ${r.channel} ${r.currency}`, parse(await text(metric(`revenue.${r.channel}.${r.currency}`))), Number(r.revenue), 0.005);
   }
   await page.screenshot({ path: join(shots, "sales.png") });
+  // A filter narrows the page and goes into the address; removing it widens again.
+  const channel = sales.rows[0].channel;
+  await page.selectOption("#filter-dim", "channel");
+  await page.fill("#filter-value", channel);
+  await page.click('#add-filter button[type="submit"]');
+  await page.waitForFunction((c) => location.hash.includes(`channel=${c}`), channel);
+  await page.waitForSelector(".chip");
+  await page.waitForFunction(
+    (c) => [...document.querySelectorAll("[data-metric^='orders.']")].every((e) => e.getAttribute("data-metric").startsWith(`orders.${c}.`)),
+    channel,
+  );
+  const filtered = await api(`/api/v1/sales?from=${from}&to=${to}&group_by=channel,currency&channel=${channel}`);
+  for (const r of filtered.rows) {
+    same(`filtered orders of ${r.channel} ${r.currency}`, parse(await text(metric(`orders.${r.channel}.${r.currency}`))), r.orders);
+  }
+  await page.click(".chip button");
+  await page.waitForFunction((c) => !location.hash.includes(`channel=${c}`), channel);
 
   await open("marketing", `${range}&granularity=hour&model=linear`);
   const attribution = await api(`/api/v1/marketing/attribution?from=${from}&to=${to}&model=linear&group_by=channel,campaign`);
