@@ -623,6 +623,7 @@ fn bench_api(dir: &Path, postgres: Option<String>, n: usize, seconds: u64) -> an
     let written = load.join().unwrap_or(0);
     latencies.sort_by(f64::total_cmp);
     let late = d.get("/api/v1/stats")?["late_events_beyond_horizon"].as_i64().unwrap_or(0);
+    let ui = if postgres.is_none() { bench_ui(&d)? } else { None };
     println!(
         "### P6: dashboard queries at 20/s during ingest ({store} store, 30 days of history: {n} events loaded in {load_secs:.0} s, {late} beyond the horizon; {written} more written during the {seconds} s)\n"
     );
@@ -635,7 +636,49 @@ fn bench_api(dir: &Path, postgres: Option<String>, n: usize, seconds: u64) -> an
         percentile(&latencies, 0.99),
         latencies.last().copied().unwrap_or(0.0)
     );
+    if let Some(ui) = ui {
+        println!("{ui}");
+    }
     Ok(())
+}
+
+/// P9: the dashboards over the deployment's data, in Debian's chromium
+/// (`desktop/ui/tests/timing.mjs`); None (and a note) without a browser or a built app.
+fn bench_ui(d: &Deployment) -> anyhow::Result<Option<String>> {
+    let ui = Path::new(env!("CARGO_MANIFEST_DIR")).join("../desktop/ui");
+    let chromium = std::env::var("ACTIDASH_CHROMIUM").unwrap_or_else(|_| "/usr/bin/chromium".into());
+    if actidash_tests::harness::ui_dir().is_none() || !Path::new(&chromium).exists() {
+        eprintln!(
+            "P9 not measured: build the dashboards (scripts/ui.sh build) and install chromium (scripts/ui.sh chromium)"
+        );
+        return Ok(None);
+    }
+    let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"])?;
+    let out = std::process::Command::new("node")
+        .arg(ui.join("tests/timing.mjs"))
+        .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
+        .env("ACTIDASH_TOKEN", &token)
+        .env("ACTIDASH_CHROMIUM", &chromium)
+        .output()?;
+    anyhow::ensure!(out.status.success(), "timing.mjs: {}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let stats = |values: &serde_json::Value| {
+        let mut ms: Vec<f64> = values.as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect();
+        ms.sort_by(f64::total_cmp);
+        (percentile(&ms, 0.5), ms.last().copied().unwrap_or(0.0), ms.len())
+    };
+    let mut text = String::from(
+        "### P9: the dashboards over the same 30 days, in Debian's chromium (localhost; last 30 days, per day)\n\n| page | opened → numbers shown, median | max | opens |\n|---|---:|---:|---:|\n",
+    );
+    for page in ["overview", "sales", "marketing", "behavior", "inventory", "fleet"] {
+        let (p50, max, n) = stats(&v["open"][page]);
+        text += &format!("| {page} | {p50:.0} ms | {max:.0} ms | {n} |\n");
+    }
+    let (p50, max, n) = stats(&v["range_change"]);
+    text += &format!(
+        "\nRange change on Sales (30 → 7 → 1 → 30 days) to redrawn: median {p50:.0} ms, max {max:.0} ms over {n} changes.\n"
+    );
+    Ok(Some(text))
 }
 
 /// Produces `events` as the gateway would (key, headers, JSON value) and waits for every delivery.
