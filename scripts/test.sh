@@ -21,6 +21,14 @@ rustc --version
 step "cargo fmt --check"
 cargo fmt --all -- --check
 
+step "the desktop app's system libraries (WebKitGTK 4.1), Xvfb for its test"
+eval "$(scripts/ui.sh desktop)"
+
+step "build the dashboards (npm ci, type check, vite; the desktop app ships them) and install Debian's chromium for the browser test"
+scripts/ui.sh build
+eval "$(scripts/ui.sh chromium)"
+echo "ACTIDASH_CHROMIUM=$ACTIDASH_CHROMIUM"
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 
@@ -40,10 +48,6 @@ fi
 step "build the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
 
-step "build the dashboards (npm ci, type check, vite) and install Debian's chromium for the browser test"
-scripts/ui.sh build
-eval "$(scripts/ui.sh chromium)"
-echo "ACTIDASH_CHROMIUM=$ACTIDASH_CHROMIUM"
 
 step "start Apache Kafka (KRaft, 1 broker; and a 3-broker cluster for failover tests)"
 cache=${ACTIDASH_CACHE:-$HOME/.cache/actidash}

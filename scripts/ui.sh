@@ -5,6 +5,9 @@
 #   scripts/ui.sh build       npm ci and npm run build
 #   scripts/ui.sh chromium    install Debian's chromium for the browser test if missing; prints
 #                             `export ACTIDASH_CHROMIUM=...`
+#   scripts/ui.sh desktop     install what the desktop app (Tauri 2) builds and runs with — Debian's
+#                             WebKitGTK 4.1 and librsvg development packages — and Xvfb,
+#                             xauth and ImageMagick for its test; prints `export ACTIDASH_DESKTOP=1`
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../desktop/ui"
 
@@ -25,8 +28,22 @@ case "${1:-build}" in
     fi
     echo "export ACTIDASH_CHROMIUM=$(command -v chromium)"
     ;;
+  desktop)
+    want=()
+    pkg-config --exists webkit2gtk-4.1 2>/dev/null || want+=(libwebkit2gtk-4.1-dev)
+    pkg-config --exists librsvg-2.0 2>/dev/null || want+=(librsvg2-dev)
+    command -v xvfb-run >/dev/null 2>&1 || want+=(xvfb)
+    command -v xauth >/dev/null 2>&1 || want+=(xauth)
+    command -v import >/dev/null 2>&1 || want+=(imagemagick)
+    if [ ${#want[@]} -gt 0 ]; then
+      log "installing ${want[*]} (Debian's packages)"
+      apt-get update -qq >&2
+      apt-get install -y -qq --no-install-recommends "${want[@]}" >&2
+    fi
+    echo "export ACTIDASH_DESKTOP=1"
+    ;;
   *)
-    echo "usage: scripts/ui.sh build|chromium" >&2
+    echo "usage: scripts/ui.sh build|chromium|desktop" >&2
     exit 2
     ;;
 esac

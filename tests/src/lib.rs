@@ -36,6 +36,12 @@ pub fn chromium(test: &str) -> Option<String> {
     service("ACTIDASH_CHROMIUM", test, "install Debian's chromium (scripts/test.sh does)")
 }
 
+/// The desktop app's test needs Xvfb and WebKitGTK (`ACTIDASH_DESKTOP=1`, set by
+/// `scripts/test.sh` after installing them), on the same terms as [`kafka_bootstrap`].
+pub fn desktop(test: &str) -> Option<String> {
+    service("ACTIDASH_DESKTOP", test, "install xvfb, imagemagick and WebKitGTK 4.1 (scripts/ui.sh desktop does)")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

@@ -137,6 +137,21 @@ export class ApiError extends Error {
 }
 
 const TOKEN_KEY = "actidash.token";
+const URL_KEY = "actidash.url";
+
+/** In the desktop app (Tauri), the API is on another origin: the saved connection's. */
+export const desktop = "__TAURI_INTERNALS__" in window;
+
+/** The API's origin: none in the browser (the app is served by the API itself). */
+export function apiBase(): string {
+  return desktop ? (localStorage.getItem(URL_KEY) ?? "").replace(/\/+$/, "") : "";
+}
+
+/** The desktop's connection: the API's address and a token. */
+export function setConnection(url: string, value: string): void {
+  localStorage.setItem(URL_KEY, url.trim().replace(/\/+$/, ""));
+  setToken(value);
+}
 
 /**
  * The API token: taken once from the address (`/?token=…`, what the demo prints and what a
@@ -162,7 +177,7 @@ export async function get<T>(path: string, params: Record<string, string | undef
   for (const [k, v] of Object.entries(params)) {
     if (v !== undefined && v !== "") query.set(k, v);
   }
-  const url = query.size > 0 ? `${path}?${query}` : path;
+  const url = `${apiBase()}${query.size > 0 ? `${path}?${query}` : path}`;
   let response: Response;
   try {
     const headers: Record<string, string> = { Accept: "application/json" };
@@ -199,7 +214,7 @@ export function follow(
 ): () => void {
   onState("connecting");
   const t = token();
-  const source = new EventSource(t ? `/api/v1/live?access_token=${encodeURIComponent(t)}` : "/api/v1/live");
+  const source = new EventSource(`${apiBase()}/api/v1/live${t ? `?access_token=${encodeURIComponent(t)}` : ""}`);
   source.addEventListener("open", () => onState("live"));
   source.addEventListener("error", () => onState("reconnecting"));
   source.addEventListener("update", (e) => {

@@ -1,7 +1,21 @@
 // Numbers, money and times in the user's locale. Money arrives as exact decimal text and is
 // only turned into a number for display.
 
-const locale = navigator.language || "en";
+/**
+ * The user's locale, or the runtime's default where the system names none a browser accepts
+ * (a desktop started with `LANG=C` reports "C", which Intl refuses).
+ */
+const locale: string = (() => {
+  for (const l of navigator.languages ?? [navigator.language]) {
+    try {
+      const [canonical] = Intl.getCanonicalLocales(l);
+      if (canonical) return canonical;
+    } catch {
+      // not a language tag: try the next
+    }
+  }
+  return "en-US";
+})();
 
 export function money(text: string | null | undefined, currency: string | undefined): string {
   if (text === null || text === undefined) return "–";

@@ -3,6 +3,7 @@
 import "./style.css";
 import { ApiError, follow, setToken, token, type LiveState } from "./api";
 import { time } from "./format";
+import { connect, probe } from "./desktop";
 import { esc } from "./format";
 import { FEEDS, FILTERS, RENDER, TITLES, setNavigate } from "./pages";
 import { PAGES, RANGES, type View, defaultGranularity, format, parse } from "./view";
@@ -155,6 +156,7 @@ async function render(): Promise<void> {
     el.asof.textContent = time(lastAsOf || new Date().toISOString());
     el.page.dataset.page = shown.page;
     el.page.dataset.rendered = String(Date.now());
+    probe(shown.page, el.page);
   } catch (e) {
     if (e instanceof ApiError && (e.status === 401 || e.status === 403)) {
       askForToken(e.message);
@@ -205,20 +207,26 @@ window.addEventListener("hashchange", () => {
   void render();
 });
 
-follow(
-  (changed, asOf) => {
-    lastAsOf = asOf;
-    if (changed.some((c) => FEEDS[view.page].includes(c))) void render();
-  },
-  (state) => {
-    const was = live;
-    live = state;
-    showStatus();
-    if (was !== "live" && state === "live") void render();
-  },
-);
+async function start(): Promise<void> {
+  syncToolbar();
+  await connect(el.page);
+  follow(
+    (changed, asOf) => {
+      lastAsOf = asOf;
+      if (changed.some((c) => FEEDS[view.page].includes(c))) void render();
+    },
+    (state) => {
+      const was = live;
+      live = state;
+      showStatus();
+      if (was !== "live" && state === "live") void render();
+    },
+  );
 
-if (!location.hash) history.replaceState(null, "", format(view));
-syncToolbar();
-showStatus();
-void render();
+  if (!location.hash) history.replaceState(null, "", format(view));
+  syncToolbar();
+  showStatus();
+  void render();
+}
+
+void start();

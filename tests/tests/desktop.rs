@@ -1,0 +1,89 @@
+//! The desktop app (Tauri 2 on WebKitGTK) in a real window under Xvfb, against a running
+//! deployment fed by an agent: it connects with an API token (from the environment, as a
+//! scripted install would), shows the Overview, and what the Overview shows equals the API's
+//! figures (the app writes its Overview's numbers to a probe file). A screenshot of the screen
+//! goes to `docs/screenshots/desktop-overview.png`.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use actidash_tests::generator::{Feed, Generator};
+use actidash_tests::harness::{Deployment, append_lines, bin, wait_until};
+use common::{TIMEOUT, test_root};
+
+#[test]
+fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
+    if actidash_tests::desktop("the_desktop_app_shows_the_overview_with_the_apis_numbers").is_none() {
+        return;
+    }
+    let app = bin("actidash-desktop").expect("the desktop app is built (cargo build --workspace)");
+    let root = test_root("desktop");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    // The app's pages come from its own origin: the API lets that origin call it.
+    d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
+    d.write_cloud_config().unwrap();
+    let _cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut g = Generator::new(11, 0);
+    let lines: Vec<_> = (0..1_000).map(|_| g.next_line(chrono::Utc::now())).collect();
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("agent-desktop", "acme", &data, &Feed::ALL).unwrap();
+    let _agent = d.start_agent("agent-desktop", &config).unwrap();
+    let n_valid = lines.iter().filter(|l| l.valid).count() as i64;
+    wait_until(TIMEOUT, "every record to be applied", || {
+        Ok(d.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) >= n_valid)
+    })
+    .unwrap();
+
+    let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"]).unwrap();
+    let probe = root.join("probe.json");
+    let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots/desktop-overview.png");
+    let home = root.join("home");
+    for sub in ["config", "data", "cache"] {
+        std::fs::create_dir_all(home.join(sub)).unwrap();
+    }
+    // The app runs until its Overview has been shown (the probe file), then the screen is
+    // captured and the app stopped.
+    let script = r#"
+        "$APP" & pid=$!
+        for i in $(seq 1 300); do [ -s "$ACTIDASH_DESKTOP_PROBE" ] && break; kill -0 $pid 2>/dev/null || exit 3; sleep 0.2; done
+        [ -s "$ACTIDASH_DESKTOP_PROBE" ] || { kill $pid; exit 4; }
+        sleep 1
+        import -window root "$SHOT"
+        kill $pid; wait $pid 2>/dev/null; exit 0
+    "#;
+    let out = Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+        .env("APP", &app)
+        .env("SHOT", &shot)
+        .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
+        .env("ACTIDASH_TOKEN", &token)
+        .env("ACTIDASH_DESKTOP_PROBE", &probe)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
+        .output()
+        .expect("running xvfb-run");
+    assert!(
+        out.status.success(),
+        "the desktop app did not show its Overview ({}): {}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let start = chrono::Utc::now().timestamp() / 86_400 * 86_400;
+    let today = d.get(&format!("/api/v1/sales?tenant=acme&from={start}&to={}", start + 86_400)).unwrap();
+    let orders: i64 = today["rows"].as_array().unwrap().iter().map(|r| r["orders"].as_i64().unwrap()).sum();
+    assert!(orders > 0);
+    let digits: String = shown["orders"].as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect();
+    assert_eq!(digits.parse::<i64>().ok(), Some(orders), "the window shows {shown}");
+    assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is empty");
+}
