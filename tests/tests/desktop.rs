@@ -10,9 +10,9 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use actidash_tests::generator::{Feed, Generator};
-use actidash_tests::harness::{Deployment, append_lines, bin, wait_until};
-use common::{TIMEOUT, test_root};
+use actidash_tests::generator::Generator;
+use actidash_tests::harness::{Deployment, bin};
+use common::{feed_acme, test_root};
 
 #[test]
 fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
@@ -31,14 +31,7 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     d.wait_ready(Duration::from_secs(30)).unwrap();
     let mut g = Generator::new(11, 0);
     let lines: Vec<_> = (0..1_000).map(|_| g.next_line(chrono::Utc::now())).collect();
-    append_lines(&data, &lines).unwrap();
-    let config = d.write_agent_config("agent-desktop", "acme", &data, &Feed::ALL).unwrap();
-    let _agent = d.start_agent("agent-desktop", &config).unwrap();
-    let n_valid = lines.iter().filter(|l| l.valid).count() as i64;
-    wait_until(TIMEOUT, "every record to be applied", || {
-        Ok(d.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) >= n_valid)
-    })
-    .unwrap();
+    let _agent = feed_acme(&d, &data, "agent-desktop", &lines);
 
     let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"]).unwrap();
     let probe = root.join("probe.json");

@@ -12,9 +12,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use actidash_tests::generator::{Feed, Generator};
-use actidash_tests::harness::{Deployment, append_lines, ui_dir, wait_until};
-use common::{TIMEOUT, generate, test_root};
+use actidash_tests::generator::Generator;
+use actidash_tests::harness::{Deployment, append_lines, ui_dir};
+use common::{feed_acme, generate, test_root};
 
 #[test]
 fn every_page_shows_the_apis_numbers_live_and_marks_stale_data() {
@@ -38,14 +38,7 @@ fn every_page_shows_the_apis_numbers_live_and_marks_stale_data() {
     let mut g = Generator::new(7, 0);
     let start = chrono::Utc::now() - chrono::Duration::minutes(30);
     let lines: Vec<_> = (0..2_000).map(|i| g.next_line(start + chrono::Duration::milliseconds(i * 900))).collect();
-    append_lines(&data, &lines).unwrap();
-    let config = d.write_agent_config("agent-ui", "acme", &data, &Feed::ALL).unwrap();
-    let _agent = d.start_agent("agent-ui", &config).unwrap();
-    let n_valid = lines.iter().filter(|l| l.valid).count() as i64;
-    wait_until(TIMEOUT, "every record to be applied", || {
-        Ok(d.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) >= n_valid)
-    })
-    .unwrap();
+    let _agent = feed_acme(&d, &data, "agent-ui", &lines);
 
     let shots = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots");
     // What a manager of the tenant (with the Fleet page: ops) would be given.

@@ -73,3 +73,17 @@ pub fn write_slowly(dir: &Path, lines: Vec<Line>, spread: Duration) -> std::thre
         }
     })
 }
+
+/// Appends `lines` to `data`, starts an agent of tenant `acme` over them and waits until every
+/// valid one is applied; returns the agent.
+pub fn feed_acme(d: &Deployment, data: &Path, name: &str, lines: &[Line]) -> Process {
+    append_lines(data, lines).unwrap();
+    let config = d.write_agent_config(name, "acme", data, &actidash_tests::generator::Feed::ALL).unwrap();
+    let agent = d.start_agent(name, &config).unwrap();
+    let n_valid = lines.iter().filter(|l| l.valid).count() as i64;
+    wait_until(TIMEOUT, "every record to be applied", || {
+        Ok(d.get("/api/v1/stats")?["events_applied"].as_i64().unwrap_or(0) >= n_valid)
+    })
+    .unwrap();
+    agent
+}
