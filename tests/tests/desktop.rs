@@ -27,7 +27,7 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     // The app's pages come from its own origin: the API lets that origin call it.
     d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
     d.write_cloud_config().unwrap();
-    let _cloud = d.start_cloud("cloud", &[]).unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(Duration::from_secs(30)).unwrap();
     let mut g = Generator::new(11, 0);
     let lines: Vec<_> = (0..1_000).map(|_| g.next_line(chrono::Utc::now())).collect();
@@ -50,20 +50,24 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
         import -window root "$SHOT"
         kill $pid; wait $pid 2>/dev/null; exit 0
     "#;
-    let out = Command::new("xvfb-run")
-        .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
-        .env("APP", &app)
-        .env("SHOT", &shot)
-        .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
-        .env("ACTIDASH_TOKEN", &token)
-        .env("ACTIDASH_DESKTOP_PROBE", &probe)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
-        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
-        .output()
-        .expect("running xvfb-run");
+    // One run of the app until its Overview is shown.
+    let run = |shot: &Path| {
+        Command::new("xvfb-run")
+            .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+            .env("APP", &app)
+            .env("SHOT", shot)
+            .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
+            .env("ACTIDASH_TOKEN", &token)
+            .env("ACTIDASH_DESKTOP_PROBE", &probe)
+            .env("XDG_CONFIG_HOME", home.join("config"))
+            .env("XDG_DATA_HOME", home.join("data"))
+            .env("XDG_CACHE_HOME", home.join("cache"))
+            .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+            .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
+            .output()
+            .expect("running xvfb-run")
+    };
+    let out = run(&shot);
     assert!(
         out.status.success(),
         "the desktop app did not show its Overview ({}): {}{}",
@@ -79,4 +83,19 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     let digits: String = shown["orders"].as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect();
     assert_eq!(digits.parse::<i64>().ok(), Some(orders), "the window shows {shown}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is empty");
+    assert_eq!(shown["__stale"], "false");
+
+    // Started again with the cloud gone: the last figures, marked stale.
+    assert!(cloud.terminate(Duration::from_secs(10)));
+    std::fs::remove_file(&probe).unwrap();
+    let out = run(&shot.with_file_name("desktop-offline.png"));
+    assert!(
+        out.status.success(),
+        "offline, the app showed nothing ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let offline: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    assert_eq!(offline["__stale"], "true", "{offline}");
+    assert_eq!(offline["orders"], shown["orders"], "the last figures seen");
 }

@@ -160,13 +160,15 @@ export function setConnection(url: string, value: string): void {
 export function token(): string | null {
   const fromUrl = new URLSearchParams(location.search).get("token");
   if (fromUrl) {
-    localStorage.setItem(TOKEN_KEY, fromUrl);
+    if (fromUrl !== localStorage.getItem(TOKEN_KEY)) setToken(fromUrl);
     history.replaceState(null, "", `${location.pathname}${location.hash}`);
   }
   return localStorage.getItem(TOKEN_KEY);
 }
 
 export function setToken(value: string | null): void {
+  // Another token may be another tenant's: figures kept for offline use are not its to see.
+  for (const key of Object.keys(localStorage)) if (key.startsWith("actidash.last.")) localStorage.removeItem(key);
   if (value) localStorage.setItem(TOKEN_KEY, value.trim());
   else localStorage.removeItem(TOKEN_KEY);
 }

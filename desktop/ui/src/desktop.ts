@@ -55,9 +55,11 @@ export async function connect(root: HTMLElement): Promise<void> {
   if (!desktop) return;
   const preset = (window as unknown as { __ACTIDASH_PRESET__?: Connection }).__ACTIDASH_PRESET__;
   const list = await saved();
+  const choosing = sessionStorage.getItem(CHOOSE) === "1";
+  sessionStorage.removeItem(CHOOSE);
   const first = preset ?? list[0];
-  if (first && apiBase() === "" ) setConnection(first.url, first.token);
-  if (apiBase() && token()) return;
+  if (!choosing && first && apiBase() === "") setConnection(first.url, first.token);
+  if (!choosing && apiBase() && token()) return;
   await new Promise<void>((done) => {
     root.innerHTML = `
       <section class="panel signin" id="connection">
@@ -99,11 +101,27 @@ export async function connect(root: HTMLElement): Promise<void> {
   });
 }
 
+const CHOOSE = "actidash.choose";
+
+/** In the desktop's header: the connection in use, and a button to switch to another. */
+export function connectionControl(host: HTMLElement): void {
+  if (!desktop) return;
+  const span = document.createElement("span");
+  span.className = "connection";
+  span.innerHTML = `<span title="The ActiDash API this window reads">${esc(apiBase().replace(/^https?:\/\//, ""))}</span> <button type="button">Switch…</button>`;
+  span.querySelector("button")!.onclick = () => {
+    sessionStorage.setItem(CHOOSE, "1");
+    location.reload();
+  };
+  host.append(span);
+}
+
 /** For a test: what the Overview shows, written by the app to the probe file. */
-export function probe(page: string, root: HTMLElement): void {
+export function probe(page: string, root: HTMLElement, stale = false): void {
   const preset = (window as unknown as { __ACTIDASH_PRESET__?: { probe?: boolean } }).__ACTIDASH_PRESET__;
   if (!desktop || !preset?.probe || page !== "overview") return;
   const figures: Record<string, string> = {};
   for (const e of root.querySelectorAll<HTMLElement>("[data-metric]")) figures[e.dataset.metric!] = e.textContent ?? "";
+  figures.__stale = String(stale);
   void invoke()?.("probe", { text: JSON.stringify(figures) });
 }

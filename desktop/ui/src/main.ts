@@ -3,7 +3,7 @@
 import "./style.css";
 import { ApiError, follow, setToken, token, type LiveState } from "./api";
 import { time } from "./format";
-import { connect, probe } from "./desktop";
+import { connect, connectionControl, probe } from "./desktop";
 import { esc } from "./format";
 import { FEEDS, FILTERS, RENDER, TITLES, setNavigate } from "./pages";
 import { PAGES, RANGES, type View, defaultGranularity, format, parse } from "./view";
@@ -156,6 +156,7 @@ async function render(): Promise<void> {
     el.asof.textContent = time(lastAsOf || new Date().toISOString());
     el.page.dataset.page = shown.page;
     el.page.dataset.rendered = String(Date.now());
+    remember(shown);
     probe(shown.page, el.page);
   } catch (e) {
     if (e instanceof ApiError && (e.status === 401 || e.status === 403)) {
@@ -163,7 +164,15 @@ async function render(): Promise<void> {
       return;
     }
     const message = e instanceof ApiError ? e.message : (e as Error).message;
-    const first = !el.page.firstElementChild?.classList.contains(shown.page);
+    let first = !el.page.firstElementChild?.classList.contains(shown.page);
+    const cached = first ? recall(shown) : null;
+    if (cached) {
+      // Nothing on screen yet (a start while the cloud is unreachable): the last figures seen.
+      el.page.innerHTML = cached.html;
+      el.asof.textContent = time(cached.at);
+      first = false;
+      probe(shown.page, el.page, true);
+    }
     el.banner.hidden = false;
     el.banner.textContent = first
       ? `Cannot load this page: ${message}. Retrying every 5 seconds; check that the ActiDash cloud is running.`
@@ -178,6 +187,25 @@ async function render(): Promise<void> {
       again = false;
       void render();
     }
+  }
+}
+
+const CACHE_PREFIX = "actidash.last.";
+
+/** Keeps the page's figures (not its charts) to show when the cloud cannot be reached. */
+function remember(shown: View): void {
+  try {
+    localStorage.setItem(CACHE_PREFIX + format(shown), JSON.stringify({ html: el.page.innerHTML, at: lastAsOf || new Date().toISOString() }));
+  } catch {
+    // storage full or refused: nothing to fall back on later, nothing else lost
+  }
+}
+
+function recall(shown: View): { html: string; at: string } | null {
+  try {
+    return JSON.parse(localStorage.getItem(CACHE_PREFIX + format(shown)) ?? "null");
+  } catch {
+    return null;
   }
 }
 
@@ -210,6 +238,7 @@ window.addEventListener("hashchange", () => {
 async function start(): Promise<void> {
   syncToolbar();
   await connect(el.page);
+  connectionControl(document.querySelector<HTMLElement>("header")!);
   follow(
     (changed, asOf) => {
       lastAsOf = asOf;

@@ -195,6 +195,7 @@ try {
   await page.screenshot({ path: join(shots, "stale.png") });
   checked++;
 
+
   if (errors.length > 0) throw new Error(`errors in the page: ${errors.join("; ")}`);
   process.stdout.write(`DONE ${checked} checks\n`);
 } finally {
