@@ -7,7 +7,9 @@
 #                             `export ACTIDASH_CHROMIUM=...`
 #   scripts/ui.sh desktop     install what the desktop app (Tauri 2) builds and runs with — Debian's
 #                             WebKitGTK 4.1 and librsvg development packages — and Xvfb,
-#                             xauth and ImageMagick for its test; prints `export ACTIDASH_DESKTOP=1`
+#                             xauth and ImageMagick for its test, Debian's WebKitWebDriver and
+#                             tauri-driver (crates.io, built outside the clone) for its WebDriver
+#                             test; prints `export ACTIDASH_DESKTOP=1 ACTIDASH_TAURI_DRIVER=...`
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../desktop/ui"
 
@@ -30,17 +32,25 @@ case "${1:-build}" in
     ;;
   desktop)
     want=()
+    command -v pkg-config >/dev/null 2>&1 || want+=(pkg-config)
     pkg-config --exists webkit2gtk-4.1 2>/dev/null || want+=(libwebkit2gtk-4.1-dev)
     pkg-config --exists librsvg-2.0 2>/dev/null || want+=(librsvg2-dev)
     command -v xvfb-run >/dev/null 2>&1 || want+=(xvfb)
     command -v xauth >/dev/null 2>&1 || want+=(xauth)
     command -v import >/dev/null 2>&1 || want+=(imagemagick)
+    command -v WebKitWebDriver >/dev/null 2>&1 || want+=(webkit2gtk-driver)
+    command -v curl >/dev/null 2>&1 || want+=(curl)
     if [ ${#want[@]} -gt 0 ]; then
       log "installing ${want[*]} (Debian's packages)"
       apt-get update -qq >&2
       apt-get install -y -qq --no-install-recommends "${want[@]}" >&2
     fi
-    echo "export ACTIDASH_DESKTOP=1"
+    tools=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/tools
+    if [ ! -x "$tools/bin/tauri-driver" ]; then
+      log "building tauri-driver 2.1.0 into $tools"
+      cargo install tauri-driver --locked --version 2.1.0 --root "$tools" >&2
+    fi
+    echo "export ACTIDASH_DESKTOP=1 ACTIDASH_TAURI_DRIVER=$tools/bin/tauri-driver"
     ;;
   *)
     echo "usage: scripts/ui.sh build|chromium|desktop" >&2

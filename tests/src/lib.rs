@@ -42,6 +42,13 @@ pub fn desktop(test: &str) -> Option<String> {
     service("ACTIDASH_DESKTOP", test, "install xvfb, imagemagick and WebKitGTK 4.1 (scripts/ui.sh desktop does)")
 }
 
+/// tauri-driver for the desktop app's WebDriver test (`ACTIDASH_TAURI_DRIVER`, set by
+/// `scripts/test.sh` after installing it and Debian's WebKitWebDriver), on the same terms as
+/// [`kafka_bootstrap`].
+pub fn tauri_driver(test: &str) -> Option<String> {
+    service("ACTIDASH_TAURI_DRIVER", test, "scripts/ui.sh desktop installs tauri-driver and WebKitWebDriver")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

@@ -99,3 +99,74 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     assert_eq!(offline["__stale"], "true", "{offline}");
     assert_eq!(offline["orders"], shown["orders"], "the last figures seen");
 }
+
+/// The connection dialog, clicked through over WebDriver (tauri-driver and Debian's
+/// WebKitWebDriver, under Xvfb): a wrong token is refused with the API's reason, the right one
+/// connects and the Overview shows the API's orders.
+#[test]
+fn the_connection_dialog_is_clicked_through_over_webdriver() {
+    let Some(tauri_driver) = actidash_tests::tauri_driver("the_connection_dialog_is_clicked_through_over_webdriver")
+    else {
+        return;
+    };
+    let app = bin("actidash-desktop").expect("the desktop app is built (cargo build --workspace)");
+    let root = test_root("desktop-webdriver");
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
+    d.write_cloud_config().unwrap();
+    let _cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut g = Generator::new(12, 0);
+    let lines: Vec<_> = (0..500).map(|_| g.next_line(chrono::Utc::now())).collect();
+    let _agent = feed_acme(&d, &data, "agent-webdriver", &lines);
+    let token = d.make_api_token(&["--tenant", "acme", "--role", "viewer"]).unwrap();
+    let home = root.join("home");
+    for sub in ["config", "data", "cache"] {
+        std::fs::create_dir_all(home.join(sub)).unwrap();
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let script = r#"
+        "$TAURI_DRIVER" --port "$PORT" > "$LOG" 2>&1 & driver=$!
+        for i in $(seq 1 50); do curl -sf "http://127.0.0.1:$PORT/status" >/dev/null && break; sleep 0.2; done
+        node "$SCRIPT"; status=$?
+        kill $driver; wait $driver 2>/dev/null; exit $status
+    "#;
+    let out = Command::new("xvfb-run")
+        .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+        .env("TAURI_DRIVER", &tauri_driver)
+        .env("PORT", port.to_string())
+        .env("LOG", root.join("tauri-driver.log"))
+        .env("SCRIPT", Path::new(env!("CARGO_MANIFEST_DIR")).join("../desktop/ui/tests/webdriver.mjs"))
+        .env("ACTIDASH_DRIVER", format!("http://127.0.0.1:{port}"))
+        .env("ACTIDASH_APP", &app)
+        .env("ACTIDASH_CONNECT_URL", format!("http://127.0.0.1:{}", d.api_port))
+        .env("ACTIDASH_CONNECT_TOKEN", &token)
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
+        .output()
+        .expect("running xvfb-run");
+    assert!(
+        out.status.success(),
+        "the WebDriver test failed ({}): {}{}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        std::fs::read_to_string(root.join("tauri-driver.log")).unwrap_or_default()
+    );
+    let result: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("")).unwrap();
+    assert_eq!(result["wrong"], "no such API token", "{result}");
+    let start = chrono::Utc::now().timestamp() / 86_400 * 86_400;
+    let today = d.get(&format!("/api/v1/sales?tenant=acme&from={start}&to={}", start + 86_400)).unwrap();
+    let orders: i64 = today["rows"].as_array().unwrap().iter().map(|r| r["orders"].as_i64().unwrap()).sum();
+    let digits: String = result["orders"].as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect();
+    assert_eq!(digits.parse::<i64>().ok(), Some(orders), "{result}");
+    // The connection was saved in the OS's configuration folder.
+    let saved = std::fs::read_to_string(home.join("config/dev.actidash.desktop/connections.json")).unwrap();
+    assert!(saved.contains(&format!("127.0.0.1:{}", d.api_port)), "{saved}");
+}

@@ -159,8 +159,15 @@ async function render(): Promise<void> {
     remember(shown);
     probe(shown.page, el.page);
   } catch (e) {
-    if (e instanceof ApiError && (e.status === 401 || e.status === 403)) {
+    if (e instanceof ApiError && e.status === 401) {
       askForToken(e.message);
+      return;
+    }
+    if (e instanceof ApiError && e.status === 403) {
+      // Signed in, but this page is beyond the token's role or tenant: say so, nothing stale.
+      el.banner.hidden = true;
+      el.page.innerHTML = `<section class="panel"><h2>Not available with this token</h2><p>${esc(e.message)}.
+        Ask your administrator for a token with the role this page needs (the Fleet page needs <code>ops</code>).</p></section>`;
       return;
     }
     const message = e instanceof ApiError ? e.message : (e as Error).message;
