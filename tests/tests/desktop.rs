@@ -6,13 +6,68 @@
 
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use actidash_tests::generator::Generator;
-use actidash_tests::harness::{Deployment, bin};
+use actidash_tests::harness::{Deployment, Process, bin};
 use common::{feed_acme, test_root};
+
+/// A deployment fed with `n` records of tenant `acme` whose API lets the app's origin call it,
+/// and a home of private configuration, data and cache folders for the app.
+struct Setup {
+    root: PathBuf,
+    d: Deployment,
+    cloud: Process,
+    _agent: Process,
+    home: PathBuf,
+}
+
+fn setup(name: &str, seed: u64, n: usize) -> Setup {
+    let root = test_root(name);
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    // The app's pages come from its own origin: the API lets that origin call it.
+    d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
+    d.write_cloud_config().unwrap();
+    let cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(Duration::from_secs(30)).unwrap();
+    let mut g = Generator::new(seed, 0);
+    let lines: Vec<_> = (0..n).map(|_| g.next_line(chrono::Utc::now())).collect();
+    let agent = feed_acme(&d, &data, &format!("agent-{name}"), &lines);
+    let home = root.join("home");
+    for sub in ["config", "data", "cache"] {
+        std::fs::create_dir_all(home.join(sub)).unwrap();
+    }
+    Setup { root, d, cloud, _agent: agent, home }
+}
+
+/// `xvfb-run` of `script`, with the app's folders under `home` and WebKit set for a virtual
+/// display.
+fn xvfb(script: &str, home: &Path) -> Command {
+    let mut cmd = Command::new("xvfb-run");
+    cmd.args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+        .env("XDG_CONFIG_HOME", home.join("config"))
+        .env("XDG_DATA_HOME", home.join("data"))
+        .env("XDG_CACHE_HOME", home.join("cache"))
+        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1");
+    cmd
+}
+
+/// Today's orders of tenant `acme`, as the API counts them.
+fn orders_today(d: &Deployment) -> i64 {
+    let start = chrono::Utc::now().timestamp() / 86_400 * 86_400;
+    let today = d.get(&format!("/api/v1/sales?tenant=acme&from={start}&to={}", start + 86_400)).unwrap();
+    today["rows"].as_array().unwrap().iter().map(|r| r["orders"].as_i64().unwrap()).sum()
+}
+
+/// The digits of a figure as shown.
+fn shown_number(v: &serde_json::Value) -> Option<i64> {
+    v.as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect::<String>().parse().ok()
+}
 
 #[test]
 fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
@@ -20,26 +75,10 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
         return;
     }
     let app = bin("actidash-desktop").expect("the desktop app is built (cargo build --workspace)");
-    let root = test_root("desktop");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
-    // The app's pages come from its own origin: the API lets that origin call it.
-    d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
-    d.write_cloud_config().unwrap();
-    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
-    d.wait_ready(Duration::from_secs(30)).unwrap();
-    let mut g = Generator::new(11, 0);
-    let lines: Vec<_> = (0..1_000).map(|_| g.next_line(chrono::Utc::now())).collect();
-    let _agent = feed_acme(&d, &data, "agent-desktop", &lines);
-
+    let Setup { root, d, mut cloud, _agent, home } = setup("desktop", 11, 1_000);
     let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"]).unwrap();
     let probe = root.join("probe.json");
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots/desktop-overview.png");
-    let home = root.join("home");
-    for sub in ["config", "data", "cache"] {
-        std::fs::create_dir_all(home.join(sub)).unwrap();
-    }
     // The app runs until its Overview has been shown (the probe file), then the screen is
     // captured and the app stopped.
     let script = r#"
@@ -52,18 +91,12 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     "#;
     // One run of the app until its Overview is shown.
     let run = |shot: &Path| {
-        Command::new("xvfb-run")
-            .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+        xvfb(script, &home)
             .env("APP", &app)
             .env("SHOT", shot)
             .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
             .env("ACTIDASH_TOKEN", &token)
             .env("ACTIDASH_DESKTOP_PROBE", &probe)
-            .env("XDG_CONFIG_HOME", home.join("config"))
-            .env("XDG_DATA_HOME", home.join("data"))
-            .env("XDG_CACHE_HOME", home.join("cache"))
-            .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
-            .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
             .output()
             .expect("running xvfb-run")
     };
@@ -76,12 +109,9 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
         String::from_utf8_lossy(&out.stderr)
     );
     let shown: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
-    let start = chrono::Utc::now().timestamp() / 86_400 * 86_400;
-    let today = d.get(&format!("/api/v1/sales?tenant=acme&from={start}&to={}", start + 86_400)).unwrap();
-    let orders: i64 = today["rows"].as_array().unwrap().iter().map(|r| r["orders"].as_i64().unwrap()).sum();
+    let orders = orders_today(&d);
     assert!(orders > 0);
-    let digits: String = shown["orders"].as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect();
-    assert_eq!(digits.parse::<i64>().ok(), Some(orders), "the window shows {shown}");
+    assert_eq!(shown_number(&shown["orders"]), Some(orders), "the window shows {shown}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is empty");
     assert_eq!(shown["__stale"], "false");
 
@@ -110,22 +140,8 @@ fn the_connection_dialog_is_clicked_through_over_webdriver() {
         return;
     };
     let app = bin("actidash-desktop").expect("the desktop app is built (cargo build --workspace)");
-    let root = test_root("desktop-webdriver");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
-    d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
-    d.write_cloud_config().unwrap();
-    let _cloud = d.start_cloud("cloud", &[]).unwrap();
-    d.wait_ready(Duration::from_secs(30)).unwrap();
-    let mut g = Generator::new(12, 0);
-    let lines: Vec<_> = (0..500).map(|_| g.next_line(chrono::Utc::now())).collect();
-    let _agent = feed_acme(&d, &data, "agent-webdriver", &lines);
+    let Setup { root, d, cloud: _cloud, _agent, home } = setup("desktop-webdriver", 12, 500);
     let token = d.make_api_token(&["--tenant", "acme", "--role", "viewer"]).unwrap();
-    let home = root.join("home");
-    for sub in ["config", "data", "cache"] {
-        std::fs::create_dir_all(home.join(sub)).unwrap();
-    }
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let script = r#"
         "$TAURI_DRIVER" --port "$PORT" > "$LOG" 2>&1 & driver=$!
@@ -133,8 +149,7 @@ fn the_connection_dialog_is_clicked_through_over_webdriver() {
         node "$SCRIPT"; status=$?
         kill $driver; wait $driver 2>/dev/null; exit $status
     "#;
-    let out = Command::new("xvfb-run")
-        .args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+    let out = xvfb(script, &home)
         .env("TAURI_DRIVER", &tauri_driver)
         .env("PORT", port.to_string())
         .env("LOG", root.join("tauri-driver.log"))
@@ -143,11 +158,6 @@ fn the_connection_dialog_is_clicked_through_over_webdriver() {
         .env("ACTIDASH_APP", &app)
         .env("ACTIDASH_CONNECT_URL", format!("http://127.0.0.1:{}", d.api_port))
         .env("ACTIDASH_CONNECT_TOKEN", &token)
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
-        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1")
         .output()
         .expect("running xvfb-run");
     assert!(
@@ -161,11 +171,7 @@ fn the_connection_dialog_is_clicked_through_over_webdriver() {
     let result: serde_json::Value =
         serde_json::from_str(String::from_utf8_lossy(&out.stdout).lines().last().unwrap_or("")).unwrap();
     assert_eq!(result["wrong"], "no such API token", "{result}");
-    let start = chrono::Utc::now().timestamp() / 86_400 * 86_400;
-    let today = d.get(&format!("/api/v1/sales?tenant=acme&from={start}&to={}", start + 86_400)).unwrap();
-    let orders: i64 = today["rows"].as_array().unwrap().iter().map(|r| r["orders"].as_i64().unwrap()).sum();
-    let digits: String = result["orders"].as_str().unwrap_or("").chars().filter(char::is_ascii_digit).collect();
-    assert_eq!(digits.parse::<i64>().ok(), Some(orders), "{result}");
+    assert_eq!(shown_number(&result["orders"]), Some(orders_today(&d)), "{result}");
     // The connection was saved in the OS's configuration folder.
     let saved = std::fs::read_to_string(home.join("config/dev.actidash.desktop/connections.json")).unwrap();
     assert!(saved.contains(&format!("127.0.0.1:{}", d.api_port)), "{saved}");
