@@ -23,6 +23,9 @@
 //!
 //! [serve]
 //! listen = "0.0.0.0:8080"
+//! ui_dir = "/usr/share/actidash/ui"        # the built dashboards (desktop/ui/dist); absent: a help page
+//! cors_origins = ["tauri://localhost"]    # browser origins allowed to call the API (the desktop app)
+//! requests_per_sec_per_token = 50         # per API token, bursts of four seconds' worth
 //!
 //! [store]                                 # absent: SQLite in data_dir (the embedded default)
 //! url = "postgres://actidash@db:5432/actidash"
