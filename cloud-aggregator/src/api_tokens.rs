@@ -14,7 +14,8 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rusqlite::{Connection, OptionalExtension, params};
-use sha2::{Digest, Sha256};
+
+use crate::fleet::sha256_hex;
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -67,10 +68,6 @@ pub enum Refused {
 #[derive(Debug, Clone)]
 pub struct ApiTokens {
     registry: PathBuf,
-}
-
-fn sha256_hex(text: &str) -> String {
-    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 impl ApiTokens {

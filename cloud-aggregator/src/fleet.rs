@@ -105,7 +105,8 @@ pub fn valid_agent_id(id: &str) -> bool {
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
 }
 
-fn sha256_hex(text: &str) -> String {
+/// The SHA-256 of a token, as hex: what the registry keeps instead of the token.
+pub(crate) fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 

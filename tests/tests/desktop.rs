@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use actidash_tests::generator::Generator;
 use actidash_tests::harness::{Deployment, Process, bin};
-use common::{feed_acme, test_root};
+use common::{deployment, feed_acme};
 
 /// A deployment fed with `n` records of tenant `acme` whose API lets the app's origin call it,
 /// and a home of private configuration, data and cache folders for the app.
@@ -25,10 +25,7 @@ struct Setup {
 }
 
 fn setup(name: &str, seed: u64, n: usize) -> Setup {
-    let root = test_root(name);
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (root, data, mut d) = deployment(name, None);
     // The app's pages come from its own origin: the API lets that origin call it.
     d.serve_extra = "cors_origins = [\"tauri://localhost\", \"http://tauri.localhost\"]\n".into();
     d.write_cloud_config().unwrap();

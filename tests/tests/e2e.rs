@@ -9,7 +9,7 @@ use std::time::Duration;
 use actidash_tests::generator::{Feed, Generator, Line};
 use actidash_tests::harness::{Deployment, Process, append_lines, wait_until};
 use chrono::Utc;
-use common::{TIMEOUT, assert_converges, generate, log_of, test_root, write_slowly};
+use common::{TIMEOUT, assert_converges, deployment, generate, log_of, write_slowly};
 
 /// The scenario shared by both modes: a first load, then a SIGKILLed agent in the middle of a
 /// stream (and, when `kill_processor` names one, a SIGKILLed processor too), restarted; the
@@ -81,10 +81,7 @@ fn assert_no_secrets_in_logs(d: &Deployment) {
 
 #[test]
 fn embedded_mode_exact_totals_through_agent_sigkill() {
-    let root = test_root("embedded");
-    let data_dir = root.join("onprem");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data_dir, d) = deployment("embedded", None);
     let mut cloud = vec![d.start_cloud("cloud", &[]).unwrap()];
     d.wait_ready(TIMEOUT).unwrap();
     scenario(&d, &data_dir, &mut cloud, None);
@@ -98,10 +95,7 @@ fn kafka_mode_exact_totals_through_agent_and_processor_sigkill() {
     else {
         return;
     };
-    let root = test_root("kafka");
-    let data_dir = root.join("onprem");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
+    let (_, data_dir, d) = deployment("kafka", Some(bootstrap));
     // Gateway, processor and API as three processes: the roles scale independently.
     let gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let processor = d.start_cloud("processor", &["process"]).unwrap();
@@ -116,10 +110,7 @@ fn kafka_mode_exact_totals_through_agent_and_processor_sigkill() {
 
 #[test]
 fn enrollment_by_token_then_revocation_closes_the_agent_out_and_others_keep_working() {
-    let root = test_root("an");
-    let data_dir = root.join("onprem");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (root, data_dir, d) = deployment("an", None);
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let mut g = Generator::new(3, 0);
@@ -175,10 +166,7 @@ fn enrollment_by_token_then_revocation_closes_the_agent_out_and_others_keep_work
 
 #[test]
 fn certificates_are_renewed_before_they_expire_without_losing_data() {
-    let root = test_root("renew");
-    let data_dir = root.join("onprem");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data_dir, mut d) = deployment("renew", None);
     // Certificates live 12 s: the agent renews at about 8 s, over its live session.
     d.cloud_extra = "\n[fleet]\ncert_validity_secs = 12\n".into();
     d.write_cloud_config().unwrap();
@@ -210,10 +198,7 @@ fn certificates_are_renewed_before_they_expire_without_losing_data() {
 
 #[test]
 fn configuration_reload_adds_a_source_refuses_a_bad_file_and_loses_nothing() {
-    let root = test_root("reload");
-    let data_dir = root.join("onprem");
-    std::fs::create_dir_all(&data_dir).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data_dir, d) = deployment("reload", None);
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let since = Utc::now().timestamp() - 120;

@@ -7,9 +7,9 @@ mod common;
 use std::time::Duration;
 
 use actidash_tests::generator::{Feed, Generator, Line};
-use actidash_tests::harness::{Deployment, append_lines, wait_until};
+use actidash_tests::harness::{append_lines, wait_until};
 use chrono::Utc;
-use common::{TIMEOUT, assert_converges, generate, log_of, test_root, write_slowly};
+use common::{TIMEOUT, assert_converges, deployment, generate, log_of, write_slowly};
 
 fn since() -> i64 {
     Utc::now().timestamp() - 120
@@ -17,10 +17,7 @@ fn since() -> i64 {
 
 #[test]
 fn link_down_while_data_keeps_arriving_then_back() {
-    let root = test_root("link-down");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data, d) = deployment("link-down", None);
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
     let mut g = Generator::new(11, 0);
@@ -46,10 +43,7 @@ fn link_down_while_data_keeps_arriving_then_back() {
 #[test]
 fn gateway_killed_mid_batch_with_kafka() {
     let Some(bootstrap) = actidash_tests::kafka_bootstrap("gateway_killed_mid_batch_with_kafka") else { return };
-    let root = test_root("gateway-kill");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
+    let (_, data, d) = deployment("gateway-kill", Some(bootstrap));
     let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let mut rest = d.start_cloud("processor-api", &["process", "serve"]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
@@ -68,10 +62,7 @@ fn gateway_killed_mid_batch_with_kafka() {
 
 #[test]
 fn a_full_spool_pauses_the_sources_then_drains_without_loss() {
-    let root = test_root("spool-full");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data, d) = deployment("spool-full", None);
     // The agent starts while the cloud is unreachable, with a 1 MiB spool and ~2.4 MB of input.
     let config = d.write_agent_config_with("a1", "acme", &data, &Feed::ALL, "[spool]\nmax_bytes = 1048576\n").unwrap();
     let mut g = Generator::new(13, 0);
@@ -102,10 +93,7 @@ fn a_full_spool_pauses_the_sources_then_drains_without_loss() {
 
 #[test]
 fn udp_blocked_the_agent_falls_back_to_tcp_by_itself() {
-    let root = test_root("udp-blocked");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data, mut d) = deployment("udp-blocked", None);
     // The gateway's TCP fallback listens on a port where nothing answers UDP: to the agent,
     // exactly what a network that drops UDP looks like.
     d.gateway_tcp_port = actidash_tests::harness::free_tcp_port();
@@ -135,10 +123,7 @@ fn processors_joining_and_leaving_the_group_count_everything_once() {
     else {
         return;
     };
-    let root = test_root("rebalance");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), Some(bootstrap)).unwrap();
+    let (_, data, d) = deployment("rebalance", Some(bootstrap));
     let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();
     let mut first = d.start_cloud("processor-1", &["process", "serve"]).unwrap();
     d.wait_ready(TIMEOUT).unwrap();
@@ -169,10 +154,7 @@ fn the_leader_of_a_partition_killed_during_ingest_on_a_three_broker_cluster() {
     else {
         return;
     };
-    let root = test_root("leader-kill");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let mut d = Deployment::new(&root.join("deploy"), Some(bootstrap.clone())).unwrap();
+    let (_, data, mut d) = deployment("leader-kill", Some(bootstrap.clone()));
     d.kafka_extra = "replication_factor = 3\nmin_insync_replicas = 2\n".into();
     d.write_cloud_config().unwrap();
     let mut gateway = d.start_cloud("gateway", &["gateway"]).unwrap();

@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use actidash_tests::generator::Generator;
-use actidash_tests::harness::{Deployment, append_lines, ui_dir};
-use common::{feed_acme, generate, test_root};
+use actidash_tests::harness::{append_lines, ui_dir};
+use common::{deployment, feed_acme, generate};
 
 #[test]
 fn every_page_shows_the_apis_numbers_live_and_marks_stale_data() {
@@ -26,10 +26,7 @@ fn every_page_shows_the_apis_numbers_live_and_marks_stale_data() {
         ui_dir().is_some() && ui.join("node_modules/playwright-core").is_dir(),
         "the dashboards are not built: run `npm ci && npm run build` in desktop/ui (scripts/test.sh does)"
     );
-    let root = test_root("ui");
-    let data = root.join("onprem");
-    std::fs::create_dir_all(&data).unwrap();
-    let d = Deployment::new(&root.join("deploy"), None).unwrap();
+    let (_, data, d) = deployment("ui", None);
     let mut cloud = d.start_cloud("cloud", &[]).unwrap();
     d.wait_ready(Duration::from_secs(30)).unwrap();
     let from = chrono::Utc::now().timestamp() - 3600;

@@ -165,7 +165,8 @@ pub async fn run_on(
         .routes(utoipa_axum::routes!(stats))
         .routes(utoipa_axum::routes!(live))
         .split_for_parts();
-    let doc = Arc::new(doc);
+    // Served as made at start: one serialization, not one per request.
+    let doc = doc.to_json().context("serializing the OpenAPI document")?;
     let api = api
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(auth::Auth::new(tokens, rate_per_token), auth::require_token));
@@ -176,7 +177,10 @@ pub async fn run_on(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/api/v1/openapi.json", get(move || async move { Json(doc.as_ref().clone()) }))
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc) }),
+        )
         .with_state(state)
         .merge(api);
     // The dashboards: the built app (any path that is not a file is the app's own route), or

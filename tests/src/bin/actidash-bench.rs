@@ -289,14 +289,7 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
         })
         .collect::<anyhow::Result<_>>()?;
     // The same topic the gateway writes to (it exists, with its partitions), the same settings.
-    let producer: ThreadedProducer<CountFailures> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("message.timeout.ms", "0")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create_with_context(CountFailures::default())?;
+    let producer = raw_producer(&bootstrap, &[("message.timeout.ms", "0")])?;
     // Warm the broker up (a fresh JVM is slow for its first seconds), untimed.
     raw_produce(&producer, &topic, &events[..events.len() / 2])?;
 
@@ -364,13 +357,7 @@ fn bench_processor(dir: &Path, n: usize) -> anyhow::Result<()> {
     let start = chrono::Utc::now() - chrono::Duration::hours(6);
     let records = actidash_tests::dataset::generate(3, n, start, 6 * 3_600_000, 20, 600_000);
     let mean = records.iter().map(|r| r.event.to_json().len()).sum::<usize>() / n.max(1);
-    let producer: ThreadedProducer<CountFailures> = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("compression.type", "lz4")
-        .create_with_context(CountFailures::default())?;
+    let producer = raw_producer(&bootstrap, &[])?;
     for topic in &topics {
         let of_topic: Vec<Event> =
             records.iter().filter(|r| topic.ends_with(r.event.domain().as_str())).map(|r| r.event.clone()).collect();
@@ -679,6 +666,21 @@ fn bench_ui(d: &Deployment) -> anyhow::Result<Option<String>> {
         "\nRange change on Sales (30 → 7 → 1 → 30 days) to redrawn: median {p50:.0} ms, max {max:.0} ms over {n} changes.\n"
     );
     Ok(Some(text))
+}
+
+/// A producer with the gateway's settings (idempotent, acks=all, lz4, 5 ms linger), and `extra`.
+fn raw_producer(bootstrap: &str, extra: &[(&str, &str)]) -> anyhow::Result<ThreadedProducer<CountFailures>> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    for (k, v) in extra {
+        config.set(*k, *v);
+    }
+    Ok(config.create_with_context(CountFailures::default())?)
 }
 
 /// Produces `events` as the gateway would (key, headers, JSON value) and waits for every delivery.

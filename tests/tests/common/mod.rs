@@ -29,6 +29,16 @@ pub fn test_root(name: &str) -> PathBuf {
     root
 }
 
+/// A fresh folder for one test ([`test_root`]), its on-prem data folder, and a deployment
+/// prepared in it (with Kafka at `kafka`, or embedded).
+pub fn deployment(name: &str, kafka: Option<String>) -> (PathBuf, PathBuf, Deployment) {
+    let root = test_root(name);
+    let data = root.join("onprem");
+    std::fs::create_dir_all(&data).unwrap();
+    let d = Deployment::new(&root.join("deploy"), kafka).unwrap();
+    (root, data, d)
+}
+
 /// Waits until the API shows exactly the expected totals and domain counts.
 pub fn assert_converges(d: &Deployment, lines: &[Line], since: i64, procs: &mut [&mut Process]) {
     let expected = expected_totals(lines);
