@@ -339,8 +339,10 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
     let path = dir.path().join("serving.db");
     commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
     let api = start(&path);
-    // Open, like /healthz: tools read it before they have a token.
-    let doc: serde_json::Value = serde_json::from_str(&http_get(api.port, "/api/v1/openapi.json").unwrap()).unwrap();
+    // Behind a token, like every /api route.
+    assert_eq!(status(api.port, "/api/v1/openapi.json", None), 401);
+    let doc: serde_json::Value =
+        serde_json::from_str(&http_get_auth(api.port, "/api/v1/openapi.json", Some(&api.token)).unwrap()).unwrap();
     assert!(doc["openapi"].as_str().unwrap().starts_with("3."), "{doc}");
     assert_eq!(doc["components"]["securitySchemes"]["bearer"]["scheme"], "bearer");
     let paths: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();

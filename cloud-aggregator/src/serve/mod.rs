@@ -16,10 +16,10 @@
 //! | `GET /api/v1/agents` | each agent's last heartbeat |
 //! | `GET /api/v1/stats` | processing counters and analytics state size |
 //! | `GET /api/v1/live` | server-sent events: an `update` with the figures of every dashboard that changed |
-//! | `GET /api/v1/openapi.json` | the OpenAPI document of the routes above (open) |
+//! | `GET /api/v1/openapi.json` | the OpenAPI document of the routes above |
 //! | `GET /` | the dashboards (`[serve] ui_dir`), or a page that says how to build them |
 //!
-//! Every `/api/v1` route but the OpenAPI document needs an API token (`auth.rs`).
+//! Every `/api/v1` route needs an API token (`auth.rs`); `/healthz` and `/readyz` do not.
 //!
 //! Common parameters: `tenant`; `from`, `to` (event time, RFC 3339 or unix seconds; `[from,
 //! to)`, whole minutes; default: the last 24 hours); `granularity` (`minute`, `hour`, `day`:
@@ -168,6 +168,10 @@ pub async fn run_on(
     // Served as made at start: one serialization, not one per request.
     let doc = doc.to_json().context("serializing the OpenAPI document")?;
     let api = api
+        .route(
+            "/api/v1/openapi.json",
+            get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc) }),
+        )
         .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(auth::Auth::new(tokens, rate_per_token), auth::require_token));
     let api = match cors {
@@ -177,10 +181,6 @@ pub async fn run_on(
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route(
-            "/api/v1/openapi.json",
-            get(move || async move { ([(axum::http::header::CONTENT_TYPE, "application/json")], doc) }),
-        )
         .with_state(state)
         .merge(api);
     // The dashboards: the built app (any path that is not a file is the app's own route), or
