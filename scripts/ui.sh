@@ -40,6 +40,10 @@ case "${1:-build}" in
     command -v import >/dev/null 2>&1 || want+=(imagemagick)
     command -v WebKitWebDriver >/dev/null 2>&1 || want+=(webkit2gtk-driver)
     command -v curl >/dev/null 2>&1 || want+=(curl)
+    # The desktop's notifications, for real: a D-Bus session, a notification service, a monitor.
+    command -v dbus-run-session >/dev/null 2>&1 || want+=(dbus-daemon)
+    command -v dbus-monitor >/dev/null 2>&1 || want+=(dbus-bin)
+    command -v dunst >/dev/null 2>&1 || want+=(dunst)
     if [ ${#want[@]} -gt 0 ]; then
       log "installing ${want[*]} (Debian's packages)"
       apt-get update -qq >&2

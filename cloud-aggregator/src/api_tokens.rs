@@ -7,7 +7,7 @@
 //!
 //! Roles, each including the ones before: `viewer` (the dashboards' reports and live push),
 //! `ops` (plus the fleet: agents, counters), `admin` (plus tokens and agents, from the command
-//! line today).
+//! line or the API).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -34,7 +34,7 @@ impl Role {
         }
     }
 
-    fn by_name(name: &str) -> Option<Role> {
+    pub fn by_name(name: &str) -> Option<Role> {
         [Role::Viewer, Role::Ops, Role::Admin].into_iter().find(|r| r.name() == name)
     }
 }
@@ -156,6 +156,23 @@ impl ApiTokens {
     }
 }
 
+/// `30m`, `24h`, `7d`, `90s` or plain seconds.
+pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
+    let text = text.trim();
+    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len()));
+    let n: u64 = digits.parse().with_context(|| format!("{text:?} is not a duration such as 30m, 24h or 7d"))?;
+    let unit_secs = match unit {
+        "" | "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        other => anyhow::bail!("unknown unit {other:?} in {text:?}: use s, m, h or d"),
+    };
+    let secs = n.checked_mul(unit_secs).with_context(|| format!("{text:?} is too long"))?;
+    anyhow::ensure!(secs > 0, "the duration must be positive");
+    Ok(Duration::from_secs(secs))
+}
+
 fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiToken> {
     let role: String = r.get(2)?;
     Ok(ApiToken {
@@ -192,5 +209,15 @@ mod tests {
         assert_eq!(tokens.check(&all, i64::MAX).unwrap().tenant, None, "no expiry, every tenant");
         assert_eq!(tokens.list().unwrap().len(), 2);
         assert!(tokens.create(Some("no spaces"), Role::Viewer, None, 0).is_err());
+    }
+
+    #[test]
+    fn durations_read_as_people_write_them() {
+        assert_eq!(parse_duration("90d").unwrap(), Duration::from_secs(90 * 86_400));
+        assert_eq!(parse_duration(" 30m").unwrap(), Duration::from_secs(1_800));
+        assert_eq!(parse_duration("45").unwrap(), Duration::from_secs(45));
+        for bad in ["", "0", "7w", "d", "99999999999999999999d", "18446744073709551615d"] {
+            assert!(parse_duration(bad).is_err(), "{bad:?}");
+        }
     }
 }

@@ -26,6 +26,7 @@
 //! ui_dir = "/usr/share/actidash/ui"        # the built dashboards (desktop/ui/dist); absent: a help page
 //! cors_origins = ["tauri://localhost"]    # browser origins allowed to call the API (the desktop app)
 //! requests_per_sec_per_token = 50         # per API token, bursts of four seconds' worth
+//! agent_offline_after_secs = 60           # alert an agent silent this long as offline
 //!
 //! [store]                                 # absent: SQLite in data_dir (the embedded default)
 //! url = "postgres://actidash@db:5432/actidash"
@@ -225,6 +226,14 @@ pub struct ServeConfig {
     /// Requests a second each API token may make (bursts of four seconds' worth); 50 by default.
     #[serde(default)]
     pub requests_per_sec_per_token: Option<f64>,
+    /// An agent whose last heartbeat is older than this is alerted as offline (or cut off);
+    /// 60 seconds by default (twelve heartbeats at the default interval).
+    #[serde(default = "default_agent_offline_after_secs")]
+    pub agent_offline_after_secs: u64,
+}
+
+fn default_agent_offline_after_secs() -> u64 {
+    60
 }
 
 /// A configuration error, naming the file, the line (where known) and the field.

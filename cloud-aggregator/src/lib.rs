@@ -89,6 +89,8 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
             ui_dir: serve_config.ui_dir.clone(),
             cors_origins: serve_config.cors_origins.clone(),
             rate_per_token: serve_config.requests_per_sec_per_token.unwrap_or(serve::DEFAULT_RATE_PER_TOKEN),
+            fleet: std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?),
+            agent_offline_after: std::time::Duration::from_secs(serve_config.agent_offline_after_secs),
         };
         tasks.spawn(serve::run(
             serve_config.listen,

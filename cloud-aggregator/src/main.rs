@@ -119,21 +119,7 @@ enum AgentCommand {
     },
 }
 
-/// `30m`, `24h`, `7d`, `90s` or plain seconds.
-fn parse_duration(text: &str) -> anyhow::Result<std::time::Duration> {
-    let (digits, unit) =
-        text.trim().split_at(text.trim().find(|c: char| !c.is_ascii_digit()).unwrap_or(text.trim().len()));
-    let n: u64 = digits.parse().with_context(|| format!("{text:?} is not a duration such as 30m, 24h or 7d"))?;
-    let secs = match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        other => anyhow::bail!("unknown unit {other:?} in {text:?}: use s, m, h or d"),
-    };
-    anyhow::ensure!(secs > 0, "the duration must be positive");
-    Ok(std::time::Duration::from_secs(secs))
-}
+use cloud_aggregator::api_tokens::parse_duration;
 
 fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
     use cloud_aggregator::api_tokens::ApiTokens;

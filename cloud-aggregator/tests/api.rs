@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use actidash_shared::event::{Event, InventoryLevel, MarketingTouch, OrderStatus, Payload};
 use actidash_shared::testing::sale_with;
-use actidash_tests::harness::{http_get, http_get_auth};
+use actidash_tests::harness::{http_call, http_get, http_get_auth};
 use cloud_aggregator::api_tokens::{ApiTokens, Role};
 use cloud_aggregator::serve::ServeOptions;
 use cloud_aggregator::store::{CommitWork, Store, StreamInput};
@@ -34,6 +34,7 @@ struct Api {
     port: u16,
     shutdown: CancellationToken,
     tokens: ApiTokens,
+    fleet: std::sync::Arc<cloud_aggregator::fleet::Fleet>,
     /// Role admin, every tenant.
     token: String,
     _rt: tokio::runtime::Runtime,
@@ -53,11 +54,16 @@ fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api
     let shutdown = CancellationToken::new();
     let tokens = ApiTokens::open(data_dir).unwrap();
     let (_, token) = tokens.create(None, Role::Admin, None, chrono::Utc::now().timestamp()).unwrap();
+    let fleet = std::sync::Arc::new(
+        cloud_aggregator::fleet::Fleet::open(data_dir, &cloud_aggregator::fleet::FleetConfig::default()).unwrap(),
+    );
     let options = ServeOptions {
         tokens: tokens.clone(),
         ui_dir: None,
         cors_origins: vec![],
         rate_per_token: cloud_aggregator::serve::DEFAULT_RATE_PER_TOKEN,
+        fleet: fleet.clone(),
+        agent_offline_after: Duration::from_secs(60),
     };
     rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), options, shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -65,7 +71,7 @@ fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api
         assert!(Instant::now() < deadline, "the API did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
-    Api { port, shutdown, tokens, token, _rt: rt }
+    Api { port, shutdown, tokens, fleet, token, _rt: rt }
 }
 
 /// Starts the API on a free port over the SQLite `store`.
@@ -282,8 +288,11 @@ fn every_route_refuses_missing_wrong_expired_revoked_and_foreign_tokens() {
         "/api/v1/inventory",
         "/api/v1/events",
         "/api/v1/agents",
+        "/api/v1/alerts",
         "/api/v1/stats",
         "/api/v1/live",
+        "/api/v1/me",
+        "/api/v1/tokens",
     ];
     for route in routes {
         for (token, what) in [
@@ -348,6 +357,11 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
     let paths: Vec<String> = doc["paths"].as_object().unwrap().keys().cloned().collect();
     let mut expected = vec![
         "/api/v1/agents",
+        "/api/v1/agents/{id}/revoke",
+        "/api/v1/alerts",
+        "/api/v1/me",
+        "/api/v1/tokens",
+        "/api/v1/tokens/{id}",
         "/api/v1/behavior",
         "/api/v1/behavior/funnel",
         "/api/v1/events",
@@ -361,15 +375,27 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
     ];
     expected.sort();
     assert_eq!(paths, expected);
+    let mut operations = 0;
     for p in &paths {
-        let op = &doc["paths"][p]["get"];
-        assert!(op["responses"]["200"].is_object() && op["responses"]["401"].is_object(), "{p}: {op}");
-        if p == "/api/v1/live" {
-            continue; // a stream: its answer is checked in the live push's test
+        for (method, op) in doc["paths"][p].as_object().unwrap() {
+            operations += 1;
+            let ok = if method == "post" && p == "/api/v1/tokens" { "201" } else { "200" };
+            assert!(op["responses"][ok].is_object() && op["responses"]["401"].is_object(), "{method} {p}: {op}");
+            let method = method.to_uppercase();
+            // Each documented operation is a route that asks for a token.
+            let unknown = p.replace("{id}", "nope");
+            let (code, body) = http_call(api.port, &method, &unknown, None, None).unwrap();
+            assert_eq!(code, 401, "{method} {p} is documented as needing a token: {body}");
+            if method != "GET" || p == "/api/v1/live" {
+                continue; // a change, or a stream: checked in their own tests
+            }
+            http_get_auth(api.port, p, Some(&api.token)).unwrap_or_else(|e| panic!("{p} is documented but: {e}"));
         }
-        http_get_auth(api.port, p, Some(&api.token)).unwrap_or_else(|e| panic!("{p} is documented but: {e}"));
-        assert_eq!(status(api.port, p, None), 401, "{p} is documented as needing a token");
     }
+    assert_eq!(operations, expected.len() + 1, "one operation per path, two on /tokens (GET, POST)");
+    // An operation that is not documented is not served: a 405 from the router.
+    let (code, _) = http_call(api.port, "DELETE", "/api/v1/sales", Some(&api.token), None).unwrap();
+    assert_eq!(code, 405);
     // Every reference resolves, and the report types are described, money as text.
     fn refs(v: &serde_json::Value, out: &mut Vec<String>) {
         match v {
@@ -395,5 +421,212 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
         sales_row.contains(r#""revenue":{"description":"Gross − cancelled − refunded amounts.","type":"string"}"#),
         "{sales_row}"
     );
+    api.shutdown.cancel();
+}
+
+/// A POST or DELETE with a token and an optional JSON body: the status and the answer.
+fn call(api: &Api, method: &str, path: &str, token: &str, json: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+    let (code, body) = http_call(api.port, method, path, Some(token), json.map(|j| j.to_string()).as_deref()).unwrap();
+    (code, serde_json::from_str(&body).unwrap_or(serde_json::Value::String(body)))
+}
+
+/// Admins manage tokens and agents over the API: a tenant's admin only its tenant's (another
+/// tenant's are not found), never a token for every tenant; viewers and ops not at all.
+#[test]
+fn admins_manage_tokens_and_agents_over_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    commit(&path, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
+    let api = start(&path);
+    let now = chrono::Utc::now().timestamp();
+    let (_, admin) = api.tokens.create(Some("acme"), Role::Admin, None, now).unwrap();
+    let (_, ops) = api.tokens.create(Some("acme"), Role::Ops, None, now).unwrap();
+    let (other_id, _) = api.tokens.create(Some("other"), Role::Viewer, None, now).unwrap();
+
+    // Who am I.
+    let (code, me) = call(&api, "GET", "/api/v1/me", &ops, None);
+    assert_eq!((code, me["tenant"].as_str(), me["role"].as_str()), (200, Some("acme"), Some("ops")), "{me}");
+
+    // Viewers and ops cannot touch tokens.
+    assert_eq!(call(&api, "GET", "/api/v1/tokens", &ops, None).0, 403);
+    assert_eq!(call(&api, "POST", "/api/v1/tokens", &ops, Some(serde_json::json!({}))).0, 403);
+
+    // An admin of acme lists acme's tokens only.
+    let (code, list) = call(&api, "GET", "/api/v1/tokens", &admin, None);
+    assert_eq!(code, 200, "{list}");
+    let tenants: Vec<&str> = list.as_array().unwrap().iter().map(|t| t["tenant"].as_str().unwrap_or("*")).collect();
+    assert_eq!(tenants, ["acme", "acme"], "{list}");
+
+    // It makes a viewer token of acme (its own tenant when none is named); the token works.
+    let (code, made) = call(&api, "POST", "/api/v1/tokens", &admin, Some(serde_json::json!({ "expires": "1d" })));
+    assert_eq!(code, 201, "{made}");
+    assert_eq!(
+        (made["tenant"].as_str(), made["role"].as_str(), made["state"].as_str()),
+        (Some("acme"), Some("viewer"), Some("active"))
+    );
+    let new_token = made["token"].as_str().unwrap().to_owned();
+    let new_id = made["id"].as_str().unwrap().to_owned();
+    assert_eq!(status(api.port, "/api/v1/sales/totals", Some(&new_token)), 200);
+    let listed = call(&api, "GET", "/api/v1/tokens", &admin, None).1;
+    assert!(!listed.to_string().contains(&new_token), "a token is shown only when made");
+
+    // Refusals, each naming what is wrong.
+    for (body, want, says) in [
+        (serde_json::json!({ "tenant": "other" }), 403, "tenant=\"other\""),
+        (serde_json::json!({ "all_tenants": true }), 403, "all_tenants"),
+        (serde_json::json!({ "role": "root" }), 400, "role=\"root\""),
+        (serde_json::json!({ "expires": "soon" }), 400, "expires"),
+        (serde_json::json!({ "tenant": "acme", "colour": "red" }), 400, "colour"),
+    ] {
+        let (code, answer) = call(&api, "POST", "/api/v1/tokens", &admin, Some(body.clone()));
+        assert_eq!(code, want, "{body}: {answer}");
+        assert!(answer["error"].as_str().unwrap_or("").contains(says), "{body}: {answer}");
+    }
+    let (code, answer) = http_call(api.port, "POST", "/api/v1/tokens", Some(&admin), Some("{not json")).unwrap();
+    assert_eq!(code, 400, "{answer}");
+
+    // Revoking: another tenant's token is not found; its own is revoked and refused at once.
+    assert_eq!(call(&api, "DELETE", &format!("/api/v1/tokens/{other_id}"), &admin, None).0, 404);
+    assert!(api.tokens.list().unwrap().iter().any(|t| t.id == other_id && t.revoked_at.is_none()), "still active");
+    let never_used = call(&api, "POST", "/api/v1/tokens", &admin, Some(serde_json::json!({ "role": "ops" }))).1;
+    let (code, revoked) =
+        call(&api, "DELETE", &format!("/api/v1/tokens/{}", never_used["id"].as_str().unwrap()), &admin, None);
+    assert_eq!((code, revoked["state"].as_str()), (200, Some("revoked")), "{revoked}");
+    assert_eq!(status(api.port, "/api/v1/sales/totals", Some(never_used["token"].as_str().unwrap())), 401);
+    let (code, _) = call(&api, "DELETE", &format!("/api/v1/tokens/{new_id}"), &admin, None);
+    assert_eq!(code, 200);
+    assert_eq!(call(&api, "DELETE", "/api/v1/tokens/nope", &admin, None).0, 404);
+
+    // The admin for every tenant sees and may make every kind.
+    let all = call(&api, "GET", "/api/v1/tokens", &api.token, None).1;
+    assert!(all.as_array().unwrap().iter().any(|t| t["tenant"] == "other"), "{all}");
+    let (code, made) = call(
+        &api,
+        "POST",
+        "/api/v1/tokens",
+        &api.token,
+        Some(serde_json::json!({ "all_tenants": true, "role": "ops", "expires": "never" })),
+    );
+    assert_eq!((code, made["tenant"].is_null(), made["expires_at"].is_null()), (201, true, true), "{made}");
+
+    // Agents: an admin revokes its tenant's agents, not another's.
+    let enroll = |tenant: &str, id: &str| {
+        let token = api.fleet.create_token(tenant, Duration::from_secs(60), now).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+        api.fleet.enroll(&token, id, &csr, now).unwrap();
+    };
+    enroll("acme", "till-1");
+    enroll("other", "till-9");
+    assert_eq!(call(&api, "POST", "/api/v1/agents/till-1/revoke", &ops, None).0, 403);
+    assert_eq!(call(&api, "POST", "/api/v1/agents/till-9/revoke", &admin, None).0, 404);
+    let (code, agent) = call(&api, "POST", "/api/v1/agents/till-1/revoke", &admin, None);
+    assert_eq!((code, agent["tenant"].as_str()), (200, Some("acme")), "{agent}");
+    assert!(agent["revoked_at"].is_string());
+    let revoked = api.fleet.revoked().unwrap();
+    assert!(revoked.contains("till-1") && !revoked.contains("till-9"), "{revoked:?}");
+    api.shutdown.cancel();
+}
+
+/// Alerts: low stock for every role; agents that went silent, stopped on an error or have a
+/// full spool for ops; a revoked agent raises none.
+#[test]
+fn alerts_report_low_stock_and_agents_that_need_attention() {
+    use actidash_shared::kafka::FleetRecord;
+    use actidash_shared::wire::{Heartbeat, SourceStatus};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("serving.db");
+    commit(
+        &path,
+        vec![
+            event(
+                0,
+                "2026-11-27T09:00:00Z",
+                Payload::Inventory(InventoryLevel { sku: "mug".into(), warehouse: "W".into(), on_hand: 3 }),
+            ),
+            event(
+                1,
+                "2026-11-27T09:00:00Z",
+                Payload::Inventory(InventoryLevel { sku: "cap".into(), warehouse: "W".into(), on_hand: 500 }),
+            ),
+        ],
+    );
+    let now = chrono::Utc::now();
+    let heartbeat = |agent: &str, ago: i64, sources: Vec<SourceStatus>| FleetRecord {
+        tenant: "acme".into(),
+        agent_id: agent.into(),
+        received_at: now - chrono::Duration::seconds(ago),
+        transport: "quic".into(),
+        remote_addr: "127.0.0.1:9".into(),
+        heartbeat: Heartbeat { sources, ..Default::default() },
+    };
+    let source = |id: &str, state: &str, error: Option<&str>| SourceStatus {
+        source_id: id.into(),
+        state: state.into(),
+        last_error: error.map(String::from),
+        ..Default::default()
+    };
+    let mut store = Store::open(&path).unwrap();
+    store
+        .commit(CommitWork {
+            fleet: vec![
+                heartbeat("fine", 1, vec![source("orders", "running", None)]),
+                heartbeat("silent", 600, vec![]),
+                heartbeat("revoked", 600, vec![]),
+                heartbeat(
+                    "broken",
+                    1,
+                    vec![
+                        source("orders", "error", Some("orders.csv: permission denied")),
+                        source("web", "paused", None),
+                    ],
+                ),
+            ],
+            ..Default::default()
+        })
+        .unwrap();
+    drop(store);
+    let api = start(&path);
+    let token = api.fleet.create_token("acme", Duration::from_secs(60), now.timestamp()).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
+    api.fleet.enroll(&token, "revoked", &csr, now.timestamp()).unwrap();
+    api.fleet.revoke("revoked", now.timestamp()).unwrap();
+    let created = now.timestamp();
+    let (_, viewer) = api.tokens.create(Some("acme"), Role::Viewer, None, created).unwrap();
+    let (_, ops) = api.tokens.create(Some("acme"), Role::Ops, None, created).unwrap();
+
+    let answer = |token: &str, query: &str| -> serde_json::Value {
+        serde_json::from_str(&http_get_auth(api.port, &format!("/api/v1/alerts{query}"), Some(token)).unwrap()).unwrap()
+    };
+    let keys = |a: &serde_json::Value| -> Vec<String> {
+        a["alerts"].as_array().unwrap().iter().map(|x| x["key"].as_str().unwrap().to_owned()).collect()
+    };
+    let seen = answer(&ops, "");
+    assert_eq!(
+        keys(&seen),
+        [
+            "agent_offline/acme/silent",
+            "source_error/acme/broken/orders",
+            "spool_full/acme/broken/web",
+            "low_stock/acme/mug/W"
+        ],
+        "{seen}"
+    );
+    assert_eq!(seen["fleet"], true);
+    let offline = &seen["alerts"][0];
+    assert_eq!((offline["severity"].as_str(), offline["kind"].as_str()), (Some("critical"), Some("agent_offline")));
+    assert!(offline["message"].as_str().unwrap().contains("10 min"), "{offline}");
+    assert!(seen["alerts"][1]["message"].as_str().unwrap().ends_with("orders.csv: permission denied"));
+    // A viewer: stock only. A higher threshold: more stock alerts.
+    let viewed = answer(&viewer, "");
+    assert_eq!((keys(&viewed), viewed["fleet"].as_bool()), (vec!["low_stock/acme/mug/W".to_owned()], Some(false)));
+    assert_eq!(
+        keys(&answer(&viewer, "?threshold=1000")),
+        ["low_stock/acme/mug/W", "low_stock/acme/cap/W"],
+        "lowest first"
+    );
+    assert_eq!(status(api.port, "/api/v1/alerts?threshold=many", Some(&viewer)), 400);
+    assert_eq!(status(api.port, "/api/v1/alerts?tenant=other", Some(&viewer)), 403);
     api.shutdown.cancel();
 }

@@ -350,7 +350,12 @@ impl Deployment {
     }
 
     pub fn get(&self, path: &str) -> anyhow::Result<serde_json::Value> {
-        let body = http_get_auth(self.api_port, path, Some(&self.api_token()?))?;
+        self.get_as(&self.api_token()?, path)
+    }
+
+    /// [`Deployment::get`] with another token.
+    pub fn get_as(&self, token: &str, path: &str) -> anyhow::Result<serde_json::Value> {
+        let body = http_get_auth(self.api_port, path, Some(token))?;
         serde_json::from_str(&body).with_context(|| format!("GET {path}: not JSON: {body}"))
     }
 
@@ -441,16 +446,34 @@ pub fn http_get(port: u16, path: &str) -> anyhow::Result<String> {
 
 /// [`http_get`] with `Authorization: Bearer <token>`.
 pub fn http_get_auth(port: u16, path: &str, token: Option<&str>) -> anyhow::Result<String> {
+    let (status, body) = http_call(port, "GET", path, token, None)?;
+    anyhow::ensure!((200..300).contains(&status), "GET {path}: HTTP {status}: {body}");
+    Ok(body)
+}
+
+/// An HTTP request with an optional bearer token and JSON body: the status and the body.
+pub fn http_call(
+    port: u16,
+    method: &str,
+    path: &str,
+    token: Option<&str>,
+    json: Option<&str>,
+) -> anyhow::Result<(u16, String)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let auth = token.map(|t| format!("Authorization: Bearer {t}\r\n")).unwrap_or_default();
-    write!(stream, "GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}Connection: close\r\n\r\n")?;
+    let body = json.unwrap_or("");
+    let kind = if json.is_some() { "Content-Type: application/json\r\n" } else { "" };
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}{kind}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let (head, body) = response.split_once("\r\n\r\n").context("no end of HTTP headers")?;
-    let status = head.split_whitespace().nth(1).unwrap_or("");
-    anyhow::ensure!(status.starts_with('2'), "GET {path}: HTTP {status}: {body}");
-    Ok(body.to_owned())
+    let status = head.split_whitespace().nth(1).unwrap_or("").parse().context("no HTTP status")?;
+    Ok((status, body.to_owned()))
 }
 
 /// Appends lines to the feed files in `dir`.

@@ -2,7 +2,9 @@
 //! deployment fed by an agent: it connects with an API token (from the environment, as a
 //! scripted install would), shows the Overview, and what the Overview shows equals the API's
 //! figures (the app writes its Overview's numbers to a probe file). A screenshot of the screen
-//! goes to `docs/screenshots/desktop-overview.png`.
+//! goes to `docs/screenshots/desktop-overview.png`. The window runs in a D-Bus session with a
+//! real notification service (Debian's dunst), and the test reads the notifications the app
+//! sent off the bus (dbus-monitor): new alerts are notified, and not when muted.
 
 mod common;
 
@@ -41,11 +43,11 @@ fn setup(name: &str, seed: u64, n: usize) -> Setup {
     Setup { root, d, cloud, _agent: agent, home }
 }
 
-/// `xvfb-run` of `script`, with the app's folders under `home` and WebKit set for a virtual
-/// display.
+/// `xvfb-run` of `script` in a D-Bus session of its own, with the app's folders under `home`
+/// and WebKit set for a virtual display.
 fn xvfb(script: &str, home: &Path) -> Command {
     let mut cmd = Command::new("xvfb-run");
-    cmd.args(["-a", "-s", "-screen 0 1440x1000x24", "sh", "-c", script])
+    cmd.args(["-a", "-s", "-screen 0 1440x1000x24", "dbus-run-session", "--", "sh", "-c", script])
         .env("XDG_CONFIG_HOME", home.join("config"))
         .env("XDG_DATA_HOME", home.join("data"))
         .env("XDG_CACHE_HOME", home.join("cache"))
@@ -76,54 +78,91 @@ fn the_desktop_app_shows_the_overview_with_the_apis_numbers() {
     let token = d.make_api_token(&["--tenant", "acme", "--role", "ops"]).unwrap();
     let probe = root.join("probe.json");
     let shot = Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/screenshots/desktop-overview.png");
-    // The app runs until its Overview has been shown (the probe file), then the screen is
-    // captured and the app stopped.
+    // The app runs, beside a notification service and a monitor of the notifications sent,
+    // until its Overview shows figures and `$WAIT_FOR` (the alerts checked, or the stale
+    // state); then the screen is captured and the app stopped.
     let script = r#"
+        dunst > "$NOTES.dunst.log" 2>&1 & dunst=$!
+        dbus-monitor --session "type='method_call',interface='org.freedesktop.Notifications',member='Notify'" > "$NOTES" 2>&1 & monitor=$!
+        sleep 0.5
         "$APP" & pid=$!
-        for i in $(seq 1 300); do [ -s "$ACTIDASH_DESKTOP_PROBE" ] && break; kill -0 $pid 2>/dev/null || exit 3; sleep 0.2; done
-        [ -s "$ACTIDASH_DESKTOP_PROBE" ] || { kill $pid; exit 4; }
+        ready() { grep -q '"orders"' "$ACTIDASH_DESKTOP_PROBE" 2>/dev/null && grep -q "$WAIT_FOR" "$ACTIDASH_DESKTOP_PROBE"; }
+        for i in $(seq 1 300); do ready && break; kill -0 $pid 2>/dev/null || exit 3; sleep 0.2; done
+        ready || { kill $pid; cat "$ACTIDASH_DESKTOP_PROBE"; exit 4; }
+        if grep -q '"__notified":"[1-9]' "$ACTIDASH_DESKTOP_PROBE"; then
+            for i in $(seq 1 50); do grep -q 'ActiDash' "$NOTES" && break; sleep 0.2; done
+        fi
         sleep 1
         import -window root "$SHOT"
-        kill $pid; wait $pid 2>/dev/null; exit 0
+        kill $pid; wait $pid 2>/dev/null; kill $monitor $dunst; exit 0
     "#;
-    // One run of the app until its Overview is shown.
-    let run = |shot: &Path| {
-        xvfb(script, &home)
+    // One run of the app in `home`, until its Overview is shown: what it showed, and the
+    // notifications sent meanwhile.
+    let run = |home: &Path, shot: &Path, wait_for: &str| -> (serde_json::Value, String) {
+        let notes = home.join("notifications.txt");
+        let _ = std::fs::remove_file(&probe);
+        let out = xvfb(script, home)
             .env("APP", &app)
             .env("SHOT", shot)
+            .env("NOTES", &notes)
+            .env("WAIT_FOR", wait_for)
             .env("ACTIDASH_URL", format!("http://127.0.0.1:{}", d.api_port))
             .env("ACTIDASH_TOKEN", &token)
             .env("ACTIDASH_DESKTOP_PROBE", &probe)
             .output()
-            .expect("running xvfb-run")
+            .expect("running xvfb-run");
+        assert!(
+            out.status.success(),
+            "the desktop app did not show its Overview with {wait_for} ({}): {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let shown = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+        (shown, std::fs::read_to_string(&notes).unwrap_or_default())
     };
-    let out = run(&shot);
-    assert!(
-        out.status.success(),
-        "the desktop app did not show its Overview ({}): {}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
+    let checked = r#""__alerts_checked":"true""#;
+    let (shown, notes) = run(&home, &shot, checked);
     let orders = orders_today(&d);
     assert!(orders > 0);
     assert_eq!(shown_number(&shown["orders"]), Some(orders), "the window shows {shown}");
     assert!(std::fs::metadata(&shot).unwrap().len() > 10_000, "the screenshot is empty");
     assert_eq!(shown["__stale"], "false");
 
+    // The alerts it saw are the API's, each new one a notification delivered over D-Bus to the
+    // notification service (more than three at once are one summary).
+    let alerts = d.get_as(&token, "/api/v1/alerts").unwrap();
+    let alerts = alerts["alerts"].as_array().unwrap().clone();
+    let n_alerts = alerts.len();
+    assert!(n_alerts > 0, "the data set has low stock");
+    assert_eq!(shown["__alerts"], n_alerts.to_string(), "{shown}");
+    assert_eq!(shown["__muted"], "false");
+    if n_alerts <= 3 {
+        assert_eq!(shown["__notified"], n_alerts.to_string(), "{shown}");
+        for a in &alerts {
+            let message = a["message"].as_str().unwrap();
+            assert!(notes.contains(&format!("string \"{message}\"")), "{message} not notified: {notes}");
+        }
+    } else {
+        assert_eq!(shown["__notified"], "1", "{shown}");
+        assert!(notes.contains(&format!("string \"ActiDash: {n_alerts} new alerts\"")), "notifications sent: {notes}");
+    }
+    let sent = notes.matches("member=Notify").count();
+    assert_eq!(sent.to_string(), shown["__notified"].as_str().unwrap(), "{notes}");
+
+    // Muted (the setting the alert list writes), in a fresh home: the same alerts, no notification.
+    let muted_home = root.join("home-muted");
+    let settings = muted_home.join("config/dev.actidash.desktop/settings.json");
+    std::fs::create_dir_all(settings.parent().unwrap()).unwrap();
+    std::fs::write(&settings, r#"{"notifications":false}"#).unwrap();
+    let (quiet, notes) = run(&muted_home, &root.join("muted.png"), checked);
+    assert_eq!(quiet["__alerts"], n_alerts.to_string(), "{quiet}");
+    assert_eq!((quiet["__notified"].as_str(), quiet["__muted"].as_str()), (Some("0"), Some("true")), "{quiet}");
+    assert!(!notes.contains("ActiDash"), "muted, yet notified: {notes}");
+
     // Started again with the cloud gone: the last figures, marked stale.
     assert!(cloud.terminate(Duration::from_secs(10)));
-    std::fs::remove_file(&probe).unwrap();
-    let out = run(&shot.with_file_name("desktop-offline.png"));
-    assert!(
-        out.status.success(),
-        "offline, the app showed nothing ({}): {}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let offline: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&probe).unwrap()).unwrap();
-    assert_eq!(offline["__stale"], "true", "{offline}");
+    let (offline, _) = run(&home, &shot.with_file_name("desktop-offline.png"), r#""__stale":"true""#);
     assert_eq!(offline["orders"], shown["orders"], "the last figures seen");
 }
 
@@ -172,4 +211,15 @@ fn the_connection_dialog_is_clicked_through_over_webdriver() {
     // The connection was saved in the OS's configuration folder.
     let saved = std::fs::read_to_string(home.join("config/dev.actidash.desktop/connections.json")).unwrap();
     assert!(saved.contains(&format!("127.0.0.1:{}", d.api_port)), "{saved}");
+    // The alerts button counts the API's alerts (a viewer's: low stock), the list shows each,
+    // and turning notifications off there is saved as the setting the app obeys.
+    let n_alerts = d.get_as(&token, "/api/v1/alerts").unwrap()["alerts"].as_array().unwrap().len();
+    assert_eq!(result["alerts"], n_alerts.to_string(), "{result}");
+    assert_eq!(result["listed"], n_alerts, "{result}");
+    assert_eq!(result["muted"], true, "{result}");
+    let settings = std::fs::read_to_string(home.join("config/dev.actidash.desktop/settings.json")).unwrap();
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&settings).unwrap(),
+        serde_json::json!({ "notifications": false })
+    );
 }

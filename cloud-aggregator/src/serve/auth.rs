@@ -5,7 +5,8 @@
 //! - the tenant: a token of one tenant reads only that tenant — its requests get `tenant=` set,
 //!   and a `tenant` parameter naming another is refused (403), never ignored;
 //! - the role a route needs: the fleet (`/api/v1/agents`) and the counters need `ops`; the
-//!   counters, which are the whole service's, a token for every tenant;
+//!   counters, which are the whole service's, a token for every tenant; the tokens and revoking
+//!   an agent need `admin`;
 //! - a rate: each token may make `[serve] requests_per_sec_per_token` requests a second
 //!   (default [`DEFAULT_RATE`]; bursts of four seconds' worth), beyond which it gets 429.
 //!
@@ -34,10 +35,13 @@ type Cached = (Result<ApiToken, Refused>, Instant);
 
 /// What the request's token grants, for handlers that shape their answer by it (the live push
 /// leaves out what the role may not read).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(super) struct Grant {
+    /// The token's public id.
+    pub(super) id: String,
+    /// None: every tenant.
+    pub(super) tenant: Option<String>,
     pub(super) role: Role,
-    pub(super) all_tenants: bool,
 }
 
 #[derive(Clone)]
@@ -111,6 +115,10 @@ fn refuse(status: StatusCode, message: String) -> Response {
 fn needs(path: &str) -> Role {
     match path {
         "/api/v1/agents" | "/api/v1/stats" => Role::Ops,
+        "/api/v1/tokens" => Role::Admin,
+        p if p.starts_with("/api/v1/tokens/") || (p.starts_with("/api/v1/agents/") && p.ends_with("/revoke")) => {
+            Role::Admin
+        }
         _ => Role::Viewer,
     }
 }
@@ -184,7 +192,7 @@ pub(super) async fn require_token(State(auth): State<Auth>, mut request: Request
         Ok(uri) => *request.uri_mut() = uri,
         Err(e) => return refuse(StatusCode::BAD_REQUEST, format!("the request's address: {e}")),
     }
-    request.extensions_mut().insert(Grant { role: grant.role, all_tenants: grant.tenant.is_none() });
+    request.extensions_mut().insert(Grant { id: grant.id, tenant: grant.tenant, role: grant.role });
     next.run(request).await
 }
 

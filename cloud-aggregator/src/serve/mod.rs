@@ -14,7 +14,11 @@
 //! | `GET /api/v1/inventory` | latest on-hand per SKU and warehouse, total, low stock (`threshold`), days of cover (`as_of`); filters `sku`, `warehouse` |
 //! | `GET /api/v1/events` | events per domain |
 //! | `GET /api/v1/agents` | each agent's last heartbeat |
+//! | `GET /api/v1/alerts` | what needs attention now: low stock; agents offline, with a source stopped or a full spool (`alerts.rs`) |
 //! | `GET /api/v1/stats` | processing counters and analytics state size |
+//! | `GET /api/v1/me` | the token making the request: id, tenant, role |
+//! | `GET`, `POST /api/v1/tokens`, `DELETE /api/v1/tokens/{id}` | API tokens: list, create, revoke (admin; `admin.rs`) |
+//! | `POST /api/v1/agents/{id}/revoke` | revoke an agent (admin) |
 //! | `GET /api/v1/live` | server-sent events: an `update` with the figures of every dashboard that changed |
 //! | `GET /api/v1/openapi.json` | the OpenAPI document of the routes above |
 //! | `GET /` | the dashboards (`[serve] ui_dir`), or a page that says how to build them |
@@ -58,6 +62,8 @@ use crate::store::db::DbError;
 use crate::store::query::{self, Selection};
 use crate::store::{Location, Store, StoreError};
 
+mod admin;
+pub mod alerts;
 mod auth;
 mod openapi;
 
@@ -75,6 +81,14 @@ struct AppState {
     store: Arc<Mutex<Store>>,
     changes: watch::Receiver<i64>,
     analytics: Arc<AnalyticsConfig>,
+    admin: Arc<Admin>,
+}
+
+/// The registry the admin routes change, and the alerts' setting.
+struct Admin {
+    tokens: ApiTokens,
+    fleet: Arc<crate::fleet::Fleet>,
+    agent_offline_after: chrono::Duration,
 }
 
 /// An API error, as JSON with a status.
@@ -115,6 +129,10 @@ pub struct ServeOptions {
     pub cors_origins: Vec<String>,
     /// Requests a second per token.
     pub rate_per_token: f64,
+    /// The fleet's registry, for the alerts (revoked agents) and the admin routes.
+    pub fleet: Arc<crate::fleet::Fleet>,
+    /// An agent silent this long is alerted as offline.
+    pub agent_offline_after: Duration,
 }
 
 /// Serves the API on a bound listener until shutdown.
@@ -125,7 +143,7 @@ pub async fn run_on(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token } = options;
+    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token, fleet, agent_offline_after } = options;
     if let Some(dir) = &ui_dir {
         anyhow::ensure!(
             dir.join("index.html").is_file(),
@@ -135,7 +153,17 @@ pub async fn run_on(
     }
     let mut store = location.open_reader()?;
     let (tx, rx) = watch::channel(store.data_version()?);
-    let state = AppState { store: Arc::new(Mutex::new(store)), changes: rx, analytics: Arc::new(analytics) };
+    let admin = Admin {
+        tokens: tokens.clone(),
+        fleet,
+        agent_offline_after: chrono::Duration::from_std(agent_offline_after).unwrap_or(chrono::Duration::MAX),
+    };
+    let state = AppState {
+        store: Arc::new(Mutex::new(store)),
+        changes: rx,
+        analytics: Arc::new(analytics),
+        admin: Arc::new(admin),
+    };
     tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));
     let cors = if cors_origins.is_empty() {
         None
@@ -147,8 +175,8 @@ pub async fn run_on(
         Some(
             tower_http::cors::CorsLayer::new()
                 .allow_origin(origins)
-                .allow_methods([axum::http::Method::GET])
-                .allow_headers([axum::http::header::AUTHORIZATION]),
+                .allow_methods([axum::http::Method::GET, axum::http::Method::POST, axum::http::Method::DELETE])
+                .allow_headers([axum::http::header::AUTHORIZATION, axum::http::header::CONTENT_TYPE]),
         )
     };
     // One registration makes each route and its entry in the OpenAPI document.
@@ -162,8 +190,13 @@ pub async fn run_on(
         .routes(utoipa_axum::routes!(inventory))
         .routes(utoipa_axum::routes!(events))
         .routes(utoipa_axum::routes!(agents))
+        .routes(utoipa_axum::routes!(alerts))
         .routes(utoipa_axum::routes!(stats))
         .routes(utoipa_axum::routes!(live))
+        .routes(utoipa_axum::routes!(admin::me))
+        .routes(utoipa_axum::routes!(admin::list_tokens, admin::create_token))
+        .routes(utoipa_axum::routes!(admin::revoke_token))
+        .routes(utoipa_axum::routes!(admin::revoke_agent))
         .split_for_parts();
     // Served as made at start: one serialization, not one per request.
     let doc = doc.to_json().context("serializing the OpenAPI document")?;
@@ -528,6 +561,56 @@ async fn agents(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<V
     query(&state, move |tx| query::agents(tx, tenant.as_deref())).await.map(Json)
 }
 
+/// The alerts a token may see (`alerts.rs`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct AlertsReport {
+    /// When they were derived.
+    as_of: String,
+    /// The low-stock threshold used.
+    threshold: i64,
+    /// Whether agent alerts are included (role ops and above).
+    fleet: bool,
+    alerts: Vec<alerts::Alert>,
+}
+
+#[utoipa::path(get, path = "/api/v1/alerts", tag = "fleet",
+    params(("tenant" = Option<String>, Query, description = "one tenant"), ("threshold" = Option<i64>, Query, description = "low stock below this (default: configured)")),
+    responses((status = 200, description = "What needs attention now: low stock (any role); agents offline, a source stopped on an error, a full spool (role ops)", body = AlertsReport), openapi::Refusals))]
+async fn alerts(
+    State(state): State<AppState>,
+    grant: Option<axum::Extension<auth::Grant>>,
+    Query(p): Pairs,
+) -> Result<Json<AlertsReport>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant");
+    let threshold = p.number("threshold", i64::MIN, i64::MAX)?.unwrap_or(state.analytics.low_stock_threshold);
+    p.done()?;
+    let fleet = grant.is_some_and(|g| g.role >= crate::api_tokens::Role::Ops);
+    let now = chrono::Utc::now();
+    let registry = state.admin.fleet.clone();
+    let revoked = if fleet {
+        tokio::task::spawn_blocking(move || registry.revoked())
+            .await
+            .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+            .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the fleet registry: {e:#}")))?
+    } else {
+        Default::default()
+    };
+    let offline_after = state.admin.agent_offline_after;
+    let list = query(&state, move |tx| {
+        let stock = query::inventory(tx, tenant.as_deref(), &[], threshold, now.timestamp(), 10_000)?;
+        let agents = if fleet { query::agents(tx, tenant.as_deref())? } else { Vec::new() };
+        Ok(alerts::derive(&stock.low_stock, threshold, fleet.then_some((&agents[..], &revoked)), now, offline_after))
+    })
+    .await?;
+    Ok(Json(AlertsReport {
+        as_of: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        threshold,
+        fleet,
+        alerts: list,
+    }))
+}
+
 #[utoipa::path(get, path = "/api/v1/stats", tag = "fleet",
     responses((status = 200, description = "The service's counters and analytics state size (role ops, a token for every tenant)", body = Object), openapi::Refusals))]
 async fn stats(State(state): State<AppState>) -> Result<Json<serde_json::Value>, ApiError> {
@@ -605,8 +688,8 @@ async fn live(
 ) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     // The fleet needs ops; the service's counters a token for every tenant (as their routes).
     let grant = grant.map(|g| g.0);
-    let fleet_ok = grant.is_some_and(|g| g.role >= crate::api_tokens::Role::Ops);
-    let stats_ok = fleet_ok && grant.is_some_and(|g| g.all_tenants);
+    let fleet_ok = grant.as_ref().is_some_and(|g| g.role >= crate::api_tokens::Role::Ops);
+    let stats_ok = fleet_ok && grant.as_ref().is_some_and(|g| g.tenant.is_none());
     let mut p = Params::new(p)?;
     let fixed_to = p.0.contains_key("to");
     let default_range = 86_400;

@@ -3,7 +3,9 @@
 //!
 //! The connections (API address and token) are kept in the OS's configuration folder
 //! (`connections.json` in Tauri's app config dir, e.g. `~/.config/dev.actidash.desktop/`),
-//! read and written through two commands. For tests and scripted installs, the environment can
+//! read and written through two commands; the settings (`settings.json`: whether new alerts
+//! are desktop notifications) beside them. Notifications go through the OS's notification
+//! service (tauri-plugin-notification; on Linux the freedesktop D-Bus service). For tests and scripted installs, the environment can
 //! name a connection: `ACTIDASH_URL` and `ACTIDASH_TOKEN`. `ACTIDASH_DESKTOP_PROBE=<file>` makes
 //! the window write what its Overview shows to that file, so a test can compare it with the API.
 
@@ -16,18 +18,56 @@ use tauri::Manager as _;
 /// The saved connections (JSON text, as the app wrote it), or "[]".
 #[tauri::command]
 fn load_connections(app: tauri::AppHandle) -> String {
-    connections_file(&app).and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_else(|| "[]".into())
+    config_file(&app, CONNECTIONS).and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_else(|| "[]".into())
 }
 
 /// Saves the connections (JSON text), in the OS's configuration folder.
 #[tauri::command]
 fn save_connections(app: tauri::AppHandle, json: String) -> Result<(), String> {
     serde_json::from_str::<serde_json::Value>(&json).map_err(|e| format!("not JSON: {e}"))?;
-    let path = connections_file(&app).ok_or("no configuration folder on this system")?;
+    write_config(&app, CONNECTIONS, &json)
+}
+
+const CONNECTIONS: &str = "connections.json";
+const SETTINGS: &str = "settings.json";
+
+/// Writes a file of the app's configuration folder whole (a crash leaves the old one).
+fn write_config(app: &tauri::AppHandle, name: &str, text: &str) -> Result<(), String> {
+    let path = config_file(app, name).ok_or("no configuration folder on this system")?;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
     }
-    std::fs::write(&path, json).map_err(|e| format!("{}: {e}", path.display()))
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, text).map_err(|e| format!("{}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &path).map_err(|e| format!("{}: {e}", path.display()))
+}
+
+/// The settings (JSON text, as the app wrote it), or "{}".
+#[tauri::command]
+fn load_settings(app: tauri::AppHandle) -> String {
+    config_file(&app, SETTINGS).and_then(|p| std::fs::read_to_string(p).ok()).unwrap_or_else(|| "{}".into())
+}
+
+/// Saves the settings (a JSON object).
+#[tauri::command]
+fn save_settings(app: tauri::AppHandle, json: String) -> Result<(), String> {
+    let value = serde_json::from_str::<serde_json::Value>(&json).map_err(|e| format!("not JSON: {e}"))?;
+    if !value.is_object() {
+        return Err("the settings are a JSON object".into());
+    }
+    write_config(&app, SETTINGS, &json)
+}
+
+/// Shows a desktop notification unless the settings mute them; whether it was shown.
+#[tauri::command]
+fn notify(app: tauri::AppHandle, title: String, body: String) -> Result<bool, String> {
+    use tauri_plugin_notification::NotificationExt as _;
+    let settings: serde_json::Value = serde_json::from_str(&load_settings(app.clone())).unwrap_or_default();
+    if settings.get("notifications").and_then(serde_json::Value::as_bool) == Some(false) {
+        return Ok(false);
+    }
+    app.notification().builder().title(title).body(body).show().map_err(|e| e.to_string())?;
+    Ok(true)
 }
 
 /// What the Overview shows, for `ACTIDASH_DESKTOP_PROBE` (a test's file); nothing otherwise.
@@ -39,8 +79,8 @@ fn probe(text: String) -> Result<(), String> {
     }
 }
 
-fn connections_file(app: &tauri::AppHandle) -> Option<PathBuf> {
-    app.path().app_config_dir().ok().map(|d| d.join("connections.json"))
+fn config_file(app: &tauri::AppHandle, name: &str) -> Option<PathBuf> {
+    app.path().app_config_dir().ok().map(|d| d.join(name))
 }
 
 fn main() {
@@ -62,7 +102,15 @@ fn main() {
         _ => String::new(),
     };
     let result = tauri::Builder::default()
-        .invoke_handler(tauri::generate_handler![load_connections, save_connections, probe])
+        .plugin(tauri_plugin_notification::init())
+        .invoke_handler(tauri::generate_handler![
+            load_connections,
+            save_connections,
+            load_settings,
+            save_settings,
+            notify,
+            probe
+        ])
         .setup(move |app| {
             tauri::WebviewWindowBuilder::new(app, "main", tauri::WebviewUrl::App("index.html".into()))
                 .title("ActiDash")

@@ -2,6 +2,7 @@
 // connections in the OS's configuration folder (through the app's commands), and the probe a
 // test reads. In the browser, none of this runs.
 
+import { alertState } from "./alerts";
 import { apiBase, desktop, setConnection, token } from "./api";
 import { esc } from "./format";
 
@@ -116,12 +117,13 @@ export function connectionControl(host: HTMLElement): void {
   host.append(span);
 }
 
-/** For a test: what the Overview shows, written by the app to the probe file. */
+/** For a test: what the Overview shows (and the alerts' state), written by the app to the probe file. */
 export function probe(page: string, root: HTMLElement, stale = false): void {
   const preset = (window as unknown as { __ACTIDASH_PRESET__?: { probe?: boolean } }).__ACTIDASH_PRESET__;
   if (!desktop || !preset?.probe || page !== "overview") return;
   const figures: Record<string, string> = {};
   for (const e of root.querySelectorAll<HTMLElement>("[data-metric]")) figures[e.dataset.metric!] = e.textContent ?? "";
   figures.__stale = String(stale);
+  Object.assign(figures, alertState());
   void invoke()?.("probe", { text: JSON.stringify(figures) });
 }

@@ -3,6 +3,7 @@
 import "./style.css";
 import { ApiError, follow, setToken, token, type LiveState } from "./api";
 import { time } from "./format";
+import { alertsControl, refreshAlerts } from "./alerts";
 import { connect, connectionControl, probe } from "./desktop";
 import { esc } from "./format";
 import { FEEDS, FILTERS, RENDER, TITLES, setNavigate } from "./pages";
@@ -83,6 +84,8 @@ let lastAsOf = "";
 let rendering = false;
 let again = false;
 let retry: number | undefined;
+/** Whether the page on screen is the last figures seen rather than fresh ones. */
+let stale = false;
 
 function navigate(next: View): void {
   location.hash = format(next);
@@ -157,6 +160,7 @@ async function render(): Promise<void> {
     el.page.dataset.page = shown.page;
     el.page.dataset.rendered = String(Date.now());
     remember(shown);
+    stale = false;
     probe(shown.page, el.page);
   } catch (e) {
     if (e instanceof ApiError && e.status === 401) {
@@ -178,6 +182,7 @@ async function render(): Promise<void> {
       el.page.innerHTML = cached.html;
       el.asof.textContent = time(cached.at);
       first = false;
+      stale = true;
       probe(shown.page, el.page, true);
     }
     el.banner.hidden = false;
@@ -245,11 +250,15 @@ window.addEventListener("hashchange", () => {
 async function start(): Promise<void> {
   syncToolbar();
   await connect(el.page);
-  connectionControl(document.querySelector<HTMLElement>("header")!);
+  const header = document.querySelector<HTMLElement>("header")!;
+  connectionControl(header);
+  await alertsControl(header, el.status);
+  const reprobe = () => probe(view.page, el.page, stale);
   follow(
     (changed, asOf) => {
       lastAsOf = asOf;
       if (changed.some((c) => FEEDS[view.page].includes(c))) void render();
+      if (changed.includes("inventory") || changed.includes("fleet")) void refreshAlerts(reprobe);
     },
     (state) => {
       const was = live;
@@ -263,6 +272,7 @@ async function start(): Promise<void> {
   syncToolbar();
   showStatus();
   void render();
+  void refreshAlerts(reprobe);
 }
 
 void start();

@@ -145,6 +145,17 @@ try {
   same("SKUs", parse(await text(metric("skus"))), inventory.skus);
   await page.screenshot({ path: join(shots, "inventory.png") });
 
+  // The header's alerts: the count and the list are the API's.
+  const alerts = (await api("/api/v1/alerts")).alerts;
+  await page.waitForSelector(`.alerts-button[data-count="${alerts.length}"]`, { timeout: 30_000 });
+  await page.click(".alerts-button");
+  same("alerts listed", await page.locator("#alert-list li").count(), alerts.length);
+  if (alerts.length > 0 && !(await text("#alert-list li")).includes(alerts[0].message)) {
+    throw new Error(`the first alert listed is not the API's first: ${alerts[0].message}`);
+  }
+  await page.screenshot({ path: join(shots, "alerts.png") });
+  await page.keyboard.press("Escape");
+
   await open("fleet");
   const agents = await api("/api/v1/agents");
   for (const a of agents) {

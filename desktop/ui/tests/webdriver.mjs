@@ -1,8 +1,12 @@
 // The desktop app's connection dialog, clicked through over WebDriver (tauri-driver in front of
 // Debian's WebKitWebDriver). Driven by tests/tests/desktop.rs under Xvfb. Environment:
 // ACTIDASH_DRIVER (tauri-driver's address), ACTIDASH_APP (the app), ACTIDASH_CONNECT_URL and
-// ACTIDASH_CONNECT_TOKEN (the connection to type in; not ACTIDASH_URL/TOKEN, which the app would take as a preset). Prints one JSON line: what the dialog said to a
-// wrong token, and the Overview's orders once connected.
+// ACTIDASH_CONNECT_TOKEN (the connection to type in; not ACTIDASH_URL/TOKEN, which the app would
+// take as a preset). Prints one JSON line: what the dialog said to a wrong token, the
+// Overview's orders once connected, and the alerts button's count; then it opens the alert list
+// and turns desktop notifications off (the test reads the setting the app saved).
+
+import { readFile } from "node:fs/promises";
 
 const driver = process.env.ACTIDASH_DRIVER;
 const app = process.env.ACTIDASH_APP;
@@ -64,7 +68,19 @@ try {
     throw new Error(`${e.message}; the dialog says: ${said}; the banner: ${banner}; the page: ${page.slice(0, 300)}`);
   });
   const orders = await text('[data-metric="orders"]');
-  process.stdout.write(`${JSON.stringify({ wrong, orders })}\n`);
+  // The alerts: the button's count once read, then the list and its notification setting.
+  const counted = await find(".alerts-button[data-count]:not([data-count='0'])", 30_000);
+  const alerts = await call("GET", `${s}/element/${counted}/attribute/data-count`);
+  await click(".alerts-button");
+  const listed = (await call("POST", `${s}/elements`, { using: "css selector", value: "#alert-list li" })).length;
+  await click("#notifications");
+  const muted = !(await call("GET", `${s}/element/${await find("#notifications")}/selected`));
+  // The app saves the setting on its own time: wait for the file before the app is closed.
+  const settings = `${process.env.XDG_CONFIG_HOME}/dev.actidash.desktop/settings.json`;
+  for (let i = 0; i < 100 && !(await readFile(settings, "utf8").catch(() => "")).includes("false"); i++) {
+    await new Promise((r) => setTimeout(r, 100));
+  }
+  process.stdout.write(`${JSON.stringify({ wrong, orders, alerts, listed, muted })}\n`);
 } finally {
   await call("DELETE", s).catch(() => {});
 }
