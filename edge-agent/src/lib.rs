@@ -31,11 +31,60 @@ use crate::transport::shipper::{Shipper, ShipperSettings};
 
 /// File name of the spool inside the data folder.
 pub const SPOOL_FILE: &str = "spool.db";
+/// File of the data folder's lock: held by the running agent, naming its pid.
+pub const LOCK_FILE: &str = "agent.lock";
+
+/// The running agent's hold on its data folder: one agent per spool. Two agents appending to
+/// one spool (an overlapping rollout, a copied unit) would read the same records twice and
+/// hand out seqs that disagree with their keys. Released when dropped or when the process ends
+/// (an advisory lock of the operating system: a crash leaves nothing to clean up).
+#[derive(Debug)]
+pub struct DataDirLock {
+    _file: std::fs::File,
+}
+
+impl DataDirLock {
+    /// Takes the lock of `data_dir`, or says which process holds it.
+    pub fn acquire(data_dir: &std::path::Path) -> anyhow::Result<DataDirLock> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        let path = data_dir.join(LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut holder = String::new();
+                let _ = file.read_to_string(&mut holder);
+                let holder = holder.trim();
+                anyhow::bail!(
+                    "the data folder {} is in use by another agent (pid {}): two agents on one spool would read records twice; stop that one first, or give this one its own data_dir",
+                    data_dir.display(),
+                    if holder.is_empty() { "unknown" } else { holder }
+                );
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(e).with_context(|| format!("locking {}", path.display()));
+            }
+        }
+        file.set_len(0)?;
+        file.rewind()?;
+        write!(file, "{}", std::process::id())?;
+        file.sync_data()?;
+        Ok(DataDirLock { _file: file })
+    }
+}
 
 /// Runs the agent until `shutdown` is cancelled or a component fails.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    // Before the spool is touched (a salvage writes it): one agent per data folder.
+    let _lock = DataDirLock::acquire(&config.data_dir)?;
     let spool_path = config.data_dir.join(SPOOL_FILE);
     // Opened first: creates the database, switches it to WAL and migrates it before the
     // sources open their own connections; a damaged spool is salvaged before anything runs.
@@ -151,4 +200,21 @@ pub fn open_checked_spool(path: &std::path::Path, config: spool::SpoolConfig) ->
         "spool salvaged: unreadable events quarantined and counted, the rest will be shipped"
     );
     Ok(Spool::open_with(path, config)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_agent_per_data_folder() {
+        let dir = tempfile::tempdir().unwrap();
+        let held = DataDirLock::acquire(dir.path()).unwrap();
+        let pid = std::process::id().to_string();
+        assert_eq!(std::fs::read_to_string(dir.path().join(LOCK_FILE)).unwrap(), pid);
+        let refused = DataDirLock::acquire(dir.path()).unwrap_err().to_string();
+        assert!(refused.contains(&format!("in use by another agent (pid {pid})")), "{refused}");
+        drop(held);
+        DataDirLock::acquire(dir.path()).expect("free again once released");
+    }
 }

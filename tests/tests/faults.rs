@@ -185,3 +185,24 @@ fn the_leader_of_a_partition_killed_during_ingest_on_a_three_broker_cluster() {
     let log = std::fs::read_to_string(gateway.log_path()).unwrap();
     assert!(log.contains("replication_factor=3"), "the topics were created by the gateway with RF 3");
 }
+
+/// An overlapping rollout: a second agent started on the first one's data folder refuses to
+/// start, naming the first's pid, and the totals stay exact (nothing read twice).
+#[test]
+fn a_second_agent_on_the_same_data_folder_refuses_to_start() {
+    let (_, data, d) = deployment("two-agents", None);
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(15, 0);
+    let lines = generate(&mut g, 1_000);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut first = d.start_agent("agent", &config).unwrap();
+    wait_until(TIMEOUT, "the first agent to start", || Ok(log_of(&first).contains("agent started"))).unwrap();
+    let mut second = d.start_agent_unenrolled("agent-again", &config).unwrap();
+    wait_until(TIMEOUT, "the second agent to stop", || Ok(!second.is_running())).unwrap();
+    let said = log_of(&second);
+    assert!(said.contains(&format!("is in use by another agent (pid {})", first.pid())), "{said}");
+    assert!(first.is_running());
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut first]);
+}
