@@ -103,6 +103,10 @@ pub enum MappingError {
     BadValue { target: String, source_field: String, value: String, expected: &'static str },
     #[error("{domain} event does not fit its schema: {message}")]
     Schema { domain: Domain, message: String },
+    #[error(
+        "field `{target}` (from `{source_field}`) is empty: every {domain} event needs it (it is the entity's key)"
+    )]
+    EmptyKey { domain: Domain, target: &'static str, source_field: String },
 }
 
 impl MappingConfig {
@@ -182,6 +186,14 @@ impl MappingConfig {
         data.push('}');
         let payload = Payload::from_json_str(self.domain, &data)
             .map_err(|e| MappingError::Schema { domain: self.domain, message: e.to_string() })?;
+        if let Some(target) = payload.empty_key_field() {
+            let source_field = match (self.constants.contains_key(target), self.fields.get(target)) {
+                (true, _) => "constant".to_owned(),
+                (false, Some(f)) => f.clone(),
+                (false, None) => "default".to_owned(),
+            };
+            return Err(MappingError::EmptyKey { domain: self.domain, target, source_field });
+        }
         Ok((event_time, payload))
     }
 
@@ -426,6 +438,17 @@ defaults = { country = "FR" }
         r["channel"] = json!({"x": 1});
         let err = m.apply(&r).unwrap_err().to_string();
         assert_eq!(err, "field `channel` (from `channel`) = {\"x\":1}: expected a string");
+
+        // An empty key (a CSV's empty column) is a bad record, never an event keyed "".
+        for blank in [json!(""), json!("   ")] {
+            let mut r = base.clone();
+            r["id"] = blank;
+            let err = m.apply(&r).unwrap_err().to_string();
+            assert_eq!(
+                err,
+                "field `order_id` (from `id`) is empty: every sales event needs it (it is the entity's key)"
+            );
+        }
 
         let mut r = base.clone();
         r["status"] = json!("lost");

@@ -215,6 +215,19 @@ impl Payload {
             Payload::Inventory(i) => format!("{}@{}", i.sku, i.warehouse),
         }
     }
+
+    /// The field of the entity's key when it is empty (or only blanks): such an event has no
+    /// entity to order it by, and an empty Kafka key would go to a random partition, where a
+    /// re-send could land beside another mark and be counted twice.
+    pub fn empty_key_field(&self) -> Option<&'static str> {
+        let (field, value) = match self {
+            Payload::Sales(o) => ("order_id", &o.order_id),
+            Payload::Marketing(m) => ("user_id", &m.user_id),
+            Payload::Behavior(b) => ("visitor_id", &b.visitor_id),
+            Payload::Inventory(i) => ("sku", &i.sku),
+        };
+        value.trim().is_empty().then_some(field)
+    }
 }
 
 /// Lifecycle state of an order. Revenue is recognised once, on `placed`, and taken back on
@@ -328,6 +341,8 @@ pub enum EventError {
     UnsupportedVersion { found: u16 },
     #[error("event entity_key {found:?} does not match its payload's key {expected:?}")]
     EntityKeyMismatch { found: String, expected: String },
+    #[error("event has an empty {field}: every event needs its entity's key")]
+    EmptyKey { field: &'static str },
 }
 
 impl Event {
@@ -367,6 +382,9 @@ impl Event {
         let event: Event = serde_json::from_slice(bytes)?;
         if event.schema_version != SCHEMA_VERSION {
             return Err(EventError::UnsupportedVersion { found: event.schema_version });
+        }
+        if let Some(field) = event.payload.empty_key_field() {
+            return Err(EventError::EmptyKey { field });
         }
         let expected = event.payload.entity_key();
         if event.entity_key != expected {
@@ -423,6 +441,15 @@ mod tests {
         let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
         assert!(matches!(err, EventError::EntityKeyMismatch { .. }), "{err}");
 
+        // An empty (or blank) key is refused however the sender dressed it up.
+        for blank in ["", "  "] {
+            let mut json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
+            json["data"]["order_id"] = blank.into();
+            json["entity_key"] = blank.into();
+            let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
+            assert!(matches!(err, EventError::EmptyKey { field: "order_id" }), "{err}");
+        }
+
         let mut json: serde_json::Value = serde_json::from_slice(&order().to_json()).unwrap();
         json["data"]["coupon"] = "X".into();
         let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
@@ -433,6 +460,9 @@ mod tests {
     fn entity_keys_per_domain() {
         let inv = Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(inv.entity_key(), "S@W1");
+        assert_eq!(inv.empty_key_field(), None);
+        let blank = Payload::Inventory(InventoryLevel { sku: " ".into(), warehouse: "W1".into(), on_hand: 3 });
+        assert_eq!(blank.empty_key_field(), Some("sku"));
         assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
         assert!("orders".parse::<Domain>().is_err());
     }

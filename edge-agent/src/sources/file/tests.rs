@@ -81,8 +81,9 @@ fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
     );
     run_until(cfg.clone(), &spool, &dead, 2);
 
-    // Restarted: the header is read again from the file's first line.
-    append(&file, "S4;W2;1;2026-11-27 10:00:03\nS5;W2\n");
+    // Restarted: the header is read again from the file's first line. An empty SKU column is a
+    // bad record (no entity key), not an event keyed "@W2".
+    append(&file, "S4;W2;1;2026-11-27 10:00:03\nS5;W2\n;W2;9;2026-11-27 10:00:04\n");
     run_until(cfg, &spool, &dead, 3);
 
     let got: Vec<(String, i64)> = events(&spool, "stock")
@@ -95,7 +96,7 @@ fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
     assert_eq!(got, [("S1".into(), 5), ("S3".into(), 7), ("S4".into(), 1)]);
 
     let dl = dead_letters(&dead);
-    assert_eq!(dl.len(), 2, "{dl:?}");
+    assert_eq!(dl.len(), 3, "{dl:?}");
     assert_eq!(dl[0]["line"], 3);
     assert_eq!(dl[0]["record"], "S2;W1;many;2026-11-27 10:00:01");
     assert!(
@@ -104,7 +105,9 @@ fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
     );
     assert_eq!(dl[1]["line"], 6);
     assert_eq!(dl[1]["reason"], "CSV record has 2 fields; the header has 4");
-    assert_eq!(Spool::open(&spool).unwrap().source_state("stock").unwrap().n_errors, 2);
+    assert_eq!((dl[2]["line"].as_i64(), dl[2]["record"].as_str()), (Some(7), Some(";W2;9;2026-11-27 10:00:04")));
+    assert!(dl[2]["reason"].as_str().unwrap().contains("field `sku` (from `sku`) is empty"), "{dl:?}");
+    assert_eq!(Spool::open(&spool).unwrap().source_state("stock").unwrap().n_errors, 3);
 }
 
 #[test]
