@@ -81,6 +81,19 @@ impl ConsumerContext for ProcessorContext {
     }
 }
 
+/// Moves the consumer of a partition to its stored offset (the beginning when none); false,
+/// logged, when it cannot.
+fn seek_to_stored(consumer: &BaseConsumer<ProcessorContext>, topic: &str, partition: i32, stored: Option<i64>) -> bool {
+    let offset = stored.map(Offset::Offset).unwrap_or(Offset::Beginning);
+    match consumer.seek(topic, partition, offset, Duration::from_secs(5)) {
+        Ok(()) => true,
+        Err(e) => {
+            warn!(topic, partition, error = %e, "seek failed; the partition's messages are ignored until a retry succeeds");
+            false
+        }
+    }
+}
+
 /// A Kafka processor, ready to run.
 #[derive(Debug)]
 pub struct KafkaProcessor {
@@ -118,15 +131,30 @@ impl KafkaProcessor {
         consumer.subscribe(&topic_refs).context("subscribing to the topics")?;
         let mut store = self.store.open()?.with_analytics(self.analytics.clone());
         info!(group = %self.config.group_id, topics = ?topics, "Kafka processor started");
+        // Partitions whose consumer must go back to the stored offset, and has not yet: they
+        // are unassigned (their messages ignored) until the seek succeeds.
+        let mut pending_seeks: HashMap<(String, i32), (Option<i64>, u64)> = HashMap::new();
 
         while !self.shutdown.is_cancelled() {
             if consumer.context().fatal.load(Ordering::SeqCst) {
                 anyhow::bail!("the processor cannot read its stored offsets; stopping");
             }
             let generation = consumer.context().generation.load(Ordering::SeqCst);
+            // A rebalance since set every assigned partition's start from the store again.
+            pending_seeks.retain(|_, (_, at)| *at == generation);
+            for ((topic, partition), (stored, _)) in pending_seeks.clone() {
+                if seek_to_stored(&consumer, &topic, partition, stored) {
+                    pending_seeks.remove(&(topic.clone(), partition));
+                    let mut assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner());
+                    if consumer.context().generation.load(Ordering::SeqCst) == generation {
+                        assigned.insert((topic, partition), stored);
+                    }
+                }
+            }
             let mut n_messages = 0;
             let mut n_bad = 0;
-            let mut by_partition: HashMap<(String, i32), (Vec<Event>, i64)> = HashMap::new();
+            // Per partition: its events, its first message's offset, the offset after its last.
+            let mut by_partition: HashMap<(String, i32), (Vec<Event>, i64, i64)> = HashMap::new();
             let mut fleet_records = Vec::new();
             let started = Instant::now();
             while n_messages < MAX_BATCH {
@@ -141,8 +169,8 @@ impl KafkaProcessor {
                 };
                 n_messages += 1;
                 let key = (message.topic().to_owned(), message.partition());
-                let entry = by_partition.entry(key).or_default();
-                entry.1 = message.offset() + 1;
+                let entry = by_partition.entry(key).or_insert_with(|| (Vec::new(), message.offset(), 0));
+                entry.2 = message.offset() + 1;
                 let payload = message.payload().unwrap_or_default();
                 if message.topic() == fleet {
                     match serde_json::from_slice::<FleetRecord>(payload) {
@@ -171,12 +199,12 @@ impl KafkaProcessor {
             }
             let assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let mut work = CommitWork { fleet: fleet_records, n_bad_records: n_bad, ..CommitWork::default() };
-            for ((topic, partition), (events, new_next)) in by_partition {
+            for ((topic, partition), (events, first, new_next)) in by_partition {
                 let Some(expected) = assigned.get(&(topic.clone(), partition)) else { continue };
                 work.inputs.push(StreamInput {
                     stream: format!("{topic}/{partition}"),
                     events,
-                    offset: Some(OffsetClaim { topic, partition, expected_next: *expected, new_next }),
+                    offset: Some(OffsetClaim { topic, partition, expected_next: *expected, first, new_next }),
                 });
             }
             let claims: Vec<OffsetClaim> = work.inputs.iter().filter_map(|i| i.offset.clone()).collect();
@@ -186,14 +214,21 @@ impl KafkaProcessor {
                 let mut assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner());
                 for (idx, claim) in claims.into_iter().enumerate() {
                     let key = (claim.topic.clone(), claim.partition);
-                    if outcome.fenced.contains(&idx) {
+                    let fenced = outcome.fenced.contains(&idx);
+                    if fenced || outcome.discontinuous.contains(&idx) {
                         let stored = store.stored_offset(&claim.topic, claim.partition)?;
-                        warn!(topic = %claim.topic, partition = claim.partition, ?stored, "partition moved by another processor; seeking to its stored offset");
-                        let offset = stored.map(Offset::Offset).unwrap_or(Offset::Beginning);
-                        if let Err(e) = consumer.seek(&claim.topic, claim.partition, offset, Duration::from_secs(5)) {
-                            warn!(topic = %claim.topic, partition = claim.partition, error = %e, "seek failed");
+                        if fenced {
+                            warn!(topic = %claim.topic, partition = claim.partition, ?stored, "partition moved by another processor; seeking to its stored offset");
+                        } else {
+                            error!(topic = %claim.topic, partition = claim.partition, ?stored, first = claim.first, "the batch does not start at the stored offset (the consumer skipped or repeated a range); not committed, seeking back to the stored offset");
                         }
-                        assigned.insert(key, stored);
+                        if seek_to_stored(&consumer, &claim.topic, claim.partition, stored) {
+                            assigned.insert(key, stored);
+                        } else {
+                            // Not where the store is: nothing of it is committed until it is.
+                            assigned.remove(&key);
+                            pending_seeks.insert(key, (stored, generation));
+                        }
                     } else {
                         let _ = positions.add_partition_offset(
                             &claim.topic,

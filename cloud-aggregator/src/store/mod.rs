@@ -19,6 +19,9 @@
 //! * Offsets are fenced: a commit names the offset it believes is stored for each partition,
 //!   and the partition's part of the commit is dropped if another processor moved it since (a
 //!   zombie after a rebalance cannot double-count).
+//! * Offsets are continuous: a partition's part of a commit must start at the stored next
+//!   offset (its first message's offset equals it), else it is dropped — a consumer that
+//!   skipped a range (a failed seek, a reset) cannot commit past events it never applied.
 
 pub mod db;
 pub mod postgres;
@@ -175,6 +178,9 @@ pub struct OffsetClaim {
     pub partition: i32,
     /// What the committer believes is stored (None: nothing stored yet).
     pub expected_next: Option<i64>,
+    /// The offset of the first message of this part: the stored next offset, or the part is
+    /// refused (see [`CommitOutcome::discontinuous`]).
+    pub first: i64,
     /// The position after this commit.
     pub new_next: i64,
 }
@@ -206,6 +212,9 @@ pub struct CommitOutcome {
     pub n_late_beyond_horizon: u64,
     /// Inputs (by index) dropped because another processor moved their partition.
     pub fenced: Vec<usize>,
+    /// Inputs (by index) dropped because they do not start at their partition's stored next
+    /// offset: the consumer is elsewhere than the store, and must seek back to it.
+    pub discontinuous: Vec<usize>,
 }
 
 enum Engine {
@@ -445,8 +454,13 @@ pub fn commit_in(
             // Another processor committing this partition (a zombie after a rebalance) waits
             // here, then sees the moved offset and is fenced.
             tx.lock_key(&format!("partition/{}/{}", claim.topic, claim.partition))?;
-            if stored_offset(tx, &claim.topic, claim.partition)? != claim.expected_next {
+            let stored = stored_offset(tx, &claim.topic, claim.partition)?;
+            if stored != claim.expected_next {
                 outcome.fenced.push(idx);
+                continue;
+            }
+            if stored.is_some_and(|next| next != claim.first) {
+                outcome.discontinuous.push(idx);
                 continue;
             }
         }

@@ -43,7 +43,13 @@ fn resent_events_count_once_even_after_reopen() {
 fn a_zombie_commit_on_a_moved_partition_is_fenced() {
     let dir = tempfile::tempdir().unwrap();
     let mut store = Store::open(&dir.path().join("s.db")).unwrap();
-    let claim = |expected, new| OffsetClaim { topic: "t".into(), partition: 0, expected_next: expected, new_next: new };
+    let claim = |expected: Option<i64>, new| OffsetClaim {
+        topic: "t".into(),
+        partition: 0,
+        expected_next: expected,
+        first: expected.unwrap_or(0),
+        new_next: new,
+    };
     // Processor A and a zombie B both read offsets 0..2 from a fresh partition.
     let a = StreamInput { offset: Some(claim(None, 2)), ..input("t/0", vec![sale("a1", 0, "1"), sale("a1", 1, "1")]) };
     let zombie = a.clone();
@@ -57,6 +63,49 @@ fn a_zombie_commit_on_a_moved_partition_is_fenced() {
     let next = StreamInput { offset: Some(claim(Some(2), 3)), ..input("t/0", vec![sale("a1", 2, "1")]) };
     assert!(store.commit(CommitWork { inputs: vec![next], ..Default::default() }).unwrap().fenced.is_empty());
     assert_eq!(store.stored_offset("t", 0).unwrap(), Some(3));
+}
+
+/// A processor whose consumer skipped a range (a failed seek after a fence, a reset) believes
+/// the right stored offset but reads from further on: committing would move the offset past
+/// events never applied. The part is refused, nothing of it applied, the offset unmoved.
+#[test]
+fn a_batch_that_does_not_start_at_the_stored_offset_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let claim = |expected, first, new| OffsetClaim {
+        topic: "t".into(),
+        partition: 0,
+        expected_next: expected,
+        first,
+        new_next: new,
+    };
+    // A fresh partition may start anywhere (retention may have removed its beginning).
+    let start =
+        StreamInput { offset: Some(claim(None, 40, 42)), ..input("t/0", vec![sale("a1", 0, "1"), sale("a1", 1, "1")]) };
+    let outcome = store.commit(CommitWork { inputs: vec![start], ..Default::default() }).unwrap();
+    assert!(outcome.fenced.is_empty() && outcome.discontinuous.is_empty());
+    // Offsets 42..50 were skipped: the batch of 50..52 is refused; 42..44 is not.
+    let skipped = StreamInput {
+        offset: Some(claim(Some(42), 50, 52)),
+        ..input("t/0", vec![sale("a1", 9, "1"), sale("a1", 10, "1")])
+    };
+    let behind = StreamInput {
+        offset: Some(claim(Some(42), 41, 44)),
+        ..input("t/0", vec![sale("a1", 1, "1"), sale("a1", 2, "1")])
+    };
+    for refused in [skipped, behind] {
+        let outcome = store.commit(CommitWork { inputs: vec![refused], ..Default::default() }).unwrap();
+        assert_eq!((outcome.discontinuous.as_slice(), outcome.n_applied), (&[0][..], 0));
+        assert_eq!(store.stored_offset("t", 0).unwrap(), Some(42));
+    }
+    assert_eq!(totals(&mut store).0, 2);
+    let next = StreamInput {
+        offset: Some(claim(Some(42), 42, 44)),
+        ..input("t/0", vec![sale("a1", 2, "1"), sale("a1", 3, "1")])
+    };
+    let outcome = store.commit(CommitWork { inputs: vec![next], ..Default::default() }).unwrap();
+    assert_eq!((outcome.n_applied, outcome.discontinuous.len()), (2, 0));
+    assert_eq!(store.stored_offset("t", 0).unwrap(), Some(44));
 }
 
 #[test]
