@@ -7,7 +7,7 @@
 //! bootstrap_servers = "k1:9092,k2:9092"
 //! topic_prefix = "actidash"
 //! group_id = "actidash-processors"
-//! partitions = 6                          # of created topics; processors beyond it stay idle
+//! partitions = 6                          # of every topic, pinned (checked at start); processors beyond it stay idle
 //! replication_factor = 3
 //! min_insync_replicas = 2
 //!
@@ -112,6 +112,9 @@ pub struct KafkaConfig {
     /// Create missing topics at start (with the two settings below).
     #[serde(default = "yes")]
     pub create_topics: bool,
+    /// The partition count of every topic, pinned: created topics get it, and the gateway
+    /// refuses to start when a topic has another (an event's partition is a function of its
+    /// key and this count; see docs/operations.md before growing it).
     #[serde(default = "default_partitions")]
     pub partitions: i32,
     #[serde(default = "one")]

@@ -91,6 +91,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let shipper_spool = open_checked_spool(&spool_path, config.spool)?;
     let spooled = Arc::new(Notify::new());
     let started = Instant::now();
+    let event_limit: sources::EventLimit = Arc::new(std::sync::atomic::AtomicU64::new(sources::NO_EVENT_LIMIT));
 
     let mut statuses: Vec<SharedStatus> = Vec::new();
     let mut threads = Vec::new();
@@ -110,6 +111,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             spooled: spooled.clone(),
             shutdown: shutdown.clone(),
             dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
+            event_limit: event_limit.clone(),
         };
         let runner: Box<dyn FnOnce() -> anyhow::Result<()> + Send> = match source.clone() {
             SourceConfig::File(file_config) => {
@@ -171,6 +173,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         started,
         packer: Default::default(),
         acker: transport::shipper::Acker::spawn(Spool::open_with(&spool_path, config.spool)?)?,
+        event_limit,
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

@@ -107,6 +107,8 @@ pub enum MappingError {
         "field `{target}` (from `{source_field}`) is empty: every {domain} event needs it (it is the entity's key)"
     )]
     EmptyKey { domain: Domain, target: &'static str, source_field: String },
+    #[error("{domain} event's {target} is {len} bytes long: an entity key is at most {max} bytes", max = actidash_shared::event::MAX_KEY_BYTES)]
+    LongKey { domain: Domain, target: &'static str, len: usize },
 }
 
 impl MappingConfig {
@@ -193,6 +195,9 @@ impl MappingConfig {
                 (false, None) => "default".to_owned(),
             };
             return Err(MappingError::EmptyKey { domain: self.domain, target, source_field });
+        }
+        if let Some((target, len)) = payload.long_key_field() {
+            return Err(MappingError::LongKey { domain: self.domain, target, len });
         }
         Ok((event_time, payload))
     }

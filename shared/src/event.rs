@@ -216,6 +216,27 @@ impl Payload {
         }
     }
 
+    /// The field of the entity's key when it is longer than [`MAX_KEY_BYTES`].
+    pub fn long_key_field(&self) -> Option<(&'static str, usize)> {
+        let len = self.entity_key_len();
+        let field = match self {
+            Payload::Sales(_) => "order_id",
+            Payload::Marketing(_) => "user_id",
+            Payload::Behavior(_) => "visitor_id",
+            Payload::Inventory(_) => "sku and warehouse",
+        };
+        (len > MAX_KEY_BYTES).then_some((field, len))
+    }
+
+    fn entity_key_len(&self) -> usize {
+        match self {
+            Payload::Sales(o) => o.order_id.len(),
+            Payload::Marketing(m) => m.user_id.len(),
+            Payload::Behavior(b) => b.visitor_id.len(),
+            Payload::Inventory(i) => i.sku.len() + 1 + i.warehouse.len(),
+        }
+    }
+
     /// The field of the entity's key when it is empty (or only blanks): such an event has no
     /// entity to order it by, and an empty Kafka key would go to a random partition, where a
     /// re-send could land beside another mark and be counted twice.
@@ -332,6 +353,10 @@ pub struct InventoryLevel {
     pub on_hand: i64,
 }
 
+/// The longest entity key: a key is an id, and the gateway's per-event limit
+/// ([`crate::wire::Welcome::max_event_bytes`]) leaves this much room for it beside the event.
+pub const MAX_KEY_BYTES: usize = 1024;
+
 /// Why an event was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -343,6 +368,8 @@ pub enum EventError {
     EntityKeyMismatch { found: String, expected: String },
     #[error("event has an empty {field}: every event needs its entity's key")]
     EmptyKey { field: &'static str },
+    #[error("event's {field} is {len} bytes long: an entity key is at most {MAX_KEY_BYTES}")]
+    LongKey { field: &'static str, len: usize },
 }
 
 impl Event {
@@ -385,6 +412,9 @@ impl Event {
         }
         if let Some(field) = event.payload.empty_key_field() {
             return Err(EventError::EmptyKey { field });
+        }
+        if let Some((field, len)) = event.payload.long_key_field() {
+            return Err(EventError::LongKey { field, len });
         }
         let expected = event.payload.entity_key();
         if event.entity_key != expected {
@@ -463,6 +493,10 @@ mod tests {
         assert_eq!(inv.empty_key_field(), None);
         let blank = Payload::Inventory(InventoryLevel { sku: " ".into(), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(blank.empty_key_field(), Some("sku"));
+        let long = Payload::Inventory(InventoryLevel { sku: "S".repeat(1020), warehouse: "W1".into(), on_hand: 3 });
+        assert_eq!(long.long_key_field(), None, "1 023 bytes is within the limit");
+        let longer = Payload::Inventory(InventoryLevel { sku: "S".repeat(1022), warehouse: "W1".into(), on_hand: 3 });
+        assert_eq!(longer.long_key_field(), Some(("sku and warehouse", 1025)));
         assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
         assert!("orders".parse::<Domain>().is_err());
     }

@@ -218,6 +218,8 @@ pub struct ServerLimits {
     pub max_batch_bytes: u32,
     pub max_batch_events: u32,
     pub heartbeat_interval: Duration,
+    /// The largest event the gateway can deliver ([`crate::wire::Welcome::max_event_bytes`]).
+    pub max_event_bytes: Option<u32>,
 }
 
 impl Default for ServerLimits {
@@ -227,6 +229,7 @@ impl Default for ServerLimits {
             max_batch_bytes: 4 * 1024 * 1024,
             max_batch_events: 10_000,
             heartbeat_interval: Duration::from_secs(5),
+            max_event_bytes: None,
         }
     }
 }
@@ -396,6 +399,7 @@ impl ServerSession {
                 max_batch_bytes: self.limits.max_batch_bytes,
                 max_batch_events: self.limits.max_batch_events,
                 heartbeat_interval_ms: self.limits.heartbeat_interval.as_millis() as u64,
+                max_event_bytes: self.limits.max_event_bytes,
             }));
         }
     }

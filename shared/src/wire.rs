@@ -122,6 +122,11 @@ pub struct Welcome {
     pub max_batch_events: u32,
     /// How often the gateway expects a heartbeat, in milliseconds.
     pub heartbeat_interval_ms: u64,
+    /// The largest event (its JSON) the gateway can deliver to its store (Kafka's message
+    /// limit, less room for the key and the record's framing); the agent treats a bigger one
+    /// as a bad record instead of sending it for ever. Absent: no limit stated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_event_bytes: Option<u32>,
 }
 
 /// How a batch payload is packed (see [`crate::batch`]).
@@ -452,6 +457,7 @@ mod tests {
                     max_batch_bytes: b,
                     max_batch_events: c,
                     heartbeat_interval_ms: d,
+                    max_event_bytes: (a % 2 == 0).then_some(b),
                 })
             }),
             (arb_text(), 0..u64::MAX / 2, 1..u32::MAX, any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300))

@@ -152,6 +152,8 @@ pub struct Deployment {
     pub kafka_extra: String,
     /// More lines of the `[serve]` section.
     pub serve_extra: String,
+    /// More lines of the `[gateway]` section.
+    pub gateway_extra: String,
 }
 
 impl Deployment {
@@ -180,6 +182,7 @@ impl Deployment {
             cloud_extra: String::new(),
             kafka_extra: String::new(),
             serve_extra: String::new(),
+            gateway_extra: String::new(),
         };
         deployment.write_cloud_config()?;
         Ok(deployment)
@@ -199,8 +202,8 @@ impl Deployment {
             );
         }
         text += &format!(
-            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nlisten_tcp = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n",
-            self.gateway_port, self.gateway_tcp_port
+            "\n[gateway]\nlisten = \"127.0.0.1:{}\"\nlisten_tcp = \"127.0.0.1:{}\"\ncert_file = \"certs/gateway.pem\"\nkey_file = \"certs/gateway.key\"\nheartbeat_interval_ms = 1000\n{}",
+            self.gateway_port, self.gateway_tcp_port, self.gateway_extra
         );
         text += &format!("\n[serve]\nlisten = \"127.0.0.1:{}\"\n", self.api_port);
         if let Some(dir) = ui_dir() {

@@ -206,3 +206,78 @@ fn a_second_agent_on_the_same_data_folder_refuses_to_start() {
     assert!(first.is_running());
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut first]);
 }
+
+/// An order too big for the gateway to deliver (here: a batch limit of 64 KiB; with Kafka,
+/// its message limit). Spooled while the agent did not know the limit (started while the cloud
+/// was down), it is quarantined by the shipper once the gateway states it; read after, it is a
+/// bad record. Either way it is counted, never sent again for ever, and everything else
+/// arrives exactly.
+#[test]
+fn an_event_bigger_than_the_gateway_can_deliver_is_refused_not_resent_for_ever() {
+    let (_, data, mut d) = deployment("too-big", None);
+    d.gateway_extra = "max_batch_bytes = 65536\n".into();
+    d.write_cloud_config().unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let big = |id: &str| {
+        let items: Vec<serde_json::Value> = (0..1_500)
+            .map(|i| serde_json::json!({ "sku": format!("SKU-{i:05}"), "quantity": 1, "unit_price": "1.00" }))
+            .collect();
+        let order = serde_json::json!({
+            "id": id, "created_at": Utc::now().to_rfc3339(), "customer": { "id": "C-1" }, "channel": "web",
+            "site": "shop-de", "country": "DE", "currency": "EUR", "total": "1500.00", "status": "placed", "lines": items,
+        });
+        Line { feed: Feed::Orders, text: order.to_string(), valid: false }
+    };
+    let mut g = Generator::new(16, 0);
+    let mut lines = generate(&mut g, 300);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+
+    // The cloud down, the agent restarted: it has no limit to go by and spools the big order.
+    cloud.kill();
+    agent.kill();
+    let mut more = generate(&mut g, 200);
+    more.insert(50, big("BIG-1"));
+    append_lines(&data, &more).unwrap();
+    lines.extend(more);
+    agent.restart().unwrap();
+    let n_orders = lines.iter().filter(|l| l.feed == Feed::Orders).count() as u64;
+    wait_until(TIMEOUT, "the big order to be spooled", || {
+        let out = std::process::Command::new(actidash_tests::harness::bin("edge-agent")?)
+            .args(["spool", "inspect", "--config"])
+            .arg(&config)
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let next_seq = text
+            .lines()
+            .find(|l| l.starts_with("orders "))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse::<u64>().ok())
+            .unwrap_or(0);
+        Ok(next_seq == n_orders)
+    })
+    .unwrap();
+    cloud.restart().unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    let refused = |d: &actidash_tests::harness::Deployment| -> anyhow::Result<(u64, u64)> {
+        let agents = d.get("/api/v1/agents")?;
+        let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
+        let orders = sources.iter().find(|s| s["source_id"] == "orders").cloned().unwrap_or_default();
+        Ok((orders["n_errors"].as_u64().unwrap_or(0), orders["n_quarantined"].as_u64().unwrap_or(0)))
+    };
+    wait_until(TIMEOUT, "the spooled big order to be quarantined", || Ok(refused(&d)? == (0, 1))).unwrap();
+
+    // Connected, the limit is known: the next one is a bad record.
+    let mut more = generate(&mut g, 200);
+    more.insert(50, big("BIG-2"));
+    append_lines(&data, &more).unwrap();
+    lines.extend(more);
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    wait_until(TIMEOUT, "the read big order to be a bad record", || Ok(refused(&d)? == (1, 1))).unwrap();
+    let said = log_of(&agent);
+    assert!(said.contains("spooled event quarantined"), "{said}");
+    assert!(said.contains("bad record skipped") && said.contains("larger than the gateway can deliver"), "{said}");
+}

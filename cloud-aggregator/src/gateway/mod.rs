@@ -180,6 +180,10 @@ impl Gateway {
             .with_context(|| format!("binding the gateway to udp/{}", config.listen))?;
         let endpoint = quinn::Endpoint::new(endpoint_config, Some(server), socket, Arc::new(quinn::TokioRuntime))
             .context("starting the QUIC endpoint")?;
+        // An event must fit in a batch (whose limit is on its compressed size; room is left for
+        // the compressed frame) and in a Kafka message.
+        let max_event_bytes =
+            Some(sink.max_event_bytes().unwrap_or(u32::MAX).min(config.max_batch_bytes.saturating_sub(1_024)));
         Ok(Gateway {
             endpoint,
             tcp,
@@ -195,6 +199,7 @@ impl Gateway {
                 heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms),
                 max_batch_bytes: config.max_batch_bytes,
                 max_batch_events: config.max_batch_events,
+                max_event_bytes,
             },
             max_connections: config.max_connections,
             metrics: Arc::new(GatewayMetrics::default()),

@@ -15,7 +15,7 @@ use anyhow::Context as _;
 use futures::future::BoxFuture;
 use rdkafka::ClientConfig;
 use rdkafka::ClientContext;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
@@ -51,17 +51,26 @@ pub enum Sink {
     Embedded(mpsc::Sender<EmbeddedInput>),
 }
 
-/// An idempotent Kafka producer and the topics' prefix.
+/// An idempotent Kafka producer, the topics' prefix and pinned partition count, and the
+/// largest event it can deliver.
 #[derive(Clone)]
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<BatchDeliveries>>,
     prefix: String,
+    partitions: i32,
+    max_event_bytes: u32,
 }
+
+/// The producer's largest message (librdkafka's `message.max.bytes`; Kafka's default).
+const MESSAGE_MAX_BYTES: u32 = 1_000_000;
+/// Room left in a Kafka message beside an event's JSON: its key (at most
+/// [`actidash_shared::event::MAX_KEY_BYTES`]), headers and the record's framing.
+const RECORD_ROOM: u32 = 2_048;
 
 impl std::fmt::Debug for Sink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Sink::Kafka(k) => write!(f, "Sink::Kafka({})", k.prefix),
+            Sink::Kafka(k) => write!(f, "Sink::Kafka({}, {} partitions)", k.prefix, k.partitions),
             Sink::Embedded(_) => f.write_str("Sink::Embedded"),
         }
     }
@@ -78,12 +87,29 @@ impl Sink {
             .set("enable.gapless.guarantee", "true")
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
+            .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
             .create_with_context(BatchDeliveries)
             .context("creating the Kafka producer")?;
         if config.create_topics {
             create_topics(config).await?;
         }
-        Ok(Sink::Kafka(KafkaSink { producer: Arc::new(producer), prefix: config.topic_prefix.clone() }))
+        let topic_max = check_topics(config).await?;
+        let max_event_bytes = MESSAGE_MAX_BYTES.min(topic_max).saturating_sub(RECORD_ROOM);
+        info!(partitions = config.partitions, max_event_bytes, "Kafka topics checked");
+        Ok(Sink::Kafka(KafkaSink {
+            producer: Arc::new(producer),
+            prefix: config.topic_prefix.clone(),
+            partitions: config.partitions,
+            max_event_bytes,
+        }))
+    }
+
+    /// The largest event (its JSON) this sink can deliver, if it has a limit.
+    pub fn max_event_bytes(&self) -> Option<u32> {
+        match self {
+            Sink::Kafka(k) => Some(k.max_event_bytes),
+            Sink::Embedded(_) => None,
+        }
     }
 
     /// Enqueues every event of a batch, in order; the returned future resolves when all are
@@ -104,7 +130,7 @@ impl Sink {
                     }
                 }))
             }
-            Sink::Kafka(KafkaSink { producer, prefix }) => {
+            Sink::Kafka(KafkaSink { producer, prefix, partitions, .. }) => {
                 if events.is_empty() {
                     return Ok(Box::pin(async { Ok(()) }));
                 }
@@ -120,7 +146,10 @@ impl Sink {
                     for (key, v) in kafka::headers(event) {
                         headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
                     }
+                    // The partition is the key's, computed here: never librdkafka's choice,
+                    // which could differ for an empty key or under stale metadata.
                     let mut record = BaseRecord::with_opaque_to(&topic, batch.clone())
+                        .partition(kafka::partition_for(event.entity_key.as_bytes(), *partitions))
                         .key(&event.entity_key)
                         .payload(value.as_ref())
                         .headers(headers);
@@ -150,12 +179,16 @@ impl Sink {
             Sink::Embedded(tx) => {
                 let _ = tx.send(EmbeddedInput::Fleet(record)).await;
             }
-            Sink::Kafka(KafkaSink { producer, prefix }) => {
+            Sink::Kafka(KafkaSink { producer, prefix, partitions, .. }) => {
                 let topic = kafka::fleet_topic(prefix);
                 let value = serde_json::to_vec(&record).unwrap_or_default();
                 let untracked = Arc::new(BatchDelivery::untracked());
-                let produced =
-                    producer.send(BaseRecord::with_opaque_to(&topic, untracked).key(&record.agent_id).payload(&value));
+                let produced = producer.send(
+                    BaseRecord::with_opaque_to(&topic, untracked)
+                        .partition(kafka::partition_for(record.agent_id.as_bytes(), *partitions))
+                        .key(&record.agent_id)
+                        .payload(&value),
+                );
                 if let Err((e, _)) = produced {
                     warn!(agent_id = %record.agent_id, error = %e, "heartbeat not written to Kafka");
                 }
@@ -215,6 +248,53 @@ async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Checks that every topic exists with the pinned partition count, and returns the smallest
+/// `max.message.bytes` among them.
+async fn check_topics(config: &KafkaConfig) -> anyhow::Result<u32> {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", &config.bootstrap_servers)
+        .create()
+        .context("creating the Kafka admin client")?;
+    let mut names: Vec<String> =
+        actidash_shared::Domain::ALL.iter().map(|d| kafka::domain_topic(&config.topic_prefix, *d)).collect();
+    names.push(kafka::fleet_topic(&config.topic_prefix));
+    for name in &names {
+        let metadata = admin
+            .inner()
+            .fetch_metadata(Some(name), Duration::from_secs(30))
+            .with_context(|| format!("reading the metadata of topic {name}"))?;
+        let topic = metadata.topics().first().with_context(|| format!("topic {name}: no metadata"))?;
+        if let Some(e) = topic.error() {
+            anyhow::bail!(
+                "topic {name}: {:?} (create it, or set [kafka] create_topics = true)",
+                RDKafkaErrorCode::from(e)
+            );
+        }
+        let found = topic.partitions().len() as i32;
+        anyhow::ensure!(
+            found == config.partitions,
+            "topic {name} has {found} partitions, but [kafka] partitions = {}: an event's partition is a function of its key and this count, so they must agree (to grow a topic, follow docs/operations.md)",
+            config.partitions
+        );
+    }
+    let specifiers: Vec<ResourceSpecifier<'_>> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
+    let described = admin
+        .describe_configs(&specifiers, &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
+        .await
+        .context("reading the topics' configuration")?;
+    let mut smallest = u32::MAX;
+    for (name, result) in names.iter().zip(described) {
+        let resource = result.map_err(|code| anyhow::anyhow!("reading the configuration of topic {name}: {code}"))?;
+        let limit = resource
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<u32>().ok())
+            .with_context(|| format!("topic {name}: no max.message.bytes in its configuration"))?;
+        smallest = smallest.min(limit);
+    }
+    Ok(smallest)
 }
 
 /// The delivery state of one batch: the last delivery report resolves it.

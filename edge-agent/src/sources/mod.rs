@@ -96,7 +96,16 @@ pub struct SourceContext {
     pub shutdown: CancellationToken,
     /// Where refused records go, with their reason and location (a JSON-lines file).
     pub dead_letter: PathBuf,
+    /// The largest event the gateway can deliver, as its last Welcome said (shared with the
+    /// shipper; [`NO_EVENT_LIMIT`] until one does).
+    pub event_limit: EventLimit,
 }
+
+/// The largest event the gateway can deliver, in bytes of its JSON.
+pub type EventLimit = Arc<std::sync::atomic::AtomicU64>;
+
+/// No limit known (no gateway has said one yet).
+pub const NO_EVENT_LIMIT: u64 = u64::MAX;
 
 /// One read's worth of a source's output.
 #[derive(Debug, Default)]
@@ -111,6 +120,20 @@ pub(crate) struct Commit {
 }
 
 impl SourceContext {
+    /// An event as spooled: its JSON, or why it cannot be delivered (bigger than the gateway's
+    /// limit: Kafka would refuse it, and its batch would be sent again for ever).
+    pub(crate) fn seal(&self, event: &actidash_shared::Event) -> Result<Vec<u8>, String> {
+        let body = event.to_json();
+        let limit = self.event_limit.load(std::sync::atomic::Ordering::Relaxed);
+        if body.len() as u64 > limit {
+            return Err(format!(
+                "event of {} bytes is larger than the gateway can deliver ({limit} bytes)",
+                body.len()
+            ));
+        }
+        Ok(body)
+    }
+
     /// Writes the dead letters, then the events with the new position and the error count in
     /// one spool transaction, and wakes the shipper. While the spool is full (or the disk, or
     /// the spool is unwritable) the same append is retried: the source is paused and keeps its

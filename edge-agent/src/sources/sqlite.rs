@@ -226,23 +226,22 @@ impl SqliteSource {
                 new_position.tie = row.get(t).cloned().unwrap_or(Value::Null);
             }
             let text = Value::Object(row).to_string();
-            match self.config.mapping.apply_str(&text) {
-                Ok((time, payload)) => {
-                    bodies.push(
-                        Event::new(
-                            self.ctx.tenant.clone(),
-                            self.ctx.agent_id.clone(),
-                            id.clone(),
-                            next_seq,
-                            time,
-                            payload,
-                        )
-                        .to_json(),
-                    );
+            let sealed = self.config.mapping.apply_str(&text).map_err(|e| e.to_string()).and_then(|(time, payload)| {
+                self.ctx.seal(&Event::new(
+                    self.ctx.tenant.clone(),
+                    self.ctx.agent_id.clone(),
+                    id.clone(),
+                    next_seq,
+                    time,
+                    payload,
+                ))
+            });
+            match sealed {
+                Ok(body) => {
+                    bodies.push(body);
                     next_seq += 1;
                 }
-                Err(e) => {
-                    let reason = e.to_string();
+                Err(reason) => {
                     warn!(source = %id, position = %new_position.last, reason = %reason, "bad row skipped");
                     let location = serde_json::json!({ "database": self.config.path.display().to_string(), "position": new_position.last });
                     dead.push(super::dead_letter::entry(&id, location, &reason, text.as_bytes()));

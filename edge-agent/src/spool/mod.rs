@@ -483,6 +483,13 @@ impl Spool {
         Ok(out)
     }
 
+    /// Moves one event that cannot be delivered to quarantine (kept there with `reason`) and
+    /// counts it.
+    pub fn quarantine_event(&mut self, source_id: &str, seq: u64, body: &[u8], reason: &str) -> Result<(), SpoolError> {
+        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
+        self.quarantine(source_id, no, seq, Some(body), reason)
+    }
+
     /// Moves one event to quarantine and counts it.
     fn quarantine(
         &mut self,

@@ -58,6 +58,8 @@ pub struct Shipper {
     pub packer: batch::Packer,
     /// Deletes acknowledged events off the sending path.
     pub acker: Acker,
+    /// The largest event the gateway can deliver, from its Welcome (read by the sources too).
+    pub event_limit: crate::sources::EventLimit,
 }
 
 /// Deletes acknowledged events from the spool on a thread of its own, grouping what arrives
@@ -285,6 +287,8 @@ impl Shipper {
             while let Some(event) = session.poll_event() {
                 match event {
                     ClientEvent::Ready(welcome) => {
+                        let limit = welcome.max_event_bytes.map_or(crate::sources::NO_EVENT_LIMIT, u64::from);
+                        self.event_limit.store(limit, std::sync::atomic::Ordering::Relaxed);
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                     }
                     ClientEvent::Acked(ack) => {
@@ -332,16 +336,34 @@ impl Shipper {
                     start
                 }
             };
-            let rows = tokio::task::block_in_place(|| self.spool.read(source_id, cursor, max_events, max_bytes))?;
-            let (Some(first), Some(last)) = (rows.first(), rows.last()) else {
+            let mut rows = tokio::task::block_in_place(|| self.spool.read(source_id, cursor, max_events, max_bytes))?;
+            let (Some(first_seq), Some(last_seq)) = (rows.first().map(|r| r.seq), rows.last().map(|r| r.seq)) else {
                 idle += 1;
                 continue;
             };
             idle = 0;
-            let first_seq = first.seq;
+            // Spooled before this gateway stated its limit: bigger events would be refused by
+            // Kafka, and their batch sent again for ever. They are quarantined (kept, counted).
+            let limit = self.event_limit.load(std::sync::atomic::Ordering::Relaxed);
+            if rows.iter().any(|r| r.body.len() as u64 > limit) {
+                let (big, fit): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.body.len() as u64 > limit);
+                for r in big {
+                    let reason = format!(
+                        "event of {} bytes is larger than the gateway can deliver ({limit} bytes)",
+                        r.body.len()
+                    );
+                    warn!(source = %source_id, seq = r.seq, reason = %reason, "spooled event quarantined");
+                    tokio::task::block_in_place(|| self.spool.quarantine_event(source_id, r.seq, &r.body, &reason))?;
+                }
+                rows = fit;
+            }
+            if rows.is_empty() {
+                cursors.insert(source_id.clone(), last_seq + 1);
+                continue;
+            }
             // The batch covers the span first..=last; holes (acknowledged, quarantined or
             // dropped events) are fine.
-            let count = u32::try_from(last.seq - first.seq + 1).unwrap_or(u32::MAX);
+            let count = u32::try_from(last_seq - first_seq + 1).unwrap_or(u32::MAX);
             let payload = self.packer.pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
             cursors.insert(source_id.clone(), first_seq + u64::from(count));
             session.send_batch(Batch {

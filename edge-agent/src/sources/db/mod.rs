@@ -359,15 +359,15 @@ pub(crate) fn spool_rows(
     let mut new_position = position.clone();
     for row in rows {
         new_position.key = row.key;
-        match config.mapping.apply_str(&row.json) {
-            Ok((time, payload)) => {
-                bodies.push(
-                    Event::new(ctx.tenant.clone(), ctx.agent_id.clone(), id.clone(), next_seq, time, payload).to_json(),
-                );
+        let sealed = config.mapping.apply_str(&row.json).map_err(|e| e.to_string()).and_then(|(time, payload)| {
+            ctx.seal(&Event::new(ctx.tenant.clone(), ctx.agent_id.clone(), id.clone(), next_seq, time, payload))
+        });
+        match sealed {
+            Ok(body) => {
+                bodies.push(body);
                 next_seq += 1;
             }
-            Err(e) => {
-                let reason = e.to_string();
+            Err(reason) => {
                 warn!(source = %id, database = %where_, position = %new_position, reason = %reason, "bad row skipped");
                 let location = serde_json::json!({ "database": where_, "position": new_position.key });
                 dead.push(super::dead_letter::entry(id, location, &reason, row.json.as_bytes()));

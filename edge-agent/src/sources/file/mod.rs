@@ -391,7 +391,7 @@ impl FileSource {
                 }
             }
             TailItem::Line { bytes, line, offset } => match self.to_event(&bytes, parser, out.next_seq) {
-                Ok(event) => Ok(event),
+                Ok(body) => Ok(body),
                 Err(reason) => Err((line, offset, reason, bytes)),
             },
             TailItem::Oversized { line, offset, len } => Err((
@@ -403,8 +403,8 @@ impl FileSource {
             TailItem::Undecodable { line, offset, reason } => Err((line, offset, reason, Vec::new())),
         };
         match result {
-            Ok(event) => {
-                out.bodies.push(event.to_json());
+            Ok(body) => {
+                out.bodies.push(body);
                 out.next_seq += 1;
             }
             Err((line, offset, reason, record)) => {
@@ -435,11 +435,12 @@ impl FileSource {
         Ok(Records { parser, assembler, last_line_at: Instant::now() })
     }
 
-    fn to_event(&self, line: &[u8], parser: &RecordParser, seq: u64) -> Result<Event, String> {
+    /// A line as the spooled event's JSON.
+    fn to_event(&self, line: &[u8], parser: &RecordParser, seq: u64) -> Result<Vec<u8>, String> {
         let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
         let record = parser.parse(text)?;
         let (event_time, payload) = self.config.mapping.apply_str(&record).map_err(|e| e.to_string())?;
-        Ok(Event::new(
+        self.ctx.seal(&Event::new(
             self.ctx.tenant.clone(),
             self.ctx.agent_id.clone(),
             self.config.id.clone(),

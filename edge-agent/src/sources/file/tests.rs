@@ -36,6 +36,7 @@ fn run_until(cfg: FileSourceConfig, spool_path: &Path, dead_letter: &Path, n: u6
 /// A source context over `spool_path` for tests.
 pub(crate) fn test_context(spool_path: &Path, dead_letter: &Path, shutdown: &CancellationToken) -> SourceContext {
     SourceContext {
+        event_limit: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(crate::sources::NO_EVENT_LIMIT)),
         tenant: "acme".into(),
         agent_id: "a1".into(),
         spool: Spool::open(spool_path).unwrap(),
