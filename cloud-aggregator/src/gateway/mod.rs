@@ -233,6 +233,13 @@ impl Gateway {
                     }
                 },
                 () = self.shutdown.cancelled() => break,
+                reason = self.sink.fatal() => {
+                    // Every later send would fail: stop (the connections with it, unacknowledged
+                    // batches failed back to their agents, which re-send them to a fresh gateway).
+                    self.shutdown.cancel();
+                    self.endpoint.close(1u32.into(), b"gateway restarting");
+                    anyhow::bail!("the Kafka producer hit a fatal error ({reason}); exiting so that supervision starts a fresh gateway");
+                }
             };
             let remote = match &accepted {
                 Accepted::Quic(i) => i.remote_address(),

@@ -39,6 +39,8 @@ pub enum SinkError {
     Processor(String),
     #[error("the sink is shutting down")]
     Closed,
+    #[error("the Kafka producer hit a fatal error: {0}")]
+    Fatal(String),
 }
 
 /// Resolves when a submitted batch is durable.
@@ -59,6 +61,17 @@ pub struct KafkaSink {
     prefix: String,
     partitions: i32,
     max_event_bytes: u32,
+}
+
+impl KafkaSink {
+    /// The producer's fatal error, if it had one.
+    fn fatal_reason(&self) -> Option<String> {
+        self.producer
+            .context()
+            .fatal
+            .get()
+            .or_else(|| self.producer.client().fatal_error().map(|(code, reason)| format!("{code}: {reason}")))
+    }
 }
 
 /// The producer's largest message (librdkafka's `message.max.bytes`; Kafka's default).
@@ -88,7 +101,7 @@ impl Sink {
             .set("linger.ms", "5")
             .set("compression.type", "lz4")
             .set("message.max.bytes", MESSAGE_MAX_BYTES.to_string())
-            .create_with_context(BatchDeliveries)
+            .create_with_context(BatchDeliveries::default())
             .context("creating the Kafka producer")?;
         if config.create_topics {
             create_topics(config).await?;
@@ -102,6 +115,23 @@ impl Sink {
             partitions: config.partitions,
             max_event_bytes,
         }))
+    }
+
+    /// Resolves (with librdkafka's reason) when the producer hit a fatal error; never for the
+    /// embedded sink. An idempotent producer's fatal error (with `enable.gapless.guarantee`,
+    /// any error that could leave a gap) makes every later send fail: the gateway must stop,
+    /// so that supervision starts a fresh one, and the agents re-send what was not
+    /// acknowledged.
+    pub async fn fatal(&self) -> String {
+        let Sink::Kafka(k) = self else { return std::future::pending().await };
+        loop {
+            if let Some(reason) = k.fatal_reason() {
+                return reason;
+            }
+            // librdkafka records the fatal error in the client before (or without) the error
+            // event reaching the callback: look at both.
+            let _ = tokio::time::timeout(Duration::from_millis(500), k.producer.context().fatal.wait()).await;
+        }
     }
 
     /// The largest event (its JSON) this sink can deliver, if it has a limit.
@@ -130,7 +160,11 @@ impl Sink {
                     }
                 }))
             }
-            Sink::Kafka(KafkaSink { producer, prefix, partitions, .. }) => {
+            Sink::Kafka(kafka_sink) => {
+                if let Some(reason) = kafka_sink.fatal_reason() {
+                    return Err(SinkError::Fatal(reason));
+                }
+                let KafkaSink { producer, prefix, partitions, .. } = kafka_sink;
                 if events.is_empty() {
                     return Ok(Box::pin(async { Ok(()) }));
                 }
@@ -312,10 +346,54 @@ impl BatchDelivery {
 }
 
 /// The producer's context: counts a batch's delivery reports down (one shared state per batch,
-/// not a channel per message) and resolves the batch when the last one arrives.
-struct BatchDeliveries;
+/// not a channel per message) and resolves the batch when the last one arrives; notes a fatal
+/// error.
+#[derive(Default)]
+struct BatchDeliveries {
+    fatal: FatalFlag,
+}
 
-impl ClientContext for BatchDeliveries {}
+/// Set once, by the client's error callback, when librdkafka reports a fatal error.
+#[derive(Default)]
+struct FatalFlag {
+    reason: Mutex<Option<String>>,
+    notify: tokio::sync::Notify,
+}
+
+impl FatalFlag {
+    fn set(&self, reason: String) {
+        let mut r = self.reason.lock().unwrap_or_else(|p| p.into_inner());
+        if r.is_none() {
+            *r = Some(reason);
+        }
+        self.notify.notify_waiters();
+    }
+
+    fn get(&self) -> Option<String> {
+        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    async fn wait(&self) -> String {
+        loop {
+            let notified = self.notify.notified();
+            if let Some(reason) = self.get() {
+                return reason;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl ClientContext for BatchDeliveries {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::Fatal) {
+            tracing::error!(error = %error, reason, "the Kafka producer hit a fatal error");
+            self.fatal.set(reason.to_owned());
+        } else {
+            warn!(error = %error, reason, "Kafka client error");
+        }
+    }
+}
 
 impl ProducerContext for BatchDeliveries {
     type DeliveryOpaque = Arc<BatchDelivery>;
@@ -333,6 +411,72 @@ impl ProducerContext for BatchDeliveries {
                     Some(e) => Err(SinkError::Delivery(e)),
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use actidash_shared::event::OrderStatus;
+    use rdkafka::mocking::MockCluster;
+    use rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
+
+    fn events(first: u64, n: u64) -> Vec<Unpacked> {
+        (first..first + n)
+            .map(|seq| {
+                let e = actidash_shared::testing::sale_with(
+                    "acme",
+                    "a1",
+                    seq,
+                    "2026-11-27T10:00:00Z",
+                    "web",
+                    "1",
+                    OrderStatus::Placed,
+                );
+                Unpacked { json: e.to_json().into(), event: e }
+            })
+            .collect()
+    }
+
+    /// The producer's fatal path, forced through librdkafka's mock cluster: a produce request
+    /// answered with an out-of-order sequence number is a possible gap, which the gapless
+    /// idempotent producer makes fatal. The pending batch fails (its agent re-sends it), later
+    /// submits are refused at once, and `fatal()` resolves so that the gateway exits.
+    #[tokio::test(flavor = "multi_thread")]
+    async fn a_fatal_producer_error_fails_the_batches_and_is_reported() {
+        let cluster = MockCluster::new(1).unwrap();
+        cluster.create_topic("t.sales", 1, 1).unwrap();
+        let producer: ThreadedProducer<BatchDeliveries> = ClientConfig::new()
+            .set("bootstrap.servers", cluster.bootstrap_servers())
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", "0")
+            .set("enable.gapless.guarantee", "true")
+            .set("linger.ms", "5")
+            .create_with_context(BatchDeliveries::default())
+            .unwrap();
+        let sink = Sink::Kafka(KafkaSink {
+            producer: Arc::new(producer),
+            prefix: "t".into(),
+            partitions: 1,
+            max_event_bytes: 100_000,
+        });
+        sink.submit(1, events(0, 5)).await.unwrap().await.expect("delivered while the broker is well");
+        cluster.request_errors(
+            RDKafkaApiKey::Produce,
+            &[RDKafkaRespErr::RD_KAFKA_RESP_ERR_OUT_OF_ORDER_SEQUENCE_NUMBER; 5],
+        );
+        let pending = sink.submit(1, events(5, 5)).await.unwrap();
+        let outcome = tokio::time::timeout(Duration::from_secs(30), pending).await.expect("the batch is resolved");
+        assert!(outcome.is_err(), "a batch caught by the fatal error fails: {outcome:?}");
+
+        let reason =
+            tokio::time::timeout(Duration::from_secs(30), sink.fatal()).await.expect("the fatal error is reported");
+        assert!(!reason.is_empty());
+        match sink.submit(1, events(10, 1)).await {
+            Err(SinkError::Fatal(r)) => assert_eq!(r, reason),
+            other => panic!("a later batch must be refused at once: {:?}", other.map(|_| ())),
         }
     }
 }
