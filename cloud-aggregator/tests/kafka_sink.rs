@@ -71,7 +71,7 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
     assert_eq!(partitions.len(), 4, "200 keys spread over every partition");
 
     // The same topics with another pinned count: the gateway refuses to start.
-    let refused = Sink::kafka(&config(&bootstrap, &prefix, 6)).await.err().expect("a partition count that differs");
+    let refused = Sink::kafka(&config(&bootstrap, &prefix, 6)).await.expect_err("a partition count that differs");
     let said = format!("{refused:#}");
     assert!(said.contains(&format!("topic {prefix}.sales has 4 partitions, but [kafka] partitions = 6")), "{said}");
 }
@@ -91,6 +91,6 @@ async fn the_largest_event_follows_the_topics_message_limit() {
     // Missing topics that may not be created: refused at start, naming one.
     let mut missing = config(&bootstrap, &fresh_prefix("missing"), 2);
     missing.create_topics = false;
-    let said = format!("{:#}", Sink::kafka(&missing).await.err().expect("topics missing"));
+    let said = format!("{:#}", Sink::kafka(&missing).await.expect_err("topics missing"));
     assert!(said.contains("create_topics"), "{said}");
 }
