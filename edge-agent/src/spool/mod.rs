@@ -656,72 +656,128 @@ impl Spool {
     }
 
     /// Recovers what can be read from a damaged spool at `path` into a fresh one: every event
-    /// that still reads and passes its checksum, and every source's state. The damaged file is
-    /// kept beside it (`spool.db.damaged-<unix ms>`) for inspection.
+    /// that still reads and passes its checksum, and every source's state. A copy of the
+    /// damaged file (with its WAL, named so that SQLite reads it) is kept beside it
+    /// (`spool.db.damaged-<unix ms>`) for inspection.
+    ///
+    /// A seq is never used twice: each source's next seq is the larger of the stored one and
+    /// the highest seq found among its events, plus one. When a source's next seq cannot be
+    /// established (the sources table, or its part of the events, is unreadable), nothing is
+    /// changed: the damaged spool stays where it is, and the salvage fails (at every start)
+    /// with an error telling the operator to re-enroll the agent under a new id — restarting
+    /// its seqs would drop new events as duplicates of old ones, or count re-read ones twice.
     pub fn salvage(path: &Path) -> Result<SalvageReport, SpoolError> {
         let salvage_err = |reason: String| SpoolError::Salvage { path: path.to_owned(), reason };
         let damaged_copy = path.with_extension(format!("db.damaged-{}", now_ms()));
-        // Move the damaged database (and its WAL) aside first, then read from the copy.
-        for (from, to) in [
-            (path.to_owned(), damaged_copy.clone()),
-            (path.with_extension("db-wal"), damaged_copy.with_extension("wal")),
-        ] {
-            if from.exists() {
-                std::fs::rename(&from, &to)
-                    .map_err(|e| salvage_err(format!("moving {} aside: {e}", from.display())))?;
+        let wal_of = |p: &Path| {
+            let mut name = p.as_os_str().to_owned();
+            name.push("-wal");
+            PathBuf::from(name)
+        };
+        // Copy the damaged database and its WAL, named as SQLite expects (`<file>-wal`), and
+        // read from the copy; the original stays in place until the salvage has succeeded.
+        std::fs::copy(path, &damaged_copy)
+            .map_err(|e| salvage_err(format!("copying {} aside: {e}", path.display())))?;
+        if wal_of(path).exists() {
+            std::fs::copy(wal_of(path), wal_of(&damaged_copy))
+                .map_err(|e| salvage_err(format!("copying the WAL of {} aside: {e}", path.display())))?;
+        }
+        let old = Connection::open(&damaged_copy).map_err(|e| salvage_err(format!("opening the damaged copy: {e}")))?;
+        let unrecoverable = |what: String| {
+            salvage_err(format!(
+                "{what}: the next seq of a source cannot be established, and reusing a seq would lose or double-count events; \
+                 re-enroll this agent under a new agent id with an empty data_dir (edge-agent enroll); the damaged spool is kept \
+                 at {} and a copy at {}",
+                path.display(),
+                damaged_copy.display()
+            ))
+        };
+
+        // Sources first: every row, or nothing is written.
+        type SourceRow = (String, i64, i64, String, i64, i64, i64);
+        let sources: Vec<SourceRow> = (|| {
+            let mut stmt = old.prepare(
+                "SELECT source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined FROM sources",
+            )?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))?;
+            rows.collect::<rusqlite::Result<Vec<SourceRow>>>()
+        })()
+        .map_err(|e| unrecoverable(format!("the sources table cannot be read ({e})")))?;
+        if sources.is_empty() {
+            let any_event = old.query_row("SELECT count(*) FROM events", [], |r| r.get::<_, i64>(0)).unwrap_or(1);
+            if any_event != 0 {
+                return Err(unrecoverable("the sources table is empty but events remain".into()));
             }
         }
-        let _ = std::fs::remove_file(path.with_extension("db-shm"));
-        let old = Connection::open_with_flags(&damaged_copy, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
-            .map_err(|e| salvage_err(format!("opening the damaged copy: {e}")))?;
-        let mut fresh = Spool::open(path)?;
-        let mut report = SalvageReport { damaged_copy, ..SalvageReport::default() };
 
-        // Sources: their positions matter most (without them a source would re-read its input).
-        type SourceRow = (String, i64, i64, String, i64, i64, i64);
-        let mut sources: Vec<SourceRow> = Vec::new();
-        if let Ok(mut stmt) = old
-            .prepare("SELECT source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined FROM sources")
-            && let Ok(rows) = stmt
-                .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?)))
-        {
-            sources.extend(rows.flatten());
+        // The fresh spool is built beside, then moved into place.
+        let fresh_path = path.with_extension("db.salvage");
+        for p in [fresh_path.clone(), wal_of(&fresh_path), fresh_path.with_extension("salvage-shm")] {
+            let _ = std::fs::remove_file(p);
         }
-        let tx = fresh
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(|e| SpoolError::from_sqlite(path, e))?;
-        let mut n_bytes = 0i64;
-        for (source_id, no, next_seq, position, n_errors, n_dropped, n_quarantined) in &sources {
-            let (saved, lost, bytes) =
-                salvage_source(&old, &tx, *no, *next_seq as u64).map_err(|e| SpoolError::from_sqlite(path, e))?;
-            report.n_saved += saved;
-            report.n_lost += lost;
-            n_bytes += bytes;
-            if lost > 0 {
+        let mut report = SalvageReport { damaged_copy: damaged_copy.clone(), ..SalvageReport::default() };
+        {
+            let mut fresh = Spool::open(&fresh_path)?;
+            let tx = fresh
+                .conn
+                .transaction_with_behavior(TransactionBehavior::Immediate)
+                .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            let mut n_bytes = 0i64;
+            for (source_id, no, stored_next, position, n_errors, n_dropped, n_quarantined) in &sources {
+                // Events beyond the stored next seq (a stale row beside newer events): the
+                // next seq follows the highest one.
+                let highest: Option<i64> = old
+                    .query_row(
+                        "SELECT max(key) FROM events WHERE key >= ?1 AND key < ?2",
+                        params![event_key(*no, 0), event_key(*no + 1, 0)],
+                        |r| r.get(0),
+                    )
+                    .map_err(|e| unrecoverable(format!("the events of source {source_id} cannot be read ({e})")))?;
+                let next_seq = highest.map_or(*stored_next as u64, |k| (seq_of(k) + 1).max(*stored_next as u64));
+                if next_seq != *stored_next as u64 {
+                    tracing::warn!(source = %source_id, stored = stored_next, recovered = next_seq, "salvage: the stored next seq was behind the spooled events");
+                }
+                let (saved, lost, bytes) =
+                    salvage_source(&old, &tx, *no, next_seq).map_err(|e| SpoolError::from_sqlite(path, e))?;
+                report.n_saved += saved;
+                report.n_lost += lost;
+                n_bytes += bytes;
+                if lost > 0 {
+                    tx.execute(
+                        "INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, -1, NULL, ?2, ?3)",
+                        params![source_id, format!("{lost} events unreadable after spool damage"), now_ms()],
+                    )
+                    .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+                }
                 tx.execute(
-                    "INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, -1, NULL, ?2, ?3)",
-                    params![source_id, format!("{lost} events unreadable after spool damage"), now_ms()],
+                    "INSERT INTO sources (source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+                    params![source_id, no, next_seq as i64, position, n_errors, n_dropped, n_quarantined + lost as i64],
                 )
-                .map_err(|e| SpoolError::from_sqlite(path, e))?;
+                .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
             }
             tx.execute(
-                "INSERT INTO sources (source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                params![source_id, no, next_seq, position, n_errors, n_dropped, n_quarantined + lost as i64],
+                "UPDATE totals SET n_events = ?1, n_bytes = ?2 WHERE id = 1",
+                params![report.n_saved as i64, n_bytes],
             )
-            .map_err(|e| SpoolError::from_sqlite(path, e))?;
+            .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            tx.commit().map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            // Everything into the main file before it is moved.
+            fresh
+                .conn
+                .pragma_update(None, "wal_checkpoint", "TRUNCATE")
+                .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
         }
-        tx.execute(
-            "UPDATE totals SET n_events = ?1, n_bytes = ?2 WHERE id = 1",
-            params![report.n_saved as i64, n_bytes],
-        )
-        .map_err(|e| SpoolError::from_sqlite(path, e))?;
-        tx.commit().map_err(|e| SpoolError::from_sqlite(path, e))?;
-        if sources.is_empty() {
-            return Err(salvage_err(
-                "the sources table is unreadable: positions are lost; the damaged copy is kept".into(),
-            ));
+        drop(old);
+        // The damaged original goes (its copy stays); the fresh one takes its place.
+        for p in [wal_of(path), path.with_extension("db-shm")] {
+            let _ = std::fs::remove_file(p);
+        }
+        std::fs::rename(&fresh_path, path)
+            .map_err(|e| salvage_err(format!("moving the salvaged spool into place: {e}")))?;
+        for p in [wal_of(&fresh_path), fresh_path.with_extension("salvage-shm")] {
+            let _ = std::fs::remove_file(p);
         }
         Ok(report)
     }

@@ -155,6 +155,92 @@ fn a_damaged_page_is_salvaged_keeping_positions_and_readable_events() {
     assert_eq!(spool.read("orders", 0, 10_000, usize::MAX).unwrap().len() as u64, report.n_saved);
 }
 
+/// Overwrites page `page` (1-based) of the database file at `path` with garbage.
+fn damage_page(path: &Path, page: u64) {
+    let size = 16_384; // the spool's page size
+    let mut bytes = std::fs::read(path).unwrap();
+    let at = ((page - 1) * size) as usize;
+    for b in &mut bytes[at..at + size as usize] {
+        *b = 0xA5;
+    }
+    std::fs::write(path, bytes).unwrap();
+}
+
+/// The sources table unreadable: no source's next seq can be established. The salvage fails
+/// with an error that says to re-enroll, and changes nothing — above all, it does not leave an
+/// empty healthy spool at the path whose seqs would restart at 0. It fails again at the next
+/// start.
+#[test]
+fn a_salvage_that_cannot_recover_the_next_seqs_changes_nothing_and_says_to_re_enroll() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path).unwrap();
+        spool.append("orders", &(0..100).map(body).collect::<Vec<_>>(), "{\"offset\":100}", 0).unwrap();
+    }
+    let root: i64 = Connection::open(&path)
+        .unwrap()
+        .query_row("SELECT rootpage FROM sqlite_master WHERE name = 'sources'", [], |r| r.get(0))
+        .unwrap();
+    damage_page(&path, root as u64);
+    let damaged = std::fs::read(&path).unwrap();
+    for _ in 0..2 {
+        let err = Spool::salvage(&path).unwrap_err().to_string();
+        assert!(err.contains("the sources table cannot be read") && err.contains("re-enroll"), "{err}");
+        assert_eq!(std::fs::read(&path).unwrap(), damaged, "the damaged spool stays as it was");
+        assert!(!path.with_extension("db.salvage").exists());
+    }
+}
+
+/// A stale sources row beside newer events (a damaged header, a lost update): the next seq
+/// follows the highest spooled seq, never reuses one.
+#[test]
+fn a_salvage_takes_the_next_seq_past_every_spooled_event() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path).unwrap();
+        spool.append("orders", &(0..50).map(body).collect::<Vec<_>>(), "{\"offset\":50}", 0).unwrap();
+        spool.append("web", &(0..5).map(body).collect::<Vec<_>>(), "{\"offset\":5}", 0).unwrap();
+    }
+    Connection::open(&path)
+        .unwrap()
+        .execute("UPDATE sources SET next_seq = 10 WHERE source_id = 'orders'", [])
+        .unwrap();
+    let report = Spool::salvage(&path).unwrap();
+    assert_eq!((report.n_saved, report.n_lost), (55, 0));
+    let mut spool = Spool::open(&path).unwrap();
+    assert_eq!(spool.source_state("orders").unwrap().next_seq, 50);
+    assert_eq!(spool.source_state("web").unwrap().next_seq, 5);
+    assert_eq!(spool.append("orders", &[body(50)], "{\"offset\":51}", 0).unwrap(), 50, "no seq used twice");
+    assert_eq!(spool.read("orders", 0, 100, usize::MAX).unwrap().len(), 51);
+}
+
+/// What is only in the WAL (not yet checkpointed) is salvaged too: the copy's WAL is named as
+/// SQLite reads it.
+#[test]
+fn a_salvage_reads_the_wal() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path).unwrap();
+    // Another connection open, so that closing the spool does not checkpoint the WAL.
+    let holder = Connection::open(&path).unwrap();
+    holder.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    holder.query_row("SELECT count(*) FROM sqlite_master", [], |r| r.get::<_, i64>(0)).unwrap();
+    spool.conn.pragma_update(None, "wal_autocheckpoint", 0).unwrap();
+    spool.append("orders", &(0..30).map(body).collect::<Vec<_>>(), "{\"offset\":30}", 0).unwrap();
+    drop(spool);
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    assert!(std::fs::metadata(&wal).unwrap().len() > 0, "the events are in the WAL");
+    let report = Spool::salvage(&path).unwrap();
+    drop(holder);
+    assert_eq!(report.n_saved, 30);
+    let spool = Spool::open(&path).unwrap();
+    assert_eq!(spool.source_state("orders").unwrap().next_seq, 30);
+    assert_eq!(spool.source_state("orders").unwrap().position, "{\"offset\":30}");
+}
+
 #[test]
 fn a_full_disk_fails_the_append_without_changing_anything() {
     let dir = tempfile::tempdir().unwrap();
@@ -172,11 +258,25 @@ fn a_full_disk_fails_the_append_without_changing_anything() {
 
 #[derive(Debug, Clone)]
 enum Action {
-    Append { source: u8, n: u8 },
-    AckOldest { source: u8, n: u8 },
+    Append {
+        source: u8,
+        n: u8,
+    },
+    AckOldest {
+        source: u8,
+        n: u8,
+    },
     Reopen,
     DiskFull,
     DiskFreed,
+    /// A salvage of the (healthy) spool: nothing may change.
+    Salvage,
+    /// A source's row falls behind (set `back` seqs lower), then a salvage: while its newest
+    /// event is still spooled, its next seq is recovered from it.
+    StaleRowThenSalvage {
+        source: u8,
+        back: u8,
+    },
 }
 
 fn action() -> impl Strategy<Value = Action> {
@@ -186,6 +286,8 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::Reopen),
         1 => Just(Action::DiskFull),
         1 => Just(Action::DiskFreed),
+        1 => Just(Action::Salvage),
+        1 => (0u8..3, 1u8..5).prop_map(|(source, back)| Action::StaleRowThenSalvage { source, back }),
     ]
 }
 
@@ -248,6 +350,30 @@ proptest! {
                 }
                 Action::DiskFreed => {
                     spool.limit_pages_for_test(1 << 30);
+                    disk_full = false;
+                }
+                Action::Salvage => {
+                    drop(spool);
+                    Spool::salvage(&path).unwrap();
+                    spool = Spool::open_with(&path, config).unwrap();
+                    disk_full = false;
+                }
+                Action::StaleRowThenSalvage { source, back } => {
+                    let id = format!("s{source}");
+                    // Only while the newest event is spooled (the queue ends at next_seq - 1):
+                    // once acknowledged and deleted, the row is the only record of the seq.
+                    let Some((next, queue)) = model.get(&id) else { continue };
+                    if queue.back().is_none_or(|last| last + 1 != *next) {
+                        continue;
+                    }
+                    drop(spool);
+                    let stale = next.saturating_sub(u64::from(back)) as i64;
+                    Connection::open(&path)
+                        .unwrap()
+                        .execute("UPDATE sources SET next_seq = ?1 WHERE source_id = ?2", params![stale, id])
+                        .unwrap();
+                    Spool::salvage(&path).unwrap();
+                    spool = Spool::open_with(&path, config).unwrap();
                     disk_full = false;
                 }
             }

@@ -30,6 +30,9 @@ struct Harness {
     cfg: FileSetConfig,
     set: FileSet,
     committed: SetPosition,
+    /// Where each round's lines and position are committed, as the file source does: a
+    /// salvage of it must give back the position, and seqs that continue.
+    spool: Option<(crate::spool::Spool, PathBuf)>,
     /// Records delivered, with the file id they came from.
     delivered: Vec<(u64, String)>,
     now: Instant,
@@ -39,7 +42,42 @@ struct Harness {
 impl Harness {
     fn new(cfg: FileSetConfig) -> Harness {
         let set = FileSet::new(cfg.clone(), SetPosition::default()).unwrap();
-        Harness { cfg, set, committed: SetPosition::default(), delivered: Vec::new(), now: Instant::now(), wall: 1_000 }
+        Harness {
+            cfg,
+            set,
+            committed: SetPosition::default(),
+            spool: None,
+            delivered: Vec::new(),
+            now: Instant::now(),
+            wall: 1_000,
+        }
+    }
+
+    /// Commits each round to a spool at `path` from now on.
+    fn with_spool(mut self, path: PathBuf) -> Harness {
+        self.spool = Some((crate::spool::Spool::open(&path).unwrap(), path));
+        self
+    }
+
+    /// A crash, a salvage of the spool, and a start from the position the salvage kept; the
+    /// seqs continue where they were.
+    fn salvage_and_restart(&mut self) {
+        let Some((spool, path)) = self.spool.take() else { return self.restart() };
+        let next_seq = spool.source_state("f").unwrap().next_seq;
+        drop(spool);
+        crate::spool::Spool::salvage(&path).unwrap();
+        let spool = crate::spool::Spool::open(&path).unwrap();
+        let state = spool.source_state("f").unwrap();
+        assert_eq!(state.next_seq, next_seq, "the salvage keeps the next seq");
+        assert_eq!(state.next_seq, self.delivered.len() as u64);
+        let kept: SetPosition = if state.position.is_empty() {
+            SetPosition::default()
+        } else {
+            serde_json::from_str(&state.position).unwrap()
+        };
+        assert_eq!(kept, self.committed, "the salvage keeps the position");
+        self.spool = Some((spool, path));
+        self.restart();
     }
 
     fn round(&mut self) -> usize {
@@ -49,13 +87,20 @@ impl Harness {
             assert!(!matches!(n, Notice::Error { .. }), "{n:?}");
         }
         let n = round.items.len();
+        let mut bodies = Vec::new();
         for fi in round.items {
             match fi.item {
-                TailItem::Line { bytes, .. } => self.delivered.push((fi.file, String::from_utf8(bytes).unwrap())),
+                TailItem::Line { bytes, .. } => {
+                    bodies.push(bytes.clone());
+                    self.delivered.push((fi.file, String::from_utf8(bytes).unwrap()));
+                }
                 other => panic!("unexpected {other:?}"),
             }
         }
         self.committed = self.set.position(|_| None);
+        if let Some((spool, _)) = &mut self.spool {
+            spool.append("f", &bodies, &serde_json::to_string(&self.committed).unwrap(), 0).unwrap();
+        }
         self.now += Duration::from_millis(100);
         self.wall += 1;
         n
@@ -238,6 +283,8 @@ enum Op {
     /// Renamed out of the globs: read to its end through the open handle.
     RotateAway,
     Restart,
+    /// A restart after the spool was salvaged (a damaged spool at start).
+    SalvageRestart,
     Poll(u8),
 }
 
@@ -250,6 +297,7 @@ fn op() -> impl Strategy<Value = Op> {
         1 => Just(Op::Compress),
         1 => Just(Op::RotateAway),
         2 => Just(Op::Restart),
+        1 => Just(Op::SalvageRestart),
         4 => (1u8..4).prop_map(Op::Poll),
     ]
 }
@@ -308,7 +356,7 @@ impl World {
 
 fn check_model(ops: Vec<Op>, fingerprint_bytes: usize) -> Result<(), TestCaseError> {
     let dir = tempfile::tempdir().unwrap();
-    let mut h = Harness::new(config(dir.path(), fingerprint_bytes));
+    let mut h = Harness::new(config(dir.path(), fingerprint_bytes)).with_spool(dir.path().join("spool.db"));
     let mut w = World {
         dir: dir.path().to_owned(),
         current: 0,
@@ -360,6 +408,13 @@ fn check_model(ops: Vec<Op>, fingerprint_bytes: usize) -> Result<(), TestCaseErr
                     w.away_since_sync = false;
                 }
                 h.restart();
+            }
+            Op::SalvageRestart => {
+                if w.away_since_sync {
+                    h.sync();
+                    w.away_since_sync = false;
+                }
+                h.salvage_and_restart();
             }
             Op::Poll(n) => {
                 for _ in 0..n {
