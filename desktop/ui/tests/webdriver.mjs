@@ -40,7 +40,20 @@ async function find(css, timeoutMs = 20_000) {
     await new Promise((r) => setTimeout(r, 200));
   }
 }
-const text = async (css) => call("GET", `${s}/element/${await find(css)}/text`);
+// Read in the page in one step: a live page re-renders, and an element found a moment ago may be
+// gone (a "stale element reference") by the time its text is asked for.
+async function text(css, timeoutMs = 20_000) {
+  const deadline = Date.now() + timeoutMs;
+  for (;;) {
+    const got = await call("POST", `${s}/execute/sync`, {
+      script: "const e = document.querySelector(arguments[0]); return e ? e.textContent : null;",
+      args: [css],
+    });
+    if (got !== null) return got;
+    if (Date.now() > deadline) throw new Error(`no ${css} within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 200));
+  }
+}
 async function type(css, value) {
   const id = await find(css);
   await call("POST", `${s}/element/${id}/clear`, {});
