@@ -32,6 +32,9 @@ pub struct Identity {
     /// Seconds since the Unix epoch.
     pub not_before: i64,
     pub not_after: i64,
+    /// The agent id and tenant the fleet CA wrote into the certificate (CN, O).
+    pub agent_id: String,
+    pub tenant: String,
 }
 
 impl Identity {
@@ -127,8 +130,47 @@ impl IdentityStore {
             .map_err(|e| anyhow::anyhow!("parsing {}: {e}", cert_path.display()))?;
         let validity = parsed.validity();
         let (not_before, not_after) = (validity.not_before.timestamp(), validity.not_after.timestamp());
+        let subject = parsed.subject();
+        let name = |v: Option<&x509_parser::x509::AttributeTypeAndValue<'_>>| {
+            v.and_then(|a| a.as_str().ok()).map(str::to_owned).unwrap_or_default()
+        };
+        let agent_id = name(subject.iter_common_name().next());
+        let tenant = name(subject.iter_organization().next());
         let key = PrivateKeyDer::from_pem_file(&key_path).with_context(|| format!("reading {}", key_path.display()))?;
-        Ok(Identity { certs, key, not_before, not_after })
+        Ok(Identity { certs, key, not_before, not_after, agent_id, tenant })
+    }
+
+    /// Refuses a configuration whose `agent_id` or `tenant` disagrees with the enrolled
+    /// certificate: the gateway binds the agent to the certificate's identity and refuses every
+    /// event naming another, so such an agent would read records only to have them refused.
+    /// Nothing to check before enrollment.
+    pub fn check_matches(&self, agent_id: &str, tenant: &str) -> anyhow::Result<()> {
+        if !self.is_enrolled() {
+            return Ok(());
+        }
+        let identity = self.load()?;
+        if identity.agent_id == agent_id && identity.tenant == tenant {
+            return Ok(());
+        }
+        let mut wrong = Vec::new();
+        if identity.agent_id != agent_id {
+            wrong.push(format!("agent_id = {agent_id:?}"));
+        }
+        if identity.tenant != tenant {
+            wrong.push(format!("tenant = {tenant:?}"));
+        }
+        anyhow::bail!(
+            "the configuration says {}, but this agent's certificate (in {}) was issued to agent {:?} of tenant {:?}: \
+             events carry the certificate's identity and the gateway refuses any other. Fix the configuration \
+             (agent_id = {:?}, tenant = {:?}), or enroll this host anew for the other identity (a new agent_id, an \
+             empty data_dir, `edge-agent enroll`)",
+            wrong.join(" and "),
+            self.dir.display(),
+            identity.agent_id,
+            identity.tenant,
+            identity.agent_id,
+            identity.tenant
+        )
     }
 }
 

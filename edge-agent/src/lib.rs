@@ -85,6 +85,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     // Before the spool is touched (a salvage writes it): one agent per data folder.
     let _lock = DataDirLock::acquire(&config.data_dir)?;
+    identity::IdentityStore::new(config.identity_dir()).check_matches(&config.agent_id, &config.tenant)?;
     let spool_path = config.data_dir.join(SPOOL_FILE);
     // Opened first: creates the database, switches it to WAL and migrates it before the
     // sources open their own connections; a damaged spool is salvaged before anything runs.

@@ -41,7 +41,10 @@ pub async fn run_with_reload(path: PathBuf, shutdown: CancellationToken) -> anyh
                     text = new_text;
                     match AgentConfig::parse(&text, &path) {
                         Ok(new) if new.agent_id != config.agent_id || new.tenant != config.tenant || new.data_dir != config.data_dir => {
-                            error!(path = %path.display(), "new configuration refused: agent_id, tenant and data_dir cannot change while the agent runs; restart it; keeping the running configuration");
+                            match crate::identity::IdentityStore::new(new.identity_dir()).check_matches(&new.agent_id, &new.tenant) {
+                                Err(e) => error!(path = %path.display(), error = %e, "new configuration refused; keeping the running one"),
+                                Ok(()) => error!(path = %path.display(), "new configuration refused: agent_id, tenant and data_dir cannot change while the agent runs; restart it; keeping the running configuration"),
+                            }
                         }
                         Ok(new) => break new,
                         Err(e) => error!(path = %path.display(), error = %e, "new configuration refused; keeping the running one"),

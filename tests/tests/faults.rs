@@ -281,3 +281,34 @@ fn an_event_bigger_than_the_gateway_can_deliver_is_refused_not_resent_for_ever()
     assert!(said.contains("spooled event quarantined"), "{said}");
     assert!(said.contains("bad record skipped") && said.contains("larger than the gateway can deliver"), "{said}");
 }
+
+/// A configuration copied from another site names another tenant than the agent's
+/// certificate: refused at reload (the running configuration goes on, and so does delivery)
+/// and at start, each time saying which identity the certificate holds.
+#[test]
+fn a_configuration_naming_another_tenant_is_refused_at_start_and_at_reload() {
+    let (_, data, d) = deployment("wrong-tenant", None);
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(17, 0);
+    let mut lines = generate(&mut g, 300);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "retailer", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+
+    let says = r#"the configuration says tenant = "other", but this agent's certificate"#;
+    d.write_agent_config("a1", "other", &data, &Feed::ALL).unwrap();
+    wait_until(TIMEOUT, "the reload to be refused", || Ok(log_of(&agent).contains(says))).unwrap();
+    assert!(log_of(&agent).contains(r#"was issued to agent "a1" of tenant "retailer""#), "{}", log_of(&agent));
+    let more = generate(&mut g, 200);
+    append_lines(&data, &more).unwrap();
+    lines.extend(more);
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+
+    agent.kill();
+    agent.restart().unwrap();
+    wait_until(TIMEOUT, "the agent to refuse to start", || Ok(!agent.is_running())).unwrap();
+    let said = log_of(&agent);
+    assert_eq!(said.matches(says).count(), 2, "refused at start too: {said}");
+}
