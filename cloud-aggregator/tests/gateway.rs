@@ -100,6 +100,8 @@ impl AgentId {
             key: PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).unwrap(),
             not_before: 0,
             not_after: 0,
+            agent_id: String::new(),
+            tenant: String::new(),
         }
     }
 }
@@ -180,7 +182,12 @@ async fn read_frames(recv: &mut (impl tokio::io::AsyncRead + Unpin), n_frames: u
 }
 
 fn hello(agent: &str, version: u16) -> Frame {
-    Frame::Hello(Hello { protocol_version: version, agent_id: agent.into(), agent_version: "test".into() })
+    Frame::Hello(Hello {
+        protocol_version: version,
+        agent_id: agent.into(),
+        agent_version: "test".into(),
+        refusals: false,
+    })
 }
 
 fn order_batch(tenant: &str, first_seq: u64, n: u64) -> Frame {

@@ -64,6 +64,30 @@ enum SpoolCommand {
         #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
         config: PathBuf,
     },
+    /// Events the gateway refused for good, kept aside with its reason.
+    Refused {
+        #[command(subcommand)]
+        command: RefusedCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum RefusedCommand {
+    /// Write them out as JSON lines (source, seq, reason, when, and the event itself).
+    Export {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+        /// A file to write (default: standard output).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    /// Delete them (of one source, or all), once dealt with; prints how many.
+    Purge {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        source: Option<String>,
+    },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -148,15 +172,59 @@ fn main() -> anyhow::Result<()> {
             }
             println!();
             println!(
-                "{:<20} {:>12} {:>10} {:>10} {:>12}  position",
-                "source", "next_seq", "errors", "dropped", "quarantined"
+                "{:<20} {:>12} {:>10} {:>10} {:>12} {:>10}  position",
+                "source", "next_seq", "errors", "dropped", "quarantined", "refused"
             );
             for id in spool.source_ids()? {
                 let s = spool.source_state(&id)?;
                 println!(
-                    "{:<20} {:>12} {:>10} {:>10} {:>12}  {}",
-                    id, s.next_seq, s.n_errors, s.n_dropped, s.n_quarantined, s.position
+                    "{:<20} {:>12} {:>10} {:>10} {:>12} {:>10}  {}",
+                    id, s.next_seq, s.n_errors, s.n_dropped, s.n_quarantined, s.n_refused, s.position
                 );
+            }
+            let refused = spool.refused()?;
+            if !refused.is_empty() {
+                println!();
+                println!("refused by the gateway (edge-agent spool refused export, then purge):");
+                for r in refused.iter().take(20) {
+                    println!("  {} seq {}: {}", r.source_id, r.seq, r.reason);
+                }
+                if refused.len() > 20 {
+                    println!("  … and {} more", refused.len() - 20);
+                }
+            }
+            Ok(())
+        }
+        Command::Spool { command: SpoolCommand::Refused { command } } => {
+            let open = |config: &std::path::Path| -> anyhow::Result<Spool> {
+                let cfg = AgentConfig::load(config)?;
+                Ok(Spool::open_with(&cfg.data_dir.join(edge_agent::SPOOL_FILE), cfg.spool)?)
+            };
+            match command {
+                RefusedCommand::Export { config, out } => {
+                    let refused = open(&config)?.refused()?;
+                    let mut text = String::new();
+                    for r in &refused {
+                        let event = serde_json::from_slice::<serde_json::Value>(&r.body)
+                            .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned().into());
+                        let at =
+                            chrono::DateTime::from_timestamp_millis(r.at).map(|t| t.to_rfc3339()).unwrap_or_default();
+                        let line = serde_json::json!({ "source_id": r.source_id, "seq": r.seq, "reason": r.reason, "refused_at": at, "event": event });
+                        text.push_str(&line.to_string());
+                        text.push('\n');
+                    }
+                    match out {
+                        Some(path) => {
+                            std::fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+                            eprintln!("{} refused events written to {}", refused.len(), path.display());
+                        }
+                        None => print!("{text}"),
+                    }
+                }
+                RefusedCommand::Purge { config, source } => {
+                    let n = open(&config)?.purge_refused(source.as_deref())?;
+                    println!("purged {n} refused events");
+                }
             }
             Ok(())
         }

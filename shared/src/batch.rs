@@ -91,6 +91,100 @@ pub struct Unpacked {
     pub json: Bytes,
 }
 
+/// An event of a batch refused on its own (the rest of the batch is taken).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RefusedEvent {
+    /// Its position among the batch's events (0-based).
+    pub index: u32,
+    /// Its seq, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seq: Option<u64>,
+    pub reason: String,
+}
+
+/// Unpacks and checks a batch like [`unpack`], but refuses bad events one by one: the events
+/// that pass every check are returned, in order, beside the refused ones with their reasons
+/// (the gateway writes the good ones and declares the others holes). A fault of the batch as a
+/// whole (it does not decompress, holds more events than it announced, or none) is an error.
+pub fn unpack_each(
+    batch: &Batch,
+    agent_id: &str,
+    tenant: &str,
+    max_decompressed: usize,
+) -> Result<(Vec<Unpacked>, Vec<RefusedEvent>), BatchError> {
+    let lines = lines_of(batch, max_decompressed)?;
+    if lines.is_empty() {
+        return Err(BatchError::Empty);
+    }
+    if lines.len() > batch.count as usize {
+        return Err(BatchError::CountMismatch { announced: batch.count, found: lines.len() });
+    }
+    let end = batch.first_seq + u64::from(batch.count);
+    let mut expected_seq = batch.first_seq;
+    let (mut good, mut refused) = (Vec::with_capacity(lines.len()), Vec::new());
+    for (index, line) in lines.into_iter().enumerate() {
+        let event = match Event::from_json(&line) {
+            Ok(event) => event,
+            Err(source) => {
+                #[derive(serde::Deserialize)]
+                struct SeqOnly {
+                    seq: u64,
+                }
+                let seq = serde_json::from_slice::<SeqOnly>(&line).ok().map(|s| s.seq);
+                refused.push(RefusedEvent {
+                    index: index as u32,
+                    seq,
+                    reason: BatchError::Event { index, source }.to_string(),
+                });
+                continue;
+            }
+        };
+        let in_span = event.seq >= expected_seq && event.seq < end;
+        let fault = if event.agent_id != agent_id || event.source_id != batch.source_id || !in_span {
+            Some(BatchError::WrongIdentity {
+                index,
+                agent_id: event.agent_id.clone(),
+                source_id: event.source_id.clone(),
+                seq: event.seq,
+                expected_agent: agent_id.to_owned(),
+                expected_source: batch.source_id.clone(),
+                expected_seq,
+            })
+        } else if event.tenant != tenant {
+            Some(BatchError::ForeignTenant { index, found: event.tenant.clone(), expected: tenant.to_owned() })
+        } else {
+            None
+        };
+        match fault {
+            Some(e) => refused.push(RefusedEvent { index: index as u32, seq: Some(event.seq), reason: e.to_string() }),
+            None => {
+                expected_seq = event.seq + 1;
+                good.push(Unpacked { event, json: line });
+            }
+        }
+    }
+    Ok((good, refused))
+}
+
+/// The event lines of a batch, decompressed within `max_decompressed` bytes.
+fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<Vec<Bytes>, BatchError> {
+    let bytes: Bytes = match batch.codec {
+        Codec::Plain => {
+            if batch.payload.len() > max_decompressed {
+                return Err(BatchError::Decompress {
+                    limit: max_decompressed,
+                    reason: format!("plain payload of {} bytes", batch.payload.len()),
+                });
+            }
+            batch.payload.clone()
+        }
+        Codec::Zstd => zstd::bulk::decompress(&batch.payload, max_decompressed)
+            .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
+            .into(),
+    };
+    Ok(bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| bytes.slice_ref(l)).collect())
+}
+
 /// Unpacks and checks a batch received from `agent_id` of `tenant`: every event must parse,
 /// belong to that agent, tenant and the batch's source, and carry increasing sequence numbers
 /// inside the span the batch announced (holes are allowed, see [`Batch`]).
@@ -177,6 +271,36 @@ mod tests {
                 referrer: None,
             }),
         )
+    }
+
+    /// Bad events are refused one by one, each with its place, seq and reason; the others are
+    /// taken in order. A fault of the batch as a whole is still an error.
+    #[test]
+    fn unpack_each_refuses_bad_events_and_keeps_the_rest() {
+        let mut events: Vec<Event> = (10..16).map(|s| event("acme", s)).collect();
+        events[1].tenant = "other".into();
+        let mut json: Vec<Vec<u8>> = events.iter().map(Event::to_json).collect();
+        json[3] = br#"{"seq": 13, "not": "an event"}"#.to_vec();
+        json[4] = b"{broken".to_vec();
+        let batch = Batch {
+            source_id: "web".into(),
+            first_seq: 10,
+            count: 6,
+            codec: Codec::Zstd,
+            payload: pack(json.iter().map(Vec::as_slice), Codec::Zstd).into(),
+        };
+        let (good, refused) = unpack_each(&batch, "a1", "acme", 1 << 20).unwrap();
+        let seqs: Vec<u64> = good.iter().map(|u| u.event.seq).collect();
+        assert_eq!(seqs, [10, 12, 15]);
+        let places: Vec<(u32, Option<u64>)> = refused.iter().map(|r| (r.index, r.seq)).collect();
+        assert_eq!(places, [(1, Some(11)), (3, Some(13)), (4, None)]);
+        assert!(refused[0].reason.contains("claims tenant \"other\""), "{:?}", refused[0]);
+        // The strict unpack refuses the whole batch at the first of them.
+        assert!(matches!(unpack(&batch, "a1", "acme", 1 << 20), Err(BatchError::ForeignTenant { index: 1, .. })));
+        let empty = Batch { payload: Bytes::new(), codec: Codec::Plain, ..batch.clone() };
+        assert!(matches!(unpack_each(&empty, "a1", "acme", 1 << 20), Err(BatchError::Empty)));
+        let too_many = Batch { count: 2, ..batch };
+        assert!(matches!(unpack_each(&too_many, "a1", "acme", 1 << 20), Err(BatchError::CountMismatch { .. })));
     }
 
     fn batch_of(events: &[Event], first_seq: u64, count: u32, codec: Codec) -> Batch {

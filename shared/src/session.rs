@@ -25,8 +25,8 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::wire::{
-    Ack, Batch, Enroll, Enrolled, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Renew, Renewed,
-    Welcome,
+    Ack, Batch, Enroll, Enrolled, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Refused, Renew,
+    Renewed, Welcome,
 };
 
 /// A breach of the protocol by the peer. The session has queued an error frame for the peer
@@ -51,6 +51,9 @@ pub enum ClientEvent {
     Ready(Welcome),
     /// A batch is durable in the cloud: its events may be deleted from the spool.
     Acked(Ack),
+    /// The gateway will never take some events of a batch (its ack follows): they leave the
+    /// line (moved aside, kept).
+    Refused(Refused),
     /// The gateway signed a renewed certificate.
     Renewed(Renewed),
     /// The gateway closed the session.
@@ -183,6 +186,13 @@ impl ClientSession {
                 self.events.push_back(ClientEvent::Renewed(r));
                 Ok(())
             }
+            (ClientState::Ready(_), Frame::Refused(r)) => {
+                // Before the batch's ack, which frees its place in the window.
+                if self.in_flight.contains(&(r.source_id.clone(), r.first_seq, r.count)) {
+                    self.events.push_back(ClientEvent::Refused(r));
+                }
+                Ok(())
+            }
             (ClientState::Ready(_), Frame::Ack(ack)) => {
                 if self.in_flight.remove(&(ack.source_id.clone(), ack.first_seq, ack.count)) {
                     self.events.push_back(ClientEvent::Acked(ack));
@@ -268,6 +278,8 @@ pub struct ServerSession {
     outbox: VecDeque<Frame>,
     events: VecDeque<ServerEvent>,
     n_unacked: u32,
+    /// The agent's hello said it takes [`Refused`].
+    refusals: bool,
 }
 
 impl ServerSession {
@@ -278,6 +290,7 @@ impl ServerSession {
             outbox: VecDeque::new(),
             events: VecDeque::new(),
             n_unacked: 0,
+            refusals: false,
         }
     }
 
@@ -329,6 +342,7 @@ impl ServerSession {
                 Ok(())
             }
             (ServerState::AwaitingHello, Frame::Hello(h)) => {
+                self.refusals = h.refusals;
                 if h.protocol_version != PROTOCOL_VERSION {
                     Err(ProtocolError::new(
                         ErrorCode::UnsupportedVersion,
@@ -431,6 +445,20 @@ impl ServerSession {
         }
     }
 
+    /// Whether the agent takes [`Refused`] (its hello said so).
+    pub fn takes_refusals(&self) -> bool {
+        self.refusals
+    }
+
+    /// Events of a batch will never be taken: tells the agent, which moves them aside; the
+    /// batch's ack follows once its other events are durable. (Only for an agent that takes
+    /// refusals: see [`ServerSession::takes_refusals`].)
+    pub fn refuse(&mut self, refused: Refused) {
+        if self.refusals && matches!(self.state, ServerState::Ready { .. }) {
+            self.outbox.push_back(Frame::Refused(refused));
+        }
+    }
+
     /// Closes the session with an error for the agent.
     pub fn fail(&mut self, code: ErrorCode, message: String) {
         if !self.is_closed() {
@@ -447,7 +475,7 @@ mod tests {
     use bytes::BytesMut;
 
     fn hello(version: u16) -> Hello {
-        Hello { protocol_version: version, agent_id: "a1".into(), agent_version: "0.1.0".into() }
+        Hello { protocol_version: version, agent_id: "a1".into(), agent_version: "0.1.0".into(), refusals: true }
     }
 
     fn batch(first_seq: u64) -> Batch {
@@ -598,5 +626,55 @@ mod tests {
         client.handle_frame(Frame::Error(e.clone()), Duration::ZERO).unwrap();
         assert_eq!(client.poll_event(), Some(ClientEvent::Closed(e)));
         assert!(!client.can_send_batch());
+    }
+
+    /// Refused events come before their batch's ack; only the ack frees the window. An agent
+    /// that does not take refusals gets none (the gateway closes on such batches instead).
+    #[test]
+    fn refusals_precede_the_ack_and_only_for_agents_that_take_them() {
+        let mut server = ServerSession::new(ServerLimits::default());
+        server.handle_frame(Frame::Hello(hello(PROTOCOL_VERSION))).unwrap();
+        assert!(server.takes_refusals());
+        let mut old = ServerSession::new(ServerLimits::default());
+        old.handle_frame(Frame::Hello(Hello { refusals: false, ..hello(PROTOCOL_VERSION) })).unwrap();
+        assert!(!old.takes_refusals());
+
+        let mut client = ClientSession::new(hello(PROTOCOL_VERSION));
+        let _ = client.poll_transmit();
+        client
+            .handle_frame(
+                Frame::Welcome(Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    tenant: "acme".into(),
+                    max_in_flight: 2,
+                    max_batch_bytes: 1 << 20,
+                    max_batch_events: 100,
+                    heartbeat_interval_ms: 5_000,
+                    max_event_bytes: None,
+                }),
+                Duration::ZERO,
+            )
+            .unwrap();
+        let _ = client.poll_event();
+        let batch = Batch {
+            source_id: "s".into(),
+            first_seq: 0,
+            count: 3,
+            codec: crate::wire::Codec::Plain,
+            payload: "x".into(),
+        };
+        client.send_batch(batch).unwrap();
+        let refused = Refused {
+            source_id: "s".into(),
+            first_seq: 0,
+            count: 3,
+            events: vec![crate::batch::RefusedEvent { index: 1, seq: Some(1), reason: "bad".into() }],
+        };
+        client.handle_frame(Frame::Refused(refused.clone()), Duration::ZERO).unwrap();
+        assert_eq!(client.poll_event(), Some(ClientEvent::Refused(refused)));
+        assert_eq!(client.n_in_flight(), 1, "the ack frees the window, not the refusal");
+        client.handle_frame(Frame::Ack(Ack { source_id: "s".into(), first_seq: 0, count: 3 }), Duration::ZERO).unwrap();
+        assert!(matches!(client.poll_event(), Some(ClientEvent::Acked(_))));
+        assert_eq!(client.n_in_flight(), 0);
     }
 }

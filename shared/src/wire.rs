@@ -18,6 +18,7 @@
 //! | 8 | [`Enrolled`] | JSON | gateway, the agent's certificate; then it closes |
 //! | 9 | [`Renew`] | JSON | agent, on an authenticated session |
 //! | 10 | [`Renewed`] | JSON | gateway, the renewed certificate |
+//! | 11 | [`Refused`] | JSON | gateway: events of a batch it will never take, before the batch's ack (to agents whose hello says `refusals`) |
 //!
 //! Control frames are JSON so that they can grow optional fields without a version bump; the
 //! hot frames are binary:
@@ -58,6 +59,7 @@ pub enum Frame {
     Enrolled(Enrolled),
     Renew(Renew),
     Renewed(Renewed),
+    Refused(Refused),
 }
 
 /// The agent introduces itself. Its identity is its client certificate's; `agent_id` must
@@ -67,6 +69,23 @@ pub struct Hello {
     pub protocol_version: u16,
     pub agent_id: String,
     pub agent_version: String,
+    /// The agent takes [`Refused`] for events the gateway will never accept (and moves them
+    /// aside); without it the gateway closes the session on such a batch, as before.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub refusals: bool,
+}
+
+/// Events of the batch (`source_id`, `first_seq`, `count`) the gateway will never take: each
+/// is invalid (naming another tenant or agent, an unknown schema, an empty key…), not
+/// unavailable. The batch's other events are written as usual and the batch is acknowledged
+/// after; the refused ones are declared holes in the source's seqs (like quarantined events),
+/// which the agent moves aside with their reasons. Sent before the batch's [`Ack`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Refused {
+    pub source_id: String,
+    pub first_seq: u64,
+    pub count: u32,
+    pub events: Vec<crate::batch::RefusedEvent>,
 }
 
 /// An agent without a certificate asks for one with an enrollment token. Never logged whole:
@@ -191,6 +210,9 @@ pub struct SourceStatus {
     /// Events found damaged in the spool and quarantined, in all.
     #[serde(default)]
     pub n_quarantined: u64,
+    /// Events the gateway refused for good, moved aside in the spool, in all.
+    #[serde(default)]
+    pub n_refused: u64,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -259,6 +281,7 @@ impl Frame {
             Frame::Enrolled(_) => 8,
             Frame::Renew(_) => 9,
             Frame::Renewed(_) => 10,
+            Frame::Refused(_) => 11,
         }
     }
 
@@ -281,6 +304,7 @@ impl Frame {
             Frame::Enrolled(v) => put_json(out, v),
             Frame::Renew(v) => put_json(out, v),
             Frame::Renewed(v) => put_json(out, v),
+            Frame::Refused(v) => put_json(out, v),
             Frame::Batch(b) => {
                 put_source_id(out, &b.source_id);
                 out.put_u64(b.first_seq);
@@ -340,6 +364,7 @@ fn type_name(ty: u8) -> &'static str {
         8 => "enrolled",
         9 => "renew",
         10 => "renewed",
+        11 => "refused",
         _ => "unknown",
     }
 }
@@ -356,6 +381,7 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, DecodeError> {
         8 => Ok(Frame::Enrolled(get_json(frame, &body)?)),
         9 => Ok(Frame::Renew(get_json(frame, &body)?)),
         10 => Ok(Frame::Renewed(get_json(frame, &body)?)),
+        11 => Ok(Frame::Refused(get_json(frame, &body)?)),
         3 => {
             let source_id = get_source_id(frame, &mut body)?;
             if body.remaining() < 8 + 4 + 1 {
@@ -431,6 +457,7 @@ mod tests {
     fn arb_frame() -> impl Strategy<Value = Frame> {
         prop_oneof![
             (any::<u16>(), arb_text(), arb_text()).prop_map(|(v, a, b)| Frame::Hello(Hello {
+                refusals: v % 2 == 0,
                 protocol_version: v,
                 agent_id: a,
                 agent_version: b,
@@ -488,11 +515,16 @@ mod tests {
                         n_errors: 1,
                         n_dropped: 2,
                         n_quarantined: 3,
+                        n_refused: 4,
                         last_error: Some("bad".into()),
                     }],
                 })
             }),
             arb_text().prop_map(|m| Frame::Error(ErrorFrame { code: ErrorCode::InvalidBatch, message: m })),
+            (arb_text(), any::<u64>(), any::<u32>(), arb_text()).prop_map(|(source_id, first_seq, count, reason)| {
+                let events = vec![crate::batch::RefusedEvent { index: count % 7, seq: Some(first_seq), reason }];
+                Frame::Refused(Refused { source_id, first_seq, count, events })
+            }),
         ]
     }
 

@@ -312,3 +312,82 @@ fn a_configuration_naming_another_tenant_is_refused_at_start_and_at_reload() {
     let said = log_of(&agent);
     assert_eq!(said.matches(says).count(), 2, "refused at start too: {said}");
 }
+
+/// A poison event in the spool, ahead of good ones (spooled under another tenant, as a
+/// copy-pasted configuration did before the agent checked it): the gateway refuses its batch
+/// for good, the agent moves it aside with the reason and goes on — the good events arrive
+/// exactly, without a reconnection loop — and the operator exports, then purges it.
+#[test]
+fn a_refused_batch_is_moved_aside_and_the_next_events_go_on() {
+    let (_, data, d) = deployment("poison", None);
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(18, 0);
+    let mut lines = generate(&mut g, 300);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+
+    // Stopped; a poison event spooled for the orders source, next in line.
+    agent.kill();
+    {
+        let mut spool = edge_agent::spool::Spool::open(&d.root.join("agent-a1/spool.db")).unwrap();
+        let state = spool.source_state("orders").unwrap();
+        use actidash_shared::event::{Event, OrderStatus, Payload, SalesOrder};
+        let poison = Event::new(
+            "other".into(),
+            "a1".into(),
+            "orders".into(),
+            state.next_seq,
+            Utc::now(),
+            Payload::Sales(SalesOrder {
+                order_id: "POISON-1".into(),
+                customer_id: "C-1".into(),
+                channel: "web".into(),
+                site: "shop-de".into(),
+                country: "DE".into(),
+                currency: "EUR".into(),
+                amount: actidash_shared::Money::parse("99").unwrap(),
+                items: vec![],
+                status: OrderStatus::Placed,
+            }),
+        );
+        spool.append("orders", &[poison.to_json()], &state.position, 0).unwrap();
+    }
+    let more = generate(&mut g, 300);
+    append_lines(&data, &more).unwrap();
+    lines.extend(more);
+    agent.restart().unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    let refused = |d: &actidash_tests::harness::Deployment| -> anyhow::Result<u64> {
+        let agents = d.get("/api/v1/agents")?;
+        let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
+        Ok(sources.iter().find(|s| s["source_id"] == "orders").map_or(0, |s| s["n_refused"].as_u64().unwrap_or(0)))
+    };
+    wait_until(TIMEOUT, "the heartbeat to count the refused event", || Ok(refused(&d)? == 1)).unwrap();
+    let said = log_of(&agent);
+    assert_eq!(said.matches("events refused by the gateway for good").count(), 1, "{said}");
+    assert_eq!(said.matches("connected to the gateway").count(), 2, "one connection per start, no loop: {said}");
+
+    // The operator's view: inspect, export, purge.
+    let cli = |args: &[&str]| -> String {
+        let out = std::process::Command::new(actidash_tests::harness::bin("edge-agent").unwrap())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let inspect = cli(&["spool", "inspect"]);
+    assert!(inspect.contains("claims tenant \"other\""), "{inspect}");
+    let exported = cli(&["spool", "refused", "export"]);
+    let rows: Vec<serde_json::Value> = exported.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rows.len(), 1, "{exported}");
+    assert_eq!((rows[0]["source_id"].as_str(), rows[0]["event"]["tenant"].as_str()), (Some("orders"), Some("other")));
+    assert!(rows[0]["reason"].as_str().unwrap().contains("this agent belongs to \"acme\""), "{exported}");
+    assert_eq!(cli(&["spool", "refused", "purge"]).trim(), "purged 1 refused events");
+    assert_eq!(cli(&["spool", "refused", "export"]), "");
+}

@@ -22,7 +22,7 @@ use std::time::Duration;
 use actidash_shared::batch;
 use actidash_shared::kafka::FleetRecord;
 use actidash_shared::session::{ServerEvent, ServerLimits, ServerSession};
-use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Renewed};
+use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Refused, Renewed};
 use anyhow::Context as _;
 use bytes::BytesMut;
 use futures::StreamExt as _;
@@ -566,15 +566,41 @@ impl Connection {
                         debug!(agent_id = %agent_id, wait_ms = wait.as_millis() as u64, "agent over its rate: reading it more slowly");
                         tokio::time::sleep(wait).await;
                     }
-                    match batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED) {
-                        Ok(events) => match self.sink.submit(self.id, events).await {
-                            Ok(done) => pending.push_back(ack_when_done(ack, done)),
-                            Err(e) => {
-                                bump(&self.metrics.sink_failures, 1);
-                                warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
-                                session.fail(ErrorCode::Unavailable, e.to_string());
+                    // An agent that takes refusals gets bad events refused one by one (the
+                    // rest of the batch is written); an older one is disconnected, as before.
+                    let unpacked = if session.takes_refusals() {
+                        batch::unpack_each(&b, agent_id, tenant, MAX_DECOMPRESSED)
+                    } else {
+                        batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED).map(|events| (events, Vec::new()))
+                    };
+                    match unpacked {
+                        Ok((events, refused)) => {
+                            if !refused.is_empty() {
+                                bump(&self.metrics.invalid_batches, 1);
+                                if refused.iter().any(|r| r.reason.contains("claims tenant")) {
+                                    bump(&self.metrics.foreign_tenant_batches, 1);
+                                }
+                                warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, n_refused = refused.len(), first_reason = %refused[0].reason, "events refused for good; the rest of the batch is taken");
+                                session.refuse(Refused {
+                                    source_id: b.source_id.clone(),
+                                    first_seq: b.first_seq,
+                                    count: b.count,
+                                    events: refused,
+                                });
                             }
-                        },
+                            if events.is_empty() {
+                                pending.push_back(ack_when_done(ack, Box::pin(async { Ok(()) })));
+                                continue;
+                            }
+                            match self.sink.submit(self.id, events).await {
+                                Ok(done) => pending.push_back(ack_when_done(ack, done)),
+                                Err(e) => {
+                                    bump(&self.metrics.sink_failures, 1);
+                                    warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
+                                    session.fail(ErrorCode::Unavailable, e.to_string());
+                                }
+                            }
+                        }
                         Err(e) => {
                             bump(&self.metrics.invalid_batches, 1);
                             if matches!(e, batch::BatchError::ForeignTenant { .. }) {

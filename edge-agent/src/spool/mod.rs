@@ -37,7 +37,8 @@ use std::time::Duration;
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] =
+    &[include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_refused.sql")];
 
 /// What to do when the spool is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -129,6 +130,19 @@ pub struct SourceState {
     pub n_errors: u64,
     pub n_dropped: u64,
     pub n_quarantined: u64,
+    /// Events the gateway refused for good, moved to `refused`.
+    pub n_refused: u64,
+}
+
+/// An event the gateway refused for good, with its reason.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RefusedEvent {
+    pub source_id: String,
+    pub seq: u64,
+    pub body: Vec<u8>,
+    pub reason: String,
+    /// Unix milliseconds.
+    pub at: i64,
 }
 
 /// Depth of the spool, for heartbeats and `spool inspect`.
@@ -330,7 +344,7 @@ impl Spool {
     pub fn source_state(&self, source_id: &str) -> Result<SourceState, SpoolError> {
         self.conn
             .query_row(
-                "SELECT next_seq, position, n_errors, n_dropped, n_quarantined FROM sources WHERE source_id = ?1",
+                "SELECT next_seq, position, n_errors, n_dropped, n_quarantined, n_refused FROM sources WHERE source_id = ?1",
                 params![source_id],
                 |r| {
                     Ok(SourceState {
@@ -339,6 +353,7 @@ impl Spool {
                         n_errors: r.get::<_, i64>(2)? as u64,
                         n_dropped: r.get::<_, i64>(3)? as u64,
                         n_quarantined: r.get::<_, i64>(4)? as u64,
+                        n_refused: r.get::<_, i64>(5)? as u64,
                     })
                 },
             )
@@ -481,6 +496,81 @@ impl Spool {
             self.quarantine(source_id, no, seq, Some(&body), "checksum mismatch")?;
         }
         Ok(out)
+    }
+
+    /// Moves the events of `source_id` in the span `first_seq .. first_seq + count` to
+    /// `refused` with the gateway's `reason`, and counts them; returns how many moved. The span
+    /// becomes a hole in the source's seqs (as quarantined events are).
+    pub fn refuse_span(
+        &mut self,
+        source_id: &str,
+        first_seq: u64,
+        count: u32,
+        reason: &str,
+    ) -> Result<u64, SpoolError> {
+        let path = self.path.clone();
+        let e = |source| SpoolError::from_sqlite(&path, source);
+        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(0) };
+        let (from, to) = (event_key(no, first_seq), event_key(no, first_seq + u64::from(count)));
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+        let moved = tx
+            .execute(
+                "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at)
+                 SELECT ?1, key & 1099511627775, body, ?2, ?3 FROM events WHERE key >= ?4 AND key < ?5",
+                params![source_id, reason, now_ms(), from, to],
+            )
+            .map_err(e)? as u64;
+        let bytes: i64 = tx
+            .query_row(
+                "SELECT coalesce(sum(length(body)), 0) FROM events WHERE key >= ?1 AND key < ?2",
+                params![from, to],
+                |r| r.get(0),
+            )
+            .map_err(e)?;
+        tx.execute("DELETE FROM events WHERE key >= ?1 AND key < ?2", params![from, to]).map_err(e)?;
+        tx.execute(
+            "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
+            params![moved as i64, bytes],
+        )
+        .map_err(e)?;
+        tx.execute(
+            "UPDATE sources SET n_refused = n_refused + ?1 WHERE source_id = ?2",
+            params![moved as i64, source_id],
+        )
+        .map_err(e)?;
+        tx.commit().map_err(e)?;
+        Ok(moved)
+    }
+
+    /// Every refused event, by source and seq.
+    pub fn refused(&self) -> Result<Vec<RefusedEvent>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare("SELECT source_id, seq, body, reason, at FROM refused ORDER BY source_id, seq")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(RefusedEvent {
+                    source_id: r.get(0)?,
+                    seq: r.get::<_, i64>(1)? as u64,
+                    body: r.get(2)?,
+                    reason: r.get(3)?,
+                    at: r.get(4)?,
+                })
+            })
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().map_err(|e| self.err(e))
+    }
+
+    /// Deletes the refused events (of one source, or all); returns how many. Their count in
+    /// the source's state stays: it is how many were ever refused.
+    pub fn purge_refused(&mut self, source_id: Option<&str>) -> Result<u64, SpoolError> {
+        let n = match source_id {
+            Some(id) => self.conn.execute("DELETE FROM refused WHERE source_id = ?1", params![id]),
+            None => self.conn.execute("DELETE FROM refused", []),
+        }
+        .map_err(|e| self.err(e))?;
+        Ok(n as u64)
     }
 
     /// Moves one event that cannot be delivered to quarantine (kept there with `reason`) and
@@ -762,6 +852,28 @@ impl Spool {
                 params![report.n_saved as i64, n_bytes],
             )
             .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            // Refused events and their counts, as far as they read (a version 1 spool has none).
+            let refused: Vec<(String, i64, Vec<u8>, String, i64)> = old
+                .prepare("SELECT source_id, seq, body, reason, at FROM refused")
+                .and_then(|mut st| {
+                    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+                })
+                .unwrap_or_default();
+            for (source_id, seq, body, reason, at) in refused {
+                tx.execute(
+                    "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![source_id, seq, body, reason, at],
+                )
+                .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            }
+            let counts: Vec<(String, i64)> = old
+                .prepare("SELECT source_id, n_refused FROM sources")
+                .and_then(|mut st| st.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect())
+                .unwrap_or_default();
+            for (source_id, n) in counts {
+                tx.execute("UPDATE sources SET n_refused = ?1 WHERE source_id = ?2", params![n, source_id])
+                    .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            }
             tx.commit().map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
             // Everything into the main file before it is moved.
             fresh

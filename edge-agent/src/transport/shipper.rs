@@ -227,6 +227,7 @@ impl Shipper {
             protocol_version: PROTOCOL_VERSION,
             agent_id: self.settings.agent_id.clone(),
             agent_version: AGENT_VERSION.into(),
+            refusals: true,
         });
         // The key of a renewal in progress; its certificate comes back on this session. The
         // validity checked is the newest certificate's, so a session that outlives several
@@ -294,6 +295,31 @@ impl Shipper {
                     ClientEvent::Acked(ack) => {
                         debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, "batch acknowledged");
                         self.acker.acknowledged(ack.source_id, ack.first_seq, ack.count)?;
+                    }
+                    ClientEvent::Refused(r) => {
+                        // Before the batch's ack (which deletes the rest of its span): the
+                        // refused events move aside, by seq (or by their place in the batch).
+                        let moved = tokio::task::block_in_place(|| -> anyhow::Result<u64> {
+                            let rows = self.spool.read(&r.source_id, r.first_seq, r.count as usize, usize::MAX)?;
+                            let mut moved = 0;
+                            for e in &r.events {
+                                let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
+                                if let Some(seq) =
+                                    seq.filter(|s| (r.first_seq..r.first_seq + u64::from(r.count)).contains(s))
+                                {
+                                    moved += self.spool.refuse_span(&r.source_id, seq, 1, &e.reason)?;
+                                }
+                            }
+                            Ok(moved)
+                        })?;
+                        let reason = r.events.first().map(|e| e.reason.as_str()).unwrap_or("");
+                        warn!(source = %r.source_id, first_seq = r.first_seq, n_refused = r.events.len(), moved, reason = %reason, "events refused by the gateway for good: moved aside (edge-agent spool refused export); the others go on");
+                        if let Some(status) =
+                            self.statuses.iter().find(|s| s.lock().is_ok_and(|s| s.source_id == r.source_id))
+                        {
+                            status.lock().unwrap_or_else(|p| p.into_inner()).last_error =
+                                Some(format!("{moved} events refused by the gateway: {reason}"));
+                        }
                     }
                     ClientEvent::Renewed(r) => {
                         if let Some(key) = renewing_key.take() {
@@ -387,6 +413,7 @@ impl Shipper {
             let state = tokio::task::block_in_place(|| self.spool.source_state(&status.source_id))?;
             status.n_dropped = state.n_dropped;
             status.n_quarantined = state.n_quarantined;
+            status.n_refused = state.n_refused;
         }
         Ok(Heartbeat {
             agent_version: AGENT_VERSION.into(),
