@@ -284,8 +284,21 @@ async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long the topics may take to appear in the cluster's metadata (a topic just created is
+/// known to the controller first, to the other brokers a moment later).
+const TOPICS_SETTLE: Duration = Duration::from_secs(30);
+
+/// Why the topics do not pass the check.
+enum TopicCheck {
+    /// Not (yet) visible: missing, or created a moment ago.
+    NotYet(anyhow::Error),
+    /// Present but wrong (another partition count): never retried.
+    Wrong(anyhow::Error),
+}
+
 /// Checks that every topic exists with the pinned partition count, and returns the smallest
-/// `max.message.bytes` among them.
+/// `max.message.bytes` among them. Topics just created (`create_topics`) and not yet in the
+/// metadata are waited for up to [`TOPICS_SETTLE`]; otherwise they must be there at once.
 async fn check_topics(config: &KafkaConfig) -> anyhow::Result<u32> {
     let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap_servers)
@@ -294,38 +307,68 @@ async fn check_topics(config: &KafkaConfig) -> anyhow::Result<u32> {
     let mut names: Vec<String> =
         actidash_shared::Domain::ALL.iter().map(|d| kafka::domain_topic(&config.topic_prefix, *d)).collect();
     names.push(kafka::fleet_topic(&config.topic_prefix));
-    for name in &names {
+    let settle = if config.create_topics { TOPICS_SETTLE } else { Duration::ZERO };
+    let deadline = tokio::time::Instant::now() + settle;
+    loop {
+        match check_topics_once(config, &admin, &names).await {
+            Ok(limit) => return Ok(limit),
+            Err(TopicCheck::Wrong(e)) => return Err(e),
+            Err(TopicCheck::NotYet(e)) if tokio::time::Instant::now() >= deadline => return Err(e),
+            Err(TopicCheck::NotYet(e)) => {
+                tracing::debug!(error = format!("{e:#}"), "topics not ready yet");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+}
+
+async fn check_topics_once(
+    config: &KafkaConfig,
+    admin: &AdminClient<DefaultClientContext>,
+    names: &[String],
+) -> Result<u32, TopicCheck> {
+    let not_yet = |e: anyhow::Error| TopicCheck::NotYet(e);
+    for name in names {
         let metadata = admin
             .inner()
-            .fetch_metadata(Some(name), Duration::from_secs(30))
-            .with_context(|| format!("reading the metadata of topic {name}"))?;
-        let topic = metadata.topics().first().with_context(|| format!("topic {name}: no metadata"))?;
+            .fetch_metadata(Some(name), Duration::from_secs(10))
+            .with_context(|| format!("reading the metadata of topic {name}"))
+            .map_err(not_yet)?;
+        let topic = metadata.topics().first().with_context(|| format!("topic {name}: no metadata")).map_err(not_yet)?;
         if let Some(e) = topic.error() {
-            anyhow::bail!(
+            return Err(not_yet(anyhow::anyhow!(
                 "topic {name}: {:?} (create it, or set [kafka] create_topics = true)",
                 RDKafkaErrorCode::from(e)
-            );
+            )));
         }
         let found = topic.partitions().len() as i32;
-        anyhow::ensure!(
-            found == config.partitions,
-            "topic {name} has {found} partitions, but [kafka] partitions = {}: an event's partition is a function of its key and this count, so they must agree (to grow a topic, follow docs/operations.md)",
-            config.partitions
-        );
+        if found == 0 {
+            return Err(not_yet(anyhow::anyhow!("topic {name}: no partitions in its metadata yet")));
+        }
+        if found != config.partitions {
+            return Err(TopicCheck::Wrong(anyhow::anyhow!(
+                "topic {name} has {found} partitions, but [kafka] partitions = {}: an event's partition is a function of its key and this count, so they must agree (to grow a topic, follow docs/operations.md)",
+                config.partitions
+            )));
+        }
     }
     let specifiers: Vec<ResourceSpecifier<'_>> = names.iter().map(|n| ResourceSpecifier::Topic(n)).collect();
     let described = admin
-        .describe_configs(&specifiers, &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
+        .describe_configs(&specifiers, &AdminOptions::new().request_timeout(Some(Duration::from_secs(10))))
         .await
-        .context("reading the topics' configuration")?;
+        .context("reading the topics' configuration")
+        .map_err(not_yet)?;
     let mut smallest = u32::MAX;
     for (name, result) in names.iter().zip(described) {
-        let resource = result.map_err(|code| anyhow::anyhow!("reading the configuration of topic {name}: {code}"))?;
+        let resource = result
+            .map_err(|code| anyhow::anyhow!("reading the configuration of topic {name}: {code}"))
+            .map_err(not_yet)?;
         let limit = resource
             .get("max.message.bytes")
             .and_then(|e| e.value.as_deref())
             .and_then(|v| v.parse::<u32>().ok())
-            .with_context(|| format!("topic {name}: no max.message.bytes in its configuration"))?;
+            .with_context(|| format!("topic {name}: no max.message.bytes in its configuration"))
+            .map_err(not_yet)?;
         smallest = smallest.min(limit);
     }
     Ok(smallest)
