@@ -11,3 +11,7 @@ CREATE TABLE IF NOT EXISTS refused (
 );
 
 ALTER TABLE sources ADD COLUMN n_refused INTEGER NOT NULL DEFAULT 0;  -- events moved to `refused`
+
+-- A source whose next seq could not be established (a salvage that could not read its events):
+-- appending is refused with this reason, so that no seq is ever used twice.
+ALTER TABLE sources ADD COLUMN blocked TEXT;

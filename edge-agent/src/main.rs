@@ -181,6 +181,9 @@ fn main() -> anyhow::Result<()> {
                     "{:<20} {:>12} {:>10} {:>10} {:>12} {:>10}  {}",
                     id, s.next_seq, s.n_errors, s.n_dropped, s.n_quarantined, s.n_refused, s.position
                 );
+                if let Some(reason) = &s.blocked {
+                    println!("{:<20} STOPPED: {reason}", "");
+                }
             }
             let refused = spool.refused()?;
             if !refused.is_empty() {

@@ -81,6 +81,58 @@ impl ConsumerContext for ProcessorContext {
     }
 }
 
+/// Partitions whose consumer must go back to the stored offset and could not yet: they are
+/// unassigned (their messages ignored, nothing of them committed) until a seek succeeds.
+#[derive(Debug, Default)]
+struct Reseek {
+    /// Partition → (its stored offset, the assignment generation it was found in).
+    pending: HashMap<(String, i32), (Option<i64>, u64)>,
+}
+
+impl Reseek {
+    /// Sends a partition's consumer back to `stored` (after a fence or a discontinuity): when
+    /// the seek fails, the partition is unassigned and the seek retried later.
+    fn send_back(
+        &mut self,
+        key: (String, i32),
+        stored: Option<i64>,
+        generation: u64,
+        assigned: &mut Assigned,
+        mut seek: impl FnMut(&str, i32, Option<i64>) -> bool,
+    ) {
+        if seek(&key.0, key.1, stored) {
+            assigned.insert(key, stored);
+        } else {
+            assigned.remove(&key);
+            self.pending.insert(key, (stored, generation));
+        }
+    }
+
+    /// Retries the pending seeks; a partition whose seek succeeds is assigned again (unless a
+    /// rebalance happened meanwhile, which set every assigned partition's start from the store
+    /// anew and makes the pending seeks moot).
+    fn retry(
+        &mut self,
+        generation: u64,
+        assigned: &Mutex<Assigned>,
+        current_generation: impl Fn() -> u64,
+        mut seek: impl FnMut(&str, i32, Option<i64>) -> bool,
+    ) {
+        self.pending.retain(|_, (_, at)| *at == generation);
+        let keys: Vec<(String, i32)> = self.pending.keys().cloned().collect();
+        for key in keys {
+            let Some(&(stored, _)) = self.pending.get(&key) else { continue };
+            if seek(&key.0, key.1, stored) {
+                self.pending.remove(&key);
+                let mut assigned = assigned.lock().unwrap_or_else(|p| p.into_inner());
+                if current_generation() == generation {
+                    assigned.insert(key, stored);
+                }
+            }
+        }
+    }
+}
+
 /// Moves the consumer of a partition to its stored offset (the beginning when none); false,
 /// logged, when it cannot.
 fn seek_to_stored(consumer: &BaseConsumer<ProcessorContext>, topic: &str, partition: i32, stored: Option<i64>) -> bool {
@@ -133,24 +185,19 @@ impl KafkaProcessor {
         info!(group = %self.config.group_id, topics = ?topics, "Kafka processor started");
         // Partitions whose consumer must go back to the stored offset, and has not yet: they
         // are unassigned (their messages ignored) until the seek succeeds.
-        let mut pending_seeks: HashMap<(String, i32), (Option<i64>, u64)> = HashMap::new();
+        let mut reseek = Reseek::default();
 
         while !self.shutdown.is_cancelled() {
             if consumer.context().fatal.load(Ordering::SeqCst) {
                 anyhow::bail!("the processor cannot read its stored offsets; stopping");
             }
             let generation = consumer.context().generation.load(Ordering::SeqCst);
-            // A rebalance since set every assigned partition's start from the store again.
-            pending_seeks.retain(|_, (_, at)| *at == generation);
-            for ((topic, partition), (stored, _)) in pending_seeks.clone() {
-                if seek_to_stored(&consumer, &topic, partition, stored) {
-                    pending_seeks.remove(&(topic.clone(), partition));
-                    let mut assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner());
-                    if consumer.context().generation.load(Ordering::SeqCst) == generation {
-                        assigned.insert((topic, partition), stored);
-                    }
-                }
-            }
+            reseek.retry(
+                generation,
+                &consumer.context().assigned,
+                || consumer.context().generation.load(Ordering::SeqCst),
+                |topic, partition, stored| seek_to_stored(&consumer, topic, partition, stored),
+            );
             let mut n_messages = 0;
             let mut n_bad = 0;
             // Per partition: its events, its first message's offset, the offset after its last.
@@ -222,13 +269,9 @@ impl KafkaProcessor {
                         } else {
                             error!(topic = %claim.topic, partition = claim.partition, ?stored, first = claim.first, "the batch does not start at the stored offset (the consumer skipped or repeated a range); not committed, seeking back to the stored offset");
                         }
-                        if seek_to_stored(&consumer, &claim.topic, claim.partition, stored) {
-                            assigned.insert(key, stored);
-                        } else {
-                            // Not where the store is: nothing of it is committed until it is.
-                            assigned.remove(&key);
-                            pending_seeks.insert(key, (stored, generation));
-                        }
+                        reseek.send_back(key, stored, generation, &mut assigned, |topic, partition, stored| {
+                            seek_to_stored(&consumer, topic, partition, stored)
+                        });
                     } else {
                         let _ = positions.add_partition_offset(
                             &claim.topic,
@@ -248,5 +291,56 @@ impl KafkaProcessor {
         }
         info!("Kafka processor stopped");
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A failed seek leaves the partition unassigned (so no batch of it is committed from the
+    /// wrong place) until a retry succeeds; a rebalance meanwhile drops the pending seek.
+    #[test]
+    fn a_failed_seek_unassigns_the_partition_until_a_retry_succeeds() {
+        let assigned = Mutex::new(Assigned::from([(("t".to_owned(), 0), Some(40)), (("t".to_owned(), 1), Some(7))]));
+        let mut reseek = Reseek::default();
+        let key = ("t".to_owned(), 0);
+        reseek.send_back(key.clone(), Some(42), 3, &mut assigned.lock().unwrap(), |_, _, _| false);
+        assert!(!assigned.lock().unwrap().contains_key(&key), "unassigned while the consumer is elsewhere");
+        // Still failing: still unassigned.
+        reseek.retry(3, &assigned, || 3, |_, _, _| false);
+        assert!(!assigned.lock().unwrap().contains_key(&key));
+        // The seek goes through: assigned again, at the stored offset.
+        let mut asked = Vec::new();
+        reseek.retry(
+            3,
+            &assigned,
+            || 3,
+            |t, p, o| {
+                asked.push((t.to_owned(), p, o));
+                true
+            },
+        );
+        assert_eq!(asked, [("t".to_owned(), 0, Some(42))]);
+        assert_eq!(assigned.lock().unwrap().get(&key), Some(&Some(42)));
+        assert_eq!(assigned.lock().unwrap().get(&("t".to_owned(), 1)), Some(&Some(7)), "other partitions untouched");
+
+        // A seek that succeeds at once keeps the partition, at the stored offset.
+        reseek.send_back(key.clone(), Some(50), 3, &mut assigned.lock().unwrap(), |_, _, _| true);
+        assert_eq!(assigned.lock().unwrap().get(&key), Some(&Some(50)));
+
+        // Failed, then a rebalance (generation 4): the old pending seek is dropped.
+        reseek.send_back(key.clone(), Some(60), 3, &mut assigned.lock().unwrap(), |_, _, _| false);
+        let mut asked = 0;
+        reseek.retry(
+            4,
+            &assigned,
+            || 4,
+            |_, _, _| {
+                asked += 1;
+                true
+            },
+        );
+        assert_eq!(asked, 0, "the rebalance set the partition's start from the store anew");
     }
 }

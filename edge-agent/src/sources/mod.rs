@@ -150,6 +150,14 @@ impl SourceContext {
         let mut delay = Duration::from_millis(100);
         let mut paused_since: Option<Instant> = None;
         while let Err(e) = self.spool.append(source_id, &commit.bodies, &commit.position, n_errors) {
+            if let crate::spool::SpoolError::Blocked { reason, .. } = &e {
+                tracing::error!(source = %source_id, reason = %reason, "source stopped: its next seq is unknown");
+                update_status(&self.status, |s| {
+                    s.state = "error".into();
+                    s.last_error = Some(e.to_string());
+                });
+                return false;
+            }
             if paused_since.is_none() {
                 if e.is_full() {
                     warn!(source = %source_id, error = %e, "spool full: source paused, keeping its position");

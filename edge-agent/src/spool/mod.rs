@@ -95,6 +95,8 @@ pub enum SpoolError {
     TooNew { path: PathBuf, found: usize, known: usize },
     #[error("spool {path}: cannot salvage: {reason}")]
     Salvage { path: PathBuf, reason: String },
+    #[error("spool {path}: source {source_id} is stopped: {reason}")]
+    Blocked { path: PathBuf, source_id: String, reason: String },
 }
 
 impl SpoolError {
@@ -132,6 +134,8 @@ pub struct SourceState {
     pub n_quarantined: u64,
     /// Events the gateway refused for good, moved to `refused`.
     pub n_refused: u64,
+    /// Why appending is refused (a salvage could not establish the next seq), if it is.
+    pub blocked: Option<String>,
 }
 
 /// An event the gateway refused for good, with its reason.
@@ -182,8 +186,10 @@ pub struct SalvageReport {
     /// Events known to have been in the spool (seqs below `next_seq` not yet acknowledged
     /// cannot be told apart from acknowledged ones, so this counts rows that failed to read).
     pub n_lost: u64,
-    /// Where the damaged file was moved.
+    /// Where the damaged file was copied.
     pub damaged_copy: PathBuf,
+    /// Sources whose next seq could not be established: kept, but blocked (they stop).
+    pub blocked: Vec<String>,
 }
 
 /// A handle on the spool database.
@@ -344,7 +350,7 @@ impl Spool {
     pub fn source_state(&self, source_id: &str) -> Result<SourceState, SpoolError> {
         self.conn
             .query_row(
-                "SELECT next_seq, position, n_errors, n_dropped, n_quarantined, n_refused FROM sources WHERE source_id = ?1",
+                "SELECT next_seq, position, n_errors, n_dropped, n_quarantined, n_refused, blocked FROM sources WHERE source_id = ?1",
                 params![source_id],
                 |r| {
                     Ok(SourceState {
@@ -354,6 +360,7 @@ impl Spool {
                         n_dropped: r.get::<_, i64>(3)? as u64,
                         n_quarantined: r.get::<_, i64>(4)? as u64,
                         n_refused: r.get::<_, i64>(5)? as u64,
+                        blocked: r.get(6)?,
                     })
                 },
             )
@@ -394,12 +401,15 @@ impl Spool {
                 }
             }
         }
-        let known: Option<(i64, i64)> = tx
-            .prepare_cached("SELECT source_no, next_seq FROM sources WHERE source_id = ?1")
-            .and_then(|mut st| st.query_row(params![source_id], |r| Ok((r.get(0)?, r.get(1)?))).optional())
+        let known: Option<(i64, i64, Option<String>)> = tx
+            .prepare_cached("SELECT source_no, next_seq, blocked FROM sources WHERE source_id = ?1")
+            .and_then(|mut st| st.query_row(params![source_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?))).optional())
             .map_err(e)?;
+        if let Some((_, _, Some(reason))) = known {
+            return Err(SpoolError::Blocked { path: path.clone(), source_id: source_id.to_owned(), reason });
+        }
         let (no, first_seq) = match known {
-            Some((no, next)) => (no, next as u64),
+            Some((no, next, _)) => (no, next as u64),
             None => {
                 let no: i64 =
                     tx.query_row("SELECT coalesce(max(source_no), 0) + 1 FROM sources", [], |r| r.get(0)).map_err(e)?;
@@ -751,11 +761,13 @@ impl Spool {
     /// (`spool.db.damaged-<unix ms>`) for inspection.
     ///
     /// A seq is never used twice: each source's next seq is the larger of the stored one and
-    /// the highest seq found among its events, plus one. When a source's next seq cannot be
-    /// established (the sources table, or its part of the events, is unreadable), nothing is
-    /// changed: the damaged spool stays where it is, and the salvage fails (at every start)
-    /// with an error telling the operator to re-enroll the agent under a new id — restarting
-    /// its seqs would drop new events as duplicates of old ones, or count re-read ones twice.
+    /// the highest seq found among its events, plus one. A source whose events cannot be read
+    /// is kept but blocked: appending to it is refused with the reason (the source stops with
+    /// it, telling the operator to re-enroll under a new agent id), the other sources go on.
+    /// When the sources table itself is unreadable, no source's next seq can be established:
+    /// nothing is changed, the damaged spool stays where it is, and the salvage fails (at every
+    /// start) saying so — restarting seqs would drop new events as duplicates of old ones, or
+    /// count re-read ones twice.
     pub fn salvage(path: &Path) -> Result<SalvageReport, SpoolError> {
         let salvage_err = |reason: String| SpoolError::Salvage { path: path.to_owned(), reason };
         let damaged_copy = path.with_extension(format!("db.damaged-{}", now_ms()));
@@ -817,19 +829,32 @@ impl Spool {
             for (source_id, no, stored_next, position, n_errors, n_dropped, n_quarantined) in &sources {
                 // Events beyond the stored next seq (a stale row beside newer events): the
                 // next seq follows the highest one.
-                let highest: Option<i64> = old
+                // Events beyond the stored next seq (a stale row beside newer events): the
+                // next seq follows the highest one. When this source's events cannot be read,
+                // its next seq is unknown: the source is kept, blocked (it stops with this
+                // reason rather than reuse a seq); the others go on.
+                let recovered = old
                     .query_row(
                         "SELECT max(key) FROM events WHERE key >= ?1 AND key < ?2",
                         params![event_key(*no, 0), event_key(*no + 1, 0)],
-                        |r| r.get(0),
+                        |r| r.get::<_, Option<i64>>(0),
                     )
-                    .map_err(|e| unrecoverable(format!("the events of source {source_id} cannot be read ({e})")))?;
-                let next_seq = highest.map_or(*stored_next as u64, |k| (seq_of(k) + 1).max(*stored_next as u64));
+                    .map(|highest| highest.map_or(*stored_next as u64, |k| (seq_of(k) + 1).max(*stored_next as u64)))
+                    .and_then(|next_seq| salvage_source(&old, &tx, *no, next_seq).map(|r| (next_seq, r)));
+                let (next_seq, (saved, lost, bytes), blocked) = match recovered {
+                    Ok((next_seq, r)) => (next_seq, r, None),
+                    Err(e) => {
+                        let reason = format!(
+                            "its events could not be read after spool damage ({e}), so its next seq is unknown and a seq must never be used twice: re-enroll this agent under a new agent id with an empty data_dir (edge-agent enroll)"
+                        );
+                        tracing::error!(source = %source_id, reason = %reason, "salvage: source blocked");
+                        report.blocked.push(source_id.clone());
+                        (*stored_next as u64, (0, 0, 0), Some(reason))
+                    }
+                };
                 if next_seq != *stored_next as u64 {
                     tracing::warn!(source = %source_id, stored = stored_next, recovered = next_seq, "salvage: the stored next seq was behind the spooled events");
                 }
-                let (saved, lost, bytes) =
-                    salvage_source(&old, &tx, *no, next_seq).map_err(|e| SpoolError::from_sqlite(path, e))?;
                 report.n_saved += saved;
                 report.n_lost += lost;
                 n_bytes += bytes;
@@ -841,9 +866,9 @@ impl Spool {
                     .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
                 }
                 tx.execute(
-                    "INSERT INTO sources (source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-                    params![source_id, no, next_seq as i64, position, n_errors, n_dropped, n_quarantined + lost as i64],
+                    "INSERT INTO sources (source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined, blocked)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+                    params![source_id, no, next_seq as i64, position, n_errors, n_dropped, n_quarantined + lost as i64, blocked],
                 )
                 .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
             }

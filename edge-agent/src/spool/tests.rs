@@ -192,6 +192,39 @@ fn a_salvage_that_cannot_recover_the_next_seqs_changes_nothing_and_says_to_re_en
     }
 }
 
+/// One source's events unreadable (the last page of the file, where its newest rows are): that
+/// source's next seq cannot be established, so it is kept but blocked — appending to it is
+/// refused with a reason that says to re-enroll — while the other source is salvaged and goes
+/// on.
+#[test]
+fn a_source_whose_next_seq_is_unknown_is_blocked_and_the_others_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let mut spool = Spool::open(&path).unwrap();
+        spool.append("a", &(0..10).map(body).collect::<Vec<_>>(), "{\"offset\":10}", 0).unwrap();
+        let big: Vec<Vec<u8>> =
+            (0..2000).map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300)).into_bytes()).collect();
+        for chunk in big.chunks(500) {
+            spool.append("b", chunk, "{\"offset\":1}", 0).unwrap();
+        }
+    }
+    let pages = std::fs::metadata(&path).unwrap().len() / 16_384;
+    damage_page(&path, pages);
+    let report = Spool::salvage(&path).unwrap();
+    assert_eq!(report.blocked, ["b"], "{report:?}");
+    let mut spool = Spool::open(&path).unwrap();
+    let a = spool.source_state("a").unwrap();
+    assert_eq!((a.next_seq, a.blocked.as_deref()), (10, None));
+    assert_eq!(spool.append("a", &[body(10)], "{\"offset\":11}", 0).unwrap(), 10);
+    let b = spool.source_state("b").unwrap();
+    assert_eq!(b.next_seq, 2000, "the stored next seq is kept, never lowered");
+    assert!(b.blocked.as_deref().unwrap_or("").contains("re-enroll"), "{b:?}");
+    let refused = spool.append("b", &[body(1)], "{\"offset\":2}", 0).unwrap_err();
+    assert!(matches!(refused, SpoolError::Blocked { .. }), "{refused}");
+    assert!(refused.to_string().contains("source b is stopped"), "{refused}");
+}
+
 /// A stale sources row beside newer events (a damaged header, a lost update): the next seq
 /// follows the highest spooled seq, never reuses one.
 #[test]

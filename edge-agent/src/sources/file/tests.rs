@@ -272,3 +272,49 @@ fn invalid_patterns_and_a_missing_path_are_named() {
     assert_eq!(field, "include");
     assert!(msg.contains("/x/[a"), "{msg}");
 }
+
+/// A source the salvage blocked (its next seq unknown) stops with the reason instead of
+/// appending events whose seqs may have been used.
+#[test]
+fn a_blocked_source_stops_with_its_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stock.csv");
+    let spool_path = dir.path().join("spool.db");
+    let cfg = config(&format!(
+        r#"
+id = "stock"
+path = "{}"
+format = "csv"
+poll_interval_ms = 20
+[mapping]
+domain = "inventory"
+event_time = {{ field = "at", format = "%Y-%m-%d %H:%M:%S" }}
+fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
+"#,
+        file.display()
+    ));
+    append(&file, "sku,wh,qty,at\nS1,W1,5,2026-11-27 10:00:00\n");
+    {
+        let mut spool = Spool::open(&spool_path).unwrap();
+        spool.append("stock", &[b"{}".to_vec()], "", 0).unwrap();
+        let conn = rusqlite::Connection::open(&spool_path).unwrap();
+        conn.execute("UPDATE sources SET blocked = 'its next seq is unknown: re-enroll' WHERE source_id = 'stock'", [])
+            .unwrap();
+    }
+    let shutdown = CancellationToken::new();
+    let ctx = test_context(&spool_path, &dir.path().join("dead.jsonl"), &shutdown);
+    let status = ctx.status.clone();
+    let source = FileSource { config: cfg, ctx };
+    let thread = std::thread::spawn(move || source.run());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !thread.is_finished() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(thread.is_finished(), "the source stops by itself");
+    shutdown.cancel();
+    thread.join().unwrap().unwrap();
+    let status = status.lock().unwrap().clone();
+    assert_eq!(status.state, "error");
+    assert!(status.last_error.unwrap_or_default().contains("source stock is stopped: its next seq is unknown"));
+    assert_eq!(Spool::open(&spool_path).unwrap().source_state("stock").unwrap().next_seq, 1, "nothing appended");
+}
