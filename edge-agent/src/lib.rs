@@ -175,6 +175,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         packer: Default::default(),
         acker: transport::shipper::Acker::spawn(Spool::open_with(&spool_path, config.spool)?)?,
         event_limit,
+        holding: None,
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

@@ -230,6 +230,8 @@ pub struct ServerLimits {
     pub heartbeat_interval: Duration,
     /// The largest event the gateway can deliver ([`crate::wire::Welcome::max_event_bytes`]).
     pub max_event_bytes: Option<u32>,
+    /// The event schema versions the gateway reads, lowest and highest.
+    pub schema_versions: (u16, u16),
 }
 
 impl Default for ServerLimits {
@@ -240,6 +242,7 @@ impl Default for ServerLimits {
             max_batch_events: 10_000,
             heartbeat_interval: Duration::from_secs(5),
             max_event_bytes: None,
+            schema_versions: (crate::event::SCHEMA_VERSION, crate::event::SCHEMA_VERSION),
         }
     }
 }
@@ -414,6 +417,7 @@ impl ServerSession {
                 max_batch_events: self.limits.max_batch_events,
                 heartbeat_interval_ms: self.limits.heartbeat_interval.as_millis() as u64,
                 max_event_bytes: self.limits.max_event_bytes,
+                schema_versions: (self.limits.schema_versions.0..=self.limits.schema_versions.1).collect(),
             }));
         }
     }
@@ -651,6 +655,7 @@ mod tests {
                     max_batch_events: 100,
                     heartbeat_interval_ms: 5_000,
                     max_event_bytes: None,
+                    schema_versions: vec![crate::event::SCHEMA_VERSION],
                 }),
                 Duration::ZERO,
             )

@@ -146,6 +146,15 @@ pub struct Welcome {
     /// as a bad record instead of sending it for ever. Absent: no limit stated.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_event_bytes: Option<u32>,
+    /// The event schema versions the gateway reads ([`crate::event::SCHEMA_VERSION`]); an
+    /// agent writing another holds its events until a gateway that reads them appears. Absent
+    /// (an older gateway): version 1 only.
+    #[serde(default = "legacy_schema_versions")]
+    pub schema_versions: Vec<u16>,
+}
+
+fn legacy_schema_versions() -> Vec<u16> {
+    vec![1]
 }
 
 /// How a batch payload is packed (see [`crate::batch`]).
@@ -190,6 +199,10 @@ pub struct Heartbeat {
     /// Bytes used by the spool file.
     pub spool_bytes: u64,
     pub sources: Vec<SourceStatus>,
+    /// Why the agent holds its events instead of sending them (a gateway that cannot read
+    /// their schema version), if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holding: Option<String>,
 }
 
 /// Health of one source of an agent.
@@ -485,6 +498,7 @@ mod tests {
                     max_batch_events: c,
                     heartbeat_interval_ms: d,
                     max_event_bytes: (a % 2 == 0).then_some(b),
+                    schema_versions: vec![1, (c % 5) as u16],
                 })
             }),
             (arb_text(), 0..u64::MAX / 2, 1..u32::MAX, any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300))
@@ -518,6 +532,7 @@ mod tests {
                         n_refused: 4,
                         last_error: Some("bad".into()),
                     }],
+                    holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),
                 })
             }),
             arb_text().prop_map(|m| Frame::Error(ErrorFrame { code: ErrorCode::InvalidBatch, message: m })),

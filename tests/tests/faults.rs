@@ -391,3 +391,50 @@ fn a_refused_batch_is_moved_aside_and_the_next_events_go_on() {
     assert_eq!(cli(&["spool", "refused", "purge"]).trim(), "purged 1 refused events");
     assert_eq!(cli(&["spool", "refused", "export"]), "");
 }
+
+/// Version skew: a gateway that reads only an older event schema (the test override of an
+/// older release) and an agent writing the current one. The agent holds its events — nothing
+/// is refused or lost — and reports why in its heartbeat; once a gateway that reads them is
+/// back, it delivers them exactly.
+#[test]
+fn an_agent_holds_what_the_gateway_cannot_read_then_delivers_it_to_one_that_can() {
+    let (_, data, d) = deployment("schema-skew", None);
+    let cloud_bin = actidash_tests::harness::bin("cloud-aggregator").unwrap();
+    let config_path = d.cloud_config_path();
+    let older = actidash_tests::harness::Process::start(
+        "cloud-older",
+        std::path::Path::new("/usr/bin/env"),
+        &[
+            "ACTIDASH_TEST_SCHEMA_VERSIONS=0",
+            cloud_bin.to_str().unwrap(),
+            "run",
+            "--config",
+            config_path.to_str().unwrap(),
+        ],
+        &d.root.join("cloud-older.log"),
+    );
+    let mut older = older.unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(19, 0);
+    let lines = generate(&mut g, 500);
+    append_lines(&data, &lines).unwrap();
+    let config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &config).unwrap();
+    let holding = |d: &actidash_tests::harness::Deployment| -> anyhow::Result<String> {
+        let agents = d.get("/api/v1/agents")?;
+        Ok(agents[0]["heartbeat"]["holding"].as_str().unwrap_or("").to_owned())
+    };
+    wait_until(TIMEOUT, "the agent to report that it holds its events", || {
+        Ok(holding(&d)?.contains("waiting for the cloud to support event schema v1"))
+    })
+    .unwrap();
+    assert_eq!(d.get("/api/v1/stats").unwrap()["events_applied"].as_i64().unwrap_or(0), 0, "nothing sent");
+
+    // The current gateway is back: everything arrives, exactly; nothing was refused.
+    older.kill();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+    wait_until(TIMEOUT, "the hold to be over", || Ok(holding(&d)?.is_empty())).unwrap();
+    let said = log_of(&agent);
+    assert!(said.contains("holding events") && !said.contains("refused by the gateway"), "{said}");
+}

@@ -200,6 +200,7 @@ impl Gateway {
                 max_batch_bytes: config.max_batch_bytes,
                 max_batch_events: config.max_batch_events,
                 max_event_bytes,
+                schema_versions: schema_versions(),
             },
             max_connections: config.max_connections,
             metrics: Arc::new(GatewayMetrics::default()),
@@ -283,6 +284,19 @@ impl Gateway {
         self.sink.flush(Duration::from_secs(10));
         info!("gateway stopped");
         Ok(())
+    }
+}
+
+/// The event schema versions this gateway states it reads: this build's, or for tests of
+/// version skew, `ACTIDASH_TEST_SCHEMA_VERSIONS=<lowest>-<highest>` (a gateway that pretends to
+/// be older or newer).
+fn schema_versions() -> (u16, u16) {
+    let own = actidash_shared::event::SCHEMA_VERSION;
+    let Ok(text) = std::env::var("ACTIDASH_TEST_SCHEMA_VERSIONS") else { return (own, own) };
+    let parse = |t: &str| t.trim().parse::<u16>().ok();
+    match text.split_once('-') {
+        Some((lo, hi)) => parse(lo).zip(parse(hi)).unwrap_or((own, own)),
+        None => parse(&text).map_or((own, own), |v| (v, v)),
     }
 }
 

@@ -60,7 +60,13 @@ pub struct Shipper {
     pub acker: Acker,
     /// The largest event the gateway can deliver, from its Welcome (read by the sources too).
     pub event_limit: crate::sources::EventLimit,
+    /// Why events are held rather than sent (the gateway cannot read their schema version).
+    pub holding: Option<String>,
 }
+
+/// How long a session with a gateway that cannot read this agent's events is kept before
+/// looking for another (a rolling upgrade behind a load balancer brings one).
+const HOLD_RECHECK: Duration = Duration::from_secs(30);
 
 /// Deletes acknowledged events from the spool on a thread of its own, grouping what arrives
 /// together into one transaction. Sending never waits for the spool's write lock (held by a
@@ -238,9 +244,15 @@ impl Shipper {
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let session_start = Instant::now();
         loop {
             if session.is_ready() {
                 self.fill_window(&mut session, &mut cursors)?;
+            }
+            if let Some(why) = &self.holding
+                && session_start.elapsed() > HOLD_RECHECK
+            {
+                anyhow::bail!("{why}: looking for a gateway that reads it");
             }
             let mut tx = BytesMut::new();
             while let Some(frame) = session.poll_transmit() {
@@ -290,6 +302,16 @@ impl Shipper {
                     ClientEvent::Ready(welcome) => {
                         let limit = welcome.max_event_bytes.map_or(crate::sources::NO_EVENT_LIMIT, u64::from);
                         self.event_limit.store(limit, std::sync::atomic::Ordering::Relaxed);
+                        let own = actidash_shared::event::SCHEMA_VERSION;
+                        self.holding = (!welcome.schema_versions.contains(&own)).then(|| {
+                            format!(
+                                "waiting for the cloud to support event schema v{own} (this gateway reads {:?}); events are kept in the spool",
+                                welcome.schema_versions
+                            )
+                        });
+                        if let Some(why) = &self.holding {
+                            warn!(gateway = %remote, reason = %why, "holding events");
+                        }
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                     }
                     ClientEvent::Acked(ack) => {
@@ -343,6 +365,9 @@ impl Shipper {
     /// Sends batches while the window has room and the spool has events.
     fn fill_window(&mut self, session: &mut ClientSession, cursors: &mut HashMap<String, u64>) -> anyhow::Result<()> {
         let Some(welcome) = session.welcome().cloned() else { return Ok(()) };
+        if self.holding.is_some() {
+            return Ok(());
+        }
         let max_events = self.settings.max_batch_events.min(welcome.max_batch_events).max(1) as usize;
         let max_bytes = self.settings.max_batch_bytes.min(welcome.max_batch_bytes) as usize;
         let mut idle = 0;
@@ -422,6 +447,7 @@ impl Shipper {
             spool_events: stats.n_events,
             spool_bytes: stats.n_bytes,
             sources,
+            holding: self.holding.clone(),
         })
     }
 }
