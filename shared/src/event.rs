@@ -404,9 +404,19 @@ impl Event {
         serde_json::to_vec(self).unwrap_or_default()
     }
 
-    /// Parses and checks one event.
+    /// Parses and checks one event ([`Event::check`]).
     pub fn from_json(bytes: &[u8]) -> Result<Event, EventError> {
         let event: Event = serde_json::from_slice(bytes)?;
+        event.check()?;
+        Ok(event)
+    }
+
+    /// The checks every reader applies (the gateway to each event it receives, the agent to
+    /// each event before it is spooled, so that what the gateway would refuse never enters the
+    /// line): the schema version, a non-empty key of at most [`MAX_KEY_BYTES`], and an entity
+    /// key that is the payload's.
+    pub fn check(&self) -> Result<(), EventError> {
+        let event = self;
         if event.schema_version != SCHEMA_VERSION {
             return Err(EventError::UnsupportedVersion { found: event.schema_version });
         }
@@ -418,9 +428,9 @@ impl Event {
         }
         let expected = event.payload.entity_key();
         if event.entity_key != expected {
-            return Err(EventError::EntityKeyMismatch { found: event.entity_key, expected });
+            return Err(EventError::EntityKeyMismatch { found: event.entity_key.clone(), expected });
         }
-        Ok(event)
+        Ok(())
     }
 }
 

@@ -120,9 +120,11 @@ pub(crate) struct Commit {
 }
 
 impl SourceContext {
-    /// An event as spooled: its JSON, or why it cannot be delivered (bigger than the gateway's
-    /// limit: Kafka would refuse it, and its batch would be sent again for ever).
+    /// An event as spooled: its JSON, or why it cannot be delivered (the gateway's checks fail,
+    /// or it is bigger than the gateway's limit).
     pub(crate) fn seal(&self, event: &actidash_shared::Event) -> Result<Vec<u8>, String> {
+        // The gateway's own checks: what it would refuse never enters the spool.
+        event.check().map_err(|e| e.to_string())?;
         let body = event.to_json();
         let limit = self.event_limit.load(std::sync::atomic::Ordering::Relaxed);
         if body.len() as u64 > limit {
