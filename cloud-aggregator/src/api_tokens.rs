@@ -51,6 +51,19 @@ pub struct ApiToken {
     pub revoked_at: Option<i64>,
 }
 
+impl ApiToken {
+    /// `active`, `expired` (at `now`) or `revoked`.
+    pub fn state(&self, now: i64) -> &'static str {
+        if self.revoked_at.is_some() {
+            "revoked"
+        } else if self.expires_at.is_some_and(|e| e <= now) {
+            "expired"
+        } else {
+            "active"
+        }
+    }
+}
+
 /// Why a token is refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refused {

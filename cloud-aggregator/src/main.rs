@@ -145,13 +145,7 @@ fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
         ApiTokenCommand::List { config } => {
             println!("id\ttenant\trole\tcreated\texpires\tstate");
             for t in open(&config)?.list()? {
-                let state = if t.revoked_at.is_some() {
-                    "revoked"
-                } else if t.expires_at.is_some_and(|e| e <= now) {
-                    "expired"
-                } else {
-                    "active"
-                };
+                let state = t.state(now);
                 println!(
                     "{}\t{}\t{}\t{}\t{}\t{state}",
                     t.id,

@@ -168,7 +168,13 @@ pub fn unpack_each(
 
 /// The event lines of a batch, decompressed within `max_decompressed` bytes.
 fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<Vec<Bytes>, BatchError> {
-    let bytes: Bytes = match batch.codec {
+    let bytes = decompressed(batch, max_decompressed)?;
+    Ok(bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| bytes.slice_ref(l)).collect())
+}
+
+/// A batch's payload as JSON lines, at most `max_decompressed` bytes.
+fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchError> {
+    Ok(match batch.codec {
         Codec::Plain => {
             if batch.payload.len() > max_decompressed {
                 return Err(BatchError::Decompress {
@@ -181,8 +187,7 @@ fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<Vec<Bytes>, BatchE
         Codec::Zstd => zstd::bulk::decompress(&batch.payload, max_decompressed)
             .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
             .into(),
-    };
-    Ok(bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| bytes.slice_ref(l)).collect())
+    })
 }
 
 /// Unpacks and checks a batch received from `agent_id` of `tenant`: every event must parse,
@@ -194,20 +199,7 @@ pub fn unpack(
     tenant: &str,
     max_decompressed: usize,
 ) -> Result<Vec<Unpacked>, BatchError> {
-    let bytes: Bytes = match batch.codec {
-        Codec::Plain => {
-            if batch.payload.len() > max_decompressed {
-                return Err(BatchError::Decompress {
-                    limit: max_decompressed,
-                    reason: format!("plain payload of {} bytes", batch.payload.len()),
-                });
-            }
-            batch.payload.clone()
-        }
-        Codec::Zstd => zstd::bulk::decompress(&batch.payload, max_decompressed)
-            .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
-            .into(),
-    };
+    let bytes = decompressed(batch, max_decompressed)?;
     let mut events = Vec::with_capacity(batch.count.min(100_000) as usize);
     let end = batch.first_seq + u64::from(batch.count);
     let mut expected_seq = batch.first_seq;

@@ -15,6 +15,18 @@ fn since() -> i64 {
     Utc::now().timestamp() - 120
 }
 
+/// The orders source's status in the (only) agent's last heartbeat, as the API serves it.
+fn orders_source(d: &actidash_tests::harness::Deployment) -> anyhow::Result<serde_json::Value> {
+    let agents = d.get("/api/v1/agents")?;
+    let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
+    Ok(sources.into_iter().find(|s| s["source_id"] == "orders").unwrap_or_default())
+}
+
+/// One count of a source's status.
+fn count(source: &serde_json::Value, name: &str) -> u64 {
+    source[name].as_u64().unwrap_or(0)
+}
+
 #[test]
 fn link_down_while_data_keeps_arriving_then_back() {
     let (_, data, d) = deployment("link-down", None);
@@ -263,10 +275,8 @@ fn an_event_bigger_than_the_gateway_can_deliver_is_refused_not_resent_for_ever()
     cloud.restart().unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
     let refused = |d: &actidash_tests::harness::Deployment| -> anyhow::Result<(u64, u64)> {
-        let agents = d.get("/api/v1/agents")?;
-        let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
-        let orders = sources.iter().find(|s| s["source_id"] == "orders").cloned().unwrap_or_default();
-        Ok((orders["n_errors"].as_u64().unwrap_or(0), orders["n_quarantined"].as_u64().unwrap_or(0)))
+        let orders = orders_source(d)?;
+        Ok((count(&orders, "n_errors"), count(&orders, "n_quarantined")))
     };
     wait_until(TIMEOUT, "the spooled big order to be quarantined", || Ok(refused(&d)? == (0, 1))).unwrap();
 
@@ -360,11 +370,8 @@ fn a_refused_batch_is_moved_aside_and_the_next_events_go_on() {
     lines.extend(more);
     agent.restart().unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
-    let refused = |d: &actidash_tests::harness::Deployment| -> anyhow::Result<u64> {
-        let agents = d.get("/api/v1/agents")?;
-        let sources = agents[0]["heartbeat"]["sources"].as_array().cloned().unwrap_or_default();
-        Ok(sources.iter().find(|s| s["source_id"] == "orders").map_or(0, |s| s["n_refused"].as_u64().unwrap_or(0)))
-    };
+    let refused =
+        |d: &actidash_tests::harness::Deployment| -> anyhow::Result<u64> { Ok(count(&orders_source(d)?, "n_refused")) };
     wait_until(TIMEOUT, "the heartbeat to count the refused event", || Ok(refused(&d)? == 1)).unwrap();
     let said = log_of(&agent);
     assert_eq!(said.matches("events refused by the gateway for good").count(), 1, "{said}");

@@ -247,15 +247,21 @@ impl Sink {
     }
 }
 
-/// Creates the domain and fleet topics if they do not exist.
-async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+/// An admin client of the cluster, and the names of the topics ActiDash uses.
+fn admin_and_topics(config: &KafkaConfig) -> anyhow::Result<(AdminClient<DefaultClientContext>, Vec<String>)> {
+    let admin = ClientConfig::new()
         .set("bootstrap.servers", &config.bootstrap_servers)
         .create()
         .context("creating the Kafka admin client")?;
     let mut names: Vec<String> =
         actidash_shared::Domain::ALL.iter().map(|d| kafka::domain_topic(&config.topic_prefix, *d)).collect();
     names.push(kafka::fleet_topic(&config.topic_prefix));
+    Ok((admin, names))
+}
+
+/// Creates the domain and fleet topics if they do not exist.
+async fn create_topics(config: &KafkaConfig) -> anyhow::Result<()> {
+    let (admin, names) = admin_and_topics(config)?;
     let min_isr = config.min_insync().to_string();
     let topics: Vec<NewTopic<'_>> = names
         .iter()
@@ -300,13 +306,7 @@ enum TopicCheck {
 /// `max.message.bytes` among them. Topics just created (`create_topics`) and not yet in the
 /// metadata are waited for up to [`TOPICS_SETTLE`]; otherwise they must be there at once.
 async fn check_topics(config: &KafkaConfig) -> anyhow::Result<u32> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
-        .set("bootstrap.servers", &config.bootstrap_servers)
-        .create()
-        .context("creating the Kafka admin client")?;
-    let mut names: Vec<String> =
-        actidash_shared::Domain::ALL.iter().map(|d| kafka::domain_topic(&config.topic_prefix, *d)).collect();
-    names.push(kafka::fleet_topic(&config.topic_prefix));
+    let (admin, names) = admin_and_topics(config)?;
     let settle = if config.create_topics { TOPICS_SETTLE } else { Duration::ZERO };
     let deadline = tokio::time::Instant::now() + settle;
     loop {

@@ -33,13 +33,7 @@ fn time(t: i64) -> String {
 
 impl TokenInfo {
     fn of(t: ApiToken, now: i64) -> TokenInfo {
-        let state = if t.revoked_at.is_some() {
-            "revoked"
-        } else if t.expires_at.is_some_and(|e| e <= now) {
-            "expired"
-        } else {
-            "active"
-        };
+        let state = t.state(now);
         TokenInfo {
             id: t.id,
             tenant: t.tenant,
