@@ -15,6 +15,7 @@
 //! listen = "0.0.0.0:4433"
 //! cert_file = "gateway.pem"                # the gateway's own TLS certificate
 //! key_file = "gateway.key"
+//! hello_timeout_ms = 10000                # a connection must authenticate (hello or enroll) within this
 //!
 //! [fleet]                                 # agents' certificates (all optional)
 //! # ca_cert_file = "fleet-ca.pem"          # an existing CA; default: created in data_dir/fleet
@@ -188,6 +189,14 @@ pub struct GatewayConfig {
     /// Per agent: most events in one batch.
     #[serde(default = "default_batch_events")]
     pub max_batch_events: u32,
+    /// How long a connection may stay without authenticating (a hello with a certificate, or
+    /// an enrollment) once its TLS handshake is done; 10 s by default.
+    #[serde(default = "default_hello_timeout_ms")]
+    pub hello_timeout_ms: u64,
+}
+
+fn default_hello_timeout_ms() -> u64 {
+    10_000
 }
 
 fn default_max_connections() -> usize {

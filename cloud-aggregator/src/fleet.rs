@@ -413,6 +413,11 @@ impl Fleet {
     }
 }
 
+/// When a certificate stops being valid (unix seconds), if it can be read.
+pub fn not_after_of(cert_der: &[u8]) -> Option<i64> {
+    x509_parser::parse_x509_certificate(cert_der).ok().map(|(_, c)| c.validity().not_after.timestamp())
+}
+
 /// The identity a verified client certificate names: (agent id, tenant).
 pub fn identity_of(cert_der: &[u8]) -> Result<(String, String), String> {
     let (_, cert) =

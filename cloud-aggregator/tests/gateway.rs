@@ -47,6 +47,7 @@ fn gateway_config(dir: &std::path::Path) -> GatewayConfig {
         max_events_per_sec_per_agent: 100_000,
         max_batch_bytes: 1024 * 1024,
         max_batch_events: 1_000,
+        hello_timeout_ms: 10_000,
     }
 }
 
@@ -469,4 +470,69 @@ async fn a_quic_session_survives_the_agent_changing_address() {
     assert!(matches!(&frames[0], Frame::Ack(a) if a.first_seq == 2 && a.count == 2), "{frames:?}");
     assert_eq!(h.metrics.connections_accepted.load(Ordering::Relaxed), 1, "the same connection carried on");
     h.shutdown.cancel();
+}
+
+/// Before authentication a connection gets little: a client that says nothing is closed once
+/// `hello_timeout_ms` has passed, and a frame over 64 KiB (a 100 KiB enrollment here) is refused
+/// before it is buffered whole — so certificate-less clients cannot hold the connection slots
+/// or the gateway's memory.
+#[tokio::test(flavor = "multi_thread")]
+async fn silent_or_oversized_clients_before_authentication_are_closed() {
+    let h = start_with(|c| c.hello_timeout_ms = 300).await;
+    let started = std::time::Instant::now();
+    let frames = exchange_tcp(&h, None, &[], 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::Unauthenticated, "{message}");
+    assert!(message.contains("no hello or enrollment within"), "{message}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+
+    let enroll = Frame::Enroll(actidash_shared::wire::Enroll {
+        protocol_version: actidash_shared::wire::PROTOCOL_VERSION,
+        agent_id: "big".into(),
+        token: "adt_x".into(),
+        csr_pem: "A".repeat(100 * 1024),
+    });
+    let frames = exchange_tcp(&h, None, &encode(&[enroll]), 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::FrameTooLarge, "{message}");
+}
+
+/// A session ends with its certificate: a batch is not taken on a certificate past its end
+/// (the agent renews it over the session before, or reconnects with the new one).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_is_closed_when_its_certificate_expires() {
+    let h = start().await;
+    let _enrolled = enroll(&h, "a1", "acme");
+    for transport in ["quic", "tcp"] {
+        // A certificate of the enrolled agent that ends in 3 seconds.
+        let key = rcgen::KeyPair::generate().unwrap();
+        let short = h.fleet.sign_unregistered(&key, "a1", "acme", now() + 3).unwrap();
+        let a1 = AgentId { key_pem: key.serialize_pem(), cert_pem: short };
+        let bytes = encode(&[hello("a1", PROTOCOL_VERSION)]);
+        let frames = if transport == "quic" {
+            exchange(&h, Some(&a1), &bytes, 2).await
+        } else {
+            exchange_tcp(&h, Some(&a1), &bytes, 2).await
+        };
+        assert!(matches!(frames.first(), Some(Frame::Welcome(_))), "{transport}: {frames:?}");
+        let (code, message) = error_code(&frames[1..]);
+        assert_eq!(code, ErrorCode::Unauthenticated, "{transport}: {message}");
+        assert!(message.contains("certificate expired"), "{transport}: {message}");
+    }
+}
+
+/// TLS over TCP without the agreed protocol (ALPN) is refused, as QUIC refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_over_tcp_without_the_protocol_is_refused() {
+    let h = start().await;
+    let a1 = enroll(&h, "a1", "acme");
+    let mut config = (*tls(&h, Some(&a1))).clone();
+    config.alpn_protocols.clear();
+    let before = h.metrics.tls_failures.load(Ordering::Relaxed);
+    if let Ok(stream) = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", Arc::new(config)).await {
+        let (mut recv, mut send) = tokio::io::split(stream);
+        let _ = tokio::io::AsyncWriteExt::write_all(&mut send, &encode(&[hello("a1", PROTOCOL_VERSION)])).await;
+        assert!(read_frames(&mut recv, 1).await.is_empty(), "no welcome without the protocol");
+    }
+    assert_eq!(h.metrics.tls_failures.load(Ordering::Relaxed), before + 1);
 }

@@ -110,6 +110,7 @@ pub struct Gateway {
     sink: Sink,
     limits: ServerLimits,
     max_connections: usize,
+    hello_timeout: Duration,
     pub metrics: Arc<GatewayMetrics>,
     shutdown: CancellationToken,
 }
@@ -203,6 +204,7 @@ impl Gateway {
                 schema_versions: schema_versions(),
             },
             max_connections: config.max_connections,
+            hello_timeout: Duration::from_millis(config.hello_timeout_ms),
             metrics: Arc::new(GatewayMetrics::default()),
             shutdown,
         })
@@ -221,15 +223,30 @@ impl Gateway {
     pub async fn run(self) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut next_connection_id: u64 = 0;
+        let (mut accept_errors, mut last_accept_warning) = (0u32, None);
         self.admission.spawn_refresher(self.revocation_check, self.shutdown.clone());
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
             let accepted = tokio::select! {
                 i = self.endpoint.accept() => match i { Some(i) => Accepted::Quic(Box::new(i)), None => break },
                 t = accept_tcp(self.tcp.as_ref()) => match t {
-                    Ok((stream, remote)) => Accepted::Tcp(stream, remote),
+                    Ok((stream, remote)) => {
+                        accept_errors = 0;
+                        Accepted::Tcp(stream, remote)
+                    }
                     Err(e) => {
-                        warn!(error = %e, "accepting a TCP connection failed");
+                        // Out of descriptors (or memory): spinning would only fill the log and
+                        // starve the rest of the process. Back off, and say so once a second.
+                        accept_errors += 1;
+                        if last_accept_warning.is_none_or(|at: std::time::Instant| at.elapsed() >= Duration::from_secs(1)) {
+                            warn!(error = %e, consecutive = accept_errors, "accepting a TCP connection failed; backing off");
+                            last_accept_warning = Some(std::time::Instant::now());
+                        }
+                        let pause = Duration::from_millis(10u64 << accept_errors.min(7)).min(Duration::from_secs(1));
+                        tokio::select! {
+                            () = tokio::time::sleep(pause) => {}
+                            () = self.shutdown.cancelled() => break,
+                        }
                         continue;
                     }
                 },
@@ -261,6 +278,7 @@ impl Gateway {
                 admission: self.admission.clone(),
                 sink: self.sink.clone(),
                 limits: self.limits,
+                hello_timeout: self.hello_timeout,
                 metrics: self.metrics.clone(),
                 shutdown: self.shutdown.clone(),
             };
@@ -307,6 +325,8 @@ struct Connection {
     admission: Arc<Admission>,
     sink: Sink,
     limits: ServerLimits,
+    /// How long the peer may take to authenticate ([`crate::config::GatewayConfig::hello_timeout_ms`]).
+    hello_timeout: Duration,
     metrics: Arc<GatewayMetrics>,
     shutdown: CancellationToken,
 }
@@ -327,6 +347,16 @@ async fn accept_tcp(
 
 /// How long a peer may take to finish its handshake and open its stream.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// The largest frame read before the peer is authenticated.
+const PRE_AUTH_MAX_FRAME: usize = 64 * 1024;
+
+/// An untrusted string (an agent id from a hello, an error quoting one) as logged: escaped
+/// (`\n` stays two characters, so it cannot start a forged line) and cut to 200 characters.
+fn untrusted(text: &str) -> String {
+    let cut: String = text.chars().take(200).collect();
+    let escaped = cut.escape_debug().to_string();
+    if cut.len() < text.len() { format!("{escaped}…") } else { escaped }
+}
 
 impl Connection {
     async fn run_quic(self, incoming: quinn::Incoming) -> anyhow::Result<()> {
@@ -339,15 +369,14 @@ impl Connection {
                 return Err(e).context("QUIC handshake");
             }
         };
-        let peer = conn
-            .peer_identity()
-            .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok())
-            .and_then(|certs| certs.first().map(|c| crate::fleet::identity_of(c)));
+        let certs = conn.peer_identity().and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+        let peer = certs.as_ref().and_then(|certs| certs.first().map(|c| crate::fleet::identity_of(c)));
+        let expires = certs.as_ref().and_then(|certs| certs.first().and_then(|c| crate::fleet::not_after_of(c)));
         let (send, recv) = tokio::select! {
             s = conn.accept_bi() => s.context("waiting for the agent's stream")?,
             () = tokio::time::sleep(HANDSHAKE_TIMEOUT) => anyhow::bail!("no stream opened within {HANDSHAKE_TIMEOUT:?}"),
         };
-        let result = self.serve(recv, send, remote, "quic", peer).await;
+        let result = self.serve(recv, send, remote, "quic", peer, expires).await;
         conn.close(1u32.into(), b"session closed");
         result
     }
@@ -371,9 +400,18 @@ impl Connection {
                 anyhow::bail!("TLS handshake timed out");
             }
         };
-        let peer = tls.get_ref().1.peer_certificates().and_then(|c| c.first()).map(|c| crate::fleet::identity_of(c));
+        // The protocol must be agreed: a client without it is not an agent (QUIC enforces the
+        // same in its handshake).
+        if tls.get_ref().1.alpn_protocol() != Some(ALPN) {
+            bump(&self.metrics.tls_failures, 1);
+            warn!(remote = %remote, transport = "tcp", "handshake refused: no agreed protocol (ALPN)");
+            anyhow::bail!("the client did not agree on the protocol {:?} (ALPN)", String::from_utf8_lossy(ALPN));
+        }
+        let first = tls.get_ref().1.peer_certificates().and_then(|c| c.first());
+        let peer = first.map(|c| crate::fleet::identity_of(c));
+        let expires = first.and_then(|c| crate::fleet::not_after_of(c));
         let (recv, send) = tokio::io::split(tls);
-        self.serve(recv, send, remote, "tcp", peer).await
+        self.serve(recv, send, remote, "tcp", peer, expires).await
     }
 
     /// Drives one session over a byte stream until it ends.
@@ -384,12 +422,18 @@ impl Connection {
         remote: SocketAddr,
         transport: &'static str,
         peer: PeerIdentity,
+        expires: Option<i64>,
     ) -> anyhow::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
     {
         let mut session = ServerSession::new(self.limits);
+        // The session ends when its certificate does (a renewed one serves the next session).
+        let expires = expires.map(|at| {
+            let left = at.saturating_sub(chrono::Utc::now().timestamp()).max(0) as u64;
+            tokio::time::Instant::now() + Duration::from_secs(left)
+        });
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut pending: FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>> =
             FuturesOrdered::new();
@@ -407,6 +451,7 @@ impl Connection {
                 &mut rx,
                 &mut pending,
                 &mut revoked,
+                expires,
             )
             .await;
         if let Some((agent, _)) = &identity {
@@ -428,11 +473,13 @@ impl Connection {
         rx: &mut BytesMut,
         pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
         revoked: &mut tokio::sync::watch::Receiver<Arc<std::collections::HashSet<String>>>,
+        expires: Option<tokio::time::Instant>,
     ) -> anyhow::Result<()>
     where
         R: tokio::io::AsyncRead + Unpin,
         W: tokio::io::AsyncWrite + Unpin,
     {
+        let authenticate_by = tokio::time::Instant::now() + self.hello_timeout;
         loop {
             let mut tx = BytesMut::new();
             while let Some(frame) = session.poll_transmit() {
@@ -487,6 +534,15 @@ impl Connection {
                 () = self.shutdown.cancelled() => {
                     session.fail(ErrorCode::ShuttingDown, "gateway shutting down".into());
                 }
+                () = sleep_until_some(expires), if identity.is_some() && !session.is_closed() => {
+                    warn!(remote = %remote, agent_id = identity.as_ref().map(|i| i.0.as_str()), "the agent's certificate expired: closing the session");
+                    session.fail(ErrorCode::Unauthenticated, "your certificate expired during the session; renew it or re-enroll".into());
+                }
+                () = tokio::time::sleep_until(authenticate_by), if identity.is_none() => {
+                    bump(&self.metrics.protocol_errors, 1);
+                    warn!(remote = %remote, transport, "no hello or enrollment in time: closing");
+                    session.fail(ErrorCode::Unauthenticated, format!("no hello or enrollment within {:?}", self.hello_timeout));
+                }
             }
         }
     }
@@ -523,7 +579,7 @@ impl Connection {
                         }
                         Err(e) => {
                             bump(&self.metrics.auth_failures, 1);
-                            warn!(remote = %remote, transport, agent_id = %hello.agent_id, error = %e, "agent refused");
+                            warn!(remote = %remote, transport, agent_id = %untrusted(&hello.agent_id), error = %untrusted(&e.to_string()), "agent refused");
                             session.reject(e.to_string());
                         }
                     }
@@ -544,7 +600,7 @@ impl Connection {
                         }
                         Ok(Err(e)) => {
                             bump(&self.metrics.enroll_failures, 1);
-                            warn!(remote = %remote, agent_id = %agent_id, error = %e, "enrollment refused");
+                            warn!(remote = %remote, agent_id = %untrusted(&agent_id), error = %untrusted(&e.to_string()), "enrollment refused");
                             session.reject(format!("enrollment refused: {e}"));
                         }
                         Err(e) => {
@@ -658,11 +714,13 @@ impl Connection {
         identity: Option<&(String, String)>,
     ) -> bool {
         let agent_id = identity.map(|i| i.0.as_str());
-        match Frame::decode(rx, DEFAULT_MAX_FRAME_LEN) {
+        // Before authentication only small frames: a hello, an enrollment (a CSR of a few KiB).
+        let limit = if identity.is_some() { DEFAULT_MAX_FRAME_LEN } else { PRE_AUTH_MAX_FRAME };
+        match Frame::decode(rx, limit) {
             Ok(Some(frame)) => {
                 if let Err(e) = session.handle_frame(frame) {
                     bump(&self.metrics.protocol_errors, 1);
-                    warn!(remote = %remote, agent_id, code = ?e.code, error = %e.message, "protocol error");
+                    warn!(remote = %remote, agent_id, code = ?e.code, error = %untrusted(&e.message), "protocol error");
                 }
                 true
             }
@@ -678,6 +736,32 @@ impl Connection {
     }
 }
 
+/// Sleeps until `at`, or for ever without one.
+async fn sleep_until_some(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
 fn ack_when_done(ack: Ack, done: Pending) -> futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)> {
     Box::pin(async move { (ack, done.await) })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent id with a newline cannot forge a log line; a long one is cut.
+    #[test]
+    fn untrusted_strings_are_logged_escaped_and_cut() {
+        assert_eq!(
+            untrusted("a1\n2026-12-02T00:00:00Z INFO agent enrolled agent_id=forged"),
+            "a1\\n2026-12-02T00:00:00Z INFO agent enrolled agent_id=forged"
+        );
+        assert_eq!(untrusted("tab\there"), "tab\\there");
+        let long = "x".repeat(1_000);
+        assert_eq!(untrusted(&long).chars().count(), 201);
+        assert_eq!(untrusted("plain-id_1.2"), "plain-id_1.2");
+    }
 }
