@@ -56,26 +56,31 @@ fn dead_letters(path: &Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path).unwrap_or_default().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
 }
 
-#[test]
-fn csv_with_header_survives_a_restart_mid_file_and_bad_rows_go_to_dead_letters() {
-    let dir = tempfile::tempdir().unwrap();
-    let file = dir.path().join("stock.csv");
-    let spool = dir.path().join("spool.db");
-    let dead = dir.path().join("dead/stock.jsonl");
-    let cfg = config(&format!(
+/// A CSV stock export (`sku`, `wh`, `qty`, `at`) with `delimiter`, as inventory events.
+fn stock_csv(file: &Path, delimiter: char) -> FileSourceConfig {
+    config(&format!(
         r#"
 id = "stock"
 path = "{}"
 format = "csv"
 poll_interval_ms = 20
-csv = {{ delimiter = ";" }}
+csv = {{ delimiter = "{delimiter}" }}
 [mapping]
 domain = "inventory"
 event_time = {{ field = "at", format = "%Y-%m-%d %H:%M:%S" }}
 fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
 "#,
         file.display()
-    ));
+    ))
+}
+
+#[test]
+fn csv_with_header_survives_a_restart_mid_file_and_bad_rows_go_to_dead_letters() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("stock.csv");
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/stock.jsonl");
+    let cfg = stock_csv(&file, ';');
     append(
         &file,
         "sku;wh;qty;at\nS1;W1;5;2026-11-27 10:00:00\nS2;W1;many;2026-11-27 10:00:01\nS3;W2;7;2026-11-27 10:00:02\n",
@@ -280,19 +285,7 @@ fn a_blocked_source_stops_with_its_reason() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("stock.csv");
     let spool_path = dir.path().join("spool.db");
-    let cfg = config(&format!(
-        r#"
-id = "stock"
-path = "{}"
-format = "csv"
-poll_interval_ms = 20
-[mapping]
-domain = "inventory"
-event_time = {{ field = "at", format = "%Y-%m-%d %H:%M:%S" }}
-fields = {{ sku = "sku", warehouse = "wh", on_hand = "qty" }}
-"#,
-        file.display()
-    ));
+    let cfg = stock_csv(&file, ',');
     append(&file, "sku,wh,qty,at\nS1,W1,5,2026-11-27 10:00:00\n");
     {
         let mut spool = Spool::open(&spool_path).unwrap();
