@@ -87,8 +87,9 @@ impl ApiTokens {
     /// Opens (creating if needed) the token table of `data_dir`'s registry.
     pub fn open(data_dir: &Path) -> anyhow::Result<ApiTokens> {
         let dir = data_dir.join("fleet");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        crate::fleet::private_dir(&dir)?;
         let tokens = ApiTokens { registry: dir.join("registry.db") };
+        crate::fleet::private_file(&tokens.registry)?;
         let conn = tokens.connect()?;
         crate::store::enable_wal(&conn)?;
         conn.execute_batch(

@@ -110,12 +110,37 @@ pub(crate) fn sha256_hex(text: &str) -> String {
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// Creates `dir` if needed, mode 0700 whatever the umask (the fleet's CA key and registry).
+pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} owner-only", dir.display()))
+}
+
+/// Makes sure the file exists with mode 0600 (before SQLite creates a database in it; its WAL
+/// gets the same mode).
+pub(crate) fn private_file(path: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("making {} owner-only", path.display()))
+}
+
 #[cfg(unix)]
 fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     use std::io::Write as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
+    use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
     let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new().create(true).truncate(true).write(true).mode(0o600).open(&tmp)?;
+    // A file left by an earlier attempt keeps its mode on open: set it.
+    f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -126,9 +151,16 @@ impl Fleet {
     /// Opens the fleet of `data_dir`, creating its CA and registry on first start.
     pub fn open(data_dir: &Path, config: &FleetConfig) -> anyhow::Result<Fleet> {
         let dir = data_dir.join("fleet");
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        private_dir(&dir)?;
         let (cert_file, key_file) = match (&config.ca_cert_file, &config.ca_key_file) {
-            (Some(c), Some(k)) => (c.clone(), k.clone()),
+            (Some(c), Some(k)) => {
+                use std::os::unix::fs::PermissionsExt as _;
+                let mode = std::fs::metadata(k).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
+                if mode & 0o077 != 0 {
+                    tracing::warn!(key = %k.display(), mode = format!("{mode:o}"), "the fleet CA's key is readable by others than its owner: chmod 600 it");
+                }
+                (c.clone(), k.clone())
+            }
             (None, None) => {
                 let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
                 // Every process that opens the fleet (each role, `token create`…) may be the
@@ -198,6 +230,7 @@ impl Fleet {
 
     /// WAL (a property of the file, set once) and the tables.
     fn create_schema(&self) -> anyhow::Result<()> {
+        private_file(&self.registry)?;
         let conn = self.connect()?;
         // Processes opening a new registry at once: the switch to WAL waits its turn.
         crate::store::enable_wal(&conn)?;
@@ -444,8 +477,13 @@ mod tests {
     fn tokens_are_single_use_and_expire_and_identity_comes_from_the_ca() {
         let dir = tempfile::tempdir().unwrap();
         let fleet = Fleet::open(dir.path(), &FleetConfig::default()).unwrap();
-        let key_mode = std::fs::metadata(dir.path().join("fleet/ca.key")).unwrap();
-        assert_eq!(std::os::unix::fs::PermissionsExt::mode(&key_mode.permissions()) & 0o777, 0o600);
+        let mode = |p: &str| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(p)).unwrap().permissions())
+                & 0o777
+        };
+        assert_eq!(mode("fleet/ca.key"), 0o600);
+        assert_eq!(mode("fleet"), 0o700, "the fleet's folder is owner-only");
+        assert_eq!(mode("fleet/registry.db"), 0o600, "so is its registry, whatever the umask");
 
         let token = fleet.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
         let (_, csr_pem) = csr();

@@ -8,6 +8,7 @@
 pub mod config;
 pub mod identity;
 pub mod mapping;
+pub mod private;
 pub mod reload;
 pub mod retry;
 pub mod secret;
@@ -81,8 +82,7 @@ impl DataDirLock {
 
 /// Runs the agent until `shutdown` is cancelled or a component fails.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
+    private::dir(&config.data_dir).with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     // Before the spool is touched (a salvage writes it): one agent per data folder.
     let _lock = DataDirLock::acquire(&config.data_dir)?;
     identity::IdentityStore::new(config.identity_dir()).check_matches(&config.agent_id, &config.tenant)?;

@@ -29,12 +29,13 @@ pub(crate) fn entry(source: &str, location: serde_json::Value, reason: &str, rec
 /// Appends entries, rotating the file to `.1` past its size limit.
 pub(crate) fn append(file: &Path, entries: &[String]) -> std::io::Result<()> {
     if let Some(dir) = file.parent() {
-        std::fs::create_dir_all(dir)?;
+        crate::private::dir(dir)?;
     }
     if std::fs::metadata(file).map(|m| m.len() > MAX_BYTES).unwrap_or(false) {
         std::fs::rename(file, file.with_extension("jsonl.1"))?;
     }
-    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().create(true).append(true).open(file)?);
+    crate::private::file(file)?;
+    let mut out = std::io::BufWriter::new(std::fs::OpenOptions::new().append(true).open(file)?);
     for entry in entries {
         out.write_all(entry.as_bytes())?;
         out.write_all(b"\n")?;

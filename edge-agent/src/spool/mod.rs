@@ -95,6 +95,8 @@ pub enum SpoolError {
     TooNew { path: PathBuf, found: usize, known: usize },
     #[error("spool {path}: cannot salvage: {reason}")]
     Salvage { path: PathBuf, reason: String },
+    #[error("spool {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
     #[error("spool {path}: source {source_id} is stopped: {reason}")]
     Blocked { path: PathBuf, source_id: String, reason: String },
 }
@@ -309,6 +311,8 @@ impl Spool {
     /// Opens (and creates or migrates) the spool at `path`.
     pub fn open_with(path: &Path, config: SpoolConfig) -> Result<Spool, SpoolError> {
         let e = |source| SpoolError::from_sqlite(path, source);
+        // Customers' records: owner-only, whatever the umask (SQLite gives the WAL this mode).
+        crate::private::file(path).map_err(|source| SpoolError::Io { path: path.to_owned(), source })?;
         let conn = Connection::open(path).map_err(e)?;
         conn.busy_timeout(Duration::from_secs(30)).map_err(e)?;
         // 16 KiB pages: ~35 events a page instead of ~9, so fewer B-tree pages to split and write
