@@ -119,18 +119,19 @@ pub(crate) fn private_dir(dir: &Path) -> anyhow::Result<()> {
 }
 
 /// Makes sure the file exists with mode 0600 (before SQLite creates a database in it; its WAL
-/// gets the same mode).
+/// gets the same mode). An existing file is only `chmod`ed, never opened: closing a descriptor
+/// of a SQLite database drops every POSIX lock this process holds on it (the registry is shared
+/// by the roles of one process).
 pub(crate) fn private_file(path: &Path) -> anyhow::Result<()> {
     use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
-    std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("making {} owner-only", path.display()))
+    match std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+                .with_context(|| format!("making {} owner-only", path.display()))
+        }
+        Err(e) => Err(e).with_context(|| format!("creating {}", path.display())),
+    }
 }
 
 #[cfg(unix)]

@@ -13,9 +13,18 @@ pub fn dir(dir: &Path) -> std::io::Result<()> {
 
 /// Makes sure `path` exists with mode 0600 (an empty file if it did not exist), so that a
 /// database created in it next (SQLite gives its WAL the same mode) is never readable by others.
+///
+/// An existing file is never opened here, only `chmod`ed: closing any descriptor of a SQLite
+/// database drops every POSIX lock this process holds on it, and the other connections of the
+/// process would then write without them (the classic way to corrupt a SQLite file).
 pub fn file(path: &Path) -> std::io::Result<()> {
-    std::fs::OpenOptions::new().create(true).truncate(false).write(true).mode(0o600).open(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+    match std::fs::OpenOptions::new().create_new(true).write(true).mode(0o600).open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        }
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
