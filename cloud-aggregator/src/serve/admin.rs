@@ -179,10 +179,12 @@ pub(super) async fn revoke_token(
     let found = blocking(move || {
         let found = tokens.list()?.into_iter().find(|t| t.id == id && reaches(&grant, t.tenant.as_deref()));
         match found {
-            Some(t) => {
+            Some(mut t) => {
                 tokens.revoke(&t.id, now)?;
                 tracing::info!(id = %t.id, by = %grant.id, "API token revoked over the API");
-                Ok(tokens.list()?.into_iter().find(|x| x.id == t.id))
+                // As the registry keeps it: an earlier revocation stands.
+                t.revoked_at.get_or_insert(now);
+                Ok(Some(t))
             }
             None => Ok(None),
         }
@@ -213,10 +215,12 @@ pub(super) async fn revoke_agent(
     let fleet = state.admin.fleet.clone();
     let now = chrono::Utc::now().timestamp();
     let found = blocking(move || match fleet.agent(&id)?.filter(|a| reaches(&grant, Some(&a.tenant))) {
-        Some(a) => {
+        Some(mut a) => {
             fleet.revoke(&a.agent_id, now)?;
             tracing::info!(agent = %a.agent_id, by = %grant.id, "agent revoked over the API");
-            fleet.agent(&a.agent_id)
+            // As the registry keeps it: an earlier revocation stands.
+            a.revoked_at.get_or_insert(now);
+            Ok(Some(a))
         }
         None => Ok(None),
     })

@@ -322,7 +322,12 @@ impl Shipper {
                         // Before the batch's ack (which deletes the rest of its span): the
                         // refused events move aside, by seq (or by their place in the batch).
                         let moved = tokio::task::block_in_place(|| -> anyhow::Result<u64> {
-                            let rows = self.spool.read(&r.source_id, r.first_seq, r.count as usize, usize::MAX)?;
+                            // The span's rows only when an event is named by its place alone.
+                            let rows = if r.events.iter().any(|e| e.seq.is_none()) {
+                                self.spool.read(&r.source_id, r.first_seq, r.count as usize, usize::MAX)?
+                            } else {
+                                Vec::new()
+                            };
                             let mut moved = 0;
                             for e in &r.events {
                                 let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
