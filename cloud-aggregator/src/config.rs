@@ -183,7 +183,12 @@ pub struct GatewayConfig {
     /// reads its batches more slowly).
     #[serde(default = "default_agent_rate")]
     pub max_events_per_sec_per_agent: u32,
-    /// Per agent: largest batch payload, in bytes (compressed).
+    /// Per agent: most bytes of events a second once decompressed, over all its connections
+    /// (beyond it, the gateway reads its batches more slowly); 128 MiB by default.
+    #[serde(default = "default_agent_bytes_rate")]
+    pub max_bytes_per_sec_per_agent: u64,
+    /// Per agent: largest batch payload, in bytes, compressed and decompressed alike (the
+    /// events of a batch, one per line, may take at most this many bytes plus their newlines).
     #[serde(default = "default_batch_bytes")]
     pub max_batch_bytes: u32,
     /// Per agent: most events in one batch.
@@ -213,6 +218,9 @@ fn default_agent_connections() -> usize {
 }
 fn default_agent_rate() -> u32 {
     200_000
+}
+fn default_agent_bytes_rate() -> u64 {
+    128 * 1024 * 1024
 }
 fn default_batch_bytes() -> u32 {
     4 * 1024 * 1024
@@ -346,6 +354,7 @@ impl CloudConfig {
             for (field, value) in [
                 ("max_connections_per_agent", g.max_connections_per_agent as u64),
                 ("max_events_per_sec_per_agent", u64::from(g.max_events_per_sec_per_agent)),
+                ("max_bytes_per_sec_per_agent", g.max_bytes_per_sec_per_agent),
                 ("max_batch_bytes", u64::from(g.max_batch_bytes)),
                 ("max_batch_events", u64::from(g.max_batch_events)),
             ] {

@@ -45,6 +45,7 @@ fn gateway_config(dir: &std::path::Path) -> GatewayConfig {
         heartbeat_interval_ms: 1000,
         max_connections_per_agent: 4,
         max_events_per_sec_per_agent: 100_000,
+        max_bytes_per_sec_per_agent: 1 << 30,
         max_batch_bytes: 1024 * 1024,
         max_batch_events: 1_000,
         hello_timeout_ms: 10_000,
@@ -535,4 +536,90 @@ async fn tls_over_tcp_without_the_protocol_is_refused() {
         assert!(read_frames(&mut recv, 1).await.is_empty(), "no welcome without the protocol");
     }
     assert_eq!(h.metrics.tls_failures.load(Ordering::Relaxed), before + 1);
+}
+
+/// An enrolled agent cannot make the gateway work or store far more than it sends (issue 17,
+/// medium 3): a 2 KB batch that would decompress to 60 MiB is refused from its frame header;
+/// an event over the deliverable size is refused alone; a heartbeat flood is answered but
+/// stored once per interval; a second renewal within a minute is refused. A refusal-taking
+/// agent's source goes on after each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_enrolled_agent_cannot_amplify_what_it_sends() {
+    let h = start_with(|c| c.heartbeat_interval_ms = 60_000).await;
+    let a1 = enroll(&h, "a1", "acme");
+    let (mut send, mut recv, _conn, _endpoint) = open_quic(&h, Some(&a1)).await.unwrap();
+    let hello = Frame::Hello(Hello {
+        protocol_version: PROTOCOL_VERSION,
+        agent_id: "a1".into(),
+        agent_version: "test".into(),
+        refusals: true,
+    });
+    send.write_all(&encode(&[hello])).await.unwrap();
+    let Some(Frame::Welcome(welcome)) = read_frames(&mut recv, 1).await.pop() else { panic!("no welcome") };
+    let max_event = welcome.max_event_bytes.expect("the gateway states its event limit") as usize;
+
+    // One event with a 60 MiB field: about 2 KB compressed.
+    let sale = |seq| actidash_shared::testing::sale("acme", "a1", seq, "10.00").to_json();
+    let mut bomb_line = sale(0);
+    bomb_line.truncate(bomb_line.len() - 1);
+    bomb_line.extend_from_slice(format!(",\"pad\":\"{}\"}}", "x".repeat(60 << 20)).as_bytes());
+    let payload = batch::pack([bomb_line.as_slice()], Codec::Zstd);
+    assert!(payload.len() < 8 * 1024, "{} bytes", payload.len());
+    let bomb = Frame::Batch(Batch {
+        source_id: "orders".into(),
+        first_seq: 0,
+        count: 1,
+        codec: Codec::Zstd,
+        payload: payload.into(),
+    });
+    send.write_all(&encode(&[bomb])).await.unwrap();
+    let frames = read_frames(&mut recv, 2).await;
+    let Some(Frame::Refused(refused)) = frames.first() else { panic!("{frames:?}") };
+    let whole = refused.whole.as_ref().expect("refused whole");
+    assert_eq!(whole.kind, batch::RefusalKind::InvalidBatch);
+    assert!(whole.reason.contains(&format!("its frame announces {} bytes", bomb_line.len() + 1)), "{}", whole.reason);
+    assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0 && a.count == 1), "{frames:?}");
+
+    // An event just over the deliverable size, between two good ones: refused alone.
+    let big = format!("{{\"seq\":2,\"pad\":\"{}\"}}", "x".repeat(max_event));
+    let lines = [sale(1), big.into_bytes(), sale(3)];
+    let payload = batch::pack(lines.iter().map(Vec::as_slice), Codec::Zstd);
+    let frame = Frame::Batch(Batch {
+        source_id: "orders".into(),
+        first_seq: 1,
+        count: 3,
+        codec: Codec::Zstd,
+        payload: payload.into(),
+    });
+    send.write_all(&encode(&[frame])).await.unwrap();
+    let frames = read_frames(&mut recv, 2).await;
+    let Some(Frame::Refused(refused)) = frames.first() else { panic!("{frames:?}") };
+    assert_eq!(refused.events.len(), 1, "{refused:?}");
+    assert_eq!((refused.events[0].index, refused.events[0].seq), (1, Some(2)));
+    assert_eq!(refused.events[0].kind, batch::RefusalKind::TooLarge);
+    assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 1 && a.count == 3), "{frames:?}");
+    let totals = Store::open_read_only(&h.store).unwrap().sales_totals(Some("acme")).unwrap();
+    assert_eq!(totals[0].orders, 2, "the good events of the batch are taken");
+
+    // A heartbeat flood, then a batch (answered after them, in order).
+    let heartbeat = Frame::Heartbeat(actidash_shared::wire::Heartbeat::default());
+    let mut flood: Vec<Frame> = std::iter::repeat_n(heartbeat, 500).collect();
+    flood.push(order_batch("acme", 4, 1));
+    send.write_all(&encode(&flood)).await.unwrap();
+    let frames = read_frames(&mut recv, 1).await;
+    assert!(matches!(frames.first(), Some(Frame::Ack(a)) if a.first_seq == 4), "{frames:?}");
+    assert_eq!(h.metrics.heartbeats_dropped.load(Ordering::Relaxed), 499, "one stored per interval");
+
+    // One renewal, then another at once: refused.
+    let renew = || Frame::Renew(Renew { csr_pem: edge_agent::identity::new_key_and_csr("a1").unwrap().1 });
+    send.write_all(&encode(&[renew()])).await.unwrap();
+    assert!(matches!(read_frames(&mut recv, 1).await.first(), Some(Frame::Renewed(_))));
+    send.write_all(&encode(&[renew()])).await.unwrap();
+    let frames = read_frames(&mut recv, 1).await;
+    let (code, message) = error_code(&frames);
+    assert_eq!(code, ErrorCode::Unauthenticated);
+    assert!(message.contains("renewal refused: this agent renewed its certificate less than 60 s ago"), "{message}");
+    assert_eq!(h.metrics.renewals_refused.load(Ordering::Relaxed), 1);
+    assert_eq!(h.metrics.refused_events.load(Ordering::Relaxed), 2);
+    h.shutdown.cancel();
 }

@@ -184,13 +184,18 @@ fn main() -> anyhow::Result<()> {
                 if let Some(reason) = &s.blocked {
                     println!("{:<20} STOPPED: {reason}", "");
                 }
+                let kinds = spool.refused_counts(&id)?;
+                if !kinds.is_empty() {
+                    let text: Vec<String> = kinds.iter().map(|(kind, n)| format!("{kind} {n}")).collect();
+                    println!("{:<20} refused by reason: {}", "", text.join(", "));
+                }
             }
             let refused = spool.refused()?;
             if !refused.is_empty() {
                 println!();
                 println!("refused by the gateway (edge-agent spool refused export, then purge):");
                 for r in refused.iter().take(20) {
-                    println!("  {} seq {}: {}", r.source_id, r.seq, r.reason);
+                    println!("  {} seq {} [{}]: {}", r.source_id, r.seq, r.kind, r.reason);
                 }
                 if refused.len() > 20 {
                     println!("  … and {} more", refused.len() - 20);
@@ -212,7 +217,7 @@ fn main() -> anyhow::Result<()> {
                             .unwrap_or_else(|_| String::from_utf8_lossy(&r.body).into_owned().into());
                         let at =
                             chrono::DateTime::from_timestamp_millis(r.at).map(|t| t.to_rfc3339()).unwrap_or_default();
-                        let line = serde_json::json!({ "source_id": r.source_id, "seq": r.seq, "reason": r.reason, "refused_at": at, "event": event });
+                        let line = serde_json::json!({ "source_id": r.source_id, "seq": r.seq, "kind": r.kind, "reason": r.reason, "refused_at": at, "event": event });
                         text.push_str(&line.to_string());
                         text.push('\n');
                     }

@@ -40,6 +40,82 @@ pub enum BatchError {
     },
     #[error("event {index} of the batch claims tenant {found:?}; this agent belongs to {expected:?}")]
     ForeignTenant { index: usize, found: String, expected: String },
+    #[error("event {index} of the batch is {len} bytes long; the gateway delivers events of at most {limit} bytes")]
+    EventTooLarge { index: usize, len: usize, limit: usize },
+}
+
+impl BatchError {
+    /// The kind of refusal this fault is, for counting by reason.
+    pub fn refusal_kind(&self) -> RefusalKind {
+        match self {
+            BatchError::Decompress { .. } | BatchError::CountMismatch { .. } | BatchError::Empty => {
+                RefusalKind::InvalidBatch
+            }
+            BatchError::Event { source: EventError::UnsupportedVersion { .. }, .. } => RefusalKind::UnknownSchema,
+            BatchError::Event { .. } => RefusalKind::InvalidEvent,
+            BatchError::WrongIdentity { .. } => RefusalKind::WrongIdentity,
+            BatchError::ForeignTenant { .. } => RefusalKind::ForeignTenant,
+            BatchError::EventTooLarge { .. } => RefusalKind::TooLarge,
+        }
+    }
+}
+
+/// Why events were refused for good, as a stable name agents count by (in heartbeats and
+/// `edge-agent status`). A name a newer gateway adds reads as `other`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RefusalKind {
+    /// Not a valid event (JSON, keys, amounts out of bounds…).
+    #[default]
+    InvalidEvent,
+    /// An event schema version the gateway does not read.
+    UnknownSchema,
+    /// The event names another tenant than the agent's.
+    ForeignTenant,
+    /// The event names another agent or source, or a seq outside its batch's span.
+    WrongIdentity,
+    /// Larger than the gateway can deliver.
+    TooLarge,
+    /// The batch as a whole could not be read (it does not decompress within the limit, or
+    /// holds more events than it announced, or none): every event of its span is refused.
+    InvalidBatch,
+    #[serde(other)]
+    Other,
+}
+
+impl RefusalKind {
+    pub const ALL: [RefusalKind; 7] = [
+        RefusalKind::InvalidEvent,
+        RefusalKind::UnknownSchema,
+        RefusalKind::ForeignTenant,
+        RefusalKind::WrongIdentity,
+        RefusalKind::TooLarge,
+        RefusalKind::InvalidBatch,
+        RefusalKind::Other,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RefusalKind::InvalidEvent => "invalid_event",
+            RefusalKind::UnknownSchema => "unknown_schema",
+            RefusalKind::ForeignTenant => "foreign_tenant",
+            RefusalKind::WrongIdentity => "wrong_identity",
+            RefusalKind::TooLarge => "too_large",
+            RefusalKind::InvalidBatch => "invalid_batch",
+            RefusalKind::Other => "other",
+        }
+    }
+
+    /// The kind named `name` (`other` for a name this build does not know).
+    pub fn parse(name: &str) -> RefusalKind {
+        RefusalKind::ALL.into_iter().find(|k| k.as_str() == name).unwrap_or(RefusalKind::Other)
+    }
+}
+
+impl std::fmt::Display for RefusalKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// Packs already-serialized events (each one JSON object, without newline).
@@ -99,6 +175,9 @@ pub struct RefusedEvent {
     /// Its seq, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub seq: Option<u64>,
+    /// Why, as a name to count by.
+    #[serde(default)]
+    pub kind: RefusalKind,
     pub reason: String,
 }
 
@@ -106,13 +185,15 @@ pub struct RefusedEvent {
 /// that pass every check are returned, in order, beside the refused ones with their reasons
 /// (the gateway writes the good ones and declares the others holes). A fault of the batch as a
 /// whole (it does not decompress, holds more events than it announced, or none) is an error.
+/// An event longer than `max_event_bytes` is refused ([`RefusalKind::TooLarge`]).
 pub fn unpack_each(
     batch: &Batch,
     agent_id: &str,
     tenant: &str,
     max_decompressed: usize,
-) -> Result<(Vec<Unpacked>, Vec<RefusedEvent>), BatchError> {
-    let lines = lines_of(batch, max_decompressed)?;
+    max_event_bytes: usize,
+) -> Result<UnpackedBatch, BatchError> {
+    let (lines, decompressed_bytes) = lines_of(batch, max_decompressed)?;
     if lines.is_empty() {
         return Err(BatchError::Empty);
     }
@@ -122,20 +203,29 @@ pub fn unpack_each(
     let end = batch.first_seq + u64::from(batch.count);
     let mut expected_seq = batch.first_seq;
     let (mut good, mut refused) = (Vec::with_capacity(lines.len()), Vec::new());
+    let seq_only = |line: &[u8]| {
+        #[derive(serde::Deserialize)]
+        struct SeqOnly {
+            seq: u64,
+        }
+        serde_json::from_slice::<SeqOnly>(line).ok().map(|s| s.seq)
+    };
+    let refuse = |index: usize, seq: Option<u64>, e: BatchError| RefusedEvent {
+        index: index as u32,
+        seq,
+        kind: e.refusal_kind(),
+        reason: e.to_string(),
+    };
     for (index, line) in lines.into_iter().enumerate() {
+        if line.len() > max_event_bytes {
+            let e = BatchError::EventTooLarge { index, len: line.len(), limit: max_event_bytes };
+            refused.push(refuse(index, seq_only(&line), e));
+            continue;
+        }
         let event = match Event::from_json(&line) {
             Ok(event) => event,
             Err(source) => {
-                #[derive(serde::Deserialize)]
-                struct SeqOnly {
-                    seq: u64,
-                }
-                let seq = serde_json::from_slice::<SeqOnly>(&line).ok().map(|s| s.seq);
-                refused.push(RefusedEvent {
-                    index: index as u32,
-                    seq,
-                    reason: BatchError::Event { index, source }.to_string(),
-                });
+                refused.push(refuse(index, seq_only(&line), BatchError::Event { index, source }));
                 continue;
             }
         };
@@ -156,20 +246,32 @@ pub fn unpack_each(
             None
         };
         match fault {
-            Some(e) => refused.push(RefusedEvent { index: index as u32, seq: Some(event.seq), reason: e.to_string() }),
+            Some(e) => refused.push(refuse(index, Some(event.seq), e)),
             None => {
                 expected_seq = event.seq + 1;
                 good.push(Unpacked { event, json: line });
             }
         }
     }
-    Ok((good, refused))
+    Ok(UnpackedBatch { events: good, refused, decompressed_bytes })
 }
 
-/// The event lines of a batch, decompressed within `max_decompressed` bytes.
-fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<Vec<Bytes>, BatchError> {
+/// What [`unpack_each`] found in a batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnpackedBatch {
+    /// The events that passed every check, in order.
+    pub events: Vec<Unpacked>,
+    /// The others, with their reasons.
+    pub refused: Vec<RefusedEvent>,
+    /// The payload's size once decompressed (what a byte budget charges).
+    pub decompressed_bytes: usize,
+}
+
+/// The event lines of a batch, decompressed within `max_decompressed` bytes, and their size.
+fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<(Vec<Bytes>, usize), BatchError> {
     let bytes = decompressed(batch, max_decompressed)?;
-    Ok(bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| bytes.slice_ref(l)).collect())
+    let lines = bytes.split(|b| *b == b'\n').filter(|l| !l.is_empty()).map(|l| bytes.slice_ref(l)).collect();
+    Ok((lines, bytes.len()))
 }
 
 /// A batch's payload as JSON lines, at most `max_decompressed` bytes.
@@ -184,9 +286,21 @@ fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchEr
             }
             batch.payload.clone()
         }
-        Codec::Zstd => zstd::bulk::decompress(&batch.payload, max_decompressed)
-            .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
-            .into(),
+        Codec::Zstd => {
+            // The frame header states the size: a payload announcing more than the limit is
+            // refused before any work (a 2 KB frame can expand to 60 MiB).
+            if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(&batch.payload)
+                && size > max_decompressed as u64
+            {
+                return Err(BatchError::Decompress {
+                    limit: max_decompressed,
+                    reason: format!("its frame announces {size} bytes"),
+                });
+            }
+            zstd::bulk::decompress(&batch.payload, max_decompressed)
+                .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
+                .into()
+        }
     })
 }
 
@@ -281,18 +395,37 @@ mod tests {
             codec: Codec::Zstd,
             payload: pack(json.iter().map(Vec::as_slice), Codec::Zstd).into(),
         };
-        let (good, refused) = unpack_each(&batch, "a1", "acme", 1 << 20).unwrap();
+        let UnpackedBatch { events: good, refused, decompressed_bytes } =
+            unpack_each(&batch, "a1", "acme", 1 << 20, 1 << 20).unwrap();
+        assert_eq!(decompressed_bytes, json.iter().map(|j| j.len() + 1).sum::<usize>());
         let seqs: Vec<u64> = good.iter().map(|u| u.event.seq).collect();
         assert_eq!(seqs, [10, 12, 15]);
         let places: Vec<(u32, Option<u64>)> = refused.iter().map(|r| (r.index, r.seq)).collect();
         assert_eq!(places, [(1, Some(11)), (3, Some(13)), (4, None)]);
         assert!(refused[0].reason.contains("claims tenant \"other\""), "{:?}", refused[0]);
+        let kinds: Vec<RefusalKind> = refused.iter().map(|r| r.kind).collect();
+        assert_eq!(kinds, [RefusalKind::ForeignTenant, RefusalKind::InvalidEvent, RefusalKind::InvalidEvent]);
+        // An event longer than the gateway delivers is refused as too large, with its seq.
+        let long = events[2].to_json().len();
+        let UnpackedBatch { events: good, refused, .. } = unpack_each(&batch, "a1", "acme", 1 << 20, long - 1).unwrap();
+        assert!(good.is_empty(), "every event of the batch is as long");
+        assert_eq!((refused[2].kind, refused[2].seq), (RefusalKind::TooLarge, Some(12)));
+        assert!(refused[2].reason.contains(&format!("{long} bytes long")), "{:?}", refused[2]);
+        // A kind a newer gateway adds reads as `other`; a refusal without one as invalid_event.
+        let r: RefusedEvent = serde_json::from_str(r#"{"index":0,"kind":"new_reason","reason":"r"}"#).unwrap();
+        assert_eq!(r.kind, RefusalKind::Other);
+        let r: RefusedEvent = serde_json::from_str(r#"{"index":0,"reason":"r"}"#).unwrap();
+        assert_eq!(r.kind, RefusalKind::InvalidEvent);
+        assert!(RefusalKind::ALL.into_iter().all(|k| RefusalKind::parse(k.as_str()) == k));
         // The strict unpack refuses the whole batch at the first of them.
         assert!(matches!(unpack(&batch, "a1", "acme", 1 << 20), Err(BatchError::ForeignTenant { index: 1, .. })));
         let empty = Batch { payload: Bytes::new(), codec: Codec::Plain, ..batch.clone() };
-        assert!(matches!(unpack_each(&empty, "a1", "acme", 1 << 20), Err(BatchError::Empty)));
+        assert!(matches!(unpack_each(&empty, "a1", "acme", 1 << 20, 1 << 20), Err(BatchError::Empty)));
         let too_many = Batch { count: 2, ..batch };
-        assert!(matches!(unpack_each(&too_many, "a1", "acme", 1 << 20), Err(BatchError::CountMismatch { .. })));
+        assert!(matches!(
+            unpack_each(&too_many, "a1", "acme", 1 << 20, 1 << 20),
+            Err(BatchError::CountMismatch { .. })
+        ));
     }
 
     fn batch_of(events: &[Event], first_seq: u64, count: u32, codec: Codec) -> Batch {
@@ -343,6 +476,17 @@ mod tests {
 
         let bomb = zstd::bulk::compress(&vec![b' '; 1 << 20], 3).unwrap();
         let batch = Batch { source_id: "web".into(), first_seq: 0, count: 1, codec: Codec::Zstd, payload: bomb.into() };
+        let err = unpack(&batch, "a1", "t", 4096).unwrap_err();
+        // Refused from the frame's header, before decompressing.
+        assert!(err.to_string().contains("its frame announces 1048576 bytes"), "{err}");
+        assert_eq!(err.refusal_kind(), RefusalKind::InvalidBatch);
+        // A frame without a stated size is bounded while it decompresses.
+        let mut streamed = Vec::new();
+        let mut encoder = zstd::stream::Encoder::new(&mut streamed, 3).unwrap();
+        std::io::Write::write_all(&mut encoder, &vec![b' '; 1 << 20]).unwrap();
+        encoder.finish().unwrap();
+        assert!(matches!(zstd::zstd_safe::get_frame_content_size(&streamed), Ok(None)));
+        let batch = Batch { payload: streamed.into(), ..batch };
         assert!(matches!(unpack(&batch, "a1", "t", 4096), Err(BatchError::Decompress { limit: 4096, .. })));
 
         let garbage = Batch {

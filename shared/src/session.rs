@@ -673,7 +673,13 @@ mod tests {
             source_id: "s".into(),
             first_seq: 0,
             count: 3,
-            events: vec![crate::batch::RefusedEvent { index: 1, seq: Some(1), reason: "bad".into() }],
+            events: vec![crate::batch::RefusedEvent {
+                index: 1,
+                seq: Some(1),
+                kind: crate::batch::RefusalKind::ForeignTenant,
+                reason: "bad".into(),
+            }],
+            whole: None,
         };
         client.handle_frame(Frame::Refused(refused.clone()), Duration::ZERO).unwrap();
         assert_eq!(client.poll_event(), Some(ClientEvent::Refused(refused)));

@@ -80,12 +80,25 @@ pub struct Hello {
 /// unavailable. The batch's other events are written as usual and the batch is acknowledged
 /// after; the refused ones are declared holes in the source's seqs (like quarantined events),
 /// which the agent moves aside with their reasons. Sent before the batch's [`Ack`].
+///
+/// A batch that cannot be read as a whole (it does not decompress within the limit, or holds
+/// more events than it announced) is refused whole: `whole` says why and every event of the
+/// span is moved aside, so that a damaged batch cannot stop its source either.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Refused {
     pub source_id: String,
     pub first_seq: u64,
     pub count: u32,
     pub events: Vec<crate::batch::RefusedEvent>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub whole: Option<WholeRefusal>,
+}
+
+/// Why a whole batch was refused.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WholeRefusal {
+    pub kind: crate::batch::RefusalKind,
+    pub reason: String,
 }
 
 /// An agent without a certificate asks for one with an enrollment token. Never logged whole:
@@ -226,6 +239,10 @@ pub struct SourceStatus {
     /// Events the gateway refused for good, moved aside in the spool, in all.
     #[serde(default)]
     pub n_refused: u64,
+    /// The same, by kind of refusal ([`crate::batch::RefusalKind`]: `foreign_tenant`,
+    /// `unknown_schema`, `too_large`…).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused_by_reason: std::collections::BTreeMap<String, u64>,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -530,6 +547,7 @@ mod tests {
                         n_dropped: 2,
                         n_quarantined: 3,
                         n_refused: 4,
+                        refused_by_reason: [("foreign_tenant".to_owned(), 3), ("too_large".to_owned(), 1)].into(),
                         last_error: Some("bad".into()),
                     }],
                     holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),
@@ -537,8 +555,10 @@ mod tests {
             }),
             arb_text().prop_map(|m| Frame::Error(ErrorFrame { code: ErrorCode::InvalidBatch, message: m })),
             (arb_text(), any::<u64>(), any::<u32>(), arb_text()).prop_map(|(source_id, first_seq, count, reason)| {
-                let events = vec![crate::batch::RefusedEvent { index: count % 7, seq: Some(first_seq), reason }];
-                Frame::Refused(Refused { source_id, first_seq, count, events })
+                let kind = crate::batch::RefusalKind::ALL[count as usize % 7];
+                let whole = (count % 3 == 0).then(|| WholeRefusal { kind, reason: reason.clone() });
+                let events = vec![crate::batch::RefusedEvent { index: count % 7, seq: Some(first_seq), kind, reason }];
+                Frame::Refused(Refused { source_id, first_seq, count, events, whole })
             }),
         ]
     }

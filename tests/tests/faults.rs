@@ -373,6 +373,8 @@ fn a_refused_batch_is_moved_aside_and_the_next_events_go_on() {
     let refused =
         |d: &actidash_tests::harness::Deployment| -> anyhow::Result<u64> { Ok(count(&orders_source(d)?, "n_refused")) };
     wait_until(TIMEOUT, "the heartbeat to count the refused event", || Ok(refused(&d)? == 1)).unwrap();
+    let by_reason = orders_source(&d).unwrap()["refused_by_reason"].clone();
+    assert_eq!(by_reason, serde_json::json!({ "foreign_tenant": 1 }), "counted by reason in the heartbeat");
     let said = log_of(&agent);
     assert_eq!(said.matches("events refused by the gateway for good").count(), 1, "{said}");
     assert_eq!(said.matches("connected to the gateway").count(), 2, "one connection per start, no loop: {said}");
@@ -389,12 +391,14 @@ fn a_refused_batch_is_moved_aside_and_the_next_events_go_on() {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let inspect = cli(&["spool", "inspect"]);
-    assert!(inspect.contains("claims tenant \"other\""), "{inspect}");
+    assert!(inspect.contains("[foreign_tenant]: event ") && inspect.contains("claims tenant \"other\""), "{inspect}");
+    assert!(inspect.contains("refused by reason: foreign_tenant 1"), "{inspect}");
     let exported = cli(&["spool", "refused", "export"]);
     let rows: Vec<serde_json::Value> = exported.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rows.len(), 1, "{exported}");
     assert_eq!((rows[0]["source_id"].as_str(), rows[0]["event"]["tenant"].as_str()), (Some("orders"), Some("other")));
     assert!(rows[0]["reason"].as_str().unwrap().contains("this agent belongs to \"acme\""), "{exported}");
+    assert_eq!(rows[0]["kind"], "foreign_tenant", "{exported}");
     assert_eq!(cli(&["spool", "refused", "purge"]).trim(), "purged 1 refused events");
     assert_eq!(cli(&["spool", "refused", "export"]), "");
 }

@@ -40,8 +40,47 @@ pub enum AuthError {
 
 struct AgentState {
     connections: usize,
+    /// Events the agent may send (one second of its rate at most).
+    events: Bucket,
+    /// Decompressed bytes the agent may send (one second of its rate at most).
+    bytes: Bucket,
+    /// When one of its heartbeats was last stored.
+    heartbeat_stored: Option<Instant>,
+    /// When its certificate was last renewed.
+    renewed: Option<Instant>,
+}
+
+/// A token bucket: `rate` a second, at most one second of it in store.
+struct Bucket {
     tokens: f64,
     refilled: Instant,
+}
+
+impl Bucket {
+    fn full(rate: f64) -> Bucket {
+        Bucket { tokens: rate, refilled: Instant::now() }
+    }
+
+    /// Takes `n`; returns how long to wait before the debt is paid (zero within the rate).
+    fn take(&mut self, rate: f64, n: f64, now: Instant) -> Duration {
+        let elapsed = now.duration_since(self.refilled).as_secs_f64();
+        self.refilled = now;
+        self.tokens = (self.tokens + elapsed * rate).min(rate) - n;
+        if self.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-self.tokens / rate) }
+    }
+}
+
+/// The per-agent limits ([`crate::config::GatewayConfig`]).
+#[derive(Debug, Clone, Copy)]
+pub struct AgentLimits {
+    pub max_connections: usize,
+    pub events_per_sec: u32,
+    /// Decompressed batch bytes a second.
+    pub bytes_per_sec: u64,
+    /// Heartbeats closer together than this are answered but not stored.
+    pub min_heartbeat_interval: Duration,
+    /// Certificate renewals closer together than this are refused.
+    pub min_renewal_interval: Duration,
 }
 
 /// Admission control shared by a gateway's connections.
@@ -50,31 +89,19 @@ pub struct Admission {
     revoked: watch::Receiver<Arc<HashSet<String>>>,
     revoked_tx: watch::Sender<Arc<HashSet<String>>>,
     agents: Mutex<HashMap<String, AgentState>>,
-    max_connections: usize,
-    rate: f64,
+    limits: AgentLimits,
 }
 
 impl std::fmt::Debug for Admission {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Admission").field("max_connections", &self.max_connections).field("rate", &self.rate).finish()
+        f.debug_struct("Admission").field("limits", &self.limits).finish()
     }
 }
 
 impl Admission {
-    pub fn new(
-        fleet: Arc<Fleet>,
-        max_connections_per_agent: usize,
-        max_events_per_sec: u32,
-    ) -> anyhow::Result<Admission> {
+    pub fn new(fleet: Arc<Fleet>, limits: AgentLimits) -> anyhow::Result<Admission> {
         let (revoked_tx, revoked) = watch::channel(Arc::new(fleet.revoked()?));
-        Ok(Admission {
-            fleet,
-            revoked,
-            revoked_tx,
-            agents: Mutex::new(HashMap::new()),
-            max_connections: max_connections_per_agent,
-            rate: f64::from(max_events_per_sec),
-        })
+        Ok(Admission { fleet, revoked, revoked_tx, agents: Mutex::new(HashMap::new()), limits })
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
@@ -147,10 +174,12 @@ impl Admission {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
         let state = agents.entry(agent.clone()).or_insert_with(|| AgentState {
             connections: 0,
-            tokens: self.rate,
-            refilled: Instant::now(),
+            events: Bucket::full(f64::from(self.limits.events_per_sec)),
+            bytes: Bucket::full(self.limits.bytes_per_sec as f64),
+            heartbeat_stored: None,
+            renewed: None,
         });
-        if state.connections >= self.max_connections {
+        if state.connections >= self.limits.max_connections {
             return Err(AuthError::TooManyConnections(agent.clone(), state.connections));
         }
         state.connections += 1;
@@ -168,14 +197,49 @@ impl Admission {
     /// How long to wait before taking `n` events of the agent, by its token bucket (one
     /// second of events of burst, over all its connections). Zero when within the rate.
     pub fn throttle(&self, agent_id: &str, n: u32) -> Duration {
+        let rate = f64::from(self.limits.events_per_sec);
+        self.with_agent(agent_id, Duration::ZERO, |s, now| s.events.take(rate, f64::from(n), now))
+    }
+
+    /// How long to wait after the agent sent `n` decompressed bytes (charged once they are
+    /// known, so the debt delays its next batch). Zero when within the rate.
+    pub fn throttle_bytes(&self, agent_id: &str, n: usize) -> Duration {
+        let rate = self.limits.bytes_per_sec as f64;
+        self.with_agent(agent_id, Duration::ZERO, |s, now| s.bytes.take(rate, n as f64, now))
+    }
+
+    /// Whether a heartbeat of the agent arriving now is stored: at most one per
+    /// `min_heartbeat_interval` over all its connections (an agent sends one per interval; a
+    /// flood is answered but not written).
+    pub fn heartbeat_due(&self, agent_id: &str) -> bool {
+        let every = self.limits.min_heartbeat_interval;
+        self.with_agent(agent_id, false, |s, now| {
+            let due = s.heartbeat_stored.is_none_or(|at| now.duration_since(at) >= every);
+            if due {
+                s.heartbeat_stored = Some(now);
+            }
+            due
+        })
+    }
+
+    /// Whether the agent may renew its certificate now; Err with how long until it may.
+    pub fn renewal_allowed(&self, agent_id: &str) -> Result<(), Duration> {
+        let every = self.limits.min_renewal_interval;
+        self.with_agent(agent_id, Ok(()), |s, now| match s.renewed {
+            Some(at) if now.duration_since(at) < every => Err(every - now.duration_since(at)),
+            _ => {
+                s.renewed = Some(now);
+                Ok(())
+            }
+        })
+    }
+
+    fn with_agent<T>(&self, agent_id: &str, absent: T, f: impl FnOnce(&mut AgentState, Instant) -> T) -> T {
         let mut agents = self.agents.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(state) = agents.get_mut(agent_id) else { return Duration::ZERO };
-        let now = Instant::now();
-        let elapsed = now.duration_since(state.refilled).as_secs_f64();
-        state.refilled = now;
-        state.tokens = (state.tokens + elapsed * self.rate).min(self.rate);
-        state.tokens -= f64::from(n);
-        if state.tokens >= 0.0 { Duration::ZERO } else { Duration::from_secs_f64(-state.tokens / self.rate) }
+        match agents.get_mut(agent_id) {
+            Some(state) => f(state, Instant::now()),
+            None => absent,
+        }
     }
 }
 
@@ -192,7 +256,14 @@ mod tests {
         let key = rcgen::KeyPair::generate().unwrap();
         let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap().pem().unwrap();
         fleet.enroll(&token, "a1", &csr, 1).unwrap();
-        let admission = Admission::new(fleet.clone(), 1, 100).unwrap();
+        let limits = AgentLimits {
+            max_connections: 1,
+            events_per_sec: 100,
+            bytes_per_sec: 1_000,
+            min_heartbeat_interval: Duration::from_secs(60),
+            min_renewal_interval: Duration::from_secs(60),
+        };
+        let admission = Admission::new(fleet.clone(), limits).unwrap();
         let peer = ("a1".to_owned(), "acme".to_owned());
 
         assert_eq!(admission.admit("a1", None), Err(AuthError::NoCertificate));
@@ -214,6 +285,15 @@ mod tests {
         assert_eq!(admission.throttle("a1", 100), Duration::ZERO);
         let wait = admission.throttle("a1", 50);
         assert!(wait > Duration::from_millis(400) && wait <= Duration::from_millis(500), "{wait:?}");
+        // Decompressed bytes have their own budget.
+        assert_eq!(admission.throttle_bytes("a1", 1_000), Duration::ZERO);
+        let wait = admission.throttle_bytes("a1", 2_000);
+        assert!(wait > Duration::from_millis(1_900) && wait <= Duration::from_secs(2), "{wait:?}");
+        // One heartbeat stored per interval, one renewal per interval.
+        assert!(admission.heartbeat_due("a1"));
+        assert!(!admission.heartbeat_due("a1"));
+        assert_eq!(admission.renewal_allowed("a1"), Ok(()));
+        assert!(admission.renewal_allowed("a1").is_err_and(|wait| wait > Duration::from_secs(59)));
 
         fleet.revoke("a1", 2).unwrap();
         assert_eq!(

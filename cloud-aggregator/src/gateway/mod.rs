@@ -22,7 +22,9 @@ use std::time::Duration;
 use actidash_shared::batch;
 use actidash_shared::kafka::FleetRecord;
 use actidash_shared::session::{ServerEvent, ServerLimits, ServerSession};
-use actidash_shared::wire::{ALPN, Ack, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Refused, Renewed};
+use actidash_shared::wire::{
+    ALPN, Ack, Batch, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Refused, Renewed, WholeRefusal,
+};
 use anyhow::Context as _;
 use bytes::BytesMut;
 use futures::StreamExt as _;
@@ -69,8 +71,9 @@ fn stable_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
     config
 }
 
-/// Largest decompressed batch accepted (64 MiB).
-const MAX_DECOMPRESSED: usize = batch::DEFAULT_MAX_DECOMPRESSED;
+/// An agent renews its certificate once in its validity (at two thirds of it); more often is
+/// refused, so that an enrolled agent cannot fill the registry with certificates.
+const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(60);
 
 /// Counters of what the gateway accepted and refused.
 #[derive(Debug, Default, Serialize)]
@@ -87,6 +90,12 @@ pub struct GatewayMetrics {
     pub revoked_disconnects: AtomicU64,
     /// Batches refused because an event claimed another tenant than the certificate's.
     pub foreign_tenant_batches: AtomicU64,
+    /// Events refused for good (declared holes; the agent keeps them aside).
+    pub refused_events: AtomicU64,
+    /// Heartbeats answered but not stored (more than one per half interval from an agent).
+    pub heartbeats_dropped: AtomicU64,
+    /// Certificate renewals refused (more than one a minute from an agent).
+    pub renewals_refused: AtomicU64,
     /// Batches delayed by their agent's rate limit.
     pub rate_limited: AtomicU64,
     pub bad_frames: AtomicU64,
@@ -106,6 +115,8 @@ pub struct Gateway {
     endpoint: quinn::Endpoint,
     tcp: Option<(tokio::net::TcpListener, tokio_rustls::TlsAcceptor)>,
     admission: Arc<Admission>,
+    /// Batches decompressed and parsed at once (off the async workers), one per core.
+    unpacking: Arc<Semaphore>,
     revocation_check: Duration,
     sink: Sink,
     limits: ServerLimits,
@@ -190,9 +201,15 @@ impl Gateway {
             tcp,
             admission: Arc::new(Admission::new(
                 fleet,
-                config.max_connections_per_agent,
-                config.max_events_per_sec_per_agent,
+                auth::AgentLimits {
+                    max_connections: config.max_connections_per_agent,
+                    events_per_sec: config.max_events_per_sec_per_agent,
+                    bytes_per_sec: config.max_bytes_per_sec_per_agent,
+                    min_heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms / 2),
+                    min_renewal_interval: MIN_RENEWAL_INTERVAL,
+                },
             )?),
+            unpacking: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))),
             revocation_check: Duration::from_millis(config.heartbeat_interval_ms / 2).max(Duration::from_millis(50)),
             sink,
             limits: ServerLimits {
@@ -276,6 +293,7 @@ impl Gateway {
             let conn = Connection {
                 id: next_connection_id,
                 admission: self.admission.clone(),
+                unpacking: self.unpacking.clone(),
                 sink: self.sink.clone(),
                 limits: self.limits,
                 hello_timeout: self.hello_timeout,
@@ -323,6 +341,7 @@ struct Connection {
     /// Unique in this gateway process.
     id: u64,
     admission: Arc<Admission>,
+    unpacking: Arc<Semaphore>,
     sink: Sink,
     limits: ServerLimits,
     /// How long the peer may take to authenticate ([`crate::config::GatewayConfig::hello_timeout_ms`]).
@@ -611,6 +630,16 @@ impl Connection {
                 }
                 ServerEvent::Renew(renew) => {
                     let Some((agent_id, tenant)) = identity.clone() else { continue };
+                    if let Err(wait) = self.admission.renewal_allowed(&agent_id) {
+                        bump(&self.metrics.renewals_refused, 1);
+                        warn!(remote = %remote, agent_id = %agent_id, retry_in_secs = wait.as_secs() + 1, "renewal refused: renewed less than a minute ago");
+                        session.reject(format!(
+                            "renewal refused: this agent renewed its certificate less than {} s ago; retry in {} s",
+                            MIN_RENEWAL_INTERVAL.as_secs(),
+                            wait.as_secs() + 1
+                        ));
+                        continue;
+                    }
                     let fleet = self.admission.fleet().clone();
                     let (a, t) = (agent_id.clone(), tenant.clone());
                     match tokio::task::spawn_blocking(move || fleet.renew(&a, &t, &renew.csr_pem, now_unix())).await {
@@ -636,26 +665,36 @@ impl Connection {
                         debug!(agent_id = %agent_id, wait_ms = wait.as_millis() as u64, "agent over its rate: reading it more slowly");
                         tokio::time::sleep(wait).await;
                     }
-                    // An agent that takes refusals gets bad events refused one by one (the
-                    // rest of the batch is written); an older one is disconnected, as before.
-                    let unpacked = if session.takes_refusals() {
-                        batch::unpack_each(&b, agent_id, tenant, MAX_DECOMPRESSED)
-                    } else {
-                        batch::unpack(&b, agent_id, tenant, MAX_DECOMPRESSED).map(|events| (events, Vec::new()))
+                    let (source_id, first_seq, count) = (b.source_id.clone(), b.first_seq, b.count);
+                    let unpacked = match self.unpack(b, agent_id, tenant, session.takes_refusals()).await {
+                        Ok(unpacked) => unpacked,
+                        Err(e) => {
+                            warn!(remote = %remote, agent_id = %agent_id, error = %e, "unpacking a batch failed");
+                            session.fail(ErrorCode::Unavailable, format!("unpacking the batch failed: {e}"));
+                            continue;
+                        }
                     };
                     match unpacked {
-                        Ok((events, refused)) => {
+                        Ok(batch::UnpackedBatch { events, refused, decompressed_bytes: decompressed }) => {
+                            let wait = self.admission.throttle_bytes(agent_id, decompressed);
+                            if !wait.is_zero() {
+                                bump(&self.metrics.rate_limited, 1);
+                                debug!(agent_id = %agent_id, wait_ms = wait.as_millis() as u64, "agent over its byte rate: reading it more slowly");
+                                tokio::time::sleep(wait).await;
+                            }
                             if !refused.is_empty() {
                                 bump(&self.metrics.invalid_batches, 1);
-                                if refused.iter().any(|r| r.reason.contains("claims tenant")) {
+                                bump(&self.metrics.refused_events, refused.len() as u64);
+                                if refused.iter().any(|r| r.kind == batch::RefusalKind::ForeignTenant) {
                                     bump(&self.metrics.foreign_tenant_batches, 1);
                                 }
-                                warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, n_refused = refused.len(), first_reason = %refused[0].reason, "events refused for good; the rest of the batch is taken");
+                                warn!(remote = %remote, agent_id = %agent_id, source = %untrusted(&source_id), first_seq, n_refused = refused.len(), first_kind = %refused[0].kind, first_reason = %untrusted(&refused[0].reason), "events refused for good; the rest of the batch is taken");
                                 session.refuse(Refused {
-                                    source_id: b.source_id.clone(),
-                                    first_seq: b.first_seq,
-                                    count: b.count,
+                                    source_id: source_id.clone(),
+                                    first_seq,
+                                    count,
                                     events: refused,
+                                    whole: None,
                                 });
                             }
                             if events.is_empty() {
@@ -676,13 +715,33 @@ impl Connection {
                             if matches!(e, batch::BatchError::ForeignTenant { .. }) {
                                 bump(&self.metrics.foreign_tenant_batches, 1);
                             }
-                            warn!(remote = %remote, agent_id = %agent_id, source = %b.source_id, first_seq = b.first_seq, error = %e, "invalid batch refused");
-                            session.fail(ErrorCode::InvalidBatch, e.to_string());
+                            if session.takes_refusals() {
+                                // The batch cannot be read as a whole: every event of its span
+                                // is refused (the agent keeps them aside), and its source goes on.
+                                bump(&self.metrics.refused_events, u64::from(count));
+                                warn!(remote = %remote, agent_id = %agent_id, source = %untrusted(&source_id), first_seq, count, error = %untrusted(&e.to_string()), "batch refused whole for good; its source goes on");
+                                let whole = WholeRefusal { kind: e.refusal_kind(), reason: e.to_string() };
+                                session.refuse(Refused {
+                                    source_id,
+                                    first_seq,
+                                    count,
+                                    events: Vec::new(),
+                                    whole: Some(whole),
+                                });
+                                pending.push_back(ack_when_done(ack, Box::pin(async { Ok(()) })));
+                            } else {
+                                warn!(remote = %remote, agent_id = %agent_id, source = %untrusted(&source_id), first_seq, error = %untrusted(&e.to_string()), "invalid batch refused");
+                                session.fail(ErrorCode::InvalidBatch, e.to_string());
+                            }
                         }
                     }
                 }
                 ServerEvent::Heartbeat(heartbeat) => {
                     if let Some((agent_id, tenant)) = identity.as_ref() {
+                        if !self.admission.heartbeat_due(agent_id) {
+                            bump(&self.metrics.heartbeats_dropped, 1);
+                            continue;
+                        }
                         self.sink
                             .heartbeat(FleetRecord {
                                 tenant: tenant.clone(),
@@ -706,6 +765,35 @@ impl Connection {
 
     /// Decodes and handles at most one frame; returns whether one was handled. Bad bytes close
     /// the session with an error frame.
+    /// Decompresses and checks a batch off the async workers, one batch per core at once
+    /// (a small payload may decompress into megabytes and hold thousands of events). A batch
+    /// decompresses to at most its byte limit plus a newline per event (what an agent packs),
+    /// and an event is at most what the sink delivers. Err only if the work itself failed.
+    async fn unpack(
+        &self,
+        b: Batch,
+        agent_id: &str,
+        tenant: &str,
+        each: bool,
+    ) -> Result<Result<batch::UnpackedBatch, batch::BatchError>, tokio::task::JoinError> {
+        let max_decompressed = self.limits.max_batch_bytes as usize + self.limits.max_batch_events as usize;
+        let max_event = self.limits.max_event_bytes.map_or(usize::MAX, |n| n as usize);
+        let (agent_id, tenant) = (agent_id.to_owned(), tenant.to_owned());
+        let _permit = self.unpacking.acquire().await;
+        tokio::task::spawn_blocking(move || {
+            if each {
+                batch::unpack_each(&b, &agent_id, &tenant, max_decompressed, max_event)
+            } else {
+                batch::unpack(&b, &agent_id, &tenant, max_decompressed).map(|events| batch::UnpackedBatch {
+                    decompressed_bytes: events.iter().map(|u| u.json.len() + 1).sum(),
+                    events,
+                    refused: Vec::new(),
+                })
+            }
+        })
+        .await
+    }
+
     fn handle_one_frame(
         &self,
         session: &mut ServerSession,

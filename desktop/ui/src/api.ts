@@ -105,6 +105,10 @@ export interface SourceHealth {
   n_errors: number;
   n_dropped: number;
   n_quarantined: number;
+  /** Events the gateway refused for good, moved aside in the agent's spool. */
+  n_refused?: number;
+  /** The same, by reason (`foreign_tenant`, `unknown_schema`, `too_large`…). */
+  refused_by_reason?: Record<string, number>;
   next_seq: number;
   last_error?: string | null;
 }

@@ -311,6 +311,12 @@ async function inventory(view: View, el: HTMLElement): Promise<void> {
     <section class="panel"><h2>On hand per SKU and warehouse</h2>${table(["SKU", "warehouse", "on hand", "as of"], inv.levels.map(levelRow))}</section>`;
 }
 
+/** " (foreign_tenant 2, too_large 1)", or nothing. */
+function refusedReasons(byReason: Record<string, number> | undefined): string {
+  const parts = Object.entries(byReason ?? {}).map(([reason, n]) => `${esc(reason)} ${number(n)}`);
+  return parts.length ? ` (${parts.join(", ")})` : "";
+}
+
 async function fleet(_view: View, el: HTMLElement): Promise<void> {
   const agents = await get<Agent[]>("/api/v1/agents");
   const rows = agents.map((a) => {
@@ -320,6 +326,7 @@ async function fleet(_view: View, el: HTMLElement): Promise<void> {
         (s) =>
           `<div class="source ${s.n_errors > 0 ? "bad" : ""}"><b>${esc(s.source_id)}</b> ${esc(s.state)}` +
           `${s.n_errors ? `, ${number(s.n_errors)} errors` : ""}${s.n_quarantined ? `, ${number(s.n_quarantined)} dead letters` : ""}` +
+          `${s.n_refused ? `, ${number(s.n_refused)} refused${refusedReasons(s.refused_by_reason)}` : ""}` +
           `${s.last_error ? ` — ${esc(s.last_error)}` : ""}</div>`,
       )
       .join("");

@@ -31,14 +31,20 @@
 //! shipper read while a source writes, and write transactions take the lock up front
 //! (`IMMEDIATE`), so concurrent writers queue instead of failing.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
+
+use actidash_shared::batch::RefusalKind;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
 
-const MIGRATIONS: &[&str] =
-    &[include_str!("../../migrations/0001_init.sql"), include_str!("../../migrations/0002_refused.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_refused.sql"),
+    include_str!("../../migrations/0003_refusal_kinds.sql"),
+];
 
 /// What to do when the spool is full.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -146,6 +152,8 @@ pub struct RefusedEvent {
     pub source_id: String,
     pub seq: u64,
     pub body: Vec<u8>,
+    /// The kind of refusal ([`RefusalKind::as_str`]).
+    pub kind: String,
     pub reason: String,
     /// Unix milliseconds.
     pub at: i64,
@@ -513,13 +521,14 @@ impl Spool {
     }
 
     /// Moves the events of `source_id` in the span `first_seq .. first_seq + count` to
-    /// `refused` with the gateway's `reason`, and counts them; returns how many moved. The span
-    /// becomes a hole in the source's seqs (as quarantined events are).
+    /// `refused` with the gateway's `reason`, and counts them (in all and by `kind`); returns
+    /// how many moved. The span becomes a hole in the source's seqs (as quarantined events are).
     pub fn refuse_span(
         &mut self,
         source_id: &str,
         first_seq: u64,
         count: u32,
+        kind: RefusalKind,
         reason: &str,
     ) -> Result<u64, SpoolError> {
         let path = self.path.clone();
@@ -529,9 +538,9 @@ impl Spool {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
         let moved = tx
             .execute(
-                "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at)
-                 SELECT ?1, key & 1099511627775, body, ?2, ?3 FROM events WHERE key >= ?4 AND key < ?5",
-                params![source_id, reason, now_ms(), from, to],
+                "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at, kind)
+                 SELECT ?1, key & 1099511627775, body, ?2, ?3, ?6 FROM events WHERE key >= ?4 AND key < ?5",
+                params![source_id, reason, now_ms(), from, to, kind.as_str()],
             )
             .map_err(e)? as u64;
         let bytes: i64 = tx
@@ -552,15 +561,35 @@ impl Spool {
             params![moved as i64, source_id],
         )
         .map_err(e)?;
+        if moved > 0 {
+            tx.execute(
+                "INSERT INTO refused_counts (source_id, kind, n) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (source_id, kind) DO UPDATE SET n = n + excluded.n",
+                params![source_id, kind.as_str(), moved as i64],
+            )
+            .map_err(e)?;
+        }
         tx.commit().map_err(e)?;
         Ok(moved)
+    }
+
+    /// How many events of `source_id` were ever refused, by kind of refusal.
+    pub fn refused_counts(&self, source_id: &str) -> Result<BTreeMap<String, u64>, SpoolError> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT kind, n FROM refused_counts WHERE source_id = ?1 ORDER BY kind")
+            .map_err(|e| self.err(e))?;
+        let rows = stmt
+            .query_map(params![source_id], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))
+            .map_err(|e| self.err(e))?;
+        rows.collect::<rusqlite::Result<BTreeMap<_, _>>>().map_err(|e| self.err(e))
     }
 
     /// Every refused event, by source and seq.
     pub fn refused(&self) -> Result<Vec<RefusedEvent>, SpoolError> {
         let mut stmt = self
             .conn
-            .prepare("SELECT source_id, seq, body, reason, at FROM refused ORDER BY source_id, seq")
+            .prepare("SELECT source_id, seq, body, reason, at, kind FROM refused ORDER BY source_id, seq")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
@@ -568,6 +597,7 @@ impl Spool {
                     source_id: r.get(0)?,
                     seq: r.get::<_, i64>(1)? as u64,
                     body: r.get(2)?,
+                    kind: r.get(5)?,
                     reason: r.get(3)?,
                     at: r.get(4)?,
                 })
@@ -881,17 +911,37 @@ impl Spool {
                 params![report.n_saved as i64, n_bytes],
             )
             .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
-            // Refused events and their counts, as far as they read (a version 1 spool has none).
-            let refused: Vec<(String, i64, Vec<u8>, String, i64)> = old
-                .prepare("SELECT source_id, seq, body, reason, at FROM refused")
-                .and_then(|mut st| {
-                    st.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)))?.collect()
+            // Refused events and their counts, as far as they read (a version 1 spool has none;
+            // a version 2 one has no kinds).
+            /// source, seq, body, reason, at, kind
+            type RefusedRow = (String, i64, Vec<u8>, String, i64, String);
+            let read_refused = |sql: &str| -> rusqlite::Result<Vec<RefusedRow>> {
+                old.prepare(sql)?
+                    .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?)))?
+                    .collect()
+            };
+            let refused = read_refused("SELECT source_id, seq, body, reason, at, kind FROM refused")
+                .or_else(|_| read_refused("SELECT source_id, seq, body, reason, at, 'invalid_event' FROM refused"))
+                .unwrap_or_default();
+            for (source_id, seq, body, reason, at, kind) in refused {
+                tx.execute(
+                    "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![source_id, seq, body, reason, at, kind],
+                )
+                .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
+            }
+            let read_kinds = |sql: &str| -> rusqlite::Result<Vec<(String, String, i64)>> {
+                old.prepare(sql)?.query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?.collect()
+            };
+            let kinds = read_kinds("SELECT source_id, kind, n FROM refused_counts")
+                .or_else(|_| {
+                    read_kinds("SELECT source_id, 'invalid_event', n_refused FROM sources WHERE n_refused > 0")
                 })
                 .unwrap_or_default();
-            for (source_id, seq, body, reason, at) in refused {
+            for (source_id, kind, n) in kinds {
                 tx.execute(
-                    "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                    params![source_id, seq, body, reason, at],
+                    "INSERT OR REPLACE INTO refused_counts (source_id, kind, n) VALUES (?1, ?2, ?3)",
+                    params![source_id, kind, n],
                 )
                 .map_err(|e| SpoolError::from_sqlite(&fresh_path, e))?;
             }

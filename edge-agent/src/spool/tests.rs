@@ -427,3 +427,53 @@ proptest! {
         }
     }
 }
+
+/// Refused events leave the line with their kind and reason; counts by kind stay after a
+/// purge; a whole span (a batch refused whole) moves every event it holds, holes included.
+#[test]
+fn refused_events_move_aside_and_are_counted_by_kind() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    let mut spool = Spool::open(&path).unwrap();
+    spool.append("a", &(0..8).map(body).collect::<Vec<_>>(), "{}", 0).unwrap();
+    assert_eq!(spool.ack("a", 3, 1).unwrap(), 1, "a hole at 3");
+    assert_eq!(spool.refuse_span("a", 1, 1, RefusalKind::ForeignTenant, "claims tenant \"x\"").unwrap(), 1);
+    assert_eq!(spool.refuse_span("a", 2, 4, RefusalKind::InvalidBatch, "does not decompress").unwrap(), 3);
+    assert_eq!(spool.refuse_span("a", 9, 1, RefusalKind::TooLarge, "gone already").unwrap(), 0);
+    assert_eq!(seqs(&spool.read("a", 0, 100, usize::MAX).unwrap()), [0, 6, 7], "the others stay in line");
+    let refused = spool.refused().unwrap();
+    let listed: Vec<(u64, &str)> = refused.iter().map(|r| (r.seq, r.kind.as_str())).collect();
+    assert_eq!(listed, [(1, "foreign_tenant"), (2, "invalid_batch"), (4, "invalid_batch"), (5, "invalid_batch")]);
+    assert_eq!(refused[1].body, body(2));
+    let expected = BTreeMap::from([("foreign_tenant".to_owned(), 1), ("invalid_batch".to_owned(), 3)]);
+    assert_eq!(spool.refused_counts("a").unwrap(), expected);
+    assert_eq!(spool.source_state("a").unwrap().n_refused, 4);
+    assert_eq!(spool.stats().unwrap().n_events, 3);
+    assert_eq!(spool.purge_refused(None).unwrap(), 4);
+    drop(spool);
+    let spool = Spool::open(&path).unwrap();
+    assert!(spool.refused().unwrap().is_empty());
+    assert_eq!(spool.refused_counts("a").unwrap(), expected, "how many were ever refused");
+}
+
+/// A version 2 spool (refusals counted without kinds) opens with its count as `invalid_event`.
+#[test]
+fn refusals_counted_before_kinds_keep_their_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        conn.execute(
+            "INSERT INTO sources (source_id, source_no, next_seq, position, n_errors, n_dropped, n_quarantined, n_refused)
+             VALUES ('a', 1, 5, '{}', 0, 0, 0, 2)",
+            [],
+        )
+        .unwrap();
+    }
+    let spool = Spool::open(&path).unwrap();
+    assert_eq!(spool.refused_counts("a").unwrap(), BTreeMap::from([("invalid_event".to_owned(), 2)]));
+}

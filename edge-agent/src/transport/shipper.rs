@@ -12,10 +12,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use actidash_shared::batch;
+use actidash_shared::batch::{self, RefusalKind};
 use actidash_shared::session::{ClientEvent, ClientSession};
 use actidash_shared::wire::{
-    Batch, Codec, DEFAULT_MAX_FRAME_LEN, Frame, Heartbeat, Hello, PROTOCOL_VERSION, SourceStatus,
+    Batch, Codec, DEFAULT_MAX_FRAME_LEN, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Refused, SourceStatus,
 };
 use anyhow::Context as _;
 use bytes::BytesMut;
@@ -320,32 +320,15 @@ impl Shipper {
                     }
                     ClientEvent::Refused(r) => {
                         // Before the batch's ack (which deletes the rest of its span): the
-                        // refused events move aside, by seq (or by their place in the batch).
-                        let moved = tokio::task::block_in_place(|| -> anyhow::Result<u64> {
-                            // The span's rows only when an event is named by its place alone.
-                            let rows = if r.events.iter().any(|e| e.seq.is_none()) {
-                                self.spool.read(&r.source_id, r.first_seq, r.count as usize, usize::MAX)?
-                            } else {
-                                Vec::new()
-                            };
-                            let mut moved = 0;
-                            for e in &r.events {
-                                let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
-                                if let Some(seq) =
-                                    seq.filter(|s| (r.first_seq..r.first_seq + u64::from(r.count)).contains(s))
-                                {
-                                    moved += self.spool.refuse_span(&r.source_id, seq, 1, &e.reason)?;
-                                }
-                            }
-                            Ok(moved)
-                        })?;
-                        let reason = r.events.first().map(|e| e.reason.as_str()).unwrap_or("");
-                        warn!(source = %r.source_id, first_seq = r.first_seq, n_refused = r.events.len(), moved, reason = %reason, "events refused by the gateway for good: moved aside (edge-agent spool refused export); the others go on");
+                        // refused events move aside, by seq (or by their place in the batch);
+                        // a batch refused whole moves its whole span.
+                        let (moved, kind, reason) = tokio::task::block_in_place(|| self.move_refused(&r))?;
+                        warn!(source = %r.source_id, first_seq = r.first_seq, count = r.count, moved, kind = %kind, reason = %reason, "events refused by the gateway for good: moved aside (edge-agent spool refused export); the others go on");
                         if let Some(status) =
                             self.statuses.iter().find(|s| s.lock().is_ok_and(|s| s.source_id == r.source_id))
                         {
                             status.lock().unwrap_or_else(|p| p.into_inner()).last_error =
-                                Some(format!("{moved} events refused by the gateway: {reason}"));
+                                Some(format!("{moved} events refused by the gateway ({kind}): {reason}"));
                         }
                     }
                     ClientEvent::Renewed(r) => {
@@ -433,6 +416,31 @@ impl Shipper {
         Ok(())
     }
 
+    /// Moves the events a [`Refused`] names out of the line; returns how many moved, and the
+    /// kind and reason of the first.
+    fn move_refused(&mut self, r: &Refused) -> anyhow::Result<(u64, RefusalKind, String)> {
+        let span = r.first_seq..r.first_seq + u64::from(r.count);
+        if let Some(whole) = &r.whole {
+            let moved = self.spool.refuse_span(&r.source_id, r.first_seq, r.count, whole.kind, &whole.reason)?;
+            return Ok((moved, whole.kind, whole.reason.clone()));
+        }
+        // The span's rows only when an event is named by its place alone.
+        let rows = if r.events.iter().any(|e| e.seq.is_none()) {
+            self.spool.read(&r.source_id, r.first_seq, r.count as usize, usize::MAX)?
+        } else {
+            Vec::new()
+        };
+        let mut moved = 0;
+        for e in &r.events {
+            let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
+            if let Some(seq) = seq.filter(|s| span.contains(s)) {
+                moved += self.spool.refuse_span(&r.source_id, seq, 1, e.kind, &e.reason)?;
+            }
+        }
+        let first = r.events.first();
+        Ok((moved, first.map_or(RefusalKind::Other, |e| e.kind), first.map(|e| e.reason.clone()).unwrap_or_default()))
+    }
+
     fn heartbeat(&self, transport: &str) -> anyhow::Result<Heartbeat> {
         let stats = tokio::task::block_in_place(|| self.spool.stats())?;
         let mut sources: Vec<SourceStatus> =
@@ -444,6 +452,7 @@ impl Shipper {
             status.n_dropped = state.n_dropped;
             status.n_quarantined = state.n_quarantined;
             status.n_refused = state.n_refused;
+            status.refused_by_reason = tokio::task::block_in_place(|| self.spool.refused_counts(&status.source_id))?;
         }
         Ok(Heartbeat {
             agent_version: AGENT_VERSION.into(),
