@@ -216,6 +216,50 @@ impl Payload {
         }
     }
 
+    /// Every amount within [`MAX_AMOUNT_UNITS`] (a line's total too), every quantity within
+    /// [`MAX_QUANTITY`], stock within [`MAX_STOCK`].
+    pub fn check_bounds(&self) -> Result<(), EventError> {
+        let amount = |field, m: Money| {
+            let bound = MAX_AMOUNT_UNITS;
+            match Money::from_units(bound) {
+                Some(max) if m.raw().checked_abs().is_some_and(|a| a <= max.raw()) => Ok(()),
+                _ => Err(EventError::OutOfBounds { field, value: m.to_string(), bound }),
+            }
+        };
+        let count = |field, n: i64, bound: i64| {
+            if n.checked_abs().is_some_and(|a| a <= bound) {
+                Ok(())
+            } else {
+                Err(EventError::OutOfBounds { field, value: n.to_string(), bound })
+            }
+        };
+        match self {
+            Payload::Sales(o) => {
+                amount("amount", o.amount)?;
+                for item in &o.items {
+                    count("quantity", item.quantity, MAX_QUANTITY)?;
+                    amount("unit_price", item.unit_price)?;
+                    // Both bounded: the product fits an i64 (10^9 · 10^16 does not; checked).
+                    let line = item.unit_price.raw().checked_mul(item.quantity).map(Money);
+                    match line {
+                        Some(line) => amount("line total (quantity × unit_price)", line)?,
+                        None => {
+                            return Err(EventError::OutOfBounds {
+                                field: "line total (quantity × unit_price)",
+                                value: format!("{} × {}", item.quantity, item.unit_price),
+                                bound: MAX_AMOUNT_UNITS,
+                            });
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Payload::Marketing(m) => m.cost.map_or(Ok(()), |c| amount("cost", c)),
+            Payload::Behavior(_) => Ok(()),
+            Payload::Inventory(i) => count("on_hand", i.on_hand, MAX_STOCK),
+        }
+    }
+
     /// The field of the entity's key when it is longer than [`MAX_KEY_BYTES`].
     pub fn long_key_field(&self) -> Option<(&'static str, usize)> {
         let len = self.entity_key_len();
@@ -357,6 +401,18 @@ pub struct InventoryLevel {
 /// ([`crate::wire::Welcome::max_event_bytes`]) leaves this much room for it beside the event.
 pub const MAX_KEY_BYTES: usize = 1024;
 
+/// The largest amount of money one event may carry, in whole units of its currency, either
+/// sign: a trillion, above any real order, line or ad cost even in currencies of small units.
+/// Checked by [`Event::check`], so alike at the edge (before spooling) and at the gateway. It
+/// keeps an event's amounts far inside the 64-bit range (10^16 of the 10^19 fixed-point
+/// ten-thousandths); sums are clamped by the store.
+pub const MAX_AMOUNT_UNITS: i64 = 1_000_000_000_000;
+
+/// The largest quantity of a line item, and stock on hand, either sign (a billion; stock a
+/// trillion).
+pub const MAX_QUANTITY: i64 = 1_000_000_000;
+pub const MAX_STOCK: i64 = 1_000_000_000_000;
+
 /// Why an event was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum EventError {
@@ -370,6 +426,8 @@ pub enum EventError {
     EmptyKey { field: &'static str },
     #[error("event's {field} is {len} bytes long: an entity key is at most {MAX_KEY_BYTES}")]
     LongKey { field: &'static str, len: usize },
+    #[error("event's {field} is {value}: beyond the plausible bound of ±{bound}")]
+    OutOfBounds { field: &'static str, value: String, bound: i64 },
 }
 
 impl Event {
@@ -430,7 +488,7 @@ impl Event {
         if event.entity_key != expected {
             return Err(EventError::EntityKeyMismatch { found: event.entity_key.clone(), expected });
         }
-        Ok(())
+        event.payload.check_bounds()
     }
 }
 
@@ -509,5 +567,44 @@ mod tests {
         assert_eq!(longer.long_key_field(), Some(("sku and warehouse", 1025)));
         assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
         assert!("orders".parse::<Domain>().is_err());
+    }
+
+    /// Amounts, quantities and stock beyond their bounds are refused (issue 17: three orders
+    /// of 4·10^14 each overflowed a tenant's sums); the bounds themselves pass.
+    #[test]
+    fn amounts_quantities_and_stock_are_bounded() {
+        let with = |amount: &str, quantity: i64, unit_price: &str| {
+            let mut e = order();
+            let Payload::Sales(o) = &mut e.payload else { unreachable!() };
+            o.amount = Money::parse(amount).unwrap();
+            o.items[0].quantity = quantity;
+            o.items[0].unit_price = Money::parse(unit_price).unwrap();
+            e.check()
+        };
+        assert!(with("1000000000000", 1, "1000000000000").is_ok());
+        assert!(with("-1000000000000", -1, "-1000000000000").is_ok(), "refunds are negative");
+        let err = with("400000000000000", 1, "1").unwrap_err();
+        assert_eq!(err.to_string(), "event's amount is 400000000000000: beyond the plausible bound of ±1000000000000");
+        let err = with("1", 1_000_000_001, "1").unwrap_err();
+        assert!(matches!(err, EventError::OutOfBounds { field: "quantity", .. }), "{err}");
+        let err = with("1", 1_000_000, "2000000").unwrap_err();
+        assert!(matches!(err, EventError::OutOfBounds { field: "line total (quantity × unit_price)", .. }), "{err}");
+        let err = with("1", 1, "-1000000000000.0001").unwrap_err();
+        assert!(matches!(err, EventError::OutOfBounds { field: "unit_price", .. }), "{err}");
+        let extreme = Money(i64::MIN);
+        assert!(
+            Payload::Marketing(MarketingTouch {
+                user_id: "u".into(),
+                channel: "ads".into(),
+                campaign: "c".into(),
+                cost: Some(extreme),
+                currency: None,
+            })
+            .check_bounds()
+            .is_err()
+        );
+        let stock = |on_hand| Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand });
+        assert!(stock(MAX_STOCK).check_bounds().is_ok());
+        assert!(stock(i64::MIN).check_bounds().is_err());
     }
 }

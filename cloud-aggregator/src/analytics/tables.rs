@@ -103,8 +103,21 @@ impl TableSpec {
             .collect();
         let params: Vec<String> = (1..=cols.len()).map(|i| format!("?{i}")).collect();
         let key: Vec<&str> = cols[..3 + self.dims.len()].to_vec();
-        let sets: Vec<String> =
-            self.metrics.iter().map(|m| format!("{m} = {t}.{m} + excluded.{m}", t = self.name)).collect();
+        // Saturating, in SQL both engines speak: a sum that would leave the 64-bit range stays
+        // at its bound instead of failing the commit (events are bounded, so only a flood of
+        // outliers gets there).
+        let sets: Vec<String> = self
+            .metrics
+            .iter()
+            .map(|m| {
+                let (old, add) = (format!("{}.{m}", self.name), format!("excluded.{m}"));
+                format!(
+                    "{m} = CASE WHEN {add} > 0 AND {old} > 9223372036854775807 - {add} THEN 9223372036854775807 \
+                     WHEN {add} < 0 AND {old} < (-9223372036854775807 - 1) - {add} THEN (-9223372036854775807 - 1) \
+                     ELSE {old} + {add} END"
+                )
+            })
+            .collect();
         format!(
             "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) DO UPDATE SET {}",
             self.name,

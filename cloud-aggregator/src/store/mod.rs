@@ -120,8 +120,60 @@ fn migration_2() -> String {
 }
 
 /// The whole schema on PostgreSQL (created at once: there is no older PostgreSQL schema).
+/// `sat_sum(x)`: the exact sum of 64-bit integers, clamped to the 64-bit range at the end
+/// instead of failing (SQLite's `sum` raises "integer overflow"; PostgreSQL's `sum(bigint)` is a
+/// `numeric` that a cast to `BIGINT` would fail on). Every metric sum the API reads goes through
+/// it, so that one outlier cannot turn a tenant's dashboards into errors; PostgreSQL gets the
+/// same function in its schema ([`POSTGRES_FUNCTIONS`]).
+struct SatSum;
+
+impl rusqlite::functions::Aggregate<i128, i64> for SatSum {
+    fn init(&self, _: &mut rusqlite::functions::Context<'_>) -> rusqlite::Result<i128> {
+        Ok(0)
+    }
+
+    fn step(&self, ctx: &mut rusqlite::functions::Context<'_>, sum: &mut i128) -> rusqlite::Result<()> {
+        if let Some(v) = ctx.get::<Option<i64>>(0)? {
+            // 2^64 rows of i64::MAX would be needed to overflow an i128.
+            *sum += i128::from(v);
+        }
+        Ok(())
+    }
+
+    fn finalize(&self, _: &mut rusqlite::functions::Context<'_>, sum: Option<i128>) -> rusqlite::Result<i64> {
+        Ok(clamp_i64(sum.unwrap_or(0)))
+    }
+}
+
+/// `x` within the 64-bit range.
+pub fn clamp_i64(x: i128) -> i64 {
+    x.clamp(i128::from(i64::MIN), i128::from(i64::MAX)) as i64
+}
+
+fn register_functions(conn: &Connection) -> rusqlite::Result<()> {
+    use rusqlite::functions::FunctionFlags;
+    conn.create_aggregate_function(
+        "sat_sum",
+        1,
+        FunctionFlags::SQLITE_UTF8 | FunctionFlags::SQLITE_DETERMINISTIC,
+        SatSum,
+    )
+}
+
+/// [`SatSum`] for PostgreSQL: a `numeric` accumulator, clamped at the end.
+const POSTGRES_FUNCTIONS: &str = "
+CREATE OR REPLACE FUNCTION actidash_sat_acc(s numeric, v bigint) RETURNS numeric
+    LANGUAGE sql IMMUTABLE STRICT AS 'SELECT s + v';
+CREATE OR REPLACE FUNCTION actidash_sat_final(s numeric) RETURNS bigint
+    LANGUAGE sql IMMUTABLE AS 'SELECT LEAST(GREATEST(s, -9223372036854775808), 9223372036854775807)::bigint';
+CREATE OR REPLACE AGGREGATE sat_sum(bigint) (
+    SFUNC = actidash_sat_acc, STYPE = numeric, INITCOND = '0', FINALFUNC = actidash_sat_final
+);
+";
+
 fn postgres_schema() -> String {
-    let mut sql = String::from(
+    let mut sql = String::from(POSTGRES_FUNCTIONS);
+    sql.push_str(
         "CREATE TABLE IF NOT EXISTS dedup (
     stream TEXT NOT NULL,
     agent_id TEXT NOT NULL,
@@ -253,6 +305,7 @@ impl Store {
         // The analytics state and the newest roll-up rows are read on every commit: keep them
         // in SQLite's own cache (64 MiB) rather than the kernel's.
         conn.pragma_update(None, "cache_size", -65_536).map_err(err)?;
+        register_functions(&conn).map_err(err)?;
         let version: usize = conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(err)?;
         for (idx, sql) in migrations().iter().enumerate().skip(version) {
             let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate).map_err(err)?;
@@ -281,6 +334,7 @@ impl Store {
         conn.busy_timeout(Duration::from_secs(5)).map_err(err)?;
         conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
         conn.pragma_update(None, "cache_size", -65_536).map_err(err)?;
+        register_functions(&conn).map_err(err)?;
         Ok(Store {
             name: path.display().to_string(),
             engine: Engine::Sqlite(conn),

@@ -175,10 +175,11 @@ fn rollup_ordered(
             format!("SELECT {} FROM {} WHERE {}", columns.join(", "), spec.name, wh.join(" AND "))
         })
         .collect();
-    let sums: Vec<String> = spec.metrics.iter().map(|m| format!("CAST(sum({m}) AS BIGINT)")).collect();
+    // Exact, and clamped rather than failing where a sum leaves the 64-bit range.
+    let sums: Vec<String> = spec.metrics.iter().map(|m| format!("sat_sum({m})")).collect();
     let order = match top {
         Some((metric, limit)) => {
-            format!("CAST(sum({}) AS BIGINT) DESC, {} LIMIT {limit}", spec.metrics[metric], group.join(", "))
+            format!("sat_sum({}) DESC, {} LIMIT {limit}", spec.metrics[metric], group.join(", "))
         }
         None => group.join(", "),
     };

@@ -332,3 +332,27 @@ fn an_earlier_placement_of_an_order_moves_its_credit_and_a_cancellation_retracts
         .unwrap();
     assert_eq!(credited(&mut store, "2026-11-27T09:00:00Z"), "0", "a cancelled order is not credited");
 }
+
+/// Sums that leave the 64-bit range are clamped, in the roll-up rows and in the reads, instead
+/// of failing the commit or the API (issue 17: three orders of 4·10^14 made the totals answer
+/// "integer overflow"; such orders are now refused, but a flood of orders at the bound, 10^12
+/// each, must not break a tenant's dashboards either).
+#[test]
+fn sums_beyond_the_64_bit_range_are_clamped_not_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let max = actidash_shared::event::MAX_AMOUNT_UNITS.to_string();
+    // 1 000 orders at the bound: 10^15 units, 10^19 ten-thousandths, over i64::MAX (9.2·10^18).
+    for batch in 0..2 {
+        let events: Vec<Event> = (batch * 500..(batch + 1) * 500).map(|s| sale("a1", s, &max)).collect();
+        assert!(events.iter().all(|e| e.check().is_ok()), "every order within the bound");
+        store.commit(CommitWork { inputs: vec![input("t/0", events)], ..Default::default() }).unwrap();
+    }
+    let (orders, revenue) = totals(&mut store);
+    assert_eq!(orders, 1_000);
+    assert_eq!(revenue, actidash_shared::Money(i64::MAX).to_string(), "clamped at the largest amount");
+    // The sum over rows that each fit, clamped in the read.
+    let sel = query::Selection { tenant: Some("acme".into()), ..query::Selection::all_time() };
+    let rows = store.read(|tx| query::sales(tx, &sel)).unwrap();
+    assert_eq!(rows[0].gross_revenue, actidash_shared::Money(i64::MAX).to_string());
+}
