@@ -194,12 +194,32 @@ pub struct GatewayConfig {
     /// Per agent: most events in one batch.
     #[serde(default = "default_batch_events")]
     pub max_batch_events: u32,
+    /// Connections one address may have open without authenticating, at once (32).
+    #[serde(default = "default_unauthenticated_per_address")]
+    pub max_unauthenticated_per_address: usize,
+    /// Enrollment attempts one address may make a minute (30).
+    #[serde(default = "default_enrollments_per_min")]
+    pub enrollments_per_min_per_address: u32,
+    /// Once this many connections are open without authentication, a new QUIC client must
+    /// first prove its address (a Retry round trip), so that spoofed sources hold nothing;
+    /// 0: always (256).
+    #[serde(default = "default_quic_retry_above")]
+    pub quic_retry_above: usize,
     /// How long a connection may stay without authenticating (a hello with a certificate, or
     /// an enrollment) once its TLS handshake is done; 10 s by default.
     #[serde(default = "default_hello_timeout_ms")]
     pub hello_timeout_ms: u64,
 }
 
+fn default_unauthenticated_per_address() -> usize {
+    32
+}
+fn default_enrollments_per_min() -> u32 {
+    30
+}
+fn default_quic_retry_above() -> usize {
+    256
+}
 fn default_hello_timeout_ms() -> u64 {
     10_000
 }
@@ -355,6 +375,8 @@ impl CloudConfig {
                 ("max_connections_per_agent", g.max_connections_per_agent as u64),
                 ("max_events_per_sec_per_agent", u64::from(g.max_events_per_sec_per_agent)),
                 ("max_bytes_per_sec_per_agent", g.max_bytes_per_sec_per_agent),
+                ("max_unauthenticated_per_address", g.max_unauthenticated_per_address as u64),
+                ("enrollments_per_min_per_address", u64::from(g.enrollments_per_min_per_address)),
                 ("max_batch_bytes", u64::from(g.max_batch_bytes)),
                 ("max_batch_events", u64::from(g.max_batch_events)),
             ] {
@@ -376,6 +398,15 @@ impl CloudConfig {
         }
         if self.fleet.ca_cert_file.is_some() != self.fleet.ca_key_file.is_some() {
             return Err(("fleet.ca_cert_file".into(), "set both ca_cert_file and ca_key_file, or neither".into()));
+        }
+        if self.fleet.cert_validity_secs > crate::fleet::MAX_VALIDITY_SECS {
+            return Err((
+                "fleet.cert_validity_secs".into(),
+                format!(
+                    "at most {} (a year): a stolen certificate is good until it ends or is revoked; agents renew by themselves",
+                    crate::fleet::MAX_VALIDITY_SECS
+                ),
+            ));
         }
         Ok(())
     }
@@ -412,6 +443,9 @@ mod tests {
         let bad = "data_dir = \"d\"\n[gateway]\nlisten = \"127.0.0.1:1\"\ncert_file = \"c\"\nkey_file = \"k\"\nmax_batch_events = 0\n";
         let err = CloudConfig::parse(bad, Path::new("c.toml")).unwrap_err().to_string();
         assert_eq!(err, "c.toml: field `gateway.max_batch_events`: must be at least 1");
+        let long = "data_dir = \"d\"\n[fleet]\ncert_validity_secs = 315360000\n";
+        let err = CloudConfig::parse(long, Path::new("c.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("c.toml: field `fleet.cert_validity_secs`: at most 31536000 (a year)"), "{err}");
         let half = "data_dir = \"d\"\n[fleet]\nca_cert_file = \"ca.pem\"\n";
         let err = CloudConfig::parse(half, Path::new("c.toml")).unwrap_err().to_string();
         assert!(err.contains("fleet.ca_cert_file"), "{err}");

@@ -54,6 +54,8 @@ fn default_cert_validity_secs() -> u64 {
 
 /// Shortest certificate lifetime (short ones are for tests of renewal).
 const MIN_VALIDITY_SECS: u64 = 10;
+/// Longest certificate lifetime: a year (the configuration refuses more; the fleet caps it too).
+pub const MAX_VALIDITY_SECS: u64 = 365 * 24 * 3600;
 
 /// Why an enrollment or renewal was refused. Messages never contain the token.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -64,8 +66,12 @@ pub enum EnrollError {
     ExpiredToken,
     #[error("enrollment token already used (by agent {0:?})")]
     UsedToken(String),
-    #[error("agent id {0:?} is already enrolled; revoke it first or enroll under another id")]
-    AlreadyEnrolled(String),
+    /// The id is enrolled or was revoked: one answer for both, whatever the tenant, so that a
+    /// token tells its holder nothing about other tenants' agents.
+    #[error(
+        "agent id {0:?} cannot be enrolled: ids are unique across the service and never reused; enroll under another id"
+    )]
+    IdUnavailable(String),
     #[error("agent id {0:?} was revoked; enroll under another id")]
     Revoked(String),
     #[error("invalid agent id {0:?}: 1-128 characters of A-Z a-z 0-9 - _ .")]
@@ -74,6 +80,24 @@ pub enum EnrollError {
     InvalidCsr(String),
     #[error("registry: {0}")]
     Registry(String),
+}
+
+/// The tenant of a usable enrollment token (known, unused, unexpired).
+fn token_tenant(conn: &Connection, token: &str, now: i64) -> Result<String, EnrollError> {
+    let row: Option<(String, i64, Option<String>)> = conn
+        .query_row("SELECT tenant, expires_at, used_by FROM tokens WHERE hash = ?1", [sha256_hex(token)], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
+        .optional()
+        .map_err(|e| EnrollError::Registry(e.to_string()))?;
+    let (tenant, expires_at, used_by) = row.ok_or(EnrollError::UnknownToken)?;
+    if let Some(by) = used_by {
+        return Err(EnrollError::UsedToken(by));
+    }
+    if expires_at <= now {
+        return Err(EnrollError::ExpiredToken);
+    }
+    Ok(tenant)
 }
 
 /// An agent as the registry knows it.
@@ -192,7 +216,7 @@ impl Fleet {
             ca_pem,
             issuer,
             registry: dir.join("registry.db"),
-            validity: Duration::from_secs(config.cert_validity_secs.max(MIN_VALIDITY_SECS)),
+            validity: Duration::from_secs(config.cert_validity_secs.clamp(MIN_VALIDITY_SECS, MAX_VALIDITY_SECS)),
         };
         fleet.create_schema()?;
         Ok(fleet)
@@ -270,32 +294,22 @@ impl Fleet {
         if !valid_agent_id(agent_id) {
             return Err(EnrollError::InvalidAgentId(agent_id.to_owned()));
         }
-        let csr =
-            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| EnrollError::InvalidCsr(e.to_string()))?;
         let reg = |e: rusqlite::Error| EnrollError::Registry(e.to_string());
         let mut conn = self.connect().map_err(|e| EnrollError::Registry(format!("{e:#}")))?;
+        // The token first, read without the write lock: a stranger's attempt costs one indexed
+        // read, not a CSR parse and the registry's lock.
+        token_tenant(&conn, token, now)?;
+        let csr =
+            CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| EnrollError::InvalidCsr(e.to_string()))?;
         let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(reg)?;
-        let row: Option<(String, i64, Option<String>)> = tx
-            .query_row("SELECT tenant, expires_at, used_by FROM tokens WHERE hash = ?1", [sha256_hex(token)], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+        // Again under the lock: another enrollment may have used it meanwhile.
+        let tenant = token_tenant(&tx, token, now)?;
+        let taken: Option<i64> = tx
+            .query_row("SELECT 1 FROM agents WHERE agent_id = ?1", [agent_id], |r| r.get(0))
             .optional()
             .map_err(reg)?;
-        let (tenant, expires_at, used_by) = row.ok_or(EnrollError::UnknownToken)?;
-        if let Some(by) = used_by {
-            return Err(EnrollError::UsedToken(by));
-        }
-        if expires_at <= now {
-            return Err(EnrollError::ExpiredToken);
-        }
-        let existing: Option<Option<i64>> = tx
-            .query_row("SELECT revoked_at FROM agents WHERE agent_id = ?1", [agent_id], |r| r.get(0))
-            .optional()
-            .map_err(reg)?;
-        match existing {
-            Some(Some(_)) => return Err(EnrollError::Revoked(agent_id.to_owned())),
-            Some(None) => return Err(EnrollError::AlreadyEnrolled(agent_id.to_owned())),
-            None => {}
+        if taken.is_some() {
+            return Err(EnrollError::IdUnavailable(agent_id.to_owned()));
         }
         tx.execute(
             "UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE hash = ?3",
@@ -500,7 +514,9 @@ mod tests {
         let short = fleet.create_token("acme", Duration::from_secs(10), 1_000).unwrap();
         assert_eq!(fleet.enroll(&short, "a3", &csr_pem, 1_010), Err(EnrollError::ExpiredToken));
         let again = fleet.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
-        assert_eq!(fleet.enroll(&again, "a1", &csr_pem, 1_003), Err(EnrollError::AlreadyEnrolled("a1".into())));
+        assert_eq!(fleet.enroll(&again, "a1", &csr_pem, 1_003), Err(EnrollError::IdUnavailable("a1".into())));
+        // The token is looked up before anything else: a bad CSR with a bad token is a token error.
+        assert_eq!(fleet.enroll("adt_nope", "a4", "garbage", 1_003), Err(EnrollError::UnknownToken));
         assert!(matches!(fleet.enroll(&again, "a4", "garbage", 1_003), Err(EnrollError::InvalidCsr(_))));
 
         assert!(fleet.renew("a1", "acme", &csr_pem, 1_004).is_ok());
@@ -508,7 +524,11 @@ mod tests {
         assert!(!fleet.revoke("nobody", 1_005).unwrap());
         assert_eq!(fleet.revoked().unwrap(), HashSet::from(["a1".to_owned()]));
         assert_eq!(fleet.renew("a1", "acme", &csr_pem, 1_006), Err(EnrollError::Revoked("a1".into())));
-        assert_eq!(fleet.enroll(&again, "a1", &csr_pem, 1_006), Err(EnrollError::Revoked("a1".into())));
+        assert_eq!(
+            fleet.enroll(&again, "a1", &csr_pem, 1_006),
+            Err(EnrollError::IdUnavailable("a1".into())),
+            "revoked or enrolled, the same answer"
+        );
         assert!(!format!("{:?}", fleet.enroll(&again, "a1", &csr_pem, 1_006)).contains(&again));
 
         // Reopened: the same CA, the same registry.

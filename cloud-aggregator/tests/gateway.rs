@@ -49,6 +49,9 @@ fn gateway_config(dir: &std::path::Path) -> GatewayConfig {
         max_batch_bytes: 1024 * 1024,
         max_batch_events: 1_000,
         hello_timeout_ms: 10_000,
+        max_unauthenticated_per_address: 32,
+        enrollments_per_min_per_address: 30,
+        quic_retry_above: 256,
     }
 }
 
@@ -621,5 +624,71 @@ async fn an_enrolled_agent_cannot_amplify_what_it_sends() {
     assert!(message.contains("renewal refused: this agent renewed its certificate less than 60 s ago"), "{message}");
     assert_eq!(h.metrics.renewals_refused.load(Ordering::Relaxed), 1);
     assert_eq!(h.metrics.refused_events.load(Ordering::Relaxed), 2);
+    h.shutdown.cancel();
+}
+
+/// Clients without credentials have a budget per address (issue 17, high 1 and low 7): at most
+/// `max_unauthenticated_per_address` connections open before authenticating, and a few
+/// enrollment attempts a minute; under load QUIC clients prove their address first (Retry),
+/// which a real agent passes without noticing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clients_without_credentials_have_a_budget_per_address() {
+    let h = start_with(|c| {
+        c.max_unauthenticated_per_address = 2;
+        c.enrollments_per_min_per_address = 2;
+        c.hello_timeout_ms = 2_000;
+        c.quic_retry_above = 0;
+    })
+    .await;
+    let a1 = enroll(&h, "a1", "acme");
+
+    // Two silent TLS sessions hold this address's budget; a third connection is refused.
+    let mut silent = Vec::new();
+    for _ in 0..2 {
+        silent.push(edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls(&h, None)).await.unwrap());
+    }
+    let third = edge_agent::transport::quic::connect_tcp(h.tcp_addr, "localhost", tls(&h, None)).await;
+    if let Ok(stream) = third {
+        let (mut recv, _send) = tokio::io::split(stream);
+        assert!(read_frames(&mut recv, 1).await.is_empty(), "refused: nothing is answered");
+    }
+    assert!(h.metrics.unauthenticated_refused.load(Ordering::Relaxed) >= 1);
+    // Once they are gone (closed here; the hello deadline would close them too), it is free.
+    drop(silent);
+    let welcomed = async {
+        loop {
+            // Refused (Err) until the gateway has seen the silent sessions end.
+            if let Ok((mut send, mut recv, _conn, _endpoint)) = open_quic(&h, Some(&a1)).await
+                && send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION)])).await.is_ok()
+                && matches!(read_frames(&mut recv, 1).await.first(), Some(Frame::Welcome(_)))
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), welcomed).await.expect("an agent gets in once the slots are free");
+    assert!(h.metrics.quic_retries.load(Ordering::Relaxed) >= 1, "the agent passed a Retry");
+
+    // Two enrollment attempts a minute from this address; the third is refused before the
+    // registry is asked.
+    let attempt = || {
+        let (_, csr_pem) = edge_agent::identity::new_key_and_csr("a9").unwrap();
+        let frame = Frame::Enroll(Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: "a9".into(),
+            token: "adt_x".into(),
+            csr_pem,
+        });
+        encode(&[frame])
+    };
+    // (Each exchange reads until the gateway ends the session, which gives its slot back.)
+    for _ in 0..2 {
+        let frames = exchange_tcp(&h, None, &attempt(), 2).await;
+        assert!(error_code(&frames).1.contains("unknown enrollment token"), "{frames:?}");
+    }
+    let frames = exchange_tcp(&h, None, &attempt(), 2).await;
+    assert!(error_code(&frames).1.contains("too many enrollment attempts from this address"), "{frames:?}");
+    assert_eq!(h.metrics.enrollments_throttled.load(Ordering::Relaxed), 1);
     h.shutdown.cancel();
 }

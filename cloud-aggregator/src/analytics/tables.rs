@@ -326,7 +326,8 @@ mod tests {
     fn sql_is_generated_from_the_spec() {
         let sql = MARKETING.upsert_sql();
         assert!(sql.contains("(tenant, grain, bucket, channel, campaign, currency, touches, cost) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"), "{sql}");
-        assert!(sql.contains("cost = marketing_rollup.cost + excluded.cost"), "{sql}");
+        assert!(sql.contains("ELSE marketing_rollup.cost + excluded.cost END"), "{sql}");
+        assert!(sql.contains("THEN 9223372036854775807 WHEN excluded.cost < 0"), "saturating: {sql}");
         assert!(SESSIONS.ddl("").contains("PRIMARY KEY (tenant, grain, bucket, referrer, mask)\n);"));
         assert!(SESSIONS.ddl(" WITHOUT ROWID").ends_with(") WITHOUT ROWID;\n"));
     }

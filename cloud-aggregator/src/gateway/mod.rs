@@ -12,6 +12,7 @@
 //! other connections are not affected.
 
 pub mod auth;
+pub mod preauth;
 pub mod sink;
 
 use std::net::SocketAddr;
@@ -96,6 +97,12 @@ pub struct GatewayMetrics {
     pub heartbeats_dropped: AtomicU64,
     /// Certificate renewals refused (more than one a minute from an agent).
     pub renewals_refused: AtomicU64,
+    /// Connections refused because their address had its maximum open without authentication.
+    pub unauthenticated_refused: AtomicU64,
+    /// Enrollment attempts refused because their address made too many.
+    pub enrollments_throttled: AtomicU64,
+    /// QUIC clients asked to prove their address (Retry) under load.
+    pub quic_retries: AtomicU64,
     /// Batches delayed by their agent's rate limit.
     pub rate_limited: AtomicU64,
     pub bad_frames: AtomicU64,
@@ -117,6 +124,8 @@ pub struct Gateway {
     admission: Arc<Admission>,
     /// Batches decompressed and parsed at once (off the async workers), one per core.
     unpacking: Arc<Semaphore>,
+    preauth: Arc<preauth::PreAuth>,
+    quic_retry_above: usize,
     revocation_check: Duration,
     sink: Sink,
     limits: ServerLimits,
@@ -210,6 +219,11 @@ impl Gateway {
                 },
             )?),
             unpacking: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))),
+            preauth: preauth::PreAuth::new(preauth::PreAuthLimits {
+                max_open_per_address: config.max_unauthenticated_per_address,
+                enrollments_per_min: config.enrollments_per_min_per_address,
+            }),
+            quic_retry_above: config.quic_retry_above,
             revocation_check: Duration::from_millis(config.heartbeat_interval_ms / 2).max(Duration::from_millis(50)),
             sink,
             limits: ServerLimits {
@@ -241,6 +255,7 @@ impl Gateway {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut next_connection_id: u64 = 0;
         let (mut accept_errors, mut last_accept_warning) = (0u32, None);
+        let refused_warning = EverySecond::default();
         self.admission.spawn_refresher(self.revocation_check, self.shutdown.clone());
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
@@ -280,9 +295,33 @@ impl Gateway {
                 Accepted::Quic(i) => i.remote_address(),
                 Accepted::Tcp(_, remote) => *remote,
             };
+            // Under load from clients without credentials, a new QUIC client first proves its
+            // address (a Retry round trip, no state kept here), so spoofed sources hold nothing.
+            let accepted = match accepted {
+                Accepted::Quic(incoming)
+                    if self.preauth.unauthenticated() >= self.quic_retry_above && incoming.may_retry() =>
+                {
+                    bump(&self.metrics.quic_retries, 1);
+                    let _ = incoming.retry();
+                    continue;
+                }
+                other => other,
+            };
+            let Some(slot) = self.preauth.open(remote.ip()) else {
+                bump(&self.metrics.unauthenticated_refused, 1);
+                if refused_warning.due() {
+                    warn!(remote = %remote, limit = self.preauth.limits().max_open_per_address, "connection refused: this address has its maximum of connections open without authentication (warned once a second)");
+                }
+                if let Accepted::Quic(incoming) = accepted {
+                    incoming.refuse();
+                }
+                continue;
+            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 bump(&self.metrics.connections_refused, 1);
-                warn!(remote = %remote, limit = self.max_connections, "connection refused: too many connections");
+                if refused_warning.due() {
+                    warn!(remote = %remote, limit = self.max_connections, "connection refused: too many connections (warned once a second)");
+                }
                 if let Accepted::Quic(incoming) = accepted {
                     incoming.refuse();
                 }
@@ -294,6 +333,8 @@ impl Gateway {
                 id: next_connection_id,
                 admission: self.admission.clone(),
                 unpacking: self.unpacking.clone(),
+                preauth: self.preauth.clone(),
+                preauth_slot: std::sync::Mutex::new(Some(slot)),
                 sink: self.sink.clone(),
                 limits: self.limits,
                 hello_timeout: self.hello_timeout,
@@ -342,6 +383,10 @@ struct Connection {
     id: u64,
     admission: Arc<Admission>,
     unpacking: Arc<Semaphore>,
+    preauth: Arc<preauth::PreAuth>,
+    /// Its place in its address's budget of unauthenticated connections, until it
+    /// authenticates.
+    preauth_slot: std::sync::Mutex<Option<preauth::Slot>>,
     sink: Sink,
     limits: ServerLimits,
     /// How long the peer may take to authenticate ([`crate::config::GatewayConfig::hello_timeout_ms`]).
@@ -368,6 +413,21 @@ async fn accept_tcp(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest frame read before the peer is authenticated.
 const PRE_AUTH_MAX_FRAME: usize = 64 * 1024;
+
+/// Says whether a warning is due: at most one a second, so that a flood of refusals cannot
+/// flood the log.
+#[derive(Debug, Default)]
+struct EverySecond {
+    last_ms: AtomicU64,
+}
+
+impl EverySecond {
+    fn due(&self) -> bool {
+        let now = chrono::Utc::now().timestamp_millis().max(0) as u64;
+        let last = self.last_ms.load(Ordering::Relaxed);
+        now >= last + 1_000 && self.last_ms.compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed).is_ok()
+    }
+}
 
 /// An untrusted string (an agent id from a hello, an error quoting one) as logged: escaped
 /// (`\n` stays two characters, so it cannot start a forged line) and cut to 200 characters.
@@ -509,6 +569,8 @@ impl Connection {
                 send.flush().await.context("writing to the agent")?;
             }
             if session.is_closed() {
+                // Its address's budget is given back before the peer sees the end.
+                self.preauth_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                 let _ = send.shutdown().await;
                 // Give the error frame a moment to leave before closing.
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -526,6 +588,10 @@ impl Connection {
                         if self.handle_events(session, identity, pending, remote, transport, peer).await {
                             return Ok(());
                         }
+                    }
+                    if identity.is_some() {
+                        // Authenticated: no longer counted against its address.
+                        self.preauth_slot.lock().unwrap_or_else(|p| p.into_inner()).take();
                     }
                 }
                 Ok(()) = revoked.changed() => {
@@ -604,6 +670,12 @@ impl Connection {
                     }
                 }
                 ServerEvent::Enroll(enroll) => {
+                    if !self.preauth.enrollment_allowed(remote.ip()) {
+                        bump(&self.metrics.enrollments_throttled, 1);
+                        bump(&self.metrics.enroll_failures, 1);
+                        session.reject("too many enrollment attempts from this address; try again in a minute".into());
+                        continue;
+                    }
                     let fleet = self.admission.fleet().clone();
                     let agent_id = enroll.agent_id.clone();
                     let result = tokio::task::spawn_blocking(move || {

@@ -90,7 +90,10 @@ fn csv_with_header_survives_a_restart_mid_file_and_bad_rows_go_to_dead_letters()
     // Restarted: the header is read again from the file's first line. An empty SKU column is a
     // bad record (no entity key), not an event keyed "@W2".
     // Stock beyond the plausible bound is refused here, by the gateway's own check.
-    append(&file, "S4;W2;1;2026-11-27 10:00:03\nS5;W2\n;W2;9;2026-11-27 10:00:04\nS6;W2;2000000000000;2026-11-27 10:00:05\n");
+    append(
+        &file,
+        "S4;W2;1;2026-11-27 10:00:03\nS5;W2\n;W2;9;2026-11-27 10:00:04\nS6;W2;2000000000000;2026-11-27 10:00:05\n",
+    );
     run_until(cfg, &spool, &dead, 3);
 
     let got: Vec<(String, i64)> = events(&spool, "stock")
@@ -115,7 +118,10 @@ fn csv_with_header_survives_a_restart_mid_file_and_bad_rows_go_to_dead_letters()
     assert_eq!((dl[2]["line"].as_i64(), dl[2]["record"].as_str()), (Some(7), Some(";W2;9;2026-11-27 10:00:04")));
     assert!(dl[2]["reason"].as_str().unwrap().contains("field `sku` (from `sku`) is empty"), "{dl:?}");
     assert_eq!(dl[3]["line"], 8);
-    assert!(dl[3]["reason"].as_str().unwrap().contains("on_hand is 2000000000000: beyond the plausible bound"), "{dl:?}");
+    assert!(
+        dl[3]["reason"].as_str().unwrap().contains("on_hand is 2000000000000: beyond the plausible bound"),
+        "{dl:?}"
+    );
     assert_eq!(Spool::open(&spool).unwrap().source_state("stock").unwrap().n_errors, 4);
 }
 
