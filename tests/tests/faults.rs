@@ -449,3 +449,58 @@ fn an_agent_holds_what_the_gateway_cannot_read_then_delivers_it_to_one_that_can(
     let said = log_of(&agent);
     assert!(said.contains("holding events") && !said.contains("refused by the gateway"), "{said}");
 }
+
+/// Out of descriptors (issue 17, high 2): a gateway under a descriptor limit of 256 with the
+/// default `max_connections` of 10 000 lowers it at start (and says so), keeps descriptors in
+/// reserve, and under a flood of 600 held connections refuses the excess without flooding its
+/// log, while its API and registry keep working; once the flood ends an agent delivers exactly.
+#[test]
+fn a_flood_of_connections_under_a_low_descriptor_limit_leaves_the_gateway_working() {
+    let (_, data, mut d) = deployment("descriptors", None);
+    // The flood comes from one address: lift that address's budget to reach the global limit.
+    d.gateway_extra = "max_unauthenticated_per_address = 100000\n".into();
+    d.write_cloud_config().unwrap();
+    let cloud_bin = actidash_tests::harness::bin("cloud-aggregator").unwrap();
+    let config = d.cloud_config_path();
+    let mut cloud = actidash_tests::harness::Process::start(
+        "cloud",
+        std::path::Path::new("/bin/sh"),
+        &[
+            "-c",
+            "ulimit -n 256 && exec \"$0\" run --config \"$1\"",
+            cloud_bin.to_str().unwrap(),
+            config.to_str().unwrap(),
+        ],
+        &d.root.join("cloud.log"),
+    )
+    .unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let said = log_of(&cloud);
+    assert!(said.contains("max_connections lowered to stay below the descriptor limit"), "{said}");
+    assert!(said.contains("lowered_to=176"), "256 less a reserve of 80: {said}");
+
+    // 600 connections held open (TCP, no TLS): the first 176 take every slot, the rest are refused.
+    let started = std::time::Instant::now();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.gateway_tcp_port));
+    let flood: Vec<std::net::TcpStream> =
+        (0..600).filter_map(|_| std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()).collect();
+    assert!(flood.len() > 176, "connections are accepted and refused, not left waiting: {}", flood.len());
+    // The API (its own descriptors) answers during the flood, and the registry keeps being read
+    // (revocations spread): two refreshes of the revoked set (every half heartbeat, 500 ms).
+    wait_until(TIMEOUT, "the API to answer during the flood", || Ok(d.get("/api/v1/stats").is_ok())).unwrap();
+    std::thread::sleep(Duration::from_millis(1_200));
+    let said = log_of(&cloud);
+    assert!(!said.contains("cannot read the revoked agents"), "{said}");
+    assert!(!said.contains("accepting a TCP connection failed"), "never out of descriptors: {said}");
+    let warnings = said.matches("connection refused: too many connections").count() as u64;
+    let seconds = started.elapsed().as_secs() + 1;
+    assert!((1..=seconds).contains(&warnings), "refusals warned at most once a second: {warnings} in {seconds} s");
+    drop(flood);
+
+    let mut g = Generator::new(23, 0);
+    let lines = generate(&mut g, 300);
+    append_lines(&data, &lines).unwrap();
+    let agent_config = d.write_agent_config("a1", "acme", &data, &Feed::ALL).unwrap();
+    let mut agent = d.start_agent("agent", &agent_config).unwrap();
+    assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
+}

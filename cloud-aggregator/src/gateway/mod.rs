@@ -234,7 +234,7 @@ impl Gateway {
                 max_event_bytes,
                 schema_versions: schema_versions(),
             },
-            max_connections: config.max_connections,
+            max_connections: connection_limit(config.max_connections),
             hello_timeout: Duration::from_millis(config.hello_timeout_ms),
             metrics: Arc::new(GatewayMetrics::default()),
             shutdown,
@@ -413,6 +413,43 @@ async fn accept_tcp(
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The largest frame read before the peer is authenticated.
 const PRE_AUTH_MAX_FRAME: usize = 64 * 1024;
+
+/// Descriptors kept for everything but agent connections (the registry, the store, Kafka's
+/// sockets, the API's connections, logs) out of a descriptor limit of `limit`.
+fn reserved_descriptors(limit: u64) -> u64 {
+    64 + limit / 16
+}
+
+/// The connection limit to apply: the soft descriptor limit is raised to the hard one (said in
+/// the log), and `configured` is lowered, with a warning, to stay below it less a reserve, so
+/// that a flood of connections can never leave the process without descriptors for its
+/// registry (revocations) or its store.
+fn connection_limit(configured: usize) -> usize {
+    let before = rlimit::Resource::NOFILE.get().map(|(soft, _)| soft).unwrap_or(0);
+    let limit = match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => limit,
+        Err(e) => {
+            warn!(error = %e, "cannot read or raise the descriptor limit; max_connections applied as configured");
+            return configured;
+        }
+    };
+    if limit > before {
+        info!(from = before, to = limit, "descriptor limit raised to the hard limit");
+    }
+    let usable = usize::try_from(limit.saturating_sub(reserved_descriptors(limit))).unwrap_or(usize::MAX).max(1);
+    if configured > usable {
+        warn!(
+            configured,
+            lowered_to = usable,
+            descriptor_limit = limit,
+            reserved = reserved_descriptors(limit),
+            "max_connections lowered to stay below the descriptor limit (raise LimitNOFILE or ulimit -n to allow more)"
+        );
+        usable
+    } else {
+        configured
+    }
+}
 
 /// Says whether a warning is due: at most one a second, so that a flood of refusals cannot
 /// flood the log.
