@@ -270,10 +270,17 @@ pub struct ServeConfig {
     /// 60 seconds by default (twelve heartbeats at the default interval).
     #[serde(default = "default_agent_offline_after_secs")]
     pub agent_offline_after_secs: u64,
+    /// How long a client may take to send a request's headers before its connection is
+    /// closed; 10 seconds by default.
+    #[serde(default = "default_header_read_timeout_ms")]
+    pub header_read_timeout_ms: u64,
 }
 
 fn default_agent_offline_after_secs() -> u64 {
     60
+}
+fn default_header_read_timeout_ms() -> u64 {
+    10_000
 }
 
 /// A configuration error, naming the file, the line (where known) and the field.

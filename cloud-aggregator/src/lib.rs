@@ -91,6 +91,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
             rate_per_token: serve_config.requests_per_sec_per_token.unwrap_or(serve::DEFAULT_RATE_PER_TOKEN),
             fleet: std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?),
             agent_offline_after: std::time::Duration::from_secs(serve_config.agent_offline_after_secs),
+            header_read_timeout: std::time::Duration::from_millis(serve_config.header_read_timeout_ms.max(1)),
         };
         tasks.spawn(serve::run(
             serve_config.listen,

@@ -64,6 +64,7 @@ fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api
         rate_per_token: cloud_aggregator::serve::DEFAULT_RATE_PER_TOKEN,
         fleet: fleet.clone(),
         agent_offline_after: Duration::from_secs(60),
+        header_read_timeout: Duration::from_millis(500),
     };
     rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), options, shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -629,4 +630,32 @@ fn alerts_report_low_stock_and_agents_that_need_attention() {
     assert_eq!(status(api.port, "/api/v1/alerts?threshold=many", Some(&viewer)), 400);
     assert_eq!(status(api.port, "/api/v1/alerts?tenant=other", Some(&viewer)), 403);
     api.shutdown.cancel();
+}
+
+/// Half-sent requests (headers never finished) are closed after `header_read_timeout` and do
+/// not keep the API from answering meanwhile (issue 17, low 9: 140 of them were held 40 s).
+#[test]
+fn half_sent_requests_are_closed_and_do_not_hold_the_api() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("serving.db");
+    commit(&store, vec![sale_with("acme", "a", 0, "2026-11-27T10:00:00Z", "web", "5", OrderStatus::Placed)]);
+    let api = start(&store);
+    let mut half: Vec<TcpStream> = (0..140)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", api.port)).unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n").unwrap();
+            s
+        })
+        .collect();
+    let totals = api.json("/api/v1/sales/totals");
+    assert_eq!(totals[0]["revenue"], "5", "answered while they hang: {totals}");
+    for s in &mut half {
+        // Our own bound is far above the API's 500 ms: a read that times out here is a failure.
+        s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+        let mut answer = Vec::new();
+        let read = std::io::Read::read_to_end(s, &mut answer);
+        assert!(read.is_ok(), "the API closed the connection: {read:?}");
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.is_empty() || text.starts_with("HTTP/1.1 408"), "{text}");
+    }
 }

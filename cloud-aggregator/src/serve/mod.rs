@@ -41,18 +41,18 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::Router;
 use axum::extract::{Query, State};
 use axum::http::StatusCode;
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Json, Response};
 use axum::routing::get;
-use axum::{Router, serve};
 use futures::Stream;
 use tokio::sync::watch;
 use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::WatchStream;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::analytics::AnalyticsConfig;
 use crate::analytics::attribution::Model;
@@ -76,9 +76,49 @@ const MAX_RANGE_SECS: i64 = 400 * 86_400;
 /// Most buckets a series may have.
 const MAX_BUCKETS: i64 = 50_000;
 
+/// Most API connections open at once (live subscribers included); more wait in the backlog.
+const MAX_API_CONNECTIONS: usize = 1024;
+
+/// The store's reader connections: requests and live subscribers read in parallel, one per
+/// connection, as many at once as there are readers.
+struct Readers {
+    idle: Mutex<Vec<Store>>,
+    permits: tokio::sync::Semaphore,
+    location: Location,
+}
+
+impl Readers {
+    fn open(location: Location, n: usize) -> Result<Readers, StoreError> {
+        let stores = (0..n).map(|_| location.open_reader()).collect::<Result<Vec<_>, _>>()?;
+        Ok(Readers { idle: Mutex::new(stores), permits: tokio::sync::Semaphore::new(n), location })
+    }
+
+    /// Runs `f` on an idle reader, off the async workers.
+    async fn read<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&mut Store) -> Result<T, StoreError> + Send + 'static,
+    ) -> Result<Result<T, StoreError>, tokio::task::JoinError> {
+        // The semaphore is never closed.
+        let _permit = self.permits.acquire().await;
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let idle = me.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+            // A reader lost to a panic is opened again.
+            let mut store = match idle {
+                Some(store) => store,
+                None => me.location.open_reader()?,
+            };
+            let result = f(&mut store);
+            me.idle.lock().unwrap_or_else(|p| p.into_inner()).push(store);
+            result
+        })
+        .await
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
-    store: Arc<Mutex<Store>>,
+    readers: Arc<Readers>,
     changes: watch::Receiver<i64>,
     analytics: Arc<AnalyticsConfig>,
     admin: Arc<Admin>,
@@ -133,6 +173,9 @@ pub struct ServeOptions {
     pub fleet: Arc<crate::fleet::Fleet>,
     /// An agent silent this long is alerted as offline.
     pub agent_offline_after: Duration,
+    /// How long a client may take to send a request's headers (hyper's timer; without one a
+    /// half-sent request would hold its connection for ever).
+    pub header_read_timeout: Duration,
 }
 
 /// Serves the API on a bound listener until shutdown.
@@ -143,7 +186,8 @@ pub async fn run_on(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token, fleet, agent_offline_after } = options;
+    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token, fleet, agent_offline_after, header_read_timeout } =
+        options;
     if let Some(dir) = &ui_dir {
         anyhow::ensure!(
             dir.join("index.html").is_file(),
@@ -151,20 +195,17 @@ pub async fn run_on(
             dir.display()
         );
     }
-    let mut store = location.open_reader()?;
-    let (tx, rx) = watch::channel(store.data_version()?);
+    let n_readers = std::thread::available_parallelism().map_or(2, |n| n.get()).clamp(2, 8);
+    let readers = Arc::new(Readers::open(location, n_readers)?);
+    let version = readers.read(|store| store.data_version()).await.context("reading the store")??;
+    let (tx, rx) = watch::channel(version);
     let admin = Admin {
         tokens: tokens.clone(),
         fleet,
         agent_offline_after: chrono::Duration::from_std(agent_offline_after).unwrap_or(chrono::Duration::MAX),
     };
-    let state = AppState {
-        store: Arc::new(Mutex::new(store)),
-        changes: rx,
-        analytics: Arc::new(analytics),
-        admin: Arc::new(admin),
-    };
-    tokio::spawn(watch_changes(state.store.clone(), tx, shutdown.clone()));
+    let state = AppState { readers, changes: rx, analytics: Arc::new(analytics), admin: Arc::new(admin) };
+    tokio::spawn(watch_changes(state.readers.clone(), tx, shutdown.clone()));
     let cors = if cors_origins.is_empty() {
         None
     } else {
@@ -226,25 +267,71 @@ pub async fn run_on(
         None => app.route("/", get(|| async { Html(DASHBOARD) })),
     };
     info!(listen = %listener.local_addr()?, "API listening (HTTP)");
-    serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .context("serving the API")?;
+    serve_http(listener, app, header_read_timeout, shutdown).await;
     info!("API stopped");
     Ok(())
 }
 
+/// Serves `app` on `listener` until `shutdown`: HTTP/1.1 with a deadline for each request's
+/// headers, at most [`MAX_API_CONNECTIONS`] connections at once, accept errors backed off and
+/// warned once a second; then open requests get a few seconds to finish.
+async fn serve_http(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_read_timeout: Duration,
+    shutdown: CancellationToken,
+) {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let permits = Arc::new(tokio::sync::Semaphore::new(MAX_API_CONNECTIONS));
+    let mut last_warning: Option<std::time::Instant> = None;
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            () = shutdown.cancelled() => break,
+        };
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(e) => {
+                    if last_warning.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                        warn!(error = %e, "accepting an API connection failed; backing off");
+                        last_warning = Some(std::time::Instant::now());
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = hyper::server::conn::http1::Builder::new()
+            .timer(hyper_util::rt::TokioTimer::new())
+            .header_read_timeout(header_read_timeout)
+            .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                debug!(error = %e, "API connection ended");
+            }
+            drop(permit);
+        });
+    }
+    tokio::select! {
+        () = graceful.shutdown() => {}
+        () = tokio::time::sleep(Duration::from_secs(5)) => warn!("API connections still open 5 s after shutdown; leaving them"),
+    }
+}
+
 /// Polls the store's data version and publishes changes.
-async fn watch_changes(store: Arc<Mutex<Store>>, tx: watch::Sender<i64>, shutdown: CancellationToken) {
+async fn watch_changes(readers: Arc<Readers>, tx: watch::Sender<i64>, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
             _ = tick.tick() => {}
             () = shutdown.cancelled() => return,
         }
-        let store = store.clone();
-        match tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).data_version()).await
-        {
+        match readers.read(|store| store.data_version()).await {
             Ok(Ok(v)) => {
                 tx.send_if_modified(|old| {
                     let changed = *old != v;
@@ -262,11 +349,12 @@ async fn query<T: Send + 'static>(
     state: &AppState,
     f: impl FnOnce(&mut dyn crate::store::db::Tx) -> Result<T, DbError> + Send + 'static,
 ) -> Result<T, ApiError> {
-    let store = state.store.clone();
-    tokio::task::spawn_blocking(move || store.lock().unwrap_or_else(|p| p.into_inner()).read(f))
-        .await
-        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
-        .map_err(|e: StoreError| ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string()))
+    match state.readers.read(move |store| store.read(f)).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(e)) if e.message().starts_with(query::TOO_MANY_ROWS) => Err(bad(e.message().to_owned())),
+        Ok(Err(e)) => Err(ApiError(StatusCode::SERVICE_UNAVAILABLE, e.to_string())),
+        Err(e) => Err(ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
+    }
 }
 
 /// A request's query parameters, taken one by one; what is left over is refused by name.

@@ -217,6 +217,11 @@ pub struct StoreError {
 }
 
 impl StoreError {
+    /// What failed, without the store's name.
+    pub fn message(&self) -> &str {
+        &self.source.message
+    }
+
     /// Whether trying the same transaction again may succeed.
     pub fn is_retryable(&self) -> bool {
         self.source.retryable

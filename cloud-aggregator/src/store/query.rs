@@ -98,17 +98,19 @@ pub struct Row {
 
 /// Reads `spec`'s rows for `sel`. Group-by and filter names must be dimensions of `spec`
 /// (checked by the caller; an unknown one here is an error).
+/// An answer of more than [`MAX_ROWS`] rows is refused ([`TOO_MANY_ROWS`]).
 pub fn rollup(tx: &mut dyn Tx, spec: &TableSpec, sel: &Selection) -> Result<Vec<Row>, DbError> {
-    rollup_ordered(tx, spec, sel, None)
+    rollup_ordered(tx, spec, sel, None, MAX_ROWS)
 }
 
 /// [`rollup`], largest first by the metric of index `top.0` (ties in group order), at most
-/// `top.1` rows.
+/// `top.1` rows; without `top`, more than `max_rows` rows is an error.
 fn rollup_ordered(
     tx: &mut dyn Tx,
     spec: &TableSpec,
     sel: &Selection,
     top: Option<(usize, usize)>,
+    max_rows: usize,
 ) -> Result<Vec<Row>, DbError> {
     let bad = |name: &str| DbError { message: format!("{} has no dimension {name:?}", spec.name), retryable: false };
     let mut params: Vec<Val> = Vec::new();
@@ -181,7 +183,8 @@ fn rollup_ordered(
         Some((metric, limit)) => {
             format!("sat_sum({}) DESC, {} LIMIT {limit}", spec.metrics[metric], group.join(", "))
         }
-        None => group.join(", "),
+        // One row more than answered, to tell a complete answer from a cut one.
+        None => format!("{} LIMIT {}", group.join(", "), max_rows + 1),
     };
     let sql = format!(
         "SELECT {g}, {s} FROM ({u}) AS pieces GROUP BY {g} ORDER BY {order}",
@@ -191,8 +194,16 @@ fn rollup_ordered(
     );
     let n_dims = sel.group_by.len();
     let with_bucket = sel.granularity.is_some();
-    Ok(tx
-        .query(&sql, &params)?
+    let rows = tx.query(&sql, &params)?;
+    if rows.len() > max_rows {
+        return Err(DbError {
+            message: format!(
+                "{TOO_MANY_ROWS}: more than {max_rows} in the answer; ask for a shorter range, a coarser granularity or fewer group_by dimensions"
+            ),
+            retryable: false,
+        });
+    }
+    Ok(rows
         .into_iter()
         .map(|r| {
             let mut c = Cols::new(r);
@@ -203,6 +214,21 @@ fn rollup_ordered(
         })
         .collect())
 }
+
+/// Most rows a report answers with.
+pub const MAX_ROWS: usize = 100_000;
+
+#[cfg(test)]
+pub(crate) fn rollup_at_most(
+    tx: &mut dyn Tx,
+    spec: &TableSpec,
+    sel: &Selection,
+    max_rows: usize,
+) -> Result<Vec<Row>, DbError> {
+    rollup_ordered(tx, spec, sel, None, max_rows)
+}
+/// How an answer over [`MAX_ROWS`] is refused (the API makes it a 400, not a 503).
+pub const TOO_MANY_ROWS: &str = "too many rows";
 
 /// RFC 3339 text of a unix second.
 pub fn time_text(unix: i64) -> String {
@@ -320,7 +346,7 @@ pub struct ProductRow {
 /// The top `limit` products by `by` (`revenue` or `units`), ties by SKU.
 pub fn products(tx: &mut dyn Tx, sel: &Selection, by_units: bool, limit: usize) -> Result<Vec<ProductRow>, DbError> {
     let sel = Selection { granularity: None, group_by: vec!["sku".into(), "currency".into()], ..sel.clone() };
-    let rows = rollup_ordered(tx, &tables::PRODUCTS, &sel, Some((if by_units { 0 } else { 1 }, limit)))?;
+    let rows = rollup_ordered(tx, &tables::PRODUCTS, &sel, Some((if by_units { 0 } else { 1 }, limit)), MAX_ROWS)?;
     Ok(rows
         .into_iter()
         .map(|r| ProductRow {

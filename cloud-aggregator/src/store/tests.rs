@@ -356,3 +356,36 @@ fn sums_beyond_the_64_bit_range_are_clamped_not_errors() {
     let rows = store.read(|tx| query::sales(tx, &sel)).unwrap();
     assert_eq!(rows[0].gross_revenue, actidash_shared::Money(i64::MAX).to_string());
 }
+
+/// A report's rows are bounded: one row more than allowed is a clear refusal, not a huge answer.
+#[test]
+fn an_answer_over_the_row_limit_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let events: Vec<Event> = (0..4)
+        .map(|s| {
+            let time = format!("2026-11-27T10:0{s}:00Z");
+            actidash_shared::testing::sale_with(
+                "acme",
+                "a1",
+                s,
+                &time,
+                "web",
+                "1",
+                actidash_shared::event::OrderStatus::Placed,
+            )
+        })
+        .collect();
+    store.commit(CommitWork { inputs: vec![input("t/0", events)], ..Default::default() }).unwrap();
+    let sel = query::Selection {
+        tenant: Some("acme".into()),
+        granularity: Some(60),
+        from: 1_795_773_600,
+        to: 1_795_773_600 + 3_600,
+        ..query::Selection::all_time()
+    };
+    let rows = store.read(|tx| query::rollup_at_most(tx, &crate::analytics::tables::SALES, &sel, 4)).unwrap();
+    assert_eq!(rows.len(), 4, "four minutes");
+    let err = store.read(|tx| query::rollup_at_most(tx, &crate::analytics::tables::SALES, &sel, 3)).unwrap_err();
+    assert!(err.message().starts_with("too many rows: more than 3 in the answer"), "{err}");
+}
