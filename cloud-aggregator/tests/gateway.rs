@@ -692,3 +692,27 @@ async fn clients_without_credentials_have_a_budget_per_address() {
     assert_eq!(h.metrics.enrollments_throttled.load(Ordering::Relaxed), 1);
     h.shutdown.cancel();
 }
+
+/// OpenSSL's client handshaking with `addr` in TLS `version` (`-tls1_3`, `-tls1_2`): whether
+/// it succeeded, and what it said.
+fn openssl_handshake(addr: std::net::SocketAddr, version: &str) -> (bool, String) {
+    let out = std::process::Command::new("openssl")
+        .args(["s_client", "-connect", &addr.to_string(), version, "-alpn", "actidash/2", "-brief"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl (installed by scripts/db.sh) runs");
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
+
+/// TLS 1.3 only (issue 17, "keep it so"): OpenSSL's client gets a handshake with TLS 1.3 and
+/// none with TLS 1.2, on the TCP fallback (QUIC is TLS 1.3 by definition).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_below_1_3_is_refused() {
+    let h = start().await;
+    let addr = h.tcp_addr;
+    let (_, said) = tokio::task::spawn_blocking(move || openssl_handshake(addr, "-tls1_3")).await.unwrap();
+    assert!(said.contains("Protocol version: TLSv1.3"), "{said}");
+    let (ok, said) = tokio::task::spawn_blocking(move || openssl_handshake(addr, "-tls1_2")).await.unwrap();
+    assert!(!ok && !said.contains("Protocol version: TLSv1.2"), "{said}");
+    h.shutdown.cancel();
+}
