@@ -281,6 +281,11 @@ impl Fleet {
         Ok(token)
     }
 
+    /// How long the certificates this CA signs live.
+    pub fn cert_validity(&self) -> Duration {
+        self.validity
+    }
+
     /// Redeems a token for `agent_id` and signs a certificate for the CSR's key; returns the
     /// tenant and the certificate (PEM). The CSR's own names are ignored: the CA writes the
     /// identity.

@@ -73,8 +73,11 @@ fn stable_endpoint_config(private_key_der: &[u8]) -> quinn::EndpointConfig {
 }
 
 /// An agent renews its certificate once in its validity (at two thirds of it); more often is
-/// refused, so that an enrolled agent cannot fill the registry with certificates.
-const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(60);
+/// refused, so that an enrolled agent cannot fill the registry with certificates: at most once
+/// a minute, or once a quarter of the validity where certificates live less than four minutes.
+fn min_renewal_interval(validity: Duration) -> Duration {
+    (validity / 4).min(Duration::from_secs(60))
+}
 
 /// Counters of what the gateway accepted and refused.
 #[derive(Debug, Default, Serialize)]
@@ -205,6 +208,7 @@ impl Gateway {
         // the compressed frame) and in a Kafka message.
         let max_event_bytes =
             Some(sink.max_event_bytes().unwrap_or(u32::MAX).min(config.max_batch_bytes.saturating_sub(1_024)));
+        let renewal_every = min_renewal_interval(fleet.cert_validity());
         Ok(Gateway {
             endpoint,
             tcp,
@@ -215,7 +219,7 @@ impl Gateway {
                     events_per_sec: config.max_events_per_sec_per_agent,
                     bytes_per_sec: config.max_bytes_per_sec_per_agent,
                     min_heartbeat_interval: Duration::from_millis(config.heartbeat_interval_ms / 2),
-                    min_renewal_interval: MIN_RENEWAL_INTERVAL,
+                    min_renewal_interval: renewal_every,
                 },
             )?),
             unpacking: Arc::new(Semaphore::new(std::thread::available_parallelism().map_or(2, |n| n.get()))),
@@ -741,10 +745,11 @@ impl Connection {
                     let Some((agent_id, tenant)) = identity.clone() else { continue };
                     if let Err(wait) = self.admission.renewal_allowed(&agent_id) {
                         bump(&self.metrics.renewals_refused, 1);
-                        warn!(remote = %remote, agent_id = %agent_id, retry_in_secs = wait.as_secs() + 1, "renewal refused: renewed less than a minute ago");
+                        let every = min_renewal_interval(self.admission.fleet().cert_validity());
+                        warn!(remote = %remote, agent_id = %agent_id, retry_in_secs = wait.as_secs() + 1, "renewal refused: renewed too recently");
                         session.reject(format!(
                             "renewal refused: this agent renewed its certificate less than {} s ago; retry in {} s",
-                            MIN_RENEWAL_INTERVAL.as_secs(),
+                            every.as_secs(),
                             wait.as_secs() + 1
                         ));
                         continue;
