@@ -116,6 +116,18 @@ impl Readers {
     }
 }
 
+impl Drop for Readers {
+    /// The synchronous PostgreSQL client closes by blocking on a runtime of its own, which
+    /// panics on a thread that drives the async runtime (where the API's state is dropped at
+    /// shutdown): the readers are closed on a thread of their own.
+    fn drop(&mut self) {
+        let stores = std::mem::take(self.idle.get_mut().unwrap_or_else(|p| p.into_inner()));
+        if !stores.is_empty() {
+            let _ = std::thread::spawn(move || drop(stores)).join();
+        }
+    }
+}
+
 #[derive(Clone)]
 struct AppState {
     readers: Arc<Readers>,
