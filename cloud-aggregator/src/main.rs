@@ -169,7 +169,20 @@ fn open_fleet(config: &std::path::Path) -> anyhow::Result<cloud_aggregator::flee
     cloud_aggregator::fleet::Fleet::open(&cfg.data_dir, &cfg.fleet)
 }
 
-fn main() -> anyhow::Result<()> {
+/// A failure here is the user's to act on (a configuration, an argument, a refused
+/// enrollment): its message chain is printed, without the stack trace `RUST_BACKTRACE` would
+/// add to it (traces are for panics, which are bugs).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("ACTIDASH_LOG")

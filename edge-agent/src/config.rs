@@ -153,10 +153,16 @@ impl AgentConfig {
 
     /// Parses and validates configuration text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
-        let mut config: AgentConfig = toml::from_str(text).map_err(|e| ConfigError::Parse {
-            path: path.to_owned(),
-            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
-            message: e.message().to_owned(),
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| match locate_source_error(text) {
+            // Inside a source serde's tagged enum loses the place: found again, field and line.
+            Some((field, message)) => {
+                ConfigError::Invalid { path: path.to_owned(), line: find_line(text, &field), field, message }
+            }
+            None => ConfigError::Parse {
+                path: path.to_owned(),
+                line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+                message: e.message().to_owned(),
+            },
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
@@ -251,6 +257,35 @@ fn check_id(field: &str, value: &str) -> Result<(), (String, String)> {
     } else {
         Err((field.to_owned(), format!("{value:?} must be 1-128 characters of A-Z a-z 0-9 - _ .")))
     }
+}
+
+/// The dotted field and message of an error inside one of the `[[sources]]`, found by reading
+/// each source alone as its `type` says, with the path of the error tracked
+/// (`sources[0].mapping.fields.amount`); None when the sources read (the error is elsewhere).
+fn locate_source_error(text: &str) -> Option<(String, String)> {
+    fn check<T: serde::de::DeserializeOwned>(value: toml::Value) -> Result<(), (String, String)> {
+        serde_path_to_error::deserialize::<_, T>(value)
+            .map(|_| ())
+            .map_err(|e| (e.path().to_string(), e.inner().message().to_owned()))
+    }
+    let table: toml::Table = toml::from_str(text).ok()?;
+    let sources = table.get("sources")?.as_array()?;
+    for (idx, source) in sources.iter().enumerate() {
+        let mut source = source.as_table()?.clone();
+        let kind = source.remove("type").and_then(|t| t.as_str().map(str::to_owned)).unwrap_or_default();
+        let value = toml::Value::Table(source);
+        let result = match kind.as_str() {
+            "file" => check::<crate::sources::file::FileSourceConfig>(value),
+            "sqlite" => check::<crate::sources::sqlite::SqliteSourceConfig>(value),
+            "postgres" | "mysql" => check::<crate::sources::db::DbSourceConfig>(value),
+            _ => continue,
+        };
+        if let Err((field, message)) = result {
+            let field = if field == "." { format!("sources[{idx}]") } else { format!("sources[{idx}].{field}") };
+            return Some((field, message));
+        }
+    }
+    None
 }
 
 fn line_of(text: &str, byte_offset: usize) -> usize {
@@ -400,5 +435,24 @@ fields = { order_id = "id", customer_id = "customer", channel = "channel", site 
         let text = GOOD.replace("order_id = \"id\"", "order_number = \"id\"");
         let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
         assert!(err.starts_with("agent.toml:18: field `sources[0].mapping.fields.order_number`"), "{err}");
+    }
+
+    /// A wrong value type inside a source names its own line and dotted field, not the
+    /// `[[sources]]` header (issue 10).
+    #[test]
+    fn type_errors_inside_a_source_name_their_line_and_field() {
+        let text = GOOD.replace(
+            "fields = { order_id",
+            "where = [{ field = \"env\", not_equals = \"test\" }]\nfields = { amount_x = 1, order_id",
+        );
+        let text = text.replace("amount = \"total\"", "amount = [\"total\"]").replace("amount_x = 1, ", "");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(
+            err.starts_with("agent.toml:19: field `sources[0].mapping.fields.amount`: invalid type: sequence"),
+            "{err}"
+        );
+        let text = GOOD.replace("path = \"orders.jsonl\"", "path = \"orders.jsonl\"\npoll_interval_ms = \"fast\"");
+        let err = AgentConfig::parse(&text, Path::new("agent.toml")).unwrap_err().to_string();
+        assert!(err.starts_with("agent.toml:15: field `sources[0].poll_interval_ms`: invalid type: string"), "{err}");
     }
 }

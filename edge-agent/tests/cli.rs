@@ -57,6 +57,18 @@ fn check_accepts_a_good_config_and_names_file_line_and_field_otherwise() {
     assert!(!ok);
     assert!(out.contains("agent.toml:5:"), "{out}");
     assert!(out.contains("unknown field `max_byte`"), "{out}");
+
+    // A user's error is its message, even where RUST_BACKTRACE is set (developer and CI hosts).
+    let out = Command::new(AGENT)
+        .args(["check", "--config", unknown.to_str().unwrap()])
+        .env("ACTIDASH_LOG", "off")
+        .env("RUST_BACKTRACE", "1")
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(said.starts_with("Error: ") && said.contains("unknown field `max_byte`"), "{said}");
+    assert!(!said.contains("Stack backtrace") && said.lines().count() <= 3, "no trace: {said}");
 }
 
 #[test]

@@ -243,6 +243,10 @@ pub struct SourceStatus {
     /// `unknown_schema`, `too_large`…).
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub refused_by_reason: std::collections::BTreeMap<String, u64>,
+    /// Records skipped by the mapping's conditions (`where`) since the agent started, by
+    /// condition: not errors, not events.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub skipped: std::collections::BTreeMap<String, u64>,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -548,6 +552,7 @@ mod tests {
                         n_quarantined: 3,
                         n_refused: 4,
                         refused_by_reason: [("foreign_tenant".to_owned(), 3), ("too_large".to_owned(), 1)].into(),
+                        skipped: [("test orders".to_owned(), 2)].into(),
                         last_error: Some("bad".into()),
                     }],
                     holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),

@@ -2,16 +2,22 @@
 //!
 //! A mapping names the domain, where the event time is and how it is written, and for each
 //! field of the domain's payload where its value comes from: a source field (`fields`, dotted
-//! paths reach into nested objects), a constant (`constants`), or a fallback when the source
-//! field is absent or null (`defaults`). Ids given as numbers become strings and counts given as
-//! strings become integers; anything else that does not fit the payload's type is an error that
-//! names the field.
+//! paths reach into nested objects, templates such as `"{store}-{id}"` join several, and a
+//! table adds transforms — see [`transform::FieldSpec`]), a constant (`constants`), or a
+//! fallback when the source field is absent or null (`defaults`). Ids given as numbers become
+//! strings and counts given as strings become integers; anything else that does not fit the
+//! payload's type is an error that names the field. Conditions (`where`) skip records, counted
+//! by condition, instead of mapping them.
+
+pub mod transform;
 
 use std::collections::BTreeMap;
 
 use actidash_shared::event::{Domain, Payload};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde::Deserialize;
+
+use self::transform::{Condition, Decimal, FieldSource, FieldSpec};
 
 use serde_json::Value;
 use serde_json::value::RawValue;
@@ -24,15 +30,19 @@ pub struct MappingConfig {
     pub domain: Domain,
     /// Where the event time is.
     pub event_time: EventTimeConfig,
-    /// Payload field = source field (dotted path).
+    /// Payload field = source field (dotted path), template, or a table with transforms.
     #[serde(default)]
-    pub fields: BTreeMap<String, String>,
+    pub fields: BTreeMap<String, FieldSpec>,
     /// Payload field = constant value.
     #[serde(default)]
     pub constants: BTreeMap<String, toml::Value>,
     /// Payload field = value used when the mapped source field is missing or null.
     #[serde(default)]
     pub defaults: BTreeMap<String, toml::Value>,
+    /// Conditions every record must meet to become an event; one that fails skips the record
+    /// (counted by condition in the source's status, not a dead letter).
+    #[serde(default, rename = "where")]
+    pub conditions: Vec<Condition>,
 }
 
 /// Where and how the event time is written.
@@ -41,10 +51,15 @@ pub struct MappingConfig {
 pub struct EventTimeConfig {
     /// Source field (dotted path).
     pub field: String,
-    /// `rfc3339`, `unix_seconds`, `unix_millis`, or a strftime pattern such as
-    /// `%d/%b/%Y:%H:%M:%S %z` (a pattern without a zone is read as UTC).
+    /// `rfc3339`, `unix_seconds`, `unix_millis`, `unix_micros`, or a strftime pattern such as
+    /// `%d/%b/%Y:%H:%M:%S %z` (a pattern without a zone is read in `timezone`).
     #[serde(default = "default_time_format")]
     pub format: String,
+    /// The IANA time zone (`Europe/Berlin`) of times written without one; UTC by default. A
+    /// local time that does not exist (skipped by a daylight-saving change) is a bad record; one
+    /// that exists twice is read as the first.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 fn default_time_format() -> String {
@@ -109,6 +124,11 @@ pub enum MappingError {
     EmptyKey { domain: Domain, target: &'static str, source_field: String },
     #[error("{domain} event's {target} is {len} bytes long: an entity key is at most {max} bytes", max = actidash_shared::event::MAX_KEY_BYTES)]
     LongKey { domain: Domain, target: &'static str, len: usize },
+    #[error("field `{target}` (from `{source_field}`): {operation}: {message}")]
+    Transform { target: String, source_field: String, operation: &'static str, message: String },
+    /// Not an error: the record fails condition `condition` and is skipped.
+    #[error("skipped by condition {condition}")]
+    Skipped { condition: String },
 }
 
 impl MappingConfig {
@@ -144,7 +164,28 @@ impl MappingConfig {
         if self.event_time.field.is_empty() {
             return Err(("event_time.field".into(), "must name a source field".into()));
         }
+        if let Some(tz) = &self.event_time.timezone {
+            tz.parse::<chrono_tz::Tz>().map_err(|_| {
+                ("event_time.timezone".to_owned(), format!("{tz:?} is not an IANA time zone such as \"Europe/Berlin\""))
+            })?;
+        }
+        for (name, spec) in &self.fields {
+            if spec.scale.is_some() && !matches!(name.as_str(), "amount" | "cost" | "on_hand") {
+                return Err((
+                    format!("fields.{name}.scale"),
+                    "scale applies to amounts (amount, cost) and stock (on_hand)".into(),
+                ));
+            }
+        }
+        for (idx, c) in self.conditions.iter().enumerate() {
+            c.validate().map_err(|msg| (format!("where[{idx}]"), msg))?;
+        }
         Ok(())
+    }
+
+    /// The name a record skipped by condition `idx` is counted under.
+    fn condition_name(&self, idx: usize) -> String {
+        self.conditions[idx].name.clone().unwrap_or_else(|| format!("where[{idx}]"))
     }
 
     /// Maps one record given as a JSON value.
@@ -157,22 +198,75 @@ impl MappingConfig {
     /// (this runs once per record on the agent's hot path).
     pub fn apply_str(&self, text: &str) -> Result<(DateTime<Utc>, Payload), MappingError> {
         let record = RawRecord::parse(text)?;
+        for (idx, condition) in self.conditions.iter().enumerate() {
+            let value = record.lookup(&condition.field).filter(|v| v.get() != "null");
+            if !condition.holds(value) {
+                return Err(MappingError::Skipped { condition: self.condition_name(idx) });
+            }
+        }
         let event_time = self.event_time(&record)?;
         let mut data = String::with_capacity(text.len());
         data.push('{');
         for (name, kind, _) in schema(self.domain) {
-            let constant;
+            let owned;
+            let spec = self.fields.get(*name);
             let (raw, source_field): (&str, &str) = if let Some(c) = self.constants.get(*name) {
-                constant = toml_json_text(c);
-                (&constant, "constant")
+                owned = toml_json_text(c);
+                (&owned, "constant")
             } else {
-                let source_field = self.fields.get(*name).map(String::as_str).unwrap_or("");
-                let from_record = record.lookup(source_field).filter(|v| v.get() != "null");
-                match (from_record, self.defaults.get(*name)) {
-                    (Some(v), _) => (v.get(), source_field),
+                let from_record = match spec.map(|s| &s.source) {
+                    Some(FieldSource::Path(path)) => record.lookup(path).filter(|v| v.get() != "null").map(|v| v.get()),
+                    Some(FieldSource::Template(t)) => match t.render(|f| record.lookup(f)) {
+                        Ok(text) => {
+                            owned = serde_json::Value::String(text).to_string();
+                            Some(owned.as_str())
+                        }
+                        Err(_) if spec.is_some_and(|s| s.default.is_some()) || self.defaults.contains_key(*name) => {
+                            None
+                        }
+                        Err(message) => {
+                            return Err(MappingError::Transform {
+                                target: (*name).to_owned(),
+                                source_field: t.text.clone(),
+                                operation: "template",
+                                message,
+                            });
+                        }
+                    },
+                    None => None,
+                };
+                let source_field = match spec.map(|s| &s.source) {
+                    Some(FieldSource::Path(p)) => p.as_str(),
+                    Some(FieldSource::Template(t)) => t.text.as_str(),
+                    None => "",
+                };
+                let default = spec.and_then(|s| s.default.as_ref()).or_else(|| self.defaults.get(*name));
+                match (from_record, default) {
+                    (Some(v), _) => match spec.filter(|s| s.transforms()) {
+                        Some(spec) => {
+                            let transformed = transform_value(name, *kind, spec, v)?;
+                            let out = data.len();
+                            if out > 1 {
+                                data.push(',');
+                            }
+                            data.push('"');
+                            data.push_str(name);
+                            data.push_str("\":");
+                            coerce(name, source_field, *kind, &transformed, &mut data)?;
+                            continue;
+                        }
+                        None => (v, source_field),
+                    },
                     (None, Some(d)) => {
-                        constant = toml_json_text(d);
-                        (&constant, "default")
+                        let default_text = toml_json_text(d);
+                        if data.len() > 1 {
+                            data.push(',');
+                        }
+                        data.push('"');
+                        data.push_str(name);
+                        data.push_str("\":");
+                        coerce(name, "default", *kind, &default_text, &mut data)?;
+                        continue;
                     }
                     (None, None) => continue,
                 }
@@ -191,7 +285,7 @@ impl MappingConfig {
         if let Some(target) = payload.empty_key_field() {
             let source_field = match (self.constants.contains_key(target), self.fields.get(target)) {
                 (true, _) => "constant".to_owned(),
-                (false, Some(f)) => f.clone(),
+                (false, Some(f)) => f.describe(),
                 (false, None) => "default".to_owned(),
             };
             return Err(MappingError::EmptyKey { domain: self.domain, target, source_field });
@@ -213,12 +307,25 @@ impl MappingConfig {
             "rfc3339" => text().and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.to_utc()).ok_or_else(bad),
             "unix_seconds" => number(raw.get()).and_then(|s| Utc.timestamp_opt(s, 0).single()).ok_or_else(bad),
             "unix_millis" => number(raw.get()).and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
+            "unix_micros" => number(raw.get()).and_then(|us| Utc.timestamp_micros(us).single()).ok_or_else(bad),
             pattern => {
                 let s = text().ok_or_else(bad)?;
-                DateTime::parse_from_str(&s, pattern)
-                    .map(|t| t.to_utc())
-                    .or_else(|_| NaiveDateTime::parse_from_str(&s, pattern).map(|t| t.and_utc()))
-                    .map_err(|_| bad())
+                if let Ok(t) = DateTime::parse_from_str(&s, pattern) {
+                    return Ok(t.to_utc());
+                }
+                let local = NaiveDateTime::parse_from_str(&s, pattern).map_err(|_| bad())?;
+                match self.event_time.timezone.as_deref().map(str::parse::<chrono_tz::Tz>) {
+                    None => Ok(local.and_utc()),
+                    // Validated with the configuration.
+                    Some(Err(_)) => Err(bad()),
+                    Some(Ok(tz)) => tz.from_local_datetime(&local).earliest().map(|t| t.to_utc()).ok_or_else(|| {
+                        MappingError::BadTime {
+                            field: field.clone(),
+                            value: raw.get().to_owned(),
+                            format: format!("{pattern} (a local time that does not exist in {tz})"),
+                        }
+                    }),
+                }
             }
         }
     }
@@ -317,6 +424,57 @@ fn number(raw: &str) -> Option<i64> {
         b'"' => serde_json::from_str::<String>(raw).ok()?.trim().parse().ok(),
         _ => raw.parse::<i64>().ok().or_else(|| raw.parse::<f64>().ok().map(|f| f as i64)),
     }
+}
+
+/// A source value (JSON text) through a field's transforms: trim and case on its text, then the
+/// value map, then the decimal scale; the result as JSON text for [`coerce`].
+fn transform_value(target: &str, kind: Kind, spec: &FieldSpec, raw: &str) -> Result<String, MappingError> {
+    let err = |operation: &'static str, message: String| MappingError::Transform {
+        target: target.to_owned(),
+        source_field: spec.describe(),
+        operation,
+        message,
+    };
+    let mut text = transform::scalar_text(raw)
+        .ok_or_else(|| err("value", format!("{} is not a text or a number", truncate(raw))))?;
+    let is_string = raw.starts_with('"');
+    if spec.trim {
+        text = text.trim().to_owned();
+    }
+    match spec.case {
+        Some(transform::Case::Lower) => text = text.to_lowercase(),
+        Some(transform::Case::Upper) => text = text.to_uppercase(),
+        None => {}
+    }
+    let mut json = if is_string || spec.trim || spec.case.is_some() {
+        serde_json::Value::String(text.clone()).to_string()
+    } else {
+        raw.to_owned()
+    };
+    if let Some(map) = &spec.map {
+        let to = map.get(&text).or(spec.otherwise.as_ref()).ok_or_else(|| {
+            let known: Vec<&str> = map.keys().map(String::as_str).take(10).collect();
+            err("map", format!("{} is not in the map (it has: {})", truncate(&text), known.join(", ")))
+        })?;
+        text = transform::toml_text(to);
+        json = toml_json_text(to);
+    }
+    if let Some(scale) = spec.scale {
+        let value = Decimal::parse(&text).map_err(|e| err("scale", e))?;
+        let product = value.times(scale).ok_or_else(|| err("scale", format!("{text} × {scale} is too large")))?;
+        json = match kind {
+            Kind::Int => {
+                let whole = product
+                    .whole()
+                    .and_then(|w| i64::try_from(w).ok())
+                    .ok_or_else(|| err("scale", format!("{text} × {scale} = {product} is not a whole number")))?;
+                whole.to_string()
+            }
+            // Money keeps ten-thousandths: rounded half away from zero, written as exact text.
+            _ => format!("\"{}\"", product.round(actidash_shared::money::SCALE_DIGITS)),
+        };
+    }
+    Ok(json)
 }
 
 /// Writes `raw` (JSON text) converted to the payload field's kind into `out`.
@@ -503,5 +661,135 @@ defaults = { country = "FR" }
         let mut m = sales_mapping();
         m.constants.insert("discount".into(), toml::Value::Integer(1));
         assert_eq!(m.validate().unwrap_err().0, "constants.discount");
+    }
+
+    /// Issue 10's retailer: amounts in cents, statuses `paid`/`void`, order ids made of a store
+    /// and a number, channels in any case, ad costs in micros — all mapped without SQL.
+    #[test]
+    fn transforms_map_scale_template_trim_case_and_default() {
+        let m: MappingConfig = toml::from_str(
+            r#"
+domain = "sales"
+event_time = { field = "ts", format = "%Y-%m-%d %H:%M:%S", timezone = "Europe/Berlin" }
+constants = { site = "shop", country = "DE", currency = "EUR" }
+[fields]
+order_id = "{store}-{id}"
+customer_id = "customer"
+channel = { field = "src", trim = true, case = "lower", default = "web" }
+amount = { field = "total_cents", scale = "0.01" }
+status = { field = "state", map = { paid = "placed", void = "cancelled" } }
+"#,
+        )
+        .unwrap();
+        m.validate().unwrap();
+        let record = json!({"store": "B1", "id": 1042, "customer": "c-1", "src": "  App ", "total_cents": 1999,
+            "state": "paid", "ts": "2026-11-27 10:00:00"});
+        let (time, payload) = m.apply(&record).unwrap();
+        assert_eq!(time.to_rfc3339(), "2026-11-27T09:00:00+00:00", "Berlin is UTC+1 in November");
+        let Payload::Sales(o) = payload else { panic!() };
+        assert_eq!((o.order_id.as_str(), o.channel.as_str()), ("B1-1042", "app"));
+        assert_eq!(o.amount, Money::parse("19.99").unwrap());
+        assert_eq!(o.status, OrderStatus::Placed);
+
+        let mut r = record.clone();
+        r["src"] = json!(null);
+        r["state"] = json!("void");
+        let (_, payload) = m.apply(&r).unwrap();
+        assert!(matches!(payload, Payload::Sales(o) if o.channel == "web" && o.status == OrderStatus::Cancelled));
+
+        r["state"] = json!("refunded_partially");
+        let err = m.apply(&r).unwrap_err().to_string();
+        assert_eq!(
+            err,
+            "field `status` (from `state`): map: refunded_partially is not in the map (it has: paid, void)"
+        );
+        r["state"] = json!("paid");
+        r.as_object_mut().unwrap().remove("store");
+        let err = m.apply(&r).unwrap_err().to_string();
+        assert_eq!(err, "field `order_id` (from `{store}-{id}`): template: field `store` is missing");
+        r["store"] = json!("B1");
+        r["total_cents"] = json!("12x");
+        let err = m.apply(&r).unwrap_err().to_string();
+        assert!(
+            err.starts_with("field `amount` (from `total_cents`): scale: \"12x\" is not a decimal number"),
+            "{err}"
+        );
+        // A local time skipped by the spring change does not exist in Berlin.
+        r["total_cents"] = json!(1);
+        r["ts"] = json!("2026-03-29 02:30:00");
+        let err = m.apply(&r).unwrap_err().to_string();
+        assert!(err.contains("a local time that does not exist in Europe/Berlin"), "{err}");
+    }
+
+    #[test]
+    fn costs_in_micros_round_to_ten_thousandths_and_stock_must_stay_whole() {
+        let m: MappingConfig = toml::from_str(
+            r#"
+domain = "marketing"
+event_time = { field = "t", format = "unix_micros" }
+fields = { user_id = "u", channel = "c", campaign = "k", cost = { field = "cost_micros", scale = "0.000001" } }
+"#,
+        )
+        .unwrap();
+        m.validate().unwrap();
+        let (t, payload) = m
+            .apply(&json!({"t": 1_795_773_600_123_456_i64, "u": "u1", "c": "ads", "k": "bf", "cost_micros": 1_234_567}))
+            .unwrap();
+        assert_eq!(t.timestamp_micros(), 1_795_773_600_123_456);
+        let Payload::Marketing(touch) = payload else { panic!() };
+        assert_eq!(touch.cost, Some(Money::parse("1.2346").unwrap()), "1.234567 rounded half away from zero");
+
+        let stock: MappingConfig = toml::from_str(
+            "domain = \"inventory\"\nevent_time = { field = \"t\", format = \"unix_seconds\" }\nfields = { sku = \"s\", warehouse = \"w\", on_hand = { field = \"dozens\", scale = \"12\" } }",
+        )
+        .unwrap();
+        let (_, p) = stock.apply(&json!({"t": 1, "s": "S", "w": "W", "dozens": "2.5"})).unwrap();
+        assert!(matches!(p, Payload::Inventory(i) if i.on_hand == 30));
+        let err = stock.apply(&json!({"t": 1, "s": "S", "w": "W", "dozens": "0.01"})).unwrap_err().to_string();
+        assert!(err.ends_with("scale: 0.01 × 12 = 0.12 is not a whole number"), "{err}");
+
+        let bad: Result<MappingConfig, _> = toml::from_str(
+            "domain = \"inventory\"\nevent_time = { field = \"t\" }\nfields = { sku = { field = \"s\", scale = 0.5 } }",
+        );
+        assert!(bad.unwrap_err().to_string().contains("write it as text"), "floats are refused as scales");
+        let mut wrong = stock.clone();
+        wrong.fields.insert(
+            "sku".into(),
+            toml::from_str::<BTreeMap<String, FieldSpec>>("x = { field = \"s\", scale = \"2\" }").unwrap()["x"].clone(),
+        );
+        assert_eq!(wrong.validate().unwrap_err().0, "fields.sku.scale");
+    }
+
+    #[test]
+    fn conditions_skip_records_by_name() {
+        let m: MappingConfig = toml::from_str(
+            r#"
+domain = "behavior"
+event_time = { field = "t", format = "unix_seconds" }
+fields = { visitor_id = "v", type = { field = "event", map = { view_item = "product_view", page = "page_view" } } }
+where = [
+    { field = "env", not_equals = "test", name = "test traffic" },
+    { field = "event", in = ["view_item", "page"] },
+    { field = "ua", not_matches = "(?i)bot" },
+]
+"#,
+        )
+        .unwrap();
+        m.validate().unwrap();
+        let ok = json!({"t": 1, "v": "v1", "event": "view_item", "ua": "Mozilla"});
+        assert!(
+            matches!(m.apply(&ok).unwrap().1, Payload::Behavior(b) if b.kind == actidash_shared::event::BehaviorKind::ProductView)
+        );
+        let skipped = |r: serde_json::Value| match m.apply(&r) {
+            Err(MappingError::Skipped { condition }) => condition,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(skipped(json!({"t": 1, "v": "v1", "event": "page", "env": "test"})), "test traffic");
+        assert_eq!(skipped(json!({"t": 1, "v": "v1", "event": "click"})), "where[1]");
+        assert_eq!(skipped(json!({"t": 1, "v": "v1", "event": "page", "ua": "Googlebot"})), "where[2]");
+
+        let none: MappingConfig =
+            toml::from_str("domain = \"behavior\"\nevent_time = { field = \"t\" }\nfields = { visitor_id = \"v\", type = \"e\" }\nwhere = [{ field = \"x\" }]").unwrap();
+        assert_eq!(none.validate().unwrap_err().0, "where[0]");
     }
 }

@@ -10,6 +10,7 @@ mod dead_letter;
 pub mod file;
 pub mod sqlite;
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -117,9 +118,44 @@ pub(crate) struct Commit {
     /// Dead-letter entries of the records refused.
     pub(crate) dead: Vec<String>,
     pub(crate) last_error: Option<String>,
+    /// Records skipped by the mapping's conditions, by condition.
+    pub(crate) skipped: BTreeMap<String, u64>,
+}
+
+/// What a record became.
+#[derive(Debug)]
+pub(crate) enum Mapped {
+    /// An event, as spooled.
+    Event(Vec<u8>),
+    /// Skipped by the named condition of the mapping.
+    Skipped(String),
+    /// A bad record, with why.
+    Bad(String),
 }
 
 impl SourceContext {
+    /// Maps one record (JSON text) of `source_id` to its spooled event numbered `seq`.
+    pub(crate) fn map_record(&self, mapping: &MappingConfig, source_id: &str, seq: u64, text: &str) -> Mapped {
+        match mapping.apply_str(text) {
+            Ok((time, payload)) => {
+                let event = actidash_shared::Event::new(
+                    self.tenant.clone(),
+                    self.agent_id.clone(),
+                    source_id.to_owned(),
+                    seq,
+                    time,
+                    payload,
+                );
+                match self.seal(&event) {
+                    Ok(body) => Mapped::Event(body),
+                    Err(reason) => Mapped::Bad(reason),
+                }
+            }
+            Err(crate::mapping::MappingError::Skipped { condition }) => Mapped::Skipped(condition),
+            Err(e) => Mapped::Bad(e.to_string()),
+        }
+    }
+
     /// An event as spooled: its JSON, or why it cannot be delivered (the gateway's checks fail,
     /// or it is bigger than the gateway's limit).
     pub(crate) fn seal(&self, event: &actidash_shared::Event) -> Result<Vec<u8>, String> {
@@ -185,6 +221,9 @@ impl SourceContext {
             s.n_errors += n_errors;
             if commit.last_error.is_some() {
                 s.last_error = commit.last_error;
+            }
+            for (condition, n) in commit.skipped {
+                *s.skipped.entry(condition).or_default() += n;
             }
         });
         if !commit.bodies.is_empty() {

@@ -12,7 +12,6 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use actidash_shared::event::Event;
 use rusqlite::types::ValueRef;
 use rusqlite::{Connection, OpenFlags};
 use serde::{Deserialize, Serialize};
@@ -219,6 +218,7 @@ impl SqliteSource {
         let (order, tie) = self.config.order_columns();
         let mut bodies = Vec::with_capacity(rows.len());
         let (mut dead, mut last_error) = (Vec::new(), None);
+        let mut skipped = std::collections::BTreeMap::new();
         let mut new_position = position.clone();
         for row in rows {
             new_position.last = row.get(&order).cloned().unwrap_or(Value::Null);
@@ -226,22 +226,13 @@ impl SqliteSource {
                 new_position.tie = row.get(t).cloned().unwrap_or(Value::Null);
             }
             let text = Value::Object(row).to_string();
-            let sealed = self.config.mapping.apply_str(&text).map_err(|e| e.to_string()).and_then(|(time, payload)| {
-                self.ctx.seal(&Event::new(
-                    self.ctx.tenant.clone(),
-                    self.ctx.agent_id.clone(),
-                    id.clone(),
-                    next_seq,
-                    time,
-                    payload,
-                ))
-            });
-            match sealed {
-                Ok(body) => {
+            match self.ctx.map_record(&self.config.mapping, &id, next_seq, &text) {
+                super::Mapped::Event(body) => {
                     bodies.push(body);
                     next_seq += 1;
                 }
-                Err(reason) => {
+                super::Mapped::Skipped(condition) => *skipped.entry(condition).or_default() += 1,
+                super::Mapped::Bad(reason) => {
                     warn!(source = %id, position = %new_position.last, reason = %reason, "bad row skipped");
                     let location = serde_json::json!({ "database": self.config.path.display().to_string(), "position": new_position.last });
                     dead.push(super::dead_letter::entry(&id, location, &reason, text.as_bytes()));
@@ -250,7 +241,7 @@ impl SqliteSource {
             }
         }
         let stored = serde_json::to_string(&new_position)?;
-        if !self.ctx.commit(&id, Commit { bodies, position: stored, dead, last_error }) {
+        if !self.ctx.commit(&id, Commit { bodies, position: stored, dead, last_error, skipped }) {
             return Ok(None);
         }
         *position = new_position;
@@ -318,7 +309,7 @@ mod tests {
         s.read("db", 0, 1000, usize::MAX)
             .unwrap()
             .into_iter()
-            .map(|r| match Event::from_json(&r.body).unwrap().payload {
+            .map(|r| match actidash_shared::Event::from_json(&r.body).unwrap().payload {
                 actidash_shared::Payload::Inventory(i) => (i.sku, r.seq),
                 other => panic!("{other:?}"),
             })

@@ -26,7 +26,6 @@ pub mod postgres;
 
 use std::time::Duration;
 
-use actidash_shared::event::Event;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tracing::{info, warn};
@@ -356,18 +355,17 @@ pub(crate) fn spool_rows(
     let id = &config.id;
     let mut bodies = Vec::with_capacity(rows.len());
     let (mut dead, mut last_error) = (Vec::new(), None);
+    let mut skipped = std::collections::BTreeMap::new();
     let mut new_position = position.clone();
     for row in rows {
         new_position.key = row.key;
-        let sealed = config.mapping.apply_str(&row.json).map_err(|e| e.to_string()).and_then(|(time, payload)| {
-            ctx.seal(&Event::new(ctx.tenant.clone(), ctx.agent_id.clone(), id.clone(), next_seq, time, payload))
-        });
-        match sealed {
-            Ok(body) => {
+        match ctx.map_record(&config.mapping, id, next_seq, &row.json) {
+            super::Mapped::Event(body) => {
                 bodies.push(body);
                 next_seq += 1;
             }
-            Err(reason) => {
+            super::Mapped::Skipped(condition) => *skipped.entry(condition).or_default() += 1,
+            super::Mapped::Bad(reason) => {
                 warn!(source = %id, database = %where_, position = %new_position, reason = %reason, "bad row skipped");
                 let location = serde_json::json!({ "database": where_, "position": new_position.key });
                 dead.push(super::dead_letter::entry(id, location, &reason, row.json.as_bytes()));
@@ -376,7 +374,7 @@ pub(crate) fn spool_rows(
         }
     }
     let stored = serde_json::to_string(&new_position)?;
-    if !ctx.commit(id, Commit { bodies, position: stored, dead, last_error }) {
+    if !ctx.commit(id, Commit { bodies, position: stored, dead, last_error, skipped }) {
         return Ok(None);
     }
     *position = new_position;

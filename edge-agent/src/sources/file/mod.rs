@@ -17,7 +17,6 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use actidash_shared::event::Event;
 use notify::Watcher as _;
 use serde::Deserialize;
 use tracing::{info, warn};
@@ -362,7 +361,8 @@ impl FileSource {
         });
         let position = serde_json::to_string(&position)?;
         let id = self.config.id.clone();
-        let commit = Commit { bodies: out.bodies, position, dead: out.dead, last_error: out.last_error };
+        let commit =
+            Commit { bodies: out.bodies, position, dead: out.dead, last_error: out.last_error, skipped: out.skipped };
         if !self.ctx.commit(&id, commit) {
             return Ok(None);
         }
@@ -391,8 +391,12 @@ impl FileSource {
                 }
             }
             TailItem::Line { bytes, line, offset } => match self.to_event(&bytes, parser, out.next_seq) {
-                Ok(body) => Ok(body),
-                Err(reason) => Err((line, offset, reason, bytes)),
+                super::Mapped::Event(body) => Ok(body),
+                super::Mapped::Skipped(condition) => {
+                    *out.skipped.entry(condition).or_default() += 1;
+                    return;
+                }
+                super::Mapped::Bad(reason) => Err((line, offset, reason, bytes)),
             },
             TailItem::Oversized { line, offset, len } => Err((
                 line,
@@ -436,18 +440,15 @@ impl FileSource {
     }
 
     /// A line as the spooled event's JSON.
-    fn to_event(&self, line: &[u8], parser: &RecordParser, seq: u64) -> Result<Vec<u8>, String> {
-        let text = std::str::from_utf8(line).map_err(|e| format!("not UTF-8: {e}"))?;
-        let record = parser.parse(text)?;
-        let (event_time, payload) = self.config.mapping.apply_str(&record).map_err(|e| e.to_string())?;
-        self.ctx.seal(&Event::new(
-            self.ctx.tenant.clone(),
-            self.ctx.agent_id.clone(),
-            self.config.id.clone(),
-            seq,
-            event_time,
-            payload,
-        ))
+    fn to_event(&self, line: &[u8], parser: &RecordParser, seq: u64) -> super::Mapped {
+        let text = match std::str::from_utf8(line) {
+            Ok(text) => text,
+            Err(e) => return super::Mapped::Bad(format!("not UTF-8: {e}")),
+        };
+        match parser.parse(text) {
+            Ok(record) => self.ctx.map_record(&self.config.mapping, &self.config.id, seq, &record),
+            Err(reason) => super::Mapped::Bad(reason),
+        }
     }
 
     /// Watches the folders the patterns start in (recursively when the pattern goes deeper);
@@ -495,6 +496,7 @@ struct Output {
     bodies: Vec<Vec<u8>>,
     dead: Vec<String>,
     last_error: Option<String>,
+    skipped: std::collections::BTreeMap<String, u64>,
     next_seq: u64,
 }
 
