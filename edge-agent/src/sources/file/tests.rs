@@ -320,3 +320,66 @@ fn a_blocked_source_stops_with_its_reason() {
     assert!(status.last_error.unwrap_or_default().contains("source stock is stopped: its next seq is unknown"));
     assert_eq!(Spool::open(&spool_path).unwrap().source_state("stock").unwrap().next_seq, 1, "nothing appended");
 }
+
+/// One access log, two domains: a source keeps only purchase lines (sales), the records its
+/// conditions skip are counted by condition in its status, never dead-lettered (issue 10).
+#[test]
+fn records_skipped_by_conditions_are_counted_not_dead_lettered() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("app.jsonl");
+    let spool = dir.path().join("spool.db");
+    let dead = dir.path().join("dead/app.jsonl");
+    let cfg = config(&format!(
+        r#"
+id = "purchases"
+path = "{}"
+format = "json_lines"
+poll_interval_ms = 20
+[mapping]
+domain = "sales"
+event_time = {{ field = "ts", format = "unix_millis" }}
+constants = {{ site = "app", country = "DE", currency = "EUR", status = "placed", channel = "app" }}
+fields = {{ order_id = "order", customer_id = "user", amount = {{ field = "cents", scale = "0.01" }} }}
+where = [
+    {{ field = "event", equals = "purchase", name = "not a purchase" }},
+    {{ field = "user", not_matches = "^test-", name = "test orders" }},
+]
+"#,
+        file.display()
+    ));
+    append(
+        &file,
+        concat!(
+            "{\"event\":\"view\",\"user\":\"u1\",\"ts\":1}\n",
+            "{\"event\":\"purchase\",\"user\":\"u1\",\"order\":\"o1\",\"cents\":1250,\"ts\":2}\n",
+            "{\"event\":\"purchase\",\"user\":\"test-9\",\"order\":\"o2\",\"cents\":1,\"ts\":3}\n",
+            "{\"event\":\"view\",\"user\":\"u2\",\"ts\":4}\n",
+            "{\"event\":\"purchase\",\"user\":\"u2\",\"order\":\"o3\",\"cents\":\"x\",\"ts\":5}\n",
+        ),
+    );
+    let shutdown = CancellationToken::new();
+    let ctx = test_context(&spool, &dead, &shutdown);
+    let status = ctx.status.clone();
+    let source = FileSource { config: cfg.clone(), ctx };
+    let thread = std::thread::spawn(move || source.run());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while status.lock().unwrap().n_errors < 1 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    shutdown.cancel();
+    thread.join().unwrap().unwrap();
+    let got: Vec<String> = events(&spool, "purchases")
+        .into_iter()
+        .map(|e| match e.payload {
+            Payload::Sales(o) => format!("{} {}", o.order_id, o.amount),
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    assert_eq!(got, ["o1 12.5"]);
+    let status = status.lock().unwrap().clone();
+    let expected = std::collections::BTreeMap::from([("not a purchase".to_owned(), 2), ("test orders".to_owned(), 1)]);
+    assert_eq!(status.skipped, expected);
+    let dl = dead_letters(&dead);
+    assert_eq!(dl.len(), 1, "only the bad amount is a dead letter: {dl:?}");
+    assert!(dl[0]["reason"].as_str().unwrap().contains("field `amount` (from `cents`): scale"), "{dl:?}");
+}
