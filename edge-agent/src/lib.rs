@@ -8,6 +8,7 @@
 pub mod config;
 pub mod identity;
 pub mod mapping;
+pub mod preview;
 pub mod private;
 pub mod reload;
 pub mod retry;
@@ -26,7 +27,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 use crate::config::AgentConfig;
-use crate::sources::{SharedStatus, SourceConfig};
+use crate::sources::SharedStatus;
 use crate::spool::Spool;
 use crate::transport::shipper::{Shipper, ShipperSettings};
 
@@ -114,24 +115,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
             event_limit: event_limit.clone(),
         };
-        let runner: Box<dyn FnOnce() -> anyhow::Result<()> + Send> = match source.clone() {
-            SourceConfig::File(file_config) => {
-                let source = sources::file::FileSource { config: file_config, ctx };
-                Box::new(move || source.run())
-            }
-            SourceConfig::Sqlite(db_config) => {
-                let source = sources::sqlite::SqliteSource { config: db_config, ctx };
-                Box::new(move || source.run())
-            }
-            SourceConfig::Postgres(config) => {
-                let source = sources::db::DbSource { config, dialect: sources::db::Dialect::Postgres, ctx };
-                Box::new(move || source.run())
-            }
-            SourceConfig::Mysql(config) => {
-                let source = sources::db::DbSource { config, dialect: sources::db::Dialect::Mysql, ctx };
-                Box::new(move || source.run())
-            }
-        };
+        let runner = sources::runner(source.clone(), ctx);
         let id = source.id().to_owned();
         let token = shutdown.clone();
         threads.push(

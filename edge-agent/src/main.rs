@@ -28,6 +28,11 @@ enum Command {
     Check {
         #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
         config: PathBuf,
+        /// Also read every source from its start (read-only: no position moves, nothing is
+        /// spooled) and print its first N events as the cloud would receive them, with each
+        /// record met on the way that fails and its place; exits 1 if any failed.
+        #[arg(long, value_name = "N")]
+        preview: Option<usize>,
     },
     /// Enroll this agent: make its key here, have the fleet CA sign it with a single-use token,
     /// and store key and certificate (owner-only) for mutual TLS from then on.
@@ -158,11 +163,37 @@ fn run() -> anyhow::Result<()> {
             );
             Ok(())
         }
-        Command::Check { config } => {
+        Command::Check { config, preview } => {
             let cfg = AgentConfig::load(&config)?;
             // Secrets must be loadable (files readable, variables set); they are never printed.
             cfg.check_secrets()?;
             println!("{}: OK ({} sources)", config.display(), cfg.sources.len());
+            let Some(n) = preview else { return Ok(()) };
+            let mut n_bad = 0;
+            for p in edge_agent::preview::preview(&cfg, n.max(1), std::time::Duration::from_secs(30))? {
+                println!();
+                println!(
+                    "source {}: {} events, {} bad, {} skipped",
+                    p.source_id,
+                    p.events.len(),
+                    p.bad.len(),
+                    p.skipped.values().sum::<u64>()
+                );
+                for event in &p.events {
+                    println!("  event {event}");
+                }
+                for (place, reason) in &p.bad {
+                    println!("  BAD   {place}: {reason}");
+                }
+                for (condition, count) in &p.skipped {
+                    println!("  skipped by {condition}: {count}");
+                }
+                if let Some(note) = &p.note {
+                    println!("  NOTE  {note}");
+                }
+                n_bad += p.bad.len();
+            }
+            anyhow::ensure!(n_bad == 0, "{n_bad} previewed records did not map (see BAD above)");
             Ok(())
         }
         Command::Spool { command: SpoolCommand::Inspect { config } } => {

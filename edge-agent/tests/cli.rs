@@ -145,3 +145,70 @@ fn spool_inspect_and_verify_report_depth_positions_and_damage() {
     assert!(out.contains("checksum mismatch: source inv seq 0"), "{out}");
     assert!(out.contains("DAMAGED"), "{out}");
 }
+
+/// `check --preview N` maps the first records of every source as the cloud would receive them,
+/// names each record that fails with its place, exits 1 if any failed, and touches nothing of
+/// the agent's state (no spool, no dead-letter file) — issue 10.
+#[test]
+fn check_preview_maps_the_first_records_of_every_source_without_touching_state() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("inv.jsonl"),
+        concat!(
+            "{\"sku\":\"S1\",\"wh\":\"W1\",\"qty\":5,\"at\":\"2026-11-27T10:00:00Z\"}\n",
+            "{\"sku\":\"S2\",\"wh\":\"W1\",\"qty\":\"many\",\"at\":\"2026-11-27T10:00:01Z\"}\n",
+            "{\"sku\":\"S3\",\"wh\":\"W2\",\"qty\":7,\"at\":\"2026-11-27T10:00:02Z\"}\n",
+            "{\"sku\":\"S4\",\"wh\":\"W2\",\"qty\":8,\"at\":\"2026-11-27T10:00:03Z\"}\n",
+        ),
+    )
+    .unwrap();
+    let db = rusqlite::Connection::open(dir.path().join("shop.db")).unwrap();
+    db.execute_batch(
+        "CREATE TABLE orders (id INTEGER PRIMARY KEY, total_cents INTEGER, state TEXT, at TEXT);
+         INSERT INTO orders VALUES (1, 1999, 'paid', '2026-11-27 10:00:00'), (2, 500, 'test', '2026-11-27 10:01:00'),
+                                   (3, 250, 'void', '2026-11-27 10:02:00');",
+    )
+    .unwrap();
+    let config = write_config(dir.path(), "");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str(
+        r#"
+[[sources]]
+id = "shop"
+type = "sqlite"
+path = "shop.db"
+table = "orders"
+incremental_column = "id"
+[sources.mapping]
+domain = "sales"
+event_time = { field = "at", format = "%Y-%m-%d %H:%M:%S", timezone = "Europe/Paris" }
+constants = { customer_id = "c", channel = "web", site = "shop", country = "FR", currency = "EUR" }
+where = [{ field = "state", not_equals = "test", name = "test orders" }]
+[sources.mapping.fields]
+order_id = "id"
+amount = { field = "total_cents", scale = "0.01" }
+status = { field = "state", map = { paid = "placed", void = "cancelled" } }
+"#,
+    );
+    std::fs::write(&config, text).unwrap();
+    let (ok, out) = run(&["check", "--config", config.to_str().unwrap(), "--preview", "3"]);
+    assert!(!ok, "a record failed: {out}");
+    assert!(out.contains("source inv: 3 events, 1 bad, 0 skipped"), "{out}");
+    assert!(out.contains("inv.jsonl:2: field `on_hand` (from `qty`) = \"many\": expected an integer"), "{out}");
+    assert!(out.contains("source shop: 2 events, 0 bad, 1 skipped"), "{out}");
+    assert!(out.contains("\"amount\":19.99") && out.contains("\"status\":\"cancelled\""), "{out}");
+    assert!(out.contains("\"event_time\":\"2026-11-27T09:00:00Z\""), "Paris is UTC+1 in November: {out}");
+    assert!(out.contains("skipped by test orders: 1"), "{out}");
+    assert!(out.contains("1 previewed records did not map"), "{out}");
+    assert!(!dir.path().join("state/spool.db").exists(), "the agent's spool is not touched");
+    assert!(!dir.path().join("state/dead-letter").exists(), "nor its dead letters");
+
+    // Fixed, the preview passes.
+    std::fs::write(
+        dir.path().join("inv.jsonl"),
+        "{\"sku\":\"S1\",\"wh\":\"W1\",\"qty\":5,\"at\":\"2026-11-27T10:00:00Z\"}\n",
+    )
+    .unwrap();
+    let (ok, out) = run(&["check", "--config", config.to_str().unwrap(), "--preview", "3"]);
+    assert!(ok, "{out}");
+}

@@ -75,6 +75,31 @@ impl SourceConfig {
     }
 }
 
+/// The thread body of a source.
+pub type Runner = Box<dyn FnOnce() -> anyhow::Result<()> + Send>;
+
+/// The thread body that runs `source` with `ctx` until its shutdown.
+pub fn runner(source: SourceConfig, ctx: SourceContext) -> Runner {
+    match source {
+        SourceConfig::File(config) => {
+            let source = file::FileSource { config, ctx };
+            Box::new(move || source.run())
+        }
+        SourceConfig::Sqlite(config) => {
+            let source = sqlite::SqliteSource { config, ctx };
+            Box::new(move || source.run())
+        }
+        SourceConfig::Postgres(config) => {
+            let source = db::DbSource { config, dialect: db::Dialect::Postgres, ctx };
+            Box::new(move || source.run())
+        }
+        SourceConfig::Mysql(config) => {
+            let source = db::DbSource { config, dialect: db::Dialect::Mysql, ctx };
+            Box::new(move || source.run())
+        }
+    }
+}
+
 /// A source's live status, shared with the heartbeat.
 pub type SharedStatus = Arc<Mutex<SourceStatus>>;
 
