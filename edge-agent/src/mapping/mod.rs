@@ -70,8 +70,10 @@ fn default_time_format() -> String {
 enum Kind {
     Str,
     Int,
-    /// Money, enums, arrays: passed through to the payload's own parser.
+    /// Money, enums: passed through to the payload's own parser.
     AsIs,
+    /// An array, or JSON text holding one (a database's JSON aggregate read as text).
+    Array,
 }
 
 /// The payload fields of a domain: (name, kind, required).
@@ -86,7 +88,7 @@ fn schema(domain: Domain) -> &'static [(&'static str, Kind, bool)] {
             ("country", Str, true),
             ("currency", Str, true),
             ("amount", AsIs, true),
-            ("items", AsIs, false),
+            ("items", Array, false),
             ("status", AsIs, true),
         ],
         Domain::Marketing => &[
@@ -435,6 +437,9 @@ fn transform_value(target: &str, kind: Kind, spec: &FieldSpec, raw: &str) -> Res
         operation,
         message,
     };
+    if let Some(keys) = &spec.item {
+        return rename_items(raw, keys).map_err(|message| err("item", message));
+    }
     let mut text = transform::scalar_text(raw)
         .ok_or_else(|| err("value", format!("{} is not a text or a number", truncate(raw))))?;
     let is_string = raw.starts_with('"');
@@ -477,6 +482,36 @@ fn transform_value(target: &str, kind: Kind, spec: &FieldSpec, raw: &str) -> Res
     Ok(json)
 }
 
+/// An array of objects (JSON text) with each object's keys renamed: payload key = element key
+/// (dotted paths reach inside an element); numeric strings stay as they are (amounts accept
+/// them; a quantity as text is turned into a number).
+fn rename_items(raw: &str, keys: &BTreeMap<String, String>) -> Result<String, String> {
+    let elements: Vec<&RawValue> =
+        serde_json::from_str(raw).map_err(|_| format!("{} is not an array", truncate(raw)))?;
+    let mut out = Vec::with_capacity(elements.len());
+    for (idx, element) in elements.into_iter().enumerate() {
+        let record = RawRecord::parse(element.get()).map_err(|_| format!("element {idx} is not an object"))?;
+        let mut item = serde_json::Map::new();
+        for (target, source) in keys {
+            let value =
+                record.lookup(source).ok_or_else(|| format!("element {idx} has no `{source}` (for `{target}`)"))?;
+            let mut value: serde_json::Value = serde_json::from_str(value.get()).map_err(|e| e.to_string())?;
+            if target == "quantity"
+                && let serde_json::Value::String(s) = &value
+            {
+                value = s
+                    .trim()
+                    .parse::<i64>()
+                    .map(Into::into)
+                    .map_err(|_| format!("element {idx}'s `{source}` = {s:?}: expected a whole quantity"))?;
+            }
+            item.insert(target.clone(), value);
+        }
+        out.push(serde_json::Value::Object(item));
+    }
+    Ok(serde_json::Value::Array(out).to_string())
+}
+
 /// Writes `raw` (JSON text) converted to the payload field's kind into `out`.
 fn coerce(target: &str, source_field: &str, kind: Kind, raw: &str, out: &mut String) -> Result<(), MappingError> {
     let bad = |expected| MappingError::BadValue {
@@ -506,6 +541,13 @@ fn coerce(target: &str, source_field: &str, kind: Kind, raw: &str, out: &mut Str
         }
         Kind::Int => return Err(bad("an integer")),
         Kind::AsIs => out.push_str(raw),
+        Kind::Array if first == b'"' => {
+            let text: String = serde_json::from_str(raw).map_err(|_| bad("an array"))?;
+            let _checked: Vec<&RawValue> =
+                serde_json::from_str(&text).map_err(|_| bad("an array (or JSON text of one)"))?;
+            out.push_str(&text);
+        }
+        Kind::Array => out.push_str(raw),
     }
     Ok(())
 }
@@ -791,5 +833,35 @@ where = [
         let none: MappingConfig =
             toml::from_str("domain = \"behavior\"\nevent_time = { field = \"t\" }\nfields = { visitor_id = \"v\", type = \"e\" }\nwhere = [{ field = \"x\" }]").unwrap();
         assert_eq!(none.validate().unwrap_err().0, "where[0]");
+    }
+
+    /// Line items from an array whose objects name things otherwise.
+    #[test]
+    fn items_from_an_array_with_other_keys() {
+        let m: MappingConfig = toml::from_str(
+            r#"
+domain = "sales"
+event_time = { field = "ts", format = "unix_millis" }
+constants = { site = "app", country = "DE", channel = "app", status = "placed" }
+[fields]
+order_id = "order.id"
+customer_id = "user"
+currency = "order.currency"
+amount = "order.total"
+items = { field = "order.lines", item = { sku = "sku", quantity = "qty", unit_price = "price.amount" } }
+"#,
+        )
+        .unwrap();
+        m.validate().unwrap();
+        let r = json!({"ts": 1, "user": "u", "order": {"id": "A-1", "currency": "EUR", "total": "59.90",
+            "lines": [{"sku": "s1", "qty": "2", "price": {"amount": "29.95"}}]}});
+        let (_, p) = m.apply(&r).unwrap();
+        let Payload::Sales(o) = p else { panic!() };
+        assert_eq!((o.items[0].sku.as_str(), o.items[0].quantity), ("s1", 2));
+        assert_eq!(o.items[0].unit_price, Money::parse("29.95").unwrap());
+        let mut r = r;
+        r["order"]["lines"][0].as_object_mut().unwrap().remove("qty");
+        let err = m.apply(&r).unwrap_err().to_string();
+        assert_eq!(err, "field `items` (from `order.lines`): item: element 0 has no `qty` (for `quantity`)");
     }
 }

@@ -33,6 +33,9 @@ pub struct FieldSpec {
     pub scale: Option<Decimal>,
     /// The value when the source field is missing or null (as the mapping's `defaults`).
     pub default: Option<toml::Value>,
+    /// For line items from an array of objects whose keys differ from the payload's: payload
+    /// key (`sku`, `quantity`, `unit_price`) = the element's key (dotted paths reach inside).
+    pub item: Option<BTreeMap<String, String>>,
 }
 
 /// The source of a field's value.
@@ -63,6 +66,7 @@ impl FieldSpec {
             otherwise: None,
             scale: None,
             default: None,
+            item: None,
         }
     }
 
@@ -76,7 +80,7 @@ impl FieldSpec {
 
     /// Whether any transform applies to the value.
     pub fn transforms(&self) -> bool {
-        self.trim || self.case.is_some() || self.map.is_some() || self.scale.is_some()
+        self.trim || self.case.is_some() || self.map.is_some() || self.scale.is_some() || self.item.is_some()
     }
 }
 
@@ -130,6 +134,8 @@ struct FieldTable {
     scale: Option<toml::Value>,
     #[serde(default)]
     default: Option<toml::Value>,
+    #[serde(default)]
+    item: Option<BTreeMap<String, String>>,
 }
 
 impl FieldTable {
@@ -151,6 +157,9 @@ impl FieldTable {
                 return Err(format!("scale = {other}: write it as text (\"0.01\"), so that it stays exact"));
             }
         };
+        if self.item.is_some() && (self.trim || self.case.is_some() || self.map.is_some() || scale.is_some()) {
+            return Err("`item` renames the keys of an array's objects; it goes alone".into());
+        }
         Ok(FieldSpec {
             source,
             trim: self.trim,
@@ -159,6 +168,7 @@ impl FieldTable {
             otherwise: self.otherwise,
             scale,
             default: self.default,
+            item: self.item,
         })
     }
 }
