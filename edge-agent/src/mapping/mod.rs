@@ -247,38 +247,21 @@ impl MappingConfig {
                     (Some(v), _) => match spec.filter(|s| s.transforms()) {
                         Some(spec) => {
                             let transformed = transform_value(name, *kind, spec, v)?;
-                            let out = data.len();
-                            if out > 1 {
-                                data.push(',');
-                            }
-                            data.push('"');
-                            data.push_str(name);
-                            data.push_str("\":");
+                            push_key(&mut data, name);
                             coerce(name, source_field, *kind, &transformed, &mut data)?;
                             continue;
                         }
                         None => (v, source_field),
                     },
                     (None, Some(d)) => {
-                        let default_text = toml_json_text(d);
-                        if data.len() > 1 {
-                            data.push(',');
-                        }
-                        data.push('"');
-                        data.push_str(name);
-                        data.push_str("\":");
-                        coerce(name, "default", *kind, &default_text, &mut data)?;
+                        push_key(&mut data, name);
+                        coerce(name, "default", *kind, &toml_json_text(d), &mut data)?;
                         continue;
                     }
                     (None, None) => continue,
                 }
             };
-            if data.len() > 1 {
-                data.push(',');
-            }
-            data.push('"');
-            data.push_str(name);
-            data.push_str("\":");
+            push_key(&mut data, name);
             coerce(name, source_field, *kind, raw, &mut data)?;
         }
         data.push('}');
@@ -426,6 +409,16 @@ fn number(raw: &str) -> Option<i64> {
         b'"' => serde_json::from_str::<String>(raw).ok()?.trim().parse().ok(),
         _ => raw.parse::<i64>().ok().or_else(|| raw.parse::<f64>().ok().map(|f| f as i64)),
     }
+}
+
+/// Appends `"name":` to an object being written (after a comma unless it is the first key).
+fn push_key(data: &mut String, name: &str) {
+    if data.len() > 1 {
+        data.push(',');
+    }
+    data.push('"');
+    data.push_str(name);
+    data.push_str("\":");
 }
 
 /// A source value (JSON text) through a field's transforms: trim and case on its text, then the
