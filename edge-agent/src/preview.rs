@@ -90,6 +90,7 @@ fn preview_source(
         std::thread::sleep(Duration::from_millis(20));
         let s = status.lock().unwrap_or_else(|p| p.into_inner()).clone();
         let seen = probe.source_state(&id)?.next_seq + s.n_errors + s.skipped.values().sum::<u64>();
+        // `waiting` is caught up; `held` (a database waiting for running transactions) is not.
         if seen >= n as u64 || s.state == "waiting" || s.state == "error" || thread.is_finished() {
             if s.state == "error" {
                 note = s.last_error.clone();

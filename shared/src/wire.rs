@@ -222,7 +222,8 @@ pub struct Heartbeat {
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct SourceStatus {
     pub source_id: String,
-    /// `running`, `waiting` (nothing to read), `paused` (spool full), `error`.
+    /// `running`, `waiting` (nothing to read), `held` (a database source waiting for running
+    /// transactions before it reads on), `paused` (spool full), `error`.
     pub state: String,
     /// Human-readable position (for a file: path and byte offset).
     pub position: String,

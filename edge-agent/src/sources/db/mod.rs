@@ -240,6 +240,11 @@ pub trait RowReader {
     fn read(&mut self, after: &KeyPosition, limit: usize) -> Result<Vec<Row>, String>;
     /// What the reader waits for, if anything (for the status).
     fn waiting_for(&self) -> Option<String>;
+    /// Whether the last read left nothing known to read (no rows noted for a later read):
+    /// what `waiting` means in the source's status. True by default.
+    fn caught_up(&self) -> bool {
+        true
+    }
     /// Where it reads, without credentials (for logs and dead letters).
     fn describe(&self) -> String;
 }
@@ -323,8 +328,16 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
             }
         }
         let waiting = reader.waiting_for();
+        let caught_up = reader.caught_up();
         update_status(&ctx.status, |s| {
-            s.state = if n_rows > 0 { "running".into() } else { "waiting".into() };
+            // Held: rows may still be committed below the watermark by running transactions.
+            s.state = match (n_rows > 0, &waiting, caught_up) {
+                (true, _, _) => "running".into(),
+                (false, Some(_), _) => "held".into(),
+                // Rows noted by this read are taken by the next.
+                (false, None, false) => "running".into(),
+                (false, None, true) => "waiting".into(),
+            };
             s.position = match &waiting {
                 Some(w) => format!("{where_}: {position}; {w}"),
                 None => format!("{where_}: {position}"),

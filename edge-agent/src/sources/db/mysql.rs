@@ -204,6 +204,10 @@ fn to_param(v: &Value) -> mysql::Value {
 }
 
 impl RowReader for MysqlReader {
+    fn caught_up(&self) -> bool {
+        self.pending.is_none()
+    }
+
     fn connect(&mut self) -> Result<(), String> {
         self.conn = None;
         self.conn = Some(Conn::new(self.opts.clone()).map_err(|e| e.to_string())?);

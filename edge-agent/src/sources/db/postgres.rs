@@ -165,6 +165,10 @@ fn key_strings(key: &[Value]) -> Vec<Option<String>> {
 }
 
 impl RowReader for PgReader {
+    fn caught_up(&self) -> bool {
+        self.pending.is_none()
+    }
+
     fn connect(&mut self) -> Result<(), String> {
         self.client = None;
         let mut client = self.connect.connect()?;
