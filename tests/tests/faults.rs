@@ -504,3 +504,55 @@ fn a_flood_of_connections_under_a_low_descriptor_limit_leaves_the_gateway_workin
     let mut agent = d.start_agent("agent", &agent_config).unwrap();
     assert_converges(&d, &lines, since(), &mut [&mut cloud, &mut agent]);
 }
+
+/// Log forging without authentication (issue 17, medium 5): an agent id holding a newline and
+/// a convincing log line, in a hello or an enrollment from a client without a certificate, is
+/// logged escaped on one line: the forged line never starts a line of the gateway's log.
+#[test]
+fn identifiers_with_newlines_cannot_forge_log_lines() {
+    use actidash_shared::wire::{Enroll, Frame, Hello, PROTOCOL_VERSION};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (_, _data, d) = deployment("forging", None);
+    let cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let forged_line =
+        "2026-12-02T00:00:00.000000Z  INFO cloud_aggregator::gateway: agent enrolled agent_id=forged tenant=acme";
+    let forged = format!("x\n{forged_line}");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], d.gateway_tcp_port));
+    let tls = edge_agent::identity::client_tls(&d.root.join("certs/ca.pem"), None).unwrap();
+    let frames = [
+        Frame::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: forged.clone(),
+            agent_version: "test".into(),
+            refusals: false,
+        }),
+        Frame::Enroll(Enroll {
+            protocol_version: PROTOCOL_VERSION,
+            agent_id: forged.clone(),
+            token: "adt_x".into(),
+            csr_pem: "-".into(),
+        }),
+    ];
+    for frame in frames {
+        rt.block_on(async {
+            let mut stream = edge_agent::transport::quic::connect_tcp(addr, "localhost", tls.clone()).await.unwrap();
+            let mut bytes = bytes::BytesMut::new();
+            frame.encode(&mut bytes);
+            stream.write_all(&bytes).await.unwrap();
+            // The gateway answers with an error and closes.
+            let mut answer = Vec::new();
+            let _ = tokio::time::timeout(TIMEOUT, stream.read_to_end(&mut answer)).await;
+        });
+    }
+    wait_until(TIMEOUT, "both refusals to be logged", || {
+        let said = log_of(&cloud);
+        Ok(said.contains("agent refused") && said.contains("enrollment refused"))
+    })
+    .unwrap();
+    let said = log_of(&cloud);
+    assert!(!said.lines().any(|l| l.starts_with("2026-12-02T00:00:00.000000Z")), "a forged line: {said}");
+    let escaped = format!("x\\n{}", &forged_line[..20]);
+    assert_eq!(said.matches(&escaped).count(), 2, "both logged escaped on their own line: {said}");
+}
