@@ -367,10 +367,12 @@ impl Shipper {
             let cursor = match cursors.get(source_id) {
                 Some(c) => *c,
                 None => {
-                    let start = match tokio::task::block_in_place(|| self.spool.oldest_seq(source_id))? {
-                        Some(seq) => seq,
-                        None => tokio::task::block_in_place(|| self.spool.source_state(source_id))?.next_seq,
-                    };
+                    // The source's next seq first, then its oldest spooled event: events it
+                    // appends in between are at or after that next seq, so none is skipped. (In
+                    // the other order, a first append landing between the two reads set the
+                    // cursor past every event of that append: they were never sent.)
+                    let next = tokio::task::block_in_place(|| self.spool.source_state(source_id))?.next_seq;
+                    let start = tokio::task::block_in_place(|| self.spool.oldest_seq(source_id))?.unwrap_or(next);
                     cursors.insert(source_id.clone(), start);
                     start
                 }
