@@ -258,8 +258,8 @@ impl Gateway {
     pub async fn run(self) -> anyhow::Result<()> {
         let permits = Arc::new(Semaphore::new(self.max_connections));
         let mut next_connection_id: u64 = 0;
-        let (mut accept_errors, mut last_accept_warning) = (0u32, None);
-        let refused_warning = EverySecond::default();
+        let mut accept_errors = 0u32;
+        let (accept_warning, refused_warning) = (EverySecond::default(), EverySecond::default());
         self.admission.spawn_refresher(self.revocation_check, self.shutdown.clone());
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
@@ -274,9 +274,8 @@ impl Gateway {
                         // Out of descriptors (or memory): spinning would only fill the log and
                         // starve the rest of the process. Back off, and say so once a second.
                         accept_errors += 1;
-                        if last_accept_warning.is_none_or(|at: std::time::Instant| at.elapsed() >= Duration::from_secs(1)) {
+                        if accept_warning.due() {
                             warn!(error = %e, consecutive = accept_errors, "accepting a TCP connection failed; backing off");
-                            last_accept_warning = Some(std::time::Instant::now());
                         }
                         let pause = Duration::from_millis(10u64 << accept_errors.min(7)).min(Duration::from_secs(1));
                         tokio::select! {

@@ -311,8 +311,8 @@ impl Decimal {
     pub fn times(self, other: Decimal) -> Option<Decimal> {
         let exponent = self.exponent + other.exponent;
         let mantissa = self.mantissa.checked_mul(other.mantissa)?;
-        (exponent <= 2 * MAX_EXPONENT && mantissa.unsigned_abs() < 10u128.pow(36))
-            .then_some(Decimal { mantissa, exponent })
+        // Each factor has at most MAX_EXPONENT decimals, so the product's are bounded too.
+        (mantissa.unsigned_abs() < 10u128.pow(36)).then_some(Decimal { mantissa, exponent })
     }
 
     /// Rounded to `places` decimals, half away from zero.
