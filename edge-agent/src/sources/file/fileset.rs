@@ -14,8 +14,12 @@
 //! - a truncated file whose beginning changed is a new file; one whose beginning is unchanged
 //!   but is now shorter than its position is read again from its start (and said so).
 //!
-//! Limit: files whose first bytes are the same and shorter than `fingerprint_bytes` (a CSV file
-//! holding only its header, say) cannot be told apart from a copy of one another.
+//! A file shorter than `fingerprint_bytes` is known by bytes another file may begin with too
+//! (two CSV exports with the same header): a file of another inode is taken for it only where
+//! its bytes cannot be elsewhere ([`FileSet::naming`]). Limits: a file holding exactly the
+//! bytes of a short file that is gone is taken for it (a move across file systems looks the
+//! same), and a copy, or a file that is a prefix of a file being read, is not read while that
+//! file holds its bytes (a header-only file beside a file with that header: no records lost).
 //!
 //! # Release
 //! A file that left the glob (renamed out of it, or deleted) is read through its open handle to
@@ -149,6 +153,16 @@ impl std::fmt::Debug for FileSet {
 /// FNV-1a, 64 bits: stable across builds and platforms (the hash is stored).
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3))
+}
+
+/// What a known entry is to a file not being read whose start matches its fingerprint.
+enum Naming {
+    /// The entry's file (renamed, a copy carrying it on, compressed).
+    Same,
+    /// A copy of the entry's file, which still holds the bytes: left alone for now.
+    CopyOfPresent,
+    /// Another file that begins with the same bytes.
+    Other,
 }
 
 fn matches(entry: &Entry, head: &[u8]) -> bool {
@@ -299,6 +313,8 @@ impl FileSet {
     pub fn scan(&mut self, now: Instant, wall: u64) {
         self.check_active(wall);
         let listed = self.list();
+        let by_inode: HashMap<(u64, u64), PathBuf> =
+            listed.iter().map(|(path, meta)| ((meta.dev(), meta.ino()), path.clone())).collect();
         let mut present = HashSet::new();
         for (path, meta) in listed {
             let key = (meta.dev(), meta.ino());
@@ -324,7 +340,7 @@ impl FileSet {
                 }
                 continue;
             }
-            self.consider(path, &meta, now, wall);
+            self.consider(path, &meta, &by_inode, now, wall);
         }
         for a in &mut self.active {
             let e = &self.entries[&a.id];
@@ -391,7 +407,14 @@ impl FileSet {
 
     /// A file not being read: a known one (renamed, a copy taking over, grown), a copy of one
     /// being read, or a new one.
-    fn consider(&mut self, path: PathBuf, meta: &std::fs::Metadata, now: Instant, wall: u64) {
+    fn consider(
+        &mut self,
+        path: PathBuf,
+        meta: &std::fs::Metadata,
+        by_inode: &HashMap<(u64, u64), PathBuf>,
+        now: Instant,
+        wall: u64,
+    ) {
         let key = (meta.dev(), meta.ino());
         let k = self.cfg.fingerprint_bytes;
         let path_text = path.to_string_lossy().into_owned();
@@ -416,12 +439,26 @@ impl FileSet {
             return;
         }
         let active_ids: HashSet<u64> = self.active.iter().map(|a| a.id).collect();
+        let mut copy_of_present = false;
         let known = self
             .entries
             .values()
             .filter(|e| !active_ids.contains(&e.id) && matches(e, &head))
+            .filter(|e| match self.naming(e, key, &head, gzip, by_inode) {
+                Naming::Same => true,
+                Naming::CopyOfPresent => {
+                    copy_of_present = true;
+                    false
+                }
+                Naming::Other => false,
+            })
             .max_by_key(|e| ((e.dev, e.ino) == key, e.path == path_text, e.fp_len, e.seen))
             .map(|e| e.id);
+        if known.is_none() && copy_of_present {
+            // A copy of a known file that still holds its bytes: a copytruncate half done, or
+            // a duplicate; looked at again at the next scan.
+            return;
+        }
         let id = match known {
             Some(id) => {
                 let e = self.entries.get_mut(&id).expect("found above");
@@ -485,6 +522,46 @@ impl FileSet {
                 self.failed.insert(key, meta.len());
                 self.notices.push(Notice::Error { path: path_text, error: e.to_string() });
             }
+        }
+    }
+
+    /// Whether entry `e`, whose fingerprint the start of a file not being read (`key`, `head`)
+    /// matches, is that file.
+    ///
+    /// A full fingerprint names a file, and so does the same inode. A short one (a file shorter
+    /// than `fingerprint_bytes` when last read) is all of the entry's bytes, which another file
+    /// may begin with too: two CSV files with the same header, a header-only export and the
+    /// next. So another inode is the entry's file only when the bytes cannot be elsewhere: its
+    /// original was truncated or rewritten (copytruncate: they live on only in the copy, seen
+    /// or not yet seen), or it is gone and this is a compressed copy of it or holds exactly its
+    /// bytes (a move across file systems). A file whose original still holds the bytes is a
+    /// copy of it when the original begins with all of it, and another file otherwise.
+    fn naming(
+        &self,
+        e: &Entry,
+        key: (u64, u64),
+        head: &[u8],
+        gzip: bool,
+        by_inode: &HashMap<(u64, u64), PathBuf>,
+    ) -> Naming {
+        if e.fp_len as usize >= self.cfg.fingerprint_bytes || (e.dev, e.ino) == key || (e.dev, e.ino) == (0, 0) {
+            return Naming::Same;
+        }
+        let Some(original) = by_inode.get(&(e.dev, e.ino)) else {
+            // Gone (deleted, or moved out of the globs).
+            let exact = head.len() == e.fp_len as usize;
+            return if exact || (gzip && !e.done) { Naming::Same } else { Naming::Other };
+        };
+        match read_head(original, self.cfg.fingerprint_bytes) {
+            Ok((_, now_head, _)) if matches(e, &now_head) => {
+                if now_head.starts_with(head) {
+                    Naming::CopyOfPresent
+                } else {
+                    Naming::Other
+                }
+            }
+            // Truncated or rewritten since it was read (or gone since the listing).
+            _ => Naming::Same,
         }
     }
 
