@@ -29,6 +29,14 @@ scripts/ui.sh build
 eval "$(scripts/ui.sh chromium)"
 echo "ACTIDASH_CHROMIUM=$ACTIDASH_CHROMIUM"
 
+step "Prometheus's promtool (Debian's prometheus), for the metrics and alert-rule tests"
+if ! command -v promtool >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+fi
+ACTIDASH_PROMTOOL=$(command -v promtool)
+export ACTIDASH_PROMTOOL
+promtool --version | head -1
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -74,6 +74,9 @@ pub struct CloudConfig {
     /// The serving store (absent: SQLite in `data_dir`).
     #[serde(default)]
     pub store: StoreConfig,
+    /// The Prometheus scrape endpoint (absent: none).
+    #[serde(default)]
+    pub metrics: Option<crate::telemetry::MetricsConfig>,
 }
 
 /// The serving store: PostgreSQL, shared by processors and API servers on several hosts.

@@ -15,6 +15,7 @@ pub mod gateway;
 pub mod process;
 pub mod serve;
 pub mod store;
+pub mod telemetry;
 
 use std::collections::BTreeSet;
 
@@ -47,6 +48,9 @@ const EMBEDDED_QUEUE: usize = 256;
 pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: CancellationToken) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.data_dir).with_context(|| format!("creating {}", config.data_dir.display()))?;
     let store = config.store_location()?;
+    if let Some(metrics) = &config.metrics {
+        telemetry::install(metrics.listen)?;
+    }
     let mut tasks = tokio::task::JoinSet::new();
     let mut threads = Vec::new();
 
@@ -92,6 +96,7 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
             fleet: std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?),
             agent_offline_after: std::time::Duration::from_secs(serve_config.agent_offline_after_secs),
             header_read_timeout: std::time::Duration::from_millis(serve_config.header_read_timeout_ms.max(1)),
+            fleet_metrics: config.metrics.is_some(),
         };
         tasks.spawn(serve::run(
             serve_config.listen,

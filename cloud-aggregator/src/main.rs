@@ -26,6 +26,10 @@ enum Command {
         /// Roles to run; repeat the flag for several. Default: gateway, process and serve.
         #[arg(long = "role", value_enum)]
         roles: Vec<Role>,
+        /// Address of the Prometheus scrape endpoint, instead of `[metrics] listen` (for
+        /// several roles on one host).
+        #[arg(long)]
+        metrics_listen: Option<std::net::SocketAddr>,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -224,8 +228,11 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ApiToken { command } => api_token(command),
-        Command::Run { config, roles } => {
-            let cfg = CloudConfig::load(&config)?;
+        Command::Run { config, roles, metrics_listen } => {
+            let mut cfg = CloudConfig::load(&config)?;
+            if let Some(listen) = metrics_listen {
+                cfg.metrics = Some(cloud_aggregator::telemetry::MetricsConfig { listen });
+            }
             let roles: BTreeSet<Role> = if roles.is_empty() {
                 [Role::Gateway, Role::Process, Role::Serve].into_iter().collect()
             } else {

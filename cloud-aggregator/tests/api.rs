@@ -65,6 +65,7 @@ fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api
         fleet: fleet.clone(),
         agent_offline_after: Duration::from_secs(60),
         header_read_timeout: Duration::from_millis(500),
+        fleet_metrics: false,
     };
     rt.spawn(cloud_aggregator::serve::run_on(listener, location, Default::default(), options, shutdown.clone()));
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -55,6 +55,7 @@ const PLACES: &[Place] = &[
     place("agent.cloud", ("agent", "cloud"), &["[cloud]"]),
     place("agent.shipper", ("agent", "shipper"), &["[shipper]"]),
     place("agent.spool", ("agent", "spool"), &["[spool]"]),
+    place("agent.metrics", ("agent", "metrics"), &["[metrics]"]),
     place("agent.file", ("agent", "sources"), &["[[sources]]\ntype = \"file\""]),
     place("agent.file.csv", ("agent.file", "csv"), &["[sources.csv]"]),
     place("agent.file.regex", ("agent.file", "regex"), &["[sources.regex]"]),
@@ -81,6 +82,7 @@ const PLACES: &[Place] = &[
     place("cloud.fleet", ("cloud", "fleet"), &["[fleet]"]),
     place("cloud.analytics", ("cloud", "analytics"), &["[analytics]"]),
     place("cloud.store", ("cloud", "store"), &["[store]"]),
+    place("cloud.metrics", ("cloud", "metrics"), &["[metrics]"]),
 ];
 
 /// The reference's tables by key, in the order written.

@@ -81,6 +81,9 @@ pub struct AgentConfig {
     /// The spool's limit and durability.
     #[serde(default)]
     pub spool: SpoolConfig,
+    /// The Prometheus scrape endpoint (absent: none).
+    #[serde(default)]
+    pub metrics: Option<crate::telemetry::MetricsConfig>,
 }
 
 /// The gateway to ship to.

@@ -15,6 +15,7 @@ pub mod retry;
 pub mod secret;
 pub mod sources;
 pub mod spool;
+pub mod telemetry;
 pub mod transport;
 
 use std::sync::{Arc, Mutex};
@@ -24,7 +25,7 @@ use actidash_shared::wire::SourceStatus;
 use anyhow::Context as _;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 use crate::config::AgentConfig;
 use crate::sources::SharedStatus;
@@ -81,6 +82,9 @@ impl DataDirLock {
     }
 }
 
+/// How often the metrics' copy of the spool's and sources' figures is refreshed.
+const METRICS_REFRESH: Duration = Duration::from_secs(2);
+
 /// Runs the agent until `shutdown` is cancelled or a component fails.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
     private::dir(&config.data_dir).with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
@@ -95,6 +99,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
     let started = Instant::now();
     let event_limit: sources::EventLimit = Arc::new(std::sync::atomic::AtomicU64::new(sources::NO_EVENT_LIMIT));
 
+    if let Some(metrics) = &config.metrics {
+        telemetry::install(metrics, config.spool.max_bytes)?;
+    }
     let mut statuses: Vec<SharedStatus> = Vec::new();
     let mut threads = Vec::new();
     for source in &config.sources {
@@ -137,6 +144,25 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         if !source_ids.contains(&id) {
             source_ids.push(id);
         }
+    }
+    if config.metrics.is_some() {
+        // The spool's and the sources' figures, refreshed whether or not the cloud is reachable
+        // (while it is not, they are what an operator needs).
+        let spool = Spool::open_with(&spool_path, config.spool)?;
+        let (statuses, shutdown) = (statuses.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(METRICS_REFRESH);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    () = shutdown.cancelled() => break,
+                }
+                match tokio::task::block_in_place(|| transport::shipper::snapshot(&spool, &statuses, started)) {
+                    Ok(heartbeat) => telemetry::record_heartbeat(&heartbeat),
+                    Err(e) => warn!(error = format!("{e:#}"), "cannot read the spool for the metrics"),
+                }
+            }
+        });
     }
     let shipper = Shipper {
         settings: ShipperSettings {

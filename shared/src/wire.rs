@@ -248,6 +248,10 @@ pub struct SourceStatus {
     /// condition: not errors, not events.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub skipped: std::collections::BTreeMap<String, u64>,
+    /// Age of the source's oldest event not yet acknowledged by the cloud, in milliseconds, when
+    /// the heartbeat was made (0: none waiting).
+    #[serde(default)]
+    pub lag_ms: u64,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -554,6 +558,7 @@ mod tests {
                         n_refused: 4,
                         refused_by_reason: [("foreign_tenant".to_owned(), 3), ("too_large".to_owned(), 1)].into(),
                         skipped: [("test orders".to_owned(), 2)].into(),
+                        lag_ms: n / 3,
                         last_error: Some("bad".into()),
                     }],
                     holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),

@@ -254,12 +254,18 @@ impl Deployment {
 
     /// Starts `cloud-aggregator run` with the given roles (all when empty).
     pub fn start_cloud(&self, name: &str, roles: &[&str]) -> anyhow::Result<Process> {
+        self.start_cloud_with(name, roles, &[])
+    }
+
+    /// [`Deployment::start_cloud`] with more arguments of `run`.
+    pub fn start_cloud_with(&self, name: &str, roles: &[&str], more: &[&str]) -> anyhow::Result<Process> {
         let config = self.cloud_config_path();
         let mut args = vec!["run", "--config", config.to_str().context("non-UTF-8 path")?];
         for role in roles {
             args.push("--role");
             args.push(role);
         }
+        args.extend_from_slice(more);
         Process::start(name, &bin("cloud-aggregator")?, &args, &self.root.join(format!("{name}.log")))
     }
 

@@ -49,6 +49,12 @@ pub fn tauri_driver(test: &str) -> Option<String> {
     service("ACTIDASH_TAURI_DRIVER", test, "scripts/ui.sh desktop installs tauri-driver and WebKitWebDriver")
 }
 
+/// Prometheus's `promtool` (`ACTIDASH_PROMTOOL`, set by `scripts/test.sh` after installing
+/// Debian's `prometheus`), on the same terms as [`kafka_bootstrap`].
+pub fn promtool(test: &str) -> Option<String> {
+    service("ACTIDASH_PROMTOOL", test, "install Debian's prometheus package (scripts/test.sh does)")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

@@ -261,6 +261,20 @@ impl Gateway {
         let mut accept_errors = 0u32;
         let (accept_warning, refused_warning) = (EverySecond::default(), EverySecond::default());
         self.admission.spawn_refresher(self.revocation_check, self.shutdown.clone());
+        {
+            let (counters, permits, shutdown) = (self.metrics.clone(), permits.clone(), self.shutdown.clone());
+            let max = self.max_connections;
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(crate::telemetry::REFRESH);
+                loop {
+                    tokio::select! {
+                        _ = tick.tick() => {}
+                        () = shutdown.cancelled() => break,
+                    }
+                    crate::telemetry::record_gateway(&counters, max - permits.available_permits());
+                }
+            });
+        }
         info!(listen = %self.local_addr()?, tcp_fallback = ?self.local_tcp_addr(), "gateway listening (QUIC)");
         loop {
             let accepted = tokio::select! {
@@ -814,8 +828,11 @@ impl Connection {
                                 pending.push_back(ack_when_done(ack, Box::pin(async { Ok(()) })));
                                 continue;
                             }
+                            metrics::histogram!(crate::telemetry::GATEWAY_BATCH_EVENTS).record(events.len() as f64);
+                            metrics::counter!(crate::telemetry::GATEWAY_EVENTS, "tenant" => tenant.to_owned())
+                                .increment(events.len() as u64);
                             match self.sink.submit(self.id, events).await {
-                                Ok(done) => pending.push_back(ack_when_done(ack, done)),
+                                Ok(done) => pending.push_back(ack_when_done(ack, timed(done, self.sink.kind()))),
                                 Err(e) => {
                                     bump(&self.metrics.sink_failures, 1);
                                     warn!(remote = %remote, agent_id = %agent_id, error = %e, "sink unavailable");
@@ -947,6 +964,19 @@ async fn sleep_until_some(at: Option<tokio::time::Instant>) {
 
 fn ack_when_done(ack: Ack, done: Pending) -> futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)> {
     Box::pin(async move { (ack, done.await) })
+}
+
+/// `done`, recording how long the sink took to make the batch durable.
+fn timed(done: Pending, sink: &'static str) -> Pending {
+    let started = std::time::Instant::now();
+    Box::pin(async move {
+        let result = done.await;
+        if result.is_ok() {
+            metrics::histogram!(crate::telemetry::PRODUCE_SECONDS, "sink" => sink)
+                .record(started.elapsed().as_secs_f64());
+        }
+        result
+    })
 }
 
 #[cfg(test)]

@@ -134,6 +134,14 @@ impl Sink {
         }
     }
 
+    /// `kafka` or `embedded`, for the metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Sink::Kafka(_) => "kafka",
+            Sink::Embedded(_) => "embedded",
+        }
+    }
+
     /// The largest event (its JSON) this sink can deliver, if it has a limit.
     pub fn max_event_bytes(&self) -> Option<u32> {
         match self {

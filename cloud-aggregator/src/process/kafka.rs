@@ -42,7 +42,11 @@ struct ProcessorContext {
     fatal: AtomicBool,
 }
 
-impl ClientContext for ProcessorContext {}
+impl ClientContext for ProcessorContext {
+    fn stats(&self, statistics: rdkafka::Statistics) {
+        crate::telemetry::record_consumer_lag(&statistics);
+    }
+}
 
 impl ConsumerContext for ProcessorContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -174,6 +178,8 @@ impl KafkaProcessor {
             .set("partition.assignment.strategy", "range,roundrobin")
             .set("session.timeout.ms", "10000")
             .set("heartbeat.interval.ms", "1000")
+            // The consumer's lag per partition, for the metrics.
+            .set("statistics.interval.ms", "5000")
             .create_with_context(context)
             .context("creating the Kafka consumer")?;
         let fleet = fleet_topic(&self.config.topic_prefix);
@@ -204,6 +210,8 @@ impl KafkaProcessor {
             let mut by_partition: HashMap<(String, i32), (Vec<Event>, i64, i64)> = HashMap::new();
             let mut fleet_records = Vec::new();
             let started = Instant::now();
+            // When the batch's oldest record was appended to Kafka (Unix ms), for the latency.
+            let mut oldest_append: Option<i64> = None;
             while n_messages < MAX_BATCH {
                 let Some(wait) = MAX_BATCH_WAIT.checked_sub(started.elapsed()) else { break };
                 let message = match consumer.poll(wait) {
@@ -215,6 +223,9 @@ impl KafkaProcessor {
                     }
                 };
                 n_messages += 1;
+                if let Some(at) = message.timestamp().to_millis() {
+                    oldest_append = Some(oldest_append.map_or(at, |o| o.min(at)));
+                }
                 let key = (message.topic().to_owned(), message.partition());
                 let entry = by_partition.entry(key).or_insert_with(|| (Vec::new(), message.offset(), 0));
                 entry.2 = message.offset() + 1;
@@ -256,6 +267,10 @@ impl KafkaProcessor {
             }
             let claims: Vec<OffsetClaim> = work.inputs.iter().filter_map(|i| i.offset.clone()).collect();
             let outcome = store.commit(work)?;
+            if let Some(at) = oldest_append {
+                let age_ms = chrono::Utc::now().timestamp_millis().saturating_sub(at).max(0);
+                metrics::histogram!(crate::telemetry::PROCESSOR_LATENCY_SECONDS).record(age_ms as f64 / 1000.0);
+            }
             let mut positions = TopicPartitionList::new();
             {
                 let mut assigned = consumer.context().assigned.lock().unwrap_or_else(|p| p.into_inner());

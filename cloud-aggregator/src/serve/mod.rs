@@ -188,6 +188,8 @@ pub struct ServeOptions {
     /// How long a client may take to send a request's headers (hyper's timer; without one a
     /// half-sent request would hold its connection for ever).
     pub header_read_timeout: Duration,
+    /// Whether the fleet's figures go to the metrics (a recorder is installed).
+    pub fleet_metrics: bool,
 }
 
 /// Serves the API on a bound listener until shutdown.
@@ -198,8 +200,16 @@ pub async fn run_on(
     options: ServeOptions,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    let ServeOptions { tokens, ui_dir, cors_origins, rate_per_token, fleet, agent_offline_after, header_read_timeout } =
-        options;
+    let ServeOptions {
+        tokens,
+        ui_dir,
+        cors_origins,
+        rate_per_token,
+        fleet,
+        agent_offline_after,
+        header_read_timeout,
+        fleet_metrics,
+    } = options;
     if let Some(dir) = &ui_dir {
         anyhow::ensure!(
             dir.join("index.html").is_file(),
@@ -218,6 +228,9 @@ pub async fn run_on(
     };
     let state = AppState { readers, changes: rx, analytics: Arc::new(analytics), admin: Arc::new(admin) };
     tokio::spawn(watch_changes(state.readers.clone(), tx, shutdown.clone()));
+    if fleet_metrics {
+        tokio::spawn(export_fleet(state.readers.clone(), shutdown.clone()));
+    }
     let cors = if cors_origins.is_empty() {
         None
     } else {
@@ -268,7 +281,8 @@ pub async fn run_on(
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .with_state(state)
-        .merge(api);
+        .merge(api)
+        .route_layer(axum::middleware::from_fn(record_request));
     // The dashboards: the built app (any path that is not a file is the app's own route), or
     // the fallback page.
     let app = match &ui_dir {
@@ -282,6 +296,63 @@ pub async fn run_on(
     serve_http(listener, app, header_read_timeout, shutdown).await;
     info!("API stopped");
     Ok(())
+}
+
+/// Copies every agent's last heartbeat (when it came, its spool) into the metrics, for
+/// alerts on agents that stopped reporting: a dead agent cannot say so itself.
+async fn export_fleet(readers: Arc<Readers>, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(FLEET_METRICS_REFRESH);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = shutdown.cancelled() => return,
+        }
+        let agents = match readers.read(|store| store.agents(None)).await {
+            Ok(Ok(agents)) => agents,
+            Ok(Err(e)) => {
+                warn!(error = %e, "cannot read the fleet for the metrics");
+                continue;
+            }
+            Err(_) => continue,
+        };
+        for a in agents {
+            let labels = [("tenant", a.tenant), ("agent", a.agent_id)];
+            if let Ok(at) = chrono::DateTime::parse_from_rfc3339(&a.received_at) {
+                metrics::gauge!(crate::telemetry::FLEET_LAST_HEARTBEAT, &labels)
+                    .set(at.timestamp_millis() as f64 / 1000.0);
+            }
+            let figure = |name: &str| a.heartbeat.get(name).and_then(serde_json::Value::as_f64);
+            if let Some(n) = figure("spool_bytes") {
+                metrics::gauge!(crate::telemetry::FLEET_SPOOL_BYTES, &labels).set(n);
+            }
+            if let Some(n) = figure("spool_events") {
+                metrics::gauge!(crate::telemetry::FLEET_SPOOL_EVENTS, &labels).set(n);
+            }
+        }
+    }
+}
+
+/// How often the fleet's figures are copied into the metrics.
+const FLEET_METRICS_REFRESH: Duration = Duration::from_secs(10);
+
+/// Records each request's latency by route (the route's pattern, not the path: bounded
+/// labels), method and status.
+async fn record_request(request: axum::extract::Request, next: axum::middleware::Next) -> axum::response::Response {
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().as_str().to_owned();
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    metrics::histogram!(
+        crate::telemetry::API_REQUEST_SECONDS,
+        "route" => route,
+        "method" => method,
+        "status" => response.status().as_u16().to_string()
+    )
+    .record(started.elapsed().as_secs_f64());
+    response
 }
 
 /// Serves `app` on `listener` until `shutdown`: HTTP/1.1 with a deadline for each request's

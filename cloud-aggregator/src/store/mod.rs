@@ -416,6 +416,17 @@ impl Store {
     /// Applies `work` in one transaction (see the module's invariants). On PostgreSQL a commit
     /// that meets a deadlock or a serialization failure is tried again from the start.
     pub fn commit(&mut self, work: CommitWork) -> Result<CommitOutcome, StoreError> {
+        let started = std::time::Instant::now();
+        let n_bad = work.n_bad_records;
+        let outcome = self.commit_once(work)?;
+        metrics::histogram!(crate::telemetry::STORE_COMMIT_SECONDS).record(started.elapsed().as_secs_f64());
+        metrics::counter!(crate::telemetry::PROCESSOR_EVENTS).increment(outcome.n_applied);
+        metrics::counter!(crate::telemetry::PROCESSOR_DUPLICATES).increment(outcome.n_duplicates);
+        metrics::counter!(crate::telemetry::PROCESSOR_BAD_RECORDS).increment(n_bad);
+        Ok(outcome)
+    }
+
+    fn commit_once(&mut self, work: CommitWork) -> Result<CommitOutcome, StoreError> {
         let now_ms = chrono::Utc::now().timestamp_millis();
         let name = self.name.clone();
         let err = |e: DbError| StoreError { path: name.clone(), source: e };

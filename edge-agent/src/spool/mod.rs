@@ -715,26 +715,29 @@ impl Spool {
         ids.collect::<Result<Vec<String>, _>>().map_err(|e| self.err(e))
     }
 
+    /// When the oldest event of `source` still in the spool was spooled (unix milliseconds).
+    pub fn oldest_spooled_at(&self, source: &str) -> Result<Option<i64>, SpoolError> {
+        // A source's oldest event is its first (seqs grow with time): one primary-key lookup,
+        // no index to maintain on every insert.
+        let Some(no) = source_no(&self.conn, source).map_err(|e| self.err(e))? else { return Ok(None) };
+        self.conn
+            .query_row(
+                "SELECT spooled_at FROM events WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT 1",
+                params![event_key(no, 0), event_key(no + 1, 0)],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(|e| self.err(e))
+    }
+
     pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
         let (n_events, n_bytes): (i64, i64) = self
             .conn
             .query_row("SELECT n_events, n_bytes FROM totals WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
-        // The oldest event is the first of some source (seqs grow with time): one primary-key
-        // lookup per source, no index to maintain on every insert.
         let mut oldest: Option<i64> = None;
         for id in self.source_ids()? {
-            let Some(no) = source_no(&self.conn, &id).map_err(|e| self.err(e))? else { continue };
-            let at: Option<i64> = self
-                .conn
-                .query_row(
-                    "SELECT spooled_at FROM events WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT 1",
-                    params![event_key(no, 0), event_key(no + 1, 0)],
-                    |r| r.get(0),
-                )
-                .optional()
-                .map_err(|e| self.err(e))?;
-            oldest = match (oldest, at) {
+            oldest = match (oldest, self.oldest_spooled_at(&id)?) {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };

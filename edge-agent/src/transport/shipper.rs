@@ -27,6 +27,7 @@ use tracing::{debug, info, warn};
 use crate::config::TransportMode;
 use crate::sources::SharedStatus;
 use crate::spool::Spool;
+use crate::telemetry;
 
 /// What the shipper needs to know.
 #[derive(Debug, Clone)]
@@ -138,6 +139,8 @@ impl Shipper {
             match self.session(&endpoint, remote, &mut quic_blocked_until).await {
                 Ok(()) => break,
                 Err(e) => {
+                    metrics::gauge!(telemetry::CONNECTED).set(0.0);
+                    metrics::counter!(telemetry::CONNECTION_FAILURES).increment(1);
                     // A session that lived a while was healthy: start the backoff over.
                     if connected_at.elapsed() > Duration::from_secs(10) {
                         n_failures = 0;
@@ -241,13 +244,16 @@ impl Shipper {
         let mut renewing_key: Option<String> = None;
         let mut validity = (identity.not_before, identity.not_after);
         let mut cursors: HashMap<String, u64> = HashMap::new();
+        // Batches in flight: when each was sent and how many events it holds (the window bounds it).
+        let mut in_flight: HashMap<(String, u64), (Instant, usize)> = HashMap::new();
+        metrics::gauge!(telemetry::CERT_EXPIRY).set(validity.1 as f64);
         let mut rx = BytesMut::with_capacity(64 * 1024);
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let session_start = Instant::now();
         loop {
             if session.is_ready() {
-                self.fill_window(&mut session, &mut cursors)?;
+                self.fill_window(&mut session, &mut cursors, &mut in_flight)?;
             }
             if let Some(why) = &self.holding
                 && session_start.elapsed() > HOLD_RECHECK
@@ -313,9 +319,16 @@ impl Shipper {
                             warn!(gateway = %remote, reason = %why, "holding events");
                         }
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
+                        metrics::counter!(telemetry::SESSIONS, "transport" => transport).increment(1);
+                        metrics::gauge!(telemetry::CONNECTED).set(1.0);
                     }
                     ClientEvent::Acked(ack) => {
                         debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, "batch acknowledged");
+                        if let Some((sent_at, n)) = in_flight.remove(&(ack.source_id.clone(), ack.first_seq)) {
+                            metrics::histogram!(telemetry::ACK_SECONDS).record(sent_at.elapsed().as_secs_f64());
+                            metrics::counter!(telemetry::SHIPPED_EVENTS).increment(n as u64);
+                            metrics::counter!(telemetry::SHIPPED_BATCHES).increment(1);
+                        }
                         self.acker.acknowledged(ack.source_id, ack.first_seq, ack.count)?;
                     }
                     ClientEvent::Refused(r) => {
@@ -339,6 +352,7 @@ impl Shipper {
                                 store.load()
                             })?;
                             validity = (new.not_before, new.not_after);
+                            metrics::gauge!(telemetry::CERT_EXPIRY).set(validity.1 as f64);
                             info!(not_after = new.not_after, "certificate renewed; the next connection uses it");
                         }
                     }
@@ -351,7 +365,12 @@ impl Shipper {
     }
 
     /// Sends batches while the window has room and the spool has events.
-    fn fill_window(&mut self, session: &mut ClientSession, cursors: &mut HashMap<String, u64>) -> anyhow::Result<()> {
+    fn fill_window(
+        &mut self,
+        session: &mut ClientSession,
+        cursors: &mut HashMap<String, u64>,
+        in_flight: &mut HashMap<(String, u64), (Instant, usize)>,
+    ) -> anyhow::Result<()> {
         let Some(welcome) = session.welcome().cloned() else { return Ok(()) };
         if self.holding.is_some() {
             return Ok(());
@@ -407,6 +426,8 @@ impl Shipper {
             let count = u32::try_from(last_seq - first_seq + 1).unwrap_or(u32::MAX);
             let payload = self.packer.pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
             cursors.insert(source_id.clone(), first_seq + u64::from(count));
+            metrics::histogram!(telemetry::BATCH_EVENTS).record(rows.len() as f64);
+            in_flight.insert((source_id.clone(), first_seq), (Instant::now(), rows.len()));
             session.send_batch(Batch {
                 source_id: source_id.clone(),
                 first_seq,
@@ -444,28 +465,42 @@ impl Shipper {
     }
 
     fn heartbeat(&self, transport: &str) -> anyhow::Result<Heartbeat> {
-        let stats = tokio::task::block_in_place(|| self.spool.stats())?;
-        let mut sources: Vec<SourceStatus> =
-            self.statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
-        // Drops and quarantines happen outside the source (in other sources' appends, in the
-        // shipper's reads): the spool has the true counts.
-        for status in &mut sources {
-            let state = tokio::task::block_in_place(|| self.spool.source_state(&status.source_id))?;
-            status.n_dropped = state.n_dropped;
-            status.n_quarantined = state.n_quarantined;
-            status.n_refused = state.n_refused;
-            status.refused_by_reason = tokio::task::block_in_place(|| self.spool.refused_counts(&status.source_id))?;
-        }
-        Ok(Heartbeat {
-            agent_version: AGENT_VERSION.into(),
-            transport: transport.into(),
-            uptime_secs: self.started.elapsed().as_secs(),
-            spool_events: stats.n_events,
-            spool_bytes: stats.n_bytes,
-            sources,
-            holding: self.holding.clone(),
-        })
+        let mut heartbeat = tokio::task::block_in_place(|| snapshot(&self.spool, &self.statuses, self.started))?;
+        heartbeat.transport = transport.into();
+        heartbeat.holding = self.holding.clone();
+        telemetry::record_heartbeat(&heartbeat);
+        Ok(heartbeat)
     }
+}
+
+/// The agent's state as a heartbeat reports it: the spool's figures and each source's status,
+/// with the counts only the spool knows and each source's lag. (Transport and holding are the
+/// shipper's to fill in.)
+pub fn snapshot(spool: &Spool, statuses: &[SharedStatus], started: Instant) -> anyhow::Result<Heartbeat> {
+    let stats = spool.stats()?;
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let mut sources: Vec<SourceStatus> =
+        statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
+    // Drops and quarantines happen outside the source (in other sources' appends, in the
+    // shipper's reads): the spool has the true counts.
+    for status in &mut sources {
+        let state = spool.source_state(&status.source_id)?;
+        status.n_dropped = state.n_dropped;
+        status.n_quarantined = state.n_quarantined;
+        status.n_refused = state.n_refused;
+        status.refused_by_reason = spool.refused_counts(&status.source_id)?;
+        status.lag_ms =
+            spool.oldest_spooled_at(&status.source_id)?.map_or(0, |at| u64::try_from(now_ms - at).unwrap_or(0));
+    }
+    Ok(Heartbeat {
+        agent_version: AGENT_VERSION.into(),
+        transport: String::new(),
+        uptime_secs: started.elapsed().as_secs(),
+        spool_events: stats.n_events,
+        spool_bytes: stats.n_bytes,
+        sources,
+        holding: None,
+    })
 }
 
 async fn resolve(address: &str) -> anyhow::Result<SocketAddr> {

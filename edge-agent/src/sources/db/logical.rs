@@ -208,6 +208,9 @@ impl LogicalReader {
             warn!(slot = %self.slot, retained_bytes = retained, limit_bytes = self.max_retained, "replication slot retains more WAL than allowed");
         }
         self.retained = Some(retained);
+        let slot = self.slot.clone();
+        metrics::gauge!(crate::telemetry::SLOT_RETAINED_WAL, "slot" => slot.clone()).set(retained as f64);
+        metrics::gauge!(crate::telemetry::SLOT_MAX_RETAINED_WAL, "slot" => slot).set(self.max_retained as f64);
         Ok(())
     }
 
