@@ -12,6 +12,7 @@ pub mod certs;
 pub mod config;
 pub mod fleet;
 pub mod gateway;
+pub mod health;
 pub mod process;
 pub mod serve;
 pub mod store;

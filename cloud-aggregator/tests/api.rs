@@ -243,6 +243,26 @@ fn the_api_and_the_embedded_processor_run_on_postgres() {
             .unwrap();
         done.await.unwrap().unwrap();
     });
+    // Two heartbeats: a source broken, then mended (the health history on PostgreSQL).
+    for (at, state) in [("2026-11-27T10:00:00Z", "error"), ("2026-11-27T10:00:05Z", "running")] {
+        let record = actidash_shared::kafka::FleetRecord {
+            tenant: "acme".into(),
+            agent_id: "a1".into(),
+            received_at: at.parse().unwrap(),
+            transport: "quic".into(),
+            remote_addr: "127.0.0.1:9".into(),
+            heartbeat: actidash_shared::wire::Heartbeat {
+                sources: vec![actidash_shared::wire::SourceStatus {
+                    source_id: "orders".into(),
+                    state: state.into(),
+                    last_error: Some("orders.db: no such file".into()),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        };
+        rt.block_on(tx.send(cloud_aggregator::process::embedded::EmbeddedInput::Fleet(Box::new(record)))).unwrap();
+    }
     drop(tx);
     thread.join().unwrap();
     // The API reads it.
@@ -250,6 +270,12 @@ fn the_api_and_the_embedded_processor_run_on_postgres() {
     let api = start_on(location, dir.path());
     let totals = api.json("/api/v1/sales/totals");
     assert_eq!(totals[0]["revenue"], "12.5", "{totals}");
+    let history = api.json("/api/v1/fleet/history?tenant=acme&agent=a1");
+    let states: Vec<&str> = history.as_array().unwrap().iter().map(|c| c["state"].as_str().unwrap()).collect();
+    assert_eq!(states, ["healthy", "degraded"], "newest first: {history}");
+    assert_eq!(history[1]["reasons"][0]["code"], "source_error");
+    let fleet = api.json("/api/v1/fleet");
+    assert_eq!(fleet["agents"][0]["health"]["state"], "offline", "its heartbeats are days old: {fleet}");
     api.shutdown.cancel();
 }
 
@@ -290,6 +316,7 @@ fn every_route_refuses_missing_wrong_expired_revoked_and_foreign_tokens() {
         "/api/v1/inventory",
         "/api/v1/events",
         "/api/v1/agents",
+        "/api/v1/fleet",
         "/api/v1/alerts",
         "/api/v1/stats",
         "/api/v1/live",
@@ -311,6 +338,11 @@ fn every_route_refuses_missing_wrong_expired_revoked_and_foreign_tokens() {
     // Roles: the fleet needs ops; the service's counters need a token for every tenant.
     assert_eq!(status(api.port, "/api/v1/agents", Some(&viewer)), 403);
     assert_eq!(status(api.port, "/api/v1/agents", Some(&ops)), 200);
+    for fleet in ["/api/v1/fleet", "/api/v1/fleet/history?agent=a1"] {
+        assert_eq!(status(api.port, fleet, Some(&viewer)), 403, "{fleet}");
+        assert_eq!(status(api.port, fleet, Some(&ops)), 200, "{fleet}: the token's tenant is implied");
+    }
+    assert_eq!(status(api.port, "/api/v1/fleet/history?tenant=other&agent=a1", Some(&ops)), 403);
     assert_eq!(status(api.port, "/api/v1/stats", Some(&ops)), 403);
     assert_eq!(status(api.port, "/api/v1/stats", Some(&api.token)), 200);
     // A token sees its tenant only, named or not.
@@ -367,6 +399,8 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
         "/api/v1/behavior",
         "/api/v1/behavior/funnel",
         "/api/v1/events",
+        "/api/v1/fleet",
+        "/api/v1/fleet/history",
         "/api/v1/inventory",
         "/api/v1/live",
         "/api/v1/marketing/attribution",
@@ -391,7 +425,9 @@ fn the_openapi_document_lists_every_route_and_only_routes() {
             if method != "GET" || p == "/api/v1/live" {
                 continue; // a change, or a stream: checked in their own tests
             }
-            http_get_auth(api.port, p, Some(&api.token)).unwrap_or_else(|e| panic!("{p} is documented but: {e}"));
+            // The routes with required parameters, given them.
+            let with = if p == "/api/v1/fleet/history" { format!("{p}?tenant=acme&agent=a") } else { p.clone() };
+            http_get_auth(api.port, &with, Some(&api.token)).unwrap_or_else(|e| panic!("{p} is documented but: {e}"));
         }
     }
     assert_eq!(operations, expected.len() + 1, "one operation per path, two on /tokens (GET, POST)");

@@ -150,6 +150,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         // (while it is not, they are what an operator needs).
         let spool = Spool::open_with(&spool_path, config.spool)?;
         let (statuses, shutdown) = (statuses.clone(), shutdown.clone());
+        let spool_max_bytes = config.spool.max_bytes;
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(METRICS_REFRESH);
             loop {
@@ -157,7 +158,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     _ = tick.tick() => {}
                     () = shutdown.cancelled() => break,
                 }
-                match tokio::task::block_in_place(|| transport::shipper::snapshot(&spool, &statuses, started)) {
+                match tokio::task::block_in_place(|| {
+                    transport::shipper::snapshot(&spool, &statuses, started, spool_max_bytes)
+                }) {
                     Ok(heartbeat) => telemetry::record_heartbeat(&heartbeat),
                     Err(e) => warn!(error = format!("{e:#}"), "cannot read the spool for the metrics"),
                 }
@@ -175,6 +178,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             max_batch_bytes: config.shipper.max_batch_bytes,
             max_backoff: Duration::from_millis(config.shipper.max_backoff_ms),
             transport: config.cloud.transport,
+            spool_max_bytes: config.spool.max_bytes,
         },
         spool: shipper_spool,
         source_ids,
@@ -186,6 +190,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         acker: transport::shipper::Acker::spawn(Spool::open_with(&spool_path, config.spool)?)?,
         event_limit,
         holding: None,
+        outages: Default::default(),
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

@@ -216,6 +216,27 @@ pub struct Heartbeat {
     /// their schema version), if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub holding: Option<String>,
+    /// The spool's limit (`[spool] max_bytes`), to judge how full it is.
+    #[serde(default)]
+    pub spool_max_bytes: u64,
+    /// When the agent's certificate expires (Unix seconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cert_not_after: Option<i64>,
+    /// The agent's last time without the cloud while it ran (cut off), reported from the
+    /// session after it; repeated in every heartbeat until the next one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_outage: Option<Outage>,
+}
+
+/// A time the agent ran without reaching the cloud.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outage {
+    /// When it lost the cloud (or started without it), Unix milliseconds.
+    pub from_ms: i64,
+    /// When it reached the cloud again.
+    pub to_ms: i64,
+    /// Events its sources spooled meanwhile (kept, then sent).
+    pub buffered_events: u64,
 }
 
 /// Health of one source of an agent.
@@ -252,6 +273,12 @@ pub struct SourceStatus {
     /// the heartbeat was made (0: none waiting).
     #[serde(default)]
     pub lag_ms: u64,
+    /// PostgreSQL logical replication: the WAL its slot retains, and the most allowed
+    /// (`max_retained_wal_mb`), in bytes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retained_wal_bytes: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_retained_wal_bytes: Option<u64>,
     /// The last error, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_error: Option<String>,
@@ -559,9 +586,18 @@ mod tests {
                         refused_by_reason: [("foreign_tenant".to_owned(), 3), ("too_large".to_owned(), 1)].into(),
                         skipped: [("test orders".to_owned(), 2)].into(),
                         lag_ms: n / 3,
+                        retained_wal_bytes: Some(n),
+                        max_retained_wal_bytes: None,
                         last_error: Some("bad".into()),
                     }],
                     holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),
+                    spool_max_bytes: n.saturating_mul(4),
+                    cert_not_after: (n % 3 == 0).then_some(1_800_000_000),
+                    last_outage: (n % 2 == 1).then_some(Outage {
+                        from_ms: 1_000,
+                        to_ms: 2_000,
+                        buffered_events: n / 5,
+                    }),
                 })
             }),
             arb_text().prop_map(|m| Frame::Error(ErrorFrame { code: ErrorCode::InvalidBatch, message: m })),

@@ -219,7 +219,7 @@ impl Sink {
     pub async fn heartbeat(&self, record: FleetRecord) {
         match self {
             Sink::Embedded(tx) => {
-                let _ = tx.send(EmbeddedInput::Fleet(record)).await;
+                let _ = tx.send(EmbeddedInput::Fleet(Box::new(record))).await;
             }
             Sink::Kafka(KafkaSink { producer, prefix, partitions, .. }) => {
                 let topic = kafka::fleet_topic(prefix);

@@ -31,16 +31,11 @@ const MAX_GROUP: usize = 64;
 #[derive(Debug)]
 pub enum EmbeddedInput {
     /// One batch of a gateway connection; the reply says whether it is durable.
-    Batch {
-        connection: u64,
-        events: Vec<Event>,
-        reply: oneshot::Sender<Result<(), String>>,
-    },
-    Fleet(FleetRecord),
+    Batch { connection: u64, events: Vec<Event>, reply: oneshot::Sender<Result<(), String>> },
+    /// A heartbeat to store (boxed: far larger than the other variants).
+    Fleet(Box<FleetRecord>),
     /// The connection ended: forget it.
-    Closed {
-        connection: u64,
-    },
+    Closed { connection: u64 },
 }
 
 /// Starts the processor thread; it stops when every sender is dropped.
@@ -93,7 +88,7 @@ impl Processor {
                     work.inputs.push(StreamInput { stream: EMBEDDED_STREAM.into(), events, offset: None });
                     replies.push((connection, reply));
                 }
-                EmbeddedInput::Fleet(record) => work.fleet.push(record),
+                EmbeddedInput::Fleet(record) => work.fleet.push(*record),
                 EmbeddedInput::Closed { connection } => {
                     self.poisoned.remove(&connection);
                 }

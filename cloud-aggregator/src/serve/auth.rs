@@ -114,7 +114,7 @@ fn refuse(status: StatusCode, message: String) -> Response {
 /// The role a route needs.
 fn needs(path: &str) -> Role {
     match path {
-        "/api/v1/agents" | "/api/v1/stats" => Role::Ops,
+        "/api/v1/agents" | "/api/v1/fleet" | "/api/v1/fleet/history" | "/api/v1/stats" => Role::Ops,
         "/api/v1/tokens" => Role::Admin,
         p if p.starts_with("/api/v1/tokens/") || (p.starts_with("/api/v1/agents/") && p.ends_with("/revoke")) => {
             Role::Admin

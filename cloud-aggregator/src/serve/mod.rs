@@ -256,6 +256,8 @@ pub async fn run_on(
         .routes(utoipa_axum::routes!(inventory))
         .routes(utoipa_axum::routes!(events))
         .routes(utoipa_axum::routes!(agents))
+        .routes(utoipa_axum::routes!(fleet_report))
+        .routes(utoipa_axum::routes!(fleet_history))
         .routes(utoipa_axum::routes!(alerts))
         .routes(utoipa_axum::routes!(stats))
         .routes(utoipa_axum::routes!(live))
@@ -730,6 +732,109 @@ async fn agents(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<V
     let tenant = p.take("tenant");
     p.done()?;
     query(&state, move |tx| query::agents(tx, tenant.as_deref())).await.map(Json)
+}
+
+/// One agent in the fleet report.
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct FleetAgent {
+    tenant: String,
+    agent_id: String,
+    /// Its state now, why, and since when.
+    health: crate::health::Health,
+    /// When its last heartbeat arrived (RFC 3339).
+    last_heartbeat: String,
+    transport: String,
+    remote_addr: String,
+    agent_version: String,
+    uptime_secs: u64,
+    spool_events: u64,
+    spool_bytes: u64,
+    spool_max_bytes: u64,
+    /// Its last time without the cloud (cut off), as it reported it.
+    #[schema(value_type = Option<Object>)]
+    last_outage: Option<actidash_shared::wire::Outage>,
+    /// Each source: state, position, lag (`lag_ms`), counts of events, bad records, drops,
+    /// refusals and skips, last error.
+    #[schema(value_type = Vec<Object>)]
+    sources: Vec<actidash_shared::wire::SourceStatus>,
+}
+
+/// The fleet (`/api/v1/fleet`).
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
+struct FleetReport {
+    as_of: String,
+    /// An agent silent this long is offline.
+    offline_after_secs: i64,
+    agents: Vec<FleetAgent>,
+}
+
+#[utoipa::path(get, path = "/api/v1/fleet", tag = "fleet",
+    params(("tenant" = Option<String>, Query, description = "one tenant")),
+    responses((status = 200, description = "Every agent's health (healthy, degraded, offline, revoked, with reasons), spool and sources (role ops)", body = FleetReport), openapi::Refusals))]
+async fn fleet_report(State(state): State<AppState>, Query(p): Pairs) -> Result<Json<FleetReport>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant");
+    p.done()?;
+    let now = chrono::Utc::now();
+    let registry = state.admin.fleet.clone();
+    let revoked = tokio::task::spawn_blocking(move || registry.revoked())
+        .await
+        .map_err(|e| ApiError(StatusCode::INTERNAL_SERVER_ERROR, e.to_string()))?
+        .map_err(|e| ApiError(StatusCode::SERVICE_UNAVAILABLE, format!("the fleet registry: {e:#}")))?;
+    let rows = query(&state, move |tx| query::fleet(tx, tenant.as_deref())).await?;
+    let offline_after = state.admin.agent_offline_after;
+    let agents = rows
+        .into_iter()
+        .map(|row| {
+            let a = row.agent;
+            let hb: actidash_shared::wire::Heartbeat = serde_json::from_value(a.heartbeat).unwrap_or_default();
+            let health = crate::health::current(
+                &a.received_at,
+                &hb,
+                row.errors_rising_at.as_deref(),
+                row.last_change.as_deref(),
+                revoked.contains(&a.agent_id),
+                now,
+                offline_after,
+            );
+            FleetAgent {
+                tenant: a.tenant,
+                agent_id: a.agent_id,
+                health,
+                last_heartbeat: a.received_at,
+                transport: a.transport,
+                remote_addr: a.remote_addr,
+                agent_version: hb.agent_version,
+                uptime_secs: hb.uptime_secs,
+                spool_events: hb.spool_events,
+                spool_bytes: hb.spool_bytes,
+                spool_max_bytes: hb.spool_max_bytes,
+                last_outage: hb.last_outage,
+                sources: hb.sources,
+            }
+        })
+        .collect();
+    Ok(Json(FleetReport {
+        as_of: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        offline_after_secs: offline_after.num_seconds(),
+        agents,
+    }))
+}
+
+#[utoipa::path(get, path = "/api/v1/fleet/history", tag = "fleet",
+    params(("tenant" = String, Query, description = "the agent's tenant"), ("agent" = String, Query, description = "the agent's id"),
+        ("limit" = Option<i64>, Query, description = "most changes, newest first (default 100, at most 10 000)")),
+    responses((status = 200, description = "The changes of an agent's health: when it went degraded or was cut off or offline, why, and when it recovered (role ops)", body = Vec<crate::health::Change>), openapi::Refusals))]
+async fn fleet_history(
+    State(state): State<AppState>,
+    Query(p): Pairs,
+) -> Result<Json<Vec<crate::health::Change>>, ApiError> {
+    let mut p = Params::new(p)?;
+    let tenant = p.take("tenant").ok_or_else(|| bad("tenant is required".into()))?;
+    let agent = p.take("agent").ok_or_else(|| bad("agent is required".into()))?;
+    let limit = p.number("limit", 1, 10_000)?.unwrap_or(100);
+    p.done()?;
+    query(&state, move |tx| query::health_history(tx, &tenant, &agent, limit)).await.map(Json)
 }
 
 /// The alerts a token may see (`alerts.rs`).

@@ -84,8 +84,21 @@ impl Location {
 
 /// The schema, one migration per version.
 fn migrations() -> Vec<String> {
-    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3()]
+    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3(), MIGRATION_4.into()]
 }
+
+/// Version 4: agents' health history, and when each agent's bad records last grew.
+const MIGRATION_4: &str = "
+ALTER TABLE agents ADD COLUMN errors_rising_at TEXT;
+CREATE TABLE IF NOT EXISTS agent_health (
+    tenant TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    since TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    PRIMARY KEY (tenant, agent_id, since)
+);
+";
 
 /// Version 3: attribution and products are kept from the hour up; their minute rows, which no
 /// report reads any more, are removed (their hour and day rows hold the same sums).
@@ -195,6 +208,15 @@ CREATE TABLE IF NOT EXISTS agents (
     remote_addr TEXT NOT NULL,
     heartbeat TEXT NOT NULL,
     PRIMARY KEY (tenant, agent_id)
+);
+ALTER TABLE agents ADD COLUMN IF NOT EXISTS errors_rising_at TEXT;
+CREATE TABLE IF NOT EXISTS agent_health (
+    tenant TEXT NOT NULL,
+    agent_id TEXT NOT NULL,
+    since TEXT NOT NULL,
+    state TEXT NOT NULL,
+    reasons TEXT NOT NULL,
+    PRIMARY KEY (tenant, agent_id, since)
 );
 ",
     );
@@ -599,22 +621,7 @@ pub fn commit_in(
     let mut changed = applied.changed;
     for f in &work.fleet {
         changed.insert((f.tenant.clone(), "fleet"));
-        let heartbeat = serde_json::to_string(&f.heartbeat).unwrap_or_default();
-        tx.exec(
-            "INSERT INTO agents (tenant, agent_id, received_at, transport, remote_addr, heartbeat)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (tenant, agent_id) DO UPDATE SET received_at = excluded.received_at,
-                 transport = excluded.transport, remote_addr = excluded.remote_addr, heartbeat = excluded.heartbeat
-             WHERE excluded.received_at >= agents.received_at",
-            &[
-                (&f.tenant).into(),
-                (&f.agent_id).into(),
-                f.received_at.to_rfc3339_opts(chrono::SecondsFormat::Micros, true).into(),
-                (&f.transport).into(),
-                (&f.remote_addr).into(),
-                heartbeat.into(),
-            ],
-        )?;
+        crate::health::record(tx, f)?;
     }
     for (name, n) in [
         ("events_applied", outcome.n_applied),

@@ -711,6 +711,64 @@ pub struct AgentRow {
     pub heartbeat: serde_json::Value,
 }
 
+/// An agent's last heartbeat with what its health is derived from.
+#[derive(Debug, Clone)]
+pub struct FleetRow {
+    pub agent: AgentRow,
+    /// When its count of bad records last grew.
+    pub errors_rising_at: Option<String>,
+    /// When its health last changed.
+    pub last_change: Option<String>,
+}
+
+/// Every agent (of `tenant`), with [`FleetRow`]'s extras.
+pub fn fleet(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<FleetRow>, DbError> {
+    let sql = "SELECT a.tenant, a.agent_id, a.received_at, a.transport, a.remote_addr, a.heartbeat, a.errors_rising_at,
+            (SELECT max(h.since) FROM agent_health h WHERE h.tenant = a.tenant AND h.agent_id = a.agent_id)
+        FROM agents a WHERE (?1 = '' OR a.tenant = ?1) ORDER BY a.tenant, a.agent_id";
+    Ok(tx
+        .query(sql, &[tenant.unwrap_or("").into()])?
+        .into_iter()
+        .map(|r| {
+            let mut c = Cols::new(r);
+            let agent = AgentRow {
+                tenant: c.text(),
+                agent_id: c.text(),
+                received_at: c.text(),
+                transport: c.text(),
+                remote_addr: c.text(),
+                heartbeat: serde_json::from_str(&c.text()).unwrap_or(serde_json::Value::Null),
+            };
+            let errors_rising_at = Some(c.text()).filter(|t| !t.is_empty());
+            let last_change = Some(c.text()).filter(|t| !t.is_empty());
+            FleetRow { agent, errors_rising_at, last_change }
+        })
+        .collect())
+}
+
+/// The changes of an agent's health, newest first, at most `limit`.
+pub fn health_history(
+    tx: &mut dyn Tx,
+    tenant: &str,
+    agent_id: &str,
+    limit: i64,
+) -> Result<Vec<crate::health::Change>, DbError> {
+    Ok(tx
+        .query(
+            "SELECT since, state, reasons FROM agent_health WHERE tenant = ?1 AND agent_id = ?2 ORDER BY since DESC LIMIT ?3",
+            &[tenant.into(), agent_id.into(), limit.into()],
+        )?
+        .into_iter()
+        .filter_map(|r| {
+            let mut c = Cols::new(r);
+            let since = c.text();
+            let state = serde_json::from_value(serde_json::Value::String(c.text())).ok()?;
+            let reasons = serde_json::from_str(&c.text()).unwrap_or_default();
+            Some(crate::health::Change { since, state, reasons })
+        })
+        .collect())
+}
+
 pub fn agents(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<AgentRow>, DbError> {
     let (sql, params): (&str, Vec<Val>) = match tenant {
         Some(t) => (

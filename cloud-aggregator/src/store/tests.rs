@@ -389,3 +389,70 @@ fn an_answer_over_the_row_limit_is_refused() {
     let err = store.read(|tx| query::rollup_at_most(tx, &crate::analytics::tables::SALES, &sel, 3)).unwrap_err();
     assert!(err.message().starts_with("too many rows: more than 3 in the answer"), "{err}");
 }
+
+/// The health history: a change is recorded when the state or its reasons change, an outage
+/// the agent reports becomes a `cut_off` window, a restart after a silence an `offline` one,
+/// and a heartbeat delivered again (older than the stored one) changes nothing.
+#[test]
+fn health_changes_are_recorded_once_with_outages_and_restarts() {
+    use actidash_shared::wire::{Heartbeat, Outage, SourceStatus};
+
+    use crate::health::State;
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap();
+    let record = |at: &str, uptime_secs: u64, state: &str, outage: Option<Outage>| FleetRecord {
+        tenant: "acme".into(),
+        agent_id: "a1".into(),
+        received_at: at.parse().unwrap(),
+        transport: "quic".into(),
+        remote_addr: "127.0.0.1:1".into(),
+        heartbeat: Heartbeat {
+            uptime_secs,
+            sources: vec![SourceStatus {
+                source_id: "orders".into(),
+                state: state.into(),
+                last_error: (state == "error").then(|| "orders.db: no such file".into()),
+                ..Default::default()
+            }],
+            last_outage: outage,
+            ..Default::default()
+        },
+    };
+    let mut commit = |r: FleetRecord| store.commit(CommitWork { fleet: vec![r], ..Default::default() }).unwrap();
+    commit(record("2026-12-03T10:00:00Z", 10, "running", None));
+    commit(record("2026-12-03T10:00:05Z", 15, "waiting", None)); // still healthy: no change
+    commit(record("2026-12-03T10:00:10Z", 20, "error", None));
+    commit(record("2026-12-03T10:00:15Z", 25, "error", None)); // the same reason: no change
+    commit(record("2026-12-03T10:00:20Z", 30, "running", None));
+    // Cut off from 10:00:25 to 10:02:00, 40 events buffered; reported in every heartbeat after.
+    let outage = Outage { from_ms: 1_796_292_025_000, to_ms: 1_796_292_120_000, buffered_events: 40 };
+    commit(record("2026-12-03T10:02:01Z", 151, "running", Some(outage.clone())));
+    commit(record("2026-12-03T10:02:06Z", 156, "running", Some(outage.clone())));
+    // Delivered again: older than what is stored.
+    commit(record("2026-12-03T10:00:12Z", 22, "error", None));
+    // Stopped after 10:02:06, started again at 10:09:00.
+    commit(record("2026-12-03T10:09:05Z", 5, "running", Some(outage)));
+
+    let mut history = store.read(|tx| crate::store::query::health_history(tx, "acme", "a1", 100)).unwrap();
+    history.reverse();
+    let got: Vec<(&str, State, Vec<&str>)> = history
+        .iter()
+        .map(|c| (&c.since[11..19], c.state, c.reasons.iter().map(|r| r.code.as_str()).collect()))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            ("10:00:00", State::Healthy, vec![]),
+            ("10:00:10", State::Degraded, vec!["source_error"]),
+            ("10:00:20", State::Healthy, vec![]),
+            ("10:00:25", State::CutOff, vec!["outage"]),
+            ("10:02:01", State::Healthy, vec![]),
+            ("10:02:06", State::Offline, vec!["restarted"]),
+            ("10:09:05", State::Healthy, vec![]),
+        ]
+    );
+    assert!(history[1].reasons[0].message.contains("no such file"), "{:?}", history[1]);
+    assert!(history[3].reasons[0].message.contains("40 events buffered"), "{:?}", history[3]);
+    assert!(history[5].reasons[0].message.contains("6 min"), "{:?}", history[5]);
+}

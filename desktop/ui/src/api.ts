@@ -110,7 +110,35 @@ export interface SourceHealth {
   /** The same, by reason (`foreign_tenant`, `unknown_schema`, `too_large`…). */
   refused_by_reason?: Record<string, number>;
   next_seq: number;
+  /** Age of the oldest event not yet acknowledged by the cloud, in milliseconds. */
+  lag_ms?: number;
   last_error?: string | null;
+}
+
+/** Why an agent is in its state. */
+export interface HealthReason {
+  code: string;
+  source?: string;
+  message: string;
+}
+
+/** One agent of `/api/v1/fleet`. */
+export interface FleetAgent {
+  tenant: string;
+  agent_id: string;
+  health: {
+    state: "healthy" | "degraded" | "cut_off" | "offline" | "revoked";
+    reasons: HealthReason[];
+    since?: string | null;
+  };
+  last_heartbeat: string;
+  transport: string;
+  agent_version: string;
+  spool_events: number;
+  spool_bytes: number;
+  spool_max_bytes: number;
+  last_outage?: { from_ms: number; to_ms: number; buffered_events: number } | null;
+  sources: SourceHealth[];
 }
 
 export interface Agent {

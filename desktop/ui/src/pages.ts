@@ -1,7 +1,7 @@
 // The pages. Each reads what it shows from the API and renders it into its element; numbers
 // carry `data-metric` names so that tests can compare them with the API's.
 
-import type { Agent, Attribution, Behavior, Funnel, Inventory, ProductRow, Ranged, SalesRow } from "./api";
+import type { Agent, Attribution, Behavior, FleetAgent, Funnel, Inventory, ProductRow, Ranged, SalesRow } from "./api";
 import { get } from "./api";
 import { bucketTimes, lineChart } from "./chart";
 import { ago, bytes, duration, esc, money, number, percent, time } from "./format";
@@ -317,35 +317,48 @@ function refusedReasons(byReason: Record<string, number> | undefined): string {
   return parts.length ? ` (${parts.join(", ")})` : "";
 }
 
+const STATE_LABEL: Record<FleetAgent["health"]["state"], string> = {
+  healthy: "healthy",
+  degraded: "degraded",
+  cut_off: "cut off",
+  offline: "offline",
+  revoked: "revoked",
+};
+
 async function fleet(_view: View, el: HTMLElement): Promise<void> {
-  const agents = await get<Agent[]>("/api/v1/agents");
+  const { agents } = await get<{ agents: FleetAgent[] }>("/api/v1/fleet");
   const rows = agents.map((a) => {
-    const hb = a.heartbeat ?? {};
-    const sources = (hb.sources ?? [])
+    const sources = a.sources
       .map(
         (s) =>
-          `<div class="source ${s.n_errors > 0 ? "bad" : ""}"><b>${esc(s.source_id)}</b> ${esc(s.state)}` +
+          `<div class="source ${s.n_errors > 0 || s.state === "error" ? "bad" : ""}"><b>${esc(s.source_id)}</b> ${esc(s.state)}` +
+          `${s.lag_ms ? `, ${esc(duration(s.lag_ms / 1000))} behind` : ""}` +
           `${s.n_errors ? `, ${number(s.n_errors)} errors` : ""}${s.n_quarantined ? `, ${number(s.n_quarantined)} dead letters` : ""}` +
           `${s.n_refused ? `, ${number(s.n_refused)} refused${refusedReasons(s.refused_by_reason)}` : ""}` +
           `${s.last_error ? ` — ${esc(s.last_error)}` : ""}</div>`,
       )
       .join("");
-    const full =
-      hb.spool_capacity_bytes && hb.spool_bytes !== undefined ? ` (${percent(hb.spool_bytes / hb.spool_capacity_bytes)} full)` : "";
+    const full = a.spool_max_bytes ? ` (${percent(a.spool_bytes / a.spool_max_bytes)} full)` : "";
+    const reasons = a.health.reasons.map((r) => `<div class="reason">${esc(r.message)}</div>`).join("");
+    const outage = a.last_outage
+      ? `<div class="reason">last cut off ${esc(ago(new Date(a.last_outage.from_ms).toISOString()))} for ` +
+        `${esc(duration((a.last_outage.to_ms - a.last_outage.from_ms) / 1000))}, ${number(a.last_outage.buffered_events)} events buffered</div>`
+      : "";
     return [
       td(a.agent_id, `agent.${a.agent_id}`),
       td(a.tenant),
-      td(ago(a.received_at), `heartbeat.${a.agent_id}`),
+      `<td data-metric="state.${esc(a.agent_id)}"><span class="state ${esc(a.health.state)}">${esc(STATE_LABEL[a.health.state] ?? a.health.state)}</span>${reasons}${outage}</td>`,
+      td(ago(a.last_heartbeat), `heartbeat.${a.agent_id}`),
       td(a.transport),
-      td(`${number(hb.spool_events ?? 0)} events, ${bytes(hb.spool_bytes ?? 0)}${full}`, undefined, true),
+      td(`${number(a.spool_events)} events, ${bytes(a.spool_bytes)}${full}`, undefined, true),
       `<td>${sources || "–"}</td>`,
-      td(hb.agent_version ?? "–"),
+      td(a.agent_version || "–"),
     ];
   });
   el.innerHTML = `<section class="panel"><h2>Agents</h2>${
     rows.length === 0
       ? '<p class="empty">No agent has reported yet. Enroll one (<code>edge-agent enroll</code>) and start it; it appears here within a heartbeat.</p>'
-      : table(["agent", "tenant", "last heartbeat", "transport", "spool", "sources", "version"], rows)
+      : table(["agent", "tenant", "health", "last heartbeat", "transport", "spool", "sources", "version"], rows)
   }</section>`;
 }
 

@@ -157,9 +157,17 @@ try {
   await page.keyboard.press("Escape");
 
   await open("fleet");
-  const agents = await api("/api/v1/agents");
+  const { agents } = await api("/api/v1/fleet");
+  const label = { healthy: "healthy", degraded: "degraded", cut_off: "cut off", offline: "offline", revoked: "revoked" };
   for (const a of agents) {
     if ((await text(metric(`agent.${a.agent_id}`))) !== a.agent_id) throw new Error(`agent ${a.agent_id} is not listed`);
+    const shown = await text(metric(`state.${a.agent_id}`));
+    if (!shown.startsWith(label[a.health.state])) {
+      throw new Error(`agent ${a.agent_id} is ${a.health.state} in the API, the page says: ${shown}`);
+    }
+    for (const r of a.health.reasons) {
+      if (!shown.includes(r.message)) throw new Error(`agent ${a.agent_id}: reason not shown: ${r.message}`);
+    }
     checked++;
   }
   await page.screenshot({ path: join(shots, "fleet.png") });

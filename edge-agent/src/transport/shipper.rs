@@ -42,6 +42,8 @@ pub struct ShipperSettings {
     pub max_batch_bytes: u32,
     pub max_backoff: Duration,
     pub transport: TransportMode,
+    /// `[spool] max_bytes`, reported in heartbeats.
+    pub spool_max_bytes: u64,
 }
 
 /// The shipping task.
@@ -63,6 +65,46 @@ pub struct Shipper {
     pub event_limit: crate::sources::EventLimit,
     /// Why events are held rather than sent (the gateway cannot read their schema version).
     pub holding: Option<String>,
+    /// Times without the cloud, reported once it is back.
+    pub outages: Outages,
+}
+
+/// The agent's times without the cloud: it is "cut off" from its first failed attempt until a
+/// session is up again, and reports that window (and what it spooled meanwhile) in the
+/// heartbeats after, so that the fleet shows an outage rather than an unexplained silence.
+#[derive(Debug, Default)]
+pub struct Outages {
+    /// Since when (Unix ms) and the events spooled in all at that moment, while down.
+    down: Option<(i64, u64)>,
+    /// Whether an attempt failed since `down` began (a first connection that works at once is
+    /// no outage).
+    failed: bool,
+    last: Option<actidash_shared::wire::Outage>,
+}
+
+impl Outages {
+    /// The cloud is out of reach from now (unless it already was).
+    fn lost(&mut self, now_ms: i64, spooled: u64) {
+        self.down.get_or_insert((now_ms, spooled));
+    }
+
+    fn failed(&mut self) {
+        self.failed = true;
+    }
+
+    /// A session is up: the outage, if there was one, ends.
+    fn reached(&mut self, now_ms: i64, spooled: u64) {
+        if let Some((from_ms, at_start)) = self.down.take()
+            && std::mem::take(&mut self.failed)
+        {
+            self.last = Some(actidash_shared::wire::Outage {
+                from_ms,
+                to_ms: now_ms,
+                buffered_events: spooled.saturating_sub(at_start),
+            });
+        }
+        self.failed = false;
+    }
 }
 
 /// How long a session with a gateway that cannot read this agent's events is kept before
@@ -134,6 +176,9 @@ impl Shipper {
             super::quic::client_endpoint_with(super::quic::client_tls_config(&self.settings.ca_file)?, remote)?;
         let mut n_failures: u32 = 0;
         let mut quic_blocked_until: Option<Instant> = None;
+        // Down until a first session is up: an agent that starts without the cloud is cut off.
+        let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+        self.outages.lost(chrono::Utc::now().timestamp_millis(), spooled);
         while !self.shutdown.is_cancelled() {
             let connected_at = Instant::now();
             match self.session(&endpoint, remote, &mut quic_blocked_until).await {
@@ -141,6 +186,9 @@ impl Shipper {
                 Err(e) => {
                     metrics::gauge!(telemetry::CONNECTED).set(0.0);
                     metrics::counter!(telemetry::CONNECTION_FAILURES).increment(1);
+                    let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+                    self.outages.lost(chrono::Utc::now().timestamp_millis(), spooled);
+                    self.outages.failed();
                     // A session that lived a while was healthy: start the backoff over.
                     if connected_at.elapsed() > Duration::from_secs(10) {
                         n_failures = 0;
@@ -288,7 +336,7 @@ impl Shipper {
                 () = tokio::time::sleep_until(heartbeat_at) => {
                     let now = self.started.elapsed();
                     if session.handle_timeout(now) {
-                        let heartbeat = self.heartbeat(transport)?;
+                        let heartbeat = self.heartbeat(transport, validity.1)?;
                         session.send_heartbeat(heartbeat, now);
                         if renewing_key.is_none()
                             && crate::identity::renewal_due(validity, chrono::Utc::now().timestamp())
@@ -321,6 +369,16 @@ impl Shipper {
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                         metrics::counter!(telemetry::SESSIONS, "transport" => transport).increment(1);
                         metrics::gauge!(telemetry::CONNECTED).set(1.0);
+                        let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+                        self.outages.reached(chrono::Utc::now().timestamp_millis(), spooled);
+                        if let Some(o) = &self.outages.last {
+                            info!(
+                                from_ms = o.from_ms,
+                                to_ms = o.to_ms,
+                                buffered_events = o.buffered_events,
+                                "the cloud is reachable again after an outage; reporting it"
+                            );
+                        }
                     }
                     ClientEvent::Acked(ack) => {
                         debug!(source = %ack.source_id, first_seq = ack.first_seq, count = ack.count, "batch acknowledged");
@@ -464,10 +522,23 @@ impl Shipper {
         Ok((moved, first.map_or(RefusalKind::Other, |e| e.kind), first.map(|e| e.reason.clone()).unwrap_or_default()))
     }
 
-    fn heartbeat(&self, transport: &str) -> anyhow::Result<Heartbeat> {
-        let mut heartbeat = tokio::task::block_in_place(|| snapshot(&self.spool, &self.statuses, self.started))?;
+    /// Events spooled by every source since the spool began (their next seqs).
+    fn spooled_in_all(&self) -> anyhow::Result<u64> {
+        let mut n = 0;
+        for id in &self.source_ids {
+            n += self.spool.source_state(id)?.next_seq;
+        }
+        Ok(n)
+    }
+
+    fn heartbeat(&self, transport: &str, cert_not_after: i64) -> anyhow::Result<Heartbeat> {
+        let mut heartbeat = tokio::task::block_in_place(|| {
+            snapshot(&self.spool, &self.statuses, self.started, self.settings.spool_max_bytes)
+        })?;
         heartbeat.transport = transport.into();
         heartbeat.holding = self.holding.clone();
+        heartbeat.cert_not_after = Some(cert_not_after);
+        heartbeat.last_outage = self.outages.last.clone();
         telemetry::record_heartbeat(&heartbeat);
         Ok(heartbeat)
     }
@@ -476,7 +547,12 @@ impl Shipper {
 /// The agent's state as a heartbeat reports it: the spool's figures and each source's status,
 /// with the counts only the spool knows and each source's lag. (Transport and holding are the
 /// shipper's to fill in.)
-pub fn snapshot(spool: &Spool, statuses: &[SharedStatus], started: Instant) -> anyhow::Result<Heartbeat> {
+pub fn snapshot(
+    spool: &Spool,
+    statuses: &[SharedStatus],
+    started: Instant,
+    spool_max_bytes: u64,
+) -> anyhow::Result<Heartbeat> {
     let stats = spool.stats()?;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut sources: Vec<SourceStatus> =
@@ -500,6 +576,9 @@ pub fn snapshot(spool: &Spool, statuses: &[SharedStatus], started: Instant) -> a
         spool_bytes: stats.n_bytes,
         sources,
         holding: None,
+        spool_max_bytes,
+        cert_not_after: None,
+        last_outage: None,
     })
 }
 

@@ -213,14 +213,13 @@ impl LogicalReader {
         metrics::gauge!(crate::telemetry::SLOT_MAX_RETAINED_WAL, "slot" => slot).set(self.max_retained as f64);
         Ok(())
     }
-
-    /// The slot's retained WAL, in bytes, when last checked.
-    pub fn retained_wal(&self) -> Option<u64> {
-        self.retained
-    }
 }
 
 impl RowReader for LogicalReader {
+    fn retained_wal(&self) -> Option<(u64, u64)> {
+        self.retained.map(|r| (r, self.max_retained))
+    }
+
     fn connect(&mut self) -> Result<(), String> {
         self.client = None;
         let mut client = self.connect.connect()?;

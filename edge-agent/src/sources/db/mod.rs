@@ -245,6 +245,10 @@ pub trait RowReader {
     fn caught_up(&self) -> bool {
         true
     }
+    /// The WAL a replication slot retains and the most allowed, in bytes (logical replication).
+    fn retained_wal(&self) -> Option<(u64, u64)> {
+        None
+    }
     /// Where it reads, without credentials (for logs and dead letters).
     fn describe(&self) -> String;
 }
@@ -329,7 +333,9 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
         }
         let waiting = reader.waiting_for();
         let caught_up = reader.caught_up();
+        let wal = reader.retained_wal();
         update_status(&ctx.status, |s| {
+            (s.retained_wal_bytes, s.max_retained_wal_bytes) = (wal.map(|w| w.0), wal.map(|w| w.1));
             // Held: rows may still be committed below the watermark by running transactions.
             s.state = match (n_rows > 0, &waiting, caught_up) {
                 (true, _, _) => "running".into(),
