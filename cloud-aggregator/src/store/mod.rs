@@ -84,13 +84,11 @@ impl Location {
 
 /// The schema, one migration per version.
 fn migrations() -> Vec<String> {
-    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3(), MIGRATION_4.into()]
+    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3(), migration_4()]
 }
 
-/// Version 4: agents' health history, and when each agent's bad records last grew.
-const MIGRATION_4: &str = "
-ALTER TABLE agents ADD COLUMN errors_rising_at TEXT;
-CREATE TABLE IF NOT EXISTS agent_health (
+/// The agents' health history (both engines).
+const AGENT_HEALTH_DDL: &str = "CREATE TABLE IF NOT EXISTS agent_health (
     tenant TEXT NOT NULL,
     agent_id TEXT NOT NULL,
     since TEXT NOT NULL,
@@ -99,6 +97,11 @@ CREATE TABLE IF NOT EXISTS agent_health (
     PRIMARY KEY (tenant, agent_id, since)
 );
 ";
+
+/// Version 4: agents' health history, and when each agent's bad records last grew.
+fn migration_4() -> String {
+    format!("ALTER TABLE agents ADD COLUMN errors_rising_at TEXT;\n{AGENT_HEALTH_DDL}")
+}
 
 /// Version 3: attribution and products are kept from the hour up; their minute rows, which no
 /// report reads any more, are removed (their hour and day rows hold the same sums).
@@ -210,16 +213,9 @@ CREATE TABLE IF NOT EXISTS agents (
     PRIMARY KEY (tenant, agent_id)
 );
 ALTER TABLE agents ADD COLUMN IF NOT EXISTS errors_rising_at TEXT;
-CREATE TABLE IF NOT EXISTS agent_health (
-    tenant TEXT NOT NULL,
-    agent_id TEXT NOT NULL,
-    since TEXT NOT NULL,
-    state TEXT NOT NULL,
-    reasons TEXT NOT NULL,
-    PRIMARY KEY (tenant, agent_id, since)
-);
 ",
     );
+    sql.push_str(AGENT_HEALTH_DDL);
     sql += &analytics::state_ddl(false);
     sql
 }

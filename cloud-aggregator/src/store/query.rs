@@ -711,6 +711,20 @@ pub struct AgentRow {
     pub heartbeat: serde_json::Value,
 }
 
+impl AgentRow {
+    /// From the columns tenant, agent_id, received_at, transport, remote_addr, heartbeat.
+    fn read(c: &mut Cols) -> AgentRow {
+        AgentRow {
+            tenant: c.text(),
+            agent_id: c.text(),
+            received_at: c.text(),
+            transport: c.text(),
+            remote_addr: c.text(),
+            heartbeat: serde_json::from_str(&c.text()).unwrap_or(serde_json::Value::Null),
+        }
+    }
+}
+
 /// An agent's last heartbeat with what its health is derived from.
 #[derive(Debug, Clone)]
 pub struct FleetRow {
@@ -731,14 +745,7 @@ pub fn fleet(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<FleetRow>, DbE
         .into_iter()
         .map(|r| {
             let mut c = Cols::new(r);
-            let agent = AgentRow {
-                tenant: c.text(),
-                agent_id: c.text(),
-                received_at: c.text(),
-                transport: c.text(),
-                remote_addr: c.text(),
-                heartbeat: serde_json::from_str(&c.text()).unwrap_or(serde_json::Value::Null),
-            };
+            let agent = AgentRow::read(&mut c);
             let errors_rising_at = Some(c.text()).filter(|t| !t.is_empty());
             let last_change = Some(c.text()).filter(|t| !t.is_empty());
             FleetRow { agent, errors_rising_at, last_change }
@@ -780,21 +787,7 @@ pub fn agents(tx: &mut dyn Tx, tenant: Option<&str>) -> Result<Vec<AgentRow>, Db
             vec![],
         ),
     };
-    Ok(tx
-        .query(sql, &params)?
-        .into_iter()
-        .map(|r| {
-            let mut c = Cols::new(r);
-            AgentRow {
-                tenant: c.text(),
-                agent_id: c.text(),
-                received_at: c.text(),
-                transport: c.text(),
-                remote_addr: c.text(),
-                heartbeat: serde_json::from_str(&c.text()).unwrap_or(serde_json::Value::Null),
-            }
-        })
-        .collect())
+    Ok(tx.query(sql, &params)?.into_iter().map(|r| AgentRow::read(&mut Cols::new(r))).collect())
 }
 
 pub fn counters(tx: &mut dyn Tx) -> Result<BTreeMap<String, i64>, DbError> {
