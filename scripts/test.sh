@@ -37,6 +37,13 @@ ACTIDASH_PROMTOOL=$(command -v promtool)
 export ACTIDASH_PROMTOOL
 promtool --version | head -1
 
+step "tmux (Debian's), for the test of the agent's live status view"
+if ! command -v tmux >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends tmux >/dev/null
+fi
+ACTIDASH_TMUX=$(command -v tmux)
+export ACTIDASH_TMUX
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

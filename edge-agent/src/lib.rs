@@ -15,6 +15,7 @@ pub mod retry;
 pub mod secret;
 pub mod sources;
 pub mod spool;
+pub mod status;
 pub mod telemetry;
 pub mod transport;
 
@@ -82,7 +83,8 @@ impl DataDirLock {
     }
 }
 
-/// How often the metrics' copy of the spool's and sources' figures is refreshed.
+/// How often the status file and the metrics' copy of the spool's and sources' figures are
+/// refreshed.
 const METRICS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Runs the agent until `shutdown` is cancelled or a component fails.
@@ -145,12 +147,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
             source_ids.push(id);
         }
     }
-    if config.metrics.is_some() {
+    let link = Arc::new(status::Link::default());
+    {
         // The spool's and the sources' figures, refreshed whether or not the cloud is reachable
-        // (while it is not, they are what an operator needs).
+        // (while it is not, they are what an operator needs): into the status file
+        // (`edge-agent status`) and the metrics.
         let spool = Spool::open_with(&spool_path, config.spool)?;
-        let (statuses, shutdown) = (statuses.clone(), shutdown.clone());
-        let spool_max_bytes = config.spool.max_bytes;
+        let (statuses, shutdown, link) = (statuses.clone(), shutdown.clone(), link.clone());
+        let (spool_max_bytes, data_dir) = (config.spool.max_bytes, config.data_dir.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(METRICS_REFRESH);
             loop {
@@ -158,11 +162,14 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     _ = tick.tick() => {}
                     () = shutdown.cancelled() => break,
                 }
-                match tokio::task::block_in_place(|| {
-                    transport::shipper::snapshot(&spool, &statuses, started, spool_max_bytes)
-                }) {
-                    Ok(heartbeat) => telemetry::record_heartbeat(&heartbeat),
-                    Err(e) => warn!(error = format!("{e:#}"), "cannot read the spool for the metrics"),
+                let written = tokio::task::block_in_place(|| {
+                    let heartbeat = transport::shipper::snapshot(&spool, &statuses, started, spool_max_bytes)?;
+                    telemetry::record_heartbeat(&heartbeat);
+                    let now_ms = chrono::Utc::now().timestamp_millis();
+                    status::write(&data_dir, &status::Status::new(heartbeat, &link, now_ms))
+                });
+                if let Err(e) = written {
+                    warn!(error = format!("{e:#}"), "cannot refresh the status");
                 }
             }
         });
@@ -191,6 +198,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         event_limit,
         holding: None,
         outages: Default::default(),
+        link,
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

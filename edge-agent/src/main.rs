@@ -50,6 +50,18 @@ enum Command {
         #[arg(long)]
         token_file: Option<PathBuf>,
     },
+    /// What the agent is doing: sources with their rates and lag, the spool, the link to the
+    /// cloud; refreshed every second until Ctrl-C (like `top`), or once.
+    Status {
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        config: PathBuf,
+        /// Print once and exit (exit status 1 if the agent is not running).
+        #[arg(long)]
+        once: bool,
+        /// As JSON (with --once), for scripts.
+        #[arg(long, requires = "once")]
+        json: bool,
+    },
     /// Look into the spool (works while the agent runs).
     Spool {
         #[command(subcommand)]
@@ -195,6 +207,34 @@ fn run() -> anyhow::Result<()> {
             }
             anyhow::ensure!(n_bad == 0, "{n_bad} previewed records did not map (see BAD above)");
             Ok(())
+        }
+        Command::Status { config, once, json } => {
+            let cfg = AgentConfig::load(&config)?;
+            let now = || chrono::Utc::now().timestamp_millis();
+            if once {
+                let v = edge_agent::status::view(now(), &edge_agent::status::read(&cfg.data_dir)?, None);
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&v)?);
+                } else {
+                    print!("{}", edge_agent::status::render(&v));
+                }
+                anyhow::ensure!(v.running, "the agent is not running");
+                return Ok(());
+            }
+            // The two newest different statuses: the rates are between them.
+            let (mut latest, mut previous): (Option<edge_agent::status::Status>, _) = (None, None);
+            loop {
+                let current = edge_agent::status::read(&cfg.data_dir)?;
+                if latest.as_ref().is_none_or(|l| l.written_at_ms != current.written_at_ms) {
+                    previous = latest.replace(current.clone());
+                }
+                let v = edge_agent::status::view(now(), &current, previous.as_ref());
+                // Clear the screen and go home, then the view: a live view without a
+                // terminal-UI library.
+                print!("\x1b[2J\x1b[H{}\n(refreshed every second; Ctrl-C to quit)\n", edge_agent::status::render(&v));
+                std::io::Write::flush(&mut std::io::stdout())?;
+                std::thread::sleep(std::time::Duration::from_secs(1));
+            }
         }
         Command::Spool { command: SpoolCommand::Inspect { config } } => {
             let cfg = AgentConfig::load(&config)?;

@@ -55,6 +55,12 @@ pub fn promtool(test: &str) -> Option<String> {
     service("ACTIDASH_PROMTOOL", test, "install Debian's prometheus package (scripts/test.sh does)")
 }
 
+/// tmux, for tests of live terminal views (`ACTIDASH_TMUX`, set by `scripts/test.sh` after
+/// installing Debian's tmux), on the same terms as [`kafka_bootstrap`].
+pub fn tmux(test: &str) -> Option<String> {
+    service("ACTIDASH_TMUX", test, "install Debian's tmux (scripts/test.sh does)")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

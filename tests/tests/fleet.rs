@@ -145,3 +145,75 @@ fn the_fleet_shows_each_agents_health_and_its_history_truthfully() {
     .unwrap();
     assert!(cloud.terminate(Duration::from_secs(15)), "cloud did not stop cleanly");
 }
+
+/// `edge-agent status`: the one-shot JSON for scripts and the live view in a terminal, while
+/// the agent ships, while it is cut off, and once it has stopped.
+#[test]
+fn the_agents_status_view_shows_sources_the_spool_and_the_link() {
+    let test = "the_agents_status_view_shows_sources_the_spool_and_the_link";
+    let Some(tmux) = actidash_tests::tmux(test) else { return };
+    let (_, data_dir, d) = deployment("agent-status", None);
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(11, 0);
+    append_lines(&data_dir, &lines(&mut g, 40)).unwrap();
+    let config = d.write_agent_config("shop2", "acme", &data_dir, &[Feed::Orders]).unwrap();
+    let mut agent = d.start_agent("shop2", &config).unwrap();
+    let status = || {
+        let out = std::process::Command::new(bin("edge-agent").unwrap())
+            .args(["status", "--once", "--json", "--config"])
+            .arg(&config)
+            .output()
+            .unwrap();
+        let view: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
+        (out.status.success(), view)
+    };
+    wait_until(TIMEOUT, "the status to show everything shipped", || {
+        let (ok, v) = status();
+        Ok(ok && v["connected"] == true && v["shipped_events"] == 40 && v["spool_events"] == 0)
+    })
+    .unwrap();
+    let (_, v) = status();
+    assert_eq!((v["running"].clone(), v["transport"].clone()), (Value::Bool(true), "quic".into()), "{v:#}");
+    assert_eq!(v["sources"][0]["source"], "orders");
+    assert_eq!(v["sources"][0]["events"], 40);
+
+    // Cut off: the live view in a terminal says so, with the source and its rate column.
+    cloud.kill();
+    let session = format!("actidash-status-{}", std::process::id());
+    let command = format!("{} status --config {}", bin("edge-agent").unwrap().display(), config.display());
+    let started = std::process::Command::new(&tmux)
+        .args(["new-session", "-d", "-s", &session, "-x", "160", "-y", "40", &command])
+        .status()
+        .unwrap();
+    assert!(started.success());
+    let screen = || {
+        let out = std::process::Command::new(&tmux).args(["capture-pane", "-p", "-t", &session]).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let seen = wait_until(TIMEOUT, "the live view to show the agent cut off", || {
+        let s = screen();
+        Ok(s.contains("CUT OFF") && s.contains("orders") && (s.contains("running") || s.contains("waiting")))
+    });
+    let last_screen = screen();
+    let _ = std::process::Command::new(&tmux).args(["kill-session", "-t", &session]).status();
+    seen.unwrap_or_else(|e| panic!("{e}; the screen:\n{last_screen}"));
+    assert!(last_screen.contains("CUT OFF") && last_screen.contains("refreshed every second"), "{last_screen}");
+    let (ok, v) = status();
+    assert!(ok && v["connected"] == false, "{v:#}");
+
+    // Stopped: the status file ages, and the one-shot view says so and fails.
+    agent.kill();
+    wait_until(TIMEOUT, "the status to say the agent is not running", || {
+        let (ok, v) = status();
+        Ok(!ok && v["running"] == false)
+    })
+    .unwrap();
+    let out = std::process::Command::new(bin("edge-agent").unwrap())
+        .args(["status", "--once", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("NOT RUNNING"), "{}", String::from_utf8_lossy(&out.stdout));
+}

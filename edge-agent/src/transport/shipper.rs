@@ -67,6 +67,8 @@ pub struct Shipper {
     pub holding: Option<String>,
     /// Times without the cloud, reported once it is back.
     pub outages: Outages,
+    /// The link's state for `edge-agent status`.
+    pub link: Arc<crate::status::Link>,
 }
 
 /// The agent's times without the cloud: it is "cut off" from its first failed attempt until a
@@ -186,6 +188,7 @@ impl Shipper {
                 Err(e) => {
                     metrics::gauge!(telemetry::CONNECTED).set(0.0);
                     metrics::counter!(telemetry::CONNECTION_FAILURES).increment(1);
+                    self.link.disconnected();
                     let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
                     self.outages.lost(chrono::Utc::now().timestamp_millis(), spooled);
                     self.outages.failed();
@@ -369,6 +372,7 @@ impl Shipper {
                         info!(gateway = %remote, transport, tenant = %welcome.tenant, window = welcome.max_in_flight, "connected to the gateway");
                         metrics::counter!(telemetry::SESSIONS, "transport" => transport).increment(1);
                         metrics::gauge!(telemetry::CONNECTED).set(1.0);
+                        self.link.connected(transport);
                         let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
                         self.outages.reached(chrono::Utc::now().timestamp_millis(), spooled);
                         if let Some(o) = &self.outages.last {
@@ -385,6 +389,7 @@ impl Shipper {
                         if let Some((sent_at, n)) = in_flight.remove(&(ack.source_id.clone(), ack.first_seq)) {
                             metrics::histogram!(telemetry::ACK_SECONDS).record(sent_at.elapsed().as_secs_f64());
                             metrics::counter!(telemetry::SHIPPED_EVENTS).increment(n as u64);
+                            self.link.shipped(n as u64);
                             metrics::counter!(telemetry::SHIPPED_BATCHES).increment(1);
                         }
                         self.acker.acknowledged(ack.source_id, ack.first_seq, ack.count)?;
