@@ -44,6 +44,13 @@ fi
 ACTIDASH_TMUX=$(command -v tmux)
 export ACTIDASH_TMUX
 
+step "systemd-analyze (Debian's systemd), for the checks of the systemd units"
+if ! command -v systemd-analyze >/dev/null 2>&1; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd >/dev/null
+fi
+ACTIDASH_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
+export ACTIDASH_SYSTEMD_ANALYZE
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

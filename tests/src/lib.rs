@@ -61,6 +61,12 @@ pub fn tmux(test: &str) -> Option<String> {
     service("ACTIDASH_TMUX", test, "install Debian's tmux (scripts/test.sh does)")
 }
 
+/// systemd's `systemd-analyze` (`ACTIDASH_SYSTEMD_ANALYZE`, set by `scripts/test.sh`), for the
+/// checks of the systemd units, on the same terms as [`kafka_bootstrap`].
+pub fn systemd_analyze(test: &str) -> Option<String> {
+    service("ACTIDASH_SYSTEMD_ANALYZE", test, "install Debian's systemd (scripts/test.sh does)")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),
