@@ -76,8 +76,9 @@ pub struct Shipper {
 /// heartbeats after, so that the fleet shows an outage rather than an unexplained silence.
 #[derive(Debug, Default)]
 pub struct Outages {
-    /// Since when (Unix ms) and the events spooled in all at that moment, while down.
-    down: Option<(i64, u64)>,
+    /// Since when (Unix ms) and the events spooled in all at that moment (if they could be
+    /// counted), while down.
+    down: Option<(i64, Option<u64>)>,
     /// Whether an attempt failed since `down` began (a first connection that works at once is
     /// no outage).
     failed: bool,
@@ -86,7 +87,7 @@ pub struct Outages {
 
 impl Outages {
     /// The cloud is out of reach from now (unless it already was).
-    fn lost(&mut self, now_ms: i64, spooled: u64) {
+    fn lost(&mut self, now_ms: i64, spooled: Option<u64>) {
         self.down.get_or_insert((now_ms, spooled));
     }
 
@@ -95,15 +96,13 @@ impl Outages {
     }
 
     /// A session is up: the outage, if there was one, ends.
-    fn reached(&mut self, now_ms: i64, spooled: u64) {
+    fn reached(&mut self, now_ms: i64, spooled: Option<u64>) {
         if let Some((from_ms, at_start)) = self.down.take()
             && std::mem::take(&mut self.failed)
         {
-            self.last = Some(actidash_shared::wire::Outage {
-                from_ms,
-                to_ms: now_ms,
-                buffered_events: spooled.saturating_sub(at_start),
-            });
+            // Uncountable at either end: reported as none buffered rather than as a guess.
+            let buffered_events = spooled.zip(at_start).map_or(0, |(now, then)| now.saturating_sub(then));
+            self.last = Some(actidash_shared::wire::Outage { from_ms, to_ms: now_ms, buffered_events });
         }
         self.failed = false;
     }
@@ -179,7 +178,7 @@ impl Shipper {
         let mut n_failures: u32 = 0;
         let mut quic_blocked_until: Option<Instant> = None;
         // Down until a first session is up: an agent that starts without the cloud is cut off.
-        let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+        let spooled = self.spooled_in_all();
         self.outages.lost(chrono::Utc::now().timestamp_millis(), spooled);
         while !self.shutdown.is_cancelled() {
             let connected_at = Instant::now();
@@ -189,7 +188,7 @@ impl Shipper {
                     metrics::gauge!(telemetry::CONNECTED).set(0.0);
                     metrics::counter!(telemetry::CONNECTION_FAILURES).increment(1);
                     self.link.disconnected();
-                    let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+                    let spooled = self.spooled_in_all();
                     self.outages.lost(chrono::Utc::now().timestamp_millis(), spooled);
                     self.outages.failed();
                     // A session that lived a while was healthy: start the backoff over.
@@ -373,7 +372,7 @@ impl Shipper {
                         metrics::counter!(telemetry::SESSIONS, "transport" => transport).increment(1);
                         metrics::gauge!(telemetry::CONNECTED).set(1.0);
                         self.link.connected(transport);
-                        let spooled = tokio::task::block_in_place(|| self.spooled_in_all())?;
+                        let spooled = self.spooled_in_all();
                         self.outages.reached(chrono::Utc::now().timestamp_millis(), spooled);
                         if let Some(o) = &self.outages.last {
                             info!(
@@ -528,12 +527,19 @@ impl Shipper {
     }
 
     /// Events spooled by every source since the spool began (their next seqs).
-    fn spooled_in_all(&self) -> anyhow::Result<u64> {
-        let mut n = 0;
-        for id in &self.source_ids {
-            n += self.spool.source_state(id)?.next_seq;
-        }
-        Ok(n)
+    /// Only for the outage report: a spool that cannot be read now (it is retried by what
+    /// needs it) leaves the count unknown rather than stopping the shipper.
+    fn spooled_in_all(&self) -> Option<u64> {
+        let count = || -> anyhow::Result<u64> {
+            let mut n = 0;
+            for id in &self.source_ids {
+                n += self.spool.source_state(id)?.next_seq;
+            }
+            Ok(n)
+        };
+        tokio::task::block_in_place(count)
+            .map_err(|e| warn!(error = format!("{e:#}"), "cannot count the spooled events for the outage report"))
+            .ok()
     }
 
     fn heartbeat(&self, transport: &str, cert_not_after: i64) -> anyhow::Result<Heartbeat> {
@@ -603,6 +609,25 @@ fn backoff(n_failures: u32, max: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_outage_is_reported_after_a_failed_attempt_with_what_was_spooled_meanwhile() {
+        let mut o = Outages::default();
+        o.lost(1_000, Some(10));
+        o.reached(1_500, Some(12));
+        assert_eq!(o.last, None, "a first connection that works at once is no outage");
+        o.lost(2_000, Some(12));
+        o.failed();
+        o.lost(2_500, Some(15)); // still the same outage
+        o.failed();
+        o.reached(9_000, Some(40));
+        let expected = actidash_shared::wire::Outage { from_ms: 2_000, to_ms: 9_000, buffered_events: 28 };
+        assert_eq!(o.last, Some(expected));
+        o.lost(10_000, None);
+        o.failed();
+        o.reached(11_000, Some(50));
+        assert_eq!(o.last.as_ref().map(|x| (x.from_ms, x.buffered_events)), Some((10_000, 0)), "uncounted: none");
+    }
 
     #[test]
     fn backoff_grows_is_capped_and_jittered() {
