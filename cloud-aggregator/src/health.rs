@@ -185,6 +185,12 @@ pub fn assess(hb: &Heartbeat, errors_rising_at: Option<DateTime<Utc>>, at: DateT
     (if reasons.is_empty() { State::Healthy } else { State::Degraded }, reasons)
 }
 
+/// What makes two assessments the same change: each reason's code and source (not its message,
+/// whose figures move from heartbeat to heartbeat).
+fn keys(reasons: &[Reason]) -> Vec<String> {
+    reasons.iter().map(|r| format!("{}/{}", r.code, r.source.as_deref().unwrap_or(""))).collect()
+}
+
 fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Micros, true)
 }
@@ -268,7 +274,7 @@ pub fn record(tx: &mut dyn Tx, r: &FleetRecord) -> Result<(), DbError> {
         let mut row = row.into_iter();
         let state = State::parse(row.next()?.text())?;
         let reasons: Vec<Reason> = serde_json::from_str(row.next()?.text()).unwrap_or_default();
-        Some((state, reasons.into_iter().map(|x| format!("{}/{}", x.code, x.source.unwrap_or_default())).collect()))
+        Some((state, keys(&reasons)))
     });
     // Not running for part of its silence: stopped, then started again.
     if let Some((Some(prev_at), _, _)) = &previous {
@@ -304,9 +310,7 @@ pub fn record(tx: &mut dyn Tx, r: &FleetRecord) -> Result<(), DbError> {
         last = Some((State::CutOff, Vec::new()));
     }
     let (state, reasons) = assess(&r.heartbeat, rising, at);
-    let keys: Vec<String> =
-        reasons.iter().map(|x| format!("{}/{}", x.code, x.source.clone().unwrap_or_default())).collect();
-    if last.as_ref() != Some(&(state, keys)) {
+    if last.as_ref() != Some(&(state, keys(&reasons))) {
         change(tx, r, at, state, &reasons)?;
     }
     Ok(())

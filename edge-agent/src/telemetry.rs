@@ -2,8 +2,9 @@
 //! default: an agent on a shop's host opens no port it was not asked to).
 //!
 //! Counters and histograms are recorded where things happen (the shipper's sessions and
-//! acknowledgements); the spool's and the sources' figures are copied from the same snapshot the
-//! heartbeat sends ([`record_heartbeat`]), so the metrics and the fleet view never disagree.
+//! acknowledgements); the spool's and the sources' figures are copied from the snapshot the
+//! agent takes every 2 s for its status file ([`record_heartbeat`]), the same the heartbeat
+//! sends, so the metrics and the fleet view never disagree.
 //! Without `[metrics]` no recorder is installed and every recording is a no-op.
 
 use std::net::SocketAddr;

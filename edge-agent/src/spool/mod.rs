@@ -730,11 +730,17 @@ impl Spool {
             .map_err(|e| self.err(e))
     }
 
-    pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
+    /// Events and bytes of event bodies in the spool (its running totals: one row read).
+    pub fn totals(&self) -> Result<(u64, u64), SpoolError> {
         let (n_events, n_bytes): (i64, i64) = self
             .conn
             .query_row("SELECT n_events, n_bytes FROM totals WHERE id = 1", [], |r| Ok((r.get(0)?, r.get(1)?)))
             .map_err(|e| self.err(e))?;
+        Ok((n_events as u64, n_bytes as u64))
+    }
+
+    pub fn stats(&self) -> Result<SpoolStats, SpoolError> {
+        let (n_events, n_bytes) = self.totals()?;
         let mut oldest: Option<i64> = None;
         for id in self.source_ids()? {
             oldest = match (oldest, self.oldest_spooled_at(&id)?) {
@@ -744,7 +750,7 @@ impl Spool {
         }
         let file_bytes = std::fs::metadata(&self.path).map(|m| m.len()).unwrap_or(0)
             + std::fs::metadata(self.path.with_extension("db-wal")).map(|m| m.len()).unwrap_or(0);
-        Ok(SpoolStats { n_events: n_events as u64, n_bytes: n_bytes as u64, file_bytes, oldest_spooled_at: oldest })
+        Ok(SpoolStats { n_events, n_bytes, file_bytes, oldest_spooled_at: oldest })
     }
 
     /// Checks the database's structure, every row's checksum, and the running totals.

@@ -550,7 +550,6 @@ impl Shipper {
         heartbeat.holding = self.holding.clone();
         heartbeat.cert_not_after = Some(cert_not_after);
         heartbeat.last_outage = self.outages.last.clone();
-        telemetry::record_heartbeat(&heartbeat);
         Ok(heartbeat)
     }
 }
@@ -564,7 +563,8 @@ pub fn snapshot(
     started: Instant,
     spool_max_bytes: u64,
 ) -> anyhow::Result<Heartbeat> {
-    let stats = spool.stats()?;
+    // The totals only: each source's oldest event is read below, for its lag.
+    let (spool_events, spool_bytes) = spool.totals()?;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut sources: Vec<SourceStatus> =
         statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
@@ -583,8 +583,8 @@ pub fn snapshot(
         agent_version: AGENT_VERSION.into(),
         transport: String::new(),
         uptime_secs: started.elapsed().as_secs(),
-        spool_events: stats.n_events,
-        spool_bytes: stats.n_bytes,
+        spool_events,
+        spool_bytes,
         sources,
         holding: None,
         spool_max_bytes,
