@@ -3,19 +3,22 @@
 //! A token is `adk_` and 64 hex digits, shown once when it is made; the registry keeps only its
 //! SHA-256, its public id (the first 12 hex digits of that hash), its tenant (or every tenant,
 //! for the service's own operators), its role, and when it expires or was revoked. They live in
-//! the fleet registry (`<data_dir>/fleet/registry.db`) beside the enrollment tokens.
+//! the fleet registry ([`crate::registry`]: `<data_dir>/fleet/registry.db`, or PostgreSQL)
+//! beside the enrollment tokens.
 //!
 //! Roles, each including the ones before: `viewer` (the dashboards' reports and live push),
 //! `ops` (plus the fleet: agents, counters), `admin` (plus tokens and agents, from the command
 //! line or the API).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use rusqlite::{Connection, OptionalExtension, params};
 
-use crate::fleet::sha256_hex;
+use crate::fleet::{FleetConfig, sha256_hex};
+use crate::registry::Registry;
+use crate::store::db::{Cols, Val};
 
 /// What a token may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
@@ -80,30 +83,19 @@ pub enum Refused {
 /// The API tokens of a deployment.
 #[derive(Debug, Clone)]
 pub struct ApiTokens {
-    registry: PathBuf,
+    registry: Arc<Registry>,
 }
 
 impl ApiTokens {
-    /// Opens (creating if needed) the token table of `data_dir`'s registry.
-    pub fn open(data_dir: &Path) -> anyhow::Result<ApiTokens> {
-        let dir = data_dir.join("fleet");
-        crate::fleet::private_dir(&dir)?;
-        let tokens = ApiTokens { registry: dir.join("registry.db") };
-        crate::fleet::private_file(&tokens.registry)?;
-        let conn = tokens.connect()?;
-        crate::store::enable_wal(&conn)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS api_tokens (hash TEXT PRIMARY KEY, id TEXT NOT NULL UNIQUE,
-                 tenant TEXT, role TEXT NOT NULL, created_at INTEGER NOT NULL, expires_at INTEGER,
-                 revoked_at INTEGER);",
-        )?;
-        Ok(tokens)
+    /// Opens (creating if needed) the fleet registry of `data_dir` or `[fleet] registry_url`.
+    pub fn open(data_dir: &Path, config: &FleetConfig) -> anyhow::Result<ApiTokens> {
+        let registry = Registry::open(config.registry_location(data_dir)?, crate::registry::SCHEMA)?;
+        Ok(ApiTokens::on(Arc::new(registry)))
     }
 
-    fn connect(&self) -> anyhow::Result<Connection> {
-        let conn = Connection::open(&self.registry).with_context(|| format!("opening {}", self.registry.display()))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(conn)
+    /// The tokens of an open registry (the fleet's).
+    pub fn on(registry: Arc<Registry>) -> ApiTokens {
+        ApiTokens { registry }
     }
 
     /// A new token; returns its id and the token, which is not kept.
@@ -121,45 +113,49 @@ impl ApiTokens {
         let hash = sha256_hex(&token);
         let id = hash[..12].to_owned();
         let expires_at = ttl.map(|d| now.saturating_add(i64::try_from(d.as_secs()).unwrap_or(i64::MAX)));
-        self.connect()?.execute(
-            "INSERT INTO api_tokens (hash, id, tenant, role, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![hash, id, tenant, role.name(), now, expires_at],
-        )?;
+        self.registry.write(|tx| {
+            tx.exec(
+                "INSERT INTO api_tokens (hash, id, tenant, role, created_at, expires_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                &[hash.into(), (&id).into(), tenant.into(), role.name().into(), now.into(), expires_at.into()],
+            )
+        })?;
         Ok((id, token))
     }
 
     /// Every token, oldest first.
     pub fn list(&self) -> anyhow::Result<Vec<ApiToken>> {
-        let conn = self.connect()?;
-        let mut stmt = conn.prepare(
-            "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM api_tokens ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map([], row_token)?;
-        Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        let rows = self.registry.read(|tx| {
+            tx.query(
+                "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM api_tokens ORDER BY created_at, id",
+                &[],
+            )
+        })?;
+        Ok(rows.into_iter().map(row_token).collect())
     }
 
     /// Revokes a token by id; false if there is none.
     pub fn revoke(&self, id: &str, now: i64) -> anyhow::Result<bool> {
-        let n = self
-            .connect()?
-            .execute("UPDATE api_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1", params![id, now])?;
+        let n = self.registry.write(|tx| {
+            tx.exec(
+                "UPDATE api_tokens SET revoked_at = coalesce(revoked_at, ?2) WHERE id = ?1",
+                &[id.into(), now.into()],
+            )
+        })?;
         Ok(n > 0)
     }
 
     /// The token's grant, if it may be used at `now`.
     pub fn check(&self, token: &str, now: i64) -> Result<ApiToken, Refused> {
-        let found = (|| -> anyhow::Result<Option<ApiToken>> {
-            let conn = self.connect()?;
-            Ok(conn
-                .query_row(
+        let rows = self
+            .registry
+            .read(|tx| {
+                tx.query(
                     "SELECT id, tenant, role, created_at, expires_at, revoked_at FROM api_tokens WHERE hash = ?1",
-                    [sha256_hex(token)],
-                    row_token,
+                    &[sha256_hex(token).into()],
                 )
-                .optional()?)
-        })()
-        .map_err(|e| Refused::Unavailable(e.to_string()))?;
-        let t = found.ok_or(Refused::Unknown)?;
+            })
+            .map_err(|e| Refused::Unavailable(e.to_string()))?;
+        let t = rows.into_iter().next().map(row_token).ok_or(Refused::Unknown)?;
         if t.revoked_at.is_some() {
             return Err(Refused::Revoked);
         }
@@ -187,17 +183,20 @@ pub fn parse_duration(text: &str) -> anyhow::Result<Duration> {
     Ok(Duration::from_secs(secs))
 }
 
-fn row_token(r: &rusqlite::Row<'_>) -> rusqlite::Result<ApiToken> {
-    let role: String = r.get(2)?;
-    Ok(ApiToken {
-        id: r.get(0)?,
-        tenant: r.get(1)?,
+fn row_token(row: Vec<Val>) -> ApiToken {
+    let mut c = Cols::new(row);
+    let id = c.text();
+    let tenant = c.opt_text();
+    let role = c.text();
+    ApiToken {
+        id,
+        tenant,
         // An unknown role (a newer version's) grants the least.
         role: Role::by_name(&role).unwrap_or(Role::Viewer),
-        created_at: r.get(3)?,
-        expires_at: r.get(4)?,
-        revoked_at: r.get(5)?,
-    })
+        created_at: c.int(),
+        expires_at: c.opt_int(),
+        revoked_at: c.opt_int(),
+    }
 }
 
 #[cfg(test)]
@@ -207,7 +206,7 @@ mod tests {
     #[test]
     fn tokens_are_kept_hashed_and_checked_for_expiry_and_revocation() {
         let dir = tempfile::tempdir().unwrap();
-        let tokens = ApiTokens::open(dir.path()).unwrap();
+        let tokens = ApiTokens::open(dir.path(), &Default::default()).unwrap();
         let (id, token) = tokens.create(Some("acme"), Role::Viewer, Some(Duration::from_secs(60)), 1_000).unwrap();
         assert!(token.starts_with("adk_") && token.len() == 68);
         let registry = std::fs::read(dir.path().join("fleet/registry.db")).unwrap();

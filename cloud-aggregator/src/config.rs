@@ -297,27 +297,32 @@ pub enum ConfigError {
     Invalid { path: PathBuf, field: String, message: String },
 }
 
+/// A database password from the environment variable `env` or the first line of `file` (the
+/// variable wins); `field` is the settings' name less `_env`/`_file`, for errors.
+pub fn read_password(field: &str, env: Option<&str>, file: Option<&Path>) -> anyhow::Result<Option<String>> {
+    use anyhow::Context as _;
+    Ok(match (env, file) {
+        (Some(var), _) => Some(std::env::var(var).with_context(|| format!("{field}_env: ${var} is not set"))?),
+        (_, Some(file)) => Some(
+            std::fs::read_to_string(file)
+                .with_context(|| format!("{field}_file: reading {}", file.display()))?
+                .lines()
+                .next()
+                .unwrap_or("")
+                .to_owned(),
+        ),
+        _ => None,
+    })
+}
+
 impl CloudConfig {
     /// Where the serving store is, with its password read from the environment or its file.
     pub fn store_location(&self) -> anyhow::Result<crate::store::Location> {
-        use anyhow::Context as _;
         let Some(url) = &self.store.url else {
             return Ok(crate::store::Location::Sqlite(self.data_dir.join(crate::STORE_FILE)));
         };
-        let password = match (&self.store.password_env, &self.store.password_file) {
-            (Some(var), _) => {
-                Some(std::env::var(var).with_context(|| format!("store.password_env: ${var} is not set"))?)
-            }
-            (_, Some(file)) => Some(
-                std::fs::read_to_string(file)
-                    .with_context(|| format!("store.password_file: reading {}", file.display()))?
-                    .lines()
-                    .next()
-                    .unwrap_or("")
-                    .to_owned(),
-            ),
-            _ => None,
-        };
+        let password =
+            read_password("store.password", self.store.password_env.as_deref(), self.store.password_file.as_deref())?;
         Ok(crate::store::Location::Postgres { url: url.clone(), password })
     }
 

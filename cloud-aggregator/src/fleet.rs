@@ -11,11 +11,15 @@
 //! - Revocation marks the agent; every gateway instance sharing the registry reloads the
 //!   revoked set each heartbeat interval and closes that agent's connections.
 //!
-//! The registry is a SQLite file: instances on one host (or a shared volume) share it. Nothing
-//! secret is in it but token hashes.
+//! The registry ([`crate::registry`]) is a SQLite file that the processes of one host share, or
+//! a PostgreSQL database that gateways and API servers on several hosts share (`[fleet]
+//! registry_url`): a revocation reaches every gateway within half a heartbeat interval. Nothing
+//! secret is in it but token hashes — and, on PostgreSQL without CA files, the CA's key, which
+//! every gateway sharing the registry needs (protect the database as you would the key file).
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
@@ -23,28 +27,78 @@ use rcgen::{
     CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SerialNumber,
 };
-use rusqlite::{Connection, OptionalExtension as _, TransactionBehavior, params};
 use serde::Deserialize;
 use sha2::{Digest as _, Sha256};
 
+use crate::registry::{Registry, RegistryLocation};
+use crate::store::db::{Cols, DbError, Tx, Val};
+
 /// `[fleet]` of the cloud configuration.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FleetConfig {
     /// An existing CA certificate (PEM) to sign agent certificates with...
     #[serde(default)]
     pub ca_cert_file: Option<PathBuf>,
-    /// ...and its private key (PEM). Both or neither; neither: a CA is created in data_dir.
+    /// ...and its private key (PEM). Both or neither; neither: a CA is created once, in
+    /// `data_dir/fleet` (a SQLite registry) or in the registry itself (PostgreSQL).
     #[serde(default)]
     pub ca_key_file: Option<PathBuf>,
     /// Lifetime of an agent certificate, in seconds (agents renew at two thirds of it).
     #[serde(default = "default_cert_validity_secs")]
     pub cert_validity_secs: u64,
+    /// The registry on PostgreSQL (`postgres://user@host:port/database`), shared by every
+    /// gateway and API server; absent: a SQLite file in `data_dir/fleet`.
+    #[serde(default)]
+    pub registry_url: Option<String>,
+    /// The registry's password, from this environment variable…
+    #[serde(default)]
+    pub registry_password_env: Option<String>,
+    /// …or from this file (its first line).
+    #[serde(default)]
+    pub registry_password_file: Option<PathBuf>,
+}
+
+impl std::fmt::Debug for FleetConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetConfig")
+            .field("ca_cert_file", &self.ca_cert_file)
+            .field("ca_key_file", &self.ca_key_file)
+            .field("cert_validity_secs", &self.cert_validity_secs)
+            .field("registry_url", &self.registry_url.as_deref().map(crate::store::postgres::redact))
+            .field("registry_password_env", &self.registry_password_env)
+            .field("registry_password_file", &self.registry_password_file)
+            .finish()
+    }
 }
 
 impl Default for FleetConfig {
     fn default() -> FleetConfig {
-        FleetConfig { ca_cert_file: None, ca_key_file: None, cert_validity_secs: default_cert_validity_secs() }
+        FleetConfig {
+            ca_cert_file: None,
+            ca_key_file: None,
+            cert_validity_secs: default_cert_validity_secs(),
+            registry_url: None,
+            registry_password_env: None,
+            registry_password_file: None,
+        }
+    }
+}
+
+impl FleetConfig {
+    /// Where the registry of `data_dir` is, with its password read.
+    pub fn registry_location(&self, data_dir: &Path) -> anyhow::Result<RegistryLocation> {
+        Ok(match &self.registry_url {
+            None => RegistryLocation::Sqlite(data_dir.join("fleet").join("registry.db")),
+            Some(url) => RegistryLocation::Postgres {
+                url: url.clone(),
+                password: crate::config::read_password(
+                    "fleet.registry_password",
+                    self.registry_password_env.as_deref(),
+                    self.registry_password_file.as_deref(),
+                )?,
+            },
+        })
     }
 }
 
@@ -82,15 +136,18 @@ pub enum EnrollError {
     Registry(String),
 }
 
+impl From<DbError> for EnrollError {
+    fn from(e: DbError) -> EnrollError {
+        EnrollError::Registry(e.message)
+    }
+}
+
 /// The tenant of a usable enrollment token (known, unused, unexpired).
-fn token_tenant(conn: &Connection, token: &str, now: i64) -> Result<String, EnrollError> {
-    let row: Option<(String, i64, Option<String>)> = conn
-        .query_row("SELECT tenant, expires_at, used_by FROM tokens WHERE hash = ?1", [sha256_hex(token)], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()
-        .map_err(|e| EnrollError::Registry(e.to_string()))?;
-    let (tenant, expires_at, used_by) = row.ok_or(EnrollError::UnknownToken)?;
+fn token_tenant(tx: &mut dyn Tx, token: &str, now: i64) -> Result<String, EnrollError> {
+    let rows =
+        tx.query("SELECT tenant, expires_at, used_by FROM tokens WHERE hash = ?1", &[sha256_hex(token).into()])?;
+    let mut row = rows.into_iter().next().map(Cols::new).ok_or(EnrollError::UnknownToken)?;
+    let (tenant, expires_at, used_by) = (row.text(), row.int(), row.opt_text());
     if let Some(by) = used_by {
         return Err(EnrollError::UsedToken(by));
     }
@@ -109,11 +166,18 @@ pub struct AgentRecord {
     pub revoked_at: Option<i64>,
 }
 
+impl AgentRecord {
+    fn from_row(row: Vec<Val>) -> AgentRecord {
+        let mut c = Cols::new(row);
+        AgentRecord { agent_id: c.text(), tenant: c.text(), enrolled_at: c.int(), revoked_at: c.opt_int() }
+    }
+}
+
 /// The CA and the registry.
 pub struct Fleet {
     ca_pem: String,
     issuer: Issuer<'static, KeyPair>,
-    registry: PathBuf,
+    registry: Arc<Registry>,
     validity: Duration,
 }
 
@@ -172,21 +236,48 @@ fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A new self-signed CA: (certificate, key), both PEM.
+fn new_ca() -> anyhow::Result<(String, String)> {
+    let mut params = CertificateParams::default();
+    params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+    params.distinguished_name.push(DnType::CommonName, "ActiDash fleet CA");
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::hours(1);
+    params.not_after = now + time::Duration::days(3650);
+    let key_pair = KeyPair::generate()?;
+    let ca = params.self_signed(&key_pair)?;
+    Ok((ca.pem(), key_pair.serialize_pem()))
+}
+
 impl Fleet {
-    /// Opens the fleet of `data_dir`, creating its CA and registry on first start.
+    /// Opens the fleet of `data_dir` (or of `[fleet] registry_url`), creating its CA and
+    /// registry on first start — exactly once, however many processes start at the same time.
     pub fn open(data_dir: &Path, config: &FleetConfig) -> anyhow::Result<Fleet> {
-        let dir = data_dir.join("fleet");
-        private_dir(&dir)?;
-        let (cert_file, key_file) = match (&config.ca_cert_file, &config.ca_key_file) {
+        let location = config.registry_location(data_dir)?;
+        let shared = location.is_shared();
+        let registry = Arc::new(Registry::open(location, crate::registry::SCHEMA)?);
+        let (ca_pem, key_pem, origin) = match (&config.ca_cert_file, &config.ca_key_file) {
             (Some(c), Some(k)) => {
                 use std::os::unix::fs::PermissionsExt as _;
                 let mode = std::fs::metadata(k).map(|m| m.permissions().mode() & 0o777).unwrap_or(0);
                 if mode & 0o077 != 0 {
                     tracing::warn!(key = %k.display(), mode = format!("{mode:o}"), "the fleet CA's key is readable by others than its owner: chmod 600 it");
                 }
-                (c.clone(), k.clone())
+                let cert = std::fs::read_to_string(c).with_context(|| format!("reading {}", c.display()))?;
+                let key = std::fs::read_to_string(k).with_context(|| format!("reading {}", k.display()))?;
+                if shared {
+                    Self::check_shared_ca(&registry, &cert, c)?;
+                }
+                (cert, key, k.display().to_string())
+            }
+            (None, None) if shared => {
+                let (cert, key) = Self::registry_ca(&registry)?;
+                (cert, key, registry.location().name())
             }
             (None, None) => {
+                let dir = data_dir.join("fleet");
+                private_dir(&dir)?;
                 let (c, k) = (dir.join("ca.pem"), dir.join("ca.key"));
                 // Every process that opens the fleet (each role, `token create`…) may be the
                 // first: one creates the CA while the others wait, then all read the same one.
@@ -199,46 +290,70 @@ impl Fleet {
                     .with_context(|| format!("opening {}", lock_path.display()))?;
                 lock.lock().with_context(|| format!("locking {}", lock_path.display()))?;
                 if !c.exists() {
-                    Self::create_ca(&c, &k)?;
+                    let (cert, key) = new_ca()?;
+                    write_private(&k, &key)?;
+                    // The certificate last, and whole: its presence means the CA is complete.
+                    let tmp = c.with_extension("pem.tmp");
+                    std::fs::write(&tmp, cert)?;
+                    std::fs::rename(&tmp, &c)?;
                     tracing::info!(ca = %c.display(), "fleet certificate authority created");
                 }
                 drop(lock);
-                (c, k)
+                let cert = std::fs::read_to_string(&c).with_context(|| format!("reading {}", c.display()))?;
+                let key = std::fs::read_to_string(&k).with_context(|| format!("reading {}", k.display()))?;
+                (cert, key, k.display().to_string())
             }
             _ => anyhow::bail!("fleet: set both ca_cert_file and ca_key_file, or neither"),
         };
-        let ca_pem = std::fs::read_to_string(&cert_file).with_context(|| format!("reading {}", cert_file.display()))?;
-        let key_pem = std::fs::read_to_string(&key_file).with_context(|| format!("reading {}", key_file.display()))?;
-        let key = KeyPair::from_pem(&key_pem).with_context(|| format!("parsing the CA key {}", key_file.display()))?;
+        let key = KeyPair::from_pem(&key_pem).with_context(|| format!("parsing the CA key of {origin}"))?;
         let issuer = Issuer::from_ca_cert_pem(&ca_pem, key)
-            .with_context(|| format!("parsing the CA certificate {}", cert_file.display()))?;
-        let fleet = Fleet {
+            .with_context(|| format!("parsing the CA certificate of {origin}"))?;
+        Ok(Fleet {
             ca_pem,
             issuer,
-            registry: dir.join("registry.db"),
+            registry,
             validity: Duration::from_secs(config.cert_validity_secs.clamp(MIN_VALIDITY_SECS, MAX_VALIDITY_SECS)),
-        };
-        fleet.create_schema()?;
-        Ok(fleet)
+        })
     }
 
-    fn create_ca(cert: &Path, key: &Path) -> anyhow::Result<()> {
-        let mut params = CertificateParams::default();
-        params.is_ca = IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
-        params.distinguished_name.push(DnType::CommonName, "ActiDash fleet CA");
-        params.key_usages =
-            vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-        let now = time::OffsetDateTime::now_utc();
-        params.not_before = now - time::Duration::hours(1);
-        params.not_after = now + time::Duration::days(3650);
-        let key_pair = KeyPair::generate()?;
-        let ca = params.self_signed(&key_pair)?;
-        write_private(key, &key_pair.serialize_pem())?;
-        // The certificate last, and whole: its presence means the CA is complete.
-        let tmp = cert.with_extension("pem.tmp");
-        std::fs::write(&tmp, ca.pem())?;
-        std::fs::rename(&tmp, cert)?;
-        Ok(())
+    /// A shared registry with no CA files: the CA lives in the registry, made by the first
+    /// process under the registry's write lock and read by every other.
+    fn registry_ca(registry: &Registry) -> anyhow::Result<(String, String)> {
+        registry.write(|tx| {
+            let rows = tx.query("SELECT cert_pem, key_pem FROM ca WHERE id = 1", &[])?;
+            if let Some(mut row) = rows.into_iter().next().map(Cols::new) {
+                let (cert, key) = (row.text(), row.text());
+                anyhow::ensure!(
+                    !key.is_empty(),
+                    "the registry's CA was given as files by another process (ca_cert_file, ca_key_file): give this one the same files"
+                );
+                return Ok((cert, key));
+            }
+            let (cert, key) = new_ca()?;
+            tx.exec("INSERT INTO ca (id, cert_pem, key_pem) VALUES (1, ?1, ?2)", &[(&cert).into(), (&key).into()])?;
+            tracing::info!(registry = %registry.location().name(), "fleet certificate authority created in the registry");
+            Ok((cert, key))
+        })
+    }
+
+    /// A shared registry with CA files: the first process records the certificate, and every
+    /// process must sign with the same one (agents enrolled by one gateway are served by all).
+    fn check_shared_ca(registry: &Registry, cert: &str, file: &Path) -> anyhow::Result<()> {
+        registry.write(|tx| {
+            let rows = tx.query("SELECT cert_pem FROM ca WHERE id = 1", &[])?;
+            match rows.into_iter().next().map(|r| Cols::new(r).text()) {
+                None => {
+                    tx.exec("INSERT INTO ca (id, cert_pem, key_pem) VALUES (1, ?1, NULL)", &[cert.into()])?;
+                    Ok(())
+                }
+                Some(known) if known.trim() == cert.trim() => Ok(()),
+                Some(_) => anyhow::bail!(
+                    "{} is not the CA the fleet registry {} already uses: every process sharing a registry signs with one CA (give each the same ca_cert_file and ca_key_file)",
+                    file.display(),
+                    registry.location().name()
+                ),
+            }
+        })
     }
 
     /// The CA certificate (PEM) agents' certificates chain to.
@@ -246,38 +361,23 @@ impl Fleet {
         &self.ca_pem
     }
 
-    /// A connection to the registry (the schema exists: [`Fleet::create_schema`] ran at open).
-    fn connect(&self) -> anyhow::Result<Connection> {
-        let conn = Connection::open(&self.registry).with_context(|| format!("opening {}", self.registry.display()))?;
-        conn.busy_timeout(Duration::from_secs(5))?;
-        Ok(conn)
-    }
-
-    /// WAL (a property of the file, set once) and the tables.
-    fn create_schema(&self) -> anyhow::Result<()> {
-        private_file(&self.registry)?;
-        let conn = self.connect()?;
-        // Processes opening a new registry at once: the switch to WAL waits its turn.
-        crate::store::enable_wal(&conn)?;
-        conn.execute_batch(
-            "CREATE TABLE IF NOT EXISTS tokens (hash TEXT PRIMARY KEY, tenant TEXT NOT NULL, created_at INTEGER NOT NULL,
-                 expires_at INTEGER NOT NULL, used_at INTEGER, used_by TEXT);
-             CREATE TABLE IF NOT EXISTS agents (agent_id TEXT PRIMARY KEY, tenant TEXT NOT NULL,
-                 enrolled_at INTEGER NOT NULL, revoked_at INTEGER);
-             CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, agent_id TEXT NOT NULL,
-                 issued_at INTEGER NOT NULL, not_after INTEGER NOT NULL);",
-        )?;
-        Ok(())
+    /// The registry the fleet keeps its records in.
+    pub fn registry(&self) -> &Arc<Registry> {
+        &self.registry
     }
 
     /// A new single-use token for `tenant`, valid for `ttl`; only its hash is stored.
     pub fn create_token(&self, tenant: &str, ttl: Duration, now: i64) -> anyhow::Result<String> {
         anyhow::ensure!(valid_agent_id(tenant), "invalid tenant {tenant:?}");
         let token = format!("adt_{}", hex::encode(rand::random::<[u8; 32]>()));
-        self.connect()?.execute(
-            "INSERT INTO tokens (hash, tenant, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
-            params![sha256_hex(&token), tenant, now, now + ttl.as_secs() as i64],
-        )?;
+        let hash = sha256_hex(&token);
+        self.registry.write(|tx| {
+            tx.exec(
+                "INSERT INTO tokens (hash, tenant, created_at, expires_at) VALUES (?1, ?2, ?3, ?4)",
+                &[hash.into(), tenant.into(), now.into(), (now + ttl.as_secs() as i64).into()],
+            )?;
+            Ok::<_, anyhow::Error>(())
+        })?;
         Ok(token)
     }
 
@@ -299,36 +399,28 @@ impl Fleet {
         if !valid_agent_id(agent_id) {
             return Err(EnrollError::InvalidAgentId(agent_id.to_owned()));
         }
-        let reg = |e: rusqlite::Error| EnrollError::Registry(e.to_string());
-        let mut conn = self.connect().map_err(|e| EnrollError::Registry(format!("{e:#}")))?;
         // The token first, read without the write lock: a stranger's attempt costs one indexed
         // read, not a CSR parse and the registry's lock.
-        token_tenant(&conn, token, now)?;
+        self.registry.read(|tx| token_tenant(tx, token, now))?;
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| EnrollError::InvalidCsr(e.to_string()))?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(reg)?;
-        // Again under the lock: another enrollment may have used it meanwhile.
-        let tenant = token_tenant(&tx, token, now)?;
-        let taken: Option<i64> = tx
-            .query_row("SELECT 1 FROM agents WHERE agent_id = ?1", [agent_id], |r| r.get(0))
-            .optional()
-            .map_err(reg)?;
-        if taken.is_some() {
-            return Err(EnrollError::IdUnavailable(agent_id.to_owned()));
-        }
-        tx.execute(
-            "UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE hash = ?3",
-            params![now, agent_id, sha256_hex(token)],
-        )
-        .map_err(reg)?;
-        tx.execute(
-            "INSERT INTO agents (agent_id, tenant, enrolled_at) VALUES (?1, ?2, ?3)",
-            params![agent_id, tenant, now],
-        )
-        .map_err(reg)?;
-        let cert = self.sign(&tx, csr, agent_id, &tenant, now)?;
-        tx.commit().map_err(reg)?;
-        Ok((tenant, cert))
+        self.registry.write(|tx| {
+            // Again under the lock: another enrollment may have used it meanwhile.
+            let tenant = token_tenant(tx, token, now)?;
+            if !tx.query("SELECT 1 FROM agents WHERE agent_id = ?1", &[agent_id.into()])?.is_empty() {
+                return Err(EnrollError::IdUnavailable(agent_id.to_owned()));
+            }
+            tx.exec(
+                "UPDATE tokens SET used_at = ?1, used_by = ?2 WHERE hash = ?3",
+                &[now.into(), agent_id.into(), sha256_hex(token).into()],
+            )?;
+            tx.exec(
+                "INSERT INTO agents (agent_id, tenant, enrolled_at) VALUES (?1, ?2, ?3)",
+                &[agent_id.into(), (&tenant).into(), now.into()],
+            )?;
+            let cert = self.sign(tx, csr, agent_id, &tenant, now)?;
+            Ok((tenant, cert))
+        })
     }
 
     /// A new certificate for an enrolled, unrevoked agent (renewal over its authenticated
@@ -336,28 +428,23 @@ impl Fleet {
     pub fn renew(&self, agent_id: &str, tenant: &str, csr_pem: &str, now: i64) -> Result<String, EnrollError> {
         let csr =
             CertificateSigningRequestParams::from_pem(csr_pem).map_err(|e| EnrollError::InvalidCsr(e.to_string()))?;
-        let reg = |e: rusqlite::Error| EnrollError::Registry(e.to_string());
-        let mut conn = self.connect().map_err(|e| EnrollError::Registry(format!("{e:#}")))?;
-        let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(reg)?;
-        let revoked: Option<Option<i64>> = tx
-            .query_row("SELECT revoked_at FROM agents WHERE agent_id = ?1 AND tenant = ?2", [agent_id, tenant], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(reg)?;
-        match revoked {
-            Some(None) => {}
-            Some(Some(_)) => return Err(EnrollError::Revoked(agent_id.to_owned())),
-            None => return Err(EnrollError::Registry(format!("agent {agent_id:?} is not enrolled"))),
-        }
-        let cert = self.sign(&tx, csr, agent_id, tenant, now)?;
-        tx.commit().map_err(reg)?;
-        Ok(cert)
+        self.registry.write(|tx| {
+            let rows = tx.query(
+                "SELECT revoked_at FROM agents WHERE agent_id = ?1 AND tenant = ?2",
+                &[agent_id.into(), tenant.into()],
+            )?;
+            match rows.into_iter().next().map(|r| Cols::new(r).opt_int()) {
+                Some(None) => {}
+                Some(Some(_)) => return Err(EnrollError::Revoked(agent_id.to_owned())),
+                None => return Err(EnrollError::Registry(format!("agent {agent_id:?} is not enrolled"))),
+            }
+            self.sign(tx, csr, agent_id, tenant, now)
+        })
     }
 
     fn sign(
         &self,
-        tx: &rusqlite::Transaction<'_>,
+        tx: &mut dyn Tx,
         csr: CertificateSigningRequestParams,
         agent_id: &str,
         tenant: &str,
@@ -385,66 +472,48 @@ impl Fleet {
         let cert = CertificateSigningRequestParams { params, public_key: csr.public_key }
             .signed_by(&self.issuer)
             .map_err(|e| EnrollError::InvalidCsr(e.to_string()))?;
-        tx.execute(
+        tx.exec(
             "INSERT INTO certs (serial, agent_id, issued_at, not_after) VALUES (?1, ?2, ?3, ?4)",
-            params![hex::encode(&serial), agent_id, now, now + self.validity.as_secs() as i64],
-        )
-        .map_err(|e| EnrollError::Registry(e.to_string()))?;
+            &[hex::encode(&serial).into(), agent_id.into(), now.into(), (now + self.validity.as_secs() as i64).into()],
+        )?;
         Ok(cert.pem())
     }
 
     /// Revokes an agent; false if it is unknown.
     pub fn revoke(&self, agent_id: &str, now: i64) -> anyhow::Result<bool> {
-        let n = self.connect()?.execute(
-            "UPDATE agents SET revoked_at = COALESCE(revoked_at, ?1) WHERE agent_id = ?2",
-            params![now, agent_id],
-        )?;
+        let n = self.registry.write(|tx| {
+            tx.exec(
+                "UPDATE agents SET revoked_at = COALESCE(revoked_at, ?1) WHERE agent_id = ?2",
+                &[now.into(), agent_id.into()],
+            )
+        })?;
         Ok(n > 0)
     }
 
     /// Every revoked agent id.
     pub fn revoked(&self) -> anyhow::Result<HashSet<String>> {
-        let conn = self.connect()?;
-        let mut stmt = conn.prepare("SELECT agent_id FROM agents WHERE revoked_at IS NOT NULL")?;
-        let ids = stmt.query_map([], |r| r.get(0))?.collect::<Result<_, _>>()?;
-        Ok(ids)
+        let rows =
+            self.registry.read(|tx| tx.query("SELECT agent_id FROM agents WHERE revoked_at IS NOT NULL", &[]))?;
+        Ok(rows.into_iter().map(|r| Cols::new(r).text()).collect())
     }
 
     /// One agent, if enrolled.
     pub fn agent(&self, agent_id: &str) -> anyhow::Result<Option<AgentRecord>> {
-        let conn = self.connect()?;
-        Ok(conn
-            .query_row(
+        let rows = self.registry.read(|tx| {
+            tx.query(
                 "SELECT agent_id, tenant, enrolled_at, revoked_at FROM agents WHERE agent_id = ?1",
-                [agent_id],
-                |r| {
-                    Ok(AgentRecord {
-                        agent_id: r.get(0)?,
-                        tenant: r.get(1)?,
-                        enrolled_at: r.get(2)?,
-                        revoked_at: r.get(3)?,
-                    })
-                },
+                &[agent_id.into()],
             )
-            .optional()?)
+        })?;
+        Ok(rows.into_iter().next().map(AgentRecord::from_row))
     }
 
     /// Every enrolled agent.
     pub fn agents(&self) -> anyhow::Result<Vec<AgentRecord>> {
-        let conn = self.connect()?;
-        let mut stmt =
-            conn.prepare("SELECT agent_id, tenant, enrolled_at, revoked_at FROM agents ORDER BY agent_id")?;
-        let rows = stmt
-            .query_map([], |r| {
-                Ok(AgentRecord {
-                    agent_id: r.get(0)?,
-                    tenant: r.get(1)?,
-                    enrolled_at: r.get(2)?,
-                    revoked_at: r.get(3)?,
-                })
-            })?
-            .collect::<Result<_, _>>()?;
-        Ok(rows)
+        let rows = self.registry.read(|tx| {
+            tx.query("SELECT agent_id, tenant, enrolled_at, revoked_at FROM agents ORDER BY agent_id", &[])
+        })?;
+        Ok(rows.into_iter().map(AgentRecord::from_row).collect())
     }
 
     /// A certificate signed by this CA for any identity and end of validity, outside the
@@ -493,18 +562,10 @@ mod tests {
         (key, csr)
     }
 
-    #[test]
-    fn tokens_are_single_use_and_expire_and_identity_comes_from_the_ca() {
-        let dir = tempfile::tempdir().unwrap();
-        let fleet = Fleet::open(dir.path(), &FleetConfig::default()).unwrap();
-        let mode = |p: &str| {
-            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(p)).unwrap().permissions())
-                & 0o777
-        };
-        assert_eq!(mode("fleet/ca.key"), 0o600);
-        assert_eq!(mode("fleet"), 0o700, "the fleet's folder is owner-only");
-        assert_eq!(mode("fleet/registry.db"), 0o600, "so is its registry, whatever the umask");
-
+    /// Enrollment, renewal and revocation on the fleet `open` opens (twice: two processes, or
+    /// two hosts sharing one registry).
+    fn tokens_and_identities(open: &(dyn Fn() -> Fleet + Sync)) {
+        let fleet = open();
         let token = fleet.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
         let (_, csr_pem) = csr();
         let (tenant, cert) = fleet.enroll(&token, "a1", &csr_pem, 1_001).unwrap();
@@ -514,20 +575,23 @@ mod tests {
                 .unwrap();
         assert_eq!(identity_of(&der).unwrap(), ("a1".into(), "acme".into()), "the CSR's own name is ignored");
 
-        assert_eq!(fleet.enroll(&token, "a2", &csr_pem, 1_002), Err(EnrollError::UsedToken("a1".into())));
+        // Another process (or host) sees the same registry and signs with the same CA.
+        let other = open();
+        assert_eq!(other.ca_pem(), fleet.ca_pem());
+        assert_eq!(other.enroll(&token, "a2", &csr_pem, 1_002), Err(EnrollError::UsedToken("a1".into())));
         assert_eq!(fleet.enroll("adt_nope", "a2", &csr_pem, 1_002), Err(EnrollError::UnknownToken));
         let short = fleet.create_token("acme", Duration::from_secs(10), 1_000).unwrap();
         assert_eq!(fleet.enroll(&short, "a3", &csr_pem, 1_010), Err(EnrollError::ExpiredToken));
-        let again = fleet.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
+        let again = other.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
         assert_eq!(fleet.enroll(&again, "a1", &csr_pem, 1_003), Err(EnrollError::IdUnavailable("a1".into())));
         // The token is looked up before anything else: a bad CSR with a bad token is a token error.
         assert_eq!(fleet.enroll("adt_nope", "a4", "garbage", 1_003), Err(EnrollError::UnknownToken));
         assert!(matches!(fleet.enroll(&again, "a4", "garbage", 1_003), Err(EnrollError::InvalidCsr(_))));
 
-        assert!(fleet.renew("a1", "acme", &csr_pem, 1_004).is_ok());
-        assert!(fleet.revoke("a1", 1_005).unwrap());
+        assert!(other.renew("a1", "acme", &csr_pem, 1_004).is_ok());
+        assert!(other.revoke("a1", 1_005).unwrap());
         assert!(!fleet.revoke("nobody", 1_005).unwrap());
-        assert_eq!(fleet.revoked().unwrap(), HashSet::from(["a1".to_owned()]));
+        assert_eq!(fleet.revoked().unwrap(), HashSet::from(["a1".to_owned()]), "a revocation made elsewhere");
         assert_eq!(fleet.renew("a1", "acme", &csr_pem, 1_006), Err(EnrollError::Revoked("a1".into())));
         assert_eq!(
             fleet.enroll(&again, "a1", &csr_pem, 1_006),
@@ -535,11 +599,86 @@ mod tests {
             "revoked or enrolled, the same answer"
         );
         assert!(!format!("{:?}", fleet.enroll(&again, "a1", &csr_pem, 1_006)).contains(&again));
+        assert_eq!(other.agent("a1").unwrap().unwrap().tenant, "acme");
+        assert_eq!(other.agents().unwrap().len(), 1);
 
-        // Reopened: the same CA, the same registry.
-        let reopened = Fleet::open(dir.path(), &FleetConfig::default()).unwrap();
-        assert_eq!(reopened.ca_pem(), fleet.ca_pem());
-        assert_eq!(reopened.agent("a1").unwrap().unwrap().tenant, "acme");
+        // One token, many enrollments at once: exactly one wins.
+        let contested = fleet.create_token("acme", Duration::from_secs(3600), 1_000).unwrap();
+        let wins = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..6)
+                .map(|i| {
+                    let (contested, csr_pem) = (&contested, &csr_pem);
+                    scope.spawn(move || open().enroll(contested, &format!("racer{i}"), csr_pem, 1_007).is_ok())
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).filter(|won| *won).count()
+        });
+        assert_eq!(wins, 1, "a token is redeemed once, whichever process redeems it");
+    }
+
+    #[test]
+    fn tokens_are_single_use_and_expire_and_identity_comes_from_the_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        tokens_and_identities(&|| Fleet::open(dir.path(), &FleetConfig::default()).unwrap());
+        let mode = |p: &str| {
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(dir.path().join(p)).unwrap().permissions())
+                & 0o777
+        };
+        assert_eq!(mode("fleet/ca.key"), 0o600);
+        assert_eq!(mode("fleet"), 0o700, "the fleet's folder is owner-only");
+        assert_eq!(mode("fleet/registry.db"), 0o600, "so is its registry, whatever the umask");
+    }
+
+    #[test]
+    fn a_registry_on_postgres_is_shared_by_processes_on_several_hosts() {
+        let Some(admin) = actidash_tests::postgres_admin("fleet registry on postgres") else { return };
+        let url = actidash_tests::fresh_postgres_database(&admin, "actidash_registry_test").unwrap();
+        let config = FleetConfig { registry_url: Some(url.clone()), ..FleetConfig::default() };
+        // Each "host" has its own data folder: nothing is shared but the database.
+        let hosts: Vec<tempfile::TempDir> = (0..8).map(|_| tempfile::tempdir().unwrap()).collect();
+        // A first start on several hosts at once: one CA, made once, in the registry.
+        let cas: Vec<String> = std::thread::scope(|scope| {
+            let handles: Vec<_> = hosts
+                .iter()
+                .map(|h| scope.spawn(|| Fleet::open(h.path(), &config).unwrap().ca_pem().to_owned()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(cas.iter().all(|ca| *ca == cas[0]), "every host reads the one CA");
+        assert!(!hosts[0].path().join("fleet/ca.key").exists(), "no key file on the host");
+        let next = std::sync::atomic::AtomicUsize::new(0);
+        tokens_and_identities(&|| {
+            let host = &hosts[next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % hosts.len()];
+            Fleet::open(host.path(), &config).unwrap()
+        });
+
+        // CA files on a shared registry must be the same everywhere.
+        let url2 = actidash_tests::fresh_postgres_database(&admin, "actidash_registry_files_test").unwrap();
+        let files = tempfile::tempdir().unwrap();
+        let write_ca = |name: &str| {
+            let (cert, key) = new_ca().unwrap();
+            let (c, k) = (files.path().join(format!("{name}.pem")), files.path().join(format!("{name}.key")));
+            std::fs::write(&c, cert).unwrap();
+            write_private(&k, &key).unwrap();
+            (c, k)
+        };
+        let (c1, k1) = write_ca("one");
+        let (c2, k2) = write_ca("two");
+        let with_files = |c: &Path, k: &Path| FleetConfig {
+            registry_url: Some(url2.clone()),
+            ca_cert_file: Some(c.to_owned()),
+            ca_key_file: Some(k.to_owned()),
+            ..FleetConfig::default()
+        };
+        Fleet::open(hosts[0].path(), &with_files(&c1, &k1)).unwrap();
+        Fleet::open(hosts[1].path(), &with_files(&c1, &k1)).unwrap();
+        let err = Fleet::open(hosts[2].path(), &with_files(&c2, &k2)).unwrap_err().to_string();
+        assert!(err.contains("is not the CA the fleet registry") && err.contains("two.pem"), "{err}");
+        let err = Fleet::open(hosts[3].path(), &FleetConfig { registry_url: Some(url2), ..FleetConfig::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("give this one the same files"), "{err}");
+        assert!(!err.contains(&admin), "{err}");
     }
 
     #[test]

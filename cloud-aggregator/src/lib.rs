@@ -14,6 +14,7 @@ pub mod fleet;
 pub mod gateway;
 pub mod health;
 pub mod process;
+pub mod registry;
 pub mod serve;
 pub mod store;
 pub mod telemetry;
@@ -89,12 +90,13 @@ pub async fn run(config: CloudConfig, roles: BTreeSet<Role>, shutdown: Cancellat
     }
     if roles.contains(&Role::Serve) {
         let serve_config = config.serve.clone().context("the serve role needs a [serve] section")?;
+        let fleet = std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?);
         let options = serve::ServeOptions {
-            tokens: api_tokens::ApiTokens::open(&config.data_dir)?,
+            tokens: api_tokens::ApiTokens::on(fleet.registry().clone()),
             ui_dir: serve_config.ui_dir.clone(),
             cors_origins: serve_config.cors_origins.clone(),
             rate_per_token: serve_config.requests_per_sec_per_token.unwrap_or(serve::DEFAULT_RATE_PER_TOKEN),
-            fleet: std::sync::Arc::new(fleet::Fleet::open(&config.data_dir, &config.fleet)?),
+            fleet,
             agent_offline_after: std::time::Duration::from_secs(serve_config.agent_offline_after_secs),
             header_read_timeout: std::time::Duration::from_millis(serve_config.header_read_timeout_ms.max(1)),
             fleet_metrics: config.metrics.is_some(),

@@ -128,7 +128,8 @@ use cloud_aggregator::api_tokens::parse_duration;
 fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
     use cloud_aggregator::api_tokens::ApiTokens;
     let open = |config: &std::path::Path| -> anyhow::Result<ApiTokens> {
-        ApiTokens::open(&CloudConfig::load(config)?.data_dir)
+        let config = CloudConfig::load(config)?;
+        ApiTokens::open(&config.data_dir, &config.fleet)
     };
     let now = chrono::Utc::now().timestamp();
     let when = |t: Option<i64>| {

@@ -52,7 +52,7 @@ fn start_on(location: cloud_aggregator::store::Location, data_dir: &Path) -> Api
     let listener = rt.block_on(tokio::net::TcpListener::bind("127.0.0.1:0")).unwrap();
     let port = listener.local_addr().unwrap().port();
     let shutdown = CancellationToken::new();
-    let tokens = ApiTokens::open(data_dir).unwrap();
+    let tokens = ApiTokens::open(data_dir, &Default::default()).unwrap();
     let (_, token) = tokens.create(None, Role::Admin, None, chrono::Utc::now().timestamp()).unwrap();
     let fleet = std::sync::Arc::new(
         cloud_aggregator::fleet::Fleet::open(data_dir, &cloud_aggregator::fleet::FleetConfig::default()).unwrap(),

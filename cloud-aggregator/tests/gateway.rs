@@ -401,6 +401,71 @@ async fn revocation_closes_the_agent_out_of_every_gateway_within_a_heartbeat_int
     second.shutdown.cancel();
 }
 
+/// A gateway on a host of its own (its own data folder and TLS certificate) whose fleet
+/// registry is the PostgreSQL database at `url`.
+async fn start_on_postgres(url: &str) -> Harness {
+    let dir = Arc::new(tempfile::tempdir().unwrap());
+    cloud_aggregator::certs::write_dev_certs(&dir.path().join("certs"), &["localhost".into()]).unwrap();
+    let config = FleetConfig { registry_url: Some(url.to_owned()), ..FleetConfig::default() };
+    let fleet = Arc::new(Fleet::open(dir.path(), &config).unwrap());
+    start_on(dir, fleet, |_| {}).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gateways_on_several_hosts_share_enrollment_and_revocation_through_postgres() {
+    let Some(admin) = actidash_tests::postgres_admin("gateways on a postgres registry") else { return };
+    // The synchronous client, off the test's runtime.
+    let url = std::thread::spawn(move || {
+        actidash_tests::fresh_postgres_database(&admin, "actidash_gateway_registry_test").unwrap()
+    })
+    .join()
+    .unwrap();
+    let first = start_on_postgres(&url).await;
+    let second = start_on_postgres(&url).await;
+    assert_eq!(first.fleet.ca_pem(), second.fleet.ca_pem(), "one fleet CA, kept in the registry");
+
+    // Enrolled over the wire at the first gateway, with a token made on the second host.
+    let token = second.fleet.create_token("acme", Duration::from_secs(600), now()).unwrap();
+    let (key_pem, csr_pem) = edge_agent::identity::new_key_and_csr("a1").unwrap();
+    let enroll = Frame::Enroll(Enroll { protocol_version: PROTOCOL_VERSION, agent_id: "a1".into(), token, csr_pem });
+    let frames = exchange_tcp(&first, None, &encode(std::slice::from_ref(&enroll)), 1).await;
+    let Some(Frame::Enrolled(enrolled)) = frames.first() else { panic!("{frames:?}") };
+    // The token is spent for every gateway.
+    let frames = exchange_tcp(&second, None, &encode(&[enroll]), 1).await;
+    assert!(error_code(&frames).1.contains("already used"), "{frames:?}");
+
+    // Served by both.
+    let a1 = AgentId { key_pem, cert_pem: enrolled.cert_pem.clone() };
+    let mut sessions = Vec::new();
+    for h in [&first, &second] {
+        let (mut send, mut recv, conn, endpoint) = open_quic(h, Some(&a1)).await.unwrap();
+        send.write_all(&encode(&[hello("a1", PROTOCOL_VERSION), order_batch("acme", 0, 3)])).await.unwrap();
+        let frames = read_frames(&mut recv, 2).await;
+        assert!(matches!(&frames[1], Frame::Ack(a) if a.count == 3), "{frames:?}");
+        sessions.push((send, recv, conn, endpoint));
+    }
+
+    // Revoked from a third host (the command line): both gateways close the agent out within
+    // a heartbeat interval (they reload the revoked set every half interval, 500 ms here).
+    let cli_host = tempfile::tempdir().unwrap();
+    let cli = Fleet::open(cli_host.path(), &FleetConfig { registry_url: Some(url), ..FleetConfig::default() }).unwrap();
+    let revoked_at = std::time::Instant::now();
+    assert!(cli.revoke("a1", now()).unwrap());
+    for (_, recv, _, _) in &mut sessions {
+        let frames = read_frames(recv, 1).await;
+        let (code, message) = error_code(&frames);
+        assert_eq!(code, ErrorCode::Unauthenticated);
+        assert!(message.contains("was revoked"), "{message}");
+    }
+    eprintln!("both gateways closed the revoked agent out {:?} after the revocation", revoked_at.elapsed());
+    for h in [&first, &second] {
+        let frames = exchange(h, Some(&a1), &encode(&[hello("a1", PROTOCOL_VERSION)]), 1).await;
+        assert_eq!(error_code(&frames), (ErrorCode::Unauthenticated, "agent \"a1\" is revoked".into()));
+    }
+    first.shutdown.cancel();
+    second.shutdown.cancel();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_agent_limits_on_connections_batch_size_and_rate() {
     let h = start_with(|c| {

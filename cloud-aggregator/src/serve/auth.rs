@@ -203,7 +203,7 @@ mod tests {
     #[test]
     fn each_token_gets_a_burst_then_its_rate() {
         let dir = tempfile::tempdir().unwrap();
-        let auth = Auth::new(ApiTokens::open(dir.path()).unwrap(), 50.0);
+        let auth = Auth::new(ApiTokens::open(dir.path(), &Default::default()).unwrap(), 50.0);
         let t0 = Instant::now();
         let allowed = (0..300).filter(|_| auth.allow("a", t0)).count();
         assert_eq!(allowed, 200, "four seconds' worth at once");

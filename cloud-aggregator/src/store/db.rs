@@ -68,6 +68,15 @@ impl Cols {
         self.0.next().map(Val::into_text).unwrap_or_default()
     }
 
+    /// The next column as text, None for NULL.
+    pub fn opt_text(&mut self) -> Option<String> {
+        match self.0.next() {
+            Some(Val::Text(t)) => Some(t),
+            Some(Val::Int(i)) => Some(i.to_string()),
+            _ => None,
+        }
+    }
+
     /// The columns not read yet, as integers.
     pub fn rest_ints(self) -> Vec<i64> {
         self.0.map(|v| v.int_or_zero()).collect()

@@ -508,7 +508,7 @@ impl Store {
 /// Runs `f` on a thread of its own, outside any async runtime: the synchronous PostgreSQL
 /// client drives its own runtime and must not run on a thread that is inside one (an API
 /// worker, a `spawn_blocking` thread).
-fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+pub(crate) fn off_runtime<R: Send>(f: impl FnOnce() -> R + Send) -> R {
     std::thread::scope(|scope| match scope.spawn(f).join() {
         Ok(r) => r,
         Err(panic) => std::panic::resume_unwind(panic),
