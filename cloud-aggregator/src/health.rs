@@ -67,8 +67,8 @@ impl State {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Reason {
     /// `source_error`, `source_paused`, `source_lagging`, `spool_filling`, `dead_letters`,
-    /// `slot_wal`, `certificate_expiring`, `holding`, `no_heartbeat`, `revoked`, `outage`,
-    /// `restarted`.
+    /// `slot_wal`, `certificate_expiring`, `holding`, `config_failed`, `no_heartbeat`,
+    /// `revoked`, `outage`, `restarted`.
     pub code: String,
     /// The source it is about, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -181,6 +181,20 @@ pub fn assess(hb: &Heartbeat, errors_rising_at: Option<DateTime<Utc>>, at: DateT
     }
     if let Some(why) = &hb.holding {
         reasons.push(Reason::new("holding", None, why.clone()));
+    }
+    if let Some(c) = hb.config.as_ref().filter(|c| c.state == "rolled_back" || c.state == "refused") {
+        let version = c.failed_version.map_or("?".to_owned(), |v| v.to_string());
+        let how = if c.state == "rolled_back" { "rolled back" } else { "refused" };
+        let runs = c.version.map_or("its local file".to_owned(), |v| format!("version {v}"));
+        reasons.push(Reason::new(
+            "config_failed",
+            None,
+            format!(
+                "configuration version {version} of group {} {how} by the agent (it runs {runs}): {}",
+                c.group,
+                c.error.as_deref().unwrap_or("no error given")
+            ),
+        ));
     }
     (if reasons.is_empty() { State::Healthy } else { State::Degraded }, reasons)
 }
@@ -410,6 +424,18 @@ mod tests {
         let mut hb = fine.clone();
         hb.holding = Some("waiting for schema v3".into());
         assert_eq!(code(&hb, None), ["holding"]);
+        let mut hb = fine.clone();
+        let state = |s: &str| actidash_shared::wire::ConfigState {
+            group: "stores".into(),
+            version: Some(1),
+            state: s.into(),
+            failed_version: Some(2),
+            error: Some("source shop: unable to open database file".into()),
+        };
+        hb.config = Some(state("applied"));
+        assert_eq!(assess(&hb, None, at).0, State::Healthy, "a push that ran well is no reason");
+        hb.config = Some(state("rolled_back"));
+        assert_eq!(code(&hb, None), ["config_failed"]);
     }
 
     #[test]

@@ -8,6 +8,7 @@
 
 pub mod analytics;
 pub mod api_tokens;
+pub mod central;
 pub mod certs;
 pub mod config;
 pub mod fleet;

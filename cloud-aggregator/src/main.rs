@@ -60,6 +60,51 @@ enum Command {
         #[command(subcommand)]
         command: ApiTokenCommand,
     },
+    /// Central configuration of agents (those whose file says `config_source = "cloud"`).
+    #[command(name = "config")]
+    CentralConfig {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ConfigCommand {
+    /// Validate an agent configuration's `[[sources]]` and `[shipper]` (as `edge-agent check`
+    /// does) and make it the group's next version; its agents apply it within a heartbeat.
+    Push {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        group: String,
+        /// The TOML file to push.
+        file: PathBuf,
+    },
+    /// Which version each group has active, and which each agent runs.
+    Status {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        group: Option<String>,
+        /// One JSON document instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make an earlier version active again (by default the one active before the current).
+    Rollback {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        tenant: String,
+        #[arg(long)]
+        group: String,
+        #[arg(long)]
+        to: Option<u64>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -169,6 +214,44 @@ fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn central_config(command: ConfigCommand) -> anyhow::Result<()> {
+    use cloud_aggregator::central;
+    let now = chrono::Utc::now().timestamp();
+    match command {
+        ConfigCommand::Push { config, tenant, group, file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let fleet = open_fleet(&config)?;
+            let version = central::push(fleet.registry(), &tenant, &group, &text, &file, now)?;
+            println!("{tenant}/{group}: version {version} is active");
+        }
+        ConfigCommand::Status { config, tenant, group, json } => {
+            let fleet = open_fleet(&config)?;
+            let groups = central::status(fleet.registry(), &tenant, group.as_deref())?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&groups)?);
+                return Ok(());
+            }
+            let v = |v: Option<u64>| v.map_or("-".to_owned(), |v| v.to_string());
+            for g in &groups {
+                println!("group {}: active version {}, latest {}", g.group, v(g.active), v(g.latest));
+                for a in &g.agents {
+                    let failed = match (&a.failed_version, &a.error) {
+                        (Some(f), Some(e)) => format!("\tfailed v{f}: {e}"),
+                        _ => String::new(),
+                    };
+                    println!("  {}\tv{}\t{}{failed}", a.agent_id, v(a.version), a.state);
+                }
+            }
+        }
+        ConfigCommand::Rollback { config, tenant, group, to } => {
+            let fleet = open_fleet(&config)?;
+            let (from, to) = central::rollback(fleet.registry(), &tenant, &group, to, now)?;
+            println!("{tenant}/{group}: version {to} is active again (was {from})");
+        }
+    }
+    Ok(())
+}
+
 fn open_fleet(config: &std::path::Path) -> anyhow::Result<cloud_aggregator::fleet::Fleet> {
     let cfg = CloudConfig::load(config)?;
     cloud_aggregator::fleet::Fleet::open(&cfg.data_dir, &cfg.fleet)
@@ -229,6 +312,7 @@ fn run() -> anyhow::Result<()> {
             Ok(())
         }
         Command::ApiToken { command } => api_token(command),
+        Command::CentralConfig { command } => central_config(command),
         Command::Run { config, roles, metrics_listen } => {
             let mut cfg = CloudConfig::load(&config)?;
             if let Some(listen) = metrics_listen {

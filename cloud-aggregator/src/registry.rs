@@ -35,7 +35,13 @@ CREATE TABLE IF NOT EXISTS certs (serial TEXT PRIMARY KEY, agent_id TEXT NOT NUL
 CREATE TABLE IF NOT EXISTS ca (id INTEGER PRIMARY KEY, cert_pem TEXT NOT NULL, key_pem TEXT);
 CREATE TABLE IF NOT EXISTS api_tokens (hash TEXT PRIMARY KEY, id TEXT NOT NULL UNIQUE,
     tenant TEXT, role TEXT NOT NULL, created_at BIGINT NOT NULL, expires_at BIGINT,
-    revoked_at BIGINT)
+    revoked_at BIGINT);
+CREATE TABLE IF NOT EXISTS configs (tenant TEXT NOT NULL, grp TEXT NOT NULL, version BIGINT NOT NULL,
+    text TEXT NOT NULL, sha256 TEXT NOT NULL, created_at BIGINT NOT NULL, PRIMARY KEY (tenant, grp, version));
+CREATE TABLE IF NOT EXISTS config_activations (tenant TEXT NOT NULL, grp TEXT NOT NULL, n BIGINT NOT NULL,
+    version BIGINT NOT NULL, action TEXT NOT NULL, at BIGINT NOT NULL, PRIMARY KEY (tenant, grp, n));
+CREATE TABLE IF NOT EXISTS agent_configs (agent_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, grp TEXT NOT NULL,
+    version BIGINT, state TEXT NOT NULL, failed_version BIGINT, error TEXT, reported_at BIGINT NOT NULL)
 ";
 
 /// The PostgreSQL schema of the registry's tables.

@@ -58,6 +58,7 @@ const GATEWAY_COUNTERS: &[(&str, &str)] = &[
     ("enroll_failures", "Enrollments refused."),
     ("renewals", "Certificates renewed."),
     ("revoked_disconnects", "Connections closed because their agent was revoked."),
+    ("config_pushes", "Configurations pushed to agents of a group."),
     ("foreign_tenant_batches", "Batches with an event claiming another tenant than the certificate's."),
     ("refused_events", "Events refused for good (the agent keeps them aside)."),
     ("heartbeats_dropped", "Heartbeats answered but not stored (more than one per half interval)."),

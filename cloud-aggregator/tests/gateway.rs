@@ -192,6 +192,7 @@ fn hello(agent: &str, version: u16) -> Frame {
         agent_id: agent.into(),
         agent_version: "test".into(),
         refusals: false,
+        config: None,
     })
 }
 
@@ -621,6 +622,7 @@ async fn an_enrolled_agent_cannot_amplify_what_it_sends() {
         agent_id: "a1".into(),
         agent_version: "test".into(),
         refusals: true,
+        config: None,
     });
     send.write_all(&encode(&[hello])).await.unwrap();
     let Some(Frame::Welcome(welcome)) = read_frames(&mut recv, 1).await.pop() else { panic!("no welcome") };

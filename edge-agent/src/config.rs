@@ -84,6 +84,44 @@ pub struct AgentConfig {
     /// The Prometheus scrape endpoint (absent: none).
     #[serde(default)]
     pub metrics: Option<crate::telemetry::MetricsConfig>,
+    /// `local` (default): this file's sources; `cloud`: the sources the cloud pushes for
+    /// `group` ([`crate::central`]), this file's until the first push.
+    #[serde(default)]
+    pub config_source: ConfigSource,
+    /// The agent's group for central configuration.
+    #[serde(default = "default_group")]
+    pub group: String,
+    /// How long a pushed configuration's sources have to start before the agent rolls it back.
+    #[serde(default = "default_config_grace_secs")]
+    pub config_grace_secs: u64,
+}
+
+/// Where the agent's sources come from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConfigSource {
+    #[default]
+    Local,
+    Cloud,
+}
+
+fn default_group() -> String {
+    "default".into()
+}
+
+fn default_config_grace_secs() -> u64 {
+    30
+}
+
+/// What the cloud may push: the sources and the shipper's settings. The identity, the cloud,
+/// the spool and the data folder stay in the local file, so that a push cannot cut an agent off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PushedConfig {
+    #[serde(default)]
+    sources: Vec<SourceConfig>,
+    #[serde(default)]
+    shipper: Option<ShipperConfig>,
 }
 
 /// The gateway to ship to.
@@ -156,17 +194,7 @@ impl AgentConfig {
 
     /// Parses and validates configuration text that was read from `path`.
     pub fn parse(text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
-        let mut config: AgentConfig = toml::from_str(text).map_err(|e| match locate_source_error(text) {
-            // Inside a source serde's tagged enum loses the place: found again, field and line.
-            Some((field, message)) => {
-                ConfigError::Invalid { path: path.to_owned(), line: find_line(text, &field), field, message }
-            }
-            None => ConfigError::Parse {
-                path: path.to_owned(),
-                line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
-                message: e.message().to_owned(),
-            },
-        })?;
+        let mut config: AgentConfig = toml::from_str(text).map_err(|e| parse_error(text, path, &e))?;
         let base = path.parent().unwrap_or(Path::new("."));
         config.resolve_paths(base);
         config.validate().map_err(|(field, message)| ConfigError::Invalid {
@@ -176,6 +204,56 @@ impl AgentConfig {
             message,
         })?;
         Ok(config)
+    }
+
+    /// This configuration with the sources (and shipper settings) of a pushed configuration
+    /// whose text is named `path` in errors ([`crate::central`]); checked as a whole, as
+    /// [`AgentConfig::parse`] checks a file, and refused if it holds a secret.
+    pub fn with_pushed(&self, text: &str, path: &Path) -> Result<AgentConfig, ConfigError> {
+        let pushed: PushedConfig = toml::from_str(text).map_err(|e| parse_error(text, path, &e))?;
+        let mut config = self.clone();
+        config.sources = pushed.sources;
+        if let Some(shipper) = pushed.shipper {
+            config.shipper = shipper;
+        }
+        let base = path.parent().unwrap_or(Path::new("."));
+        for source in &mut config.sources {
+            source.resolve_paths(base);
+        }
+        let invalid = |(field, message): (String, String)| ConfigError::Invalid {
+            path: path.to_owned(),
+            line: find_line(text, &field),
+            field,
+            message,
+        };
+        config.validate().map_err(invalid)?;
+        no_secrets(&config.sources).map_err(invalid)?;
+        Ok(config)
+    }
+
+    /// Checks a configuration meant to be pushed to agents of `tenant` (the cloud's `config
+    /// push`): the same checks, and the same errors, as an agent applying it.
+    pub fn check_pushed(text: &str, path: &Path, tenant: &str) -> Result<(), ConfigError> {
+        let template = AgentConfig {
+            agent_id: "config-check".into(),
+            tenant: tenant.into(),
+            data_dir: PathBuf::from("/nonexistent"),
+            cloud: CloudConfig {
+                address: "cloud.invalid:4433".into(),
+                server_name: "cloud.invalid".into(),
+                ca_file: PathBuf::from("/nonexistent/ca.pem"),
+                identity_dir: None,
+                transport: TransportMode::Auto,
+            },
+            sources: Vec::new(),
+            shipper: ShipperConfig::default(),
+            spool: SpoolConfig::default(),
+            metrics: None,
+            config_source: ConfigSource::Cloud,
+            group: default_group(),
+            config_grace_secs: default_config_grace_secs(),
+        };
+        template.with_pushed(text, path).map(drop)
     }
 
     fn resolve_paths(&mut self, base: &Path) {
@@ -198,6 +276,7 @@ impl AgentConfig {
     fn validate(&self) -> Result<(), (String, String)> {
         check_id("agent_id", &self.agent_id)?;
         check_id("tenant", &self.tenant)?;
+        check_id("group", &self.group)?;
         if self.cloud.address.parse::<SocketAddr>().is_err() && !self.cloud.address.contains(':') {
             return Err(("cloud.address".into(), format!("{:?} is not host:port", self.cloud.address)));
         }
@@ -248,6 +327,38 @@ impl AgentConfig {
     /// Where the agent's key and certificate live.
     pub fn identity_dir(&self) -> PathBuf {
         self.cloud.identity_dir.clone().unwrap_or_else(|| self.data_dir.join("identity"))
+    }
+}
+
+/// Refuses secrets in pushed sources: a database password inline or in the URL.
+fn no_secrets(sources: &[SourceConfig]) -> Result<(), (String, String)> {
+    const HOW: &str = "secrets are never pushed: name an environment variable or a file on the agent's host (password_env, password_file)";
+    for (idx, source) in sources.iter().enumerate() {
+        if let SourceConfig::Postgres(d) | SourceConfig::Mysql(d) = source {
+            if d.password.is_some() {
+                return Err((format!("sources[{idx}].password"), HOW.into()));
+            }
+            let userinfo = d.url.split_once("://").and_then(|(_, rest)| rest.split_once('@')).map(|(u, _)| u);
+            if userinfo.is_some_and(|u| u.contains(':')) {
+                return Err((format!("sources[{idx}].url"), format!("the URL holds a password; {HOW}")));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A TOML or serde error of `text` (read from `path`), with its field and line where known.
+fn parse_error(text: &str, path: &Path, e: &toml::de::Error) -> ConfigError {
+    match locate_source_error(text) {
+        // Inside a source serde's tagged enum loses the place: found again, field and line.
+        Some((field, message)) => {
+            ConfigError::Invalid { path: path.to_owned(), line: find_line(text, &field), field, message }
+        }
+        None => ConfigError::Parse {
+            path: path.to_owned(),
+            line: e.span().map(|s| line_of(text, s.start)).unwrap_or(0),
+            message: e.message().to_owned(),
+        },
     }
 }
 

@@ -5,6 +5,7 @@
 //! ([`transport`]) sends spooled events to the cloud gateway over QUIC and deletes them once the
 //! gateway acknowledged them. [`run`] wires it all together with one shutdown token.
 
+pub mod central;
 pub mod config;
 pub mod identity;
 pub mod mapping;
@@ -89,6 +90,15 @@ const METRICS_REFRESH: Duration = Duration::from_secs(2);
 
 /// Runs the agent until `shutdown` is cancelled or a component fails.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Result<()> {
+    run_with(config, shutdown, central::Control::detached()).await
+}
+
+/// [`run`], taking pushed configurations through `control` ([`reload`] runs it so).
+pub async fn run_with(
+    config: AgentConfig,
+    shutdown: CancellationToken,
+    control: central::Control,
+) -> anyhow::Result<()> {
     private::dir(&config.data_dir).with_context(|| format!("creating data folder {}", config.data_dir.display()))?;
     // Before the spool is touched (a salvage writes it): one agent per data folder.
     let _lock = DataDirLock::acquire(&config.data_dir)?;
@@ -140,6 +150,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         );
     }
 
+    control.set_statuses(statuses.clone());
     // Sources known to the spool but no longer configured still get their events shipped.
     let mut source_ids: Vec<String> = config.sources.iter().map(|s| s.id().to_owned()).collect();
     for id in shipper_spool.source_ids()? {
@@ -153,7 +164,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         // (while it is not, they are what an operator needs): into the status file
         // (`edge-agent status`) and the metrics.
         let spool = Spool::open_with(&spool_path, config.spool)?;
-        let (statuses, shutdown, link) = (statuses.clone(), shutdown.clone(), link.clone());
+        let (statuses, shutdown, link, control) = (statuses.clone(), shutdown.clone(), link.clone(), control.clone());
         let (spool_max_bytes, data_dir) = (config.spool.max_bytes, config.data_dir.clone());
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(METRICS_REFRESH);
@@ -163,7 +174,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
                     () = shutdown.cancelled() => break,
                 }
                 let written = tokio::task::block_in_place(|| {
-                    let heartbeat = transport::shipper::snapshot(&spool, &statuses, started, spool_max_bytes)?;
+                    let mut heartbeat = transport::shipper::snapshot(&spool, &statuses, started, spool_max_bytes)?;
+                    heartbeat.config = control.state();
                     telemetry::record_heartbeat(&heartbeat);
                     let now_ms = chrono::Utc::now().timestamp_millis();
                     status::write(&data_dir, &status::Status::new(heartbeat, &link, now_ms))
@@ -199,6 +211,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> anyhow::Re
         holding: None,
         outages: Default::default(),
         link,
+        control,
     };
     info!(agent_id = %config.agent_id, tenant = %config.tenant, n_sources = config.sources.len(), gateway = %config.cloud.address, "agent started");
     let result = shipper.run().await;

@@ -21,13 +21,17 @@ ca_file = "ca.pem"
 
 "#;
 
-/// The TOML blocks after the `## Recipes` heading, with the heading above each.
+/// The TOML blocks of the `## Recipes` section (up to the next top-level heading), with the
+/// heading above each.
 fn recipes() -> Vec<(String, String)> {
     let start = DOC.find("## Recipes").expect("a Recipes section");
     let mut out = Vec::new();
     let mut heading = String::new();
     let mut lines = DOC[start..].lines();
     while let Some(line) = lines.next() {
+        if line.starts_with("# ") {
+            break;
+        }
         if let Some(h) = line.strip_prefix("### ") {
             heading = h.to_owned();
         }

@@ -25,8 +25,8 @@ use std::collections::{HashSet, VecDeque};
 use std::time::Duration;
 
 use crate::wire::{
-    Ack, Batch, Enroll, Enrolled, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION, Refused, Renew,
-    Renewed, Welcome,
+    Ack, Batch, ConfigPush, Enroll, Enrolled, ErrorCode, ErrorFrame, Frame, Heartbeat, Hello, PROTOCOL_VERSION,
+    Refused, Renew, Renewed, Welcome,
 };
 
 /// A breach of the protocol by the peer. The session has queued an error frame for the peer
@@ -56,6 +56,8 @@ pub enum ClientEvent {
     Refused(Refused),
     /// The gateway signed a renewed certificate.
     Renewed(Renewed),
+    /// The gateway pushed the configuration of the agent's group.
+    Config(ConfigPush),
     /// The gateway closed the session.
     Closed(ErrorFrame),
 }
@@ -76,12 +78,15 @@ pub struct ClientSession {
     in_flight: HashSet<(String, u64, u32)>,
     next_heartbeat: Option<Duration>,
     renewing: bool,
+    /// The hello asked for pushed configurations.
+    takes_config: bool,
 }
 
 impl ClientSession {
     /// Starts a session; the hello is the first frame to transmit.
     pub fn new(hello: Hello) -> ClientSession {
         ClientSession {
+            takes_config: hello.config.is_some(),
             state: ClientState::AwaitingWelcome,
             outbox: VecDeque::from([Frame::Hello(hello)]),
             events: VecDeque::new(),
@@ -186,6 +191,10 @@ impl ClientSession {
                 self.events.push_back(ClientEvent::Renewed(r));
                 Ok(())
             }
+            (ClientState::Ready(_), Frame::ConfigPush(c)) if self.takes_config => {
+                self.events.push_back(ClientEvent::Config(c));
+                Ok(())
+            }
             (ClientState::Ready(_), Frame::Refused(r)) => {
                 // Before the batch's ack, which frees its place in the window.
                 if self.in_flight.contains(&(r.source_id.clone(), r.first_seq, r.count)) {
@@ -283,6 +292,8 @@ pub struct ServerSession {
     n_unacked: u32,
     /// The agent's hello said it takes [`Refused`].
     refusals: bool,
+    /// The agent's hello said it takes pushed configurations.
+    takes_config: bool,
 }
 
 impl ServerSession {
@@ -294,6 +305,7 @@ impl ServerSession {
             events: VecDeque::new(),
             n_unacked: 0,
             refusals: false,
+            takes_config: false,
         }
     }
 
@@ -346,6 +358,7 @@ impl ServerSession {
             }
             (ServerState::AwaitingHello, Frame::Hello(h)) => {
                 self.refusals = h.refusals;
+                self.takes_config = h.config.is_some();
                 if h.protocol_version != PROTOCOL_VERSION {
                     Err(ProtocolError::new(
                         ErrorCode::UnsupportedVersion,
@@ -449,6 +462,13 @@ impl ServerSession {
         }
     }
 
+    /// Pushes a configuration to an agent that takes them (its hello said so).
+    pub fn push_config(&mut self, push: ConfigPush) {
+        if self.takes_config && matches!(self.state, ServerState::Ready { .. }) {
+            self.outbox.push_back(Frame::ConfigPush(push));
+        }
+    }
+
     /// Whether the agent takes [`Refused`] (its hello said so).
     pub fn takes_refusals(&self) -> bool {
         self.refusals
@@ -479,7 +499,43 @@ mod tests {
     use bytes::BytesMut;
 
     fn hello(version: u16) -> Hello {
-        Hello { protocol_version: version, agent_id: "a1".into(), agent_version: "0.1.0".into(), refusals: true }
+        Hello {
+            protocol_version: version,
+            agent_id: "a1".into(),
+            agent_version: "0.1.0".into(),
+            refusals: true,
+            config: None,
+        }
+    }
+
+    /// Configurations go only to agents whose hello asks for them, once they are accepted; an
+    /// agent that did not ask treats one as a protocol violation.
+    #[test]
+    fn configurations_are_pushed_only_to_agents_that_take_them() {
+        let push = ConfigPush { group: "stores".into(), version: 3, text: "[[sources]]".into() };
+        let state = crate::wire::ConfigState { group: "stores".into(), state: "local".into(), ..Default::default() };
+        let mut client = ClientSession::new(Hello { config: Some(state), ..hello(PROTOCOL_VERSION) });
+        let mut server = ServerSession::new(ServerLimits::default());
+        assert!(pump_to_server(&mut client, &mut server).iter().all(Result::is_ok));
+        let _ = server.poll_event();
+        server.push_config(push.clone());
+        assert_eq!(server.poll_transmit(), None, "not before the agent is accepted");
+        server.accept("a1".into(), "acme".into());
+        server.push_config(push.clone());
+        pump_to_client(&mut server, &mut client, Duration::ZERO);
+        assert!(matches!(client.poll_event(), Some(ClientEvent::Ready(_))));
+        assert_eq!(client.poll_event(), Some(ClientEvent::Config(push.clone())));
+
+        let mut local = ClientSession::new(hello(PROTOCOL_VERSION));
+        let mut server = ServerSession::new(ServerLimits::default());
+        assert!(pump_to_server(&mut local, &mut server).iter().all(Result::is_ok));
+        server.accept("a1".into(), "acme".into());
+        server.push_config(push.clone());
+        pump_to_client(&mut server, &mut local, Duration::ZERO);
+        assert!(matches!(local.poll_event(), Some(ClientEvent::Ready(_))));
+        assert_eq!(local.poll_event(), None, "an agent that keeps its local file is pushed nothing");
+        let err = local.handle_frame(Frame::ConfigPush(push), Duration::ZERO).unwrap_err();
+        assert_eq!(err.code, ErrorCode::ProtocolViolation);
     }
 
     fn batch(first_seq: u64) -> Batch {

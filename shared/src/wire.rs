@@ -19,6 +19,7 @@
 //! | 9 | [`Renew`] | JSON | agent, on an authenticated session |
 //! | 10 | [`Renewed`] | JSON | gateway, the renewed certificate |
 //! | 11 | [`Refused`] | JSON | gateway: events of a batch it will never take, before the batch's ack (to agents whose hello says `refusals`) |
+//! | 12 | [`ConfigPush`] | JSON | gateway: the configuration of the agent's group, to agents whose hello says `config` |
 //!
 //! Control frames are JSON so that they can grow optional fields without a version bump; the
 //! hot frames are binary:
@@ -60,6 +61,7 @@ pub enum Frame {
     Renew(Renew),
     Renewed(Renewed),
     Refused(Refused),
+    ConfigPush(ConfigPush),
 }
 
 /// The agent introduces itself. Its identity is its client certificate's; `agent_id` must
@@ -73,6 +75,40 @@ pub struct Hello {
     /// aside); without it the gateway closes the session on such a batch, as before.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub refusals: bool,
+    /// The agent takes its configuration from the cloud (`config_source = "cloud"`): its group
+    /// and the version it runs. Absent: it keeps its local file and is never pushed one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigState>,
+}
+
+/// Where an agent that takes its configuration from the cloud stands.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigState {
+    /// The agent's group (its local file's `group`).
+    pub group: String,
+    /// The pushed version it runs; none: its local file's sources (nothing pushed yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    /// `applied` (running and proven), `trial` (running, within its grace period),
+    /// `rolled_back` (the last push failed: it runs `version`, the last good one), `refused`
+    /// (the last push did not validate on the agent: it runs `version`), `local` (no push yet).
+    pub state: String,
+    /// The last version that failed on the agent (never pushed to it again), and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failed_version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A configuration of the agent's group, pushed over its session: the `[[sources]]` and
+/// `[shipper]` of an agent configuration (TOML), never a secret (sources name env or file
+/// secrets on the host). The agent validates it, applies it through its reload path and
+/// reports the outcome in its heartbeats ([`Heartbeat::config`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConfigPush {
+    pub group: String,
+    pub version: u64,
+    pub text: String,
 }
 
 /// Events of the batch (`source_id`, `first_seq`, `count`) the gateway will never take: each
@@ -226,6 +262,9 @@ pub struct Heartbeat {
     /// session after it; repeated in every heartbeat until the next one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_outage: Option<Outage>,
+    /// Where the agent's configuration stands, if it takes it from the cloud.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config: Option<ConfigState>,
 }
 
 /// A time the agent ran without reaching the cloud.
@@ -348,6 +387,7 @@ impl Frame {
             Frame::Renew(_) => 9,
             Frame::Renewed(_) => 10,
             Frame::Refused(_) => 11,
+            Frame::ConfigPush(_) => 12,
         }
     }
 
@@ -371,6 +411,7 @@ impl Frame {
             Frame::Renew(v) => put_json(out, v),
             Frame::Renewed(v) => put_json(out, v),
             Frame::Refused(v) => put_json(out, v),
+            Frame::ConfigPush(v) => put_json(out, v),
             Frame::Batch(b) => {
                 put_source_id(out, &b.source_id);
                 out.put_u64(b.first_seq);
@@ -431,6 +472,7 @@ fn type_name(ty: u8) -> &'static str {
         9 => "renew",
         10 => "renewed",
         11 => "refused",
+        12 => "config push",
         _ => "unknown",
     }
 }
@@ -448,6 +490,7 @@ fn decode_body(ty: u8, mut body: Bytes) -> Result<Frame, DecodeError> {
         9 => Ok(Frame::Renew(get_json(frame, &body)?)),
         10 => Ok(Frame::Renewed(get_json(frame, &body)?)),
         11 => Ok(Frame::Refused(get_json(frame, &body)?)),
+        12 => Ok(Frame::ConfigPush(get_json(frame, &body)?)),
         3 => {
             let source_id = get_source_id(frame, &mut body)?;
             if body.remaining() < 8 + 4 + 1 {
@@ -524,9 +567,21 @@ mod tests {
         prop_oneof![
             (any::<u16>(), arb_text(), arb_text()).prop_map(|(v, a, b)| Frame::Hello(Hello {
                 refusals: v % 2 == 0,
+                config: (v % 3 == 0).then(|| ConfigState {
+                    group: b.clone(),
+                    version: (v % 5 != 0).then_some(u64::from(v)),
+                    state: "applied".into(),
+                    failed_version: (v % 7 == 0).then_some(u64::from(v) + 1),
+                    error: (v % 7 == 0).then(|| a.clone()),
+                }),
                 protocol_version: v,
                 agent_id: a,
                 agent_version: b,
+            })),
+            (arb_text(), any::<u64>(), ".{0,200}").prop_map(|(group, version, text)| Frame::ConfigPush(ConfigPush {
+                group,
+                version,
+                text
             })),
             (arb_text(), arb_text(), arb_text()).prop_map(|(a, t, c)| Frame::Enroll(Enroll {
                 protocol_version: PROTOCOL_VERSION,
@@ -593,6 +648,13 @@ mod tests {
                     holding: (n % 2 == 0).then(|| "waiting for schema v2".into()),
                     spool_max_bytes: n.saturating_mul(4),
                     cert_not_after: (n % 3 == 0).then_some(1_800_000_000),
+                    config: (n % 4 == 0).then(|| ConfigState {
+                        group: "stores".into(),
+                        version: Some(n),
+                        state: "rolled_back".into(),
+                        failed_version: Some(n + 1),
+                        error: Some("source shop: unable to open database file".into()),
+                    }),
                     last_outage: (n % 2 == 1).then_some(Outage {
                         from_ms: 1_000,
                         to_ms: 2_000,

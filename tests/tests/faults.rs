@@ -527,6 +527,7 @@ fn identifiers_with_newlines_cannot_forge_log_lines() {
             agent_id: forged.clone(),
             agent_version: "test".into(),
             refusals: false,
+            config: None,
         }),
         Frame::Enroll(Enroll {
             protocol_version: PROTOCOL_VERSION,

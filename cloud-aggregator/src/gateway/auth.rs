@@ -83,11 +83,26 @@ pub struct AgentLimits {
     pub min_renewal_interval: Duration,
 }
 
+/// Sends `value` to the watchers if it differs from what they have.
+fn replace_if_changed<T: PartialEq>(tx: &watch::Sender<Arc<T>>, value: T) {
+    tx.send_if_modified(|current| {
+        let changed = **current != value;
+        if changed {
+            *current = Arc::new(value);
+        }
+        changed
+    });
+}
+
 /// Admission control shared by a gateway's connections.
+/// The active configuration version of each (tenant, group) ([`crate::central`]).
+pub type ActiveConfigs = Arc<HashMap<(String, String), u64>>;
+
 pub struct Admission {
     fleet: Arc<Fleet>,
     revoked: watch::Receiver<Arc<HashSet<String>>>,
     revoked_tx: watch::Sender<Arc<HashSet<String>>>,
+    configs_tx: watch::Sender<ActiveConfigs>,
     agents: Mutex<HashMap<String, AgentState>>,
     limits: AgentLimits,
 }
@@ -101,14 +116,15 @@ impl std::fmt::Debug for Admission {
 impl Admission {
     pub fn new(fleet: Arc<Fleet>, limits: AgentLimits) -> anyhow::Result<Admission> {
         let (revoked_tx, revoked) = watch::channel(Arc::new(fleet.revoked()?));
-        Ok(Admission { fleet, revoked, revoked_tx, agents: Mutex::new(HashMap::new()), limits })
+        let (configs_tx, _) = watch::channel(Arc::new(crate::central::active_versions(fleet.registry())?));
+        Ok(Admission { fleet, revoked, revoked_tx, configs_tx, agents: Mutex::new(HashMap::new()), limits })
     }
 
     pub fn fleet(&self) -> &Arc<Fleet> {
         &self.fleet
     }
 
-    /// Reloads the revoked set every `every` until shutdown.
+    /// Reloads the revoked set and the active configurations every `every` until shutdown.
     pub fn spawn_refresher(self: &Arc<Self>, every: Duration, shutdown: CancellationToken) {
         let me = self.clone();
         tokio::spawn(async move {
@@ -119,22 +135,27 @@ impl Admission {
                 }
                 let fleet = me.fleet.clone();
                 match tokio::task::spawn_blocking(move || fleet.revoked()).await {
-                    Ok(Ok(set)) => {
-                        me.revoked_tx.send_if_modified(|current| {
-                            let changed = **current != set;
-                            if changed {
-                                *current = Arc::new(set);
-                            }
-                            changed
-                        });
-                    }
+                    Ok(Ok(set)) => replace_if_changed(&me.revoked_tx, set),
                     Ok(Err(e)) => {
                         warn!(error = format!("{e:#}"), "cannot read the revoked agents; keeping the last list")
                     }
                     Err(e) => warn!(error = %e, "revocation refresh failed"),
                 }
+                let fleet = me.fleet.clone();
+                match tokio::task::spawn_blocking(move || crate::central::active_versions(fleet.registry())).await {
+                    Ok(Ok(active)) => replace_if_changed(&me.configs_tx, active),
+                    Ok(Err(e)) => {
+                        warn!(error = format!("{e:#}"), "cannot read the active configurations; keeping the last ones")
+                    }
+                    Err(e) => warn!(error = %e, "configuration refresh failed"),
+                }
             }
         });
+    }
+
+    /// Changes of the active configurations.
+    pub fn subscribe_configs(&self) -> watch::Receiver<ActiveConfigs> {
+        self.configs_tx.subscribe()
     }
 
     /// Changes of the revoked set.

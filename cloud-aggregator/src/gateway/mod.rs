@@ -24,7 +24,8 @@ use actidash_shared::batch;
 use actidash_shared::kafka::FleetRecord;
 use actidash_shared::session::{ServerEvent, ServerLimits, ServerSession};
 use actidash_shared::wire::{
-    ALPN, Ack, Batch, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Refused, Renewed, WholeRefusal,
+    ALPN, Ack, Batch, ConfigPush, ConfigState, DEFAULT_MAX_FRAME_LEN, Enrolled, ErrorCode, Frame, Refused, Renewed,
+    WholeRefusal,
 };
 use anyhow::Context as _;
 use bytes::BytesMut;
@@ -114,6 +115,20 @@ pub struct GatewayMetrics {
     pub batches_acked: AtomicU64,
     pub events_acked: AtomicU64,
     pub sink_failures: AtomicU64,
+    /// Configurations pushed to agents ([`crate::central`]).
+    pub config_pushes: AtomicU64,
+}
+
+/// What the gateway knows of a session's agent's configuration ([`crate::central`]).
+#[derive(Debug, Default)]
+struct SessionConfig {
+    /// The agent's own account, from its hello and then its heartbeats (none: it keeps its
+    /// local file).
+    state: Option<ConfigState>,
+    /// The version pushed on this session (each at most once).
+    pushed: Option<u64>,
+    /// The account last recorded in the registry.
+    recorded: Option<ConfigState>,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -572,6 +587,8 @@ impl Connection {
             FuturesOrdered::new();
         let mut identity: Option<(String, String)> = None;
         let mut revoked = self.admission.subscribe();
+        let mut configs = self.admission.subscribe_configs();
+        let mut config = SessionConfig::default();
         let result = self
             .serve_loop(
                 &mut recv,
@@ -584,6 +601,7 @@ impl Connection {
                 &mut rx,
                 &mut pending,
                 &mut revoked,
+                (&mut configs, &mut config),
                 expires,
             )
             .await;
@@ -606,6 +624,7 @@ impl Connection {
         rx: &mut BytesMut,
         pending: &mut FuturesOrdered<futures::future::BoxFuture<'static, (Ack, Result<(), sink::SinkError>)>>,
         revoked: &mut tokio::sync::watch::Receiver<Arc<std::collections::HashSet<String>>>,
+        (configs, config): (&mut tokio::sync::watch::Receiver<auth::ActiveConfigs>, &mut SessionConfig),
         expires: Option<tokio::time::Instant>,
     ) -> anyhow::Result<()>
     where
@@ -639,9 +658,11 @@ impl Connection {
                     // One frame at a time: a frame's events (authentication above all) are
                     // handled before the next frame is looked at, so a pipelining agent works.
                     while !session.is_closed() && self.handle_one_frame(session, rx, remote, identity.as_ref()) {
-                        if self.handle_events(session, identity, pending, remote, transport, peer).await {
+                        if self.handle_events(session, identity, pending, remote, transport, peer, config).await {
                             return Ok(());
                         }
+                        let active = configs.borrow_and_update().clone();
+                        self.offer_config(session, identity.as_ref(), config, &active).await;
                     }
                     if identity.is_some() {
                         // Authenticated: no longer counted against its address.
@@ -657,6 +678,10 @@ impl Connection {
                         warn!(remote = %remote, agent_id = %agent, "agent revoked: closing its connection");
                         session.fail(ErrorCode::Unauthenticated, format!("agent {agent:?} was revoked"));
                     }
+                }
+                Ok(()) = configs.changed() => {
+                    let active = configs.borrow_and_update().clone();
+                    self.offer_config(session, identity.as_ref(), config, &active).await;
                 }
                 Some((ack, result)) = pending.next(), if !pending.is_empty() => match result {
                     Ok(()) => {
@@ -686,7 +711,43 @@ impl Connection {
         }
     }
 
+    /// Pushes the active configuration of the agent's group if the agent takes configurations
+    /// from the cloud and runs another version — never one it reported as failed, and each
+    /// version at most once a session (applying one starts a new session).
+    async fn offer_config(
+        &self,
+        session: &mut ServerSession,
+        identity: Option<&(String, String)>,
+        config: &mut SessionConfig,
+        active: &auth::ActiveConfigs,
+    ) {
+        let (Some((agent_id, tenant)), Some(state)) = (identity, &config.state) else { return };
+        let Some(&want) = active.get(&(tenant.clone(), state.group.clone())) else { return };
+        if state.version == Some(want) || state.failed_version == Some(want) || config.pushed == Some(want) {
+            return;
+        }
+        config.pushed = Some(want);
+        let registry = self.admission.fleet().registry().clone();
+        let (t, group) = (tenant.clone(), state.group.clone());
+        match tokio::task::spawn_blocking(move || crate::central::version(&registry, &t, &group, want)).await {
+            Ok(Ok(Some(v))) => {
+                bump(&self.metrics.config_pushes, 1);
+                info!(agent_id = %agent_id, group = %state.group, version = want, running = state.version, "pushing the group's configuration");
+                session.push_config(ConfigPush { group: state.group.clone(), version: want, text: v.text });
+            }
+            Ok(Ok(None)) => {
+                warn!(agent_id = %agent_id, group = %state.group, version = want, "the active configuration is missing from the registry")
+            }
+            Ok(Err(e)) => {
+                config.pushed = None;
+                warn!(agent_id = %agent_id, error = format!("{e:#}"), "cannot read the configuration to push; trying again at the next change");
+            }
+            Err(e) => warn!(agent_id = %agent_id, error = %e, "reading the configuration to push failed"),
+        }
+    }
+
     /// Acts on what the session decided; returns true when the agent closed the session.
+    #[allow(clippy::too_many_arguments)]
     async fn handle_events(
         &self,
         session: &mut ServerSession,
@@ -695,6 +756,7 @@ impl Connection {
         remote: SocketAddr,
         transport: &'static str,
         peer: &PeerIdentity,
+        config: &mut SessionConfig,
     ) -> bool {
         while let Some(event) = session.poll_event() {
             match event {
@@ -714,6 +776,7 @@ impl Connection {
                         Ok((agent_id, tenant)) => {
                             info!(remote = %remote, transport, agent_id = %agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
                             *identity = Some((agent_id.clone(), tenant.clone()));
+                            config.state = hello.config.clone();
                             session.accept(agent_id, tenant);
                         }
                         Err(e) => {
@@ -871,6 +934,27 @@ impl Connection {
                         if !self.admission.heartbeat_due(agent_id) {
                             bump(&self.metrics.heartbeats_dropped, 1);
                             continue;
+                        }
+                        if heartbeat.config != config.recorded {
+                            // What the agent runs changed (or is first heard of): for `config status`.
+                            config.state = heartbeat.config.clone();
+                            if let Some(state) = heartbeat.config.clone() {
+                                let registry = self.admission.fleet().registry().clone();
+                                let (a, t) = (agent_id.clone(), tenant.clone());
+                                let recorded = tokio::task::spawn_blocking(move || {
+                                    crate::central::record(&registry, &a, &t, &state, now_unix())
+                                })
+                                .await;
+                                match recorded {
+                                    Ok(Ok(())) => config.recorded = heartbeat.config.clone(),
+                                    Ok(Err(e)) => {
+                                        warn!(agent_id = %agent_id, error = format!("{e:#}"), "cannot record the agent's configuration; trying at its next heartbeat")
+                                    }
+                                    Err(e) => {
+                                        warn!(agent_id = %agent_id, error = %e, "recording the agent's configuration failed")
+                                    }
+                                }
+                            }
                         }
                         self.sink
                             .heartbeat(FleetRecord {

@@ -753,6 +753,11 @@ struct FleetAgent {
     /// Its last time without the cloud (cut off), as it reported it.
     #[schema(value_type = Option<Object>)]
     last_outage: Option<actidash_shared::wire::Outage>,
+    /// Central configuration, for an agent that takes it from the cloud: its group, the version
+    /// it runs, `applied`/`trial`/`rolled_back`/`refused`/`local`, the last failed version and
+    /// its error.
+    #[schema(value_type = Option<Object>)]
+    config: Option<actidash_shared::wire::ConfigState>,
     /// Each source: state, position, lag (`lag_ms`), counts of events, bad records, drops,
     /// refusals and skips, last error.
     #[schema(value_type = Vec<Object>)]
@@ -810,6 +815,7 @@ async fn fleet_report(State(state): State<AppState>, Query(p): Pairs) -> Result<
                 spool_bytes: hb.spool_bytes,
                 spool_max_bytes: hb.spool_max_bytes,
                 last_outage: hb.last_outage,
+                config: hb.config,
                 sources: hb.sources,
             }
         })

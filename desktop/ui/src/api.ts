@@ -138,6 +138,14 @@ export interface FleetAgent {
   spool_bytes: number;
   spool_max_bytes: number;
   last_outage?: { from_ms: number; to_ms: number; buffered_events: number } | null;
+  /** Central configuration, for agents that take it from the cloud. */
+  config?: {
+    group: string;
+    version?: number | null;
+    state: string;
+    failed_version?: number | null;
+    error?: string | null;
+  } | null;
   sources: SourceHealth[];
 }
 

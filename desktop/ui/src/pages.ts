@@ -353,12 +353,18 @@ async function fleet(_view: View, el: HTMLElement): Promise<void> {
       td(`${number(a.spool_events)} events, ${bytes(a.spool_bytes)}${full}`, undefined, true),
       `<td>${sources || "–"}</td>`,
       td(a.agent_version || "–"),
+      td(
+        a.config
+          ? `${a.config.group} ${a.config.version != null ? `v${a.config.version}` : "(local file)"} ${a.config.state.replace("_", " ")}`
+          : "local file",
+        `config.${a.agent_id}`,
+      ),
     ];
   });
   el.innerHTML = `<section class="panel"><h2>Agents</h2>${
     rows.length === 0
       ? '<p class="empty">No agent has reported yet. Enroll one (<code>edge-agent enroll</code>) and start it; it appears here within a heartbeat.</p>'
-      : table(["agent", "tenant", "health", "last heartbeat", "transport", "spool", "sources", "version"], rows)
+      : table(["agent", "tenant", "health", "last heartbeat", "transport", "spool", "sources", "version", "configuration"], rows)
   }</section>`;
 }
 

@@ -69,6 +69,8 @@ pub struct Shipper {
     pub outages: Outages,
     /// The link's state for `edge-agent status`.
     pub link: Arc<crate::status::Link>,
+    /// Central configuration: what the agent runs (in hellos and heartbeats), pushes out.
+    pub control: crate::central::Control,
 }
 
 /// The agent's times without the cloud: it is "cut off" from its first failed attempt until a
@@ -287,6 +289,7 @@ impl Shipper {
             agent_id: self.settings.agent_id.clone(),
             agent_version: AGENT_VERSION.into(),
             refusals: true,
+            config: self.control.state(),
         });
         // The key of a renewal in progress; its certificate comes back on this session. The
         // validity checked is the newest certificate's, so a session that outlives several
@@ -417,6 +420,10 @@ impl Shipper {
                             metrics::gauge!(telemetry::CERT_EXPIRY).set(validity.1 as f64);
                             info!(not_after = new.not_after, "certificate renewed; the next connection uses it");
                         }
+                    }
+                    ClientEvent::Config(push) => {
+                        info!(group = %push.group, version = push.version, bytes = push.text.len(), "configuration pushed by the cloud");
+                        self.control.offer(push);
                     }
                     ClientEvent::Closed(e) => {
                         anyhow::bail!("the gateway closed the session: {:?}: {}", e.code, e.message);
@@ -550,6 +557,7 @@ impl Shipper {
         heartbeat.holding = self.holding.clone();
         heartbeat.cert_not_after = Some(cert_not_after);
         heartbeat.last_outage = self.outages.last.clone();
+        heartbeat.config = self.control.state();
         Ok(heartbeat)
     }
 }
@@ -590,6 +598,7 @@ pub fn snapshot(
         spool_max_bytes,
         cert_not_after: None,
         last_outage: None,
+        config: None,
     })
 }
 
