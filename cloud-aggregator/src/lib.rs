@@ -17,6 +17,7 @@ pub mod health;
 pub mod process;
 pub mod registry;
 pub mod serve;
+pub mod status;
 pub mod store;
 pub mod telemetry;
 

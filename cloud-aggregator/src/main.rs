@@ -31,6 +31,21 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<std::net::SocketAddr>,
     },
+    /// What the cloud side is doing: connections, rates, Kafka lag, latencies and the fleet's
+    /// health, refreshed every second (`--once` for one look, `--json` for scripts).
+    Status {
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        config: PathBuf,
+        /// The Prometheus endpoint to read (default: `[metrics] listen` of the configuration).
+        #[arg(long)]
+        metrics_url: Option<String>,
+        /// Print once and exit (exit status 1 if the metrics or the fleet cannot be read).
+        #[arg(long)]
+        once: bool,
+        /// As JSON (with --once), for scripts.
+        #[arg(long, requires = "once")]
+        json: bool,
+    },
     /// Validate a configuration file and exit.
     Check {
         #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
@@ -214,6 +229,59 @@ fn api_token(command: ApiTokenCommand) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn status(config: &std::path::Path, metrics_url: Option<String>, once: bool, json: bool) -> anyhow::Result<()> {
+    use cloud_aggregator::status::{self, Scrape, View};
+    let cfg = CloudConfig::load(config)?;
+    let url = metrics_url.or_else(|| {
+        cfg.metrics.map(|m| {
+            let mut addr = m.listen;
+            if addr.ip().is_unspecified() {
+                addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+            }
+            format!("http://{addr}/metrics")
+        })
+    });
+    let mut fleet = status::FleetSource::open(&cfg);
+    let mut look = |before: Option<(&Scrape, f64)>| -> (View, Option<Scrape>) {
+        let (mut view, scrape) = match &url {
+            None => (View::default(), None),
+            Some(u) => match status::fetch(u, std::time::Duration::from_secs(2)) {
+                Ok(body) => {
+                    let scrape = Scrape::parse(&body);
+                    (status::view(&scrape, before), Some(scrape))
+                }
+                Err(e) => (View { metrics_error: Some(format!("{e:#}")), ..View::default() }, None),
+            },
+        };
+        view.metrics_url = url.clone();
+        match fleet.as_mut().map_err(|e| format!("{e:#}")).and_then(|f| status::fleet(f).map_err(|e| format!("{e:#}")))
+        {
+            Ok(f) => view.fleet = Some(f),
+            Err(e) => view.fleet_error = Some(e),
+        }
+        (view, scrape)
+    };
+    if once {
+        let (view, _) = look(None);
+        if json {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        } else {
+            print!("{}", status::render(&view));
+        }
+        anyhow::ensure!(view.metrics_error.is_none(), "the metrics cannot be read");
+        anyhow::ensure!(view.fleet_error.is_none(), "the fleet cannot be read");
+        return Ok(());
+    }
+    let mut before: Option<(Scrape, std::time::Instant)> = None;
+    loop {
+        let (view, scrape) = look(before.as_ref().map(|(s, at)| (s, at.elapsed().as_secs_f64())));
+        print!("\x1b[2J\x1b[H{}\n(refreshed every second; Ctrl-C to quit)\n", status::render(&view));
+        std::io::Write::flush(&mut std::io::stdout())?;
+        before = scrape.map(|s| (s, std::time::Instant::now()));
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+}
+
 fn central_config(command: ConfigCommand) -> anyhow::Result<()> {
     use cloud_aggregator::central;
     let now = chrono::Utc::now().timestamp();
@@ -313,6 +381,7 @@ fn run() -> anyhow::Result<()> {
         }
         Command::ApiToken { command } => api_token(command),
         Command::CentralConfig { command } => central_config(command),
+        Command::Status { config, metrics_url, once, json } => status(&config, metrics_url, once, json),
         Command::Run { config, roles, metrics_listen } => {
             let mut cfg = CloudConfig::load(&config)?;
             if let Some(listen) = metrics_listen {

@@ -11,8 +11,9 @@ use std::process::Command;
 use std::time::Duration;
 
 use actidash_tests::generator::{Feed, Generator};
-use actidash_tests::harness::{append_lines, free_tcp_port, http_get, wait_until};
+use actidash_tests::harness::{append_lines, bin, free_tcp_port, http_get, wait_until};
 use common::{TIMEOUT, assert_converges, deployment, generate};
+use serde_json::Value;
 
 /// One sample of a scraped page: its name and labels.
 #[derive(Debug, PartialEq)]
@@ -181,6 +182,71 @@ fn every_role_and_the_agent_serve_metrics_that_count_what_happened() {
     {
         promtool_check_metrics(&promtool, what, p);
     }
+
+    // `cloud-aggregator status`: the one-shot JSON of each role, then the live view in a terminal.
+    let status = |role: &str| -> Value {
+        let out = Command::new(bin("cloud-aggregator").unwrap())
+            .args(["status", "--once", "--json", "--metrics-url", &format!("http://{}/metrics", listen(role))])
+            .arg("--config")
+            .arg(d.cloud_config_path())
+            .env("ACTIDASH_LOG", "warn")
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "status of the {role}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    };
+    let g = status("gateway");
+    assert_eq!(g["gateway_events"].as_f64(), Some(n_valid), "{g:#}");
+    assert_eq!(g["gateway_connections"].as_f64(), Some(1.0), "{g:#}");
+    // The data set holds bad records: the agent is degraded for a while, and named with why.
+    assert_eq!(
+        (g["fleet"]["agents"].as_u64(), g["fleet"]["by_state"]["degraded"].as_u64()),
+        (Some(1), Some(1)),
+        "{g:#}"
+    );
+    assert_eq!(g["fleet"]["attention"][0]["agent_id"], "shop", "{g:#}");
+    assert!(g["fleet"]["attention"][0]["reason"].as_str().unwrap().contains("bad records"), "{g:#}");
+    let p = status("processor");
+    assert_eq!((p["processed_events"].as_f64(), p["consumer_lag"].as_f64()), (Some(n_valid), Some(0.0)), "{p:#}");
+    assert!(p["store_commit_ms_mean"].as_f64().is_some_and(|ms| ms > 0.0), "{p:#}");
+    let unreachable = Command::new(bin("cloud-aggregator").unwrap())
+        .args(["status", "--once", "--metrics-url", &format!("http://127.0.0.1:{}/metrics", free_tcp_port())])
+        .arg("--config")
+        .arg(d.cloud_config_path())
+        .output()
+        .unwrap();
+    assert!(!unreachable.status.success(), "a status without its metrics fails for scripts");
+    assert!(String::from_utf8_lossy(&unreachable.stdout).contains("UNREACHABLE"));
+    if let Some(tmux) = actidash_tests::tmux(test) {
+        let session = format!("actidash-cloud-status-{}", std::process::id());
+        let command = format!(
+            "{} status --config {} --metrics-url http://{}/metrics",
+            bin("cloud-aggregator").unwrap().display(),
+            d.cloud_config_path().display(),
+            listen("processor")
+        );
+        let started = Command::new(&tmux)
+            .args(["new-session", "-d", "-s", &session, "-x", "180", "-y", "40", &command])
+            .status()
+            .unwrap();
+        assert!(started.success());
+        let screen = || {
+            let out = Command::new(&tmux).args(["capture-pane", "-p", "-t", &session]).output().unwrap();
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let expected = format!("process   {n_valid} events, 0/s");
+        let seen = wait_until(TIMEOUT, "the live view to show the processor and the fleet", || {
+            let s = screen();
+            Ok(s.contains(&expected)
+                && s.contains("lag 0 messages")
+                && s.contains("1 agents: 1 degraded")
+                && s.contains("bad records"))
+        });
+        let last = screen();
+        let _ = Command::new(&tmux).args(["kill-session", "-t", &session]).status();
+        seen.unwrap_or_else(|e| panic!("{e}; the screen:\n{last}"));
+    }
+
     for p in [&mut agent, &mut gateway, &mut processor, &mut api] {
         assert!(p.terminate(Duration::from_secs(15)), "{} did not stop cleanly", p.name);
     }
