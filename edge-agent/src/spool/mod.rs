@@ -19,7 +19,10 @@
 //! * `totals` always equals `count(*)` and `sum(length(body))` of `events`.
 //! * The spool never holds more than `max_bytes` of event bodies: with `when_full = "pause"`
 //!   (the default) an append that does not fit fails with [`SpoolError::Full`] and the source
-//!   waits, keeping its position.
+//!   waits, keeping its position. The one exception is a single commit larger than the whole
+//!   limit (a source's batch of up to 5 000 records, in a small spool): it is taken alone, into
+//!   an empty spool (`drop_oldest`: after dropping everything), since waiting could never make
+//!   room for it.
 //!
 //! # Durability
 //! `durability = "process"` (default): a commit survives a crash of the agent process, not a
@@ -403,13 +406,14 @@ impl Spool {
         let used: u64 =
             tx.query_row("SELECT n_bytes FROM totals WHERE id = 1", [], |r| r.get::<_, i64>(0)).map_err(e)? as u64;
         if needed > 0 && used + needed > limit {
+            // A commit larger than the whole limit could never fit: it goes in alone, into an
+            // empty spool, rather than stall its source for ever.
+            let alone = needed > limit;
             match when_full {
+                WhenFull::Pause if alone && used == 0 => {}
                 WhenFull::Pause => return Err(SpoolError::Full { path: path.clone(), used, limit, needed }),
                 WhenFull::DropOldest => {
-                    if needed > limit {
-                        return Err(SpoolError::Full { path: path.clone(), used, limit, needed });
-                    }
-                    drop_oldest(&tx, used + needed - limit).map_err(e)?;
+                    drop_oldest(&tx, if alone { used } else { used + needed - limit }).map_err(e)?;
                 }
             }
         }

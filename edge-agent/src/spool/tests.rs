@@ -81,6 +81,29 @@ fn pause_mode_refuses_what_does_not_fit_and_accepts_once_acked() {
     assert_eq!(spool.source_state("a").unwrap().n_errors, 2);
 }
 
+/// A commit larger than the whole limit would stall its source for ever: it goes in alone.
+#[test]
+fn a_commit_larger_than_the_whole_spool_goes_in_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig { max_bytes: 24, ..SpoolConfig::default() };
+    let mut spool = Spool::open_with(&dir.path().join("s.db"), config).unwrap();
+    let big: Vec<Vec<u8>> = (0..5).map(body).collect(); // 35 bytes
+    spool.append("a", &[body(9)], "p0", 0).unwrap();
+    assert!(spool.append("a", &big, "p1", 0).unwrap_err().is_full(), "not while others wait");
+    spool.ack("a", 0, 1).unwrap();
+    assert_eq!(spool.append("a", &big, "p1", 0).unwrap(), 1, "alone in an empty spool");
+    assert!(spool.append("b", &[body(0)], "q1", 0).unwrap_err().is_full(), "and nothing beside it");
+    assert!(spool.verify().unwrap().is_ok());
+
+    let drop_dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig { max_bytes: 24, when_full: WhenFull::DropOldest, ..SpoolConfig::default() };
+    let mut spool = Spool::open_with(&drop_dir.path().join("s.db"), config).unwrap();
+    spool.append("a", &[body(0), body(1)], "", 0).unwrap();
+    spool.append("b", &big, "", 0).unwrap();
+    assert_eq!(spool.source_state("a").unwrap().n_dropped, 2, "everything else dropped for it");
+    assert_eq!(spool.stats().unwrap().n_bytes, 35);
+}
+
 #[test]
 fn drop_oldest_makes_room_and_counts_every_dropped_event() {
     let dir = tempfile::tempdir().unwrap();
