@@ -217,3 +217,122 @@ fn the_agents_status_view_shows_sources_the_spool_and_the_link() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("NOT RUNNING"), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// The codes of every change in an agent's history, oldest first.
+fn history_codes(d: &actidash_tests::harness::Deployment, id: &str) -> anyhow::Result<Vec<(String, Vec<String>)>> {
+    let history = d.get(&format!("/api/v1/fleet/history?tenant=acme&agent={id}"))?;
+    Ok(history
+        .as_array()
+        .map(|changes| {
+            changes
+                .iter()
+                .rev()
+                .map(|c| {
+                    let codes = c["reasons"]
+                        .as_array()
+                        .map(|r| r.iter().map(|x| x["code"].as_str().unwrap_or("").to_owned()).collect())
+                        .unwrap_or_default();
+                    (c["state"].as_str().unwrap_or("").to_owned(), codes)
+                })
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// A spool that fills (the gateway takes this agent's events slowly, by its rate limit) pauses
+/// the source and degrades the agent, with both reasons, while heartbeats keep flowing.
+#[test]
+fn a_filling_spool_degrades_its_agent_and_says_why() {
+    let (_, data_dir, mut d) = deployment("fleet-spool-full", None);
+    d.gateway_extra = "max_events_per_sec_per_agent = 20\n".into();
+    d.write_cloud_config().unwrap();
+    let _cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let mut g = Generator::new(31, 0);
+    // About 4 MB of orders for a spool of 1 MiB.
+    append_lines(&data_dir, &lines(&mut g, 8_000)).unwrap();
+    let config = d
+        .write_agent_config_with(
+            "shop3",
+            "acme",
+            &data_dir,
+            &[Feed::Orders],
+            "[spool]\nmax_bytes = 1048576\n\n[shipper]\nmax_batch_events = 20\n",
+        )
+        .unwrap();
+    let _agent = d.start_agent("shop3", &config).unwrap();
+    wait_until(TIMEOUT, "the full spool to degrade the agent", || {
+        let (state, codes) = state_and_codes(&agent(&d, "shop3")?);
+        Ok(state == "degraded"
+            && codes.contains(&"spool_filling".to_owned())
+            && codes.contains(&"source_paused".to_owned()))
+    })
+    .unwrap();
+    let a = agent(&d, "shop3").unwrap();
+    let messages: Vec<&str> =
+        a["health"]["reasons"].as_array().unwrap().iter().map(|r| r["message"].as_str().unwrap()).collect();
+    assert!(messages.iter().any(|m| m.contains("source orders paused: the spool is full")), "{messages:?}");
+    assert!(messages.iter().any(|m| m.starts_with("spool ") && m.ends_with("% full")), "{messages:?}");
+    assert_eq!(a["sources"][0]["state"], "paused", "{a:#}");
+    assert!(
+        history_codes(&d, "shop3").unwrap().iter().any(|(s, c)| s == "degraded" && c.contains(&"spool_filling".into())),
+        "the change is in the history"
+    );
+}
+
+/// A PostgreSQL source's replication slot retains the WAL written while its reader is stopped
+/// (the agent is down): back, the agent reports it, degraded with `slot_wal`, until the slot
+/// has moved on.
+#[test]
+fn a_replication_slot_retaining_too_much_wal_degrades_its_agent() {
+    let Some(admin) = actidash_tests::postgres_admin("slot WAL health") else { return };
+    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_fleet_slot").unwrap();
+    let mut pg = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    pg.batch_execute(
+        "CREATE TABLE stock (id serial PRIMARY KEY, sku text, wh text, qty int, at timestamptz DEFAULT now());
+         CREATE TABLE filler (x int, pad text);
+         INSERT INTO stock (sku, wh, qty) VALUES ('A-1', 'berlin', 5), ('B-2', 'paris', 7);",
+    )
+    .unwrap();
+    let (_, data_dir, d) = deployment("fleet-slot-wal", None);
+    let _cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(TIMEOUT).unwrap();
+    let source = format!(
+        "[[sources]]\nid = \"stock\"\ntype = \"postgres\"\nurl = \"{url}\"\ntable = \"public.stock\"\npoll_interval_ms = 200\n\
+         logical = {{ create = true, max_retained_wal_mb = 1 }}\n[sources.mapping]\ndomain = \"inventory\"\n\
+         event_time = {{ field = \"at\" }}\nfields = {{ sku = \"sku\", warehouse = \"wh\", on_hand = \"qty\" }}\n"
+    );
+    let config = d.write_agent_config_with("shop4", "acme", &data_dir, &[], &source).unwrap();
+    let mut shop = d.start_agent("shop4", &config).unwrap();
+    wait_until(TIMEOUT, "the agent to be healthy with its slot read", || {
+        let a = agent(&d, "shop4")?;
+        Ok(state_and_codes(&a).0 == "healthy" && a["sources"][0]["retained_wal_bytes"].is_u64())
+    })
+    .unwrap();
+
+    // The reader stops (the agent with it); the server writes on: 8 MB of WAL the slot keeps.
+    shop.kill();
+    pg.batch_execute("INSERT INTO filler SELECT g, repeat('x', 1000) FROM generate_series(1, 8000) g").unwrap();
+    let retained: i64 = pg
+        .query_one(
+            "SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), restart_lsn)::bigint FROM pg_replication_slots WHERE slot_name = 'actidash_stock'",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(retained > 2 << 20, "the slot retains {retained} bytes");
+    shop.restart().unwrap();
+    wait_until(TIMEOUT, "the agent to report the retained WAL", || {
+        let (state, codes) = state_and_codes(&agent(&d, "shop4")?);
+        Ok(state == "degraded" && codes == ["slot_wal"])
+    })
+    .unwrap();
+    let a = agent(&d, "shop4").unwrap();
+    let message = a["health"]["reasons"][0]["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("replication slot retains") && message.contains("(allowed 1 MiB)"), "{message}");
+    // Read on, the slot moves on and the agent is healthy again.
+    wait_until(TIMEOUT, "the slot to move on", || Ok(state_and_codes(&agent(&d, "shop4")?).0 == "healthy")).unwrap();
+    let changes = history_codes(&d, "shop4").unwrap();
+    let at = changes.iter().position(|(s, c)| s == "degraded" && c == &["slot_wal"]).expect("slot_wal in the history");
+    assert!(changes[at + 1..].iter().any(|(s, _)| s == "healthy"), "{changes:?}");
+}
