@@ -51,6 +51,18 @@ fi
 ACTIDASH_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
 export ACTIDASH_SYSTEMD_ANALYZE
 
+step "packaging tools (Debian's lintian, rpm, debootstrap) and a Debian root for the install tests"
+missing=""
+for tool in lintian:lintian rpmbuild:rpm debootstrap:debootstrap; do
+  command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
+done
+if [ -n "$missing" ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends $missing >/dev/null
+fi
+ACTIDASH_DEBIAN_ROOT=$(scripts/debian-root.sh)
+export ACTIDASH_DEBIAN_ROOT
+echo "ACTIDASH_DEBIAN_ROOT=$ACTIDASH_DEBIAN_ROOT"
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

@@ -19,9 +19,14 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Print the manual page (roff), for packages.
+    #[command(hide = true)]
+    Manual,
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Run one or more roles (all of them by default).
     Run {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         /// Roles to run; repeat the flag for several. Default: gateway, process and serve.
         #[arg(long = "role", value_enum)]
@@ -34,7 +39,7 @@ enum Command {
     /// What the cloud side is doing: connections, rates, Kafka lag, latencies and the fleet's
     /// health, refreshed every second (`--once` for one look, `--json` for scripts).
     Status {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         /// The Prometheus endpoint to read (default: `[metrics] listen` of the configuration).
         #[arg(long)]
@@ -48,7 +53,7 @@ enum Command {
     },
     /// Validate a configuration file and exit.
     Check {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
     },
     /// Write a development CA and gateway certificate (for demos and tests).
@@ -88,7 +93,7 @@ enum ConfigCommand {
     /// Validate an agent configuration's `[[sources]]` and `[shipper]` (as `edge-agent check`
     /// does) and make it the group's next version; its agents apply it within a heartbeat.
     Push {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         #[arg(long)]
         tenant: String,
@@ -99,7 +104,7 @@ enum ConfigCommand {
     },
     /// Which version each group has active, and which each agent runs.
     Status {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         #[arg(long)]
         tenant: String,
@@ -111,7 +116,7 @@ enum ConfigCommand {
     },
     /// Make an earlier version active again (by default the one active before the current).
     Rollback {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         #[arg(long)]
         tenant: String,
@@ -126,7 +131,7 @@ enum ConfigCommand {
 enum ApiTokenCommand {
     /// Create an API token; prints it once (only its hash is kept) and its id on stderr.
     Create {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         /// The tenant it reads.
         #[arg(long, required_unless_present = "all_tenants", conflicts_with = "all_tenants")]
@@ -142,12 +147,12 @@ enum ApiTokenCommand {
     },
     /// List API tokens (ids, never the tokens).
     List {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
     },
     /// Revoke an API token by id; refused within seconds on every API server of the registry.
     Revoke {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         id: String,
     },
@@ -157,7 +162,7 @@ enum ApiTokenCommand {
 enum TokenCommand {
     /// Create a single-use enrollment token for a tenant; prints it (only its hash is kept).
     Create {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         #[arg(long)]
         tenant: String,
@@ -172,13 +177,13 @@ enum AgentCommand {
     /// Revoke an agent: its connections close and it cannot reconnect, on every gateway,
     /// within one heartbeat interval.
     Revoke {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
         id: String,
     },
     /// List enrolled agents.
     List {
-        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG")]
+        #[arg(long, env = "ACTIDASH_CLOUD_CONFIG", default_value = "/etc/actidash/cloud.toml")]
         config: PathBuf,
     },
 }
@@ -348,6 +353,15 @@ fn run() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     match Cli::parse().command {
+        Command::Manual => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "cloud-aggregator", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Check { config } => {
             CloudConfig::load(&config)?;
             println!("{}: OK", config.display());

@@ -74,6 +74,27 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Gives `dir` (an identity folder) and its files to the owner of `data_dir`, if another: an
+/// agent enrolled by root (`sudo edge-agent enroll`) for a service that runs as its own user.
+/// Nothing changes when the owners are the same (an agent enrolled by its own user).
+pub fn give_to_owner_of(dir: &Path, data_dir: &Path) -> anyhow::Result<()> {
+    use std::os::unix::fs::MetadataExt as _;
+    let Ok(owner) = std::fs::metadata(data_dir) else { return Ok(()) };
+    let mine = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+    if (mine.uid(), mine.gid()) == (owner.uid(), owner.gid()) {
+        return Ok(());
+    }
+    let give = |p: &Path| {
+        std::os::unix::fs::chown(p, Some(owner.uid()), Some(owner.gid()))
+            .with_context(|| format!("giving {} to the owner of {}", p.display(), data_dir.display()))
+    };
+    give(dir)?;
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        give(&entry?.path())?;
+    }
+    Ok(())
+}
+
 impl IdentityStore {
     pub fn new(dir: PathBuf) -> IdentityStore {
         IdentityStore { dir }

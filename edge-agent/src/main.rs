@@ -18,15 +18,20 @@ struct Cli {
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Print the manual page (roff), for packages.
+    #[command(hide = true)]
+    Manual,
+    /// Print the completion script of a shell (bash, zsh, fish, elvish, powershell).
+    Completions { shell: clap_complete::Shell },
     /// Run the agent.
     Run {
         /// The configuration file.
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
     },
     /// Validate a configuration file and exit.
     Check {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
         /// Also read every source from its start (read-only: no position moves, nothing is
         /// spooled) and print its first N events as the cloud would receive them, with each
@@ -37,7 +42,7 @@ enum Command {
     /// Enroll this agent: make its key here, have the fleet CA sign it with a single-use token,
     /// and store key and certificate (owner-only) for mutual TLS from then on.
     Enroll {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
         /// The gateway, `host:port` or `actidash://host:port` (default: `cloud.address`).
         #[arg(long)]
@@ -53,7 +58,7 @@ enum Command {
     /// What the agent is doing: sources with their rates and lag, the spool, the link to the
     /// cloud; refreshed every second until Ctrl-C (like `top`), or once.
     Status {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
         /// Print once and exit (exit status 1 if the agent is not running).
         #[arg(long)]
@@ -73,12 +78,12 @@ enum Command {
 enum SpoolCommand {
     /// Depth, bytes, the oldest event's age and each source's position.
     Inspect {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
     },
     /// Check the spool's integrity and every event's checksum; exits 1 on damage.
     Verify {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
     },
     /// Events the gateway refused for good, kept aside with its reason.
@@ -92,7 +97,7 @@ enum SpoolCommand {
 enum RefusedCommand {
     /// Write them out as JSON lines (source, seq, reason, when, and the event itself).
     Export {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
         /// A file to write (default: standard output).
         #[arg(long)]
@@ -100,7 +105,7 @@ enum RefusedCommand {
     },
     /// Delete them (of one source, or all), once dealt with; prints how many.
     Purge {
-        #[arg(long, env = "ACTIDASH_AGENT_CONFIG")]
+        #[arg(long, env = "ACTIDASH_AGENT_CONFIG", default_value = "/etc/actidash/agent.toml")]
         config: PathBuf,
         #[arg(long)]
         source: Option<String>,
@@ -131,6 +136,15 @@ fn run() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.command {
+        Command::Manual => {
+            clap_mangen::Man::new(<Cli as clap::CommandFactory>::command()).render(&mut std::io::stdout())?;
+            Ok(())
+        }
+        Command::Completions { shell } => {
+            let mut command = <Cli as clap::CommandFactory>::command();
+            clap_complete::generate(shell, &mut command, "edge-agent", &mut std::io::stdout());
+            Ok(())
+        }
         Command::Enroll { config, url, token, token_file } => {
             let cfg = AgentConfig::load(&config)?;
             let token = match (token, token_file) {
@@ -167,6 +181,9 @@ fn run() -> anyhow::Result<()> {
                 enrolled.tenant,
                 cfg.tenant
             );
+            // Run by root (`sudo edge-agent enroll`) for a service that runs as the data folder's
+            // owner: the identity is handed to that owner.
+            edge_agent::identity::give_to_owner_of(store.dir(), &cfg.data_dir)?;
             println!(
                 "enrolled {} for tenant {}; key and certificate in {}",
                 enrolled.agent_id,

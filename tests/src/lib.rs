@@ -67,6 +67,17 @@ pub fn systemd_analyze(test: &str) -> Option<String> {
     service("ACTIDASH_SYSTEMD_ANALYZE", test, "install Debian's systemd (scripts/test.sh does)")
 }
 
+/// A minimal Debian root file system as a tarball (`ACTIDASH_DEBIAN_ROOT`, made and cached by
+/// `scripts/debian-root.sh`, which `scripts/test.sh` runs after installing lintian, rpm and
+/// debootstrap), for the packaging tests, on the same terms as [`kafka_bootstrap`].
+pub fn debian_root(test: &str) -> Option<String> {
+    service(
+        "ACTIDASH_DEBIAN_ROOT",
+        test,
+        "scripts/test.sh installs lintian, rpm and debootstrap and runs scripts/debian-root.sh",
+    )
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

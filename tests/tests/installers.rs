@@ -53,3 +53,256 @@ fn the_exposure_is_read_from_the_report() {
     assert_eq!(exposure(report), Some(1.4));
     assert_eq!(exposure("nothing"), None);
 }
+
+/// Runs a command; its output, or a panic naming it with what it said.
+fn run(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{cmd:?} failed: {said}");
+    said
+}
+
+/// `chroot ROOT args…`.
+fn chroot(root: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new("chroot");
+    cmd.arg(root).args(args).env("DEBIAN_FRONTEND", "noninteractive").env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
+    cmd
+}
+
+/// Builds the packages of `version` from the test build into `out`; the paths printed.
+fn package(out: &Path, version: &str, rpm: bool) -> Vec<std::path::PathBuf> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let target = actidash_tests::harness::bin_dir().unwrap().parent().unwrap().to_owned();
+    let mut cmd = Command::new(repo.join("scripts/package.sh"));
+    cmd.args(["--profile", "dev", "--no-build", "--version", version, "--out"])
+        .arg(out)
+        .env("CARGO_TARGET_DIR", &target);
+    if !rpm {
+        cmd.arg("--no-rpm");
+    }
+    run(&mut cmd).lines().filter(|l| l.starts_with('/')).map(std::path::PathBuf::from).collect()
+}
+
+fn uid_of(root: &Path, user: &str) -> Option<u32> {
+    let passwd = std::fs::read_to_string(root.join("etc/passwd")).ok()?;
+    passwd.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.first() == Some(&user)).then(|| f.get(2)?.parse().ok()).flatten()
+    })
+}
+
+/// The agent's .deb installed, configured, enrolled with the one line IT pastes, run, upgraded
+/// (keeping its spool, positions, enrollment and changed configuration), removed (keeping its
+/// state) and purged, with dpkg in a Debian chroot; lintian finds no error in either package;
+/// the cloud's .deb, the .rpm and the tarball's install.sh are checked too.
+#[test]
+fn the_packages_install_upgrade_remove_and_purge_for_real() {
+    use std::os::unix::fs::MetadataExt as _;
+    let test = "the_packages_install_upgrade_remove_and_purge_for_real";
+    let Some(debian_root) = actidash_tests::debian_root(test) else { return };
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("packages");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+
+    let v1 = package(&work.join("v1"), "0.1.0", true);
+    let v2 = package(&work.join("v2"), "0.1.1", false);
+    let find = |set: &[std::path::PathBuf], prefix: &str, suffix: &str| {
+        set.iter()
+            .find(|p| {
+                let name = p.file_name().unwrap().to_string_lossy();
+                name.starts_with(prefix) && name.ends_with(suffix)
+            })
+            .unwrap_or_else(|| panic!("no {prefix}…{suffix} in {set:?}"))
+            .clone()
+    };
+    let (agent_v1, cloud_v1, agent_v2) = (
+        find(&v1, "actidash-agent_", ".deb"),
+        find(&v1, "actidash-cloud_", ".deb"),
+        find(&v2, "actidash-agent_", ".deb"),
+    );
+
+    // lintian: no error and no warning in either package.
+    for deb in [&agent_v1, &cloud_v1] {
+        let out = Command::new("lintian")
+            .args(["--fail-on", "error,warning", "--tag-display-limit", "0"])
+            .arg(deb)
+            .output()
+            .unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "lintian {}:\n{said}", deb.display());
+        assert!(!said.lines().any(|l| l.starts_with("E:")), "lintian {}:\n{said}", deb.display());
+    }
+
+    // The .rpm: contents, configuration marked as such, the user made before install.
+    let rpm = find(&v1, "actidash-agent-", ".rpm");
+    let listed = run(Command::new("rpm").args(["-qlp"]).arg(&rpm));
+    for path in ["/usr/bin/edge-agent", "/usr/lib/systemd/system/actidash-agent.service", "/etc/actidash/agent.toml"] {
+        assert!(listed.lines().any(|l| l == path), "{path} not in the rpm: {listed}");
+    }
+    assert_eq!(run(Command::new("rpm").args(["-qcp"]).arg(&rpm)).trim(), "/etc/actidash/agent.toml");
+    assert!(run(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm)).contains("useradd -r -g actidash"));
+
+    // A Debian host of its own.
+    let root = work.join("root");
+    std::fs::create_dir_all(&root).unwrap();
+    run(Command::new("tar").arg("-xzf").arg(&debian_root).arg("-C").arg(&root));
+    for deb in [&agent_v1, &agent_v2, &cloud_v1] {
+        std::fs::copy(deb, root.join("tmp").join(deb.file_name().unwrap())).unwrap();
+    }
+    let in_root = |p: &Path| format!("/tmp/{}", p.file_name().unwrap().to_string_lossy());
+    let timed = |what: &str, cmd: &mut Command| {
+        let started = std::time::Instant::now();
+        let said = run(cmd);
+        eprintln!("{what}: {:.2} s", started.elapsed().as_secs_f64());
+        said
+    };
+
+    // Install.
+    timed("install actidash-agent", &mut chroot(&root, &["dpkg", "-i", &in_root(&agent_v1)]));
+    let uid = uid_of(&root, "actidash").expect("the actidash user exists");
+    let state = root.join("var/lib/actidash");
+    let meta = std::fs::metadata(&state).unwrap();
+    assert_eq!((meta.uid(), meta.mode() & 0o777), (uid, 0o700), "state owned by the service's user, private");
+    let conf = std::fs::metadata(root.join("etc/actidash/agent.toml")).unwrap();
+    assert_eq!(conf.mode() & 0o777, 0o640);
+    for path in [
+        "usr/bin/edge-agent",
+        "lib/systemd/system/actidash-agent.service",
+        "usr/share/man/man1/edge-agent.1.gz",
+        "usr/share/bash-completion/completions/edge-agent",
+        "usr/share/doc/actidash-agent/copyright",
+        "etc/systemd/system/multi-user.target.wants/actidash-agent.service",
+    ] {
+        assert!(root.join(path).symlink_metadata().is_ok(), "{path} missing after install");
+    }
+    assert!(run(&mut chroot(&root, &["edge-agent", "--version"])).contains("edge-agent 0.1.0"));
+
+    // Configured by IT, enrolled with one line, run as its service would (its user).
+    let d = actidash_tests::harness::Deployment::new(&work.join("deploy"), None).unwrap();
+    let mut cloud = d.start_cloud("cloud", &[]).unwrap();
+    d.wait_ready(std::time::Duration::from_secs(120)).unwrap();
+    std::fs::copy(d.root.join("certs/ca.pem"), root.join("etc/actidash/gateway-ca.pem")).unwrap();
+    let shop = root.join("srv/shop");
+    std::fs::create_dir_all(&shop).unwrap();
+    let config = format!(
+        "agent_id = \"pkg-agent\"\ntenant = \"acme\"\ndata_dir = \"/var/lib/actidash\"\n\n[cloud]\naddress = \"127.0.0.1:{}\"\n\
+         server_name = \"localhost\"\nca_file = \"/etc/actidash/gateway-ca.pem\"\n\n{}",
+        d.agent_port,
+        actidash_tests::generator::Feed::Orders.source_toml(Path::new("/srv/shop"))
+    );
+    std::fs::write(root.join("etc/actidash/agent.toml"), &config).unwrap();
+    let token = d.create_token("acme", "10m").unwrap();
+    let url = format!("actidash://127.0.0.1:{}", d.gateway_tcp_port);
+    let said = run(&mut chroot(&root, &["edge-agent", "enroll", "--url", &url, "--token", &token]));
+    assert!(said.contains("enrolled pkg-agent for tenant acme"), "{said}");
+    let identity = state.join("identity");
+    assert_eq!(std::fs::metadata(identity.join("current")).unwrap().uid(), uid, "the identity is the service user's");
+    let identity_files = |dir: &Path| -> Vec<(String, Vec<u8>)> {
+        let mut files: Vec<_> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        files.sort();
+        files
+    };
+    let enrolled = identity_files(&identity);
+
+    let mut g = actidash_tests::generator::Generator::new(5, 0);
+    let mut lines: Vec<actidash_tests::generator::Line> =
+        (0..300).map(|_| g.line_for(actidash_tests::generator::Feed::Orders, chrono::Utc::now())).collect();
+    actidash_tests::harness::append_lines(&shop, &lines).unwrap();
+    let start_agent = |name: &str| {
+        actidash_tests::harness::Process::start(
+            name,
+            Path::new("/usr/sbin/chroot"),
+            &["--userspec=actidash:actidash", root.to_str().unwrap(), "/usr/bin/edge-agent", "run"],
+            &work.join(format!("{name}.log")),
+        )
+        .unwrap()
+    };
+    let converge = |lines: &[actidash_tests::generator::Line]| {
+        let expected = actidash_tests::generator::expected_totals(lines);
+        actidash_tests::harness::wait_until(
+            std::time::Duration::from_secs(120),
+            "the cloud to count the packaged agent's orders",
+            || Ok(d.totals()? == expected),
+        )
+        .unwrap_or_else(|e| {
+            panic!("{e:#}; agent log: {}", std::fs::read_to_string(work.join("agent.log")).unwrap_or_default())
+        });
+    };
+    let mut agent = start_agent("agent");
+    converge(&lines);
+    assert!(agent.terminate(std::time::Duration::from_secs(30)), "the agent stops cleanly on SIGTERM");
+
+    // Upgrade: the changed configuration, the enrollment, the spool and its positions stay.
+    timed(
+        "upgrade actidash-agent 0.1.0 -> 0.1.1",
+        &mut chroot(&root, &["dpkg", "--force-confold", "-i", &in_root(&agent_v2)]),
+    );
+    assert_eq!(run(&mut chroot(&root, &["dpkg-query", "-W", "-f=${Version}", "actidash-agent"])), "0.1.1");
+    assert_eq!(
+        std::fs::read_to_string(root.join("etc/actidash/agent.toml")).unwrap(),
+        config,
+        "the changed file is kept"
+    );
+    assert_eq!(identity_files(&identity), enrolled, "the enrollment is kept");
+    assert!(state.join("spool.db").exists());
+    let more: Vec<actidash_tests::generator::Line> =
+        (0..200).map(|_| g.line_for(actidash_tests::generator::Feed::Orders, chrono::Utc::now())).collect();
+    actidash_tests::harness::append_lines(&shop, &more).unwrap();
+    lines.extend(more);
+    let mut agent = start_agent("agent");
+    // Every order counted once: nothing read again, nothing skipped, no new enrollment.
+    converge(&lines);
+    assert!(agent.terminate(std::time::Duration::from_secs(30)));
+
+    // Remove keeps the state and the configuration; purge deletes them, and the user.
+    timed("remove actidash-agent", &mut chroot(&root, &["dpkg", "-r", "actidash-agent"]));
+    assert!(!root.join("usr/bin/edge-agent").exists());
+    assert!(identity.join("current").exists() && state.join("spool.db").exists(), "remove keeps the state");
+    assert!(root.join("etc/actidash/agent.toml").exists(), "remove keeps the configuration");
+    timed("purge actidash-agent", &mut chroot(&root, &["dpkg", "-P", "actidash-agent"]));
+    assert!(!state.exists(), "purge deletes the state");
+    assert!(!root.join("etc/actidash/agent.toml").exists(), "purge deletes the configuration");
+    assert_eq!(uid_of(&root, "actidash"), None, "purge deletes the user");
+    assert!(!root.join("etc/systemd/system/multi-user.target.wants/actidash-agent.service").exists());
+
+    // The cloud's package: its units are installed, none enabled (the operator picks one
+    // process or one service per role), the dashboards are in place.
+    timed("install actidash-cloud", &mut chroot(&root, &["dpkg", "-i", &in_root(&cloud_v1)]));
+    for path in [
+        "usr/bin/cloud-aggregator",
+        "lib/systemd/system/actidash-cloud.service",
+        "lib/systemd/system/actidash-cloud@.service",
+        "usr/share/man/man1/cloud-aggregator.1.gz",
+        "etc/actidash/cloud.toml",
+    ] {
+        assert!(root.join(path).exists(), "{path} missing");
+    }
+    assert!(!root.join("etc/systemd/system/multi-user.target.wants/actidash-cloud.service").exists());
+    timed("purge actidash-cloud", &mut chroot(&root, &["dpkg", "-P", "actidash-cloud"]));
+    assert!(!root.join("usr/bin/cloud-aggregator").exists());
+
+    // The tarball's install.sh: into a prefix, twice; a changed configuration is kept.
+    let tarball = find(&v1, "actidash-0.1.0-linux-", ".tar.gz");
+    let unpacked = work.join("tarball");
+    std::fs::create_dir_all(&unpacked).unwrap();
+    run(Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpacked));
+    let prefix = work.join("prefix");
+    let install = unpacked.join("actidash-0.1.0/install.sh");
+    run(Command::new(&install).arg("--prefix").arg(&prefix).arg("agent"));
+    assert!(
+        prefix.join("usr/bin/edge-agent").exists() && prefix.join("lib/systemd/system/actidash-agent.service").exists()
+    );
+    std::fs::write(prefix.join("etc/actidash/agent.toml"), "# mine\n").unwrap();
+    let said = run(Command::new(&install).arg("--prefix").arg(&prefix).arg("agent"));
+    assert!(said.contains("kept your /etc/actidash/agent.toml"), "{said}");
+    assert_eq!(std::fs::read_to_string(prefix.join("etc/actidash/agent.toml")).unwrap(), "# mine\n");
+    assert!(prefix.join("etc/actidash/agent.toml.new").exists());
+    assert!(cloud.terminate(std::time::Duration::from_secs(15)));
+    let _ = std::fs::remove_dir_all(&root);
+}
