@@ -312,6 +312,10 @@ pub struct SourceStatus {
     /// the heartbeat was made (0: none waiting).
     #[serde(default)]
     pub lag_ms: u64,
+    /// A file source: the bytes of its open files not read yet (how far behind their ends it
+    /// is; compressed files are not counted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_behind: Option<u64>,
     /// PostgreSQL logical replication: the WAL its slot retains, and the most allowed
     /// (`max_retained_wal_mb`), in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -641,6 +645,7 @@ mod tests {
                         refused_by_reason: [("foreign_tenant".to_owned(), 3), ("too_large".to_owned(), 1)].into(),
                         skipped: [("test orders".to_owned(), 2)].into(),
                         lag_ms: n / 3,
+                        bytes_behind: (n % 2 == 1).then_some(n / 7),
                         retained_wal_bytes: Some(n),
                         max_retained_wal_bytes: None,
                         last_error: Some("bad".into()),

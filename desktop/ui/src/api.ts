@@ -112,6 +112,8 @@ export interface SourceHealth {
   next_seq: number;
   /** Age of the oldest event not yet acknowledged by the cloud, in milliseconds. */
   lag_ms?: number;
+  /** A file source: bytes of its open files not read yet. */
+  bytes_behind?: number | null;
   last_error?: string | null;
 }
 

@@ -265,6 +265,19 @@ impl FileSet {
     }
 
     /// For the status: the files being read and how far (the first few).
+    /// The bytes of the open plain files past what was read and committed: how far behind their
+    /// ends the source is.
+    pub fn bytes_behind(&self) -> u64 {
+        self.active
+            .iter()
+            .filter(|a| !a.tailer.is_gzip())
+            .filter_map(|a| {
+                let len = std::fs::metadata(a.tailer.path()).ok()?.len();
+                Some(len.saturating_sub(a.tailer.position().offset))
+            })
+            .sum()
+    }
+
     pub fn summary(&self) -> String {
         let mut parts: Vec<String> = self
             .active

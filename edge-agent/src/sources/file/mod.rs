@@ -233,10 +233,12 @@ impl FileSource {
                 Some(n) => next_seq = n,
                 None => break, // shut down while waiting for room
             }
+            let behind = files.bytes_behind();
             update_status(&self.ctx.status, |s| {
                 s.state = if n_items > 0 { "running".into() } else { "waiting".into() };
                 s.position = files.summary();
                 s.next_seq = next_seq;
+                s.bytes_behind = Some(behind);
             });
             if n_items < MAX_LINES_PER_COMMIT {
                 match wake_rx.recv_timeout(poll_interval) {
