@@ -63,6 +63,20 @@ ACTIDASH_DEBIAN_ROOT=$(scripts/debian-root.sh)
 export ACTIDASH_DEBIAN_ROOT
 echo "ACTIDASH_DEBIAN_ROOT=$ACTIDASH_DEBIAN_ROOT"
 
+step "Ansible and ansible-lint (PyPI, in a virtual environment outside the clone) for the roles' tests"
+venv=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/ansible-venv
+if [ ! -x "$venv/bin/ansible-lint" ] || [ ! -x "$venv/bin/ansible-playbook" ]; then
+  if ! python3 -c 'import ensurepip' 2>/dev/null; then
+    apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
+  fi
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install -q ansible==12.3.0 ansible-core==2.19.14 ansible-lint==26.10.1
+fi
+ACTIDASH_ANSIBLE=$venv/bin
+export ACTIDASH_ANSIBLE
+"$venv/bin/ansible-playbook" --version | head -1
+
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 

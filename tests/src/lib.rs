@@ -5,6 +5,7 @@
 pub mod dataset;
 pub mod generator;
 pub mod harness;
+pub mod hosts;
 pub mod reference;
 
 /// The Kafka bootstrap servers the test script started, if any.
@@ -75,6 +76,16 @@ pub fn debian_root(test: &str) -> Option<String> {
         "ACTIDASH_DEBIAN_ROOT",
         test,
         "scripts/test.sh installs lintian, rpm and debootstrap and runs scripts/debian-root.sh",
+    )
+}
+
+/// The folder of `ansible-playbook` and `ansible-lint` (`ACTIDASH_ANSIBLE`, a virtual
+/// environment `scripts/test.sh` makes), on the same terms as [`kafka_bootstrap`].
+pub fn ansible(test: &str) -> Option<String> {
+    service(
+        "ACTIDASH_ANSIBLE",
+        test,
+        "scripts/test.sh installs Ansible and ansible-lint from PyPI into a virtual environment",
     )
 }
 

@@ -5,6 +5,8 @@
 use std::path::Path;
 use std::process::Command;
 
+use actidash_tests::hosts::{chroot, new_host, package, run, start_as_service, uid_of};
+
 /// The exposure `systemd-analyze security` gives a unit ("Overall exposure level for …: 1.4").
 fn exposure(report: &str) -> Option<f64> {
     let line = report.lines().find(|l| l.contains("Overall exposure level"))?;
@@ -52,43 +54,6 @@ fn the_exposure_is_read_from_the_report() {
     let report = "✓ UMask=  Files created by service are accessible only by service's own user\n\n→ Overall exposure level for actidash-agent.service: 1.4 OK 🙂\n";
     assert_eq!(exposure(report), Some(1.4));
     assert_eq!(exposure("nothing"), None);
-}
-
-/// Runs a command; its output, or a panic naming it with what it said.
-fn run(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(out.status.success(), "{cmd:?} failed: {said}");
-    said
-}
-
-/// `chroot ROOT args…`.
-fn chroot(root: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new("chroot");
-    cmd.arg(root).args(args).env("DEBIAN_FRONTEND", "noninteractive").env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin");
-    cmd
-}
-
-/// Builds the packages of `version` from the test build into `out`; the paths printed.
-fn package(out: &Path, version: &str, rpm: bool) -> Vec<std::path::PathBuf> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let target = actidash_tests::harness::bin_dir().unwrap().parent().unwrap().to_owned();
-    let mut cmd = Command::new(repo.join("scripts/package.sh"));
-    cmd.args(["--profile", "dev", "--no-build", "--version", version, "--out"])
-        .arg(out)
-        .env("CARGO_TARGET_DIR", &target);
-    if !rpm {
-        cmd.arg("--no-rpm");
-    }
-    run(&mut cmd).lines().filter(|l| l.starts_with('/')).map(std::path::PathBuf::from).collect()
-}
-
-fn uid_of(root: &Path, user: &str) -> Option<u32> {
-    let passwd = std::fs::read_to_string(root.join("etc/passwd")).ok()?;
-    passwd.lines().find_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        (f.first() == Some(&user)).then(|| f.get(2)?.parse().ok()).flatten()
-    })
 }
 
 /// The agent's .deb installed, configured, enrolled with the one line IT pastes, run, upgraded
@@ -143,9 +108,7 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     assert!(run(Command::new("rpm").args(["-qp", "--scripts"]).arg(&rpm)).contains("useradd -r -g actidash"));
 
     // A Debian host of its own.
-    let root = work.join("root");
-    std::fs::create_dir_all(&root).unwrap();
-    run(Command::new("tar").arg("-xzf").arg(&debian_root).arg("-C").arg(&root));
+    let root = new_host(&debian_root, &work.join("root"));
     for deb in [&agent_v1, &agent_v2, &cloud_v1] {
         std::fs::copy(deb, root.join("tmp").join(deb.file_name().unwrap())).unwrap();
     }
@@ -214,15 +177,8 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     let mut lines: Vec<actidash_tests::generator::Line> =
         (0..300).map(|_| g.line_for(actidash_tests::generator::Feed::Orders, chrono::Utc::now())).collect();
     actidash_tests::harness::append_lines(&shop, &lines).unwrap();
-    let start_agent = |name: &str| {
-        actidash_tests::harness::Process::start(
-            name,
-            Path::new("/usr/sbin/chroot"),
-            &["--userspec=actidash:actidash", root.to_str().unwrap(), "/usr/bin/edge-agent", "run"],
-            &work.join(format!("{name}.log")),
-        )
-        .unwrap()
-    };
+    let start_agent =
+        |name: &str| start_as_service(name, &root, &["/usr/bin/edge-agent", "run"], &work.join(format!("{name}.log")));
     let converge = |lines: &[actidash_tests::generator::Line]| {
         let expected = actidash_tests::generator::expected_totals(lines);
         actidash_tests::harness::wait_until(
