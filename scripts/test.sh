@@ -63,19 +63,29 @@ ACTIDASH_DEBIAN_ROOT=$(scripts/debian-root.sh)
 export ACTIDASH_DEBIAN_ROOT
 echo "ACTIDASH_DEBIAN_ROOT=$ACTIDASH_DEBIAN_ROOT"
 
-step "Ansible and ansible-lint (PyPI, in a virtual environment outside the clone) for the roles' tests"
+step "Ansible, ansible-lint and kubernetes-validate (PyPI, in a virtual environment outside the clone)"
 venv=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/ansible-venv
-if [ ! -x "$venv/bin/ansible-lint" ] || [ ! -x "$venv/bin/ansible-playbook" ]; then
+if [ ! -x "$venv/bin/ansible-lint" ] || [ ! -x "$venv/bin/ansible-playbook" ] || [ ! -x "$venv/bin/kubernetes-validate" ]; then
   if ! python3 -c 'import ensurepip' 2>/dev/null; then
     apt-get update -qq && apt-get install -y -qq --no-install-recommends python3-venv >/dev/null
   fi
   rm -rf "$venv"
   python3 -m venv "$venv"
-  "$venv/bin/pip" install -q ansible==12.3.0 ansible-core==2.19.14 ansible-lint==26.10.1
+  "$venv/bin/pip" install -q ansible==12.3.0 ansible-core==2.19.14 ansible-lint==26.10.1 kubernetes-validate==1.37.0
 fi
 ACTIDASH_ANSIBLE=$venv/bin
 export ACTIDASH_ANSIBLE
 "$venv/bin/ansible-playbook" --version | head -1
+
+step "kustomize (Go module proxy, built once outside the clone) for the Kubernetes manifests' test"
+gobin=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/go-bin
+if [ ! -x "$gobin/kustomize" ]; then
+  go=$(command -v go || echo /usr/local/go/bin/go)
+  GOBIN=$gobin "$go" install sigs.k8s.io/kustomize/kustomize/v5@v5.7.1
+fi
+ACTIDASH_KUSTOMIZE=$gobin/kustomize
+export ACTIDASH_KUSTOMIZE
+"$ACTIDASH_KUSTOMIZE" version
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

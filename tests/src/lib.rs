@@ -89,6 +89,12 @@ pub fn ansible(test: &str) -> Option<String> {
     )
 }
 
+/// kustomize (`ACTIDASH_KUSTOMIZE`, built by `scripts/test.sh`), on the same terms as
+/// [`kafka_bootstrap`].
+pub fn kustomize(test: &str) -> Option<String> {
+    service("ACTIDASH_KUSTOMIZE", test, "scripts/test.sh builds kustomize from the Go module proxy")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),
