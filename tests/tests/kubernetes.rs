@@ -112,7 +112,7 @@ fn the_kubernetes_overlays_render_validate_and_keep_their_promises() {
         froms[0].contains(&format!("rust:{minor}-")),
         "the build stage uses the pinned toolchain {channel}: {froms:?}"
     );
-    let user = containerfile.lines().filter_map(|l| l.strip_prefix("USER ")).last().expect("a USER");
+    let user = containerfile.lines().rev().find_map(|l| l.strip_prefix("USER ")).expect("a USER");
     assert!(user.split(':').all(|id| id.parse::<u32>().is_ok_and(|n| n >= 1000)), "USER {user}: numeric, not root");
     assert!(!containerfile.lines().any(|l| l.starts_with("ADD ")), "COPY, never ADD");
     assert!(containerfile.contains("COPY --from=build /src/target/release/cloud-aggregator"));
