@@ -133,6 +133,7 @@ pub async fn run_with(
             shutdown: shutdown.clone(),
             dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
             event_limit: event_limit.clone(),
+            newest_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
         };
         let runner = sources::runner(source.clone(), ctx);
         let id = source.id().to_owned();

@@ -312,6 +312,9 @@ pub struct SourceStatus {
     /// the heartbeat was made (0: none waiting).
     #[serde(default)]
     pub lag_ms: u64,
+    /// The event time of the newest record it spooled (Unix ms), if any since it started.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_event_time_ms: Option<i64>,
     /// A file source: the bytes of its open files not read yet (how far behind their ends it
     /// is; compressed files are not counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -646,6 +649,7 @@ mod tests {
                         skipped: [("test orders".to_owned(), 2)].into(),
                         lag_ms: n / 3,
                         bytes_behind: (n % 2 == 1).then_some(n / 7),
+                        last_event_time_ms: (n % 3 == 1).then_some(1_796_000_000_000),
                         retained_wal_bytes: Some(n),
                         max_retained_wal_bytes: None,
                         last_error: Some("bad".into()),

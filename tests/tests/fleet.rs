@@ -274,7 +274,10 @@ fn a_filling_spool_degrades_its_agent_and_says_why() {
     assert!(messages.iter().any(|m| m.contains("source orders paused: the spool is full")), "{messages:?}");
     assert!(messages.iter().any(|m| m.starts_with("spool ") && m.ends_with("% full")), "{messages:?}");
     assert_eq!(a["sources"][0]["state"], "paused", "{a:#}");
-    // How far behind the end of its file the paused source is: most of the 4 MB.
+    // The newest spooled record's event time, and how far behind the end of its file the paused
+    // source is: most of the 4 MB.
+    let newest = a["sources"][0]["last_event_time_ms"].as_i64().expect("an event time");
+    assert!((Utc::now().timestamp_millis() - newest).abs() < 3_600_000, "{a:#}");
     assert!(a["sources"][0]["bytes_behind"].as_u64().is_some_and(|b| b > 1 << 20), "{a:#}");
     assert!(
         history_codes(&d, "shop3").unwrap().iter().any(|(s, c)| s == "degraded" && c.contains(&"spool_filling".into())),

@@ -112,6 +112,8 @@ export interface SourceHealth {
   next_seq: number;
   /** Age of the oldest event not yet acknowledged by the cloud, in milliseconds. */
   lag_ms?: number;
+  /** Event time of the newest record it spooled (Unix ms). */
+  last_event_time_ms?: number | null;
   /** A file source: bytes of its open files not read yet. */
   bytes_behind?: number | null;
   last_error?: string | null;

@@ -125,6 +125,9 @@ pub struct SourceContext {
     /// The largest event the gateway can deliver, as its last Welcome said (shared with the
     /// shipper; [`NO_EVENT_LIMIT`] until one does).
     pub event_limit: EventLimit,
+    /// The newest event time (Unix ms) mapped since the last commit; the status takes it once
+    /// the events are spooled.
+    pub newest_event_ms: std::sync::atomic::AtomicI64,
 }
 
 /// The largest event the gateway can deliver, in bytes of its JSON.
@@ -163,6 +166,7 @@ impl SourceContext {
     pub(crate) fn map_record(&self, mapping: &MappingConfig, source_id: &str, seq: u64, text: &str) -> Mapped {
         match mapping.apply_str(text) {
             Ok((time, payload)) => {
+                self.newest_event_ms.fetch_max(time.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
                 let event = actidash_shared::Event::new(
                     self.tenant.clone(),
                     self.agent_id.clone(),
@@ -242,7 +246,11 @@ impl SourceContext {
         if let Some(since) = paused_since {
             info!(source = %source_id, paused_ms = since.elapsed().as_millis() as u64, "spool has room again: source resumed");
         }
+        let newest = self.newest_event_ms.swap(i64::MIN, std::sync::atomic::Ordering::Relaxed);
         update_status(&self.status, |s| {
+            if newest != i64::MIN && !commit.bodies.is_empty() {
+                s.last_event_time_ms = Some(s.last_event_time_ms.map_or(newest, |t| t.max(newest)));
+            }
             s.n_errors += n_errors;
             if commit.last_error.is_some() {
                 s.last_error = commit.last_error;

@@ -44,6 +44,7 @@ pub(crate) fn test_context(spool_path: &Path, dead_letter: &Path, shutdown: &Can
         spooled: Arc::new(tokio::sync::Notify::new()),
         shutdown: shutdown.clone(),
         dead_letter: dead_letter.to_owned(),
+        newest_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
     }
 }
 
