@@ -319,6 +319,10 @@ pub struct SourceStatus {
     /// is; compressed files are not counted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub bytes_behind: Option<u64>,
+    /// A database source read by polling: the committed rows after its position (counted every
+    /// 10 s, at most a million).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rows_behind: Option<u64>,
     /// PostgreSQL logical replication: the WAL its slot retains, and the most allowed
     /// (`max_retained_wal_mb`), in bytes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -650,6 +654,7 @@ mod tests {
                         lag_ms: n / 3,
                         bytes_behind: (n % 2 == 1).then_some(n / 7),
                         last_event_time_ms: (n % 3 == 1).then_some(1_796_000_000_000),
+                        rows_behind: (n % 5 == 2).then_some(n / 11),
                         retained_wal_bytes: Some(n),
                         max_retained_wal_bytes: None,
                         last_error: Some("bad".into()),

@@ -114,6 +114,8 @@ export interface SourceHealth {
   lag_ms?: number;
   /** Event time of the newest record it spooled (Unix ms). */
   last_event_time_ms?: number | null;
+  /** A database source read by polling: committed rows after its position (at most 1 000 000). */
+  rows_behind?: number | null;
   /** A file source: bytes of its open files not read yet. */
   bytes_behind?: number | null;
   last_error?: string | null;

@@ -334,6 +334,7 @@ async function fleet(_view: View, el: HTMLElement): Promise<void> {
           `<div class="source ${s.n_errors > 0 || s.state === "error" ? "bad" : ""}"><b>${esc(s.source_id)}</b> ${esc(s.state)}` +
           `${s.lag_ms ? `, ${esc(duration(s.lag_ms / 1000))} behind` : ""}` +
           `${s.bytes_behind ? `, ${bytes(s.bytes_behind)} unread` : ""}` +
+          `${s.rows_behind ? `, ${number(s.rows_behind)} rows unread` : ""}` +
           `${s.last_event_time_ms ? `, last event ${esc(ago(new Date(s.last_event_time_ms).toISOString()))}` : ""}` +
           `${s.n_errors ? `, ${number(s.n_errors)} errors` : ""}${s.n_quarantined ? `, ${number(s.n_quarantined)} dead letters` : ""}` +
           `${s.n_refused ? `, ${number(s.n_refused)} refused${refusedReasons(s.refused_by_reason)}` : ""}` +

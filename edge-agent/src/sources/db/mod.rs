@@ -249,9 +249,20 @@ pub trait RowReader {
     fn retained_wal(&self) -> Option<(u64, u64)> {
         None
     }
+    /// How many committed rows are after `after` (at most [`ROWS_BEHIND_CAP`]): how far behind
+    /// the table the source is. None where rows are not what it follows (logical replication).
+    fn rows_behind(&mut self, _after: &KeyPosition) -> Result<Option<u64>, String> {
+        Ok(None)
+    }
     /// Where it reads, without credentials (for logs and dead letters).
     fn describe(&self) -> String;
 }
+
+/// The count of rows behind stops here: past a million, "over a million" is all that matters,
+/// and the count stays a bounded index scan.
+pub const ROWS_BEHIND_CAP: u64 = 1_000_000;
+/// How often the rows behind are counted.
+const ROWS_BEHIND_EVERY: Duration = Duration::from_secs(10);
 
 /// A running PostgreSQL or MySQL/MariaDB source.
 #[derive(Debug)]
@@ -292,6 +303,7 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
     let where_ = reader.describe();
     info!(source = %id, database = %where_, position = %position, next_seq, "database source started");
     let poll = Duration::from_millis(config.poll_interval_ms.max(10));
+    let (mut rows_behind, mut rows_counted_at): (Option<u64>, Option<std::time::Instant>) = (None, None);
     let mut backoff = Backoff::new(poll, Duration::from_millis(config.max_backoff_ms.max(100)));
     let mut connected = false;
     while !ctx.shutdown.is_cancelled() {
@@ -334,8 +346,16 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
         let waiting = reader.waiting_for();
         let caught_up = reader.caught_up();
         let wal = reader.retained_wal();
+        if rows_counted_at.is_none_or(|t| t.elapsed() >= ROWS_BEHIND_EVERY) {
+            rows_counted_at = Some(std::time::Instant::now());
+            match reader.rows_behind(&position) {
+                Ok(n) => rows_behind = n,
+                Err(e) => warn!(source = %id, database = %where_, error = %e, "cannot count the rows behind"),
+            }
+        }
         update_status(&ctx.status, |s| {
             (s.retained_wal_bytes, s.max_retained_wal_bytes) = (wal.map(|w| w.0), wal.map(|w| w.1));
+            s.rows_behind = rows_behind;
             // Held: rows may still be committed below the watermark by running transactions.
             s.state = match (n_rows > 0, &waiting, caught_up) {
                 (true, _, _) => "running".into(),

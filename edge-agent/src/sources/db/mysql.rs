@@ -214,6 +214,20 @@ impl RowReader for MysqlReader {
         Ok(())
     }
 
+    fn rows_behind(&mut self, after: &KeyPosition) -> Result<Option<u64>, String> {
+        let has_after = after.key.len() == self.keys.len();
+        let cond = if has_after { format!("({}) > {}", self.key_list(), self.placeholders()) } else { "TRUE".into() };
+        let sql = format!(
+            "SELECT COUNT(*) FROM (SELECT 1 FROM {} t WHERE {cond} LIMIT {}) c",
+            self.from,
+            super::ROWS_BEHIND_CAP
+        );
+        let params: Vec<mysql::Value> = if has_after { after.key.iter().map(to_param).collect() } else { Vec::new() };
+        let conn = self.conn.as_mut().ok_or("not connected")?;
+        let n: Option<u64> = conn.exec_first(sql, params).map_err(|e| e.to_string())?;
+        Ok(Some(n.unwrap_or(0)))
+    }
+
     fn read(&mut self, after: &KeyPosition, limit: usize) -> Result<Vec<Row>, String> {
         let n = self.keys.len();
         let has_after = after.key.len() == n;

@@ -180,6 +180,23 @@ impl RowReader for PgReader {
         Ok(())
     }
 
+    fn rows_behind(&mut self, after: &KeyPosition) -> Result<Option<u64>, String> {
+        let after_strings = key_strings(&after.key);
+        let has_after = after_strings.len() == self.keys.len();
+        let cond = if has_after { format!("({}) > {}", self.key_list(), self.key_params(1)) } else { "true".into() };
+        let sql = format!(
+            "SELECT count(*) FROM (SELECT 1 FROM {} t WHERE {cond} LIMIT {}) c",
+            self.from,
+            super::ROWS_BEHIND_CAP
+        );
+        let params: Vec<Option<String>> = if has_after { after_strings } else { Vec::new() };
+        let refs: Vec<&(dyn postgres::types::ToSql + Sync)> =
+            params.iter().map(|p| p as &(dyn postgres::types::ToSql + Sync)).collect();
+        let client = self.client.as_mut().ok_or("not connected")?;
+        let n: i64 = client.query_one(&sql, &refs).map_err(pg_error)?.try_get(0).map_err(pg_error)?;
+        Ok(Some(u64::try_from(n).unwrap_or(0)))
+    }
+
     fn read(&mut self, after: &KeyPosition, limit: usize) -> Result<Vec<Row>, String> {
         let n = self.keys.len();
         let after_strings = key_strings(&after.key);

@@ -166,6 +166,7 @@ fn postgres_rows_committed_out_of_order_are_read_once_with_a_read_only_account()
         ),
     );
     cfg.validate(Dialect::Postgres).unwrap();
+    let cfg_again = cfg.clone();
     let mut early = db.client();
     early.batch_execute("INSERT INTO orders (sku, qty) VALUES ('first', 1)").unwrap();
     let running = Running::start(cfg, Dialect::Postgres, &spool);
@@ -195,6 +196,13 @@ fn postgres_rows_committed_out_of_order_are_read_once_with_a_read_only_account()
     running.stop();
     std::thread::sleep(Duration::from_millis(200));
     assert_eq!(skus(&spool).len(), 4, "nothing twice");
+
+    // How far behind the table a position is.
+    let mut reader = postgres::PgReader::new(&cfg_again, cfg_again.password_source().load().unwrap()).unwrap();
+    reader.connect().unwrap();
+    assert_eq!(reader.rows_behind(&KeyPosition::default()).unwrap(), Some(4));
+    assert_eq!(reader.rows_behind(&KeyPosition { key: vec![serde_json::json!(1)] }).unwrap(), Some(3));
+    assert_eq!(reader.rows_behind(&KeyPosition { key: vec![serde_json::json!(4)] }).unwrap(), Some(0));
 }
 
 #[test]
@@ -361,6 +369,7 @@ fn mysql_out_of_order(grants: &str, settle_ms: u64, hold: Duration) {
         ),
     );
     cfg.validate(Dialect::Mysql).unwrap();
+    let cfg_again = cfg.clone();
     db.conn().query_drop("INSERT INTO orders (sku, qty) VALUES ('first', 1)").unwrap();
     let running = Running::start(cfg, Dialect::Mysql, &spool);
     assert_eq!(wait_for(&spool, 1), ["first=1"]);
@@ -384,6 +393,12 @@ fn mysql_out_of_order(grants: &str, settle_ms: u64, hold: Duration) {
     assert_eq!(wait_for(&spool, 4)[3..], ["after=4"]);
     running.stop();
     assert_eq!(skus(&spool).len(), 4, "nothing twice");
+
+    // How far behind the table a position is.
+    let mut reader = mysql::MysqlReader::new(&cfg_again, cfg_again.password_source().load().unwrap()).unwrap();
+    reader.connect().unwrap();
+    assert_eq!(reader.rows_behind(&KeyPosition::default()).unwrap(), Some(4));
+    assert_eq!(reader.rows_behind(&KeyPosition { key: vec![serde_json::json!(1)] }).unwrap(), Some(3));
 }
 
 #[test]
