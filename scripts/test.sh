@@ -35,7 +35,7 @@ if ! command -v promtool >/dev/null 2>&1; then
 fi
 ACTIDASH_PROMTOOL=$(command -v promtool)
 export ACTIDASH_PROMTOOL
-promtool --version | head -1
+promtool --version | sed -n 1p
 
 step "tmux (Debian's), for the test of the agent's live status view"
 if ! command -v tmux >/dev/null 2>&1; then
@@ -75,7 +75,7 @@ if [ ! -x "$venv/bin/ansible-lint" ] || [ ! -x "$venv/bin/ansible-playbook" ] ||
 fi
 ACTIDASH_ANSIBLE=$venv/bin
 export ACTIDASH_ANSIBLE
-"$venv/bin/ansible-playbook" --version | head -1
+"$venv/bin/ansible-playbook" --version | sed -n 1p
 
 step "kustomize (Go module proxy, built once outside the clone) for the Kubernetes manifests' test"
 gobin=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/go-bin
@@ -117,6 +117,12 @@ echo "ACTIDASH_KAFKA_BOOTSTRAP=$ACTIDASH_KAFKA_BOOTSTRAP"
 ACTIDASH_KAFKA3_BOOTSTRAP=$(kafka3 start 3 | sed -n 's/^export ACTIDASH_KAFKA_BOOTSTRAP=//p')
 export ACTIDASH_KAFKA3_BOOTSTRAP
 echo "ACTIDASH_KAFKA3_BOOTSTRAP=$ACTIDASH_KAFKA3_BOOTSTRAP (pids in $ACTIDASH_KAFKA3_DIR/broker-*/pid)"
+
+step "Groovy's compiler (Maven Central), to check the Jenkinsfile's syntax offline"
+mvn -q -B dependency:get -Dartifact=org.apache.groovy:groovy:4.0.33 >/dev/null
+ACTIDASH_GROOVY_JAR=$HOME/.m2/repository/org/apache/groovy/groovy/4.0.33/groovy-4.0.33.jar
+export ACTIDASH_GROOVY_JAR
+ls -l "$ACTIDASH_GROOVY_JAR"
 
 step "start PostgreSQL and MariaDB"
 eval "$(scripts/db.sh start)"

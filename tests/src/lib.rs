@@ -95,6 +95,12 @@ pub fn kustomize(test: &str) -> Option<String> {
     service("ACTIDASH_KUSTOMIZE", test, "scripts/test.sh builds kustomize from the Go module proxy")
 }
 
+/// Groovy's jar (`ACTIDASH_GROOVY_JAR`, fetched from Maven Central by `scripts/test.sh`), to
+/// check the Jenkinsfile's syntax, on the same terms as [`kafka_bootstrap`].
+pub fn groovy_jar(test: &str) -> Option<String> {
+    service("ACTIDASH_GROOVY_JAR", test, "scripts/test.sh fetches Groovy from Maven Central")
+}
+
 fn service(var: &str, test: &str, how: &str) -> Option<String> {
     match std::env::var(var) {
         Ok(b) if !b.is_empty() => Some(b),

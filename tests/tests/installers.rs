@@ -262,3 +262,43 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     assert!(cloud.terminate(std::time::Duration::from_secs(15)));
     let _ = std::fs::remove_dir_all(&root);
 }
+
+/// The Jenkinsfile (the seed's CI/CD): valid Groovy (compiled by Groovy's own compiler, offline;
+/// a Jenkins server's declarative linter cannot run here), and its stages call the README's test
+/// command and the packaging script, and archive the packages.
+#[test]
+fn the_jenkinsfile_compiles_and_calls_the_readme_commands() {
+    let Some(groovy) = actidash_tests::groovy_jar("the_jenkinsfile_compiles_and_calls_the_readme_commands") else {
+        return;
+    };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let text = std::fs::read_to_string(repo.join("Jenkinsfile")).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let source = dir.path().join("Jenkinsfile.groovy");
+    std::fs::write(&source, &text).unwrap();
+    run(Command::new("java")
+        .arg("-cp")
+        .arg(&groovy)
+        .arg("org.codehaus.groovy.tools.FileSystemCompiler")
+        .arg("-d")
+        .arg(dir.path().join("classes"))
+        .arg(&source));
+    // A syntax error is caught: the check can fail.
+    std::fs::write(&source, text.replacen('}', "", 1)).unwrap();
+    let broken = Command::new("java")
+        .arg("-cp")
+        .arg(&groovy)
+        .arg("org.codehaus.groovy.tools.FileSystemCompiler")
+        .arg("-d")
+        .arg(dir.path().join("broken"))
+        .arg(&source)
+        .output()
+        .unwrap();
+    assert!(!broken.status.success(), "a Jenkinsfile missing a brace compiles?");
+
+    let readme = std::fs::read_to_string(repo.join("README.md")).unwrap();
+    assert!(readme.contains("scripts/test.sh"), "the README's test command");
+    for needed in ["sh 'scripts/test.sh'", "scripts/package.sh", "archiveArtifacts", "target/packages/*.deb"] {
+        assert!(text.contains(needed), "the Jenkinsfile lacks {needed}");
+    }
+}
