@@ -18,7 +18,7 @@ use std::path::Path;
 use actidash_shared::wire::ConfigState;
 
 use crate::registry::Registry;
-use crate::store::db::{Cols, Tx};
+use crate::store::db::{Cols, DbError, Tx};
 
 /// Largest configuration pushed (a frame's JSON; sources are a few hundred bytes each).
 pub const MAX_CONFIG_BYTES: usize = 256 * 1024;
@@ -80,13 +80,7 @@ pub fn push(registry: &Registry, tenant: &str, group: &str, text: &str, name: &P
     validate(text, name, tenant)?;
     let sha = crate::fleet::sha256_hex(text);
     registry.write(|tx| {
-        let latest = tx
-            .query("SELECT max(version) FROM configs WHERE tenant = ?1 AND grp = ?2", &[tenant.into(), group.into()])?
-            .into_iter()
-            .next()
-            .and_then(|r| Cols::new(r).opt_int())
-            .unwrap_or(0);
-        let version = latest + 1;
+        let version = max_of(tx, "SELECT max(version) FROM configs WHERE tenant = ?1 AND grp = ?2", tenant, group)? + 1;
         tx.exec(
             "INSERT INTO configs (tenant, grp, version, text, sha256, created_at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             &[tenant.into(), group.into(), version.into(), text.into(), (&sha).into(), now.into()],
@@ -96,13 +90,18 @@ pub fn push(registry: &Registry, tenant: &str, group: &str, text: &str, name: &P
     })
 }
 
-fn activate(tx: &mut dyn Tx, tenant: &str, group: &str, version: i64, action: &str, now: i64) -> anyhow::Result<()> {
-    let n = tx
-        .query("SELECT max(n) FROM config_activations WHERE tenant = ?1 AND grp = ?2", &[tenant.into(), group.into()])?
+/// The `max(…)` of a group's rows (0 when it has none).
+fn max_of(tx: &mut dyn Tx, sql: &str, tenant: &str, group: &str) -> Result<i64, DbError> {
+    Ok(tx
+        .query(sql, &[tenant.into(), group.into()])?
         .into_iter()
         .next()
         .and_then(|r| Cols::new(r).opt_int())
-        .unwrap_or(0);
+        .unwrap_or(0))
+}
+
+fn activate(tx: &mut dyn Tx, tenant: &str, group: &str, version: i64, action: &str, now: i64) -> anyhow::Result<()> {
+    let n = max_of(tx, "SELECT max(n) FROM config_activations WHERE tenant = ?1 AND grp = ?2", tenant, group)?;
     tx.exec(
         "INSERT INTO config_activations (tenant, grp, n, version, action, at) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
         &[tenant.into(), group.into(), (n + 1).into(), version.into(), action.into(), now.into()],

@@ -46,7 +46,7 @@ pub enum State {
 }
 
 impl State {
-    fn as_str(self) -> &'static str {
+    pub fn as_str(self) -> &'static str {
         match self {
             State::Healthy => "healthy",
             State::Degraded => "degraded",
@@ -328,6 +328,28 @@ pub fn record(tx: &mut dyn Tx, r: &FleetRecord) -> Result<(), DbError> {
         change(tx, r, at, state, &reasons)?;
     }
     Ok(())
+}
+
+/// An agent's stored row read back: the row (its heartbeat taken out), that heartbeat, and the
+/// agent's health at `now` (what `/api/v1/fleet` and `cloud-aggregator status` show).
+pub fn of_row(
+    row: crate::store::query::FleetRow,
+    revoked: &std::collections::HashSet<String>,
+    now: DateTime<Utc>,
+    offline_after: chrono::Duration,
+) -> (crate::store::query::AgentRow, Heartbeat, Health) {
+    let mut agent = row.agent;
+    let hb: Heartbeat = serde_json::from_value(std::mem::take(&mut agent.heartbeat)).unwrap_or_default();
+    let health = current(
+        &agent.received_at,
+        &hb,
+        row.errors_rising_at.as_deref(),
+        row.last_change.as_deref(),
+        revoked.contains(&agent.agent_id),
+        now,
+        offline_after,
+    );
+    (agent, hb, health)
 }
 
 /// An agent's health as read now: its last assessment, unless it is revoked or silent.

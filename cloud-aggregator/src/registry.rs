@@ -14,7 +14,7 @@
 //! (the store's `agents` holds heartbeats; the registry's, enrollments). One connection is kept
 //! per [`Registry`] and made again after a failure.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -47,33 +47,9 @@ CREATE TABLE IF NOT EXISTS agent_configs (agent_id TEXT PRIMARY KEY, tenant TEXT
 /// The PostgreSQL schema of the registry's tables.
 const PG_SCHEMA: &str = "actidash_registry";
 
-/// Where the registry is.
-#[derive(Clone)]
-pub enum RegistryLocation {
-    Sqlite(PathBuf),
-    Postgres { url: String, password: Option<String> },
-}
-
-impl std::fmt::Debug for RegistryLocation {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.name())
-    }
-}
-
-impl RegistryLocation {
-    /// The path, or the URL without its password.
-    pub fn name(&self) -> String {
-        match self {
-            RegistryLocation::Sqlite(p) => p.display().to_string(),
-            RegistryLocation::Postgres { url, .. } => crate::store::postgres::redact(url),
-        }
-    }
-
-    /// Whether processes on other hosts may share it.
-    pub fn is_shared(&self) -> bool {
-        matches!(self, RegistryLocation::Postgres { .. })
-    }
-}
+/// Where the registry is: a SQLite file, or a PostgreSQL database (the serving store's kind of
+/// location).
+pub type RegistryLocation = crate::store::Location;
 
 type PgConn = (postgres::Client, StatementCache);
 

@@ -136,19 +136,8 @@ pub fn fleet(source: &mut FleetSource) -> anyhow::Result<FleetSummary> {
     let now = chrono::Utc::now();
     let mut summary = FleetSummary { agents: rows.len(), ..FleetSummary::default() };
     for row in rows {
-        let a = row.agent;
-        let hb: actidash_shared::wire::Heartbeat = serde_json::from_value(a.heartbeat).unwrap_or_default();
-        let health = crate::health::current(
-            &a.received_at,
-            &hb,
-            row.errors_rising_at.as_deref(),
-            row.last_change.as_deref(),
-            revoked.contains(&a.agent_id),
-            now,
-            offline_after,
-        );
-        let name = serde_json::to_value(health.state).ok().and_then(|v| v.as_str().map(String::from));
-        *summary.by_state.entry(name.unwrap_or_default()).or_insert(0) += 1;
+        let (a, _, health) = crate::health::of_row(row, &revoked, now, offline_after);
+        *summary.by_state.entry(health.state.as_str().to_owned()).or_insert(0) += 1;
         if health.state != State::Healthy && summary.attention.len() < MAX_ATTENTION {
             summary.attention.push(Attention {
                 tenant: a.tenant,
@@ -260,14 +249,7 @@ pub fn render(v: &View) -> String {
             let states: Vec<String> = f.by_state.iter().map(|(s, n)| format!("{n} {s}")).collect();
             out.push_str(&format!("fleet     {} agents: {}\n", f.agents, states.join(", ")));
             for a in &f.attention {
-                let state = serde_json::to_value(a.state).ok().and_then(|v| v.as_str().map(String::from));
-                out.push_str(&format!(
-                    "  {:<24} {:<10} {:<9} {}\n",
-                    a.agent_id,
-                    a.tenant,
-                    state.unwrap_or_default(),
-                    a.reason
-                ));
+                out.push_str(&format!("  {:<24} {:<10} {:<9} {}\n", a.agent_id, a.tenant, a.state.as_str(), a.reason));
             }
         }
         (None, Some(e)) => out.push_str(&format!("fleet     UNREADABLE: {e}\n")),

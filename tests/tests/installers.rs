@@ -154,9 +154,24 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
         actidash_tests::generator::Feed::Orders.source_toml(Path::new("/srv/shop"))
     );
     std::fs::write(root.join("etc/actidash/agent.toml"), &config).unwrap();
+    // docs/install.md's lines, in its order: check with a preview, enroll, (start), status.
+    let mut g = actidash_tests::generator::Generator::new(5, 0);
+    let mut lines: Vec<actidash_tests::generator::Line> =
+        (0..300).map(|_| g.line_for(actidash_tests::generator::Feed::Orders, chrono::Utc::now())).collect();
+    actidash_tests::harness::append_lines(&shop, &lines).unwrap();
+    let said = run(Command::new("chroot")
+        .arg("--userspec=actidash:actidash")
+        .arg(&root)
+        .args(["edge-agent", "check", "--preview", "5"])
+        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"));
+    assert!(
+        said.contains("/etc/actidash/agent.toml: OK (1 sources)") && said.contains("source orders: 5 events, 0 bad"),
+        "{said}"
+    );
     let token = d.create_token("acme", "10m").unwrap();
+    std::fs::write(root.join("root/token.txt"), &token).unwrap();
     let url = format!("actidash://127.0.0.1:{}", d.gateway_tcp_port);
-    let said = run(&mut chroot(&root, &["edge-agent", "enroll", "--url", &url, "--token", &token]));
+    let said = run(&mut chroot(&root, &["edge-agent", "enroll", "--url", &url, "--token-file", "/root/token.txt"]));
     assert!(said.contains("enrolled pkg-agent for tenant acme"), "{said}");
     let identity = state.join("identity");
     assert_eq!(std::fs::metadata(identity.join("current")).unwrap().uid(), uid, "the identity is the service user's");
@@ -173,10 +188,6 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     };
     let enrolled = identity_files(&identity);
 
-    let mut g = actidash_tests::generator::Generator::new(5, 0);
-    let mut lines: Vec<actidash_tests::generator::Line> =
-        (0..300).map(|_| g.line_for(actidash_tests::generator::Feed::Orders, chrono::Utc::now())).collect();
-    actidash_tests::harness::append_lines(&shop, &lines).unwrap();
     let start_agent =
         |name: &str| start_as_service(name, &root, &["/usr/bin/edge-agent", "run"], &work.join(format!("{name}.log")));
     let converge = |lines: &[actidash_tests::generator::Line]| {
@@ -192,6 +203,15 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     };
     let mut agent = start_agent("agent");
     converge(&lines);
+    actidash_tests::harness::wait_until(
+        std::time::Duration::from_secs(30),
+        "edge-agent status to show the link",
+        || {
+            let out = chroot(&root, &["edge-agent", "status", "--once"]).output()?;
+            Ok(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("agent   connected (quic)"))
+        },
+    )
+    .unwrap();
     assert!(agent.terminate(std::time::Duration::from_secs(30)), "the agent stops cleanly on SIGTERM");
 
     // Upgrade: the changed configuration, the enrollment, the spool and its positions stay.

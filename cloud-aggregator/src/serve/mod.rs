@@ -791,17 +791,7 @@ async fn fleet_report(State(state): State<AppState>, Query(p): Pairs) -> Result<
     let agents = rows
         .into_iter()
         .map(|row| {
-            let a = row.agent;
-            let hb: actidash_shared::wire::Heartbeat = serde_json::from_value(a.heartbeat).unwrap_or_default();
-            let health = crate::health::current(
-                &a.received_at,
-                &hb,
-                row.errors_rising_at.as_deref(),
-                row.last_change.as_deref(),
-                revoked.contains(&a.agent_id),
-                now,
-                offline_after,
-            );
+            let (a, hb, health) = crate::health::of_row(row, &revoked, now, offline_after);
             FleetAgent {
                 tenant: a.tenant,
                 agent_id: a.agent_id,

@@ -62,6 +62,11 @@ impl Location {
         }
     }
 
+    /// Whether processes on other hosts may share it.
+    pub fn is_shared(&self) -> bool {
+        matches!(self, Location::Postgres { .. })
+    }
+
     /// Opens the store for reading and writing (creating or migrating its schema).
     pub fn open(&self) -> Result<Store, StoreError> {
         match self {
