@@ -129,6 +129,9 @@ struct SessionConfig {
     pushed: Option<u64>,
     /// The account last recorded in the registry.
     recorded: Option<ConfigState>,
+    /// `state` changed since the last look at what to push (a hello, a heartbeat): only then,
+    /// or when the active versions change, is there anything to compare — not on every batch.
+    changed: bool,
 }
 
 fn bump(counter: &AtomicU64, n: u64) {
@@ -661,8 +664,10 @@ impl Connection {
                         if self.handle_events(session, identity, pending, remote, transport, peer, config).await {
                             return Ok(());
                         }
-                        let active = configs.borrow_and_update().clone();
-                        self.offer_config(session, identity.as_ref(), config, &active).await;
+                        if std::mem::take(&mut config.changed) {
+                            let active = configs.borrow_and_update().clone();
+                            self.offer_config(session, identity.as_ref(), config, &active).await;
+                        }
                     }
                     if identity.is_some() {
                         // Authenticated: no longer counted against its address.
@@ -777,6 +782,7 @@ impl Connection {
                             info!(remote = %remote, transport, agent_id = %agent_id, tenant = %tenant, agent_version = %hello.agent_version, "agent connected");
                             *identity = Some((agent_id.clone(), tenant.clone()));
                             config.state = hello.config.clone();
+                            config.changed = true;
                             session.accept(agent_id, tenant);
                         }
                         Err(e) => {
@@ -938,6 +944,7 @@ impl Connection {
                         if heartbeat.config != config.recorded {
                             // What the agent runs changed (or is first heard of): for `config status`.
                             config.state = heartbeat.config.clone();
+                            config.changed = true;
                             if let Some(state) = heartbeat.config.clone() {
                                 let registry = self.admission.fleet().registry().clone();
                                 let (a, t) = (agent_id.clone(), tenant.clone());
