@@ -51,9 +51,9 @@ fi
 ACTIDASH_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
 export ACTIDASH_SYSTEMD_ANALYZE
 
-step "packaging tools (Debian's lintian, rpm, debootstrap) and a Debian root for the install tests"
+step "packaging tools (Debian's lintian, rpm, debootstrap, systemd-nspawn) and Debian roots for the install tests"
 missing=""
-for tool in lintian:lintian rpmbuild:rpm debootstrap:debootstrap; do
+for tool in lintian:lintian rpmbuild:rpm debootstrap:debootstrap systemd-nspawn:systemd-container; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
 done
 if [ -n "$missing" ]; then
@@ -62,6 +62,9 @@ fi
 ACTIDASH_DEBIAN_ROOT=$(scripts/debian-root.sh)
 export ACTIDASH_DEBIAN_ROOT
 echo "ACTIDASH_DEBIAN_ROOT=$ACTIDASH_DEBIAN_ROOT"
+ACTIDASH_DEBIAN_SYSTEMD_ROOT=$(scripts/debian-root.sh --systemd)
+export ACTIDASH_DEBIAN_SYSTEMD_ROOT
+echo "ACTIDASH_DEBIAN_SYSTEMD_ROOT=$ACTIDASH_DEBIAN_SYSTEMD_ROOT"
 
 step "Ansible, ansible-lint and kubernetes-validate (PyPI, in a virtual environment outside the clone)"
 venv=${ACTIDASH_CACHE:-$HOME/.cache/actidash}/ansible-venv
@@ -86,6 +89,20 @@ fi
 ACTIDASH_KUSTOMIZE=$gobin/kustomize
 export ACTIDASH_KUSTOMIZE
 "$ACTIDASH_KUSTOMIZE" version
+
+step "Kubernetes API server, kubectl and etcd (Go module proxy, built once outside the clone; about 8 minutes the first time)"
+k8sbin=$gobin/k8s-$(sha256sum scripts/k8s-tools/go.sum | cut -c1-12)
+if [ ! -x "$k8sbin/kube-apiserver" ] || [ ! -x "$k8sbin/kubectl" ] || [ ! -x "$k8sbin/etcd" ]; then
+  go=$(command -v go || echo /usr/local/go/bin/go)
+  mkdir -p "$k8sbin.tmp"
+  (cd scripts/k8s-tools && "$go" build -trimpath -o "$k8sbin.tmp/" \
+    k8s.io/kubernetes/cmd/kube-apiserver k8s.io/kubernetes/cmd/kubectl go.etcd.io/etcd/server/v3)
+  mv "$k8sbin.tmp/server" "$k8sbin.tmp/etcd"
+  rm -rf "$k8sbin" && mv "$k8sbin.tmp" "$k8sbin"
+fi
+ACTIDASH_KUBERNETES=$k8sbin
+export ACTIDASH_KUBERNETES
+ls "$ACTIDASH_KUBERNETES"
 
 step "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -18,6 +18,10 @@ pub const STATUS_FILE: &str = "status.json";
 /// A status older than this means the agent is not running (it rewrites it every 2 s).
 pub const STALE_AFTER_MS: i64 = 10_000;
 
+/// An agent that has not reached the cloud since it started is "connecting" this long, then
+/// "cut off" (its first status is written before its first connection).
+const CONNECTING_FOR_SECS: u64 = 30;
+
 /// The shipper's side of the status: the link to the cloud.
 #[derive(Debug, Default)]
 pub struct Link {
@@ -112,7 +116,9 @@ pub struct View {
     pub status_age_secs: f64,
     pub pid: u32,
     pub connected: bool,
+    /// Empty until the first connection since the agent started.
     pub transport: String,
+    pub uptime_secs: u64,
     pub shipped_events: u64,
     pub shipped_per_sec: Option<f64>,
     pub spool_events: u64,
@@ -151,6 +157,7 @@ pub fn view(now_ms: i64, current: &Status, before: Option<&Status>) -> View {
         pid: current.pid,
         connected: current.connected,
         transport: current.transport.clone(),
+        uptime_secs: hb.uptime_secs,
         shipped_events: current.shipped_events,
         shipped_per_sec: before.and_then(|b| rate(current.shipped_events, b.shipped_events)),
         spool_events: hb.spool_events,
@@ -172,6 +179,8 @@ pub fn render(v: &View) -> String {
         format!("NOT RUNNING: the last status is {:.0} s old (pid {})", v.status_age_secs, v.pid)
     } else if v.connected {
         format!("connected ({})", v.transport)
+    } else if v.transport.is_empty() && v.uptime_secs < CONNECTING_FOR_SECS {
+        format!("connecting: started {} s ago, not connected yet; reading on into the spool", v.uptime_secs)
     } else {
         "CUT OFF: cannot reach the cloud; reading on into the spool".to_owned()
     };
@@ -253,6 +262,19 @@ mod tests {
             text.contains("connected (quic)") && text.contains("25.0 % of 200") && text.contains("100/s"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn an_agent_that_has_not_connected_since_it_started_is_connecting_then_cut_off() {
+        let mut s = status(10_000, 7, 1, 0);
+        (s.connected, s.transport, s.heartbeat.uptime_secs) = (false, String::new(), 1);
+        let text = render(&view(10_500, &s, None));
+        assert!(text.starts_with("agent   connecting: started 1 s ago, not connected yet"), "{text}");
+        s.heartbeat.uptime_secs = 30;
+        assert!(render(&view(10_500, &s, None)).starts_with("agent   CUT OFF"));
+        // Connected once, then lost: cut off at once.
+        (s.transport, s.heartbeat.uptime_secs) = ("quic".into(), 5);
+        assert!(render(&view(10_500, &s, None)).starts_with("agent   CUT OFF"));
     }
 
     #[test]

@@ -6,6 +6,7 @@ pub mod dataset;
 pub mod generator;
 pub mod harness;
 pub mod hosts;
+pub mod kube;
 pub mod reference;
 
 /// The Kafka bootstrap servers the test script started, if any.
@@ -79,6 +80,17 @@ pub fn debian_root(test: &str) -> Option<String> {
     )
 }
 
+/// The same Debian root with systemd as its init (`ACTIDASH_DEBIAN_SYSTEMD_ROOT`, made by
+/// `scripts/debian-root.sh --systemd`), booted by `systemd-nspawn` (Debian's
+/// systemd-container, which `scripts/test.sh` installs), on the same terms as [`kafka_bootstrap`].
+pub fn debian_systemd_root(test: &str) -> Option<String> {
+    service(
+        "ACTIDASH_DEBIAN_SYSTEMD_ROOT",
+        test,
+        "scripts/test.sh installs systemd-container and runs scripts/debian-root.sh --systemd",
+    )
+}
+
 /// The folder of `ansible-playbook` and `ansible-lint` (`ACTIDASH_ANSIBLE`, a virtual
 /// environment `scripts/test.sh` makes), on the same terms as [`kafka_bootstrap`].
 pub fn ansible(test: &str) -> Option<String> {
@@ -93,6 +105,12 @@ pub fn ansible(test: &str) -> Option<String> {
 /// [`kafka_bootstrap`].
 pub fn kustomize(test: &str) -> Option<String> {
     service("ACTIDASH_KUSTOMIZE", test, "scripts/test.sh builds kustomize from the Go module proxy")
+}
+
+/// The folder of `kube-apiserver`, `kubectl` and `etcd` (`ACTIDASH_KUBERNETES`, built by
+/// `scripts/test.sh` from the Go module proxy), on the same terms as [`kafka_bootstrap`].
+pub fn kubernetes(test: &str) -> Option<String> {
+    service("ACTIDASH_KUBERNETES", test, "scripts/test.sh builds kube-apiserver, kubectl and etcd")
 }
 
 /// Groovy's jar (`ACTIDASH_GROOVY_JAR`, fetched from Maven Central by `scripts/test.sh`), to

@@ -69,22 +69,9 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     let _ = std::fs::remove_dir_all(&work);
     std::fs::create_dir_all(&work).unwrap();
 
-    let v1 = package(&work.join("v1"), "0.1.0", true);
-    let v2 = package(&work.join("v2"), "0.1.1", false);
-    let find = |set: &[std::path::PathBuf], prefix: &str, suffix: &str| {
-        set.iter()
-            .find(|p| {
-                let name = p.file_name().unwrap().to_string_lossy();
-                name.starts_with(prefix) && name.ends_with(suffix)
-            })
-            .unwrap_or_else(|| panic!("no {prefix}…{suffix} in {set:?}"))
-            .clone()
-    };
-    let (agent_v1, cloud_v1, agent_v2) = (
-        find(&v1, "actidash-agent_", ".deb"),
-        find(&v1, "actidash-cloud_", ".deb"),
-        find(&v2, "actidash-agent_", ".deb"),
-    );
+    let (v1, v2) = packages();
+    let (agent_v1, cloud_v1, agent_v2) =
+        (find(v1, "actidash-agent_", ".deb"), find(v1, "actidash-cloud_", ".deb"), find(v2, "actidash-agent_", ".deb"));
 
     // lintian: no error and no warning in either package.
     for deb in [&agent_v1, &cloud_v1] {
@@ -99,7 +86,7 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     }
 
     // The .rpm: contents, configuration marked as such, the user made before install.
-    let rpm = find(&v1, "actidash-agent-", ".rpm");
+    let rpm = find(v1, "actidash-agent-", ".rpm");
     let listed = run(Command::new("rpm").args(["-qlp"]).arg(&rpm));
     for path in ["/usr/bin/edge-agent", "/usr/lib/systemd/system/actidash-agent.service", "/etc/actidash/agent.toml"] {
         assert!(listed.lines().any(|l| l == path), "{path} not in the rpm: {listed}");
@@ -264,7 +251,7 @@ fn the_packages_install_upgrade_remove_and_purge_for_real() {
     assert!(!root.join("usr/bin/cloud-aggregator").exists());
 
     // The tarball's install.sh: into a prefix, twice; a changed configuration is kept.
-    let tarball = find(&v1, "actidash-0.1.0-linux-", ".tar.gz");
+    let tarball = find(v1, "actidash-0.1.0-linux-", ".tar.gz");
     let unpacked = work.join("tarball");
     std::fs::create_dir_all(&unpacked).unwrap();
     run(Command::new("tar").arg("-xzf").arg(&tarball).arg("-C").arg(&unpacked));
@@ -321,4 +308,260 @@ fn the_jenkinsfile_compiles_and_calls_the_readme_commands() {
     for needed in ["sh 'scripts/test.sh'", "scripts/package.sh", "archiveArtifacts", "target/packages/*.deb"] {
         assert!(text.contains(needed), "the Jenkinsfile lacks {needed}");
     }
+}
+
+/// The packages of this build: 0.1.0 (with the .rpm) and 0.1.1 (to upgrade to), made once for
+/// the tests of this file.
+fn packages() -> &'static (Vec<std::path::PathBuf>, Vec<std::path::PathBuf>) {
+    static PACKAGES: std::sync::OnceLock<(Vec<std::path::PathBuf>, Vec<std::path::PathBuf>)> =
+        std::sync::OnceLock::new();
+    PACKAGES.get_or_init(|| {
+        let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("package-builds");
+        let _ = std::fs::remove_dir_all(&work);
+        (package(&work.join("v1"), "0.1.0", true), package(&work.join("v2"), "0.1.1", false))
+    })
+}
+
+/// The package in `set` whose file name starts with `prefix` and ends with `suffix`.
+fn find(set: &[std::path::PathBuf], prefix: &str, suffix: &str) -> std::path::PathBuf {
+    set.iter()
+        .find(|p| {
+            let name = p.file_name().unwrap().to_string_lossy();
+            name.starts_with(prefix) && name.ends_with(suffix)
+        })
+        .unwrap_or_else(|| panic!("no {prefix}…{suffix} in {set:?}"))
+        .clone()
+}
+
+/// The lines of docs/install.md's shell block under `heading`, without their comments.
+fn install_doc_lines(heading: &str) -> Vec<String> {
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md")).unwrap();
+    let section = doc.split_once(heading).unwrap_or_else(|| panic!("no {heading:?} in docs/install.md")).1;
+    let block = section.split_once("```sh\n").unwrap().1.split_once("```").unwrap().0;
+    block
+        .lines()
+        .map(|l| l.split_once("  #").map_or(l, |(command, _comment)| command).trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+#[test]
+fn the_install_guide_is_read_without_its_comments() {
+    let agent = install_doc_lines("## The agent, on an on-prem host (IT)");
+    assert_eq!(agent.first().map(String::as_str), Some("sudo dpkg -i actidash-agent_0.1.0_amd64.deb"));
+    assert!(agent.iter().any(|l| l == "sudo systemctl enable --now actidash-agent"), "{agent:?}");
+    let cloud = install_doc_lines("## The cloud side (ops)");
+    assert!(cloud.iter().all(|l| !l.contains('#') && !l.contains("agent_id")), "{cloud:?}");
+}
+
+/// docs/install.md's two blocks run line by line, as written, by an administrator (`it`, with
+/// sudo) on two Debian hosts booted with systemd: the cloud's (package, certificate, its
+/// configuration's listen addresses, `systemctl enable --now`, tokens, `status`) and the
+/// agent's (package, configuration, CA, preview, enrollment with the cloud's token,
+/// `systemctl enable --now`, `status`). Then what the units promise, under a real systemd:
+/// the agent runs as `actidash` without privileges or capabilities under a seccomp filter; a
+/// crash is restarted after `RestartSec`; an upgrade restarts it on the new binary; a stop is
+/// clean (exit 0, well within the unit's timeout); remove stops it. Every order is counted
+/// once by the cloud's service throughout.
+#[test]
+fn the_install_guide_runs_on_hosts_booted_with_systemd() {
+    use actidash_tests::generator::{Feed, Generator, Line, expected_totals};
+    use actidash_tests::harness::{Deployment, append_lines, free_tcp_port, free_udp_port, wait_until};
+    use actidash_tests::hosts::BootedHost;
+    use std::time::Duration;
+    let test = "the_install_guide_runs_on_hosts_booted_with_systemd";
+    let Some(booting_root) = actidash_tests::debian_systemd_root(test) else { return };
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("booted");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work).unwrap();
+    let (v1, v2) = packages();
+    let certs = work.join("certs");
+    run(Command::new(actidash_tests::harness::bin("cloud-aggregator").unwrap())
+        .args(["dev-certs", "--out"])
+        .arg(&certs));
+    let expect_ok = |host: &BootedHost, line: &str| -> String {
+        let out = host.as_it(line);
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "`{line}` failed on {}: {said}", host.root.display());
+        eprintln!("$ {line}\n{said}");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+
+    // The cloud's host, by the guide's block for ops.
+    let cloud = BootedHost::boot(&booting_root, &work.join("cloud-host"), "actidash-cloud-host");
+    for file in [find(v1, "actidash-cloud_", ".deb"), certs.join("gateway.pem"), certs.join("gateway.key")] {
+        std::fs::copy(&file, cloud.home().join(file.file_name().unwrap())).unwrap();
+    }
+    let (gateway_port, api_port, metrics_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
+    let (mut enrollment_token, mut viewer_token) = (String::new(), String::new());
+    for line in install_doc_lines("## The cloud side (ops)") {
+        if line == "sudoedit /etc/actidash/cloud.toml" {
+            let path = cloud.root.join("etc/actidash/cloud.toml");
+            let shipped = std::fs::read_to_string(&path).unwrap();
+            for (from, _) in [("0.0.0.0:4433", ""), ("127.0.0.1:8080", ""), ("127.0.0.1:9464", "")] {
+                assert!(shipped.contains(from), "the shipped cloud.toml has no {from}");
+            }
+            let edited = shipped
+                .replace("0.0.0.0:4433", &format!("127.0.0.1:{gateway_port}"))
+                .replace("127.0.0.1:8080", &format!("127.0.0.1:{api_port}"))
+                .replace("127.0.0.1:9464", &format!("127.0.0.1:{metrics_port}"));
+            std::fs::write(&path, edited).unwrap();
+            continue;
+        }
+        let line = if line.ends_with("cloud-aggregator status") { format!("{line} --once") } else { line };
+        let said = expect_ok(&cloud, &line);
+        if line.contains(" token create ") {
+            enrollment_token = said.trim().to_owned();
+        } else if line.contains(" api-token create ") {
+            viewer_token = said.trim().to_owned();
+        } else if line.contains("systemctl enable --now") {
+            assert_eq!(cloud.unit_property("actidash-cloud", "ActiveState"), "active");
+            wait_until(Duration::from_secs(60), "the cloud's API to answer", || {
+                Ok(actidash_tests::harness::http_get(api_port, "/readyz").is_ok())
+            })
+            .unwrap();
+        } else if line.ends_with("status --once") {
+            assert!(
+                said.contains(&format!("127.0.0.1:{metrics_port}/metrics")) && !said.contains("UNREACHABLE"),
+                "{said}"
+            );
+        }
+    }
+    assert!(!enrollment_token.is_empty() && !viewer_token.is_empty(), "the guide made no tokens");
+    // The cloud's API, as the dashboards read it, with the viewer token the guide made.
+    let api = {
+        let mut d = Deployment::new(&work.join("api"), None).unwrap();
+        d.api_port = api_port;
+        std::fs::write(d.root.join("api-token"), &viewer_token).unwrap();
+        d
+    };
+
+    // The agent's host, by the guide's block for IT.
+    let agent = BootedHost::boot(&booting_root, &work.join("agent-host"), "actidash-agent-host");
+    for file in [find(v1, "actidash-agent_", ".deb"), find(v2, "actidash-agent_", ".deb")] {
+        std::fs::copy(&file, agent.home().join(file.file_name().unwrap())).unwrap();
+    }
+    std::fs::copy(certs.join("ca.pem"), agent.home().join("gateway-ca.pem")).unwrap();
+    std::fs::write(agent.home().join("token.txt"), &enrollment_token).unwrap();
+    let shop = agent.root.join("srv/shop");
+    std::fs::create_dir_all(&shop).unwrap();
+    let mut g = Generator::new(11, 0);
+    let mut orders = |n: usize| -> Vec<Line> { (0..n).map(|_| g.line_for(Feed::Orders, chrono::Utc::now())).collect() };
+    let mut lines = orders(300);
+    append_lines(&shop, &lines).unwrap();
+    let converge = |lines: &[Line], when: &str| {
+        let expected = expected_totals(lines);
+        wait_until(Duration::from_secs(120), &format!("the cloud to count every order {when}"), || {
+            Ok(api.totals()? == expected)
+        })
+        .unwrap_or_else(|e| panic!("{e:#}; {}", agent.run("journalctl --no-pager -u actidash-agent | tail -30")));
+    };
+    for line in install_doc_lines("## The agent, on an on-prem host (IT)") {
+        if line == "sudoedit /etc/actidash/agent.toml" {
+            let config = format!(
+                "agent_id = \"booted-agent\"\ntenant = \"acme\"\ndata_dir = \"/var/lib/actidash\"\n\n[cloud]\n\
+                 address = \"127.0.0.1:{gateway_port}\"\nserver_name = \"localhost\"\nca_file = \"/etc/actidash/gateway-ca.pem\"\n\n{}",
+                Feed::Orders.source_toml(Path::new("/srv/shop"))
+            );
+            std::fs::write(agent.root.join("etc/actidash/agent.toml"), config).unwrap();
+            continue;
+        }
+        let line = line.replace("gateway.example.com:4433", &format!("127.0.0.1:{gateway_port}"));
+        let line = if line.ends_with("edge-agent status") { format!("{line} --once") } else { line };
+        let said = expect_ok(&agent, &line);
+        if line.contains("check --preview") {
+            assert!(said.contains("source orders: 5 events, 0 bad"), "{said}");
+        } else if line.contains("enroll") {
+            assert!(said.contains("enrolled booted-agent for tenant acme"), "{said}");
+        } else if line.contains("systemctl enable --now") {
+            assert_eq!(agent.unit_property("actidash-agent", "ActiveState"), "active");
+            converge(&lines, "after `systemctl enable --now`");
+        } else if line.ends_with("status --once") {
+            // Rewritten every 2 s: it may still be the one written before the first connection.
+            assert!(said.starts_with("agent   "), "{said}");
+            wait_until(Duration::from_secs(30), "edge-agent status to show the link", || {
+                Ok(String::from_utf8_lossy(&agent.as_it(&line).stdout).contains("agent   connected (quic)"))
+            })
+            .unwrap();
+        }
+    }
+    // The agent's journal has what it logged.
+    assert!(agent.run("journalctl --no-pager -u actidash-agent").contains("edge-agent"));
+
+    // Under systemd's hardening: its user, no privileges, no capabilities, a seccomp filter.
+    let main_pid = agent.unit_property("actidash-agent", "MainPID");
+    let status = agent.run(&format!("cat /proc/{main_pid}/status"));
+    let uid = uid_of(&agent.root, "actidash").unwrap();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("{name}:")).map(|v| v.trim().to_owned()))
+            .unwrap_or_else(|| panic!("no {name} in {status}"))
+    };
+    assert_eq!(field("Uid").split_whitespace().next(), Some(uid.to_string().as_str()), "{status}");
+    assert_eq!(field("NoNewPrivs"), "1");
+    assert_eq!((field("CapEff"), field("CapBnd")), ("0000000000000000".into(), "0000000000000000".into()));
+    assert_eq!(field("Seccomp"), "2", "a system call filter");
+    // Its view of the file system is read-only outside its state folder.
+    let writable = |path: &str| agent.sh(&format!("nsenter -t {main_pid} -m touch {path}")).status.success();
+    for path in ["/etc/actidash/x", "/usr/bin/x", "/var/lib/x", "/home/it/x"] {
+        assert!(!writable(path), "{path} is writable for the service");
+    }
+    assert!(writable("/var/lib/actidash/x"), "its state folder is not writable");
+    agent.run("rm /var/lib/actidash/x");
+
+    // A crash: restarted after RestartSec=2s (not before), nothing lost or counted twice.
+    let started = |host: &BootedHost| host.unit_property("actidash-agent", "ExecMainStartTimestampMonotonic");
+    let before = started(&agent).parse::<u64>().unwrap();
+    agent.run(&format!("kill -KILL {main_pid}"));
+    let killed_at = agent.run("cat /proc/uptime").split_whitespace().next().unwrap().parse::<f64>().unwrap();
+    wait_until(Duration::from_secs(30), "systemd to restart the killed agent", || {
+        Ok(agent.unit_property("actidash-agent", "NRestarts") == "1"
+            && agent.unit_property("actidash-agent", "ActiveState") == "active")
+    })
+    .unwrap();
+    let after = started(&agent).parse::<u64>().unwrap();
+    assert!(after > before);
+    assert!(after as f64 / 1e6 - killed_at >= 1.9, "restarted {} s after the kill", after as f64 / 1e6 - killed_at);
+    let more = orders(200);
+    append_lines(&shop, &more).unwrap();
+    lines.extend(more);
+    converge(&lines, "after a crash");
+
+    // An upgrade while it runs: restarted on the new binary, its state kept.
+    let upgrade_at = started(&agent);
+    let upgraded = std::time::Instant::now();
+    expect_ok(&agent, "sudo dpkg -i actidash-agent_0.1.1_amd64.deb");
+    eprintln!("upgrade of the running agent: {:.2} s", upgraded.elapsed().as_secs_f64());
+    assert_ne!(started(&agent), upgrade_at, "the upgrade restarted the service");
+    assert_eq!(agent.unit_property("actidash-agent", "ActiveState"), "active");
+    let pid = agent.unit_property("actidash-agent", "MainPID");
+    // dpkg replaced the file: a process still on the old binary would show it "(deleted)".
+    assert_eq!(agent.run(&format!("readlink /proc/{pid}/exe")).trim(), "/usr/bin/edge-agent");
+    assert!(agent.run("dpkg-query -W -f='${Version}' actidash-agent").contains("0.1.1"));
+    let more = orders(200);
+    append_lines(&shop, &more).unwrap();
+    lines.extend(more);
+    converge(&lines, "after the upgrade");
+
+    // A clean stop: SIGTERM, exit 0, well within TimeoutStopSec.
+    let stopping = std::time::Instant::now();
+    expect_ok(&agent, "sudo systemctl stop actidash-agent");
+    let took = stopping.elapsed();
+    eprintln!("systemctl stop actidash-agent: {:.2} s", took.as_secs_f64());
+    assert_eq!(
+        (agent.unit_property("actidash-agent", "Result"), agent.unit_property("actidash-agent", "ExecMainStatus")),
+        ("success".to_owned(), "0".to_owned())
+    );
+    assert!(took < Duration::from_secs(30), "stopped in {took:?}, past TimeoutStopSec");
+    // Remove stops a running service (and keeps its state).
+    expect_ok(&agent, "sudo systemctl start actidash-agent");
+    expect_ok(&agent, "sudo dpkg -r actidash-agent");
+    assert_ne!(agent.unit_property("actidash-agent", "ActiveState"), "active");
+    let running = agent.run("for p in /proc/[0-9]*; do readlink $p/exe; done 2>/dev/null | grep -c edge-agent || true");
+    assert_eq!(running.trim(), "0", "an agent still runs after remove");
+    assert!(agent.root.join("var/lib/actidash/identity/current").exists());
+
+    expect_ok(&cloud, "sudo systemctl stop actidash-cloud");
+    assert_eq!(cloud.unit_property("actidash-cloud", "Result"), "success");
 }

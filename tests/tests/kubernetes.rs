@@ -117,3 +117,115 @@ fn the_kubernetes_overlays_render_validate_and_keep_their_promises() {
     assert!(!containerfile.lines().any(|l| l.starts_with("ADD ")), "COPY, never ADD");
     assert!(containerfile.contains("COPY --from=build /src/target/release/cloud-aggregator"));
 }
+
+/// docs/install.md's Kubernetes lines, as written, against a real API server (no nodes):
+/// accepted with no warning (the namespace enforces the `restricted` Pod Security Standard, so
+/// a non-compliant pod template would be warned about), every Secret and ConfigMap the
+/// Deployments name exists with the keys they read, applying again changes nothing, and the
+/// demo overlay is accepted too.
+#[test]
+fn the_install_guide_applies_to_a_kubernetes_api_server() {
+    let test = "the_install_guide_applies_to_a_kubernetes_api_server";
+    let Some(bin) = actidash_tests::kubernetes(test) else { return };
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("kubernetes");
+    let _ = std::fs::remove_dir_all(&work);
+    let api = actidash_tests::kube::KubeApi::start(Path::new(&bin), &work.join("server"));
+    // The operator's folder: the repository's installers/ and the gateway's certificate.
+    let cwd = work.join("ops");
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::os::unix::fs::symlink(repo.join("installers"), cwd.join("installers")).unwrap();
+    run(Command::new(actidash_tests::harness::bin("cloud-aggregator").unwrap()).args(["dev-certs", "--out"]).arg(&cwd));
+    let doc = std::fs::read_to_string(repo.join("docs/install.md")).unwrap();
+    let block = doc.split_once("### On Kubernetes").unwrap().1.split_once("```sh\n").unwrap().1;
+    let lines: Vec<&str> = block.split_once("```").unwrap().0.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 4, "{lines:?}");
+    let kubectl = |line: &str| -> String {
+        let words: Vec<&str> = line.split_whitespace().collect();
+        assert_eq!(words[0], "kubectl", "{line}");
+        let out = api.kubectl(&words[1..]).current_dir(&cwd).output().unwrap();
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "`{line}`: {said}");
+        assert!(!said.contains("Warning"), "`{line}` warned: {said}");
+        said
+    };
+    for line in &lines {
+        // The password is the operator's to choose.
+        let said = kubectl(&line.replace("password=…", "password=s3cret"));
+        eprintln!("$ {line}\n{said}");
+    }
+
+    // What the Deployments name exists, with the keys they read.
+    let get = |what: &str| -> serde_json::Value {
+        serde_json::from_str(&run(&mut api.kubectl(&["-n", "actidash", "get", what, "-o", "json"]))).unwrap()
+    };
+    let secrets = get("secrets");
+    let configmaps = get("configmaps");
+    let keys_of = |list: &serde_json::Value, name: &str| -> Vec<String> {
+        let item = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["metadata"]["name"] == name)
+            .unwrap_or_else(|| panic!("no {name} in the namespace"));
+        item["data"].as_object().map(|d| d.keys().cloned().collect()).unwrap_or_default()
+    };
+    let deployments = get("deployments");
+    let mut names: Vec<&str> =
+        deployments["items"].as_array().unwrap().iter().map(|d| d["metadata"]["name"].as_str().unwrap()).collect();
+    names.sort();
+    assert_eq!(names, ["actidash-api", "actidash-gateway", "actidash-processor"]);
+    let mut checked = 0;
+    for d in deployments["items"].as_array().unwrap() {
+        let spec = &d["spec"]["template"]["spec"];
+        for v in spec["volumes"].as_array().into_iter().flatten() {
+            if let Some(name) = v["secret"]["secretName"].as_str() {
+                let keys = keys_of(&secrets, name);
+                for item in v["secret"]["items"].as_array().into_iter().flatten() {
+                    assert!(keys.contains(&item["key"].as_str().unwrap().to_owned()), "{name} lacks {item}: {keys:?}");
+                }
+                checked += 1;
+            }
+            if let Some(name) = v["configMap"]["name"].as_str() {
+                assert!(keys_of(&configmaps, name).contains(&"cloud.toml".to_owned()), "{name}");
+                checked += 1;
+            }
+        }
+        for c in spec["containers"].as_array().unwrap() {
+            for e in c["env"].as_array().into_iter().flatten() {
+                let r = &e["valueFrom"]["secretKeyRef"];
+                if let Some(name) = r["name"].as_str() {
+                    assert!(keys_of(&secrets, name).contains(&r["key"].as_str().unwrap().to_owned()), "{e}");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked >= 4, "the Deployments name {checked} Secrets and ConfigMaps");
+
+    // Applying again changes nothing (no object gets a new resource version: kubectl still says
+    // "configured" of the PodDisruptionBudgets, whose selector it always sends, as their
+    // replace patch strategy has it). The demo overlay, into its own namespace.
+    let versions = || -> Vec<(String, String)> {
+        let list = get("serviceaccounts,configmaps,services,deployments,poddisruptionbudgets,horizontalpodautoscalers");
+        let mut v: Vec<(String, String)> = list["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|i| {
+                (
+                    format!("{}/{}", i["kind"].as_str().unwrap(), i["metadata"]["name"].as_str().unwrap()),
+                    i["metadata"]["resourceVersion"].as_str().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = versions();
+    assert!(before.len() >= 12, "{before:?}");
+    kubectl(lines.last().unwrap());
+    assert_eq!(versions(), before, "a second apply changed objects");
+    kubectl("kubectl apply -f installers/kubernetes/overlays/demo/namespace.yaml");
+    kubectl("kubectl apply -k installers/kubernetes/overlays/demo");
+}
