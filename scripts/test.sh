@@ -51,9 +51,9 @@ fi
 ACTIDASH_SYSTEMD_ANALYZE=$(command -v systemd-analyze)
 export ACTIDASH_SYSTEMD_ANALYZE
 
-step "packaging tools (Debian's lintian, rpm, debootstrap, systemd-nspawn) and Debian roots for the install tests"
+step "packaging tools (Debian's lintian, rpm, debootstrap, systemd-nspawn, buildah) and Debian roots for the install tests"
 missing=""
-for tool in lintian:lintian rpmbuild:rpm debootstrap:debootstrap systemd-nspawn:systemd-container; do
+for tool in lintian:lintian rpmbuild:rpm debootstrap:debootstrap systemd-nspawn:systemd-container buildah:buildah; do
   command -v "${tool%%:*}" >/dev/null 2>&1 || missing="$missing ${tool#*:}"
 done
 if [ -n "$missing" ]; then
@@ -62,6 +62,8 @@ fi
 ACTIDASH_DEBIAN_ROOT=$(scripts/debian-root.sh)
 export ACTIDASH_DEBIAN_ROOT
 echo "ACTIDASH_DEBIAN_ROOT=$ACTIDASH_DEBIAN_ROOT"
+ACTIDASH_BUILDAH=$(command -v buildah)
+export ACTIDASH_BUILDAH
 ACTIDASH_DEBIAN_SYSTEMD_ROOT=$(scripts/debian-root.sh --systemd)
 export ACTIDASH_DEBIAN_SYSTEMD_ROOT
 echo "ACTIDASH_DEBIAN_SYSTEMD_ROOT=$ACTIDASH_DEBIAN_SYSTEMD_ROOT"

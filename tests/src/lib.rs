@@ -113,6 +113,12 @@ pub fn kubernetes(test: &str) -> Option<String> {
     service("ACTIDASH_KUBERNETES", test, "scripts/test.sh builds kube-apiserver, kubectl and etcd")
 }
 
+/// Debian's `buildah` (`ACTIDASH_BUILDAH`, installed by `scripts/test.sh`), to build and run
+/// the container image, on the same terms as [`kafka_bootstrap`].
+pub fn buildah(test: &str) -> Option<String> {
+    service("ACTIDASH_BUILDAH", test, "scripts/test.sh installs Debian's buildah")
+}
+
 /// Groovy's jar (`ACTIDASH_GROOVY_JAR`, fetched from Maven Central by `scripts/test.sh`), to
 /// check the Jenkinsfile's syntax, on the same terms as [`kafka_bootstrap`].
 pub fn groovy_jar(test: &str) -> Option<String> {
