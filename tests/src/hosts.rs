@@ -122,6 +122,11 @@ impl BootedHost {
         host
     }
 
+    /// The host's PID 1 (systemd), as this machine sees it: what `nsenter --target` takes.
+    pub fn init_pid(&self) -> u32 {
+        self.init
+    }
+
     /// What the host's console printed.
     pub fn console(&self) -> String {
         std::fs::read_to_string(self.root.with_extension("log")).unwrap_or_default()
