@@ -456,14 +456,14 @@ fn the_install_guide_runs_on_hosts_booted_with_systemd() {
         })
         .unwrap_or_else(|e| panic!("{e:#}; {}", agent.run("journalctl --no-pager -u actidash-agent | tail -30")));
     };
+    let agent_config = format!(
+        "agent_id = \"booted-agent\"\ntenant = \"acme\"\ndata_dir = \"/var/lib/actidash\"\n\n[cloud]\n\
+         address = \"127.0.0.1:{gateway_port}\"\nserver_name = \"localhost\"\nca_file = \"/etc/actidash/gateway-ca.pem\"\n\n{}",
+        Feed::Orders.source_toml(Path::new("/srv/shop"))
+    );
     for line in install_doc_lines("## The agent, on an on-prem host (IT)") {
         if line == "sudoedit /etc/actidash/agent.toml" {
-            let config = format!(
-                "agent_id = \"booted-agent\"\ntenant = \"acme\"\ndata_dir = \"/var/lib/actidash\"\n\n[cloud]\n\
-                 address = \"127.0.0.1:{gateway_port}\"\nserver_name = \"localhost\"\nca_file = \"/etc/actidash/gateway-ca.pem\"\n\n{}",
-                Feed::Orders.source_toml(Path::new("/srv/shop"))
-            );
-            std::fs::write(agent.root.join("etc/actidash/agent.toml"), config).unwrap();
+            std::fs::write(agent.root.join("etc/actidash/agent.toml"), &agent_config).unwrap();
             continue;
         }
         let line = line.replace("gateway.example.com:4433", &format!("127.0.0.1:{gateway_port}"));
@@ -561,6 +561,42 @@ fn the_install_guide_runs_on_hosts_booted_with_systemd() {
     let running = agent.run("for p in /proc/[0-9]*; do readlink $p/exe; done 2>/dev/null | grep -c edge-agent || true");
     assert_eq!(running.trim(), "0", "an agent still runs after remove");
     assert!(agent.root.join("var/lib/actidash/identity/current").exists());
+
+    // Without a package manager: purged, then the guide's tarball line, the same enrollment
+    // (a new token) and systemctl lines. The purge took the identity and the positions: the
+    // host comes back as a new agent (ids are never reused) with a source of its own.
+    expect_ok(&agent, "sudo dpkg -P actidash-agent");
+    assert!(!agent.root.join("var/lib/actidash").exists());
+    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md")).unwrap();
+    let tar_line = doc.split_once("`tar xzf").unwrap().1.split_once('`').unwrap().0;
+    let tar_line = format!("tar xzf{}", tar_line.split_whitespace().fold(String::new(), |a, w| a + " " + w));
+    let tarball = find(v1, "actidash-0.1.0-linux-", ".tar.gz");
+    std::fs::copy(&tarball, agent.home().join(tarball.file_name().unwrap())).unwrap();
+    expect_ok(&agent, &tar_line);
+    let enroll = install_doc_lines("## The agent, on an on-prem host (IT)")
+        .into_iter()
+        .find(|l| l.contains("edge-agent enroll"))
+        .unwrap()
+        .replace("gateway.example.com:4433", &format!("127.0.0.1:{gateway_port}"));
+    std::fs::write(
+        agent.home().join("token.txt"),
+        expect_ok(&cloud, "sudo -u actidash cloud-aggregator token create --tenant acme").trim(),
+    )
+    .unwrap();
+    let shop2 = agent.root.join("srv/shop2");
+    std::fs::create_dir_all(&shop2).unwrap();
+    std::fs::write(
+        agent.root.join("etc/actidash/agent.toml"),
+        agent_config.replace("booted-agent", "booted-agent-2").replace("/srv/shop", "/srv/shop2"),
+    )
+    .unwrap();
+    assert!(expect_ok(&agent, &enroll).contains("enrolled booted-agent-2"));
+    expect_ok(&agent, "sudo systemctl enable --now actidash-agent");
+    let more = orders(100);
+    append_lines(&shop2, &more).unwrap();
+    lines.extend(more);
+    converge(&lines, "after a reinstall from the tarball");
+    expect_ok(&agent, "sudo systemctl stop actidash-agent");
 
     expect_ok(&cloud, "sudo systemctl stop actidash-cloud");
     assert_eq!(cloud.unit_property("actidash-cloud", "Result"), "success");
