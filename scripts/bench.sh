@@ -8,6 +8,10 @@ export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$HOME/.cache/actidash/target}
 export ACTIDASH_LOG=${ACTIDASH_LOG:-warn,edge_agent=info,cloud_aggregator=info}
 
 cargo build --release --workspace --bins --locked
+# The rsyslog peer of P2 (imfile -> omkafka), Debian's.
+if ! command -v rsyslogd >/dev/null 2>&1 || [ ! -e /usr/lib/x86_64-linux-gnu/rsyslog/omkafka.so ]; then
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends rsyslog rsyslog-kafka >/dev/null
+fi
 trap 'scripts/kafka.sh stop || true; scripts/db.sh stop || true' EXIT
 eval "$(scripts/kafka.sh start 1)"
 eval "$(scripts/db.sh start)"
@@ -29,14 +33,16 @@ tmp=$(mktemp)
   echo "Machine: $(nproc) cores ($(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ //')), $(free -g | awk '/Mem:/{print $2}') GiB."
   echo "Kafka $(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' scripts/kafka/pom.xml) in KRaft mode, one broker on 127.0.0.1, on the same machine."
   echo "Each figure stands beside its baseline from the same run; targets are in ../shared/TARGETS.md."
-  echo "A 2-core machine is noisy: runs differ by 10-20 %."
+  echo "A 2-core machine is noisy: runs differ by 10-20 %; where a bench runs rounds, it gives the median and the lowest and highest."
+  echo "Settings: release build (profile in Cargo.toml), the agent and gateway with their default configuration unless a table says otherwise."
   echo
   "$bench" --dir "$work" spool
-  "$bench" --dir "$work" pipeline
+  "$bench" --dir "$work" pipeline --rounds 3
+  "$bench" --dir "$work" backlog --events 1000000
   "$bench" --dir "$work" processor
   "$bench" --dir "$work" freshness
   "$bench" --dir "$work" api
-  "$bench" --dir "$work" footprint
+  "$bench" --dir "$work" footprint --rounds 3
   "$bench" --dir "$work" reconnect
 } > "$tmp"
 mv "$tmp" "$out"

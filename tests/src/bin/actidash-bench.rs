@@ -46,6 +46,16 @@ enum Bench {
     Pipeline {
         #[arg(long, default_value_t = 300_000)]
         events: usize,
+        /// Rounds of each path (agent, raw produce, rsyslog), interleaved; the report gives the
+        /// median and the spread.
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+    },
+    /// P8: a backlog spooled during an outage, drained when the gateway returns. Needs
+    /// ACTIDASH_KAFKA_BOOTSTRAP.
+    Backlog {
+        #[arg(long, default_value_t = 1_000_000)]
+        events: usize,
     },
     /// P7: the agent's RSS and CPU, idle and at a steady rate.
     Footprint {
@@ -53,6 +63,8 @@ enum Bench {
         rate: usize,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
     },
     /// P4: the processor (Kafka -> decode -> sessions, attribution, roll-ups -> serving store)
     /// beside a consumer that only decodes, on the same topics. Needs ACTIDASH_KAFKA_BOOTSTRAP.
@@ -90,8 +102,9 @@ fn main() -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&args.dir)?;
     match args.bench {
         Bench::Spool { events } => bench_spool(&dir.join("spool"), events),
-        Bench::Pipeline { events } => bench_pipeline(&dir.join("pipeline"), events),
-        Bench::Footprint { rate, seconds } => bench_footprint(&dir.join("footprint"), rate, seconds),
+        Bench::Pipeline { events, rounds } => bench_pipeline(&dir.join("pipeline"), events, rounds),
+        Bench::Backlog { events } => bench_backlog(&dir.join("backlog"), events),
+        Bench::Footprint { rate, seconds, rounds } => bench_footprint(&dir.join("footprint"), rate, seconds, rounds),
         Bench::Reconnect { rounds } => bench_reconnect(&dir.join("reconnect"), rounds),
         Bench::Processor { events } => bench_processor(&dir.join("processor"), events),
         Bench::Freshness { rate, probes } => bench_freshness(&dir.join("freshness"), rate, probes),
@@ -262,7 +275,89 @@ fn produced(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
+/// The median and the spread (lowest, highest) of `v`, as "median (low–high)".
+fn spread(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
+}
+
+/// Waits until `want` more events than `base` are in `topic`; events/s from the first event
+/// there to the last (so start-up and handshakes do not count).
+fn timed_arrival(
+    consumer: &BaseConsumer,
+    topic: &str,
+    base: i64,
+    want: i64,
+    alive: &mut dyn FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<f64> {
+    let mut first: Option<(Instant, i64)> = None;
+    let mut progress = (Instant::now(), 0);
+    wait_until(Duration::from_secs(900), "every event to reach Kafka", || {
+        alive()?;
+        let count = produced(consumer, &[topic.to_owned()])? - base;
+        if count > 0 && first.is_none() {
+            first = Some((Instant::now(), count));
+        }
+        if count > progress.1 {
+            progress = (Instant::now(), count);
+        }
+        anyhow::ensure!(
+            progress.0.elapsed() < Duration::from_secs(60),
+            "stalled at {count} of {want} events in {topic}"
+        );
+        Ok(count >= want)
+    })?;
+    let (first_at, first_count) = first.context("no event reached Kafka")?;
+    Ok((want - first_count) as f64 / first_at.elapsed().as_secs_f64())
+}
+
+/// rsyslog (Debian's rsyslogd with rsyslog-kafka): `imfile` reading `file` from its start,
+/// `omkafka` writing each line to `topic` with the raw producer's settings. None when rsyslogd
+/// or its Kafka module is not installed.
+fn start_rsyslog(dir: &Path, file: &Path, bootstrap: &str, topic: &str) -> anyhow::Result<Option<Process>> {
+    let (Ok(rsyslogd), true) = (which("rsyslogd"), Path::new("/usr/lib/x86_64-linux-gnu/rsyslog/omkafka.so").exists())
+    else {
+        return Ok(None);
+    };
+    fresh(dir)?;
+    std::fs::create_dir_all(dir.join("work"))?;
+    let conf = dir.join("rsyslog.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            r#"global(workDirectory="{work}" maxMessageSize="64k")
+module(load="imfile" mode="inotify")
+module(load="omkafka")
+template(name="line" type="string" string="%msg%")
+ruleset(name="to_kafka") {{
+  action(type="omkafka" broker=["{bootstrap}"] topic="{topic}" template="line" partitions.auto="on"
+         resubmitOnFailure="on" action.resumeRetryCount="-1"
+         confParam=["enable.idempotence=true", "acks=all", "compression.codec=lz4", "linger.ms=5",
+                    "queue.buffering.max.messages=1000000"])
+}}
+input(type="imfile" file="{file}" tag="orders" ruleset="to_kafka" freshStartTail="off" readMode="0")
+"#,
+            work = dir.join("work").display(),
+            file = file.display(),
+        ),
+    )?;
+    let pid_file = dir.join("rsyslogd.pid");
+    let args = ["-n", "-f", conf.to_str().context("path")?, "-i", pid_file.to_str().context("path")?];
+    Ok(Some(Process::start("rsyslogd", &rsyslogd, &args, &dir.join("rsyslogd.log"))?))
+}
+
+fn which(program: &str) -> anyhow::Result<PathBuf> {
+    std::env::var_os("PATH")
+        .into_iter()
+        .flat_map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .chain([PathBuf::from("/usr/sbin")])
+        .map(|d| d.join(program))
+        .find(|p| p.is_file())
+        .with_context(|| format!("{program} not found"))
+}
+
+fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     fresh(dir)?;
     let bootstrap = kafka_bootstrap()?;
     let data = dir.join("onprem");
@@ -293,37 +388,136 @@ fn bench_pipeline(dir: &Path, n: usize) -> anyhow::Result<()> {
     // Warm the broker up (a fresh JVM is slow for its first seconds), untimed.
     raw_produce(&producer, &topic, &events[..events.len() / 2])?;
 
-    let base = produced(&consumer, std::slice::from_ref(&topic))?;
-    let config = d.write_agent_config("bench", "acme", &data, &[Feed::Orders])?;
-    let mut agent = d.start_agent("agent", &config)?;
-    // Sustained rate: from the first event in Kafka to the last, so the agent's start-up and
-    // handshake do not count.
-    let mut first: Option<(Instant, i64)> = None;
-    wait_until(Duration::from_secs(600), "every event to reach Kafka", || {
-        anyhow::ensure!(agent.is_running() && gateway.is_running(), "a process died; see {}", d.root.display());
-        let count = produced(&consumer, std::slice::from_ref(&topic))? - base;
-        if count > 0 && first.is_none() {
-            first = Some((Instant::now(), count));
+    // Rounds, each path once per round in turn, so that a slow spell of the machine falls on
+    // all of them.
+    let (mut ours, mut raw, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+    // rsyslog's topic, like the gateway's: 3 partitions.
+    let rsyslog_topic = format!("{}.rsyslog", d.topic_prefix);
+    let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).create()?;
+    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    let created = runtime.block_on(admin.create_topics(
+        &[rdkafka::admin::NewTopic::new(&rsyslog_topic, 3, rdkafka::admin::TopicReplication::Fixed(1))],
+        &rdkafka::admin::AdminOptions::new(),
+    ))?;
+    for r in created {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    let mut peer_note = String::new();
+    for round in 0..rounds {
+        let base = produced(&consumer, std::slice::from_ref(&topic))?;
+        let config = d.write_agent_config(&format!("bench{round}"), "acme", &data, &[Feed::Orders])?;
+        let mut agent = d.start_agent(&format!("agent{round}"), &config)?;
+        let rate = timed_arrival(&consumer, &topic, base, n as i64, &mut || {
+            anyhow::ensure!(agent.is_running() && gateway.is_running(), "a process died; see {}", d.root.display());
+            Ok(())
+        })?;
+        agent.terminate(Duration::from_secs(10));
+        eprintln!("round {round}: agent -> gateway -> Kafka {rate:.0} events/s");
+        ours.push(rate);
+
+        let started = Instant::now();
+        raw_produce(&producer, &topic, &events)?;
+        raw.push(n as f64 / started.elapsed().as_secs_f64());
+        eprintln!("round {round}: raw produce {:.0} events/s", raw[raw.len() - 1]);
+
+        let base = produced(&consumer, std::slice::from_ref(&rsyslog_topic)).unwrap_or(0);
+        match start_rsyslog(&dir.join("rsyslog"), &data.join("orders.jsonl"), &bootstrap, &rsyslog_topic)? {
+            Some(mut rsyslogd) => {
+                let rate = timed_arrival(&consumer, &rsyslog_topic, base, n as i64, &mut || {
+                    anyhow::ensure!(rsyslogd.is_running(), "rsyslogd died; see {}", dir.join("rsyslog").display());
+                    Ok(())
+                })?;
+                rsyslogd.terminate(Duration::from_secs(10));
+                eprintln!("round {round}: rsyslog {rate:.0} events/s");
+                peer.push(rate);
+            }
+            None => peer_note = "rsyslog not measured: Debian's rsyslog and rsyslog-kafka are not installed".into(),
         }
-        Ok(count >= n as i64)
-    })?;
-    let (first_at, first_count) = first.context("no event reached Kafka")?;
-    let pipeline = (n as i64 - first_count) as f64 / first_at.elapsed().as_secs_f64();
-    agent.terminate(Duration::from_secs(10));
+    }
     gateway.terminate(Duration::from_secs(10));
 
-    let started = Instant::now();
-    raw_produce(&producer, &topic, &events)?;
-    let raw = n as f64 / started.elapsed().as_secs_f64();
-
+    let ratio: Vec<f64> = ours.iter().zip(&raw).map(|(o, r)| 100.0 * o / r).collect();
     println!(
-        "### P2, P8: file -> spool -> QUIC -> gateway -> Kafka ({n} events of {} bytes: a backlog drained, timed from the first event in Kafka to the last)\n",
+        "### P2: file -> spool -> QUIC -> gateway -> Kafka ({n} events of {} bytes: a backlog drained, timed from the first event in Kafka to the last; {rounds} rounds, median (lowest–highest))\n",
         mean_len(&lines)
     );
-    println!("| path | events/s | vs raw produce |");
+    println!("| path | events/s | vs raw produce (per round) |");
     println!("|---|---:|---:|");
-    println!("| raw librdkafka produce, one process (baseline) | {raw:.0} | 100 % |");
-    println!("| agent -> gateway -> Kafka, end to end | {pipeline:.0} | {:.0} % |\n", 100.0 * pipeline / raw);
+    println!(
+        "| raw librdkafka produce, one process (baseline; idempotent, acks=all, lz4, linger 5 ms) | {} | 100 % |",
+        spread(&raw)
+    );
+    println!("| agent -> gateway -> Kafka, end to end | {} | {} % |", spread(&ours), spread(&ratio));
+    if peer.is_empty() {
+        println!("\n{peer_note}\n");
+    } else {
+        let ratio: Vec<f64> = peer.iter().zip(&raw).map(|(o, r)| 100.0 * o / r).collect();
+        println!(
+            "| rsyslog: imfile -> omkafka (the raw lines, no key, no durable queue; idempotent, acks=all, lz4, linger 5 ms) | {} | {} % |\n",
+            spread(&peer),
+            spread(&ratio)
+        );
+    }
+    Ok(())
+}
+
+/// P8: a backlog of `n` events spooled while the gateway is down, drained when it returns.
+fn bench_backlog(dir: &Path, n: usize) -> anyhow::Result<()> {
+    fresh(dir)?;
+    let bootstrap = kafka_bootstrap()?;
+    let data = dir.join("onprem");
+    std::fs::create_dir_all(&data)?;
+    for chunk in order_lines(n, 5).chunks(100_000) {
+        append_lines(&data, chunk)?;
+    }
+    let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()))?;
+    // Enrolled while the gateway is up, then the outage: the agent spools the whole export.
+    let mut gateway = d.start_cloud("gateway", &["gateway"])?;
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
+    let topic = format!("{}.sales", d.topic_prefix);
+    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
+        Ok(produced(&consumer, std::slice::from_ref(&topic)).is_ok())
+    })?;
+    let config =
+        d.write_agent_config_with("backlog", "acme", &data, &[Feed::Orders], "[spool]\nmax_bytes = 4294967296\n")?;
+    let cfg = edge_agent::config::AgentConfig::load(&config)?;
+    d.enroll(&config)?;
+    gateway.kill();
+    let spooling = Instant::now();
+    let mut agent = d.start_agent_unenrolled("agent", &config)?;
+    wait_until(Duration::from_secs(900), "the agent to spool the whole export", || {
+        anyhow::ensure!(agent.is_running(), "the agent died; see {}", d.root.display());
+        Ok(edge_agent::status::read(&cfg.data_dir).is_ok_and(|s| s.heartbeat.spool_events >= n as u64))
+    })?;
+    let spooled = n as f64 / spooling.elapsed().as_secs_f64();
+    let spool_bytes = edge_agent::status::read(&cfg.data_dir)?.heartbeat.spool_bytes;
+
+    let base = produced(&consumer, std::slice::from_ref(&topic))?;
+    let returned = Instant::now();
+    gateway.restart()?;
+    let mut first_seen = None;
+    let rate = timed_arrival(&consumer, &topic, base, n as i64, &mut || {
+        anyhow::ensure!(agent.is_running() && gateway.is_running(), "a process died; see {}", d.root.display());
+        if first_seen.is_none() && produced(&consumer, std::slice::from_ref(&topic))? > base {
+            first_seen = Some(returned.elapsed());
+        }
+        Ok(())
+    })?;
+    let whole = returned.elapsed();
+    agent.terminate(Duration::from_secs(10));
+    gateway.terminate(Duration::from_secs(10));
+    println!("### P8: a backlog of {n} events spooled during an outage, drained when the gateway returns\n");
+    println!("| measure | value |");
+    println!("|---|---:|");
+    println!(
+        "| spooled while cut off | {spooled:.0} events/s ({:.0} MiB in the spool) |",
+        spool_bytes as f64 / 1048576.0
+    );
+    println!("| gateway start -> first event in Kafka | {:.1} s |", first_seen.unwrap_or_default().as_secs_f64());
+    println!("| drain, first event in Kafka -> last | {rate:.0} events/s |");
+    println!("| gateway start -> whole backlog in Kafka | {:.1} s |\n", whole.as_secs_f64());
     Ok(())
 }
 
@@ -725,7 +919,7 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
     Ok((rss, ticks / 100.0))
 }
 
-fn bench_footprint(dir: &Path, rate: usize, seconds: u64) -> anyhow::Result<()> {
+fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
     fresh(dir)?;
     let data = dir.join("onprem");
     std::fs::create_dir_all(&data)?;
@@ -737,37 +931,54 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64) -> anyhow::Result<()> 
     let pid = agent.pid();
     std::thread::sleep(Duration::from_secs(3)); // start-up done
 
-    let (_, cpu0) = proc_usage(pid)?;
-    let t0 = Instant::now();
-    std::thread::sleep(Duration::from_secs(seconds));
-    let (idle_rss, cpu1) = proc_usage(pid)?;
-    let idle_cpu = (cpu1 - cpu0) / t0.elapsed().as_secs_f64();
-
+    // Rounds of an idle spell then a loaded one, in the same process.
     let mut g = Generator::new(3, 0);
-    let (_, cpu2) = proc_usage(pid)?;
-    let t1 = Instant::now();
-    let mut max_rss = 0;
-    let per_tick = rate / 10;
-    let mut n_written = 0;
-    while t1.elapsed() < Duration::from_secs(seconds) {
-        let tick = Instant::now();
-        let lines: Vec<Line> = (0..per_tick).map(|_| g.next_line(chrono::Utc::now())).collect();
-        append_lines(&data, &lines)?;
-        n_written += lines.len();
-        max_rss = max_rss.max(proc_usage(pid)?.0);
-        std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
+    let (mut idle_cpu, mut idle_rss, mut loaded_cpu, mut max_rss, mut achieved) =
+        (Vec::new(), 0u64, Vec::new(), 0u64, Vec::new());
+    for _ in 0..rounds {
+        let (_, cpu0) = proc_usage(pid)?;
+        let t0 = Instant::now();
+        std::thread::sleep(Duration::from_secs(seconds));
+        let (rss, cpu1) = proc_usage(pid)?;
+        idle_cpu.push((cpu1 - cpu0) / t0.elapsed().as_secs_f64());
+        idle_rss = idle_rss.max(rss);
+
+        let (_, cpu2) = proc_usage(pid)?;
+        let t1 = Instant::now();
+        let per_tick = rate / 10;
+        let mut n_written = 0;
+        while t1.elapsed() < Duration::from_secs(seconds) {
+            let tick = Instant::now();
+            let lines: Vec<Line> = (0..per_tick).map(|_| g.next_line(chrono::Utc::now())).collect();
+            append_lines(&data, &lines)?;
+            n_written += lines.len();
+            max_rss = max_rss.max(proc_usage(pid)?.0);
+            std::thread::sleep(Duration::from_millis(100).saturating_sub(tick.elapsed()));
+        }
+        let (_, cpu3) = proc_usage(pid)?;
+        loaded_cpu.push((cpu3 - cpu2) / t1.elapsed().as_secs_f64());
+        achieved.push(n_written as f64 / t1.elapsed().as_secs_f64());
     }
-    let (_, cpu3) = proc_usage(pid)?;
-    let loaded_cpu = (cpu3 - cpu2) / t1.elapsed().as_secs_f64();
-    let achieved = n_written as f64 / t1.elapsed().as_secs_f64();
     drop(agent);
     cloud.terminate(Duration::from_secs(10));
 
-    println!("### P7: agent footprint (4 file sources, shipping over QUIC)\n");
+    let thousandths = |v: &[f64]| -> String {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        format!("{:.4} ({lo:.4}–{hi:.4})", median(v.to_vec()))
+    };
+    println!(
+        "### P7: agent footprint (4 file sources, shipping over QUIC; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n"
+    );
     println!("| state | CPU (cores) | RSS |");
     println!("|---|---:|---:|");
-    println!("| idle, {seconds} s | {idle_cpu:.4} | {:.1} MiB |", idle_rss as f64 / 1024.0);
-    println!("| {achieved:.0} events/s, {seconds} s | {loaded_cpu:.3} | {:.1} MiB (max) |\n", max_rss as f64 / 1024.0);
+    println!("| idle | {} | {:.1} MiB (max) |", thousandths(&idle_cpu), idle_rss as f64 / 1024.0);
+    println!(
+        "| {:.0} events/s | {} | {:.1} MiB (max) |\n",
+        median(achieved),
+        thousandths(&loaded_cpu),
+        max_rss as f64 / 1024.0
+    );
     Ok(())
 }
 
