@@ -357,6 +357,19 @@ fn which(program: &str) -> anyhow::Result<PathBuf> {
         .with_context(|| format!("{program} not found"))
 }
 
+/// The gateway of `d` on Kafka, a consumer to count what reaches its topics, and its sales
+/// topic, once the gateway has created it.
+fn start_gateway(d: &Deployment, bootstrap: &str) -> anyhow::Result<(Process, BaseConsumer, String)> {
+    let gateway = d.start_cloud("gateway", &["gateway"])?;
+    let consumer: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).set("group.id", "bench-probe").create()?;
+    let topic = format!("{}.sales", d.topic_prefix);
+    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
+        Ok(produced(&consumer, std::slice::from_ref(&topic)).is_ok())
+    })?;
+    Ok((gateway, consumer, topic))
+}
+
 fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     fresh(dir)?;
     let bootstrap = kafka_bootstrap()?;
@@ -365,13 +378,7 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     let lines = order_lines(n, 2);
     append_lines(&data, &lines)?;
     let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()))?;
-    let mut gateway = d.start_cloud("gateway", &["gateway"])?;
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
-    let topic = format!("{}.sales", d.topic_prefix);
-    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
-        Ok(produced(&consumer, std::slice::from_ref(&topic)).is_ok())
-    })?;
+    let (mut gateway, consumer, topic) = start_gateway(&d, &bootstrap)?;
 
     // The same events, as the raw producer sends them.
     let mapping = order_mapping()?;
@@ -473,13 +480,7 @@ fn bench_backlog(dir: &Path, n: usize) -> anyhow::Result<()> {
     }
     let d = Deployment::new(&dir.join("deploy"), Some(bootstrap.clone()))?;
     // Enrolled while the gateway is up, then the outage: the agent spools the whole export.
-    let mut gateway = d.start_cloud("gateway", &["gateway"])?;
-    let consumer: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", &bootstrap).set("group.id", "bench-probe").create()?;
-    let topic = format!("{}.sales", d.topic_prefix);
-    wait_until(Duration::from_secs(60), "the gateway to create its topics", || {
-        Ok(produced(&consumer, std::slice::from_ref(&topic)).is_ok())
-    })?;
+    let (mut gateway, consumer, topic) = start_gateway(&d, &bootstrap)?;
     let config =
         d.write_agent_config_with("backlog", "acme", &data, &[Feed::Orders], "[spool]\nmax_bytes = 4294967296\n")?;
     let cfg = edge_agent::config::AgentConfig::load(&config)?;
