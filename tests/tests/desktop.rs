@@ -46,13 +46,34 @@ fn setup(name: &str, seed: u64, n: usize) -> Setup {
 /// `xvfb-run` of `script` in a D-Bus session of its own, with the app's folders under `home`
 /// and WebKit set for a virtual display.
 fn xvfb(script: &str, home: &Path) -> Command {
+    // A display number of this test's own. `xvfb-run -a` is not safe to run twice at once: both
+    // pick the first number without a lock file, one Xvfb fails, and that run's app talks to
+    // the other's X server until that one stops under it ("X connection to :99 broken").
+    // Numbers are distinct per process and per call; one held by a server left over elsewhere
+    // is stepped over by a multiple of the stride, keeping them distinct.
+    static CALLS: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let call = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % 8;
+    let mut display = 100 + (std::process::id() % 200) * 8 + call;
+    while Path::new(&format!("/tmp/.X{display}-lock")).exists() {
+        display += 1600;
+    }
     let mut cmd = Command::new("xvfb-run");
-    cmd.args(["-a", "-s", "-screen 0 1440x1000x24", "dbus-run-session", "--", "sh", "-c", script])
-        .env("XDG_CONFIG_HOME", home.join("config"))
-        .env("XDG_DATA_HOME", home.join("data"))
-        .env("XDG_CACHE_HOME", home.join("cache"))
-        .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
-        .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1");
+    cmd.args([
+        "-n",
+        &display.to_string(),
+        "-s",
+        "-screen 0 1440x1000x24",
+        "dbus-run-session",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ])
+    .env("XDG_CONFIG_HOME", home.join("config"))
+    .env("XDG_DATA_HOME", home.join("data"))
+    .env("XDG_CACHE_HOME", home.join("cache"))
+    .env("WEBKIT_DISABLE_COMPOSITING_MODE", "1")
+    .env("WEBKIT_DISABLE_DMABUF_RENDERER", "1");
     cmd
 }
 
