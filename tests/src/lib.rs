@@ -149,3 +149,26 @@ pub fn fresh_postgres_database(admin: &str, name: &str) -> anyhow::Result<String
     let base = admin.rsplit_once('/').map_or(admin, |(b, _)| b);
     Ok(format!("{base}/{name}"))
 }
+
+/// docs/install.md, the guide the installers' tests run as written.
+pub fn install_guide() -> String {
+    let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The lines of the first shell block of docs/install.md after `heading`, without their
+/// comments (`  # …`) and blank lines: what an operator types.
+pub fn install_guide_lines(heading: &str) -> Vec<String> {
+    let doc = install_guide();
+    let section = doc.split_once(heading).unwrap_or_else(|| panic!("no {heading:?} in docs/install.md")).1;
+    let block = section
+        .split_once("```sh\n")
+        .and_then(|(_, rest)| rest.split_once("```"))
+        .unwrap_or_else(|| panic!("no shell block after {heading:?} in docs/install.md"))
+        .0;
+    block
+        .lines()
+        .map(|l| l.split_once("  #").map_or(l, |(command, _comment)| command).trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}

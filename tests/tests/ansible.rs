@@ -124,16 +124,7 @@ fn the_roles_pass_ansible_lint_and_the_guide_installs_a_cloud_and_agents_that_co
     };
 
     // docs/install.md's lines, as written, from the repository's ansible/ folder.
-    let doc = std::fs::read_to_string(repo.join("docs/install.md")).unwrap();
-    let block = doc.split_once("### With Ansible").unwrap().1.split_once("```sh\n").unwrap().1;
-    let lines: Vec<String> = block
-        .split_once("```")
-        .unwrap()
-        .0
-        .lines()
-        .map(|l| l.split_once("  #").map_or(l, |(c, _)| c).trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect();
+    let lines = actidash_tests::install_guide_lines("### With Ansible");
     assert_eq!(lines[0], "cd ansible");
     // A line in a shell, from ansible/; --ask-vault-pass reads the password from standard input
     // when that is not a terminal.

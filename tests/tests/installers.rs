@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::Command;
 
 use actidash_tests::hosts::{chroot, new_host, package, run, start_as_service, uid_of};
+use actidash_tests::{install_guide, install_guide_lines};
 
 /// The exposure `systemd-analyze security` gives a unit ("Overall exposure level for …: 1.4").
 fn exposure(report: &str) -> Option<f64> {
@@ -333,24 +334,12 @@ fn find(set: &[std::path::PathBuf], prefix: &str, suffix: &str) -> std::path::Pa
         .clone()
 }
 
-/// The lines of docs/install.md's shell block under `heading`, without their comments.
-fn install_doc_lines(heading: &str) -> Vec<String> {
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md")).unwrap();
-    let section = doc.split_once(heading).unwrap_or_else(|| panic!("no {heading:?} in docs/install.md")).1;
-    let block = section.split_once("```sh\n").unwrap().1.split_once("```").unwrap().0;
-    block
-        .lines()
-        .map(|l| l.split_once("  #").map_or(l, |(command, _comment)| command).trim().to_owned())
-        .filter(|l| !l.is_empty())
-        .collect()
-}
-
 #[test]
 fn the_install_guide_is_read_without_its_comments() {
-    let agent = install_doc_lines("## The agent, on an on-prem host (IT)");
+    let agent = install_guide_lines("## The agent, on an on-prem host (IT)");
     assert_eq!(agent.first().map(String::as_str), Some("sudo dpkg -i actidash-agent_0.1.0_amd64.deb"));
     assert!(agent.iter().any(|l| l == "sudo systemctl enable --now actidash-agent"), "{agent:?}");
-    let cloud = install_doc_lines("## The cloud side (ops)");
+    let cloud = install_guide_lines("## The cloud side (ops)");
     assert!(cloud.iter().all(|l| !l.contains('#') && !l.contains("agent_id")), "{cloud:?}");
 }
 
@@ -394,7 +383,7 @@ fn the_install_guide_runs_on_hosts_booted_with_systemd() {
     }
     let (gateway_port, api_port, metrics_port) = (free_udp_port(), free_tcp_port(), free_tcp_port());
     let (mut enrollment_token, mut viewer_token) = (String::new(), String::new());
-    for line in install_doc_lines("## The cloud side (ops)") {
+    for line in install_guide_lines("## The cloud side (ops)") {
         if line == "sudoedit /etc/actidash/cloud.toml" {
             let path = cloud.root.join("etc/actidash/cloud.toml");
             let shipped = std::fs::read_to_string(&path).unwrap();
@@ -461,7 +450,7 @@ fn the_install_guide_runs_on_hosts_booted_with_systemd() {
          address = \"127.0.0.1:{gateway_port}\"\nserver_name = \"localhost\"\nca_file = \"/etc/actidash/gateway-ca.pem\"\n\n{}",
         Feed::Orders.source_toml(Path::new("/srv/shop"))
     );
-    for line in install_doc_lines("## The agent, on an on-prem host (IT)") {
+    for line in install_guide_lines("## The agent, on an on-prem host (IT)") {
         if line == "sudoedit /etc/actidash/agent.toml" {
             std::fs::write(agent.root.join("etc/actidash/agent.toml"), &agent_config).unwrap();
             continue;
@@ -567,13 +556,13 @@ fn the_install_guide_runs_on_hosts_booted_with_systemd() {
     // host comes back as a new agent (ids are never reused) with a source of its own.
     expect_ok(&agent, "sudo dpkg -P actidash-agent");
     assert!(!agent.root.join("var/lib/actidash").exists());
-    let doc = std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/install.md")).unwrap();
+    let doc = install_guide();
     let tar_line = doc.split_once("`tar xzf").unwrap().1.split_once('`').unwrap().0;
     let tar_line = format!("tar xzf{}", tar_line.split_whitespace().fold(String::new(), |a, w| a + " " + w));
     let tarball = find(v1, "actidash-0.1.0-linux-", ".tar.gz");
     std::fs::copy(&tarball, agent.home().join(tarball.file_name().unwrap())).unwrap();
     expect_ok(&agent, &tar_line);
-    let enroll = install_doc_lines("## The agent, on an on-prem host (IT)")
+    let enroll = install_guide_lines("## The agent, on an on-prem host (IT)")
         .into_iter()
         .find(|l| l.contains("edge-agent enroll"))
         .unwrap()

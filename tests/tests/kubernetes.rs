@@ -136,9 +136,7 @@ fn the_install_guide_applies_to_a_kubernetes_api_server() {
     std::fs::create_dir_all(&cwd).unwrap();
     std::os::unix::fs::symlink(repo.join("installers"), cwd.join("installers")).unwrap();
     run(Command::new(actidash_tests::harness::bin("cloud-aggregator").unwrap()).args(["dev-certs", "--out"]).arg(&cwd));
-    let doc = std::fs::read_to_string(repo.join("docs/install.md")).unwrap();
-    let block = doc.split_once("### On Kubernetes").unwrap().1.split_once("```sh\n").unwrap().1;
-    let lines: Vec<&str> = block.split_once("```").unwrap().0.lines().filter(|l| !l.trim().is_empty()).collect();
+    let lines = actidash_tests::install_guide_lines("### On Kubernetes");
     assert_eq!(lines.len(), 4, "{lines:?}");
     let kubectl = |line: &str| -> String {
         let words: Vec<&str> = line.split_whitespace().collect();
