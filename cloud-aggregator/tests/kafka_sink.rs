@@ -7,12 +7,13 @@ use std::time::Duration;
 
 use actidash_shared::batch::Unpacked;
 use actidash_shared::event::OrderStatus;
-use actidash_shared::kafka::partition_for;
+use actidash_shared::kafka::{HEADER_AGENT_ID, HEADER_SCHEMA_VERSION, HEADER_SEQ, HEADER_SOURCE_ID, partition_for};
 use actidash_shared::testing::sale_with;
 use cloud_aggregator::config::KafkaConfig;
 use cloud_aggregator::gateway::sink::Sink;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
+use rdkafka::message::Headers as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
@@ -43,10 +44,11 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
                 o.order_id = format!("order-{seq}-{}", seq * 7919);
             }
             e.entity_key = e.payload.entity_key();
-            Unpacked { json: e.to_json().into(), event: e }
+            Unpacked::of(&e)
         })
         .collect();
-    let keys: Vec<String> = events.iter().map(|u| u.event.entity_key.clone()).collect();
+    let keys: Vec<String> = events.iter().map(|u| String::from_utf8(u.entity_key.to_vec()).unwrap()).collect();
+    let sent: std::collections::HashMap<String, Unpacked> = keys.iter().cloned().zip(events.iter().cloned()).collect();
     sink.submit(1, events).await.unwrap().await.unwrap();
 
     let consumer: BaseConsumer = ClientConfig::new()
@@ -64,6 +66,22 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
         let message = message.unwrap();
         let key = std::str::from_utf8(message.key().unwrap()).unwrap();
         assert_eq!(message.partition(), partition_for(key.as_bytes(), 4), "the partition of {key}");
+        // The JSON as received, and the headers a consumer routes or de-duplicates by.
+        let event = &sent[key];
+        assert_eq!(message.payload(), Some(&event.json[..]));
+        let headers: Vec<(String, String)> = message
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| (h.key.to_owned(), String::from_utf8(h.value.unwrap().to_vec()).unwrap()))
+            .collect();
+        let expected = [
+            (HEADER_AGENT_ID, "a1".to_owned()),
+            (HEADER_SOURCE_ID, "orders".to_owned()),
+            (HEADER_SEQ, event.seq.to_string()),
+            (HEADER_SCHEMA_VERSION, "1".to_owned()),
+        ];
+        assert_eq!(headers, expected.map(|(k, v)| (k.to_owned(), v)), "the headers of {key}");
         partitions.insert(message.partition());
         seen += 1;
     }

@@ -6,7 +6,7 @@
 
 use bytes::Bytes;
 
-use crate::event::{Event, EventError};
+use crate::event::{Domain, Event, EventError, EventView};
 use crate::wire::{Batch, Codec};
 
 /// Largest decompressed payload accepted unless told otherwise (64 MiB).
@@ -159,12 +159,51 @@ impl Packer {
     }
 }
 
-/// One checked event of a batch, with its JSON exactly as received (what is forwarded to Kafka:
-/// it was just parsed and checked, so writing it again would only cost time).
+/// One checked event of a batch: its JSON exactly as received (what is forwarded to Kafka: it
+/// was just parsed and checked, so writing it again would only cost time) and what a record
+/// needs beside it. The ids are slices of the JSON wherever it did not escape them: checking
+/// an event copies none of its text.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Unpacked {
-    pub event: Event,
     pub json: Bytes,
+    pub domain: Domain,
+    pub schema_version: u16,
+    pub agent_id: Bytes,
+    pub source_id: Bytes,
+    pub seq: u64,
+    /// The record's key.
+    pub entity_key: Bytes,
+}
+
+impl Unpacked {
+    /// The checked `view` of `json`.
+    fn new(view: &EventView<'_>, json: &Bytes) -> Unpacked {
+        let text = |t: &std::borrow::Cow<'_, str>| match t {
+            std::borrow::Cow::Borrowed(s) => json.slice_ref(s.as_bytes()),
+            std::borrow::Cow::Owned(s) => Bytes::copy_from_slice(s.as_bytes()),
+        };
+        Unpacked {
+            json: json.clone(),
+            domain: view.domain(),
+            schema_version: view.schema_version,
+            agent_id: text(&view.agent_id),
+            source_id: text(&view.source_id),
+            seq: view.seq,
+            entity_key: text(&view.entity_key),
+        }
+    }
+
+    /// An event as a gateway unpacks it (for tests and tools).
+    pub fn of(event: &Event) -> Unpacked {
+        let json = Bytes::from(event.to_json());
+        let view = EventView::parse(&json).expect("an event's canonical JSON reads back");
+        Unpacked::new(&view, &json)
+    }
+
+    /// The whole typed event (a second parse: only where the event is processed, not forwarded).
+    pub fn event(&self) -> Result<Event, EventError> {
+        Event::from_json(&self.json)
+    }
 }
 
 /// An event of a batch refused on its own (the rest of the batch is taken).
@@ -222,38 +261,51 @@ pub fn unpack_each(
             refused.push(refuse(index, seq_only(&line), e));
             continue;
         }
-        let event = match Event::from_json(&line) {
+        let event = match EventView::parse(&line) {
             Ok(event) => event,
             Err(source) => {
                 refused.push(refuse(index, seq_only(&line), BatchError::Event { index, source }));
                 continue;
             }
         };
-        let in_span = event.seq >= expected_seq && event.seq < end;
-        let fault = if event.agent_id != agent_id || event.source_id != batch.source_id || !in_span {
-            Some(BatchError::WrongIdentity {
-                index,
-                agent_id: event.agent_id.clone(),
-                source_id: event.source_id.clone(),
-                seq: event.seq,
-                expected_agent: agent_id.to_owned(),
-                expected_source: batch.source_id.clone(),
-                expected_seq,
-            })
-        } else if event.tenant != tenant {
-            Some(BatchError::ForeignTenant { index, found: event.tenant.clone(), expected: tenant.to_owned() })
-        } else {
-            None
-        };
-        match fault {
+        match identity_fault(&event, index, agent_id, tenant, &batch.source_id, expected_seq, end) {
             Some(e) => refused.push(refuse(index, Some(event.seq), e)),
             None => {
                 expected_seq = event.seq + 1;
-                good.push(Unpacked { event, json: line });
+                good.push(Unpacked::new(&event, &line));
             }
         }
     }
     Ok(UnpackedBatch { events: good, refused, decompressed_bytes })
+}
+
+/// Why the event at `index` of a batch may not be taken from `agent_id` of `tenant`: another
+/// agent, source or tenant, or a seq outside `expected_seq..end` (the batch's span, increasing).
+fn identity_fault(
+    event: &EventView<'_>,
+    index: usize,
+    agent_id: &str,
+    tenant: &str,
+    source_id: &str,
+    expected_seq: u64,
+    end: u64,
+) -> Option<BatchError> {
+    let in_span = event.seq >= expected_seq && event.seq < end;
+    if event.agent_id != agent_id || event.source_id != source_id || !in_span {
+        Some(BatchError::WrongIdentity {
+            index,
+            agent_id: event.agent_id.clone().into_owned(),
+            source_id: event.source_id.clone().into_owned(),
+            seq: event.seq,
+            expected_agent: agent_id.to_owned(),
+            expected_source: source_id.to_owned(),
+            expected_seq,
+        })
+    } else if event.tenant != tenant {
+        Some(BatchError::ForeignTenant { index, found: event.tenant.clone().into_owned(), expected: tenant.to_owned() })
+    } else {
+        None
+    }
 }
 
 /// What [`unpack_each`] found in a batch.
@@ -333,24 +385,12 @@ pub fn unpack(
         if index >= batch.count as usize {
             return Err(BatchError::CountMismatch { announced: batch.count, found: index + 1 });
         }
-        let event = Event::from_json(&line).map_err(|source| BatchError::Event { index, source })?;
-        let in_span = event.seq >= expected_seq && event.seq < end;
-        if event.agent_id != agent_id || event.source_id != batch.source_id || !in_span {
-            return Err(BatchError::WrongIdentity {
-                index,
-                agent_id: event.agent_id,
-                source_id: event.source_id,
-                seq: event.seq,
-                expected_agent: agent_id.to_owned(),
-                expected_source: batch.source_id.clone(),
-                expected_seq,
-            });
-        }
-        if event.tenant != tenant {
-            return Err(BatchError::ForeignTenant { index, found: event.tenant, expected: tenant.to_owned() });
+        let event = EventView::parse(&line).map_err(|source| BatchError::Event { index, source })?;
+        if let Some(e) = identity_fault(&event, index, agent_id, tenant, &batch.source_id, expected_seq, end) {
+            return Err(e);
         }
         expected_seq = event.seq + 1;
-        events.push(Unpacked { event, json: line });
+        events.push(Unpacked::new(&event, &line));
     }
     if events.is_empty() {
         return Err(BatchError::Empty);
@@ -398,7 +438,7 @@ mod tests {
         let UnpackedBatch { events: good, refused, decompressed_bytes } =
             unpack_each(&batch, "a1", "acme", 1 << 20, 1 << 20).unwrap();
         assert_eq!(decompressed_bytes, json.iter().map(|j| j.len() + 1).sum::<usize>());
-        let seqs: Vec<u64> = good.iter().map(|u| u.event.seq).collect();
+        let seqs: Vec<u64> = good.iter().map(|u| u.seq).collect();
         assert_eq!(seqs, [10, 12, 15]);
         let places: Vec<(u32, Option<u64>)> = refused.iter().map(|r| (r.index, r.seq)).collect();
         assert_eq!(places, [(1, Some(11)), (3, Some(13)), (4, None)]);
@@ -445,16 +485,33 @@ mod tests {
         for codec in [Codec::Plain, Codec::Zstd] {
             let batch = batch_of(&events, 10, 10, codec);
             let unpacked = unpack(&batch, "a1", "t", 1 << 20).unwrap();
-            assert_eq!(unpacked.iter().map(|u| u.event.clone()).collect::<Vec<_>>(), events);
-            assert!(unpacked.iter().all(|u| u.json == u.event.to_json()), "the JSON as received");
+            assert_eq!(unpacked.iter().map(|u| u.event().unwrap()).collect::<Vec<_>>(), events);
+            assert!(unpacked.iter().all(|u| u.json == u.event().unwrap().to_json()), "the JSON as received");
+            for (u, e) in unpacked.iter().zip(&events) {
+                assert_eq!((u.domain, u.seq, u.schema_version), (e.domain(), e.seq, e.schema_version));
+                assert_eq!((&u.agent_id[..], &u.source_id[..]), (e.agent_id.as_bytes(), e.source_id.as_bytes()));
+                assert_eq!(&u.entity_key[..], e.entity_key.as_bytes());
+            }
         }
+    }
+
+    /// Ids the sender escaped are read as what they mean (they cannot be slices of the JSON).
+    #[test]
+    fn escaped_ids_are_unescaped() {
+        let json = String::from_utf8(event("t", 3).to_json()).unwrap();
+        let escaped = json.replace(r#""source_id":"web""#, r#""source_id":"w\u0065b""#).replace(r#""entity_key":"v3""#, r#""entity_key":"\u00763""#);
+        assert_ne!(escaped, json);
+        let batch = Batch { source_id: "web".into(), first_seq: 3, count: 1, codec: Codec::Plain, payload: format!("{escaped}\n").into() };
+        let unpacked = unpack(&batch, "a1", "t", 1 << 20).unwrap();
+        assert_eq!((&unpacked[0].source_id[..], &unpacked[0].entity_key[..]), (&b"web"[..], &b"v3"[..]));
+        assert_eq!(unpacked[0].event().unwrap(), event("t", 3));
     }
 
     #[test]
     fn holes_inside_the_span_are_allowed_but_nothing_outside_or_backwards() {
         let events: Vec<Event> = [1, 2, 4].into_iter().map(|s| event("t", s)).collect();
         let unpacked = unpack(&batch_of(&events, 1, 4, Codec::Zstd), "a1", "t", 1 << 20).unwrap();
-        assert_eq!(unpacked.into_iter().map(|u| u.event).collect::<Vec<_>>(), events);
+        assert_eq!(unpacked.into_iter().map(|u| u.event().unwrap()).collect::<Vec<_>>(), events);
         let err = unpack(&batch_of(&events, 1, 3, Codec::Zstd), "a1", "t", 1 << 20).unwrap_err();
         assert!(matches!(err, BatchError::WrongIdentity { index: 2, seq: 4, expected_seq: 3, .. }), "{err}");
         let backwards: Vec<Event> = [2, 1].into_iter().map(|s| event("t", s)).collect();

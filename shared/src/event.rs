@@ -22,6 +22,7 @@
 //! Payloads: [`SalesOrder`], [`MarketingTouch`], [`BehaviorEvent`], [`InventoryLevel`]. Unknown
 //! fields are rejected, so a mapping mistake is caught at the edge, not in a dashboard.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 
@@ -136,6 +137,8 @@ pub enum Domain {
 }
 
 impl Domain {
+    /// Every domain, in declaration order: `Domain::ALL[d as usize] == d` (tables indexed by
+    /// domain rely on it).
     pub const ALL: [Domain; 4] = [Domain::Sales, Domain::Marketing, Domain::Behavior, Domain::Inventory];
 
     pub fn as_str(self) -> &'static str {
@@ -167,12 +170,16 @@ impl FromStr for Domain {
 }
 
 /// The typed body of an event, one variant per domain.
+///
+/// Generic over its text: `String` (the default, what everything but the gateway handles) or
+/// [`Text`], which borrows from the JSON it was read from (the gateway checks every event it
+/// receives without copying its strings; see [`EventView`]).
 #[derive(Clone, Debug, PartialEq)]
-pub enum Payload {
-    Sales(SalesOrder),
-    Marketing(MarketingTouch),
-    Behavior(BehaviorEvent),
-    Inventory(InventoryLevel),
+pub enum Payload<S = String> {
+    Sales(SalesOrder<S>),
+    Marketing(MarketingTouch<S>),
+    Behavior(BehaviorEvent<S>),
+    Inventory(InventoryLevel<S>),
 }
 
 impl Payload {
@@ -196,6 +203,9 @@ impl Payload {
         })
     }
 
+}
+
+impl<S: AsRef<str>> Payload<S> {
     pub fn domain(&self) -> Domain {
         match self {
             Payload::Sales(_) => Domain::Sales,
@@ -209,10 +219,23 @@ impl Payload {
     /// a stock item) land in the same Kafka partition.
     pub fn entity_key(&self) -> String {
         match self {
-            Payload::Sales(o) => o.order_id.clone(),
-            Payload::Marketing(m) => m.user_id.clone(),
-            Payload::Behavior(b) => b.visitor_id.clone(),
-            Payload::Inventory(i) => format!("{}@{}", i.sku, i.warehouse),
+            Payload::Sales(o) => o.order_id.as_ref().to_owned(),
+            Payload::Marketing(m) => m.user_id.as_ref().to_owned(),
+            Payload::Behavior(b) => b.visitor_id.as_ref().to_owned(),
+            Payload::Inventory(i) => format!("{}@{}", i.sku.as_ref(), i.warehouse.as_ref()),
+        }
+    }
+
+    /// Whether `key` is this payload's [`entity_key`](Payload::entity_key), without building it.
+    pub fn has_entity_key(&self, key: &str) -> bool {
+        match self {
+            Payload::Sales(o) => key == o.order_id.as_ref(),
+            Payload::Marketing(m) => key == m.user_id.as_ref(),
+            Payload::Behavior(b) => key == b.visitor_id.as_ref(),
+            Payload::Inventory(i) => key
+                .strip_prefix(i.sku.as_ref())
+                .and_then(|rest| rest.strip_prefix('@'))
+                .is_some_and(|warehouse| warehouse == i.warehouse.as_ref()),
         }
     }
 
@@ -274,10 +297,10 @@ impl Payload {
 
     fn entity_key_len(&self) -> usize {
         match self {
-            Payload::Sales(o) => o.order_id.len(),
-            Payload::Marketing(m) => m.user_id.len(),
-            Payload::Behavior(b) => b.visitor_id.len(),
-            Payload::Inventory(i) => i.sku.len() + 1 + i.warehouse.len(),
+            Payload::Sales(o) => o.order_id.as_ref().len(),
+            Payload::Marketing(m) => m.user_id.as_ref().len(),
+            Payload::Behavior(b) => b.visitor_id.as_ref().len(),
+            Payload::Inventory(i) => i.sku.as_ref().len() + 1 + i.warehouse.as_ref().len(),
         }
     }
 
@@ -291,7 +314,7 @@ impl Payload {
             Payload::Behavior(b) => ("visitor_id", &b.visitor_id),
             Payload::Inventory(i) => ("sku", &i.sku),
         };
-        value.trim().is_empty().then_some(field)
+        value.as_ref().trim().is_empty().then_some(field)
     }
 }
 
@@ -321,29 +344,29 @@ impl OrderStatus {
 /// A sales order (or a change of its state).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct SalesOrder {
-    pub order_id: String,
-    pub customer_id: String,
+pub struct SalesOrder<S = String> {
+    pub order_id: S,
+    pub customer_id: S,
     /// Sales channel: `web`, `app`, `store`, `marketplace`...
-    pub channel: String,
+    pub channel: S,
     /// The store or site that took the order.
-    pub site: String,
+    pub site: S,
     /// ISO 3166-1 alpha-2.
-    pub country: String,
+    pub country: S,
     /// ISO 4217.
-    pub currency: String,
+    pub currency: S,
     /// Order total, in `currency`.
     pub amount: Money,
-    #[serde(default)]
-    pub items: Vec<LineItem>,
+    #[serde(default = "Vec::new")]
+    pub items: Vec<LineItem<S>>,
     pub status: OrderStatus,
 }
 
 /// One line of an order.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct LineItem {
-    pub sku: String,
+pub struct LineItem<S = String> {
+    pub sku: S,
     pub quantity: i64,
     pub unit_price: Money,
 }
@@ -351,29 +374,34 @@ pub struct LineItem {
 /// A marketing touch: an ad click, an email open, an affiliate visit.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct MarketingTouch {
-    pub user_id: String,
-    pub channel: String,
-    pub campaign: String,
+pub struct MarketingTouch<S = String> {
+    pub user_id: S,
+    pub channel: S,
+    pub campaign: S,
     /// What the touch cost, where known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost: Option<Money>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub currency: Option<String>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub currency: Option<S>,
 }
 
 /// What a visitor did on a site or in an app.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct BehaviorEvent {
+pub struct BehaviorEvent<S = String> {
     /// The logged-in user or an anonymous visitor id.
-    pub visitor_id: String,
+    pub visitor_id: S,
     #[serde(rename = "type")]
     pub kind: BehaviorKind,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub url: Option<String>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub referrer: Option<String>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub url: Option<S>,
+    #[serde(default = "none", skip_serializing_if = "Option::is_none")]
+    pub referrer: Option<S>,
+}
+
+/// A missing optional field (`#[serde(default)]` would ask the text type for a `Default`).
+fn none<S>() -> Option<S> {
+    None
 }
 
 /// The kinds of behavior event the funnels are built from.
@@ -391,9 +419,9 @@ pub enum BehaviorKind {
 /// Stock on hand of one SKU in one warehouse, at `event_time`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct InventoryLevel {
-    pub sku: String,
-    pub warehouse: String,
+pub struct InventoryLevel<S = String> {
+    pub sku: S,
+    pub warehouse: S,
     pub on_hand: i64,
 }
 
@@ -474,21 +502,120 @@ impl Event {
     /// line): the schema version, a non-empty key of at most [`MAX_KEY_BYTES`], and an entity
     /// key that is the payload's.
     pub fn check(&self) -> Result<(), EventError> {
-        let event = self;
-        if event.schema_version != SCHEMA_VERSION {
-            return Err(EventError::UnsupportedVersion { found: event.schema_version });
+        check(self.schema_version, &self.entity_key, &self.payload)
+    }
+}
+
+/// [`Event::check`], on the parts of an event however they are held.
+fn check<S: AsRef<str>>(schema_version: u16, entity_key: &str, payload: &Payload<S>) -> Result<(), EventError> {
+    if schema_version != SCHEMA_VERSION {
+        return Err(EventError::UnsupportedVersion { found: schema_version });
+    }
+    if let Some(field) = payload.empty_key_field() {
+        return Err(EventError::EmptyKey { field });
+    }
+    if let Some((field, len)) = payload.long_key_field() {
+        return Err(EventError::LongKey { field, len });
+    }
+    if !payload.has_entity_key(entity_key) {
+        return Err(EventError::EntityKeyMismatch { found: entity_key.to_owned(), expected: payload.entity_key() });
+    }
+    payload.check_bounds()
+}
+
+/// Text borrowed from the JSON it was read from, or owned where the JSON escaped it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Text<'a>(pub Cow<'a, str>);
+
+impl AsRef<str> for Text<'_> {
+    fn as_ref(&self) -> &str {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Text<'a> {
+    /// Borrowed when the input allows, as `#[serde(borrow)] Cow<str>` reads.
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Text<'a>, D::Error> {
+        struct Visitor;
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = Cow<'de, str>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string")
+            }
+            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Borrowed(v))
+            }
+            fn visit_str<E>(self, v: &str) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Owned(v.to_owned()))
+            }
+            fn visit_string<E>(self, v: String) -> Result<Cow<'de, str>, E> {
+                Ok(Cow::Owned(v))
+            }
         }
-        if let Some(field) = event.payload.empty_key_field() {
-            return Err(EventError::EmptyKey { field });
+        deserializer.deserialize_str(Visitor).map(Text)
+    }
+}
+
+/// An event read and checked without copying its text: what the gateway needs to vouch for
+/// an event it forwards as received (its identity, its key, a payload that passes every check
+/// [`Event::from_json`] applies). [`EventView::parse`] accepts exactly what
+/// [`Event::from_json`] accepts.
+#[derive(Debug)]
+pub struct EventView<'a> {
+    pub schema_version: u16,
+    pub tenant: Cow<'a, str>,
+    pub agent_id: Cow<'a, str>,
+    pub source_id: Cow<'a, str>,
+    pub seq: u64,
+    pub event_time: DateTime<Utc>,
+    pub entity_key: Cow<'a, str>,
+    pub payload: Payload<Text<'a>>,
+}
+
+impl<'a> EventView<'a> {
+    /// Parses and checks one event, as [`Event::from_json`] does.
+    pub fn parse(bytes: &'a [u8]) -> Result<EventView<'a>, EventError> {
+        #[derive(Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Repr<'a> {
+            schema_version: u16,
+            #[serde(borrow)]
+            tenant: Cow<'a, str>,
+            #[serde(borrow)]
+            agent_id: Cow<'a, str>,
+            #[serde(borrow)]
+            source_id: Cow<'a, str>,
+            seq: u64,
+            event_time: DateTime<Utc>,
+            domain: Domain,
+            #[serde(borrow)]
+            entity_key: Cow<'a, str>,
+            #[serde(borrow)]
+            data: &'a serde_json::value::RawValue,
         }
-        if let Some((field, len)) = event.payload.long_key_field() {
-            return Err(EventError::LongKey { field, len });
-        }
-        let expected = event.payload.entity_key();
-        if event.entity_key != expected {
-            return Err(EventError::EntityKeyMismatch { found: event.entity_key.clone(), expected });
-        }
-        event.payload.check_bounds()
+        let r: Repr<'a> = serde_json::from_slice(bytes)?;
+        let data = r.data.get();
+        let payload = match r.domain {
+            Domain::Sales => Payload::Sales(serde_json::from_str(data)?),
+            Domain::Marketing => Payload::Marketing(serde_json::from_str(data)?),
+            Domain::Behavior => Payload::Behavior(serde_json::from_str(data)?),
+            Domain::Inventory => Payload::Inventory(serde_json::from_str(data)?),
+        };
+        check(r.schema_version, &r.entity_key, &payload)?;
+        Ok(EventView {
+            schema_version: r.schema_version,
+            tenant: r.tenant,
+            agent_id: r.agent_id,
+            source_id: r.source_id,
+            seq: r.seq,
+            event_time: r.event_time,
+            entity_key: r.entity_key,
+            payload,
+        })
+    }
+
+    pub fn domain(&self) -> Domain {
+        self.payload.domain()
     }
 }
 
@@ -554,17 +681,102 @@ mod tests {
         assert!(err.to_string().contains("coupon"), "{err}");
     }
 
+    /// The gateway's borrowing reader ([`EventView::parse`]) accepts exactly what
+    /// [`Event::from_json`] accepts, reads the same, and refuses for the same reasons: checked
+    /// on events of every domain with one field replaced by an awkward value, removed, or an
+    /// unknown one added, at the top level or in `data`.
+    mod view_agrees {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn base(which: usize) -> Event {
+            let payload = match which % 4 {
+                0 => order().payload,
+                1 => Payload::Marketing(MarketingTouch {
+                    user_id: "u-1".into(),
+                    channel: "ads".into(),
+                    campaign: "black-friday".into(),
+                    cost: Some(Money::parse("0.35").unwrap()),
+                    currency: Some("EUR".into()),
+                }),
+                2 => Payload::Behavior(BehaviorEvent {
+                    visitor_id: "v-1".into(),
+                    kind: BehaviorKind::AddToCart,
+                    url: Some("/p/1?a=\"b\"".into()),
+                    referrer: None,
+                }),
+                _ => Payload::Inventory(InventoryLevel { sku: "S-1".into(), warehouse: "W@2".into(), on_hand: 12 }),
+            };
+            Event::new("acme".into(), "agent-1".into(), "orders".into(), 7, "2026-11-27T10:00:00Z".parse().unwrap(), payload)
+        }
+
+        fn awkward() -> impl Strategy<Value = serde_json::Value> {
+            prop_oneof![
+                Just(serde_json::json!("")),
+                Just(serde_json::json!("  ")),
+                Just(serde_json::json!("o-1")),
+                Just(serde_json::json!("S-1@W@2")),
+                Just(serde_json::json!("é\u{1}\"\\")),
+                Just(serde_json::json!("x".repeat(1100))),
+                Just(serde_json::json!(1)),
+                Just(serde_json::json!(-1)),
+                Just(serde_json::json!(2)),
+                Just(serde_json::json!(1e30)),
+                Just(serde_json::json!(12.345678)),
+                Just(serde_json::json!("12.34")),
+                Just(serde_json::json!(null)),
+                Just(serde_json::json!(true)),
+                Just(serde_json::json!([])),
+                Just(serde_json::json!({})),
+                Just(serde_json::json!("sales")),
+                Just(serde_json::json!("inventory")),
+                Just(serde_json::json!("placed")),
+                Just(serde_json::json!("2026-11-27T10:00:00+02:00")),
+                Just(serde_json::json!([{"sku": "", "quantity": 1, "unit_price": 1}])),
+                Just(serde_json::json!([{"sku": "A", "quantity": 1000000, "unit_price": 2000000}])),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn on_mutated_events(which in 0usize..4, in_data in any::<bool>(), field in 0usize..12, how in 0u8..3, value in awkward()) {
+                let mut json: serde_json::Value = serde_json::from_slice(&base(which).to_json()).unwrap();
+                let object = if in_data { json["data"].as_object_mut().unwrap() } else { json.as_object_mut().unwrap() };
+                let keys: Vec<String> = object.keys().cloned().collect();
+                let key = keys[field % keys.len()].clone();
+                match how {
+                    0 => { object.insert(key, value); }
+                    1 => { object.remove(&key); }
+                    _ => { object.insert("extra".into(), value); }
+                }
+                let bytes = json.to_string().into_bytes();
+                match (Event::from_json(&bytes), EventView::parse(&bytes)) {
+                    (Ok(e), Ok(v)) => {
+                        prop_assert_eq!((&*v.tenant, &*v.agent_id, &*v.source_id), (&*e.tenant, &*e.agent_id, &*e.source_id));
+                        prop_assert_eq!((v.seq, v.event_time, &*v.entity_key, v.schema_version), (e.seq, e.event_time, &*e.entity_key, e.schema_version));
+                        prop_assert_eq!(v.domain(), e.domain());
+                        prop_assert_eq!(v.payload.entity_key(), e.payload.entity_key());
+                    }
+                    (Err(EventError::Json(_)), Err(EventError::Json(_))) => {}
+                    (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                    (a, b) => prop_assert!(false, "from_json {:?} but the view {:?} on {}", a.map(|_| ()), b.map(|_| ()), json),
+                }
+            }
+        }
+    }
+
     #[test]
     fn entity_keys_per_domain() {
-        let inv = Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W1".into(), on_hand: 3 });
+        let inv: Payload = Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(inv.entity_key(), "S@W1");
         assert_eq!(inv.empty_key_field(), None);
-        let blank = Payload::Inventory(InventoryLevel { sku: " ".into(), warehouse: "W1".into(), on_hand: 3 });
+        let blank: Payload = Payload::Inventory(InventoryLevel { sku: " ".into(), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(blank.empty_key_field(), Some("sku"));
-        let long = Payload::Inventory(InventoryLevel { sku: "S".repeat(1020), warehouse: "W1".into(), on_hand: 3 });
+        let long: Payload = Payload::Inventory(InventoryLevel { sku: "S".repeat(1020), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(long.long_key_field(), None, "1 023 bytes is within the limit");
-        let longer = Payload::Inventory(InventoryLevel { sku: "S".repeat(1022), warehouse: "W1".into(), on_hand: 3 });
+        let longer: Payload = Payload::Inventory(InventoryLevel { sku: "S".repeat(1022), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(longer.long_key_field(), Some(("sku and warehouse", 1025)));
+        assert!(Domain::ALL.iter().enumerate().all(|(i, d)| *d as usize == i));
         assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
         assert!("orders".parse::<Domain>().is_err());
     }
@@ -593,7 +805,7 @@ mod tests {
         assert!(matches!(err, EventError::OutOfBounds { field: "unit_price", .. }), "{err}");
         let extreme = Money(i64::MIN);
         assert!(
-            Payload::Marketing(MarketingTouch {
+            Payload::<String>::Marketing(MarketingTouch {
                 user_id: "u".into(),
                 channel: "ads".into(),
                 campaign: "c".into(),
@@ -603,7 +815,7 @@ mod tests {
             .check_bounds()
             .is_err()
         );
-        let stock = |on_hand| Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand });
+        let stock = |on_hand| -> Payload { Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand }) };
         assert!(stock(MAX_STOCK).check_bounds().is_ok());
         assert!(stock(i64::MIN).check_bounds().is_err());
     }

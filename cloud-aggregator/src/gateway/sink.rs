@@ -59,6 +59,8 @@ pub enum Sink {
 pub struct KafkaSink {
     producer: Arc<ThreadedProducer<BatchDeliveries>>,
     prefix: String,
+    /// Each domain's topic, by `Domain as usize` (named once, not per record).
+    topics: [String; 4],
     partitions: i32,
     max_event_bytes: u32,
 }
@@ -112,6 +114,7 @@ impl Sink {
         Ok(Sink::Kafka(KafkaSink {
             producer: Arc::new(producer),
             prefix: config.topic_prefix.clone(),
+            topics: actidash_shared::Domain::ALL.map(|d| kafka::domain_topic(&config.topic_prefix, d)),
             partitions: config.partitions,
             max_event_bytes,
         }))
@@ -157,7 +160,13 @@ impl Sink {
     pub async fn submit(&self, connection: u64, events: Vec<Unpacked>) -> Result<Pending, SinkError> {
         match self {
             Sink::Embedded(tx) => {
-                let events = events.into_iter().map(|u| u.event).collect();
+                // The embedded processor works on typed events: read them whole (a second parse;
+                // with Kafka the JSON is forwarded as received).
+                let events = events
+                    .iter()
+                    .map(Unpacked::event)
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|e| SinkError::Processor(format!("a checked event no longer reads: {e}")))?;
                 let (reply, done) = oneshot::channel();
                 tx.send(EmbeddedInput::Batch { connection, events, reply }).await.map_err(|_| SinkError::Closed)?;
                 Ok(Box::pin(async move {
@@ -172,7 +181,7 @@ impl Sink {
                 if let Some(reason) = kafka_sink.fatal_reason() {
                     return Err(SinkError::Fatal(reason));
                 }
-                let KafkaSink { producer, prefix, partitions, .. } = kafka_sink;
+                let KafkaSink { producer, topics, partitions, .. } = kafka_sink;
                 if events.is_empty() {
                     return Ok(Box::pin(async { Ok(()) }));
                 }
@@ -182,18 +191,20 @@ impl Sink {
                     failure: Mutex::new(None),
                     done: Mutex::new(Some(done)),
                 });
-                for Unpacked { event, json: value } in &events {
-                    let topic = kafka::domain_topic(prefix, event.domain());
-                    let mut headers = OwnedHeaders::new_with_capacity(4);
-                    for (key, v) in kafka::headers(event) {
-                        headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
-                    }
+                for event in &events {
+                    let topic = &topics[event.domain as usize];
+                    let (mut seq, mut version) = (itoa::Buffer::new(), itoa::Buffer::new());
+                    let headers = OwnedHeaders::new_with_capacity(4)
+                        .insert(Header { key: kafka::HEADER_AGENT_ID, value: Some(&event.agent_id[..]) })
+                        .insert(Header { key: kafka::HEADER_SOURCE_ID, value: Some(&event.source_id[..]) })
+                        .insert(Header { key: kafka::HEADER_SEQ, value: Some(seq.format(event.seq)) })
+                        .insert(Header { key: kafka::HEADER_SCHEMA_VERSION, value: Some(version.format(event.schema_version)) });
                     // The partition is the key's, computed here: never librdkafka's choice,
                     // which could differ for an empty key or under stale metadata.
-                    let mut record = BaseRecord::with_opaque_to(&topic, batch.clone())
-                        .partition(kafka::partition_for(event.entity_key.as_bytes(), *partitions))
-                        .key(&event.entity_key)
-                        .payload(value.as_ref())
+                    let mut record = BaseRecord::with_opaque_to(topic, batch.clone())
+                        .partition(kafka::partition_for(&event.entity_key, *partitions))
+                        .key(&event.entity_key[..])
+                        .payload(&event.json[..])
                         .headers(headers);
                     loop {
                         match producer.send(record) {
@@ -205,7 +216,7 @@ impl Sink {
                             }
                             Err((source, _)) => {
                                 // Events already enqueued will still report; this batch fails.
-                                return Err(SinkError::Produce { topic, source });
+                                return Err(SinkError::Produce { topic: topic.clone(), source });
                             }
                         }
                     }
@@ -485,7 +496,7 @@ mod tests {
                     "1",
                     OrderStatus::Placed,
                 );
-                Unpacked { json: e.to_json().into(), event: e }
+                Unpacked::of(&e)
             })
             .collect()
     }
@@ -510,6 +521,7 @@ mod tests {
         let sink = Sink::Kafka(KafkaSink {
             producer: Arc::new(producer),
             prefix: "t".into(),
+            topics: actidash_shared::Domain::ALL.map(|d| kafka::domain_topic("t", d)),
             partitions: 1,
             max_event_bytes: 100_000,
         });
