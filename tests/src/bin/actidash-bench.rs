@@ -282,6 +282,13 @@ fn spread(v: &[f64]) -> String {
     format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
 }
 
+/// [`spread`] to a tenth.
+fn spread1(v: &[f64]) -> String {
+    let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+    format!("{:.1} ({lo:.1}–{hi:.1})", median(v.to_vec()))
+}
+
 /// Waits until `want` more events than `base` are in `topic`; events/s from the first event
 /// there to the last (so start-up and handshakes do not count).
 fn timed_arrival(
@@ -398,6 +405,11 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     // Rounds, each path once per round in turn, so that a slow spell of the machine falls on
     // all of them.
     let (mut ours, mut raw, mut peer) = (Vec::new(), Vec::new(), Vec::new());
+    // CPU time per event (µs, every thread of the process): steadier than a rate on a shared
+    // machine, and what each hop costs.
+    let (mut agent_cpu, mut gateway_cpu, mut raw_cpu, mut peer_cpu) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let per_event = |seconds: f64| seconds * 1e6 / n as f64;
+    let me = std::process::id();
     // rsyslog's topic, like the gateway's: 3 partitions.
     let rsyslog_topic = format!("{}.rsyslog", d.topic_prefix);
     let admin: rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext> =
@@ -414,18 +426,23 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     for round in 0..rounds {
         let base = produced(&consumer, std::slice::from_ref(&topic))?;
         let config = d.write_agent_config(&format!("bench{round}"), "acme", &data, &[Feed::Orders])?;
+        let gateway0 = proc_usage(gateway.pid())?.1;
         let mut agent = d.start_agent(&format!("agent{round}"), &config)?;
         let rate = timed_arrival(&consumer, &topic, base, n as i64, &mut || {
             anyhow::ensure!(agent.is_running() && gateway.is_running(), "a process died; see {}", d.root.display());
             Ok(())
         })?;
+        agent_cpu.push(per_event(proc_usage(agent.pid())?.1));
+        gateway_cpu.push(per_event(proc_usage(gateway.pid())?.1 - gateway0));
         agent.terminate(Duration::from_secs(10));
         eprintln!("round {round}: agent -> gateway -> Kafka {rate:.0} events/s");
         ours.push(rate);
 
         let started = Instant::now();
+        let cpu0 = proc_usage(me)?.1;
         raw_produce(&producer, &topic, &events)?;
         raw.push(n as f64 / started.elapsed().as_secs_f64());
+        raw_cpu.push(per_event(proc_usage(me)?.1 - cpu0));
         eprintln!("round {round}: raw produce {:.0} events/s", raw[raw.len() - 1]);
 
         let base = produced(&consumer, std::slice::from_ref(&rsyslog_topic)).unwrap_or(0);
@@ -435,6 +452,7 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
                     anyhow::ensure!(rsyslogd.is_running(), "rsyslogd died; see {}", dir.join("rsyslog").display());
                     Ok(())
                 })?;
+                peer_cpu.push(per_event(proc_usage(rsyslogd.pid())?.1));
                 rsyslogd.terminate(Duration::from_secs(10));
                 eprintln!("round {round}: rsyslog {rate:.0} events/s");
                 peer.push(rate);
@@ -466,6 +484,18 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
             spread(&ratio)
         );
     }
+    let sum: Vec<f64> = agent_cpu.iter().zip(&gateway_cpu).map(|(a, g)| a + g).collect();
+    println!("CPU time per event, every thread of the process (the broker's not counted), µs, median (lowest–highest):\n");
+    println!("| process | µs/event |");
+    println!("|---|---:|");
+    println!("| raw produce (the bench process: JSON, key, headers, librdkafka) | {} |", spread1(&raw_cpu));
+    println!("| edge-agent: tail, map, spool, read, compress, QUIC | {} |", spread1(&agent_cpu));
+    println!("| cloud-aggregator gateway: QUIC, decompress, check, produce | {} |", spread1(&gateway_cpu));
+    println!("| agent + gateway | {} |", spread1(&sum));
+    if !peer_cpu.is_empty() {
+        println!("| rsyslogd: imfile, omkafka | {} |", spread1(&peer_cpu));
+    }
+    println!();
     Ok(())
 }
 
