@@ -68,32 +68,6 @@ struct EventRepr {
 /// per event on the agent's hot path. The field order is the schema's.
 impl Serialize for Event {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        #[serde(untagged)]
-        enum Data<'a> {
-            Sales(&'a SalesOrder),
-            Marketing(&'a MarketingTouch),
-            Behavior(&'a BehaviorEvent),
-            Inventory(&'a InventoryLevel),
-        }
-        #[derive(Serialize)]
-        struct EventRef<'a> {
-            schema_version: u16,
-            tenant: &'a str,
-            agent_id: &'a str,
-            source_id: &'a str,
-            seq: u64,
-            event_time: &'a DateTime<Utc>,
-            domain: Domain,
-            entity_key: &'a str,
-            data: Data<'a>,
-        }
-        let data = match &self.payload {
-            Payload::Sales(p) => Data::Sales(p),
-            Payload::Marketing(p) => Data::Marketing(p),
-            Payload::Behavior(p) => Data::Behavior(p),
-            Payload::Inventory(p) => Data::Inventory(p),
-        };
         EventRef {
             schema_version: self.schema_version,
             tenant: &self.tenant,
@@ -103,9 +77,71 @@ impl Serialize for Event {
             event_time: &self.event_time,
             domain: self.payload.domain(),
             entity_key: &self.entity_key,
-            data,
+            data: Data::of(&self.payload),
         }
         .serialize(serializer)
+    }
+}
+
+/// An event's canonical JSON, from its parts however the payload holds its text: what
+/// [`Event::to_json`] writes for `Event::new(…)` of the same parts, after the same checks
+/// ([`Event::check`]). The agent writes each event this way, without building an [`Event`].
+pub fn event_json<T: AsRef<str> + Serialize>(
+    tenant: &str,
+    agent_id: &str,
+    source_id: &str,
+    seq: u64,
+    event_time: &DateTime<Utc>,
+    payload: &Payload<T>,
+) -> Result<Vec<u8>, EventError> {
+    let key = payload.entity_key_text();
+    check(SCHEMA_VERSION, &key, payload)?;
+    let event = EventRef {
+        schema_version: SCHEMA_VERSION,
+        tenant,
+        agent_id,
+        source_id,
+        seq,
+        event_time,
+        domain: payload.domain(),
+        entity_key: &key,
+        data: Data::of(payload),
+    };
+    Ok(serde_json::to_vec(&event)?)
+}
+
+/// The JSON layout of an event, borrowed from its parts. The field order is the schema's.
+#[derive(Serialize)]
+struct EventRef<'a, T> {
+    schema_version: u16,
+    tenant: &'a str,
+    agent_id: &'a str,
+    source_id: &'a str,
+    seq: u64,
+    event_time: &'a DateTime<Utc>,
+    domain: Domain,
+    entity_key: &'a str,
+    data: Data<'a, T>,
+}
+
+/// A payload written as its domain's object (the domain is the envelope's field).
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Data<'a, T> {
+    Sales(&'a SalesOrder<T>),
+    Marketing(&'a MarketingTouch<T>),
+    Behavior(&'a BehaviorEvent<T>),
+    Inventory(&'a InventoryLevel<T>),
+}
+
+impl<'a, T> Data<'a, T> {
+    fn of(payload: &'a Payload<T>) -> Data<'a, T> {
+        match payload {
+            Payload::Sales(p) => Data::Sales(p),
+            Payload::Marketing(p) => Data::Marketing(p),
+            Payload::Behavior(p) => Data::Behavior(p),
+            Payload::Inventory(p) => Data::Inventory(p),
+        }
     }
 }
 
@@ -218,11 +254,16 @@ impl<S: AsRef<str>> Payload<S> {
     /// The key that orders events of one entity: all events of an order (or a user, a visitor,
     /// a stock item) land in the same Kafka partition.
     pub fn entity_key(&self) -> String {
+        self.entity_key_text().into_owned()
+    }
+
+    /// [`entity_key`](Payload::entity_key), borrowed where it is one field.
+    pub fn entity_key_text(&self) -> Cow<'_, str> {
         match self {
-            Payload::Sales(o) => o.order_id.as_ref().to_owned(),
-            Payload::Marketing(m) => m.user_id.as_ref().to_owned(),
-            Payload::Behavior(b) => b.visitor_id.as_ref().to_owned(),
-            Payload::Inventory(i) => format!("{}@{}", i.sku.as_ref(), i.warehouse.as_ref()),
+            Payload::Sales(o) => Cow::Borrowed(o.order_id.as_ref()),
+            Payload::Marketing(m) => Cow::Borrowed(m.user_id.as_ref()),
+            Payload::Behavior(b) => Cow::Borrowed(b.visitor_id.as_ref()),
+            Payload::Inventory(i) => Cow::Owned(format!("{}@{}", i.sku.as_ref(), i.warehouse.as_ref())),
         }
     }
 
@@ -527,6 +568,24 @@ fn check<S: AsRef<str>>(schema_version: u16, entity_key: &str, payload: &Payload
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Text<'a>(pub Cow<'a, str>);
 
+impl<'a> Payload<Text<'a>> {
+    /// Reads the `data` object of an event of `domain` from its JSON text, borrowing from it.
+    pub fn view_json_str(domain: Domain, data: &'a str) -> Result<Payload<Text<'a>>, serde_json::Error> {
+        Ok(match domain {
+            Domain::Sales => Payload::Sales(serde_json::from_str(data)?),
+            Domain::Marketing => Payload::Marketing(serde_json::from_str(data)?),
+            Domain::Behavior => Payload::Behavior(serde_json::from_str(data)?),
+            Domain::Inventory => Payload::Inventory(serde_json::from_str(data)?),
+        })
+    }
+}
+
+impl Serialize for Text<'_> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.0)
+    }
+}
+
 impl AsRef<str> for Text<'_> {
     fn as_ref(&self) -> &str {
         &self.0
@@ -594,13 +653,7 @@ impl<'a> EventView<'a> {
             data: &'a serde_json::value::RawValue,
         }
         let r: Repr<'a> = serde_json::from_slice(bytes)?;
-        let data = r.data.get();
-        let payload = match r.domain {
-            Domain::Sales => Payload::Sales(serde_json::from_str(data)?),
-            Domain::Marketing => Payload::Marketing(serde_json::from_str(data)?),
-            Domain::Behavior => Payload::Behavior(serde_json::from_str(data)?),
-            Domain::Inventory => Payload::Inventory(serde_json::from_str(data)?),
-        };
+        let payload = Payload::view_json_str(r.domain, r.data.get())?;
         check(r.schema_version, &r.entity_key, &payload)?;
         Ok(EventView {
             schema_version: r.schema_version,
@@ -756,6 +809,9 @@ mod tests {
                         prop_assert_eq!((v.seq, v.event_time, &*v.entity_key, v.schema_version), (e.seq, e.event_time, &*e.entity_key, e.schema_version));
                         prop_assert_eq!(v.domain(), e.domain());
                         prop_assert_eq!(v.payload.entity_key(), e.payload.entity_key());
+                        // Written from the borrowed parts, the event is the owned one's JSON.
+                        let written = event_json(&v.tenant, &v.agent_id, &v.source_id, v.seq, &v.event_time, &v.payload).unwrap();
+                        prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(e.to_json()).unwrap());
                     }
                     (Err(EventError::Json(_)), Err(EventError::Json(_))) => {}
                     (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),

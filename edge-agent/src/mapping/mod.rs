@@ -13,7 +13,7 @@ pub mod transform;
 
 use std::collections::BTreeMap;
 
-use actidash_shared::event::{Domain, Payload};
+use actidash_shared::event::{Domain, Payload, Text};
 use chrono::{DateTime, NaiveDateTime, TimeZone, Utc};
 use serde::Deserialize;
 
@@ -199,6 +199,48 @@ impl MappingConfig {
     /// is split into raw JSON values, and the payload's JSON is assembled from the mapped ones
     /// (this runs once per record on the agent's hot path).
     pub fn apply_str(&self, text: &str) -> Result<(DateTime<Utc>, Payload), MappingError> {
+        let mut data = String::with_capacity(text.len());
+        let event_time = self.map_data(text, &mut data)?;
+        let payload = Payload::from_json_str(self.domain, &data)
+            .map_err(|e| MappingError::Schema { domain: self.domain, message: e.to_string() })?;
+        self.check_key(&payload)?;
+        Ok((event_time, payload))
+    }
+
+    /// [`apply_str`](MappingConfig::apply_str) with a payload that borrows its text from `data`
+    /// (cleared, then filled with the payload's JSON): the agent's hot path, where the payload
+    /// is only checked and written.
+    pub fn apply_view<'d>(
+        &self,
+        text: &str,
+        data: &'d mut String,
+    ) -> Result<(DateTime<Utc>, Payload<Text<'d>>), MappingError> {
+        data.clear();
+        let event_time = self.map_data(text, data)?;
+        let payload = Payload::view_json_str(self.domain, data)
+            .map_err(|e| MappingError::Schema { domain: self.domain, message: e.to_string() })?;
+        self.check_key(&payload)?;
+        Ok((event_time, payload))
+    }
+
+    /// The payload's key is not empty and not too long.
+    fn check_key<S: AsRef<str>>(&self, payload: &Payload<S>) -> Result<(), MappingError> {
+        if let Some(target) = payload.empty_key_field() {
+            let source_field = match (self.constants.contains_key(target), self.fields.get(target)) {
+                (true, _) => "constant".to_owned(),
+                (false, Some(f)) => f.describe(),
+                (false, None) => "default".to_owned(),
+            };
+            return Err(MappingError::EmptyKey { domain: self.domain, target, source_field });
+        }
+        if let Some((target, len)) = payload.long_key_field() {
+            return Err(MappingError::LongKey { domain: self.domain, target, len });
+        }
+        Ok(())
+    }
+
+    /// Writes the payload's JSON of record `text` to `data`; the event's time.
+    fn map_data(&self, text: &str, data: &mut String) -> Result<DateTime<Utc>, MappingError> {
         let record = RawRecord::parse(text)?;
         for (idx, condition) in self.conditions.iter().enumerate() {
             let value = record.lookup(&condition.field).filter(|v| v.get() != "null");
@@ -207,7 +249,6 @@ impl MappingConfig {
             }
         }
         let event_time = self.event_time(&record)?;
-        let mut data = String::with_capacity(text.len());
         data.push('{');
         for (name, kind, _) in schema(self.domain) {
             let owned;
@@ -247,38 +288,25 @@ impl MappingConfig {
                     (Some(v), _) => match spec.filter(|s| s.transforms()) {
                         Some(spec) => {
                             let transformed = transform_value(name, *kind, spec, v)?;
-                            push_key(&mut data, name);
-                            coerce(name, source_field, *kind, &transformed, &mut data)?;
+                            push_key(data, name);
+                            coerce(name, source_field, *kind, &transformed, data)?;
                             continue;
                         }
                         None => (v, source_field),
                     },
                     (None, Some(d)) => {
-                        push_key(&mut data, name);
-                        coerce(name, "default", *kind, &toml_json_text(d), &mut data)?;
+                        push_key(data, name);
+                        coerce(name, "default", *kind, &toml_json_text(d), data)?;
                         continue;
                     }
                     (None, None) => continue,
                 }
             };
-            push_key(&mut data, name);
-            coerce(name, source_field, *kind, raw, &mut data)?;
+            push_key(data, name);
+            coerce(name, source_field, *kind, raw, data)?;
         }
         data.push('}');
-        let payload = Payload::from_json_str(self.domain, &data)
-            .map_err(|e| MappingError::Schema { domain: self.domain, message: e.to_string() })?;
-        if let Some(target) = payload.empty_key_field() {
-            let source_field = match (self.constants.contains_key(target), self.fields.get(target)) {
-                (true, _) => "constant".to_owned(),
-                (false, Some(f)) => f.describe(),
-                (false, None) => "default".to_owned(),
-            };
-            return Err(MappingError::EmptyKey { domain: self.domain, target, source_field });
-        }
-        if let Some((target, len)) = payload.long_key_field() {
-            return Err(MappingError::LongKey { domain: self.domain, target, len });
-        }
-        Ok((event_time, payload))
+        Ok(event_time)
     }
 
     fn event_time(&self, record: &RawRecord<'_>) -> Result<DateTime<Utc>, MappingError> {
@@ -287,18 +315,18 @@ impl MappingConfig {
         let raw = record.lookup(field).ok_or_else(|| MappingError::MissingTime { field: field.clone() })?;
         let bad =
             || MappingError::BadTime { field: field.clone(), value: raw.get().to_owned(), format: format.clone() };
-        let text = || serde_json::from_str::<String>(raw.get()).ok();
+        let text = || serde_json::from_str::<Text<'_>>(raw.get()).ok();
         match format.as_str() {
-            "rfc3339" => text().and_then(|s| DateTime::parse_from_rfc3339(&s).ok()).map(|t| t.to_utc()).ok_or_else(bad),
+            "rfc3339" => text().and_then(|s| DateTime::parse_from_rfc3339(s.as_ref()).ok()).map(|t| t.to_utc()).ok_or_else(bad),
             "unix_seconds" => number(raw.get()).and_then(|s| Utc.timestamp_opt(s, 0).single()).ok_or_else(bad),
             "unix_millis" => number(raw.get()).and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
             "unix_micros" => number(raw.get()).and_then(|us| Utc.timestamp_micros(us).single()).ok_or_else(bad),
             pattern => {
                 let s = text().ok_or_else(bad)?;
-                if let Ok(t) = DateTime::parse_from_str(&s, pattern) {
+                if let Ok(t) = DateTime::parse_from_str(s.as_ref(), pattern) {
                     return Ok(t.to_utc());
                 }
-                let local = NaiveDateTime::parse_from_str(&s, pattern).map_err(|_| bad())?;
+                let local = NaiveDateTime::parse_from_str(s.as_ref(), pattern).map_err(|_| bad())?;
                 match self.event_time.timezone.as_deref().map(str::parse::<chrono_tz::Tz>) {
                     None => Ok(local.and_utc()),
                     // Validated with the configuration.
@@ -321,31 +349,6 @@ impl MappingConfig {
 /// costs less than a hash map for the ten-odd fields of a record (it showed in profiles).
 struct RawRecord<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
 
-/// A JSON object key, borrowed unless it had escapes.
-struct Key<'a>(std::borrow::Cow<'a, str>);
-
-impl<'de> Deserialize<'de> for Key<'de> {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V;
-        impl<'de> serde::de::Visitor<'de> for V {
-            type Value = Key<'de>;
-            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-                f.write_str("a string")
-            }
-            fn visit_borrowed_str<E>(self, v: &'de str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Borrowed(v)))
-            }
-            fn visit_str<E>(self, v: &str) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(v.to_owned())))
-            }
-            fn visit_string<E>(self, v: String) -> Result<Key<'de>, E> {
-                Ok(Key(std::borrow::Cow::Owned(v)))
-            }
-        }
-        d.deserialize_str(V)
-    }
-}
-
 /// The fields of a JSON object, in order.
 struct Fields<'a>(Vec<(std::borrow::Cow<'a, str>, &'a RawValue)>);
 
@@ -359,7 +362,7 @@ impl<'de> Deserialize<'de> for Fields<'de> {
             }
             fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Fields<'de>, A::Error> {
                 let mut out = Vec::with_capacity(map.size_hint().unwrap_or(16));
-                while let Some((Key(k), v)) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                while let Some((Text(k), v)) = map.next_entry::<Text<'de>, &'de RawValue>()? {
                     out.push((k, v));
                 }
                 Ok(Fields(out))
@@ -669,6 +672,34 @@ defaults = { country = "FR" }
         let escaped = r#"{"i\u0064": "o9", "customer": {"id": 5}, "channel": "web", "currency": "EUR", "total": 1, "status": "placed", "created_at": "2026-11-27T10:00:00Z"}"#;
         let (_, payload) = m.apply_str(escaped).unwrap();
         assert!(matches!(payload, Payload::Sales(o) if o.order_id == "o9" && o.customer_id == "5"));
+    }
+
+    /// The agent's hot path (a borrowed payload written at once) writes the JSON the owned
+    /// path's event would, and refuses with the same words.
+    #[test]
+    fn the_borrowed_path_writes_what_the_owned_path_writes() {
+        let m = sales_mapping();
+        let records = [
+            r#"{"id": 1001, "customer": {"id": "c-7"}, "channel": "web", "country": null, "currency": "EUR", "total": "19.90", "status": "placed", "created_at": "2026-11-27T10:00:00+01:00", "lines": [ {"sku": "S\u00e91", "quantity": 2, "unit_price": 9.950} ]}"#,
+            r#"{"i\u0064": "o\"9\"", "customer": {"id": 5}, "channel": "w\u00e9b\n", "currency": "EUR", "total": 1e2, "status": "refunded", "created_at": "2026-11-27T10:00:00Z"}"#,
+            r#"{"id": "o1", "customer": {"id": "c"}, "channel": "web", "currency": "EUR", "total": 1, "status": "lost", "created_at": "2026-11-27T10:00:00Z"}"#,
+            r#"{"id": "  ", "customer": {"id": "c"}, "channel": "web", "currency": "EUR", "total": 1, "status": "placed", "created_at": "2026-11-27T10:00:00Z"}"#,
+            r#"{"id": "o1", "customer": {"id": "c"}, "channel": "web", "currency": "EUR", "total": 1e20, "status": "placed", "created_at": "2026-11-27T10:00:00Z"}"#,
+        ];
+        let mut data = String::new();
+        let mut written = 0;
+        for text in records {
+            let owned = m.apply_str(text).map_err(|e| e.to_string()).and_then(|(time, payload)| {
+                let event = actidash_shared::Event::new("t".into(), "a".into(), "s".into(), 4, time, payload);
+                event.check().map(|()| event.to_json()).map_err(|e| e.to_string())
+            });
+            let borrowed = m.apply_view(text, &mut data).map_err(|e| e.to_string()).and_then(|(time, payload)| {
+                actidash_shared::event::event_json("t", "a", "s", 4, &time, &payload).map_err(|e| e.to_string())
+            });
+            assert_eq!(borrowed, owned, "{text}");
+            written += usize::from(owned.is_ok());
+        }
+        assert_eq!(written, 2, "two records map, three are refused");
     }
 
     #[test]

@@ -164,18 +164,16 @@ pub(crate) enum Mapped {
 impl SourceContext {
     /// Maps one record (JSON text) of `source_id` to its spooled event numbered `seq`.
     pub(crate) fn map_record(&self, mapping: &MappingConfig, source_id: &str, seq: u64, text: &str) -> Mapped {
-        match mapping.apply_str(text) {
+        // The payload borrows from `data` and is written out at once: no event is built.
+        let mut data = String::with_capacity(text.len());
+        match mapping.apply_view(text, &mut data) {
             Ok((time, payload)) => {
                 self.newest_event_ms.fetch_max(time.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
-                let event = actidash_shared::Event::new(
-                    self.tenant.clone(),
-                    self.agent_id.clone(),
-                    source_id.to_owned(),
-                    seq,
-                    time,
-                    payload,
-                );
-                match self.seal(&event) {
+                // The gateway's own checks: what it would refuse never enters the spool.
+                let sealed = actidash_shared::event::event_json(&self.tenant, &self.agent_id, source_id, seq, &time, &payload)
+                    .map_err(|e| e.to_string())
+                    .and_then(|body| self.within_limit(body));
+                match sealed {
                     Ok(body) => Mapped::Event(body),
                     Err(reason) => Mapped::Bad(reason),
                 }
@@ -185,12 +183,9 @@ impl SourceContext {
         }
     }
 
-    /// An event as spooled: its JSON, or why it cannot be delivered (the gateway's checks fail,
-    /// or it is bigger than the gateway's limit).
-    pub(crate) fn seal(&self, event: &actidash_shared::Event) -> Result<Vec<u8>, String> {
-        // The gateway's own checks: what it would refuse never enters the spool.
-        event.check().map_err(|e| e.to_string())?;
-        let body = event.to_json();
+    /// An event's JSON as spooled, or why it cannot be delivered: it is bigger than the
+    /// gateway's limit.
+    fn within_limit(&self, body: Vec<u8>) -> Result<Vec<u8>, String> {
         let limit = self.event_limit.load(std::sync::atomic::Ordering::Relaxed);
         if body.len() as u64 > limit {
             return Err(format!(
