@@ -341,7 +341,8 @@ fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchEr
         Codec::Zstd => {
             // The frame header states the size: a payload announcing more than the limit is
             // refused before any work (a 2 KB frame can expand to 60 MiB).
-            if let Ok(Some(size)) = zstd::zstd_safe::get_frame_content_size(&batch.payload)
+            let announced = zstd::zstd_safe::get_frame_content_size(&batch.payload).ok().flatten();
+            if let Some(size) = announced
                 && size > max_decompressed as u64
             {
                 return Err(BatchError::Decompress {
@@ -349,7 +350,11 @@ fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchEr
                     reason: format!("its frame announces {size} bytes"),
                 });
             }
-            zstd::bulk::decompress(&batch.payload, max_decompressed)
+            // Room for what the frame announces (an agent's always does), not for the limit:
+            // a buffer of the limit's size per batch costs more than the decompression. A
+            // frame that holds more than it announced fails here like one beyond the limit.
+            let capacity = announced.map_or(max_decompressed, |size| size as usize);
+            zstd::bulk::decompress(&batch.payload, capacity)
                 .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
                 .into()
         }
@@ -499,9 +504,17 @@ mod tests {
     #[test]
     fn escaped_ids_are_unescaped() {
         let json = String::from_utf8(event("t", 3).to_json()).unwrap();
-        let escaped = json.replace(r#""source_id":"web""#, r#""source_id":"w\u0065b""#).replace(r#""entity_key":"v3""#, r#""entity_key":"\u00763""#);
+        let escaped = json
+            .replace(r#""source_id":"web""#, r#""source_id":"w\u0065b""#)
+            .replace(r#""entity_key":"v3""#, r#""entity_key":"\u00763""#);
         assert_ne!(escaped, json);
-        let batch = Batch { source_id: "web".into(), first_seq: 3, count: 1, codec: Codec::Plain, payload: format!("{escaped}\n").into() };
+        let batch = Batch {
+            source_id: "web".into(),
+            first_seq: 3,
+            count: 1,
+            codec: Codec::Plain,
+            payload: format!("{escaped}\n").into(),
+        };
         let unpacked = unpack(&batch, "a1", "t", 1 << 20).unwrap();
         assert_eq!((&unpacked[0].source_id[..], &unpacked[0].entity_key[..]), (&b"web"[..], &b"v3"[..]));
         assert_eq!(unpacked[0].event().unwrap(), event("t", 3));

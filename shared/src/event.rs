@@ -238,7 +238,6 @@ impl Payload {
             Domain::Inventory => Payload::Inventory(serde_json::from_str(data)?),
         })
     }
-
 }
 
 impl<S: AsRef<str>> Payload<S> {
@@ -760,7 +759,14 @@ mod tests {
                 }),
                 _ => Payload::Inventory(InventoryLevel { sku: "S-1".into(), warehouse: "W@2".into(), on_hand: 12 }),
             };
-            Event::new("acme".into(), "agent-1".into(), "orders".into(), 7, "2026-11-27T10:00:00Z".parse().unwrap(), payload)
+            Event::new(
+                "acme".into(),
+                "agent-1".into(),
+                "orders".into(),
+                7,
+                "2026-11-27T10:00:00Z".parse().unwrap(),
+                payload,
+            )
         }
 
         fn awkward() -> impl Strategy<Value = serde_json::Value> {
@@ -828,9 +834,11 @@ mod tests {
         assert_eq!(inv.empty_key_field(), None);
         let blank: Payload = Payload::Inventory(InventoryLevel { sku: " ".into(), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(blank.empty_key_field(), Some("sku"));
-        let long: Payload = Payload::Inventory(InventoryLevel { sku: "S".repeat(1020), warehouse: "W1".into(), on_hand: 3 });
+        let long: Payload =
+            Payload::Inventory(InventoryLevel { sku: "S".repeat(1020), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(long.long_key_field(), None, "1 023 bytes is within the limit");
-        let longer: Payload = Payload::Inventory(InventoryLevel { sku: "S".repeat(1022), warehouse: "W1".into(), on_hand: 3 });
+        let longer: Payload =
+            Payload::Inventory(InventoryLevel { sku: "S".repeat(1022), warehouse: "W1".into(), on_hand: 3 });
         assert_eq!(longer.long_key_field(), Some(("sku and warehouse", 1025)));
         assert!(Domain::ALL.iter().enumerate().all(|(i, d)| *d as usize == i));
         assert_eq!("behavior".parse::<Domain>().unwrap(), Domain::Behavior);
@@ -871,7 +879,9 @@ mod tests {
             .check_bounds()
             .is_err()
         );
-        let stock = |on_hand| -> Payload { Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand }) };
+        let stock = |on_hand| -> Payload {
+            Payload::Inventory(InventoryLevel { sku: "S".into(), warehouse: "W".into(), on_hand })
+        };
         assert!(stock(MAX_STOCK).check_bounds().is_ok());
         assert!(stock(i64::MIN).check_bounds().is_err());
     }

@@ -41,6 +41,12 @@ enum Bench {
         #[arg(long, default_value_t = 200_000)]
         events: usize,
     },
+    /// The cost per event of each in-process hop of P2 (map, pack, unpack and check, decode),
+    /// one thread, best of seven spells: where the time goes, steadier than an end-to-end rate.
+    Hops {
+        #[arg(long, default_value_t = 2_000)]
+        events: usize,
+    },
     /// P2 (and P8's drain rate): file -> spool -> QUIC -> gateway -> Kafka, beside raw
     /// librdkafka produce of the same events. Needs ACTIDASH_KAFKA_BOOTSTRAP.
     Pipeline {
@@ -102,6 +108,7 @@ fn main() -> anyhow::Result<()> {
     let dir = std::fs::canonicalize(&args.dir)?;
     match args.bench {
         Bench::Spool { events } => bench_spool(&dir.join("spool"), events),
+        Bench::Hops { events } => bench_hops(events),
         Bench::Pipeline { events, rounds } => bench_pipeline(&dir.join("pipeline"), events, rounds),
         Bench::Backlog { events } => bench_backlog(&dir.join("backlog"), events),
         Bench::Footprint { rate, seconds, rounds } => bench_footprint(&dir.join("footprint"), rate, seconds, rounds),
@@ -280,6 +287,105 @@ fn spread(v: &[f64]) -> String {
     let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
     let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     format!("{:.0} ({lo:.0}–{hi:.0})", median(v.to_vec()))
+}
+
+/// The hops of P2 that run in one thread of one process, each timed on the same `n` order
+/// events (batches of `n`, as the agent packs them).
+fn bench_hops(n: usize) -> anyhow::Result<()> {
+    use actidash_shared::batch;
+    use actidash_shared::event::{EventView, event_json};
+    use actidash_shared::wire::{Batch, Codec};
+    let mapping = order_mapping()?;
+    let lines = order_lines(n, 2);
+    let mut data = String::new();
+    let mut jsons = Vec::with_capacity(n);
+    for (seq, line) in lines.iter().enumerate() {
+        let (time, payload) = mapping.apply_view(&line.text, &mut data)?;
+        jsons.push(event_json("acme", "bench", "orders", seq as u64, &time, &payload)?);
+    }
+    let payload = batch::pack(jsons.iter().map(Vec::as_slice), Codec::Zstd);
+    let packed = Batch {
+        source_id: "orders".into(),
+        first_seq: 0,
+        count: n as u32,
+        codec: Codec::Zstd,
+        payload: payload.clone().into(),
+    };
+    // Nanoseconds per event of `f` over all `n` events: the best of seven spells (the fastest
+    // is the one the machine disturbed least).
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?;
+        let mut best = f64::MAX;
+        for _ in 0..7 {
+            let started = Instant::now();
+            for _ in 0..20 {
+                f()?;
+            }
+            best = best.min(started.elapsed().as_nanos() as f64 / (20 * n) as f64);
+        }
+        Ok(best)
+    };
+    let mut rows: Vec<(&str, f64)> = Vec::new();
+    rows.push((
+        "agent: map a record (read its JSON, assemble and check the payload, write the event)",
+        time(&mut || {
+            for (seq, line) in lines.iter().enumerate() {
+                let (time, payload) = mapping.apply_view(&line.text, &mut data)?;
+                std::hint::black_box(event_json("acme", "bench", "orders", seq as u64, &time, &payload)?);
+            }
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "agent: pack a batch (zstd level 1)",
+        time(&mut || {
+            std::hint::black_box(batch::pack(jsons.iter().map(Vec::as_slice), Codec::Zstd));
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gateway: unpack a batch (decompress, check every event, borrowing)",
+        time(&mut || {
+            let unpacked = batch::unpack_each(&packed, "bench", "acme", 64 << 20, 1 << 20)?;
+            anyhow::ensure!(unpacked.events.len() == n, "{} events unpacked of {n}", unpacked.events.len());
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "gateway: check an event alone (EventView::parse)",
+        time(&mut || {
+            for json in &jsons {
+                std::hint::black_box(EventView::parse(json)?);
+            }
+            Ok(())
+        })?,
+    ));
+    rows.push((
+        "processor: decode an event whole (Event::from_json, owned)",
+        time(&mut || {
+            for json in &jsons {
+                std::hint::black_box(Event::from_json(json)?);
+            }
+            Ok(())
+        })?,
+    ));
+    println!(
+        "### Hops of P2 in one thread ({n} order events of {} bytes, {} as JSON events; best of 7 spells)\n",
+        mean_len(&lines),
+        jsons.iter().map(Vec::len).sum::<usize>() / n.max(1)
+    );
+    println!("| hop | ns/event |");
+    println!("|---|---:|");
+    for (hop, ns) in rows {
+        println!("| {hop} | {ns:.0} |");
+    }
+    println!(
+        "\nzstd: {} bytes of events packed into {} ({:.1}x).\n",
+        jsons.iter().map(|j| j.len() + 1).sum::<usize>(),
+        payload.len(),
+        jsons.iter().map(|j| j.len() + 1).sum::<usize>() as f64 / payload.len() as f64
+    );
+    Ok(())
 }
 
 /// [`spread`] to a tenth.
@@ -485,7 +591,9 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
         );
     }
     let sum: Vec<f64> = agent_cpu.iter().zip(&gateway_cpu).map(|(a, g)| a + g).collect();
-    println!("CPU time per event, every thread of the process (the broker's not counted), µs, median (lowest–highest):\n");
+    println!(
+        "CPU time per event, every thread of the process (the broker's not counted), µs, median (lowest–highest):\n"
+    );
     println!("| process | µs/event |");
     println!("|---|---:|");
     println!("| raw produce (the bench process: JSON, key, headers, librdkafka) | {} |", spread1(&raw_cpu));
