@@ -13,10 +13,10 @@ use cloud_aggregator::config::KafkaConfig;
 use cloud_aggregator::gateway::sink::Sink;
 use rdkafka::ClientConfig;
 use rdkafka::Message as _;
-use rdkafka::message::Headers as _;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::message::Headers as _;
 
 fn config(bootstrap: &str, prefix: &str, partitions: i32) -> KafkaConfig {
     toml::from_str(&format!(

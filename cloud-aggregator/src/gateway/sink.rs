@@ -198,7 +198,10 @@ impl Sink {
                         .insert(Header { key: kafka::HEADER_AGENT_ID, value: Some(&event.agent_id[..]) })
                         .insert(Header { key: kafka::HEADER_SOURCE_ID, value: Some(&event.source_id[..]) })
                         .insert(Header { key: kafka::HEADER_SEQ, value: Some(seq.format(event.seq)) })
-                        .insert(Header { key: kafka::HEADER_SCHEMA_VERSION, value: Some(version.format(event.schema_version)) });
+                        .insert(Header {
+                            key: kafka::HEADER_SCHEMA_VERSION,
+                            value: Some(version.format(event.schema_version)),
+                        });
                     // The partition is the key's, computed here: never librdkafka's choice,
                     // which could differ for an empty key or under stale metadata.
                     let mut record = BaseRecord::with_opaque_to(topic, batch.clone())

@@ -170,9 +170,10 @@ impl SourceContext {
             Ok((time, payload)) => {
                 self.newest_event_ms.fetch_max(time.timestamp_millis(), std::sync::atomic::Ordering::Relaxed);
                 // The gateway's own checks: what it would refuse never enters the spool.
-                let sealed = actidash_shared::event::event_json(&self.tenant, &self.agent_id, source_id, seq, &time, &payload)
-                    .map_err(|e| e.to_string())
-                    .and_then(|body| self.within_limit(body));
+                let sealed =
+                    actidash_shared::event::event_json(&self.tenant, &self.agent_id, source_id, seq, &time, &payload)
+                        .map_err(|e| e.to_string())
+                        .and_then(|body| self.within_limit(body));
                 match sealed {
                     Ok(body) => Mapped::Event(body),
                     Err(reason) => Mapped::Bad(reason),
