@@ -36,6 +36,7 @@ tmp=$(mktemp)
   echo "A 2-core machine is noisy: runs differ by 10-20 %; where a bench runs rounds, it gives the median and the lowest and highest."
   echo "Settings: release build (profile in Cargo.toml), the agent and gateway with their default configuration unless a table says otherwise."
   echo
+  "$bench" --dir "$work" hops
   "$bench" --dir "$work" spool
   "$bench" --dir "$work" pipeline --rounds 3
   "$bench" --dir "$work" backlog --events 1000000
