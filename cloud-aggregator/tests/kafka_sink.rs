@@ -44,7 +44,7 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
                 o.order_id = format!("order-{seq}-{}", seq * 7919);
             }
             e.entity_key = e.payload.entity_key();
-            Unpacked::of(&e)
+            Unpacked::of(&e).unwrap()
         })
         .collect();
     let keys: Vec<String> = events.iter().map(|u| String::from_utf8(u.entity_key.to_vec()).unwrap()).collect();

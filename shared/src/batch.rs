@@ -193,11 +193,11 @@ impl Unpacked {
         }
     }
 
-    /// An event as a gateway unpacks it (for tests and tools).
-    pub fn of(event: &Event) -> Unpacked {
+    /// An event as a gateway unpacks it (for tests and tools), or why the gateway would refuse it.
+    pub fn of(event: &Event) -> Result<Unpacked, EventError> {
         let json = Bytes::from(event.to_json());
-        let view = EventView::parse(&json).expect("an event's canonical JSON reads back");
-        Unpacked::new(&view, &json)
+        let view = EventView::parse(&json)?;
+        Ok(Unpacked::new(&view, &json))
     }
 
     /// The whole typed event (a second parse: only where the event is processed, not forwarded).

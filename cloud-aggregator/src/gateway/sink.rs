@@ -499,7 +499,7 @@ mod tests {
                     "1",
                     OrderStatus::Placed,
                 );
-                Unpacked::of(&e)
+                Unpacked::of(&e).unwrap()
             })
             .collect()
     }
