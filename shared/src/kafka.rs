@@ -5,19 +5,17 @@
 //! * partition: [`partition_for`] of the key over the topic's pinned partition count — the
 //!   same as Kafka's Java clients' default partitioner (murmur2), so other tools co-partition,
 //!   and a pure function of the key: a re-sent event lands where it landed the first time;
-//! * value: the event's canonical JSON ([`Event::to_json`]);
+//! * value: the event's canonical JSON ([`Event::to_json`](crate::event::Event::to_json));
 //! * headers: [`HEADER_AGENT_ID`], [`HEADER_SOURCE_ID`], [`HEADER_SEQ`] (decimal text) and
 //!   [`HEADER_SCHEMA_VERSION`] (decimal text), so that a consumer can route or de-duplicate
 //!   without parsing the value.
 //!
 //! Agent heartbeats go to `{prefix}.fleet`, keyed by agent id, as [`FleetRecord`] JSON.
 
-use std::borrow::Cow;
-
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-use crate::event::{Domain, Event};
+use crate::event::Domain;
 use crate::wire::Heartbeat;
 
 pub const HEADER_AGENT_ID: &str = "actidash-agent-id";
@@ -69,13 +67,27 @@ pub fn fleet_topic(prefix: &str) -> String {
     format!("{prefix}.fleet")
 }
 
-/// The headers of an event's record, in order (the ids borrowed from the event).
-pub fn headers(event: &Event) -> [(&'static str, Cow<'_, str>); 4] {
+/// Room for the decimal text of a record's numeric headers (no allocation per record).
+#[derive(Default)]
+pub struct HeaderText {
+    seq: itoa::Buffer,
+    schema_version: itoa::Buffer,
+}
+
+/// The headers of an event's record, in order: its ids as given, its numbers as decimal text
+/// written into `text`.
+pub fn headers<'a>(
+    agent_id: &'a [u8],
+    source_id: &'a [u8],
+    seq: u64,
+    schema_version: u16,
+    text: &'a mut HeaderText,
+) -> [(&'static str, &'a [u8]); 4] {
     [
-        (HEADER_AGENT_ID, Cow::Borrowed(event.agent_id.as_str())),
-        (HEADER_SOURCE_ID, Cow::Borrowed(event.source_id.as_str())),
-        (HEADER_SEQ, Cow::Owned(event.seq.to_string())),
-        (HEADER_SCHEMA_VERSION, Cow::Owned(event.schema_version.to_string())),
+        (HEADER_AGENT_ID, agent_id),
+        (HEADER_SOURCE_ID, source_id),
+        (HEADER_SEQ, text.seq.format(seq).as_bytes()),
+        (HEADER_SCHEMA_VERSION, text.schema_version.format(schema_version).as_bytes()),
     ]
 }
 

@@ -193,15 +193,13 @@ impl Sink {
                 });
                 for event in &events {
                     let topic = &topics[event.domain as usize];
-                    let (mut seq, mut version) = (itoa::Buffer::new(), itoa::Buffer::new());
-                    let headers = OwnedHeaders::new_with_capacity(4)
-                        .insert(Header { key: kafka::HEADER_AGENT_ID, value: Some(&event.agent_id[..]) })
-                        .insert(Header { key: kafka::HEADER_SOURCE_ID, value: Some(&event.source_id[..]) })
-                        .insert(Header { key: kafka::HEADER_SEQ, value: Some(seq.format(event.seq)) })
-                        .insert(Header {
-                            key: kafka::HEADER_SCHEMA_VERSION,
-                            value: Some(version.format(event.schema_version)),
-                        });
+                    let mut text = kafka::HeaderText::default();
+                    let mut headers = OwnedHeaders::new_with_capacity(4);
+                    for (key, value) in
+                        kafka::headers(&event.agent_id, &event.source_id, event.seq, event.schema_version, &mut text)
+                    {
+                        headers = headers.insert(Header { key, value: Some(value) });
+                    }
                     // The partition is the key's, computed here: never librdkafka's choice,
                     // which could differ for an empty key or under stale metadata.
                     let mut record = BaseRecord::with_opaque_to(topic, batch.clone())

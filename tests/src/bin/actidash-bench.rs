@@ -1021,8 +1021,12 @@ fn raw_produce(producer: &ThreadedProducer<CountFailures>, topic: &str, events: 
     for event in events {
         let value = event.to_json();
         let mut headers = OwnedHeaders::new_with_capacity(4);
-        for (key, v) in actidash_shared::kafka::headers(event) {
-            headers = headers.insert(Header { key, value: Some(v.as_bytes()) });
+        let mut text = actidash_shared::kafka::HeaderText::default();
+        let (agent_id, source_id) = (event.agent_id.as_bytes(), event.source_id.as_bytes());
+        for (key, value) in
+            actidash_shared::kafka::headers(agent_id, source_id, event.seq, event.schema_version, &mut text)
+        {
+            headers = headers.insert(Header { key, value: Some(value) });
         }
         let mut record = BaseRecord::to(topic).key(&event.entity_key).payload(&value).headers(headers);
         loop {
