@@ -123,7 +123,9 @@ pub async fn run_with(
             ..SourceStatus::default()
         }));
         statuses.push(status.clone());
-        let spool = Spool::open_with(&spool_path, config.spool)?;
+        let mut spool = Spool::open_with(&spool_path, config.spool)?;
+        // Blocks the size of the shipper's batches: it sends each as it is spooled.
+        spool.set_block_limits(config.shipper.max_batch_events as usize, u64::from(config.shipper.max_batch_bytes));
         let ctx = sources::SourceContext {
             tenant: config.tenant.clone(),
             agent_id: config.agent_id.clone(),

@@ -326,6 +326,19 @@ fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<(Vec<Bytes>, usize
     Ok((lines, bytes.len()))
 }
 
+/// What the zstd frames of `payload` (one or several, one after another) announce they hold
+/// together; None if a frame states no size or does not parse (decompressing then bounds it).
+fn announced_size(mut payload: &[u8]) -> Option<u64> {
+    let mut total = 0u64;
+    while !payload.is_empty() {
+        let size = zstd::zstd_safe::get_frame_content_size(payload).ok().flatten()?;
+        let len = zstd::zstd_safe::find_frame_compressed_size(payload).ok()?;
+        total = total.checked_add(size)?;
+        payload = payload.get(len.max(1)..)?;
+    }
+    Some(total)
+}
+
 /// A batch's payload as JSON lines, at most `max_decompressed` bytes.
 fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchError> {
     Ok(match batch.codec {
@@ -339,20 +352,21 @@ fn decompressed(batch: &Batch, max_decompressed: usize) -> Result<Bytes, BatchEr
             batch.payload.clone()
         }
         Codec::Zstd => {
-            // The frame header states the size: a payload announcing more than the limit is
-            // refused before any work (a 2 KB frame can expand to 60 MiB).
-            let announced = zstd::zstd_safe::get_frame_content_size(&batch.payload).ok().flatten();
+            // The frame headers state the size: a payload announcing more than the limit is
+            // refused before any work (a 2 KB frame can expand to 60 MiB). A payload may be
+            // several frames one after another (an agent's spooled blocks); their sizes add up.
+            let announced = announced_size(&batch.payload);
             if let Some(size) = announced
                 && size > max_decompressed as u64
             {
                 return Err(BatchError::Decompress {
                     limit: max_decompressed,
-                    reason: format!("its frame announces {size} bytes"),
+                    reason: format!("its frames announce {size} bytes"),
                 });
             }
-            // Room for what the frame announces (an agent's always does), not for the limit:
-            // a buffer of the limit's size per batch costs more than the decompression. A
-            // frame that holds more than it announced fails here like one beyond the limit.
+            // Room for what the frames announce (an agent's always do), not for the limit: a
+            // buffer of the limit's size per batch costs more than the decompression. A frame
+            // that holds more than it announced fails here like one beyond the limit.
             let capacity = announced.map_or(max_decompressed, |size| size as usize);
             zstd::bulk::decompress(&batch.payload, capacity)
                 .map_err(|e| BatchError::Decompress { limit: max_decompressed, reason: e.to_string() })?
@@ -500,6 +514,24 @@ mod tests {
         }
     }
 
+    /// A payload of several zstd frames one after another (an agent's spooled blocks, sent as
+    /// they are) reads as one, and their announced sizes add up against the limit.
+    #[test]
+    fn frames_one_after_another_read_as_one_payload() {
+        let events: Vec<Event> = (10..20).map(|s| event("t", s)).collect();
+        let json: Vec<Vec<u8>> = events.iter().map(Event::to_json).collect();
+        let mut payload = pack(json[..3].iter().map(Vec::as_slice), Codec::Zstd);
+        payload.extend(pack(json[3..].iter().map(Vec::as_slice), Codec::Zstd));
+        let batch =
+            Batch { source_id: "web".into(), first_seq: 10, count: 10, codec: Codec::Zstd, payload: payload.into() };
+        let unpacked = unpack(&batch, "a1", "t", 1 << 20).unwrap();
+        assert_eq!(unpacked.iter().map(|u| u.event().unwrap()).collect::<Vec<_>>(), events);
+        let total: usize = json.iter().map(|j| j.len() + 1).sum();
+        let err = unpack(&batch, "a1", "t", total - 1).unwrap_err();
+        assert!(err.to_string().contains(&format!("its frames announce {total} bytes")), "{err}");
+        assert!(unpack(&batch, "a1", "t", total).is_ok());
+    }
+
     /// Ids the sender escaped are read as what they mean (they cannot be slices of the JSON).
     #[test]
     fn escaped_ids_are_unescaped() {
@@ -548,7 +580,7 @@ mod tests {
         let batch = Batch { source_id: "web".into(), first_seq: 0, count: 1, codec: Codec::Zstd, payload: bomb.into() };
         let err = unpack(&batch, "a1", "t", 4096).unwrap_err();
         // Refused from the frame's header, before decompressing.
-        assert!(err.to_string().contains("its frame announces 1048576 bytes"), "{err}");
+        assert!(err.to_string().contains("its frames announce 1048576 bytes"), "{err}");
         assert_eq!(err.refusal_kind(), RefusalKind::InvalidBatch);
         // A frame without a stated size is bounded while it decompresses.
         let mut streamed = Vec::new();

@@ -431,6 +431,7 @@ impl ServerSession {
                 heartbeat_interval_ms: self.limits.heartbeat_interval.as_millis() as u64,
                 max_event_bytes: self.limits.max_event_bytes,
                 schema_versions: (self.limits.schema_versions.0..=self.limits.schema_versions.1).collect(),
+                zstd_frames: true,
             }));
         }
     }
@@ -712,6 +713,7 @@ mod tests {
                     heartbeat_interval_ms: 5_000,
                     max_event_bytes: None,
                     schema_versions: vec![crate::event::SCHEMA_VERSION],
+                    zstd_frames: true,
                 }),
                 Duration::ZERO,
             )

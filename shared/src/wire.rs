@@ -200,6 +200,11 @@ pub struct Welcome {
     /// (an older gateway): version 1 only.
     #[serde(default = "legacy_schema_versions")]
     pub schema_versions: Vec<u16>,
+    /// The gateway reads a zstd payload made of several frames one after another (what the
+    /// agent's spooled blocks are, sent as they are). Absent (an older gateway): one frame only,
+    /// and the agent packs each batch whole.
+    #[serde(default)]
+    pub zstd_frames: bool,
 }
 
 fn legacy_schema_versions() -> Vec<u16> {
@@ -618,6 +623,7 @@ mod tests {
                     heartbeat_interval_ms: d,
                     max_event_bytes: (a % 2 == 0).then_some(b),
                     schema_versions: vec![1, (c % 5) as u16],
+                    zstd_frames: d % 2 == 0,
                 })
             }),
             (arb_text(), 0..u64::MAX / 2, 1..u32::MAX, any::<bool>(), proptest::collection::vec(any::<u8>(), 0..300))

@@ -38,7 +38,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use actidash_shared::batch::RefusalKind;
+use actidash_shared::batch::{Packer, RefusalKind};
+use actidash_shared::wire::Codec;
 
 use rusqlite::{Connection, ErrorCode, OptionalExtension, TransactionBehavior, params};
 use serde::Deserialize;
@@ -47,6 +48,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_refused.sql"),
     include_str!("../../migrations/0003_refusal_kinds.sql"),
+    include_str!("../../migrations/0004_blocks.sql"),
 ];
 
 /// What to do when the spool is full.
@@ -210,6 +212,10 @@ pub struct Spool {
     path: PathBuf,
     conn: Connection,
     config: SpoolConfig,
+    /// Packs blocks (appends, and what a partial removal keeps).
+    packer: Packer,
+    block_events: usize,
+    block_bytes: u64,
 }
 
 impl std::fmt::Debug for Spool {
@@ -218,9 +224,18 @@ impl std::fmt::Debug for Spool {
     }
 }
 
-/// Copies the readable events of source `no` from a damaged database into `tx`; returns
-/// (saved, lost, bytes saved). Rows are read by range; where a damaged page stops the scan, the
-/// scan probes forward with a doubling step, and the seqs it skips over count as lost.
+/// The row columns of a spool of any version (rows before version 4 hold one event each).
+fn salvage_columns(old: &Connection) -> &'static str {
+    if old.prepare("SELECT n, packed, raw_bytes, max_len FROM events LIMIT 0").is_ok() {
+        "n, packed, raw_bytes, max_len"
+    } else {
+        "1, 0, length(body), length(body)"
+    }
+}
+
+/// Copies the readable rows of source `no` from a damaged database into `tx`; returns (events
+/// saved, events lost, bytes saved). Rows are read by range; where a damaged page stops the
+/// scan, the scan probes forward with a doubling step, and the seqs it skips over count as lost.
 fn salvage_source(
     old: &Connection,
     tx: &rusqlite::Transaction<'_>,
@@ -230,9 +245,11 @@ fn salvage_source(
     let end = event_key(no, next_seq);
     let (mut saved, mut lost, mut bytes) = (0u64, 0u64, 0i64);
     let mut cursor = event_key(no, 0) - 1; // last key handled
-    let mut insert = tx.prepare_cached("INSERT INTO events (key, body, crc, spooled_at) VALUES (?1, ?2, ?3, ?4)")?;
-    let mut stmt =
-        old.prepare("SELECT key, body, crc, spooled_at FROM events WHERE key > ?1 AND key < ?2 ORDER BY key")?;
+    let mut handled_end = event_key(no, 0); // the key after the last event handled
+    let mut stmt = old.prepare(&format!(
+        "SELECT key, body, crc, spooled_at, {} FROM events WHERE key > ?1 AND key < ?2 ORDER BY key",
+        salvage_columns(old)
+    ))?;
     let mut step = 1i64;
     let mut damaged_since: Option<i64> = None;
     while cursor < end - 1 {
@@ -241,19 +258,28 @@ fn salvage_source(
             let mut rows = stmt.query(params![cursor, end])?;
             while let Some(row) = rows.next()? {
                 let key: i64 = row.get(0)?;
-                let body: Vec<u8> = row.get(1)?;
+                let block = SpooledBlock {
+                    first_seq: seq_of(key),
+                    n: row.get::<_, i64>(4)? as u64,
+                    raw_bytes: row.get::<_, i64>(6)? as u64,
+                    max_len: row.get::<_, i64>(7)? as u64,
+                    body: row.get(1)?,
+                    packed: row.get::<_, i64>(5)? != 0,
+                    spooled_at: row.get(3)?,
+                };
                 let crc: i64 = row.get(2)?;
                 if let Some(from) = damaged_since.take() {
-                    lost += (key - from - 1).max(0) as u64;
+                    lost += (key - from).max(0) as u64;
                 }
-                if i64::from(crc32fast::hash(&body)) == crc {
-                    insert.execute(params![key, body, crc, row.get::<_, i64>(3)?])?;
-                    saved += 1;
-                    bytes += body.len() as i64;
+                if i64::from(crc32fast::hash(&block.body)) == crc {
+                    insert_block(tx, no, &block)?;
+                    saved += block.n;
+                    bytes += block.raw_bytes as i64;
                 } else {
-                    lost += 1;
+                    lost += block.n;
                 }
                 cursor = key;
+                handled_end = key + block.n as i64;
                 progressed = true;
             }
             Ok(())
@@ -265,7 +291,7 @@ fn salvage_source(
                 if progressed {
                     step = 1;
                 }
-                damaged_since.get_or_insert(cursor);
+                damaged_since.get_or_insert(handled_end);
                 cursor = cursor.saturating_add(step).min(end - 1);
                 step = step.saturating_mul(2);
             }
@@ -274,7 +300,7 @@ fn salvage_source(
     if let Some(from) = damaged_since {
         // The damage ran to the end: everything after the last readable row up to next_seq
         // that is not found is lost.
-        lost += (end - from - 1).max(0) as u64;
+        lost += (end - from).max(0) as u64;
     }
     Ok((saved, lost, bytes))
 }
@@ -282,18 +308,12 @@ fn salvage_source(
 /// Bits of an event's key that hold its seq; the bits above hold its source's number.
 const SEQ_BITS: u32 = 40;
 
+/// The most events and bytes of events' JSON a block holds unless set otherwise
+/// ([`Spool::set_block_limits`]): the shipper's default batch, so that a block is sent as it is.
+pub const DEFAULT_BLOCK_EVENTS: usize = 2_000;
+pub const DEFAULT_BLOCK_BYTES: u64 = 2 * 1024 * 1024;
+
 /// The key of event `seq` of source number `source_no`.
-/// Events inserted by one statement run.
-const INSERT_CHUNK: usize = 64;
-
-/// `INSERT … VALUES (?,?,?,?), (?,?,?,?), …` for INSERT_CHUNK rows.
-static INSERT_CHUNK_SQL: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let rows: Vec<String> = (0..INSERT_CHUNK)
-        .map(|i| format!("(?{}, ?{}, ?{}, ?{})", i * 4 + 1, i * 4 + 2, i * 4 + 3, i * 4 + 4))
-        .collect();
-    format!("INSERT INTO events (key, body, crc, spooled_at) VALUES {}", rows.join(", "))
-});
-
 fn event_key(source_no: i64, seq: u64) -> i64 {
     (source_no << SEQ_BITS) | (seq as i64 & ((1 << SEQ_BITS) - 1))
 }
@@ -311,6 +331,234 @@ fn source_no(conn: &Connection, source_id: &str) -> rusqlite::Result<Option<i64>
 
 fn now_ms() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+/// One row of the spool: events `first_seq .. first_seq + n` of one source (consecutive seqs).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpooledBlock {
+    pub first_seq: u64,
+    pub n: u64,
+    /// Bytes of the events' JSON (what the spool's and a batch's byte limits count).
+    pub raw_bytes: u64,
+    /// Bytes of the block's largest event.
+    pub max_len: u64,
+    /// A zstd frame of the events' JSON lines (a [`Codec::Zstd`] batch payload), or, in a row
+    /// spooled before schema version 4, one event's JSON.
+    body: Vec<u8>,
+    packed: bool,
+    spooled_at: i64,
+}
+
+impl SpooledBlock {
+    /// The seq after the block's last event.
+    pub fn end_seq(&self) -> u64 {
+        self.first_seq + self.n
+    }
+
+    /// The block as a zstd batch payload, without packing it again where it is one already.
+    pub fn payload(&self) -> Option<&[u8]> {
+        self.packed.then_some(self.body.as_slice())
+    }
+
+    /// The block's events with their seqs. Err names what is wrong with a block that does not
+    /// unpack into its `n` events (a checksum that matches makes this a bug, not damage).
+    pub fn events(&self) -> Result<Vec<(u64, Vec<u8>)>, String> {
+        if !self.packed {
+            return Ok(vec![(self.first_seq, self.body.clone())]);
+        }
+        let plain = zstd::bulk::decompress(&self.body, (self.raw_bytes + self.n) as usize)
+            .map_err(|e| format!("block does not decompress: {e}"))?;
+        let lines = plain.strip_suffix(b"\n").unwrap_or(&plain);
+        let events: Vec<(u64, Vec<u8>)> =
+            lines.split(|b| *b == b'\n').enumerate().map(|(i, l)| (self.first_seq + i as u64, l.to_vec())).collect();
+        if plain.is_empty() || events.len() as u64 != self.n {
+            return Err(format!("block holds {} events, its row says {}", events.len(), self.n));
+        }
+        Ok(events)
+    }
+}
+
+/// The columns of [`row_of`], then the rest of the statement.
+macro_rules! select_rows {
+    ($rest:literal) => {
+        concat!("SELECT key, body, crc, n, packed, raw_bytes, max_len, spooled_at FROM events ", $rest)
+    };
+}
+
+/// (key, crc, block) of a row selected by [`select_rows`].
+fn row_of(r: &rusqlite::Row<'_>) -> rusqlite::Result<(i64, i64, SpooledBlock)> {
+    let key: i64 = r.get(0)?;
+    Ok((
+        key,
+        r.get(2)?,
+        SpooledBlock {
+            first_seq: seq_of(key),
+            n: r.get::<_, i64>(3)? as u64,
+            raw_bytes: r.get::<_, i64>(5)? as u64,
+            max_len: r.get::<_, i64>(6)? as u64,
+            body: r.get(1)?,
+            packed: r.get::<_, i64>(4)? != 0,
+            spooled_at: r.get(7)?,
+        },
+    ))
+}
+
+/// Packs events `seq, seq + 1, …` into a row.
+fn pack_block(packer: &mut Packer, first_seq: u64, events: &[&[u8]], spooled_at: i64) -> SpooledBlock {
+    SpooledBlock {
+        first_seq,
+        n: events.len() as u64,
+        raw_bytes: events.iter().map(|e| e.len() as u64).sum(),
+        max_len: events.iter().map(|e| e.len() as u64).max().unwrap_or(0),
+        body: packer.pack(events.iter().copied(), Codec::Zstd),
+        packed: true,
+        spooled_at,
+    }
+}
+
+fn insert_block(tx: &Connection, no: i64, block: &SpooledBlock) -> rusqlite::Result<()> {
+    tx.prepare_cached(
+        "INSERT INTO events (key, body, crc, spooled_at, n, packed, raw_bytes, max_len) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+    )?
+    .execute(params![
+        event_key(no, block.first_seq),
+        block.body,
+        crc32fast::hash(&block.body),
+        block.spooled_at,
+        block.n as i64,
+        i64::from(block.packed),
+        block.raw_bytes as i64,
+        block.max_len as i64,
+    ])?;
+    Ok(())
+}
+
+/// The key rows of source `no` holding seq `from_seq` or later start at: the key of the row
+/// holding `from_seq` if one does (a block that begins before it), else `from_seq`'s.
+fn start_key(conn: &Connection, no: i64, from_seq: u64) -> rusqlite::Result<i64> {
+    let at = event_key(no, from_seq);
+    let holding: Option<(i64, i64)> = conn
+        .prepare_cached("SELECT key, n FROM events WHERE key >= ?1 AND key <= ?2 ORDER BY key DESC LIMIT 1")?
+        .query_row(params![event_key(no, 0), at], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()?;
+    Ok(match holding {
+        Some((key, n)) if key + n > at => key,
+        _ => at,
+    })
+}
+
+/// What a [`Spool::scan`] does after a block.
+enum Step {
+    Next,
+    Stop,
+    /// The block is damaged (why): quarantine it and go on.
+    Damaged(SpooledBlock, String),
+}
+
+/// What [`remove_events`] took out of the spool.
+#[derive(Default)]
+struct Removed {
+    n: u64,
+    bytes: u64,
+    /// (seq, JSON) of the removed events, when asked for.
+    events: Vec<(u64, Vec<u8>)>,
+}
+
+/// Removes the events of source `no` with seqs in `from .. to` (those `pick` names, or all)
+/// from the spool, keeping the running totals. A block partly inside is unpacked and the events
+/// it keeps are packed again, one row per run of consecutive seqs. A row that fails its checksum
+/// or does not unpack is quarantined whole (counted for `source_id`).
+fn remove_events(
+    tx: &Connection,
+    packer: &mut Packer,
+    source_id: &str,
+    (no, from, to): (i64, u64, u64),
+    pick: Option<&dyn Fn(u64) -> bool>,
+    want_bodies: bool,
+) -> rusqlite::Result<Removed> {
+    let mut removed = Removed::default();
+    if from >= to {
+        return Ok(removed);
+    }
+    let rows: Vec<(i64, i64, SpooledBlock)> = tx
+        .prepare_cached(select_rows!("WHERE key >= ?1 AND key < ?2 ORDER BY key"))?
+        .query_map(params![start_key(tx, no, from)?, event_key(no, to)], row_of)?
+        .collect::<rusqlite::Result<_>>()?;
+    let (mut quarantined_n, mut quarantined_bytes) = (0u64, 0u64);
+    for (key, crc, block) in rows {
+        let whole = pick.is_none() && block.first_seq >= from && block.end_seq() <= to;
+        if whole && !want_bodies {
+            tx.prepare_cached("DELETE FROM events WHERE key = ?1")?.execute(params![key])?;
+            removed.n += block.n;
+            removed.bytes += block.raw_bytes;
+            continue;
+        }
+        let events = if i64::from(crc32fast::hash(&block.body)) == crc {
+            block.events()
+        } else {
+            Err("checksum mismatch".to_owned())
+        };
+        let events = match events {
+            Ok(events) => events,
+            Err(reason) => {
+                quarantine_block(tx, source_id, key, &block, &reason)?;
+                quarantined_n += block.n;
+                quarantined_bytes += block.raw_bytes;
+                continue;
+            }
+        };
+        tx.prepare_cached("DELETE FROM events WHERE key = ?1")?.execute(params![key])?;
+        let mut run: Vec<&[u8]> = Vec::new();
+        let mut run_first = 0;
+        for (seq, body) in &events {
+            let goes = (from..to).contains(seq) && pick.is_none_or(|p| p(*seq));
+            if goes {
+                if !run.is_empty() {
+                    insert_block(tx, no, &pack_block(packer, run_first, &run, block.spooled_at))?;
+                    run.clear();
+                }
+                removed.n += 1;
+                removed.bytes += body.len() as u64;
+                if want_bodies {
+                    removed.events.push((*seq, body.clone()));
+                }
+            } else {
+                if run.is_empty() {
+                    run_first = *seq;
+                }
+                run.push(body);
+            }
+        }
+        if !run.is_empty() {
+            insert_block(tx, no, &pack_block(packer, run_first, &run, block.spooled_at))?;
+        }
+    }
+    tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")?
+        .execute(params![(removed.n + quarantined_n) as i64, (removed.bytes + quarantined_bytes) as i64])?;
+    Ok(removed)
+}
+
+/// Moves a damaged row to quarantine (its body kept as stored) and counts its events; the
+/// caller adjusts the totals.
+fn quarantine_block(
+    tx: &Connection,
+    source_id: &str,
+    key: i64,
+    block: &SpooledBlock,
+    reason: &str,
+) -> rusqlite::Result<()> {
+    tracing::warn!(source = %source_id, first_seq = block.first_seq, n = block.n, reason = %reason, "spooled events fail their check; quarantined");
+    let reason = if block.n == 1 {
+        reason.to_owned()
+    } else {
+        format!("{reason} (a block of {} events, seqs {} to {})", block.n, block.first_seq, block.end_seq() - 1)
+    };
+    tx.prepare_cached("DELETE FROM events WHERE key = ?1")?.execute(params![key])?;
+    tx.prepare_cached("INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)")?
+        .execute(params![source_id, block.first_seq as i64, block.body, reason, now_ms()])?;
+    tx.prepare_cached("UPDATE sources SET n_quarantined = n_quarantined + ?2 WHERE source_id = ?1")?
+        .execute(params![source_id, block.n as i64])?;
+    Ok(())
 }
 
 impl Spool {
@@ -341,7 +589,14 @@ impl Spool {
         // Room for every statement the spool runs (rusqlite keeps 16): none is parsed twice.
         conn.set_prepared_statement_cache_capacity(64);
         conn.pragma_update(None, "wal_autocheckpoint", 1_000).map_err(e)?;
-        let mut spool = Spool { path: path.to_owned(), conn, config };
+        let mut spool = Spool {
+            path: path.to_owned(),
+            conn,
+            config,
+            packer: Packer::default(),
+            block_events: DEFAULT_BLOCK_EVENTS,
+            block_bytes: DEFAULT_BLOCK_BYTES,
+        };
         let version: usize = spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(e)?;
         if version > MIGRATIONS.len() {
             return Err(SpoolError::TooNew { path: path.to_owned(), found: version, known: MIGRATIONS.len() });
@@ -357,6 +612,14 @@ impl Spool {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The most events and bytes of events' JSON an appended block holds: the shipper's batch
+    /// limits, so that it sends a block as it is (a smaller batch limit later is still met: the
+    /// shipper then unpacks the block).
+    pub fn set_block_limits(&mut self, max_events: usize, max_bytes: u64) {
+        self.block_events = max_events.max(1);
+        self.block_bytes = max_bytes.max(1);
     }
 
     fn err(&self, source: rusqlite::Error) -> SpoolError {
@@ -402,6 +665,9 @@ impl Spool {
         let path = self.path.clone();
         let e = |source| SpoolError::from_sqlite(&path, source);
         let needed: u64 = bodies.iter().map(|b| b.len() as u64).sum();
+        // Packed before the transaction (seqs from 0 here, moved to the source's next seq
+        // inside it): compressing does not hold the write lock.
+        let blocks = self.pack_blocks(bodies);
         let limit = self.config.max_bytes;
         let when_full = self.config.when_full;
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
@@ -419,7 +685,7 @@ impl Spool {
                 WhenFull::Pause if alone && used == 0 => {}
                 WhenFull::Pause => return Err(SpoolError::Full { path: path.clone(), used, limit, needed }),
                 WhenFull::DropOldest => {
-                    drop_oldest(&tx, if alone { used } else { used + needed - limit }).map_err(e)?;
+                    drop_oldest(&tx, &mut self.packer, if alone { used } else { used + needed - limit }).map_err(e)?;
                 }
             }
         }
@@ -443,32 +709,9 @@ impl Spool {
                 (no, 0)
             }
         };
-        let at = now_ms();
-        {
-            // Rows go in INSERT_CHUNK at a time: one statement run per chunk instead of per
-            // event (the statement machinery was most of the spool's cost per event).
-            let mut chunked = tx.prepare_cached(&INSERT_CHUNK_SQL).map_err(e)?;
-            let mut single = tx
-                .prepare_cached("INSERT INTO events (key, body, crc, spooled_at) VALUES (?1, ?2, ?3, ?4)")
-                .map_err(e)?;
-            let mut chunks = bodies.chunks_exact(INSERT_CHUNK);
-            let mut idx = 0u64;
-            for chunk in &mut chunks {
-                for (j, body) in chunk.iter().enumerate() {
-                    let base = j * 4 + 1;
-                    chunked.raw_bind_parameter(base, event_key(no, first_seq + idx)).map_err(e)?;
-                    chunked.raw_bind_parameter(base + 1, body).map_err(e)?;
-                    chunked.raw_bind_parameter(base + 2, crc32fast::hash(body)).map_err(e)?;
-                    chunked.raw_bind_parameter(base + 3, at).map_err(e)?;
-                    idx += 1;
-                }
-                chunked.raw_execute().map_err(e)?;
-            }
-            for body in chunks.remainder() {
-                let crc = crc32fast::hash(body);
-                single.execute(params![event_key(no, first_seq + idx), body, crc, at]).map_err(e)?;
-                idx += 1;
-            }
+        for block in &blocks {
+            let block = SpooledBlock { first_seq: first_seq + block.first_seq, ..block.clone() };
+            insert_block(&tx, no, &block).map_err(e)?;
         }
         tx.prepare_cached(
             "UPDATE sources SET next_seq = ?2, position = ?3, n_errors = n_errors + ?4 WHERE source_id = ?1",
@@ -484,6 +727,51 @@ impl Spool {
         Ok(first_seq)
     }
 
+    /// `bodies` in blocks within the block limits, numbered from seq 0.
+    fn pack_blocks(&mut self, bodies: &[Vec<u8>]) -> Vec<SpooledBlock> {
+        let at = now_ms();
+        let mut blocks = Vec::new();
+        let mut start = 0;
+        while start < bodies.len() {
+            let mut end = start;
+            let mut bytes = 0;
+            while end < bodies.len()
+                && end - start < self.block_events
+                && (end == start || bytes + bodies[end].len() as u64 <= self.block_bytes)
+            {
+                bytes += bodies[end].len() as u64;
+                end += 1;
+            }
+            let events: Vec<&[u8]> = bodies[start..end].iter().map(Vec::as_slice).collect();
+            blocks.push(pack_block(&mut self.packer, start as u64, &events, at));
+            start = end;
+        }
+        blocks
+    }
+
+    /// The blocks of `source_id` from the one holding seq `from_seq` (or the first after it),
+    /// in seq order, while they hold at most `max_events` events and `max_bytes` bytes of JSON
+    /// together (at least one block is returned if any exists). Rows that fail their checksum
+    /// are moved to quarantine, counted and skipped.
+    pub fn read_blocks(
+        &mut self,
+        source_id: &str,
+        from_seq: u64,
+        max_events: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<SpooledBlock>, SpoolError> {
+        let mut out = Vec::new();
+        self.scan(source_id, from_seq, |block| {
+            let (n, bytes) = out.iter().fold((0, 0), |(n, b), x: &SpooledBlock| (n + x.n, b + x.raw_bytes));
+            if !out.is_empty() && (n + block.n > max_events as u64 || bytes + block.raw_bytes > max_bytes as u64) {
+                return Step::Stop;
+            }
+            out.push(block);
+            Step::Next
+        })?;
+        Ok(out)
+    }
+
     /// Up to `max_events` events of `source_id` with seq `from_seq` or more, in seq order,
     /// stopping before `max_bytes` would be exceeded (at least one event is returned if any
     /// exists). Rows whose checksum does not match are moved to quarantine, counted and skipped.
@@ -495,37 +783,67 @@ impl Spool {
         max_bytes: usize,
     ) -> Result<Vec<SpooledEvent>, SpoolError> {
         let mut out = Vec::new();
-        let mut damaged = Vec::new();
-        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(out) };
-        {
-            let mut stmt = self
-                .conn
-                .prepare_cached("SELECT key, body, crc FROM events WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT ?3")
-                .map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
-            let rows = stmt
-                .query_map(params![event_key(no, from_seq), event_key(no + 1, 0), max_events as i64], |r| {
-                    Ok((seq_of(r.get::<_, i64>(0)?), r.get::<_, Vec<u8>>(1)?, r.get::<_, i64>(2)?))
-                })
-                .map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
-            let mut n_bytes = 0;
-            for row in rows {
-                let (seq, body, crc) = row.map_err(|e| SpoolError::from_sqlite(&self.path, e))?;
-                if i64::from(crc32fast::hash(&body)) != crc {
-                    damaged.push((seq, body));
-                    continue;
-                }
-                if !out.is_empty() && n_bytes + body.len() > max_bytes {
-                    break;
+        let mut n_bytes = 0;
+        self.scan(source_id, from_seq, |block| {
+            let events = match block.events() {
+                Ok(events) => events,
+                Err(reason) => return Step::Damaged(block, reason),
+            };
+            for (seq, body) in events.into_iter().filter(|(seq, _)| *seq >= from_seq) {
+                if out.len() >= max_events || (!out.is_empty() && n_bytes + body.len() > max_bytes) {
+                    return Step::Stop;
                 }
                 n_bytes += body.len();
                 out.push(SpooledEvent { seq, body });
             }
-        }
-        for (seq, body) in damaged {
-            tracing::warn!(source = %source_id, seq, path = %self.path.display(), "spooled event fails its checksum; quarantined");
-            self.quarantine(source_id, no, seq, Some(&body), "checksum mismatch")?;
-        }
+            Step::Next
+        })?;
         Ok(out)
+    }
+
+    /// Calls `each` with the blocks of `source_id` from the one holding `from_seq`, in order,
+    /// until it says stop; quarantines (and skips) rows that fail their checksum or that it
+    /// finds damaged.
+    fn scan(
+        &mut self,
+        source_id: &str,
+        from_seq: u64,
+        mut each: impl FnMut(SpooledBlock) -> Step,
+    ) -> Result<(), SpoolError> {
+        let mut damaged = Vec::new();
+        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
+        {
+            let e = |source| SpoolError::from_sqlite(&self.path, source);
+            let start = start_key(&self.conn, no, from_seq).map_err(e)?;
+            let mut stmt =
+                self.conn.prepare_cached(select_rows!("WHERE key >= ?1 AND key < ?2 ORDER BY key")).map_err(e)?;
+            let mut rows = stmt.query(params![start, event_key(no + 1, 0)]).map_err(e)?;
+            while let Some(row) = rows.next().map_err(e)? {
+                let (key, crc, block) = row_of(row).map_err(e)?;
+                if i64::from(crc32fast::hash(&block.body)) != crc {
+                    damaged.push((key, block, "checksum mismatch".to_owned()));
+                    continue;
+                }
+                match each(block) {
+                    Step::Next => {}
+                    Step::Stop => break,
+                    Step::Damaged(block, reason) => damaged.push((key, block, reason)),
+                }
+            }
+        }
+        if !damaged.is_empty() {
+            let path = self.path.clone();
+            let e = |source| SpoolError::from_sqlite(&path, source);
+            let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
+            for (key, block, reason) in damaged {
+                quarantine_block(&tx, source_id, key, &block, &reason).map_err(e)?;
+                tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")
+                    .and_then(|mut st| st.execute(params![block.n as i64, block.raw_bytes as i64]))
+                    .map_err(e)?;
+            }
+            tx.commit().map_err(e)?;
+        }
+        Ok(())
     }
 
     /// Moves the events of `source_id` in the span `first_seq .. first_seq + count` to
@@ -539,46 +857,61 @@ impl Spool {
         kind: RefusalKind,
         reason: &str,
     ) -> Result<u64, SpoolError> {
+        self.refuse(source_id, first_seq, first_seq + u64::from(count), |_| Some((kind, reason)))
+    }
+
+    /// Moves the events `(seq, kind, reason)` of `source_id` to `refused`, as
+    /// [`Spool::refuse_span`] does for a span, in one transaction; returns how many moved.
+    pub fn refuse_events(&mut self, source_id: &str, events: &[(u64, RefusalKind, &str)]) -> Result<u64, SpoolError> {
+        let (Some(from), Some(to)) =
+            (events.iter().map(|e| e.0).min(), events.iter().map(|e| e.0).max().map(|s| s + 1))
+        else {
+            return Ok(0);
+        };
+        let named: BTreeMap<u64, (RefusalKind, &str)> = events.iter().map(|(s, k, r)| (*s, (*k, *r))).collect();
+        self.refuse(source_id, from, to, |seq| named.get(&seq).copied())
+    }
+
+    /// Moves the events of `from .. to` that `which` gives a refusal to `refused`.
+    fn refuse<'r>(
+        &mut self,
+        source_id: &str,
+        from: u64,
+        to: u64,
+        which: impl Fn(u64) -> Option<(RefusalKind, &'r str)>,
+    ) -> Result<u64, SpoolError> {
         let path = self.path.clone();
         let e = |source| SpoolError::from_sqlite(&path, source);
         let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(0) };
-        let (from, to) = (event_key(no, first_seq), event_key(no, first_seq + u64::from(count)));
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
-        let moved = tx
-            .execute(
-                "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at, kind)
-                 SELECT ?1, key & 1099511627775, body, ?2, ?3, ?6 FROM events WHERE key >= ?4 AND key < ?5",
-                params![source_id, reason, now_ms(), from, to, kind.as_str()],
+        let pick = |seq: u64| which(seq).is_some();
+        let removed = remove_events(&tx, &mut self.packer, source_id, (no, from, to), Some(&pick), true).map_err(e)?;
+        let at = now_ms();
+        let mut by_kind: BTreeMap<&str, i64> = BTreeMap::new();
+        for (seq, body) in &removed.events {
+            let Some((kind, reason)) = which(*seq) else { continue };
+            tx.prepare_cached(
+                "INSERT OR REPLACE INTO refused (source_id, seq, body, reason, at, kind) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
             )
-            .map_err(e)? as u64;
-        let bytes: i64 = tx
-            .query_row(
-                "SELECT coalesce(sum(length(body)), 0) FROM events WHERE key >= ?1 AND key < ?2",
-                params![from, to],
-                |r| r.get(0),
-            )
+            .and_then(|mut st| st.execute(params![source_id, *seq as i64, body, reason, at, kind.as_str()]))
             .map_err(e)?;
-        tx.execute("DELETE FROM events WHERE key >= ?1 AND key < ?2", params![from, to]).map_err(e)?;
-        tx.execute(
-            "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
-            params![moved as i64, bytes],
-        )
-        .map_err(e)?;
+            *by_kind.entry(kind.as_str()).or_default() += 1;
+        }
         tx.execute(
             "UPDATE sources SET n_refused = n_refused + ?1 WHERE source_id = ?2",
-            params![moved as i64, source_id],
+            params![removed.n as i64, source_id],
         )
         .map_err(e)?;
-        if moved > 0 {
+        for (kind, n) in by_kind {
             tx.execute(
                 "INSERT INTO refused_counts (source_id, kind, n) VALUES (?1, ?2, ?3)
                  ON CONFLICT (source_id, kind) DO UPDATE SET n = n + excluded.n",
-                params![source_id, kind.as_str(), moved as i64],
+                params![source_id, kind, n],
             )
             .map_err(e)?;
         }
         tx.commit().map_err(e)?;
-        Ok(moved)
+        Ok(removed.n)
     }
 
     /// How many events of `source_id` were ever refused, by kind of refusal.
@@ -628,32 +961,11 @@ impl Spool {
     /// Moves one event that cannot be delivered to quarantine (kept there with `reason`) and
     /// counts it.
     pub fn quarantine_event(&mut self, source_id: &str, seq: u64, body: &[u8], reason: &str) -> Result<(), SpoolError> {
-        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
-        self.quarantine(source_id, no, seq, Some(body), reason)
-    }
-
-    /// Moves one event to quarantine and counts it.
-    fn quarantine(
-        &mut self,
-        source_id: &str,
-        no: i64,
-        seq: u64,
-        body: Option<&[u8]>,
-        reason: &str,
-    ) -> Result<(), SpoolError> {
         let path = self.path.clone();
         let e = |source| SpoolError::from_sqlite(&path, source);
+        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
-        let removed: Option<i64> = tx
-            .query_row("DELETE FROM events WHERE key = ?1 RETURNING length(body)", params![event_key(no, seq)], |r| {
-                r.get(0)
-            })
-            .optional()
-            .map_err(e)?;
-        if let Some(len) = removed {
-            tx.execute("UPDATE totals SET n_events = n_events - 1, n_bytes = n_bytes - ?1 WHERE id = 1", params![len])
-                .map_err(e)?;
-        }
+        remove_events(&tx, &mut self.packer, source_id, (no, seq, seq + 1), None, false).map_err(e)?;
         tx.execute(
             "INSERT INTO quarantine (source_id, seq, body, reason, at) VALUES (?1, ?2, ?3, ?4, ?5)",
             params![source_id, seq as i64, body, reason, now_ms()],
@@ -683,34 +995,20 @@ impl Spool {
         self.ack_many(&[(source_id.to_owned(), first_seq, count)])
     }
 
-    /// Deletes several acknowledged spans `(source, first_seq, count)` in one transaction.
+    /// Deletes several acknowledged spans `(source, first_seq, count)` in one transaction. A
+    /// block partly inside a span keeps the rest of its events.
     pub fn ack_many(&mut self, spans: &[(String, u64, u32)]) -> Result<u64, SpoolError> {
         let path = self.path.clone();
         let e = |source| SpoolError::from_sqlite(&path, source);
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
-        let (mut n, mut bytes) = (0i64, 0i64);
-        {
-            let mut stmt = tx
-                .prepare_cached("DELETE FROM events WHERE key >= ?1 AND key < ?2 RETURNING length(body)")
-                .map_err(e)?;
-            for (source_id, first_seq, count) in spans {
-                let Some(no) = source_no(&tx, source_id).map_err(e)? else { continue };
-                let lens = stmt
-                    .query_map(params![event_key(no, *first_seq), event_key(no, first_seq + u64::from(*count))], |r| {
-                        r.get::<_, i64>(0)
-                    })
-                    .map_err(e)?;
-                for len in lens {
-                    n += 1;
-                    bytes += len.map_err(e)?;
-                }
-            }
+        let mut n = 0;
+        for (source_id, first_seq, count) in spans {
+            let Some(no) = source_no(&tx, source_id).map_err(e)? else { continue };
+            let span = (no, *first_seq, first_seq + u64::from(*count));
+            n += remove_events(&tx, &mut self.packer, source_id, span, None, false).map_err(e)?.n;
         }
-        tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")
-            .and_then(|mut st| st.execute(params![n, bytes]))
-            .map_err(e)?;
         tx.commit().map_err(e)?;
-        Ok(n as u64)
+        Ok(n)
     }
 
     /// Every source known to the spool.
@@ -774,18 +1072,25 @@ impl Spool {
         }
         let mut stmt = self
             .conn
-            .prepare("SELECT coalesce(s.source_id, '?'), e.seq, e.body, e.crc FROM events e LEFT JOIN sources s ON s.source_no = e.source_no")
+            .prepare("SELECT coalesce(s.source_id, '?'), e.seq, e.body, e.crc, e.n, e.raw_bytes FROM events e LEFT JOIN sources s ON s.source_no = e.source_no")
             .map_err(|e| self.err(e))?;
         let rows = stmt
             .query_map([], |r| {
-                Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64, r.get::<_, Vec<u8>>(2)?, r.get::<_, i64>(3)?))
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, i64>(1)? as u64,
+                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(3)?,
+                    r.get::<_, i64>(4)? as u64,
+                    r.get::<_, i64>(5)? as u64,
+                ))
             })
             .map_err(|e| self.err(e))?;
         let mut n_bytes = 0u64;
         for row in rows {
-            let (source, seq, body, crc) = row.map_err(|e| self.err(e))?;
-            report.n_checked += 1;
-            n_bytes += body.len() as u64;
+            let (source, seq, body, crc, n, raw_bytes) = row.map_err(|e| self.err(e))?;
+            report.n_checked += n;
+            n_bytes += raw_bytes;
             if i64::from(crc32fast::hash(&body)) != crc {
                 report.bad_checksums.push((source, seq));
             }
@@ -879,13 +1184,18 @@ impl Spool {
                 // next seq follows the highest one. When this source's events cannot be read,
                 // its next seq is unknown: the source is kept, blocked (it stops with this
                 // reason rather than reuse a seq); the others go on.
+                // The last row only (the B-tree's rightmost path): a damaged page elsewhere
+                // does not hide the highest seq.
+                let last = format!(
+                    "SELECT key, {} FROM events WHERE key >= ?1 AND key < ?2 ORDER BY key DESC LIMIT 1",
+                    salvage_columns(&old)
+                );
                 let recovered = old
-                    .query_row(
-                        "SELECT max(key) FROM events WHERE key >= ?1 AND key < ?2",
-                        params![event_key(*no, 0), event_key(*no + 1, 0)],
-                        |r| r.get::<_, Option<i64>>(0),
-                    )
-                    .map(|highest| highest.map_or(*stored_next as u64, |k| (seq_of(k) + 1).max(*stored_next as u64)))
+                    .query_row(&last, params![event_key(*no, 0), event_key(*no + 1, 0)], |r| {
+                        Ok(seq_of(r.get(0)?) + r.get::<_, i64>(1)? as u64)
+                    })
+                    .optional()
+                    .map(|end| end.map_or(*stored_next as u64, |end| end.max(*stored_next as u64)))
                     .and_then(|next_seq| salvage_source(&old, &tx, *no, next_seq).map(|r| (next_seq, r)));
                 let (next_seq, (saved, lost, bytes), blocked) = match recovered {
                     Ok((next_seq, r)) => (next_seq, r, None),
@@ -1020,41 +1330,51 @@ fn enable_wal(conn: &Connection) -> rusqlite::Result<()> {
 
 /// Deletes the oldest events until at least `to_free` bytes are freed; counts them per source.
 /// The oldest event is always the first of some source, so each step compares the heads of the
-/// sources (primary-key lookups) rather than keeping an index by age.
-fn drop_oldest(tx: &rusqlite::Transaction<'_>, to_free: u64) -> rusqlite::Result<()> {
+/// sources (primary-key lookups) rather than keeping an index by age. A block is dropped whole
+/// when all of it must go, else only as many of its first events as free enough.
+fn drop_oldest(tx: &rusqlite::Transaction<'_>, packer: &mut Packer, to_free: u64) -> rusqlite::Result<()> {
     let sources: Vec<(String, i64)> = {
         let mut stmt = tx.prepare_cached("SELECT source_id, source_no FROM sources")?;
         stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?.collect::<Result<_, _>>()?
     };
-    let mut head = tx.prepare_cached(
-        "SELECT key, spooled_at, length(body) FROM events WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT 1",
-    )?;
-    let mut delete = tx.prepare_cached("DELETE FROM events WHERE key = ?1")?;
-    let mut count = tx.prepare_cached("UPDATE sources SET n_dropped = n_dropped + 1 WHERE source_id = ?1")?;
-    let (mut freed, mut n_dropped) = (0i64, 0i64);
-    while (freed as u64) < to_free {
-        // (spooled_at, source_id, key, length)
-        let mut victim: Option<(i64, &str, i64, i64)> = None;
+    let (mut freed, mut n_dropped) = (0u64, 0u64);
+    while freed < to_free {
+        // (spooled_at, source_id, source_no, block)
+        let mut victim: Option<(i64, &str, i64, SpooledBlock)> = None;
         for (source, no) in &sources {
-            let row = head
-                .query_row(params![event_key(*no, 0), event_key(no + 1, 0)], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            let row = tx
+                .prepare_cached(select_rows!("WHERE key >= ?1 AND key < ?2 ORDER BY key LIMIT 1"))?
+                .query_row(params![event_key(*no, 0), event_key(no + 1, 0)], row_of)
                 .optional()?;
-            if let Some((key, at, len)) = row
-                && victim.is_none_or(|v| (at, source.as_str()) < (v.0, v.1))
+            if let Some((_, _, block)) = row
+                && victim.as_ref().is_none_or(|v| (block.spooled_at, source.as_str()) < (v.0, v.1))
             {
-                victim = Some((at, source, key, len));
+                victim = Some((block.spooled_at, source, *no, block));
             }
         }
-        let Some((_, source, key, len)) = victim else { break };
-        delete.execute(params![key])?;
-        count.execute(params![source])?;
-        freed += len;
-        n_dropped += 1;
+        let Some((_, source, no, block)) = victim else { break };
+        let mut end = block.end_seq();
+        if block.raw_bytes > to_free - freed
+            && let Ok(events) = block.events()
+        {
+            let mut enough = 0;
+            end = block.first_seq;
+            for (seq, body) in events {
+                if enough >= to_free - freed {
+                    break;
+                }
+                enough += body.len() as u64;
+                end = seq + 1;
+            }
+        }
+        let removed = remove_events(tx, packer, source, (no, block.first_seq, end), None, false)?;
+        tx.prepare_cached("UPDATE sources SET n_dropped = n_dropped + ?2 WHERE source_id = ?1")?
+            .execute(params![source, removed.n as i64])?;
+        // (A damaged head block is quarantined instead, freeing nothing here: the next step
+        // looks again.)
+        freed += removed.bytes;
+        n_dropped += removed.n;
     }
-    tx.execute(
-        "UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1",
-        params![n_dropped, freed],
-    )?;
     tracing::warn!(n_dropped, bytes = freed, "spool full: oldest events dropped (when_full = drop_oldest)");
     Ok(())
 }

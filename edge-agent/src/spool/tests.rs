@@ -11,6 +11,21 @@ fn body(n: u64) -> Vec<u8> {
     format!("{{\"n\":{n}}}").into_bytes()
 }
 
+/// An event of about `len` bytes that does not compress (the spool stores blocks compressed,
+/// so tests that need pages filled use these).
+fn noisy(n: u64, len: usize) -> Vec<u8> {
+    let mut x = n.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let pad: String = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            char::from(b"0123456789abcdef"[(x % 16) as usize])
+        })
+        .collect();
+    format!("{{\"n\":{n},\"pad\":\"{pad}\"}}").into_bytes()
+}
+
 fn seqs(rows: &[SpooledEvent]) -> Vec<u64> {
     rows.iter().map(|r| r.seq).collect()
 }
@@ -124,7 +139,10 @@ fn a_row_failing_its_checksum_is_quarantined_and_the_rest_is_read() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("s.db");
     let mut spool = Spool::open(&path).unwrap();
-    spool.append("a", &(0..4).map(body).collect::<Vec<_>>(), "", 0).unwrap();
+    // Four commits: four rows (a row holds one commit's events, or a block of them).
+    for i in 0..4 {
+        spool.append("a", &[body(i)], "", 0).unwrap();
+    }
     // A silent bit flip in one stored body.
     let raw = Connection::open(&path).unwrap();
     raw.execute("UPDATE events SET body = X'7B226E223A397D' WHERE seq = 1", []).unwrap();
@@ -144,8 +162,10 @@ fn a_damaged_page_is_salvaged_keeping_positions_and_readable_events() {
     let n = 3000u64;
     {
         let mut spool = Spool::open(&path).unwrap();
-        let big: Vec<Vec<u8>> =
-            (0..n).map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300)).into_bytes()).collect();
+        // Blocks of 5 events (~1.7 KB): hundreds of rows over many leaf pages, so that the
+        // damaged page in the middle of the file holds rows, not the tree's root.
+        spool.set_block_limits(5, u64::MAX);
+        let big: Vec<Vec<u8>> = (0..n).map(|i| noisy(i, 300)).collect();
         for chunk in big.chunks(500) {
             let pos = format!("{{\"offset\":{}}}", chunk.len());
             spool.append("orders", chunk, &pos, 0).unwrap();
@@ -226,8 +246,7 @@ fn a_source_whose_next_seq_is_unknown_is_blocked_and_the_others_go_on() {
     {
         let mut spool = Spool::open(&path).unwrap();
         spool.append("a", &(0..10).map(body).collect::<Vec<_>>(), "{\"offset\":10}", 0).unwrap();
-        let big: Vec<Vec<u8>> =
-            (0..2000).map(|i| format!("{{\"n\":{i},\"pad\":\"{}\"}}", "x".repeat(300)).into_bytes()).collect();
+        let big: Vec<Vec<u8>> = (0..2000).map(|i| noisy(i, 300)).collect();
         for chunk in big.chunks(500) {
             spool.append("b", chunk, "{\"offset\":1}", 0).unwrap();
         }
@@ -303,7 +322,7 @@ fn a_full_disk_fails_the_append_without_changing_anything() {
     let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
     spool.append("a", &[body(0)], "p0", 0).unwrap();
     spool.limit_pages_for_test(spool.page_count_for_test());
-    let big: Vec<Vec<u8>> = (0..200).map(|i| vec![b'x'; 1000 + i]).collect();
+    let big: Vec<Vec<u8>> = (0..200).map(|i| noisy(i, 1000)).collect();
     let err = spool.append("a", &big, "p1", 0).unwrap_err();
     assert!(matches!(err, SpoolError::DiskFull { .. }), "{err}");
     assert!(err.is_full());
@@ -499,4 +518,108 @@ fn refusals_counted_before_kinds_keep_their_count() {
     }
     let spool = Spool::open(&path).unwrap();
     assert_eq!(spool.refused_counts("a").unwrap(), BTreeMap::from([("invalid_event".to_owned(), 2)]));
+}
+
+/// A commit goes in as blocks within the block limits; `read_blocks` returns whole blocks
+/// while they fit the batch limits (at least one); a block's payload is the batch payload of
+/// its events.
+#[test]
+fn commits_are_spooled_as_blocks_within_the_limits_and_read_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
+    spool.set_block_limits(4, 1_000);
+    let bodies: Vec<Vec<u8>> = (0..10).map(body).collect();
+    spool.append("a", &bodies, "{}", 0).unwrap();
+    let rows: i64 = spool.conn.query_row("SELECT count(*) FROM events", [], |r| r.get(0)).unwrap();
+    assert_eq!(rows, 3, "4 + 4 + 2 events");
+    let blocks = spool.read_blocks("a", 0, 8, usize::MAX).unwrap();
+    assert_eq!(blocks.iter().map(|b| (b.first_seq, b.n)).collect::<Vec<_>>(), [(0, 4), (4, 4)]);
+    let blocks = spool.read_blocks("a", 0, 7, usize::MAX).unwrap();
+    assert_eq!(blocks.iter().map(|b| (b.first_seq, b.n)).collect::<Vec<_>>(), [(0, 4)], "only whole blocks");
+    assert_eq!(spool.read_blocks("a", 0, 1, 1).unwrap().len(), 1, "at least one");
+    // From a seq inside a block: that block.
+    let blocks = spool.read_blocks("a", 9, 100, usize::MAX).unwrap();
+    assert_eq!(blocks.iter().map(|b| (b.first_seq, b.n)).collect::<Vec<_>>(), [(8, 2)]);
+    let block = &blocks[0];
+    assert_eq!((block.raw_bytes, block.max_len), (14, 7));
+    let plain = zstd::bulk::decompress(block.payload().unwrap(), 1 << 10).unwrap();
+    assert_eq!(plain, [body(8), b"\n".to_vec(), body(9), b"\n".to_vec()].concat());
+    assert_eq!(block.events().unwrap(), [(8, body(8)), (9, body(9))]);
+
+    // The byte limit of a block counts the events' JSON (7 bytes each here).
+    spool.set_block_limits(100, 20);
+    spool.append("b", &(0..5).map(body).collect::<Vec<_>>(), "{}", 0).unwrap();
+    let blocks = spool.read_blocks("b", 0, 100, usize::MAX).unwrap();
+    assert_eq!(blocks.iter().map(|b| b.n).collect::<Vec<_>>(), [2, 2, 1]);
+    assert!(spool.verify().unwrap().is_ok());
+}
+
+/// Rows of a version 3 spool (one event each, not packed) are read, shipped, acknowledged and
+/// counted like blocks after the upgrade.
+#[test]
+fn events_spooled_before_blocks_are_read_after_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("spool.db");
+    {
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..3] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 3).unwrap();
+        conn.execute("INSERT INTO sources (source_id, source_no, next_seq, position) VALUES ('a', 1, 3, '{}')", [])
+            .unwrap();
+        for seq in 0..3u64 {
+            let b = body(seq);
+            conn.execute(
+                "INSERT INTO events (key, body, crc, spooled_at) VALUES (?1, ?2, ?3, 0)",
+                params![event_key(1, seq), b, crc32fast::hash(&b)],
+            )
+            .unwrap();
+        }
+        conn.execute("UPDATE totals SET n_events = 3, n_bytes = 21", []).unwrap();
+    }
+    let mut spool = Spool::open(&path).unwrap();
+    assert!(spool.verify().unwrap().is_ok());
+    let blocks = spool.read_blocks("a", 0, 100, usize::MAX).unwrap();
+    assert_eq!(blocks.len(), 3);
+    assert!(blocks.iter().all(|b| b.payload().is_none() && b.n == 1 && b.raw_bytes == 7));
+    assert_eq!(blocks[1].events().unwrap(), [(1, body(1))]);
+    assert_eq!(spool.append("a", &[body(3), body(4)], "{}", 0).unwrap(), 3);
+    assert_eq!(seqs(&spool.read("a", 0, 100, usize::MAX).unwrap()), [0, 1, 2, 3, 4]);
+    assert_eq!(spool.ack("a", 0, 4).unwrap(), 4, "old rows and part of a new block");
+    assert_eq!(seqs(&spool.read("a", 0, 100, usize::MAX).unwrap()), [4]);
+    assert_eq!(spool.stats().unwrap().n_bytes, 7);
+    assert!(spool.verify().unwrap().is_ok());
+}
+
+/// Refusals naming single events of a block move exactly those; the block's other events stay
+/// in line, in order, and the totals follow.
+#[test]
+fn events_refused_one_by_one_leave_the_rest_of_their_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spool = Spool::open(&dir.path().join("s.db")).unwrap();
+    spool.append("a", &(0..10).map(body).collect::<Vec<_>>(), "{}", 0).unwrap();
+    let named =
+        [(2, RefusalKind::ForeignTenant, "x"), (3, RefusalKind::ForeignTenant, "x"), (7, RefusalKind::TooLarge, "y")];
+    assert_eq!(spool.refuse_events("a", &named).unwrap(), 3);
+    assert_eq!(seqs(&spool.read("a", 0, 100, usize::MAX).unwrap()), [0, 1, 4, 5, 6, 8, 9]);
+    assert!(spool.read("a", 0, 100, usize::MAX).unwrap().iter().all(|r| r.body == body(r.seq)));
+    let listed: Vec<(u64, String)> = spool.refused().unwrap().into_iter().map(|r| (r.seq, r.kind)).collect();
+    assert_eq!(listed, [(2, "foreign_tenant".into()), (3, "foreign_tenant".into()), (7, "too_large".into())]);
+    assert_eq!(spool.stats().unwrap().n_events, 7);
+    assert!(spool.verify().unwrap().is_ok());
+}
+
+/// `drop_oldest` drops only as many of a block's first events as make room.
+#[test]
+fn drop_oldest_takes_only_what_it_needs_from_a_block() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = SpoolConfig { max_bytes: 70, when_full: WhenFull::DropOldest, ..SpoolConfig::default() };
+    let mut spool = Spool::open_with(&dir.path().join("s.db"), config).unwrap();
+    spool.append("a", &(0..10).map(body).collect::<Vec<_>>(), "", 0).unwrap(); // 70 bytes, one block
+    spool.append("b", &[body(0), body(1)], "", 0).unwrap(); // 14 more: the 2 oldest go
+    assert_eq!(seqs(&spool.read("a", 0, 100, usize::MAX).unwrap()), (2..10).collect::<Vec<_>>());
+    assert_eq!(spool.source_state("a").unwrap().n_dropped, 2);
+    assert_eq!(spool.stats().unwrap().n_bytes, 70);
+    assert!(spool.verify().unwrap().is_ok());
 }

@@ -465,38 +465,72 @@ impl Shipper {
                     start
                 }
             };
-            let mut rows = tokio::task::block_in_place(|| self.spool.read(source_id, cursor, max_events, max_bytes))?;
-            let (Some(first_seq), Some(last_seq)) = (rows.first().map(|r| r.seq), rows.last().map(|r| r.seq)) else {
+            let blocks =
+                tokio::task::block_in_place(|| self.spool.read_blocks(source_id, cursor, max_events, max_bytes))?;
+            let Some(first) = blocks.first() else {
                 idle += 1;
                 continue;
             };
             idle = 0;
-            // Spooled before this gateway stated its limit: bigger events would be refused by
-            // Kafka, and their batch sent again for ever. They are quarantined (kept, counted).
             let limit = self.event_limit.load(std::sync::atomic::Ordering::Relaxed);
-            if rows.iter().any(|r| r.body.len() as u64 > limit) {
-                let (big, fit): (Vec<_>, Vec<_>) = rows.into_iter().partition(|r| r.body.len() as u64 > limit);
-                for r in big {
-                    let reason = format!(
-                        "event of {} bytes is larger than the gateway can deliver ({limit} bytes)",
-                        r.body.len()
-                    );
-                    warn!(source = %source_id, seq = r.seq, reason = %reason, "spooled event quarantined");
-                    tokio::task::block_in_place(|| self.spool.quarantine_event(source_id, r.seq, &r.body, &reason))?;
+            // Whole blocks as spooled, their zstd frames one after another (a gateway that
+            // reads such payloads says so): nothing is unpacked or packed again. Otherwise
+            // (an older gateway, a block bigger than this gateway's batch, a block partly
+            // sent, an event spooled before the gateway stated its event limit) the events
+            // are unpacked and packed here.
+            let as_spooled = welcome.zstd_frames
+                && first.first_seq >= cursor
+                && blocks.iter().all(|b| b.payload().is_some() && b.max_len <= limit)
+                && (blocks.len() > 1 || (first.n as usize <= max_events && first.raw_bytes as usize <= max_bytes));
+            let (first_seq, end_seq, n_events, payload) = if as_spooled {
+                let mut payload = Vec::with_capacity(blocks.iter().filter_map(|b| b.payload()).map(<[u8]>::len).sum());
+                for b in &blocks {
+                    payload.extend_from_slice(b.payload().unwrap_or_default());
                 }
-                rows = fit;
-            }
-            if rows.is_empty() {
-                cursors.insert(source_id.clone(), last_seq + 1);
-                continue;
-            }
-            // The batch covers the span first..=last; holes (acknowledged, quarantined or
+                let n_events = blocks.iter().map(|b| b.n as usize).sum();
+                (first.first_seq, blocks.last().map_or(first.end_seq(), |b| b.end_seq()), n_events, payload)
+            } else {
+                let mut events = Vec::new();
+                for b in &blocks {
+                    events.extend(b.events().map_err(|e| {
+                        anyhow::anyhow!("source {source_id}: spooled block at seq {}: {e}", b.first_seq)
+                    })?);
+                }
+                events.retain(|(seq, _)| *seq >= cursor);
+                // Spooled before this gateway stated its limit: bigger events would be refused
+                // by Kafka, and their batch sent again for ever. They are quarantined (kept,
+                // counted).
+                let (big, fit): (Vec<_>, Vec<_>) = events.into_iter().partition(|(_, body)| body.len() as u64 > limit);
+                for (seq, body) in big {
+                    let reason =
+                        format!("event of {} bytes is larger than the gateway can deliver ({limit} bytes)", body.len());
+                    warn!(source = %source_id, seq, reason = %reason, "spooled event quarantined");
+                    tokio::task::block_in_place(|| self.spool.quarantine_event(source_id, seq, &body, &reason))?;
+                }
+                let (mut n, mut bytes) = (0, 0);
+                let batch: Vec<&(u64, Vec<u8>)> = fit
+                    .iter()
+                    .take_while(|(_, body)| {
+                        let room = n == 0 || (n < max_events && bytes + body.len() <= max_bytes);
+                        n += 1;
+                        bytes += body.len();
+                        room
+                    })
+                    .collect();
+                let (Some(head), Some(last)) = (batch.first(), batch.last()) else {
+                    // Everything read was quarantined: on past it.
+                    cursors.insert(source_id.clone(), blocks.last().map_or(cursor, |b| b.end_seq()));
+                    continue;
+                };
+                let payload = self.packer.pack(batch.iter().map(|(_, body)| body.as_slice()), Codec::Zstd);
+                (head.0, last.0 + 1, batch.len(), payload)
+            };
+            // The batch covers the span first..end; holes (acknowledged, quarantined or
             // dropped events) are fine.
-            let count = u32::try_from(last_seq - first_seq + 1).unwrap_or(u32::MAX);
-            let payload = self.packer.pack(rows.iter().map(|r| r.body.as_slice()), Codec::Zstd);
+            let count = u32::try_from(end_seq - first_seq).unwrap_or(u32::MAX);
             cursors.insert(source_id.clone(), first_seq + u64::from(count));
-            metrics::histogram!(telemetry::BATCH_EVENTS).record(rows.len() as f64);
-            in_flight.insert((source_id.clone(), first_seq), (Instant::now(), rows.len()));
+            metrics::histogram!(telemetry::BATCH_EVENTS).record(n_events as f64);
+            in_flight.insert((source_id.clone(), first_seq), (Instant::now(), n_events));
             session.send_batch(Batch {
                 source_id: source_id.clone(),
                 first_seq,
@@ -522,13 +556,15 @@ impl Shipper {
         } else {
             Vec::new()
         };
-        let mut moved = 0;
-        for e in &r.events {
-            let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
-            if let Some(seq) = seq.filter(|s| span.contains(s)) {
-                moved += self.spool.refuse_span(&r.source_id, seq, 1, e.kind, &e.reason)?;
-            }
-        }
+        let named: Vec<(u64, RefusalKind, &str)> = r
+            .events
+            .iter()
+            .filter_map(|e| {
+                let seq = e.seq.or_else(|| rows.get(e.index as usize).map(|row| row.seq));
+                seq.filter(|s| span.contains(s)).map(|seq| (seq, e.kind, e.reason.as_str()))
+            })
+            .collect();
+        let moved = self.spool.refuse_events(&r.source_id, &named)?;
         let first = r.events.first();
         Ok((moved, first.map_or(RefusalKind::Other, |e| e.kind), first.map(|e| e.reason.clone()).unwrap_or_default()))
     }
