@@ -1,8 +1,10 @@
 //! The durable spool: a bounded SQLite database (WAL mode) between the sources and the shipper.
 //!
 //! # Schema
-//! `events(source_id, seq, body, crc, spooled_at)` holds every event not yet acknowledged by
-//! the cloud; `sources(source_id, next_seq, position, n_errors, n_dropped, n_quarantined)` each
+//! `events(key, body, crc, spooled_at, n, packed, raw_bytes, max_len)` holds every event not yet
+//! acknowledged by the cloud, in blocks: a row is events `seq .. seq + n` of one source (the key
+//! packs the source's number and the first seq), its body the batch payload they are sent as (a
+//! zstd frame of their JSON lines; one event's JSON in rows spooled before schema version 4); `sources(source_id, next_seq, position, n_errors, n_dropped, n_quarantined)` each
 //! source's read position and counters; `totals` the running count and bytes of `events`;
 //! `quarantine` damaged events. Migrations are numbered files under `edge-agent/migrations/`,
 //! applied by `PRAGMA user_version`.
@@ -16,7 +18,9 @@
 //! * A row is deleted only after the cloud acknowledged its seq ([`Spool::ack`]), or when
 //!   `when_full = "drop_oldest"` makes room (counted in `sources.n_dropped`), or when it is
 //!   found damaged (moved to `quarantine`, counted in `sources.n_quarantined`).
-//! * `totals` always equals `count(*)` and `sum(length(body))` of `events`.
+//! * `totals` always equals `sum(n)` and `sum(raw_bytes)` of `events`.
+//! * A row's seqs are consecutive; removing some of them (a partial ack, single refusals,
+//!   `drop_oldest`) packs the rest again, one row per run, in the same transaction.
 //! * The spool never holds more than `max_bytes` of event bodies: with `when_full = "pause"`
 //!   (the default) an append that does not fit fails with [`SpoolError::Full`] and the source
 //!   waits, keeping its position. The one exception is a single commit larger than the whole
