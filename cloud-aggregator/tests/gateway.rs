@@ -647,7 +647,7 @@ async fn an_enrolled_agent_cannot_amplify_what_it_sends() {
     let Some(Frame::Refused(refused)) = frames.first() else { panic!("{frames:?}") };
     let whole = refused.whole.as_ref().expect("refused whole");
     assert_eq!(whole.kind, batch::RefusalKind::InvalidBatch);
-    assert!(whole.reason.contains(&format!("its frame announces {} bytes", bomb_line.len() + 1)), "{}", whole.reason);
+    assert!(whole.reason.contains(&format!("its frames announce {} bytes", bomb_line.len() + 1)), "{}", whole.reason);
     assert!(matches!(&frames[1], Frame::Ack(a) if a.first_seq == 0 && a.count == 1), "{frames:?}");
 
     // An event just over the deliverable size, between two good ones: refused alone.

@@ -11,13 +11,13 @@
 pub mod fileset;
 pub mod format;
 pub mod tailer;
+pub mod watch;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use notify::Watcher as _;
 use serde::Deserialize;
 use tracing::{info, warn};
 
@@ -453,26 +453,21 @@ impl FileSource {
         }
     }
 
-    /// Watches the folders the patterns start in (recursively when the pattern goes deeper);
-    /// events only wake the loop (bounded: one pending wake-up).
-    fn watch(&self, wake: mpsc::SyncSender<()>) -> Vec<notify::RecommendedWatcher> {
-        let mut watchers = Vec::new();
+    /// Watches the folders the patterns start in (recursively when the pattern goes deeper),
+    /// through the process's shared watchers ([`watch`]); changes only wake the loop
+    /// (bounded: one pending wake-up).
+    fn watch(&self, wake: mpsc::SyncSender<()>) -> Vec<watch::Subscription> {
+        let mut subscriptions = Vec::new();
         for pattern in self.config.patterns() {
             let (dir, recursive) = watch_root(&pattern);
-            let wake = wake.clone();
-            let mode = if recursive { notify::RecursiveMode::Recursive } else { notify::RecursiveMode::NonRecursive };
-            let result = notify::recommended_watcher(move |_event: notify::Result<notify::Event>| {
-                let _ = wake.try_send(());
-            })
-            .and_then(|mut w| w.watch(&dir, mode).map(|()| w));
-            match result {
-                Ok(w) => watchers.push(w),
+            match watch::subscribe(&dir, recursive, wake.clone()) {
+                Ok(s) => subscriptions.push(s),
                 Err(e) => {
                     warn!(source = %self.config.id, dir = %dir.display(), error = %e, "file change notifications unavailable; polling only")
                 }
             }
         }
-        watchers
+        subscriptions
     }
 }
 
