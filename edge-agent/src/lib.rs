@@ -115,6 +115,7 @@ pub async fn run_with(
         telemetry::install(metrics, config.spool.max_bytes)?;
     }
     let mut statuses: Vec<SharedStatus> = Vec::new();
+    let mut heads = std::collections::HashMap::new();
     let mut threads = Vec::new();
     for source in &config.sources {
         let status: SharedStatus = Arc::new(Mutex::new(SourceStatus {
@@ -126,6 +127,9 @@ pub async fn run_with(
         let mut spool = Spool::open_with(&spool_path, config.spool)?;
         // Blocks the size of the shipper's batches: it sends each as it is spooled.
         spool.set_block_limits(config.shipper.max_batch_events as usize, u64::from(config.shipper.max_batch_bytes));
+        let head: sources::SpoolHead =
+            Arc::new(std::sync::atomic::AtomicU64::new(spool.source_state(source.id())?.next_seq));
+        heads.insert(source.id().to_owned(), head.clone());
         let ctx = sources::SourceContext {
             tenant: config.tenant.clone(),
             agent_id: config.agent_id.clone(),
@@ -136,6 +140,7 @@ pub async fn run_with(
             dead_letter: config.data_dir.join("dead-letter").join(format!("{}.jsonl", source.id())),
             event_limit: event_limit.clone(),
             newest_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+            head,
         };
         let runner = sources::runner(source.clone(), ctx);
         let id = source.id().to_owned();
@@ -204,6 +209,7 @@ pub async fn run_with(
         },
         spool: shipper_spool,
         source_ids,
+        heads,
         statuses,
         spooled,
         shutdown: shutdown.clone(),

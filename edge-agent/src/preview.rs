@@ -82,6 +82,7 @@ fn preview_source(
         dead_letter: dead.clone(),
         event_limit: Arc::new(std::sync::atomic::AtomicU64::new(sources::NO_EVENT_LIMIT)),
         newest_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        head: Default::default(),
     };
     let thread = std::thread::spawn(sources::runner(source, ctx));
     let probe = Spool::open(&spool_path)?;

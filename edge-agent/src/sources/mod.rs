@@ -128,7 +128,13 @@ pub struct SourceContext {
     /// The newest event time (Unix ms) mapped since the last commit; the status takes it once
     /// the events are spooled.
     pub newest_event_ms: std::sync::atomic::AtomicI64,
+    /// The seq after the source's last spooled event, published after each commit (shared with
+    /// the shipper, which reads the spool only for sources with events it has not sent).
+    pub head: SpoolHead,
 }
+
+/// The seq after a source's last spooled event (see [`SourceContext::head`]).
+pub type SpoolHead = Arc<std::sync::atomic::AtomicU64>;
 
 /// The largest event the gateway can deliver, in bytes of its JSON.
 pub type EventLimit = Arc<std::sync::atomic::AtomicU64>;
@@ -212,7 +218,11 @@ impl SourceContext {
         let n_errors = commit.dead.len() as u64;
         let mut delay = Duration::from_millis(100);
         let mut paused_since: Option<Instant> = None;
-        while let Err(e) = self.spool.append(source_id, &commit.bodies, &commit.position, n_errors) {
+        let first_seq = loop {
+            let e = match self.spool.append(source_id, &commit.bodies, &commit.position, n_errors) {
+                Ok(first_seq) => break first_seq,
+                Err(e) => e,
+            };
             if let crate::spool::SpoolError::Blocked { reason, .. } = &e {
                 tracing::error!(source = %source_id, reason = %reason, "source stopped: its next seq is unknown");
                 update_status(&self.status, |s| {
@@ -238,7 +248,9 @@ impl SourceContext {
             }
             std::thread::sleep(delay);
             delay = (delay * 2).min(Duration::from_secs(2));
-        }
+        };
+        // Before waking the shipper: it reads this to know there is something to send.
+        self.head.fetch_max(first_seq + commit.bodies.len() as u64, std::sync::atomic::Ordering::Release);
         if let Some(since) = paused_since {
             info!(source = %source_id, paused_ms = since.elapsed().as_millis() as u64, "spool has room again: source resumed");
         }

@@ -220,6 +220,8 @@ pub struct Spool {
     packer: Packer,
     block_events: usize,
     block_bytes: u64,
+    /// Sources' numbers read so far (a number, once given, never changes).
+    numbers: std::collections::HashMap<String, i64>,
 }
 
 impl std::fmt::Debug for Spool {
@@ -600,6 +602,7 @@ impl Spool {
             packer: Packer::default(),
             block_events: DEFAULT_BLOCK_EVENTS,
             block_bytes: DEFAULT_BLOCK_BYTES,
+            numbers: Default::default(),
         };
         let version: usize = spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(e)?;
         if version > MIGRATIONS.len() {
@@ -815,7 +818,14 @@ impl Spool {
         mut each: impl FnMut(SpooledBlock) -> Step,
     ) -> Result<(), SpoolError> {
         let mut damaged = Vec::new();
-        let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
+        let no = match self.numbers.get(source_id) {
+            Some(no) => *no,
+            None => {
+                let Some(no) = source_no(&self.conn, source_id).map_err(|e| self.err(e))? else { return Ok(()) };
+                self.numbers.insert(source_id.to_owned(), no);
+                no
+            }
+        };
         {
             let e = |source| SpoolError::from_sqlite(&self.path, source);
             let start = start_key(&self.conn, no, from_seq).map_err(e)?;

@@ -157,7 +157,7 @@ fn order_mapping() -> anyhow::Result<MappingConfig> {
 
 enum Sink {
     Memory(VecDeque<Vec<u8>>),
-    Spool(Spool),
+    Spool(Box<Spool>),
 }
 
 /// Tails `file` to its end through the agent's real file set, tailer and mapping into `sink`;
@@ -223,9 +223,9 @@ fn bench_spool(dir: &Path, n: usize) -> anyhow::Result<()> {
     for round in 0..3 {
         memory.push(tail_into(&file, &mapping, Sink::Memory(VecDeque::new()))?.1);
         let spool = Spool::open_with(&dir.join(format!("process-{round}.db")), big)?;
-        process.push(tail_into(&file, &mapping, Sink::Spool(spool))?.1);
+        process.push(tail_into(&file, &mapping, Sink::Spool(Box::new(spool)))?.1);
         let spool = Spool::open_with(&dir.join(format!("power-{round}.db")), power_cfg)?;
-        let (n, rate) = tail_into(&file, &mapping, Sink::Spool(spool))?;
+        let (n, rate) = tail_into(&file, &mapping, Sink::Spool(Box::new(spool)))?;
         power.push(rate);
         count = n;
     }

@@ -45,6 +45,7 @@ pub(crate) fn test_context(spool_path: &Path, dead_letter: &Path, shutdown: &Can
         shutdown: shutdown.clone(),
         dead_letter: dead_letter.to_owned(),
         newest_event_ms: std::sync::atomic::AtomicI64::new(i64::MIN),
+        head: Default::default(),
     }
 }
 
