@@ -253,7 +253,8 @@ fn salvage_source(
     let mut cursor = event_key(no, 0) - 1; // last key handled
     let mut handled_end = event_key(no, 0); // the key after the last event handled
     let mut stmt = old.prepare(&format!(
-        "SELECT key, body, crc, spooled_at, {} FROM events WHERE key > ?1 AND key < ?2 ORDER BY key",
+        // The columns of `row_of`, in its order.
+        "SELECT key, body, crc, {}, spooled_at FROM events WHERE key > ?1 AND key < ?2 ORDER BY key",
         salvage_columns(old)
     ))?;
     let mut step = 1i64;
@@ -263,17 +264,7 @@ fn salvage_source(
         let scan: rusqlite::Result<()> = (|| {
             let mut rows = stmt.query(params![cursor, end])?;
             while let Some(row) = rows.next()? {
-                let key: i64 = row.get(0)?;
-                let block = SpooledBlock {
-                    first_seq: seq_of(key),
-                    n: row.get::<_, i64>(4)? as u64,
-                    raw_bytes: row.get::<_, i64>(6)? as u64,
-                    max_len: row.get::<_, i64>(7)? as u64,
-                    body: row.get(1)?,
-                    packed: row.get::<_, i64>(5)? != 0,
-                    spooled_at: row.get(3)?,
-                };
-                let crc: i64 = row.get(2)?;
+                let (key, crc, block) = row_of(row)?;
                 if let Some(from) = damaged_since.take() {
                     lost += (key - from).max(0) as u64;
                 }
