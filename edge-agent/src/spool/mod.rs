@@ -759,11 +759,13 @@ impl Spool {
         max_bytes: usize,
     ) -> Result<Vec<SpooledBlock>, SpoolError> {
         let mut out = Vec::new();
+        let (mut n, mut bytes) = (0u64, 0u64);
         self.scan(source_id, from_seq, |block| {
-            let (n, bytes) = out.iter().fold((0, 0), |(n, b), x: &SpooledBlock| (n + x.n, b + x.raw_bytes));
             if !out.is_empty() && (n + block.n > max_events as u64 || bytes + block.raw_bytes > max_bytes as u64) {
                 return Step::Stop;
             }
+            n += block.n;
+            bytes += block.raw_bytes;
             out.push(block);
             Step::Next
         })?;
