@@ -149,12 +149,18 @@ fn every_role_and_the_agent_serve_metrics_that_count_what_happened() {
     .unwrap();
 
     // The processor: every event applied once, the consumer's lag per partition (librdkafka's
-    // statistics, every five seconds) down to zero.
-    wait_until(TIMEOUT, "the processor's consumer lag to be reported and zero", || {
+    // statistics, every five seconds) reported for every topic it reads, and down to zero on the
+    // domain topics. The fleet topic takes a heartbeat a second while the agent is connected, so
+    // its lag is whatever was in flight when the statistics were taken (0 or 1 here): only that
+    // it is reported is checked.
+    let fleet_topic = actidash_shared::kafka::fleet_topic(&d.topic_prefix);
+    wait_until(TIMEOUT, "the processor's consumer lag to be reported, and zero on the domain topics", || {
         let p = page("processor")?;
         let lags: Vec<Sample> =
             samples(&p).into_iter().filter(|s| s.name == "actidash_kafka_consumer_lag_messages").collect();
-        Ok(!lags.is_empty() && lags.iter().all(|s| s.value == 0.0))
+        let (fleet, domains): (Vec<Sample>, Vec<Sample>) =
+            lags.into_iter().partition(|s| s.labels["topic"] == fleet_topic);
+        Ok(!fleet.is_empty() && !domains.is_empty() && domains.iter().all(|s| s.value == 0.0))
     })
     .unwrap();
     let processor_page = page("processor").unwrap();
@@ -207,7 +213,10 @@ fn every_role_and_the_agent_serve_metrics_that_count_what_happened() {
     assert_eq!(g["fleet"]["attention"][0]["agent_id"], "shop", "{g:#}");
     assert!(g["fleet"]["attention"][0]["reason"].as_str().unwrap().contains("bad records"), "{g:#}");
     let p = status("processor");
-    assert_eq!((p["processed_events"].as_f64(), p["consumer_lag"].as_f64()), (Some(n_valid), Some(0.0)), "{p:#}");
+    // Its lag sums every partition, the fleet topic's heartbeat in flight included (the status's
+    // sum is checked by its unit test): here only that it is read.
+    assert_eq!(p["processed_events"].as_f64(), Some(n_valid), "{p:#}");
+    assert!(p["consumer_lag"].as_f64().is_some(), "{p:#}");
     assert!(p["store_commit_ms_mean"].as_f64().is_some_and(|ms| ms > 0.0), "{p:#}");
     let unreachable = Command::new(bin("cloud-aggregator").unwrap())
         .args(["status", "--once", "--metrics-url", &format!("http://127.0.0.1:{}/metrics", free_tcp_port())])
