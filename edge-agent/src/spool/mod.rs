@@ -481,7 +481,6 @@ fn remove_events(
         .prepare_cached(select_rows!("WHERE key >= ?1 AND key < ?2 ORDER BY key"))?
         .query_map(params![start_key(tx, no, from)?, event_key(no, to)], row_of)?
         .collect::<rusqlite::Result<_>>()?;
-    let (mut quarantined_n, mut quarantined_bytes) = (0u64, 0u64);
     for (key, crc, block) in rows {
         let whole = pick.is_none() && block.first_seq >= from && block.end_seq() <= to;
         if whole && !want_bodies {
@@ -499,8 +498,6 @@ fn remove_events(
             Ok(events) => events,
             Err(reason) => {
                 quarantine_block(tx, source_id, key, &block, &reason)?;
-                quarantined_n += block.n;
-                quarantined_bytes += block.raw_bytes;
                 continue;
             }
         };
@@ -531,12 +528,12 @@ fn remove_events(
         }
     }
     tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")?
-        .execute(params![(removed.n + quarantined_n) as i64, (removed.bytes + quarantined_bytes) as i64])?;
+        .execute(params![removed.n as i64, removed.bytes as i64])?;
     Ok(removed)
 }
 
-/// Moves a damaged row to quarantine (its body kept as stored) and counts its events; the
-/// caller adjusts the totals.
+/// Moves a damaged row to quarantine (its body kept as stored), counts its events against the
+/// source and takes them out of the spool's totals.
 fn quarantine_block(
     tx: &Connection,
     source_id: &str,
@@ -555,6 +552,8 @@ fn quarantine_block(
         .execute(params![source_id, block.first_seq as i64, block.body, reason, now_ms()])?;
     tx.prepare_cached("UPDATE sources SET n_quarantined = n_quarantined + ?2 WHERE source_id = ?1")?
         .execute(params![source_id, block.n as i64])?;
+    tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")?
+        .execute(params![block.n as i64, block.raw_bytes as i64])?;
     Ok(())
 }
 
@@ -844,9 +843,6 @@ impl Spool {
             let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).map_err(e)?;
             for (key, block, reason) in damaged {
                 quarantine_block(&tx, source_id, key, &block, &reason).map_err(e)?;
-                tx.prepare_cached("UPDATE totals SET n_events = n_events - ?1, n_bytes = n_bytes - ?2 WHERE id = 1")
-                    .and_then(|mut st| st.execute(params![block.n as i64, block.raw_bytes as i64]))
-                    .map_err(e)?;
             }
             tx.commit().map_err(e)?;
         }
