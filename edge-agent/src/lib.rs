@@ -11,6 +11,7 @@ pub mod identity;
 pub mod mapping;
 pub mod preview;
 pub mod private;
+pub mod quiet;
 pub mod reload;
 pub mod retry;
 pub mod secret;

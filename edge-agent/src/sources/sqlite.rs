@@ -156,6 +156,7 @@ impl SqliteSource {
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
         let mut conn: Option<Connection> = None;
         let mut delay = poll;
+        let mut quiet = crate::quiet::Quiet::default();
         while !self.ctx.shutdown.is_cancelled() {
             if conn.is_none() {
                 match open_read_only(&self.config.path) {
@@ -187,6 +188,13 @@ impl SqliteSource {
                     None => continue,
                 };
             let n_rows = rows.len();
+            if self.ctx.settle(&id, &mut quiet, n_rows > 0)
+                && let Some(c) = &conn
+            {
+                // The database's pages read so far: the next poll reads them again.
+                c.flush_prepared_statement_cache();
+                let _ = c.release_memory();
+            }
             if n_rows > 0 {
                 match self.spool_rows(rows, &mut position, next_seq)? {
                     Some(n) => next_seq = n,

@@ -1103,6 +1103,15 @@ impl Spool {
         Ok(report)
     }
 
+    /// Gives back the memory kept for the next write or read: the page cache's unused pages,
+    /// the parsed statements and the packer's compressor and buffer. For a quiet spell (see
+    /// [`crate::quiet`]); the next transaction builds what it needs again.
+    pub fn release_memory(&mut self) -> Result<(), SpoolError> {
+        self.packer = Packer::default();
+        self.conn.flush_prepared_statement_cache();
+        self.conn.release_memory().map_err(|source| SpoolError::from_sqlite(&self.path, source))
+    }
+
     /// Quick structural check, for start-up.
     pub fn quick_check(&self) -> Result<bool, SpoolError> {
         let first: String = self.conn.query_row("PRAGMA quick_check(1)", [], |r| r.get(0)).map_err(|e| self.err(e))?;

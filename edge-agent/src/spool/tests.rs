@@ -346,6 +346,8 @@ enum Action {
     DiskFreed,
     /// A salvage of the (healthy) spool: nothing may change.
     Salvage,
+    /// A quiet spell's release of caches and buffers: nothing may change.
+    ReleaseMemory,
     /// A source's row falls behind (set `back` seqs lower), then a salvage: while its newest
     /// event is still spooled, its next seq is recovered from it.
     StaleRowThenSalvage {
@@ -362,6 +364,7 @@ fn action() -> impl Strategy<Value = Action> {
         1 => Just(Action::DiskFull),
         1 => Just(Action::DiskFreed),
         1 => Just(Action::Salvage),
+        1 => Just(Action::ReleaseMemory),
         1 => (0u8..3, 1u8..5).prop_map(|(source, back)| Action::StaleRowThenSalvage { source, back }),
     ]
 }
@@ -433,6 +436,7 @@ proptest! {
                     spool = Spool::open_with(&path, config).unwrap();
                     disk_full = false;
                 }
+                Action::ReleaseMemory => spool.release_memory().unwrap(),
                 Action::StaleRowThenSalvage { source, back } => {
                     let id = format!("s{source}");
                     // Only while the newest event is spooled (the queue ends at next_seq - 1):

@@ -134,7 +134,20 @@ impl Acker {
         let thread = std::thread::Builder::new()
             .name("spool-acker".into())
             .spawn(move || {
-                while let Ok(first) = rx.recv() {
+                let mut quiet = crate::quiet::Quiet::default();
+                loop {
+                    let first = match rx.recv_timeout(crate::quiet::Quiet::AFTER) {
+                        Ok(first) => first,
+                        Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                            if quiet.settle(false, Instant::now())
+                                && let Err(e) = spool.release_memory()
+                            {
+                                warn!(error = %e, "cannot release the acker's spool memory");
+                            }
+                            continue;
+                        }
+                        Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
+                    };
                     let mut spans = vec![first];
                     spans.extend(rx.try_iter().take(1_023));
                     let mut delay = Duration::from_millis(50);
@@ -143,6 +156,7 @@ impl Acker {
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(Duration::from_secs(2));
                     }
+                    quiet.settle(true, Instant::now());
                 }
             })
             .context("spawning the spool acker")?;
@@ -315,7 +329,16 @@ impl Shipper {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let session_start = Instant::now();
+        let mut quiet = crate::quiet::Quiet::default();
         loop {
+            // Nothing in flight for a while: the packer's and the spool connection's memory go
+            // back (at least every tick comes through here).
+            if quiet.settle(!in_flight.is_empty(), Instant::now()) {
+                self.packer = batch::Packer::default();
+                if let Err(e) = self.spool.release_memory() {
+                    warn!(error = %e, "cannot release the shipper's spool memory");
+                }
+            }
             if session.is_ready() {
                 self.fill_window(&mut session, &mut cursors, &mut in_flight)?;
             }

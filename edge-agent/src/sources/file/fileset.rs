@@ -264,7 +264,6 @@ impl FileSet {
         self.active.len()
     }
 
-    /// For the status: the files being read and how far (the first few).
     /// The bytes of the open plain files past what was read and committed: how far behind their
     /// ends the source is.
     pub fn bytes_behind(&self) -> u64 {
@@ -278,6 +277,14 @@ impl FileSet {
             .sum()
     }
 
+    /// Gives back the open files' read buffers, for a quiet spell.
+    pub fn release_buffers(&mut self) {
+        for a in &mut self.active {
+            a.tailer.release_buffers();
+        }
+    }
+
+    /// For the status: the files being read and how far (the first few).
     pub fn summary(&self) -> String {
         let mut parts: Vec<String> = self
             .active

@@ -229,6 +229,11 @@ impl FileTailer {
             if items.len() >= max_items {
                 break;
             }
+            if self.chunk.is_empty() {
+                // Given back in a quiet spell ([`Tailer::release_buffers`]); calloc'd again,
+                // so only the pages reads fill count.
+                self.chunk = vec![0u8; READ_CHUNK];
+            }
             let n = match &mut self.reader {
                 Reader::Plain(file) => file.read(&mut self.chunk)?,
                 Reader::Gzip(Some(decoder)) => decoder.read(&mut self.chunk)?,
@@ -244,6 +249,13 @@ impl FileTailer {
             self.pending.extend_from_slice(&self.chunk[..n]);
         }
         Ok(items)
+    }
+
+    /// Gives back the read buffer and a partial line's spare room, for a quiet spell; the next
+    /// poll allocates the buffer again.
+    pub fn release_buffers(&mut self) {
+        self.chunk = Vec::new();
+        self.pending.shrink_to_fit();
     }
 
     /// The file is done (rotated away and read to its end, or a finished gzip file): its last
@@ -351,6 +363,10 @@ mod tests {
         append(&path, "one\r\ntwo\nthr");
         assert_eq!(lines(&t.poll(10).unwrap()), ["one", "two"]);
         assert_eq!(t.position().offset, 9);
+        // A quiet spell gives the buffers back: the partial line is kept, and the next poll
+        // reads on.
+        t.release_buffers();
+        assert!(t.chunk.is_empty());
         append(&path, "ee\n");
         assert_eq!(lines(&t.poll(10).unwrap()), ["three"]);
         let pos = t.position();
