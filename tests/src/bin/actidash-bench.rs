@@ -1062,6 +1062,21 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
     Ok((rss, ticks / 100.0))
 }
 
+/// A process's resident memory from `/proc/<pid>/status`, in KiB: anonymous (heap, stacks,
+/// relocated data) and file-backed (the binary's and libraries' pages).
+fn proc_rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    Ok((field("RssAnon:"), field("RssFile:") + field("RssShmem:")))
+}
+
 fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
     fresh(dir)?;
     let data = dir.join("onprem");
@@ -1076,15 +1091,18 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyh
 
     // Rounds of an idle spell then a loaded one, in the same process.
     let mut g = Generator::new(3, 0);
-    let (mut idle_cpu, mut idle_rss, mut loaded_cpu, mut max_rss, mut achieved) =
-        (Vec::new(), 0u64, Vec::new(), 0u64, Vec::new());
+    let (mut idle_cpu, mut loaded_cpu, mut max_rss, mut achieved) = (Vec::new(), Vec::new(), 0u64, Vec::new());
+    // RSS at the end of each idle spell, (total, anonymous, file-backed): the first before any
+    // load, the others after one (what a load leaves behind).
+    let mut idle_rss: Vec<(u64, u64, u64)> = Vec::new();
     for _ in 0..rounds {
         let (_, cpu0) = proc_usage(pid)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(seconds));
         let (rss, cpu1) = proc_usage(pid)?;
         idle_cpu.push((cpu1 - cpu0) / t0.elapsed().as_secs_f64());
-        idle_rss = idle_rss.max(rss);
+        let (anon, file) = proc_rss_split(pid)?;
+        idle_rss.push((rss, anon, file));
 
         let (_, cpu2) = proc_usage(pid)?;
         let t1 = Instant::now();
@@ -1113,15 +1131,22 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyh
     println!(
         "### P7: agent footprint (4 file sources, shipping over QUIC; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n"
     );
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    let rss_of = |spells: &[(u64, u64, u64)]| -> String {
+        match spells.iter().max() {
+            Some((rss, anon, file)) => {
+                format!("{:.1} MiB (anonymous {:.1}, file-backed {:.1})", mib(*rss), mib(*anon), mib(*file))
+            }
+            None => "-".to_owned(),
+        }
+    };
     println!("| state | CPU (cores) | RSS |");
     println!("|---|---:|---:|");
-    println!("| idle | {} | {:.1} MiB (max) |", thousandths(&idle_cpu), idle_rss as f64 / 1024.0);
-    println!(
-        "| {:.0} events/s | {} | {:.1} MiB (max) |\n",
-        median(achieved),
-        thousandths(&loaded_cpu),
-        max_rss as f64 / 1024.0
-    );
+    println!("| idle | {} | before any load: {} |", thousandths(&idle_cpu), rss_of(&idle_rss[..1.min(idle_rss.len())]));
+    if idle_rss.len() > 1 {
+        println!("| idle after a load | | {} (max) |", rss_of(&idle_rss[1..]));
+    }
+    println!("| {:.0} events/s | {} | {:.1} MiB (max) |\n", median(achieved), thousandths(&loaded_cpu), mib(max_rss));
     Ok(())
 }
 
