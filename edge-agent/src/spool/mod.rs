@@ -1103,6 +1103,16 @@ impl Spool {
         Ok(report)
     }
 
+    /// Runs `read` in one read transaction: what it reads is one moment of the spool, and its
+    /// queries share one WAL read lock instead of taking one each.
+    pub fn read_at_once<T>(&self, read: impl FnOnce(&Spool) -> Result<T, SpoolError>) -> Result<T, SpoolError> {
+        let e = |source| SpoolError::from_sqlite(&self.path, source);
+        let tx = self.conn.unchecked_transaction().map_err(e)?;
+        let out = read(self)?;
+        tx.commit().map_err(e)?;
+        Ok(out)
+    }
+
     /// Gives back the memory kept for the next write or read: the page cache's unused pages,
     /// the parsed statements and the packer's compressor and buffer. For a quiet spell (see
     /// [`crate::quiet`]); the next transaction builds what it needs again.

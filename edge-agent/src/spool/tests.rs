@@ -627,3 +627,24 @@ fn drop_oldest_takes_only_what_it_needs_from_a_block() {
     assert_eq!(spool.stats().unwrap().n_bytes, 70);
     assert!(spool.verify().unwrap().is_ok());
 }
+
+/// A read at once sees one moment of the spool: an append by another connection in the
+/// middle of it shows only in the next read.
+#[test]
+fn a_read_at_once_sees_one_moment() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let reader = Spool::open(&path).unwrap();
+    let mut writer = Spool::open(&path).unwrap();
+    writer.append("a", &[body(0)], "", 0).unwrap();
+    let (before, during) = reader
+        .read_at_once(|spool| {
+            let before = spool.totals()?;
+            writer.append("a", &[body(1), body(2)], "", 0).unwrap();
+            Ok((before, (spool.totals()?, spool.source_state("a")?.next_seq)))
+        })
+        .unwrap();
+    assert_eq!(before, (1, 7));
+    assert_eq!(during, ((1, 7), 1), "the append is not seen inside the read");
+    assert_eq!((reader.totals().unwrap(), reader.source_state("a").unwrap().next_seq), ((3, 21), 3));
+}

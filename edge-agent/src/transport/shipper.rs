@@ -649,22 +649,25 @@ pub fn snapshot(
     started: Instant,
     spool_max_bytes: u64,
 ) -> anyhow::Result<Heartbeat> {
-    // The totals only: each source's oldest event is read below, for its lag.
-    let (spool_events, spool_bytes) = spool.totals()?;
     let now_ms = chrono::Utc::now().timestamp_millis();
     let mut sources: Vec<SourceStatus> =
         statuses.iter().map(|s| s.lock().unwrap_or_else(|p| p.into_inner()).clone()).collect();
-    // Drops and quarantines happen outside the source (in other sources' appends, in the
-    // shipper's reads): the spool has the true counts.
-    for status in &mut sources {
-        let state = spool.source_state(&status.source_id)?;
-        status.n_dropped = state.n_dropped;
-        status.n_quarantined = state.n_quarantined;
-        status.n_refused = state.n_refused;
-        status.refused_by_reason = spool.refused_counts(&status.source_id)?;
-        status.lag_ms =
-            spool.oldest_spooled_at(&status.source_id)?.map_or(0, |at| u64::try_from(now_ms - at).unwrap_or(0));
-    }
+    // One read transaction: the totals and every source's counts are of the same moment.
+    let (spool_events, spool_bytes) = spool.read_at_once(|spool| {
+        // Drops and quarantines happen outside the source (in other sources' appends, in the
+        // shipper's reads): the spool has the true counts.
+        for status in &mut sources {
+            let state = spool.source_state(&status.source_id)?;
+            status.n_dropped = state.n_dropped;
+            status.n_quarantined = state.n_quarantined;
+            status.n_refused = state.n_refused;
+            status.refused_by_reason = spool.refused_counts(&status.source_id)?;
+            status.lag_ms =
+                spool.oldest_spooled_at(&status.source_id)?.map_or(0, |at| u64::try_from(now_ms - at).unwrap_or(0));
+        }
+        // The totals only: each source's oldest event was read above, for its lag.
+        spool.totals()
+    })?;
     Ok(Heartbeat {
         agent_version: AGENT_VERSION.into(),
         transport: String::new(),
