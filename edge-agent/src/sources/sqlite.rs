@@ -193,7 +193,9 @@ impl SqliteSource {
             {
                 // The database's pages read so far: the next poll reads them again.
                 c.flush_prepared_statement_cache();
-                let _ = c.release_memory();
+                if let Err(e) = c.release_memory() {
+                    warn!(source = %id, error = %e, "cannot release the database connection's memory");
+                }
             }
             if n_rows > 0 {
                 match self.spool_rows(rows, &mut position, next_seq)? {

@@ -230,7 +230,7 @@ impl FileTailer {
                 break;
             }
             if self.chunk.is_empty() {
-                // Given back in a quiet spell ([`Tailer::release_buffers`]); calloc'd again,
+                // Given back in a quiet spell (`FileTailer::release_buffers`); calloc'd again,
                 // so only the pages reads fill count.
                 self.chunk = vec![0u8; READ_CHUNK];
             }
