@@ -203,19 +203,6 @@ impl SourceContext {
         Ok(body)
     }
 
-    /// Notes a round of the source (`busy`: it read something); once a quiet spell has lasted
-    /// (see [`crate::quiet`]), gives back the spool connection's memory and returns true, for
-    /// the source to give back its own buffers.
-    pub(crate) fn settle(&mut self, source_id: &str, quiet: &mut crate::quiet::Quiet, busy: bool) -> bool {
-        if !quiet.settle(busy, Instant::now()) {
-            return false;
-        }
-        if let Err(e) = self.spool.release_memory() {
-            warn!(source = %source_id, error = %e, "cannot release the spool connection's memory");
-        }
-        true
-    }
-
     /// Writes the dead letters, then the events with the new position and the error count in
     /// one spool transaction, and wakes the shipper. While the spool is full (or the disk, or
     /// the spool is unwritable) the same append is retried: the source is paused and keeps its

@@ -156,7 +156,6 @@ impl SqliteSource {
         let poll = Duration::from_millis(self.config.poll_interval_ms.max(10));
         let mut conn: Option<Connection> = None;
         let mut delay = poll;
-        let mut quiet = crate::quiet::Quiet::default();
         while !self.ctx.shutdown.is_cancelled() {
             if conn.is_none() {
                 match open_read_only(&self.config.path) {
@@ -188,7 +187,7 @@ impl SqliteSource {
                     None => continue,
                 };
             let n_rows = rows.len();
-            if self.ctx.settle(&id, &mut quiet, n_rows > 0)
+            if self.ctx.spool.settle(n_rows > 0)
                 && let Some(c) = &conn
             {
                 // The database's pages read so far: the next poll reads them again.

@@ -222,6 +222,8 @@ pub struct Spool {
     block_bytes: u64,
     /// Sources' numbers read so far (a number, once given, never changes).
     numbers: std::collections::HashMap<String, i64>,
+    /// The owner's quiet spell (see [`Spool::settle`]).
+    quiet: crate::quiet::Quiet,
 }
 
 impl std::fmt::Debug for Spool {
@@ -593,6 +595,7 @@ impl Spool {
             block_events: DEFAULT_BLOCK_EVENTS,
             block_bytes: DEFAULT_BLOCK_BYTES,
             numbers: Default::default(),
+            quiet: Default::default(),
         };
         let version: usize = spool.conn.pragma_query_value(None, "user_version", |r| r.get(0)).map_err(e)?;
         if version > MIGRATIONS.len() {
@@ -1111,6 +1114,20 @@ impl Spool {
         let out = read(self)?;
         tx.commit().map_err(e)?;
         Ok(out)
+    }
+
+    /// Notes a round of the connection's owner (a source, the shipper, the acker; `busy`: it
+    /// did something). Once a quiet spell has lasted (see [`crate::quiet`]), gives back the
+    /// memory kept for the next round ([`Spool::release_memory`]) and returns true, for the
+    /// owner to give back its own.
+    pub fn settle(&mut self, busy: bool) -> bool {
+        if !self.quiet.settle(busy, std::time::Instant::now()) {
+            return false;
+        }
+        if let Err(e) = self.release_memory() {
+            tracing::warn!(error = %e, "cannot release the spool connection's memory");
+        }
+        true
     }
 
     /// Gives back the memory kept for the next write or read: the page cache's unused pages,

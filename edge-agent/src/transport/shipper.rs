@@ -134,16 +134,11 @@ impl Acker {
         let thread = std::thread::Builder::new()
             .name("spool-acker".into())
             .spawn(move || {
-                let mut quiet = crate::quiet::Quiet::default();
                 loop {
                     let first = match rx.recv_timeout(crate::quiet::Quiet::AFTER) {
                         Ok(first) => first,
                         Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                            if quiet.settle(false, Instant::now())
-                                && let Err(e) = spool.release_memory()
-                            {
-                                warn!(error = %e, "cannot release the acker's spool memory");
-                            }
+                            spool.settle(false);
                             continue;
                         }
                         Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
@@ -156,7 +151,7 @@ impl Acker {
                         std::thread::sleep(delay);
                         delay = (delay * 2).min(Duration::from_secs(2));
                     }
-                    quiet.settle(true, Instant::now());
+                    spool.settle(true);
                 }
             })
             .context("spawning the spool acker")?;
@@ -329,15 +324,11 @@ impl Shipper {
         let mut tick = tokio::time::interval(Duration::from_millis(200));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let session_start = Instant::now();
-        let mut quiet = crate::quiet::Quiet::default();
         loop {
-            // Nothing in flight for a while: the packer's and the spool connection's memory go
+            // Nothing in flight for a while: the spool connection's memory and the packer's go
             // back (at least every tick comes through here).
-            if quiet.settle(!in_flight.is_empty(), Instant::now()) {
+            if self.spool.settle(!in_flight.is_empty()) {
                 self.packer = batch::Packer::default();
-                if let Err(e) = self.spool.release_memory() {
-                    warn!(error = %e, "cannot release the shipper's spool memory");
-                }
             }
             if session.is_ready() {
                 self.fill_window(&mut session, &mut cursors, &mut in_flight)?;

@@ -306,7 +306,6 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
     let (mut rows_behind, mut rows_counted_at): (Option<u64>, Option<std::time::Instant>) = (None, None);
     let mut backoff = Backoff::new(poll, Duration::from_millis(config.max_backoff_ms.max(100)));
     let mut connected = false;
-    let mut quiet = crate::quiet::Quiet::default();
     while !ctx.shutdown.is_cancelled() {
         if !connected {
             match reader.connect() {
@@ -338,7 +337,7 @@ pub fn run_polling(config: &DbSourceConfig, ctx: &mut SourceContext, reader: &mu
             }
         };
         let n_rows = rows.len();
-        ctx.settle(&id, &mut quiet, n_rows > 0);
+        ctx.spool.settle(n_rows > 0);
         if n_rows > 0 {
             match spool_rows(config, ctx, &where_, rows, &mut position, next_seq)? {
                 Some(n) => next_seq = n,

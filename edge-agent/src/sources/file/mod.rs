@@ -213,7 +213,6 @@ impl FileSource {
         let scan_interval = Duration::from_millis(self.config.scan_interval_ms.max(10));
         let mut last_scan: Option<Instant> = None;
         let mut woken = false;
-        let mut quiet = crate::quiet::Quiet::default();
 
         while !self.ctx.shutdown.is_cancelled() {
             let now = Instant::now();
@@ -234,7 +233,7 @@ impl FileSource {
                 Some(n) => next_seq = n,
                 None => break, // shut down while waiting for room
             }
-            if self.ctx.settle(&id, &mut quiet, n_items > 0) {
+            if self.ctx.spool.settle(n_items > 0) {
                 files.release_buffers();
             }
             let behind = files.bytes_behind();
