@@ -175,12 +175,12 @@ struct Series {
 #[derive(Debug, Default, Clone)]
 pub struct Deltas {
     /// Encoded (table, tenant, dims) -> index into `series`.
-    ids: FxHashMap<Box<str>, u32>,
+    ids: FxHashMap<Box<[u8]>, u32>,
     series: Vec<Series>,
     /// (series, minute) -> sums.
     rows: FxHashMap<(u32, i64), [i64; MAX_METRICS]>,
     /// Scratch for encoding keys.
-    buf: String,
+    buf: Vec<u8>,
 }
 
 impl Deltas {
@@ -214,16 +214,15 @@ impl Deltas {
         }
     }
 
-    /// The id of a (table, tenant, dims), length-prefixed so that no two differ only in where
-    /// one part ends.
+    /// The id of a (table, tenant, dims), each part prefixed by its length (8 bytes, not
+    /// formatted: this runs for every delta) so that no two differ only in where one part ends.
     fn intern(&mut self, table: &'static TableSpec, tenant: &str, dims: &[&str]) -> u32 {
-        use std::fmt::Write as _;
         self.buf.clear();
         for part in [table.name, tenant].iter().chain(dims) {
-            let _ = write!(self.buf, "{}:", part.len());
-            self.buf.push_str(part);
+            self.buf.extend_from_slice(&(part.len() as u64).to_le_bytes());
+            self.buf.extend_from_slice(part.as_bytes());
         }
-        if let Some(id) = self.ids.get(self.buf.as_str()) {
+        if let Some(id) = self.ids.get(self.buf.as_slice()) {
             return *id;
         }
         let id = u32::try_from(self.series.len()).unwrap_or(u32::MAX);
@@ -232,7 +231,7 @@ impl Deltas {
             tenant: tenant.to_owned(),
             dims: dims.iter().map(|d| (*d).to_owned()).collect(),
         });
-        self.ids.insert(self.buf.as_str().into(), id);
+        self.ids.insert(self.buf.as_slice().into(), id);
         id
     }
 
