@@ -53,6 +53,7 @@ pub mod tables;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use actidash_shared::event::{Event, OrderStatus, Payload};
+use rustc_hash::FxHashMap;
 use serde::Deserialize;
 
 use crate::store::db::{Cols, DbError, Tx, Val};
@@ -476,35 +477,65 @@ fn retract(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Cre
 /// Replaces an order's credits `old` by `new` (both sorted) in the attribution roll-up: one
 /// delta per model, channel and campaign whose credit changed.
 fn credit_change(deltas: &mut Deltas, tenant: &str, time_ms: i64, currency: &str, old: &[Credit], new: &[Credit]) {
-    use std::cmp::Ordering;
-    fn key(c: &Credit) -> (attribution::Model, &str, &str) {
-        (c.model, &c.channel, &c.campaign)
+    let mut sums = CreditSums::default();
+    sums.change(time_ms, currency, old, new);
+    sums.write(deltas, tenant);
+}
+
+/// Changes of orders' credits summed per bucket of the attribution roll-up's finest grain,
+/// model, channel, campaign and currency before they become roll-up deltas: a customer's
+/// orders share few keys, and a busy customer has hundreds of orders re-credited in a commit.
+#[derive(Default)]
+struct CreditSums<'a> {
+    sums: FxHashMap<(i64, attribution::Model, &'a str, &'a str, &'a str), [i64; 2]>,
+}
+
+impl<'a> CreditSums<'a> {
+    /// Adds the change of an order at `time_ms` from `old` to `new` (both sorted).
+    fn change(&mut self, time_ms: i64, currency: &'a str, old: &'a [Credit], new: &'a [Credit]) {
+        use std::cmp::Ordering;
+        fn key(c: &Credit) -> (attribution::Model, &str, &str) {
+            (c.model, &c.channel, &c.campaign)
+        }
+        let grain_ms = tables::ATTRIBUTION.finest * 1000;
+        let bucket = time_ms.div_euclid(grain_ms) * grain_ms;
+        let (mut i, mut j) = (0, 0);
+        while i < old.len() || j < new.len() {
+            let (c, orders, revenue) = match (old.get(i), new.get(j)) {
+                (Some(o), Some(n)) if key(o) == key(n) => {
+                    (i, j) = (i + 1, j + 1);
+                    (n, n.orders_micro.saturating_sub(o.orders_micro), n.revenue_nano.saturating_sub(o.revenue_nano))
+                }
+                (Some(o), n) if n.is_none_or(|n| key(o).cmp(&key(n)) == Ordering::Less) => {
+                    i += 1;
+                    (o, o.orders_micro.saturating_neg(), o.revenue_nano.saturating_neg())
+                }
+                (_, Some(n)) => {
+                    j += 1;
+                    (n, n.orders_micro, n.revenue_nano)
+                }
+                (_, None) => break,
+            };
+            if orders != 0 || revenue != 0 {
+                let sum = self.sums.entry((bucket, c.model, &c.channel, &c.campaign, currency)).or_default();
+                sum[0] = sum[0].saturating_add(orders);
+                sum[1] = sum[1].saturating_add(revenue);
+            }
+        }
     }
-    let (mut i, mut j) = (0, 0);
-    while i < old.len() || j < new.len() {
-        let (c, orders, revenue) = match (old.get(i), new.get(j)) {
-            (Some(o), Some(n)) if key(o) == key(n) => {
-                (i, j) = (i + 1, j + 1);
-                (n, n.orders_micro.saturating_sub(o.orders_micro), n.revenue_nano.saturating_sub(o.revenue_nano))
+
+    /// The sums, as deltas of the attribution roll-up.
+    fn write(self, deltas: &mut Deltas, tenant: &str) {
+        for ((bucket, model, channel, campaign, currency), [orders, revenue]) in self.sums {
+            if orders != 0 || revenue != 0 {
+                deltas.add(
+                    &tables::ATTRIBUTION,
+                    tenant,
+                    bucket,
+                    &[model.name(), channel, campaign, currency],
+                    &[orders, revenue],
+                );
             }
-            (Some(o), n) if n.is_none_or(|n| key(o).cmp(&key(n)) == Ordering::Less) => {
-                i += 1;
-                (o, o.orders_micro.saturating_neg(), o.revenue_nano.saturating_neg())
-            }
-            (_, Some(n)) => {
-                j += 1;
-                (n, n.orders_micro, n.revenue_nano)
-            }
-            (_, None) => break,
-        };
-        if orders != 0 || revenue != 0 {
-            deltas.add(
-                &tables::ATTRIBUTION,
-                tenant,
-                time_ms,
-                &[c.model.name(), &c.channel, &c.campaign, currency],
-                &[orders, revenue],
-            );
         }
     }
 }
@@ -545,21 +576,29 @@ fn attribute(
         .collect();
     let orders: Vec<(i64, i64)> = rows.iter().map(|r| (r[1].int_or_zero(), r[2].int_or_zero())).collect();
     let credited = attribution::credit_orders(&orders, &touches, params);
-    for (row, new) in rows.into_iter().zip(credited) {
+    // The changed orders (time, currency, old credits, index in `credited`), kept to the end:
+    // their credit changes are summed before they become deltas.
+    let mut changed: Vec<(i64, String, Vec<Credit>, usize)> = Vec::new();
+    for (i, (row, new)) in rows.into_iter().zip(&credited).enumerate() {
         let mut c = Cols::new(row);
         let order_id = c.text();
         let (time_ms, _amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
-        let text = credits_text(&new);
+        let text = credits_text(new);
         if text == stored {
             continue;
         }
         let old = parse_credits(&stored, tenant, &order_id)?;
-        credit_change(deltas, tenant, time_ms, &currency, &old, &new);
         tx.exec(
             "UPDATE attr_orders SET credits = ?3 WHERE tenant = ?1 AND order_id = ?2",
             &[tenant.into(), order_id.into(), text.into()],
         )?;
+        changed.push((time_ms, currency, old, i));
     }
+    let mut sums = CreditSums::default();
+    for (time_ms, currency, old, i) in &changed {
+        sums.change(*time_ms, currency, old, &credited[*i]);
+    }
+    sums.write(deltas, tenant);
     Ok(())
 }
 
@@ -739,5 +778,32 @@ mod tests {
         let mut deltas = Deltas::default();
         credit_change(&mut deltas, "t", 0, "EUR", &[], &[]);
         assert!(deltas.is_empty());
+    }
+
+    #[test]
+    fn credit_changes_are_summed_per_hour_and_key_before_they_are_deltas() {
+        const HOUR: i64 = 3_600_000;
+        let a = [c(Model::Linear, "a", 4)];
+        let b = [c(Model::Linear, "a", 6), c(Model::Linear, "b", 1)];
+        let mut sums = CreditSums::default();
+        sums.change(10 * HOUR + 5, "EUR", &[], &a);
+        sums.change(10 * HOUR + 59 * 60_000, "EUR", &a, &b);
+        sums.change(11 * HOUR, "EUR", &[], &a);
+        sums.change(10 * HOUR + 1, "USD", &b, &[]);
+        sums.change(10 * HOUR + 2, "USD", &[], &b);
+        let mut deltas = Deltas::default();
+        sums.write(&mut deltas, "t");
+        let rows: Vec<(i64, String, String, i64, i64)> = deltas
+            .by_grain()
+            .into_iter()
+            .filter(|r| r.grain == 3600)
+            .map(|r| (r.bucket, r.dims[1].clone(), r.dims[3].clone(), r.metrics()[0], r.metrics()[1]))
+            .collect();
+        let row = |hour: i64, ch: &str, cur: &str, o: i64| (hour * 3600, ch.to_owned(), cur.to_owned(), o, o * 10);
+        assert_eq!(
+            rows,
+            [row(10, "a", "EUR", 6), row(11, "a", "EUR", 4), row(10, "b", "EUR", 1)],
+            "one row per hour and key; changes that cancel out (USD) give none"
+        );
     }
 }
