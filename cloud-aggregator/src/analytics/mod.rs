@@ -576,10 +576,10 @@ fn attribute(
         .collect();
     let orders: Vec<(i64, i64)> = rows.iter().map(|r| (r[1].int_or_zero(), r[2].int_or_zero())).collect();
     let credited = attribution::credit_orders(&orders, &touches, params);
-    // The changed orders (time, currency, old credits, index in `credited`), kept to the end:
-    // their credit changes are summed before they become deltas.
-    let mut changed: Vec<(i64, String, Vec<Credit>, usize)> = Vec::new();
-    for (i, (row, new)) in rows.into_iter().zip(&credited).enumerate() {
+    // The changed orders (time, currency, old and new credits), kept to the end: their credit
+    // changes are summed before they become deltas.
+    let mut changed: Vec<(i64, String, Vec<Credit>, &[Credit])> = Vec::new();
+    for (row, new) in rows.into_iter().zip(&credited) {
         let mut c = Cols::new(row);
         let order_id = c.text();
         let (time_ms, _amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
@@ -592,11 +592,11 @@ fn attribute(
             "UPDATE attr_orders SET credits = ?3 WHERE tenant = ?1 AND order_id = ?2",
             &[tenant.into(), order_id.into(), text.into()],
         )?;
-        changed.push((time_ms, currency, old, i));
+        changed.push((time_ms, currency, old, new));
     }
     let mut sums = CreditSums::default();
-    for (time_ms, currency, old, i) in &changed {
-        sums.change(*time_ms, currency, old, &credited[*i]);
+    for (time_ms, currency, old, new) in &changed {
+        sums.change(*time_ms, currency, old, new);
     }
     sums.write(deltas, tenant);
     Ok(())
