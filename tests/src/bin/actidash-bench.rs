@@ -1129,7 +1129,7 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyh
         format!("{:.4} ({lo:.4}–{hi:.4})", median(v.to_vec()))
     };
     println!(
-        "### P7: agent footprint (4 file sources, shipping over QUIC; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n"
+        "### P7: agent footprint (4 file sources polling every 100 ms, the default being 250 ms, shipping over QUIC; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n"
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rss_of = |spells: &[(u64, u64, u64)]| -> String {
