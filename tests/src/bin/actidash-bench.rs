@@ -1048,12 +1048,7 @@ fn raw_produce(producer: &ThreadedProducer<CountFailures>, topic: &str, events: 
 /// (RSS in KiB, CPU seconds) of a process, from /proc.
 fn proc_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let rss = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let rss = status_kib(&status, "VmRSS:");
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     let after_comm = stat.rsplit_once(')').map(|(_, rest)| rest).unwrap_or("");
     let fields: Vec<&str> = after_comm.split_whitespace().collect();
@@ -1066,15 +1061,17 @@ fn proc_usage(pid: u32) -> anyhow::Result<(u64, f64)> {
 /// relocated data) and file-backed (the binary's and libraries' pages).
 fn proc_rss_split(pid: u32) -> anyhow::Result<(u64, u64)> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let field = |name: &str| -> u64 {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    Ok((field("RssAnon:"), field("RssFile:") + field("RssShmem:")))
+    Ok((status_kib(&status, "RssAnon:"), status_kib(&status, "RssFile:") + status_kib(&status, "RssShmem:")))
+}
+
+/// A `/proc/<pid>/status` field in KiB (0 if absent).
+fn status_kib(status: &str, name: &str) -> u64 {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyhow::Result<()> {
@@ -1099,10 +1096,11 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyh
         let (_, cpu0) = proc_usage(pid)?;
         let t0 = Instant::now();
         std::thread::sleep(Duration::from_secs(seconds));
-        let (rss, cpu1) = proc_usage(pid)?;
+        let (_, cpu1) = proc_usage(pid)?;
         idle_cpu.push((cpu1 - cpu0) / t0.elapsed().as_secs_f64());
+        // One read: the total is their sum (VmRSS = RssAnon + RssFile + RssShmem).
         let (anon, file) = proc_rss_split(pid)?;
-        idle_rss.push((rss, anon, file));
+        idle_rss.push((anon + file, anon, file));
 
         let (_, cpu2) = proc_usage(pid)?;
         let t1 = Instant::now();
