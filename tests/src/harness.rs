@@ -48,12 +48,31 @@ pub fn free_udp_port() -> u16 {
     0
 }
 
+/// The environment the agent's systemd unit gives it (its `Environment=` lines): agents started
+/// here (tests, demo, benchmarks) run as the packages run them.
+pub fn agent_unit_environment() -> Vec<(String, String)> {
+    unit_environment(include_str!("../../installers/systemd/actidash-agent.service"))
+}
+
+/// The `NAME=value` assignments of a unit's `Environment=` lines (unquoted, one or more per line,
+/// as the units here write them).
+pub fn unit_environment(unit: &str) -> Vec<(String, String)> {
+    unit.lines()
+        .filter_map(|line| line.trim().strip_prefix("Environment="))
+        .flat_map(str::split_whitespace)
+        .filter_map(|assignment| assignment.split_once('='))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
 /// A child process that is killed when dropped.
 #[derive(Debug)]
 pub struct Process {
     pub name: String,
     child: Child,
     args: Vec<String>,
+    /// Set on top of the inherited environment.
+    env: Vec<(String, String)>,
     program: PathBuf,
     log: PathBuf,
 }
@@ -61,9 +80,20 @@ pub struct Process {
 impl Process {
     /// Starts `program args…`, appending its stdout and stderr to `log`.
     pub fn start(name: &str, program: &Path, args: &[&str], log: &Path) -> anyhow::Result<Process> {
+        Process::start_with_env(name, program, args, Vec::new(), log)
+    }
+
+    /// [`Process::start`] with `env` set on top of the inherited environment.
+    pub fn start_with_env(
+        name: &str,
+        program: &Path,
+        args: &[&str],
+        env: Vec<(String, String)>,
+        log: &Path,
+    ) -> anyhow::Result<Process> {
         let args: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
-        let child = spawn(program, &args, log)?;
-        Ok(Process { name: name.to_owned(), child, args, program: program.to_owned(), log: log.to_owned() })
+        let child = spawn(program, &args, &env, log)?;
+        Ok(Process { name: name.to_owned(), child, args, env, program: program.to_owned(), log: log.to_owned() })
     }
 
     /// SIGKILL: no chance to flush or close anything.
@@ -89,7 +119,7 @@ impl Process {
     /// Starts the same command again (after a kill).
     pub fn restart(&mut self) -> anyhow::Result<()> {
         self.kill();
-        self.child = spawn(&self.program, &self.args, &self.log)?;
+        self.child = spawn(&self.program, &self.args, &self.env, &self.log)?;
         Ok(())
     }
 
@@ -113,7 +143,7 @@ impl Drop for Process {
     }
 }
 
-fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
+fn spawn(program: &Path, args: &[String], env: &[(String, String)], log: &Path) -> anyhow::Result<Child> {
     let out = std::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -123,6 +153,7 @@ fn spawn(program: &Path, args: &[String], log: &Path) -> anyhow::Result<Child> {
     Command::new(program)
         .args(args)
         .env("ACTIDASH_LOG", std::env::var("ACTIDASH_LOG").unwrap_or_else(|_| "info".into()))
+        .envs(env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(out)
         .stderr(err)
@@ -331,7 +362,8 @@ impl Deployment {
     /// Starts an agent as it is, enrolled or not.
     pub fn start_agent_unenrolled(&self, name: &str, config: &Path) -> anyhow::Result<Process> {
         let config = config.to_str().context("non-UTF-8 path")?;
-        Process::start(name, &bin("edge-agent")?, &["run", "--config", config], &self.root.join(format!("{name}.log")))
+        let log = self.root.join(format!("{name}.log"));
+        Process::start_with_env(name, &bin("edge-agent")?, &["run", "--config", config], agent_unit_environment(), &log)
     }
 
     /// `GET path` on the API; the body as JSON.

@@ -57,6 +57,44 @@ fn the_exposure_is_read_from_the_report() {
     assert_eq!(exposure("nothing"), None);
 }
 
+/// The allocator settings the agent's unit gives it are ones glibc knows, in effect with the
+/// values the unit writes: glibc ignores a misspelt name or an out-of-range value without a
+/// word, and its loader, given the same environment, lists the values it took.
+#[test]
+fn the_agents_allocator_settings_are_in_effect() {
+    let env = actidash_tests::harness::agent_unit_environment();
+    let tunables = env.iter().find(|(name, _)| name == "GLIBC_TUNABLES").map(|(_, v)| v.as_str());
+    let tunables = tunables.expect("the agent's unit sets GLIBC_TUNABLES");
+    let out = Command::new("/lib64/ld-linux-x86-64.so.2")
+        .arg("--list-tunables")
+        .env("GLIBC_TUNABLES", tunables)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "ld.so --list-tunables: {}", String::from_utf8_lossy(&out.stderr));
+    let listed = String::from_utf8_lossy(&out.stdout);
+    let settings: Vec<&str> = tunables.split(':').collect();
+    assert_eq!(settings.len(), 3, "{tunables}");
+    for setting in settings {
+        let (name, value) = setting.split_once('=').unwrap_or_else(|| panic!("{setting}: not name=value"));
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(&format!("{name}: ")))
+            .unwrap_or_else(|| panic!("{name}: not a glibc tunable"));
+        // "glibc.malloc.arena_max: 0x2 (min: 0x1, max: 0xffffffffffffffff)"
+        let shown = line.split_whitespace().nth(1).unwrap();
+        let shown = shown.strip_prefix("0x").map_or_else(|| shown.parse(), |hex| u64::from_str_radix(hex, 16)).unwrap();
+        assert_eq!(shown, value.parse::<u64>().unwrap(), "{setting}, listed as: {line}");
+    }
+}
+
+#[test]
+fn a_units_environment_is_read_from_its_environment_lines() {
+    let unit = "[Service]\n# Environment=NOT=this\nEnvironment=A=1:b=2\nEnvironment=C=x D=y=z\nExecStart=/bin/true\n";
+    let env = actidash_tests::harness::unit_environment(unit);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    assert_eq!(pairs, [("A", "1:b=2"), ("C", "x"), ("D", "y=z")]);
+}
+
 /// The agent's .deb installed, configured, enrolled with the one line IT pastes, run, upgraded
 /// (keeping its spool, positions, enrollment and changed configuration), removed (keeping its
 /// state) and purged, with dpkg in a Debian chroot; lintian finds no error in either package;

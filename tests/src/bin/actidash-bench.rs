@@ -1126,8 +1126,11 @@ fn bench_footprint(dir: &Path, rate: usize, seconds: u64, rounds: usize) -> anyh
         let hi = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         format!("{:.4} ({lo:.4}–{hi:.4})", median(v.to_vec()))
     };
+    let unit_env: Vec<String> =
+        actidash_tests::harness::agent_unit_environment().iter().map(|(k, v)| format!("`{k}={v}`")).collect();
     println!(
-        "### P7: agent footprint (4 file sources polling every 100 ms, the default being 250 ms, shipping over QUIC; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n"
+        "### P7: agent footprint (4 file sources polling every 100 ms, the default being 250 ms, shipping over QUIC; the agent in its systemd unit's environment, {}; {rounds} rounds of {seconds} s idle then {seconds} s loaded, median (lowest–highest))\n",
+        unit_env.join(" ")
     );
     let mib = |kib: u64| kib as f64 / 1024.0;
     let rss_of = |spells: &[(u64, u64, u64)]| -> String {
