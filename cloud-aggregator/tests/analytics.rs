@@ -211,6 +211,50 @@ fn partitioned_layout_matches_the_reference_on_sqlite() {
     check(&location, Layout::Partitioned(3), 1, 23);
 }
 
+/// The sums behind every figure on PostgreSQL: the reads' (`sum` clamped inline) and `sat_sum`
+/// (kept for older processes; a store made by an older version, whose transition function was
+/// SQL, gets PostgreSQL's own `int8_sum` when opened) stay exact beyond 64 bits and are clamped
+/// only at the end.
+#[test]
+fn postgres_sums_use_a_builtin_step_and_stay_exact_and_clamped() {
+    let Some(admin) = actidash_tests::postgres_admin("sat_sum on postgres") else { return };
+    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_sat_sum_test").unwrap();
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    client
+        .batch_execute(
+            "CREATE FUNCTION actidash_sat_acc(s numeric, v bigint) RETURNS numeric
+                LANGUAGE sql IMMUTABLE STRICT AS 'SELECT s + v';
+             CREATE FUNCTION actidash_sat_final(s numeric) RETURNS bigint
+                LANGUAGE sql IMMUTABLE AS 'SELECT LEAST(GREATEST(s, -9223372036854775808), 9223372036854775807)::bigint';
+             CREATE AGGREGATE sat_sum(bigint) (
+                SFUNC = actidash_sat_acc, STYPE = numeric, INITCOND = '0', FINALFUNC = actidash_sat_final);",
+        )
+        .unwrap();
+    drop(Location::Postgres { url, password: None }.open().unwrap());
+    let step: String = client
+        .query_one("SELECT aggtransfn::text FROM pg_aggregate WHERE aggfnoid = 'sat_sum'::regproc", &[])
+        .unwrap()
+        .get(0);
+    assert_eq!(step, "int8_sum");
+    let read_sum = cloud_aggregator::store::postgres::saturating_sum("v");
+    for sum_sql in ["sat_sum(v)", read_sum.as_str()] {
+        let mut sum = |rows: &str| -> i64 {
+            let sql = format!("SELECT {sum_sql} FROM (VALUES {rows}) AS t(v)");
+            client.query_one(&sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+        };
+        let max = i64::MAX;
+        assert_eq!(sum(&format!("({max}::bigint), (5), (-6)")), max - 1, "{sum_sql}: exact past the 64-bit range");
+        assert_eq!(sum(&format!("({max}::bigint), ({max}), (-1)")), max, "{sum_sql}: clamped at the end");
+        assert_eq!(sum(&format!("('{}'::bigint), (-2)", i64::MIN)), i64::MIN, "{sum_sql}: clamped below too");
+        assert_eq!(sum("(NULL::bigint), (7)"), 7, "{sum_sql}: no value, nothing added");
+    }
+    assert_eq!(
+        client.query_one("SELECT sat_sum(v) FROM (VALUES (NULL::bigint)) AS t(v)", &[]).unwrap().get::<_, i64>(0),
+        0,
+        "sat_sum of nothing: zero"
+    );
+}
+
 /// Two processors on one PostgreSQL store at once: partitions split between them, customers
 /// (attribution) and tenants (watermarks) shared.
 #[test]

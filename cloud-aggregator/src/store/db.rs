@@ -139,6 +139,11 @@ pub trait Tx {
     fn lock_key(&mut self, _key: &str) -> Result<(), DbError> {
         Ok(())
     }
+    /// SQL for the exact sum of the 64-bit integer `column`, clamped to the 64-bit range at the
+    /// end ([`super::SatSum`] on SQLite).
+    fn saturating_sum(&self, column: &str) -> String {
+        format!("sat_sum({column})")
+    }
 }
 
 fn to_sqlite(v: &Val) -> SqliteValue {

@@ -133,6 +133,16 @@ impl Tx for PgTx<'_, '_> {
         self.query("SELECT pg_advisory_xact_lock(?1)", &[Val::Int(key_hash(key))])?;
         Ok(())
     }
+    fn saturating_sum(&self, column: &str) -> String {
+        saturating_sum(column)
+    }
+}
+
+/// [`Tx::saturating_sum`] on PostgreSQL: its own `sum(bigint)` (exact: a 128-bit state, then
+/// `numeric`), clamped inline. `sat_sum`'s clamping final function, in SQL and called per group,
+/// cost as much as the rest of a 10 000-group top-products read.
+pub fn saturating_sum(column: &str) -> String {
+    format!("LEAST(GREATEST(sum({column}), -9223372036854775808), 9223372036854775807)::bigint")
 }
 
 /// A stable 64-bit hash of a lock key (FNV-1a), the same in every process.

@@ -178,10 +178,10 @@ fn rollup_ordered(
         })
         .collect();
     // Exact, and clamped rather than failing where a sum leaves the 64-bit range.
-    let sums: Vec<String> = spec.metrics.iter().map(|m| format!("sat_sum({m})")).collect();
+    let sums: Vec<String> = spec.metrics.iter().map(|m| tx.saturating_sum(m)).collect();
     let order = match top {
         Some((metric, limit)) => {
-            format!("sat_sum({}) DESC, {} LIMIT {limit}", spec.metrics[metric], group.join(", "))
+            format!("{} DESC, {} LIMIT {limit}", tx.saturating_sum(spec.metrics[metric]), group.join(", "))
         }
         // One row more than answered, to tell a complete answer from a cut one.
         None => format!("{} LIMIT {}", group.join(", "), max_rows + 1),

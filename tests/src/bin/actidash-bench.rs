@@ -407,9 +407,13 @@ fn timed_arrival(
     alive: &mut dyn FnMut() -> anyhow::Result<()>,
 ) -> anyhow::Result<f64> {
     // The partitions once: a count is then one watermark request per partition.
-    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    let partitions: Vec<i32> = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
-    let count = || -> anyhow::Result<i64> {
+    let mut partitions: Vec<i32> = Vec::new();
+    let mut count = || -> anyhow::Result<i64> {
+        if partitions.is_empty() {
+            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+            partitions = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+            anyhow::ensure!(!partitions.is_empty(), "{topic} has no partitions yet");
+        }
         let mut total = 0;
         for &p in &partitions {
             total += consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1;
@@ -421,22 +425,27 @@ fn timed_arrival(
     let mut progress = (Instant::now(), 0);
     loop {
         alive()?;
-        let count = count()?;
+        // A failed count (a broker busy electing a leader, say) is tried again, as before.
+        let counted = count();
         let now = Instant::now();
-        if count > 0 && first.is_none() {
-            first = Some((now, count));
-        }
-        if count >= want {
-            let (first_at, first_count) = first.context("no event reached Kafka")?;
-            anyhow::ensure!(first_count < want, "all {want} events reached {topic} between two counts");
-            return Ok((want - first_count) as f64 / (now - first_at).as_secs_f64());
-        }
-        if count > progress.1 {
-            progress = (now, count);
+        anyhow::ensure!(now < deadline, "timed out waiting for {want} events in {topic} (last count: {counted:?})");
+        if let Ok(count) = counted {
+            if count > 0 && first.is_none() {
+                first = Some((now, count));
+            }
+            if count >= want {
+                let (first_at, first_count) = first.context("no event reached Kafka")?;
+                anyhow::ensure!(first_count < want, "all {want} events reached {topic} between two counts");
+                return Ok((want - first_count) as f64 / (now - first_at).as_secs_f64());
+            }
+            if count > progress.1 {
+                progress = (now, count);
+            }
         }
         anyhow::ensure!(
-            progress.0.elapsed() < Duration::from_secs(60) && now < deadline,
-            "stalled at {count} of {want} events in {topic}"
+            progress.0.elapsed() < Duration::from_secs(60),
+            "stalled at {} of {want} events in {topic} (last count: {counted:?})",
+            progress.1
         );
         std::thread::sleep(Duration::from_millis(5));
     }
