@@ -272,12 +272,22 @@ fn kafka_bootstrap() -> anyhow::Result<String> {
 fn produced(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<i64> {
     let mut total = 0;
     for topic in topics {
-        let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-        for t in metadata.topics() {
-            for p in t.partitions() {
-                total += consumer.fetch_watermarks(topic, p.id(), Duration::from_secs(5))?.1;
-            }
-        }
+        total += high_watermarks(consumer, topic, &partitions(consumer, topic)?)?;
+    }
+    Ok(total)
+}
+
+/// The partitions of `topic`.
+fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+    let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
+    Ok(metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect())
+}
+
+/// The events in `partitions` of `topic`: the sum of their high watermarks.
+fn high_watermarks(consumer: &BaseConsumer, topic: &str, partitions: &[i32]) -> anyhow::Result<i64> {
+    let mut total = 0;
+    for &p in partitions {
+        total += consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1;
     }
     Ok(total)
 }
@@ -410,15 +420,10 @@ fn timed_arrival(
     let mut partitions: Vec<i32> = Vec::new();
     let mut count = || -> anyhow::Result<i64> {
         if partitions.is_empty() {
-            let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-            partitions = metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect();
+            partitions = self::partitions(consumer, topic)?;
             anyhow::ensure!(!partitions.is_empty(), "{topic} has no partitions yet");
         }
-        let mut total = 0;
-        for &p in &partitions {
-            total += consumer.fetch_watermarks(topic, p, Duration::from_secs(5))?.1;
-        }
-        Ok(total - base)
+        Ok(high_watermarks(consumer, topic, &partitions)? - base)
     };
     let deadline = Instant::now() + Duration::from_secs(900);
     let mut first: Option<(Instant, i64)> = None;
