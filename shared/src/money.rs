@@ -105,10 +105,20 @@ impl fmt::Display for Money {
 }
 
 impl Serialize for Money {
+    /// A JSON number where a float carries the amount exactly — raw / 10^4 is correctly rounded,
+    /// so its shortest rendering is the decimal text itself (129.99, not 129.98999…) — and a
+    /// decimal string otherwise: from about 10^11 units a float's 53 bits no longer hold four
+    /// decimals (339651093651.6525 read back as …6526). Readers take both ([`Money`]'s
+    /// `Deserialize`). The float's neighbours must read back to the amount too: serde_json
+    /// parses floats to within one unit in the last place, not always to the nearest.
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // raw / 10^4 is correctly rounded, so the shortest rendering of the float is the
-        // decimal text itself (129.99, not 129.98999…); a property test checks the round trip.
-        serializer.serialize_f64(self.to_f64())
+        let float = self.to_f64();
+        let exact = |f: f64| Money::from_f64(f) == Some(*self);
+        if exact(float) && exact(float.next_up()) && exact(float.next_down()) {
+            serializer.serialize_f64(float)
+        } else {
+            serializer.collect_str(self)
+        }
     }
 }
 
@@ -167,6 +177,11 @@ mod tests {
         assert_eq!(from_string, Money(1_299_900));
         assert_eq!(from_int, Money(120_000));
         assert_eq!(serde_json::to_string(&Money(1_299_900)).unwrap(), "129.99");
+        // Past what a float holds: a decimal string, read back exactly.
+        let large = Money(3_396_510_936_516_525);
+        assert_eq!(serde_json::to_string(&large).unwrap(), "\"339651093651.6525\"");
+        assert_eq!(serde_json::from_str::<Money>("\"339651093651.6525\"").unwrap(), large);
+        assert_eq!(Money::from_f64(339_651_093_651.652_5), Some(Money(3_396_510_936_516_526)), "a float is off by one");
         assert!(serde_json::from_str::<Money>("true").is_err());
     }
 
@@ -182,6 +197,14 @@ mod tests {
             let m = Money(raw);
             let json = serde_json::to_string(&m).unwrap();
             prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m);
+        }
+
+        /// Up to the bound events allow (10^12 units), where a float alone loses the last digit.
+        #[test]
+        fn json_round_trip_up_to_the_bound(raw in -10_000_000_000_000_000i64..=10_000_000_000_000_000) {
+            let m = Money(raw);
+            let json = serde_json::to_string(&m).unwrap();
+            prop_assert_eq!(serde_json::from_str::<Money>(&json).unwrap(), m, "{}", json);
         }
     }
 }
