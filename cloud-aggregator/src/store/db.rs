@@ -5,7 +5,7 @@
 //! UPDATE`, row values, `?N` parameters — rewritten to `$N` for PostgreSQL) and run through
 //! [`Tx`], so the analytics code does not know which engine holds its state.
 
-use rusqlite::types::{Value as SqliteValue, ValueRef};
+use rusqlite::types::ValueRef;
 
 /// A parameter or column value.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -146,11 +146,15 @@ pub trait Tx {
     }
 }
 
-fn to_sqlite(v: &Val) -> SqliteValue {
-    match v {
-        Val::Null => SqliteValue::Null,
-        Val::Int(i) => SqliteValue::Integer(*i),
-        Val::Text(s) => SqliteValue::Text(s.clone()),
+/// Bound as borrowed: SQLite copies a bound text itself, so a copy here would be a second one
+/// (a string allocated per text parameter showed in the processor's profile).
+impl rusqlite::ToSql for Val {
+    fn to_sql(&self) -> rusqlite::Result<rusqlite::types::ToSqlOutput<'_>> {
+        Ok(rusqlite::types::ToSqlOutput::Borrowed(match self {
+            Val::Null => ValueRef::Null,
+            Val::Int(i) => ValueRef::Integer(*i),
+            Val::Text(s) => ValueRef::Text(s.as_bytes()),
+        }))
     }
 }
 
@@ -167,13 +171,13 @@ fn from_sqlite(v: ValueRef<'_>) -> Val {
 
 fn sqlite_exec(c: &rusqlite::Connection, sql: &str, params: &[Val]) -> Result<usize, DbError> {
     let mut stmt = c.prepare_cached(sql)?;
-    Ok(stmt.execute(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?)
+    Ok(stmt.execute(rusqlite::params_from_iter(params))?)
 }
 
 fn sqlite_query(c: &rusqlite::Connection, sql: &str, params: &[Val]) -> Result<Vec<Vec<Val>>, DbError> {
     let mut stmt = c.prepare_cached(sql)?;
     let n = stmt.column_count();
-    let mut rows = stmt.query(rusqlite::params_from_iter(params.iter().map(to_sqlite)))?;
+    let mut rows = stmt.query(rusqlite::params_from_iter(params))?;
     let mut out = Vec::new();
     while let Some(row) = rows.next()? {
         out.push((0..n).map(|i| row.get_ref(i).map(from_sqlite)).collect::<Result<Vec<_>, _>>()?);
