@@ -127,6 +127,13 @@ pub struct KafkaConfig {
     /// more, else 1). With `acks=all` a write needs this many replicas.
     #[serde(default)]
     pub min_insync_replicas: Option<i32>,
+    /// Give each event's record the headers `actidash-agent-id`, `actidash-source-id`,
+    /// `actidash-seq` and `actidash-schema-version`, for consumers that route or de-duplicate
+    /// without reading the JSON (which holds the same fields). Off by default: librdkafka
+    /// allocates and frees each header of each record, a quarter of the gateway's CPU per event
+    /// (docs/BENCHMARKS.md, P2).
+    #[serde(default)]
+    pub record_headers: bool,
 }
 
 impl KafkaConfig {

@@ -1,7 +1,7 @@
 //! The gateway's Kafka sink against a real broker: each event goes to the partition of its key
 //! (Kafka's murmur2 over the pinned partition count, whatever librdkafka would choose), a
 //! topic with another partition count stops the gateway at start, and the largest event it
-//! states follows the topics' `max.message.bytes`.
+//! states follows the topics' `max.message.bytes`; records carry headers only when asked.
 
 use std::time::Duration;
 
@@ -66,22 +66,10 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
         let message = message.unwrap();
         let key = std::str::from_utf8(message.key().unwrap()).unwrap();
         assert_eq!(message.partition(), partition_for(key.as_bytes(), 4), "the partition of {key}");
-        // The JSON as received, and the headers a consumer routes or de-duplicates by.
+        // The JSON as received, and no headers unless asked for (the next test).
         let event = &sent[key];
         assert_eq!(message.payload(), Some(&event.json[..]));
-        let headers: Vec<(String, String)> = message
-            .headers()
-            .unwrap()
-            .iter()
-            .map(|h| (h.key.to_owned(), String::from_utf8(h.value.unwrap().to_vec()).unwrap()))
-            .collect();
-        let expected = [
-            (HEADER_AGENT_ID, "a1".to_owned()),
-            (HEADER_SOURCE_ID, "orders".to_owned()),
-            (HEADER_SEQ, event.seq.to_string()),
-            (HEADER_SCHEMA_VERSION, "1".to_owned()),
-        ];
-        assert_eq!(headers, expected.map(|(k, v)| (k.to_owned(), v)), "the headers of {key}");
+        assert!(message.headers().is_none(), "the record of {key} has headers by default");
         partitions.insert(message.partition());
         seen += 1;
     }
@@ -92,6 +80,54 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
     let refused = Sink::kafka(&config(&bootstrap, &prefix, 6)).await.expect_err("a partition count that differs");
     let said = format!("{refused:#}");
     assert!(said.contains(&format!("topic {prefix}.sales has 4 partitions, but [kafka] partitions = 6")), "{said}");
+}
+
+/// `[kafka] record_headers = true`: each record carries its event's identity as headers, for
+/// consumers that route or de-duplicate without reading the JSON.
+#[tokio::test(flavor = "multi_thread")]
+async fn records_carry_the_events_identity_as_headers_when_asked() {
+    let Some(bootstrap) = actidash_tests::kafka_bootstrap("records_carry_the_events_identity") else { return };
+    let prefix = fresh_prefix("headers");
+    let mut cfg = config(&bootstrap, &prefix, 2);
+    cfg.record_headers = true;
+    let sink = Sink::kafka(&cfg).await.unwrap();
+    let events: Vec<Unpacked> = (0..5)
+        .map(|seq| {
+            Unpacked::of(&sale_with("acme", "a1", seq, "2026-11-27T10:00:00Z", "web", "1", OrderStatus::Placed))
+                .unwrap()
+        })
+        .collect();
+    sink.submit(1, events).await.unwrap().await.unwrap();
+
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .set("group.id", format!("{prefix}-check"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{prefix}.sales")]).unwrap();
+    let mut seqs = std::collections::BTreeSet::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while seqs.len() < 5 && std::time::Instant::now() < deadline {
+        let Some(message) = consumer.poll(Duration::from_millis(500)) else { continue };
+        let message = message.unwrap();
+        let event = actidash_shared::Event::from_json(message.payload().unwrap()).unwrap();
+        let headers: Vec<(String, String)> = message
+            .headers()
+            .expect("headers")
+            .iter()
+            .map(|h| (h.key.to_owned(), String::from_utf8(h.value.unwrap().to_vec()).unwrap()))
+            .collect();
+        let expected = [
+            (HEADER_AGENT_ID, "a1".to_owned()),
+            (HEADER_SOURCE_ID, "orders".to_owned()),
+            (HEADER_SEQ, event.seq.to_string()),
+            (HEADER_SCHEMA_VERSION, "1".to_owned()),
+        ];
+        assert_eq!(headers, expected.map(|(k, v)| (k.to_owned(), v)), "the headers of event {}", event.seq);
+        seqs.insert(event.seq);
+    }
+    assert_eq!(seqs.len(), 5, "every event was read back");
 }
 
 #[tokio::test(flavor = "multi_thread")]

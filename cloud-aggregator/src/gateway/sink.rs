@@ -63,6 +63,8 @@ pub struct KafkaSink {
     topics: [String; 4],
     partitions: i32,
     max_event_bytes: u32,
+    /// Whether records carry the event's identity as headers (`[kafka] record_headers`).
+    record_headers: bool,
 }
 
 impl KafkaSink {
@@ -117,6 +119,7 @@ impl Sink {
             topics: actidash_shared::Domain::ALL.map(|d| kafka::domain_topic(&config.topic_prefix, d)),
             partitions: config.partitions,
             max_event_bytes,
+            record_headers: config.record_headers,
         }))
     }
 
@@ -181,7 +184,7 @@ impl Sink {
                 if let Some(reason) = kafka_sink.fatal_reason() {
                     return Err(SinkError::Fatal(reason));
                 }
-                let KafkaSink { producer, topics, partitions, .. } = kafka_sink;
+                let KafkaSink { producer, topics, partitions, record_headers, .. } = kafka_sink;
                 if events.is_empty() {
                     return Ok(Box::pin(async { Ok(()) }));
                 }
@@ -193,20 +196,26 @@ impl Sink {
                 });
                 for event in &events {
                     let topic = &topics[event.domain as usize];
-                    let mut text = kafka::HeaderText::default();
-                    let mut headers = OwnedHeaders::new_with_capacity(4);
-                    for (key, value) in
-                        kafka::headers(&event.agent_id, &event.source_id, event.seq, event.schema_version, &mut text)
-                    {
-                        headers = headers.insert(Header { key, value: Some(value) });
-                    }
                     // The partition is the key's, computed here: never librdkafka's choice,
                     // which could differ for an empty key or under stale metadata.
                     let mut record = BaseRecord::with_opaque_to(topic, batch.clone())
                         .partition(kafka::partition_for(&event.entity_key, *partitions))
                         .key(&event.entity_key[..])
-                        .payload(&event.json[..])
-                        .headers(headers);
+                        .payload(&event.json[..]);
+                    if *record_headers {
+                        let mut text = kafka::HeaderText::default();
+                        let mut headers = OwnedHeaders::new_with_capacity(4);
+                        for (key, value) in kafka::headers(
+                            &event.agent_id,
+                            &event.source_id,
+                            event.seq,
+                            event.schema_version,
+                            &mut text,
+                        ) {
+                            headers = headers.insert(Header { key, value: Some(value) });
+                        }
+                        record = record.headers(headers);
+                    }
                     loop {
                         match producer.send(record) {
                             Ok(()) => break,
@@ -525,6 +534,7 @@ mod tests {
             topics: actidash_shared::Domain::ALL.map(|d| kafka::domain_topic("t", d)),
             partitions: 1,
             max_event_bytes: 100_000,
+            record_headers: true,
         });
         sink.submit(1, events(0, 5)).await.unwrap().await.expect("delivered while the broker is well");
         cluster.request_errors(

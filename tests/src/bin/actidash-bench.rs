@@ -20,7 +20,6 @@ use edge_agent::sources::file::tailer::{Encoding, TailItem};
 use edge_agent::spool::{Durability, Spool, SpoolConfig};
 use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
 use rdkafka::{ClientContext, Message as _};
 
@@ -627,7 +626,7 @@ fn bench_pipeline(dir: &Path, n: usize, rounds: usize) -> anyhow::Result<()> {
     );
     println!("| process | µs/event |");
     println!("|---|---:|");
-    println!("| raw produce (the bench process: JSON, key, headers, librdkafka) | {} |", spread1(&raw_cpu));
+    println!("| raw produce (the bench process: JSON, key, librdkafka) | {} |", spread1(&raw_cpu));
     println!("| edge-agent: tail, map, spool, read, compress, QUIC | {} |", spread1(&agent_cpu));
     println!("| cloud-aggregator gateway: QUIC, decompress, check, produce | {} |", spread1(&gateway_cpu));
     println!("| agent + gateway | {} |", spread1(&sum));
@@ -1068,19 +1067,12 @@ fn raw_producer(bootstrap: &str, extra: &[(&str, &str)]) -> anyhow::Result<Threa
     Ok(config.create_with_context(CountFailures::default())?)
 }
 
-/// Produces `events` as the gateway would (key, headers, JSON value) and waits for every delivery.
+/// Produces `events` as the gateway does by default (key and JSON value, no headers) and waits
+/// for every delivery.
 fn raw_produce(producer: &ThreadedProducer<CountFailures>, topic: &str, events: &[Event]) -> anyhow::Result<()> {
     for event in events {
         let value = event.to_json();
-        let mut headers = OwnedHeaders::new_with_capacity(4);
-        let mut text = actidash_shared::kafka::HeaderText::default();
-        let (agent_id, source_id) = (event.agent_id.as_bytes(), event.source_id.as_bytes());
-        for (key, value) in
-            actidash_shared::kafka::headers(agent_id, source_id, event.seq, event.schema_version, &mut text)
-        {
-            headers = headers.insert(Header { key, value: Some(value) });
-        }
-        let mut record = BaseRecord::to(topic).key(&event.entity_key).payload(&value).headers(headers);
+        let mut record = BaseRecord::to(topic).key(&event.entity_key).payload(&value);
         loop {
             match producer.send(record) {
                 Ok(()) => break,
