@@ -29,6 +29,18 @@ fn fresh_prefix(name: &str) -> String {
     format!("sinktest-{name}-{}", rand::random::<u32>())
 }
 
+/// A consumer of the sales topic of `prefix`, from its start.
+fn sales_reader(bootstrap: &str, prefix: &str) -> BaseConsumer {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", format!("{prefix}-check"))
+        .set("auto.offset.reset", "earliest")
+        .create()
+        .unwrap();
+    consumer.subscribe(&[&format!("{prefix}.sales")]).unwrap();
+    consumer
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
     let Some(bootstrap) = actidash_tests::kafka_bootstrap("events_go_to_their_keys_partition") else { return };
@@ -51,13 +63,7 @@ async fn events_go_to_their_keys_partition_and_the_partition_count_is_pinned() {
     let sent: std::collections::HashMap<String, Unpacked> = keys.iter().cloned().zip(events.iter().cloned()).collect();
     sink.submit(1, events).await.unwrap().await.unwrap();
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("{prefix}-check"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{prefix}.sales")]).unwrap();
+    let consumer = sales_reader(&bootstrap, &prefix);
     let mut seen = 0;
     let mut partitions = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
@@ -99,13 +105,7 @@ async fn records_carry_the_events_identity_as_headers_when_asked() {
         .collect();
     sink.submit(1, events).await.unwrap().await.unwrap();
 
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &bootstrap)
-        .set("group.id", format!("{prefix}-check"))
-        .set("auto.offset.reset", "earliest")
-        .create()
-        .unwrap();
-    consumer.subscribe(&[&format!("{prefix}.sales")]).unwrap();
+    let consumer = sales_reader(&bootstrap, &prefix);
     let mut seqs = std::collections::BTreeSet::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while seqs.len() < 5 && std::time::Instant::now() < deadline {
