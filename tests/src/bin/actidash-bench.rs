@@ -404,10 +404,56 @@ fn spread1(v: &[f64]) -> String {
     format!("{:.1} ({lo:.1}–{hi:.1})", median(v.to_vec()))
 }
 
+/// A drain, from the first count above zero to the count that reached what was wanted.
+struct Drain {
+    first_at: Instant,
+    first: i64,
+    done_at: Instant,
+}
+
+impl Drain {
+    /// Events/s over the drain, for `want` events in all.
+    fn rate(&self, want: i64) -> f64 {
+        (want - self.first) as f64 / (self.done_at - self.first_at).as_secs_f64()
+    }
+}
+
+/// Times a drain of `want` events: `count` is asked every 5 ms (None: no count this time, asked
+/// again; an error ends the wait), and `at` is called at the first count above zero and at the
+/// one that reaches `want` (for CPU readings). A path drains in one or two seconds, and counting
+/// every 200 ms, as `wait_until` does, put its rate on steps of 10–15 % (the last events seen up
+/// to 200 ms late).
+fn time_drain(
+    what: &str,
+    want: i64,
+    timeout: Duration,
+    mut count: impl FnMut() -> anyhow::Result<Option<i64>>,
+    mut at: impl FnMut() -> anyhow::Result<()>,
+) -> anyhow::Result<Drain> {
+    let deadline = Instant::now() + timeout;
+    let mut first: Option<(Instant, i64)> = None;
+    loop {
+        let counted = count()?;
+        let now = Instant::now();
+        if let Some(n) = counted {
+            if n > 0 && first.is_none() {
+                first = Some((now, n));
+                at()?;
+            }
+            if n >= want {
+                at()?;
+                let (first_at, first) = first.context("nothing was counted")?;
+                anyhow::ensure!(first < want, "all {want} of {what} came between two counts");
+                return Ok(Drain { first_at, first, done_at: now });
+            }
+        }
+        anyhow::ensure!(now < deadline, "timed out waiting for {want} of {what} (last count: {counted:?})");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// Waits until `want` more events than `base` are in `topic`; events/s from the first event
-/// there to the last (so start-up and handshakes do not count). Counts every 5 ms: a path
-/// drains its 300 000 events in about a second, and counting every 200 ms (as `wait_until`
-/// does) made its rate a step of ~15 % — the last events were seen up to 200 ms late.
+/// there to the last (so start-up and handshakes do not count).
 fn timed_arrival(
     consumer: &BaseConsumer,
     topic: &str,
@@ -424,35 +470,25 @@ fn timed_arrival(
         }
         Ok(high_watermarks(consumer, topic, &partitions)? - base)
     };
-    let deadline = Instant::now() + Duration::from_secs(900);
-    let mut first: Option<(Instant, i64)> = None;
     let mut progress = (Instant::now(), 0);
-    loop {
+    let counted = || -> anyhow::Result<Option<i64>> {
         alive()?;
-        // A failed count (a broker busy electing a leader, say) is tried again, as before.
+        // A failed count (a broker busy electing a leader, say) is tried again.
         let counted = count();
-        let now = Instant::now();
-        anyhow::ensure!(now < deadline, "timed out waiting for {want} events in {topic} (last count: {counted:?})");
-        if let Ok(count) = counted {
-            if count > 0 && first.is_none() {
-                first = Some((now, count));
-            }
-            if count >= want {
-                let (first_at, first_count) = first.context("no event reached Kafka")?;
-                anyhow::ensure!(first_count < want, "all {want} events reached {topic} between two counts");
-                return Ok((want - first_count) as f64 / (now - first_at).as_secs_f64());
-            }
-            if count > progress.1 {
-                progress = (now, count);
-            }
+        if let Ok(n) = counted
+            && n > progress.1
+        {
+            progress = (Instant::now(), n);
         }
         anyhow::ensure!(
             progress.0.elapsed() < Duration::from_secs(60),
             "stalled at {} of {want} events in {topic} (last count: {counted:?})",
             progress.1
         );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+        Ok(counted.ok())
+    };
+    let drain = time_drain(&format!("the events in {topic}"), want, Duration::from_secs(900), counted, || Ok(()))?;
+    Ok(drain.rate(want))
 }
 
 /// rsyslog (Debian's rsyslogd with rsyslog-kafka): `imfile` reading `file` from its start,
@@ -775,29 +811,22 @@ fn bench_processor(dir: &Path, n: usize) -> anyhow::Result<()> {
     // with the CPU it used over that span.
     let store = d.root.join("cloud-data").join("serving.db");
     let processor = d.start_cloud("processor", &["process"])?;
-    // Counted every 5 ms, as P2's arrivals are: 200 000 events take ~1.5 s, and a coarser count
-    // makes the rate a step of its interval (every 200 ms put the rates at ~112k or ~128k).
+    // 200 000 events take ~1.5 s: counted every 5 ms, through one read-only connection.
     let mut applied = Applied { store: &store, conn: None };
-    let mut first: Option<(Instant, i64, f64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(1800);
-    let (done_at, cpu1) = loop {
-        let done = applied.count();
-        let now = Instant::now();
-        if done > 0 && first.is_none() {
-            first = Some((now, done, proc_usage(processor.pid())?.1));
-        }
-        if done >= n as i64 {
-            break (now, proc_usage(processor.pid())?.1);
-        }
-        anyhow::ensure!(now < deadline, "the processor applied {done} of {n} events in 30 min");
-        std::thread::sleep(Duration::from_millis(5));
-    };
-    let (first_at, first_done, cpu0) = first.context("nothing was applied")?;
-    anyhow::ensure!(first_done < n as i64, "all {n} events were applied in the first commit seen");
-    let elapsed = (done_at - first_at).as_secs_f64();
-    let cpu = cpu1 - cpu0;
-    let rate = (n as i64 - first_done) as f64 / elapsed;
-    let per_core = (n as i64 - first_done) as f64 / cpu.max(1e-9);
+    let mut cpu_at: Vec<f64> = Vec::new();
+    let drain = time_drain(
+        "the events applied",
+        n as i64,
+        Duration::from_secs(1800),
+        || Ok(Some(applied.count())),
+        || {
+            cpu_at.push(proc_usage(processor.pid())?.1);
+            Ok(())
+        },
+    )?;
+    let cpu = cpu_at[1] - cpu_at[0];
+    let rate = drain.rate(n as i64);
+    let per_core = (n as i64 - drain.first) as f64 / cpu.max(1e-9);
     drop(processor);
 
     // The peer: Kafka Streams counting the same sessions (30-minute gap) with exactly_once_v2,
