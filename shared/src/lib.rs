@@ -10,6 +10,7 @@
 //! * [`batch`]: how a batch's events are packed (JSON lines, optionally zstd-compressed).
 //! * [`session`]: the protocol's state machines, one for each side of a connection.
 //! * [`kafka`]: how an event is laid out as a Kafka record (topic, key, headers, value).
+//! * [`time`]: an event's time as JSON text (chrono's format, with a short path for its usual form).
 
 pub mod batch;
 pub mod event;
@@ -18,6 +19,7 @@ pub mod money;
 pub mod session;
 #[cfg(feature = "testing")]
 pub mod testing;
+pub mod time;
 pub mod wire;
 
 pub use event::{Domain, Event, Payload};

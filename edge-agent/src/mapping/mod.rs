@@ -317,9 +317,7 @@ impl MappingConfig {
             || MappingError::BadTime { field: field.clone(), value: raw.get().to_owned(), format: format.clone() };
         let text = || serde_json::from_str::<Text<'_>>(raw.get()).ok();
         match format.as_str() {
-            "rfc3339" => {
-                text().and_then(|s| DateTime::parse_from_rfc3339(s.as_ref()).ok()).map(|t| t.to_utc()).ok_or_else(bad)
-            }
+            "rfc3339" => text().and_then(|s| actidash_shared::time::parse_rfc3339(s.as_ref()).ok()).ok_or_else(bad),
             "unix_seconds" => number(raw.get()).and_then(|s| Utc.timestamp_opt(s, 0).single()).ok_or_else(bad),
             "unix_millis" => number(raw.get()).and_then(|ms| Utc.timestamp_millis_opt(ms).single()).ok_or_else(bad),
             "unix_micros" => number(raw.get()).and_then(|us| Utc.timestamp_micros(us).single()).ok_or_else(bad),
