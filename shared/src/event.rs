@@ -87,7 +87,11 @@ impl Serialize for Event {
 /// An event's canonical JSON, from its parts however the payload holds its text: what
 /// [`Event::to_json`] writes for `Event::new(…)` of the same parts, after the same checks
 /// ([`Event::check`]). The agent writes each event this way, without building an [`Event`].
-pub fn event_json<T: AsRef<str> + Serialize>(
+///
+/// Written by hand rather than through serde (whose derived writer, [`Event`]'s `Serialize`,
+/// stays the reference it is checked against byte for byte): 0.25 against 0.52 µs per order
+/// event, most of it in telling, byte by byte, whether a string needs escaping.
+pub fn event_json<T: AsRef<str>>(
     tenant: &str,
     agent_id: &str,
     source_id: &str,
@@ -97,18 +101,136 @@ pub fn event_json<T: AsRef<str> + Serialize>(
 ) -> Result<Vec<u8>, EventError> {
     let key = payload.entity_key_text();
     check(SCHEMA_VERSION, &key, payload)?;
-    let event = EventRef {
-        schema_version: SCHEMA_VERSION,
-        tenant,
-        agent_id,
-        source_id,
-        seq,
-        event_time,
-        domain: payload.domain(),
-        entity_key: &key,
-        data: Data::of(payload),
-    };
-    Ok(serde_json::to_vec(&event)?)
+    let mut w = JsonWriter(Vec::with_capacity(512));
+    w.raw("{\"schema_version\":");
+    w.int(i64::from(SCHEMA_VERSION));
+    w.field("tenant");
+    w.str(tenant);
+    w.field("agent_id");
+    w.str(agent_id);
+    w.field("source_id");
+    w.str(source_id);
+    w.field("seq");
+    w.raw(itoa::Buffer::new().format(seq));
+    w.field("event_time");
+    crate::time::utc::serialize(event_time, &mut serde_json::Serializer::new(&mut w.0))?;
+    w.field("domain");
+    w.str(payload.domain().as_str());
+    w.field("entity_key");
+    w.str(&key);
+    w.field("data");
+    match payload {
+        Payload::Sales(o) => {
+            w.raw("{\"order_id\":");
+            w.str(o.order_id.as_ref());
+            w.field("customer_id");
+            w.str(o.customer_id.as_ref());
+            w.field("channel");
+            w.str(o.channel.as_ref());
+            w.field("site");
+            w.str(o.site.as_ref());
+            w.field("country");
+            w.str(o.country.as_ref());
+            w.field("currency");
+            w.str(o.currency.as_ref());
+            w.field("amount");
+            w.serde(&o.amount)?;
+            w.field("items");
+            w.raw("[");
+            for (i, item) in o.items.iter().enumerate() {
+                w.raw(if i == 0 { "{\"sku\":" } else { ",{\"sku\":" });
+                w.str(item.sku.as_ref());
+                w.field("quantity");
+                w.int(item.quantity);
+                w.field("unit_price");
+                w.serde(&item.unit_price)?;
+                w.raw("}");
+            }
+            w.raw("]");
+            w.field("status");
+            w.serde(&o.status)?;
+        }
+        Payload::Marketing(m) => {
+            w.raw("{\"user_id\":");
+            w.str(m.user_id.as_ref());
+            w.field("channel");
+            w.str(m.channel.as_ref());
+            w.field("campaign");
+            w.str(m.campaign.as_ref());
+            if let Some(cost) = &m.cost {
+                w.field("cost");
+                w.serde(cost)?;
+            }
+            if let Some(currency) = &m.currency {
+                w.field("currency");
+                w.str(currency.as_ref());
+            }
+        }
+        Payload::Behavior(b) => {
+            w.raw("{\"visitor_id\":");
+            w.str(b.visitor_id.as_ref());
+            w.field("type");
+            w.serde(&b.kind)?;
+            if let Some(url) = &b.url {
+                w.field("url");
+                w.str(url.as_ref());
+            }
+            if let Some(referrer) = &b.referrer {
+                w.field("referrer");
+                w.str(referrer.as_ref());
+            }
+        }
+        Payload::Inventory(i) => {
+            w.raw("{\"sku\":");
+            w.str(i.sku.as_ref());
+            w.field("warehouse");
+            w.str(i.warehouse.as_ref());
+            w.field("on_hand");
+            w.int(i.on_hand);
+        }
+    }
+    w.raw("}}");
+    Ok(w.0)
+}
+
+/// JSON text written as serde_json writes it (compact, its escapes).
+struct JsonWriter(Vec<u8>);
+
+impl JsonWriter {
+    fn raw(&mut self, text: &str) {
+        self.0.extend_from_slice(text.as_bytes());
+    }
+
+    /// `,"name":` — every field but an object's first.
+    fn field(&mut self, name: &str) {
+        self.raw(",\"");
+        self.raw(name);
+        self.raw("\":");
+    }
+
+    /// A string, quoted; through serde_json (its escapes) only where it needs escaping: the
+    /// test runs over the whole string without stopping early, which the compiler vectorizes.
+    fn str(&mut self, text: &str) {
+        let escape = text.bytes().fold(false, |any, b| any | (b < 0x20) | (b == b'"') | (b == b'\\'));
+        if escape {
+            // Writing a string to a Vec cannot fail.
+            let _ = serde_json::to_writer(&mut self.0, text);
+        } else {
+            self.0.reserve(text.len() + 2);
+            self.0.push(b'"');
+            self.raw(text);
+            self.0.push(b'"');
+        }
+    }
+
+    fn int(&mut self, n: i64) {
+        self.raw(itoa::Buffer::new().format(n));
+    }
+
+    /// A value through its serde form (money, the enums).
+    fn serde<V: Serialize + ?Sized>(&mut self, value: &V) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(&mut self.0, value)
+    }
 }
 
 /// The JSON layout of an event, borrowed from its parts. The field order is the schema's.
@@ -743,6 +865,103 @@ mod tests {
         json["data"]["coupon"] = "X".into();
         let err = Event::from_json(json.to_string().as_bytes()).unwrap_err();
         assert!(err.to_string().contains("coupon"), "{err}");
+    }
+
+    /// The agent's hand-written [`event_json`] writes what serde writes for the same event
+    /// ([`Event::to_json`]), byte for byte, and refuses what [`Event::check`] refuses: on
+    /// events of every domain with strings that need escaping, money that is written as a
+    /// number or as a string, optional fields present or not, and times of every precision.
+    mod written_by_hand {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn text() -> impl Strategy<Value = String> {
+            prop_oneof![
+                3 => "[a-zA-Z0-9@._-]{1,12}",
+                1 => "[a-z \"\\\\/\u{1}\u{1f}\u{7f}é€😀]{0,12}",
+            ]
+        }
+
+        fn money() -> impl Strategy<Value = Money> {
+            prop_oneof![
+                (-10_000_000_i64..10_000_000).prop_map(|cents| Money(cents * 100)),
+                any::<i64>().prop_map(|raw| Money(raw % 20_000_000_000_000_000)),
+            ]
+        }
+
+        fn payload() -> impl Strategy<Value = Payload> {
+            let item = (text(), -5_i64..1_000, money()).prop_map(|(sku, quantity, unit_price)| LineItem {
+                sku,
+                quantity,
+                unit_price,
+            });
+            let status = prop_oneof![
+                Just(OrderStatus::Placed),
+                Just(OrderStatus::Paid),
+                Just(OrderStatus::Shipped),
+                Just(OrderStatus::Cancelled),
+                Just(OrderStatus::Refunded),
+            ];
+            let kind = prop_oneof![
+                Just(BehaviorKind::PageView),
+                Just(BehaviorKind::ProductView),
+                Just(BehaviorKind::Search),
+                Just(BehaviorKind::AddToCart),
+                Just(BehaviorKind::Checkout),
+                Just(BehaviorKind::Purchase),
+            ];
+            prop_oneof![
+                ((text(), text(), text(), text(), text(), text()), money(), prop::collection::vec(item, 0..4), status)
+                    .prop_map(|((order_id, customer_id, channel, site, country, currency), amount, items, status)| {
+                        Payload::Sales(SalesOrder {
+                            order_id,
+                            customer_id,
+                            channel,
+                            site,
+                            country,
+                            currency,
+                            amount,
+                            items,
+                            status,
+                        })
+                    }),
+                (text(), text(), text(), prop::option::of(money()), prop::option::of(text())).prop_map(
+                    |(user_id, channel, campaign, cost, currency)| {
+                        Payload::Marketing(MarketingTouch { user_id, channel, campaign, cost, currency })
+                    }
+                ),
+                (text(), kind, prop::option::of(text()), prop::option::of(text())).prop_map(
+                    |(visitor_id, kind, url, referrer)| Payload::Behavior(BehaviorEvent {
+                        visitor_id,
+                        kind,
+                        url,
+                        referrer
+                    })
+                ),
+                (text(), text(), any::<i64>()).prop_map(|(sku, warehouse, on_hand)| {
+                    Payload::Inventory(InventoryLevel { sku, warehouse, on_hand: on_hand % 2_000_000_000_000 })
+                }),
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn as_serde_writes_it(
+                ids in (text(), text(), text()), seq in any::<u64>(), secs in -62_167_219_200_i64..253_402_300_800,
+                nanos in prop_oneof![Just(0_u32), 0_u32..1_000_000_000], payload in payload(),
+            ) {
+                let (tenant, agent_id, source_id) = ids;
+                let time = DateTime::from_timestamp(secs, nanos).unwrap();
+                let event = Event::new(tenant.clone(), agent_id.clone(), source_id.clone(), seq, time, payload);
+                match (event_json(&tenant, &agent_id, &source_id, seq, &time, &event.payload), event.check()) {
+                    (Ok(written), Ok(())) => {
+                        prop_assert_eq!(String::from_utf8(written).unwrap(), String::from_utf8(event.to_json()).unwrap());
+                    }
+                    (Err(a), Err(b)) => prop_assert_eq!(a.to_string(), b.to_string()),
+                    (a, b) => prop_assert!(false, "event_json {:?}, check {:?}", a.map(|_| ()), b),
+                }
+            }
+        }
     }
 
     /// The gateway's borrowing reader ([`EventView::parse`]) accepts exactly what
