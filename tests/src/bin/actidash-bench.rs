@@ -276,10 +276,19 @@ fn produced(consumer: &BaseConsumer, topics: &[String]) -> anyhow::Result<i64> {
     Ok(total)
 }
 
-/// The partitions of `topic`.
+/// The partitions of `topic`; an error while it does not exist. (The broker answers for a
+/// topic it does not have with an error inside the metadata, not a failed request: read as
+/// no partitions, the waits for a gateway to create its topics returned at once and the
+/// processor bench could produce before they existed.)
 fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(5))?;
-    Ok(metadata.topics().iter().flat_map(|t| t.partitions().iter().map(|p| p.id())).collect())
+    let t = metadata.topics().iter().find(|t| t.name() == topic);
+    let t = t.ok_or_else(|| anyhow::anyhow!("no metadata for {topic}"))?;
+    if let Some(e) = t.error() {
+        anyhow::bail!("{topic}: {e:?}");
+    }
+    anyhow::ensure!(!t.partitions().is_empty(), "{topic} has no partitions yet");
+    Ok(t.partitions().iter().map(|p| p.id()).collect())
 }
 
 /// The events in `partitions` of `topic`: the sum of their high watermarks.
@@ -466,7 +475,6 @@ fn timed_arrival(
     let mut count = || -> anyhow::Result<i64> {
         if partitions.is_empty() {
             partitions = self::partitions(consumer, topic)?;
-            anyhow::ensure!(!partitions.is_empty(), "{topic} has no partitions yet");
         }
         Ok(high_watermarks(consumer, topic, &partitions)? - base)
     };
