@@ -10,10 +10,11 @@ use cloud_aggregator::config::CloudConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-/// mimalloc, not glibc's malloc: allocation was 17 % of the processor's CPU per event and 4 %
-/// of the gateway's (docs/BENCHMARKS.md). The agent keeps glibc's (its idle footprint, P7).
+/// jemalloc, not glibc's malloc: allocation was 17 % of the processor's CPU, and P4 gains ~6 %
+/// (docs/BENCHMARKS.md); mimalloc gained alike there but cost the gateway 0.1–0.2 µs per event.
+/// The agent keeps glibc's, for its idle footprint (P7).
 #[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[derive(Parser, Debug)]
 #[command(name = "cloud-aggregator", version, about = "ActiDash cloud side: gateway, processors, API")]
