@@ -194,7 +194,7 @@ pub struct GatewayConfig {
     #[serde(default = "default_agent_rate")]
     pub max_events_per_sec_per_agent: u32,
     /// Per agent: most bytes of events a second once decompressed, over all its connections
-    /// (beyond it, the gateway reads its batches more slowly); 128 MiB by default.
+    /// (beyond it, the gateway reads its batches more slowly); 256 MiB by default.
     #[serde(default = "default_agent_bytes_rate")]
     pub max_bytes_per_sec_per_agent: u64,
     /// Per agent: largest batch payload, in bytes, compressed and decompressed alike (the
@@ -246,11 +246,14 @@ fn default_heartbeat_ms() -> u64 {
 fn default_agent_connections() -> usize {
     4
 }
+/// Above what one agent ships on a 2-core machine (P2: ~310k events a second, a backlog
+/// drain the same), so that the limits hold back a runaway agent, not a backlog after an
+/// outage (P8): at 200 000 events and 128 MiB a second they capped the drain at ~250k.
 fn default_agent_rate() -> u32 {
-    200_000
+    500_000
 }
 fn default_agent_bytes_rate() -> u64 {
-    128 * 1024 * 1024
+    256 * 1024 * 1024
 }
 fn default_batch_bytes() -> u32 {
     4 * 1024 * 1024
