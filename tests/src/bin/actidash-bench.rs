@@ -700,11 +700,30 @@ fn bench_backlog(dir: &Path, n: usize) -> anyhow::Result<()> {
     gateway.kill();
     let spooling = Instant::now();
     let mut agent = d.start_agent_unenrolled("agent", &config)?;
-    wait_until(Duration::from_secs(900), "the agent to spool the whole export", || {
+    // The spool's own running count, read every 5 ms (the agent's status file, rewritten every
+    // 2 s, put this figure on 2-second steps).
+    let spool = cfg.data_dir.join(edge_agent::SPOOL_FILE);
+    let mut conn: Option<rusqlite::Connection> = None;
+    let deadline = Instant::now() + Duration::from_secs(900);
+    loop {
         anyhow::ensure!(agent.is_running(), "the agent died; see {}", d.root.display());
+        anyhow::ensure!(Instant::now() < deadline, "the agent did not spool the whole export");
+        if conn.is_none() {
+            conn = rusqlite::Connection::open_with_flags(&spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
+        }
+        let spooled = conn
+            .as_ref()
+            .and_then(|c| c.query_row("SELECT n_events FROM totals WHERE id = 1", [], |r| r.get::<_, i64>(0)).ok());
+        if spooled.is_some_and(|s| s >= n as i64) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let spooled = n as f64 / spooling.elapsed().as_secs_f64();
+    drop(conn);
+    wait_until(Duration::from_secs(10), "the agent's status to show the spool", || {
         Ok(edge_agent::status::read(&cfg.data_dir).is_ok_and(|s| s.heartbeat.spool_events >= n as u64))
     })?;
-    let spooled = n as f64 / spooling.elapsed().as_secs_f64();
     let spool_bytes = edge_agent::status::read(&cfg.data_dir)?.heartbeat.spool_bytes;
 
     let base = produced(&consumer, std::slice::from_ref(&topic))?;
