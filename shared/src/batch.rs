@@ -328,18 +328,14 @@ fn lines_of(batch: &Batch, max_decompressed: usize) -> Result<(Vec<Bytes>, usize
 /// The non-empty lines of `bytes` (split at `\n`), as slices of it. The ends are found by
 /// memchr (SIMD), not byte by byte: this runs over every byte a gateway receives.
 fn lines(bytes: &Bytes) -> impl Iterator<Item = Bytes> + '_ {
-    let mut ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
-    let mut start = 0;
-    std::iter::from_fn(move || {
-        loop {
-            let end = ends.next()?;
-            let line = start..end;
-            start = end + 1;
-            if !line.is_empty() {
-                return Some(bytes.slice(line));
-            }
-        }
+    let ends = memchr::memchr_iter(b'\n', bytes).chain(std::iter::once(bytes.len()));
+    ends.scan(0, |start, end| {
+        let line = *start..end;
+        *start = end + 1;
+        Some(line)
     })
+    .filter(|line| !line.is_empty())
+    .map(|line| bytes.slice(line))
 }
 
 /// What the zstd frames of `payload` (one or several, one after another) announce they hold
