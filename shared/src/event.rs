@@ -213,14 +213,9 @@ impl JsonWriter {
         self.raw(itoa::Buffer::new().format(n));
     }
 
-    /// `,"name":` and a value through its serde form.
+    /// `,"name":` and a value through its serde form (money, the enums).
     fn value<V: Serialize + ?Sized>(&mut self, name: &str, value: &V) -> Result<(), serde_json::Error> {
         self.field(name);
-        self.serde(value)
-    }
-
-    /// A value through its serde form (money, the enums).
-    fn serde<V: Serialize + ?Sized>(&mut self, value: &V) -> Result<(), serde_json::Error> {
         serde_json::to_writer(&mut self.0, value)
     }
 }

@@ -703,24 +703,19 @@ fn bench_backlog(dir: &Path, n: usize) -> anyhow::Result<()> {
     // The spool's own running count, read every 5 ms (the agent's status file, rewritten every
     // 2 s, put this figure on 2-second steps).
     let spool = cfg.data_dir.join(edge_agent::SPOOL_FILE);
-    let mut conn: Option<rusqlite::Connection> = None;
-    let deadline = Instant::now() + Duration::from_secs(900);
-    loop {
-        anyhow::ensure!(agent.is_running(), "the agent died; see {}", d.root.display());
-        anyhow::ensure!(Instant::now() < deadline, "the agent did not spool the whole export");
-        if conn.is_none() {
-            conn = rusqlite::Connection::open_with_flags(&spool, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
-        }
-        let spooled = conn
-            .as_ref()
-            .and_then(|c| c.query_row("SELECT n_events FROM totals WHERE id = 1", [], |r| r.get::<_, i64>(0)).ok());
-        if spooled.is_some_and(|s| s >= n as i64) {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    let spooled = n as f64 / spooling.elapsed().as_secs_f64();
-    drop(conn);
+    let mut in_spool = DbCount::new(&spool, "SELECT n_events FROM totals WHERE id = 1");
+    let drain = time_drain(
+        "the events spooled",
+        n as i64,
+        Duration::from_secs(900),
+        || {
+            anyhow::ensure!(agent.is_running(), "the agent died; see {}", d.root.display());
+            Ok(Some(in_spool.count()))
+        },
+        || Ok(()),
+    )?;
+    let spooled = n as f64 / (drain.done_at - spooling).as_secs_f64();
+    drop(in_spool);
     wait_until(Duration::from_secs(10), "the agent's status to show the spool", || {
         Ok(edge_agent::status::read(&cfg.data_dir).is_ok_and(|s| s.heartbeat.spool_events >= n as u64))
     })?;
@@ -753,24 +748,25 @@ fn bench_backlog(dir: &Path, n: usize) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Events applied by the processors, read from the serving store's counters (0 before the first
-/// commit) through one read-only connection, opened once the store exists.
-struct Applied<'a> {
-    store: &'a Path,
+/// A count read from a SQLite database (`sql`, one integer) through one read-only connection,
+/// opened once the database exists; 0 before that.
+struct DbCount<'a> {
+    db: &'a Path,
+    sql: &'static str,
     conn: Option<rusqlite::Connection>,
 }
 
-impl Applied<'_> {
+impl<'a> DbCount<'a> {
+    fn new(db: &'a Path, sql: &'static str) -> DbCount<'a> {
+        DbCount { db, sql, conn: None }
+    }
+
     fn count(&mut self) -> i64 {
         if self.conn.is_none() {
-            self.conn =
-                rusqlite::Connection::open_with_flags(self.store, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
+            self.conn = rusqlite::Connection::open_with_flags(self.db, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY).ok();
         }
         let Some(conn) = &self.conn else { return 0 };
-        conn.query_row("SELECT coalesce(sum(value), 0) FROM stat_counters WHERE name = 'events_applied'", [], |r| {
-            r.get(0)
-        })
-        .unwrap_or(0)
+        conn.query_row(self.sql, [], |r| r.get(0)).unwrap_or(0)
     }
 }
 
@@ -839,7 +835,9 @@ fn bench_processor(dir: &Path, n: usize) -> anyhow::Result<()> {
     let store = d.root.join("cloud-data").join("serving.db");
     let processor = d.start_cloud("processor", &["process"])?;
     // 200 000 events take ~1.5 s: counted every 5 ms, through one read-only connection.
-    let mut applied = Applied { store: &store, conn: None };
+    // Events applied by the processors: the serving store's counters (0 before the first commit).
+    let mut applied =
+        DbCount::new(&store, "SELECT coalesce(sum(value), 0) FROM stat_counters WHERE name = 'events_applied'");
     let mut cpu_at: Vec<f64> = Vec::new();
     let drain = time_drain(
         "the events applied",
