@@ -255,6 +255,30 @@ fn postgres_sums_use_a_builtin_step_and_stay_exact_and_clamped() {
     );
 }
 
+/// A PostgreSQL store of a version that stored orders' credits keeps them (as `legacy_credits`)
+/// when opened, and statements of that version fail on it from then on.
+#[test]
+fn postgres_stores_keep_the_credits_older_versions_stored() {
+    let Some(admin) = actidash_tests::postgres_admin("legacy credits on postgres") else { return };
+    let url = actidash_tests::fresh_postgres_database(&admin, "actidash_legacy_credits_test").unwrap();
+    let store = Location::Postgres { url: url.clone(), password: None };
+    drop(store.open().unwrap());
+    let mut client = postgres::Client::connect(&url, postgres::NoTls).unwrap();
+    // As the older version's schema had it.
+    client
+        .batch_execute(
+            "ALTER TABLE attr_orders RENAME COLUMN legacy_credits TO credits;
+             INSERT INTO attr_orders (tenant, order_id, customer_id, time_ms, amount, currency, placed, cancelled, credits)
+             VALUES ('acme', 'o', 'c', 0, 100000, 'EUR', 1, 0, '6:google1:x0,1000000,1000000000;\n')",
+        )
+        .unwrap();
+    drop(store.open().unwrap());
+    drop(store.open().unwrap());
+    let kept: String = client.query_one("SELECT legacy_credits FROM attr_orders", &[]).unwrap().get(0);
+    assert_eq!(kept, "6:google1:x0,1000000,1000000000;\n");
+    assert!(client.query("SELECT credits FROM attr_orders", &[]).is_err(), "the older version's statements fail");
+}
+
 /// Two processors on one PostgreSQL store at once: partitions split between them, customers
 /// (attribution) and tenants (watermarks) shared.
 #[test]

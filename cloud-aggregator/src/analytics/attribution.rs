@@ -91,40 +91,12 @@ pub const NANO_PER_RAW: i64 = 10_000;
 /// Order credit units per order.
 pub const MICRO_PER_ORDER: i64 = 1_000_000;
 
-/// An order's credits as stored with the order: per channel and campaign, the models that
-/// credit it. `{len}:{channel}{len}:{campaign}` (lengths in bytes), then `{model},{orders},{revenue};`
-/// per model (`model` its index in [`Model::ALL`]), then a line end. About a quarter of the
-/// size of JSON, which matters: an order is re-credited every time its customer gets a touch.
-pub fn encode_credits(credits: &[Credit]) -> String {
-    // Numbers through `itoa` rather than `write!`: an order is encoded at every re-credit.
-    let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&Credit>> = std::collections::BTreeMap::new();
-    for c in credits {
-        groups.entry((&c.channel, &c.campaign)).or_default().push(c);
-    }
-    let mut digits = itoa::Buffer::new();
-    let mut out = String::with_capacity(groups.len() * 64);
-    for ((channel, campaign), of_group) in groups {
-        for text in [channel, campaign] {
-            out.push_str(digits.format(text.len()));
-            out.push(':');
-            out.push_str(text);
-        }
-        for c in of_group {
-            let model = Model::ALL.iter().position(|m| *m == c.model).unwrap_or(0);
-            out.push_str(digits.format(model));
-            out.push(',');
-            out.push_str(digits.format(c.orders_micro));
-            out.push(',');
-            out.push_str(digits.format(c.revenue_nano));
-            out.push(';');
-        }
-        out.push('\n');
-    }
-    out
-}
-
-/// Reads [`encode_credits`]' text (or the JSON list that stores before it held), sorted by
-/// model, channel, campaign. The error says where the text stops making sense.
+/// Reads the credits an order row holds from versions before 2026-12-04, which stored every
+/// order's credits with it (`attr_orders.credits`; since then they are derived from the order and
+/// its customer's touches, and the column is empty): per channel and campaign,
+/// `{len}:{channel}{len}:{campaign}` (lengths in bytes), then `{model},{orders},{revenue};` per
+/// model (`model` its index in [`Model::ALL`]), then a line end — or, before that, a JSON list.
+/// Sorted by model, channel, campaign. The error says where the text stops making sense.
 pub fn decode_credits(text: &str) -> Result<Vec<Credit>, String> {
     if text.starts_with('[') {
         return serde_json::from_str(text).map_err(|e| e.to_string());
@@ -170,110 +142,149 @@ pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: P
 }
 
 /// [`credit_order`] for many orders of one customer: `orders` are (time, amount), the result
-/// is in their order. The touches are sorted and keyed once, and a window slides over them in
-/// order time, so that an order costs its customer's channels and campaigns (and, for time
-/// decay, its touches), not a scan and sort of every touch.
+/// is in their order.
 pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -> Vec<Vec<Credit>> {
-    let mut sorted: Vec<&Touch> = touches.iter().collect();
-    if !sorted.is_sorted() {
-        sorted.sort();
-    }
-    // The channels and campaigns, in order, and each touch's among them.
-    let mut keys: Vec<(&str, &str)> = sorted.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
-    keys.sort_unstable();
-    keys.dedup();
-    let key_of: Vec<usize> =
-        sorted.iter().map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0)).collect();
-    let mut by_time: Vec<usize> = (0..orders.len()).collect();
-    by_time.sort_by_key(|i| orders[*i].0);
-    let mut out: Vec<Vec<Credit>> = vec![Vec::new(); orders.len()];
-    // The window [lo, hi): touches with order time - lookback < time <= order time, and the
-    // number of them per key.
-    let (mut lo, mut hi) = (0, 0);
-    let mut counts = vec![0_u128; keys.len()];
-    let mut per_key = vec![0_u128; keys.len()];
-    for i in by_time {
-        let (order_ms, amount_raw) = orders[i];
-        while hi < sorted.len() && sorted[hi].time_ms <= order_ms {
-            counts[key_of[hi]] += 1;
-            hi += 1;
-        }
-        let start = order_ms.saturating_sub(params.lookback_ms);
-        while lo < hi && sorted[lo].time_ms <= start {
-            counts[key_of[lo]] -= 1;
-            lo += 1;
-        }
-        let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
-        let n = hi - lo;
-        if n == 0 {
-            out[i] = untouched(revenue);
-            continue;
-        }
-        let (first, last) = (key_of[lo], key_of[hi - 1]);
-        let credits = &mut out[i];
-        for model in Model::ALL {
-            per_key.iter_mut().for_each(|w| *w = 0);
-            match model {
-                Model::LastTouch => per_key[last] = 1,
-                Model::FirstTouch => per_key[first] = 1,
-                Model::Linear => per_key.copy_from_slice(&counts),
-                Model::PositionBased if n <= 2 => {
-                    per_key[first] += 1;
-                    if n == 2 {
-                        per_key[last] += 1;
+    let credited = Credited::new(orders, touches, params);
+    credited
+        .of_orders
+        .iter()
+        .map(|of_order| {
+            of_order
+                .iter()
+                .map(|c| {
+                    let (channel, campaign) = credited.key(c.key);
+                    Credit {
+                        model: c.model,
+                        channel: channel.to_owned(),
+                        campaign: campaign.to_owned(),
+                        orders_micro: c.orders_micro,
+                        revenue_nano: c.revenue_nano,
                     }
-                }
-                Model::PositionBased => {
-                    // 40 % = 2(n-2) / 5(n-2) to each end, and 1 / 5(n-2) to each middle touch.
-                    per_key.copy_from_slice(&counts);
-                    let ends = 2 * (n as u128 - 2);
-                    per_key[first] += ends - 1;
-                    per_key[last] += ends - 1;
-                }
-                Model::TimeDecay => {
-                    let window: Vec<i64> = sorted[lo..hi].iter().map(|t| t.time_ms).collect();
-                    for (w, k) in decay_weights(&window, order_ms, params.half_life_ms).into_iter().zip(&key_of[lo..hi])
-                    {
-                        per_key[*k] += w;
-                    }
-                }
-            }
-            split(model, &keys, &per_key, revenue, credits);
-        }
-    }
-    out
-}
-
-/// The credits of an order without touches: whole, to `(none)`, in every model.
-fn untouched(revenue: i128) -> Vec<Credit> {
-    Model::ALL
-        .into_iter()
-        .map(|model| Credit {
-            model,
-            channel: NONE.into(),
-            campaign: NONE.into(),
-            orders_micro: MICRO_PER_ORDER,
-            revenue_nano: clamp(revenue),
+                })
+                .collect()
         })
         .collect()
 }
 
-/// One model's credit of an order: one order and `revenue` split over `keys` (channel,
-/// campaign) by their weights; keys without weight get nothing.
-fn split(model: Model, keys: &[(&str, &str)], per_key: &[u128], revenue: i128, out: &mut Vec<Credit>) {
+/// One model's credit of one order to the channel and campaign `key` of a [`Credited`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCredit {
+    pub model: Model,
+    pub key: usize,
+    pub orders_micro: i64,
+    pub revenue_nano: i64,
+}
+
+/// The credits of many orders of one customer, by channel and campaign borrowed from the
+/// touches (no text copied per credit: a processor computes them for every order a new touch
+/// or an order change reaches, twice — as before and as after the change).
+#[derive(Debug)]
+pub struct Credited<'t> {
+    /// The touches' channels and campaigns, sorted; index `keys.len()` is `(none)`.
+    keys: Vec<(&'t str, &'t str)>,
+    /// Per order (in the order given): its credits, by model, then key.
+    pub of_orders: Vec<Vec<KeyCredit>>,
+}
+
+impl<'t> Credited<'t> {
+    /// Credits `orders` ((time, amount)). The touches are sorted and keyed once, and a window
+    /// slides over them in order time, so that an order costs its customer's channels and
+    /// campaigns (and, for time decay, its touches), not a scan and sort of every touch.
+    pub fn new(orders: &[(i64, i64)], touches: &'t [Touch], params: Params) -> Credited<'t> {
+        let mut sorted: Vec<&Touch> = touches.iter().collect();
+        if !sorted.is_sorted() {
+            sorted.sort();
+        }
+        // The channels and campaigns, in order, and each touch's among them.
+        let mut keys: Vec<(&str, &str)> = sorted.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let key_of: Vec<usize> = sorted
+            .iter()
+            .map(|t| keys.binary_search(&(t.channel.as_str(), t.campaign.as_str())).unwrap_or(0))
+            .collect();
+        let mut by_time: Vec<usize> = (0..orders.len()).collect();
+        by_time.sort_by_key(|i| orders[*i].0);
+        let mut out: Vec<Vec<KeyCredit>> = vec![Vec::new(); orders.len()];
+        // The window [lo, hi): touches with order time - lookback < time <= order time, and the
+        // number of them per key.
+        let (mut lo, mut hi) = (0, 0);
+        let mut counts = vec![0_u128; keys.len()];
+        let mut per_key = vec![0_u128; keys.len()];
+        for i in by_time {
+            let (order_ms, amount_raw) = orders[i];
+            while hi < sorted.len() && sorted[hi].time_ms <= order_ms {
+                counts[key_of[hi]] += 1;
+                hi += 1;
+            }
+            let start = order_ms.saturating_sub(params.lookback_ms);
+            while lo < hi && sorted[lo].time_ms <= start {
+                counts[key_of[lo]] -= 1;
+                lo += 1;
+            }
+            let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
+            let n = hi - lo;
+            let credits = &mut out[i];
+            if n == 0 {
+                credits.extend(Model::ALL.into_iter().map(|model| KeyCredit {
+                    model,
+                    key: keys.len(),
+                    orders_micro: MICRO_PER_ORDER,
+                    revenue_nano: clamp(revenue),
+                }));
+                continue;
+            }
+            let (first, last) = (key_of[lo], key_of[hi - 1]);
+            for model in Model::ALL {
+                per_key.iter_mut().for_each(|w| *w = 0);
+                match model {
+                    Model::LastTouch => per_key[last] = 1,
+                    Model::FirstTouch => per_key[first] = 1,
+                    Model::Linear => per_key.copy_from_slice(&counts),
+                    Model::PositionBased if n <= 2 => {
+                        per_key[first] += 1;
+                        if n == 2 {
+                            per_key[last] += 1;
+                        }
+                    }
+                    Model::PositionBased => {
+                        // 40 % = 2(n-2) / 5(n-2) to each end, and 1 / 5(n-2) to each middle touch.
+                        per_key.copy_from_slice(&counts);
+                        let ends = 2 * (n as u128 - 2);
+                        per_key[first] += ends - 1;
+                        per_key[last] += ends - 1;
+                    }
+                    Model::TimeDecay => {
+                        let window: Vec<i64> = sorted[lo..hi].iter().map(|t| t.time_ms).collect();
+                        for (w, k) in
+                            decay_weights(&window, order_ms, params.half_life_ms).into_iter().zip(&key_of[lo..hi])
+                        {
+                            per_key[*k] += w;
+                        }
+                    }
+                }
+                split(model, &per_key, revenue, credits);
+            }
+        }
+        Credited { keys, of_orders: out }
+    }
+
+    /// The channel and campaign of a credit's key.
+    pub fn key(&self, key: usize) -> (&'t str, &'t str) {
+        self.keys.get(key).copied().unwrap_or((NONE, NONE))
+    }
+}
+
+/// One model's credit of an order: one order and `revenue` split over the keys by their
+/// weights `per_key`; keys without weight get nothing.
+fn split(model: Model, per_key: &[u128], revenue: i128, out: &mut Vec<KeyCredit>) {
     let orders = allocate(i128::from(MICRO_PER_ORDER), per_key);
     let revenues = allocate(revenue, per_key);
-    for (k, (channel, campaign)) in keys.iter().enumerate() {
-        if per_key[k] == 0 {
+    for (key, w) in per_key.iter().enumerate() {
+        if *w == 0 {
             continue;
         }
-        out.push(Credit {
-            model,
-            channel: (*channel).to_owned(),
-            campaign: (*campaign).to_owned(),
-            orders_micro: clamp(orders[k]),
-            revenue_nano: clamp(revenues[k]),
-        });
+        out.push(KeyCredit { model, key, orders_micro: clamp(orders[key]), revenue_nano: clamp(revenues[key]) });
     }
 }
 
@@ -340,6 +351,24 @@ fn clamp(v: i128) -> i64 {
 mod tests {
     use super::*;
 
+    /// The text [`decode_credits`] reads, as versions before 2026-12-04 wrote it.
+    fn encode_credits(credits: &[Credit]) -> String {
+        let mut groups: std::collections::BTreeMap<(&str, &str), Vec<&Credit>> = std::collections::BTreeMap::new();
+        for c in credits {
+            groups.entry((&c.channel, &c.campaign)).or_default().push(c);
+        }
+        let mut out = String::new();
+        for ((channel, campaign), of_group) in groups {
+            out += &format!("{}:{channel}{}:{campaign}", channel.len(), campaign.len());
+            for c in of_group {
+                let model = Model::ALL.iter().position(|m| *m == c.model).unwrap_or(0);
+                out += &format!("{model},{},{};", c.orders_micro, c.revenue_nano);
+            }
+            out.push('\n');
+        }
+        out
+    }
+
     /// The credits of one order, computed directly from the definition: the oracle of
     /// [`credit_orders`].
     fn credit_order_direct(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
@@ -352,7 +381,16 @@ mod tests {
         }
         let revenue = i128::from(amount_raw) * i128::from(NANO_PER_RAW);
         if eligible.is_empty() {
-            return untouched(revenue);
+            return Model::ALL
+                .into_iter()
+                .map(|model| Credit {
+                    model,
+                    channel: NONE.into(),
+                    campaign: NONE.into(),
+                    orders_micro: MICRO_PER_ORDER,
+                    revenue_nano: clamp(revenue),
+                })
+                .collect();
         }
         // The channels and campaigns, in order, and each touch's among them.
         let mut keys: Vec<(&str, &str)> = eligible.iter().map(|t| (t.channel.as_str(), t.campaign.as_str())).collect();
@@ -369,7 +407,15 @@ mod tests {
             for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
                 per_key[*k] += w;
             }
-            split(model, &keys, &per_key, revenue, &mut out);
+            let mut split_credits = Vec::new();
+            split(model, &per_key, revenue, &mut split_credits);
+            out.extend(split_credits.into_iter().map(|c| Credit {
+                model,
+                channel: keys[c.key].0.into(),
+                campaign: keys[c.key].1.into(),
+                orders_micro: c.orders_micro,
+                revenue_nano: c.revenue_nano,
+            }));
         }
         out
     }
@@ -430,7 +476,7 @@ mod tests {
     const DAY: i64 = 86_400_000;
 
     #[test]
-    fn credits_text_is_the_format_stores_hold() {
+    fn credits_text_is_the_format_older_stores_hold() {
         let c = |model, channel: &str, campaign: &str, orders_micro, revenue_nano| Credit {
             model,
             channel: channel.into(),
@@ -443,7 +489,7 @@ mod tests {
             c(Model::Linear, "email", "c", 500_000, -7),
             c(Model::FirstTouch, "", "spring sale", 1_000_000, 123_456_789_012),
         ];
-        // An unchanged order's text must equal what is stored, or every order is rewritten.
+        // Byte for byte what those versions stored.
         assert_eq!(encode_credits(&credits), "0:11:spring sale1,1000000,123456789012;\n5:email1:c0,1,2;2,500000,-7;\n");
     }
 
@@ -454,7 +500,6 @@ mod tests {
         assert!(credits.len() >= 10, "{credits:?}");
         let text = encode_credits(&credits);
         assert_eq!(decode_credits(&text).as_deref(), Ok(&credits[..]));
-        assert!(text.len() * 3 < serde_json::to_string(&credits).unwrap().len(), "{text}");
         // What stores wrote before: JSON.
         assert_eq!(decode_credits(&serde_json::to_string(&credits).unwrap()).as_deref(), Ok(&credits[..]));
         assert_eq!(decode_credits(""), Ok(vec![]));

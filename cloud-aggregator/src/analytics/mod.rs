@@ -37,19 +37,26 @@
 //! | state | kept while | cost |
 //! |---|---|---|
 //! | sessions | last event ≥ W − lateness − gap | the sessions of the last lateness + gap |
-//! | touches | time > W − lateness − lookback | the touches of the last lateness + lookback |
 //! | orders | time ≥ W − max(lateness, order_retention) | one row per order of that span |
+//! | touches | time > W − max(lateness, order_retention) − lookback | the touches of that span and the lookback before it |
 //! | inventory | always | one row per SKU and warehouse |
 //!
 //! Within the horizon every figure is exactly what it would be had the events arrived in
 //! event-time order: a late page view merges sessions, a late touch re-credits its customer's
 //! orders, a late stock level is ordered by event time. A cancellation retracts its order's
 //! credit as long as the order is kept (`order_retention_secs`, default the lookback).
+//!
+//! An order's credit is not stored: whenever an order changes or its customer gets a touch
+//! that reaches it, its credit is derived twice — from the order and touches before the
+//! commit, and after — and the difference added to the roll-up. That is why touches are kept
+//! as long as the orders whose windows they fall in: the credit taken back is exactly the one
+//! given.
 
 pub mod attribution;
 pub mod sessions;
 pub mod tables;
 
+use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use actidash_shared::event::{Event, OrderStatus, Payload};
@@ -151,6 +158,7 @@ pub struct Applied {
 }
 
 /// An order's facts as kept for attribution.
+#[derive(Debug, Clone, PartialEq, Eq)]
 struct OrderState {
     customer: String,
     time_ms: i64,
@@ -158,7 +166,39 @@ struct OrderState {
     currency: String,
     placed: bool,
     cancelled: bool,
-    credits: Vec<Credit>,
+    /// The credits versions before 2026-12-04 stored with the order (their text; empty since,
+    /// when credits are derived): what the order is credited until it is credited again.
+    legacy_credits: String,
+}
+
+impl OrderState {
+    /// Whether the order is credited: placed and neither cancelled nor refunded.
+    fn credited(&self) -> bool {
+        self.placed && !self.cancelled
+    }
+}
+
+/// What a commit changed that attribution depends on. Attribution is applied after every
+/// other effect of the commit, once per customer, so that an order is credited once per commit.
+#[derive(Default)]
+struct AttributionChanges {
+    /// (tenant, customer) -> the touches this commit stored, and the orders it changed that
+    /// are or were the customer's.
+    customers: BTreeMap<(String, String), CustomerChanges>,
+    /// (tenant, order id) -> the order before this commit (None: not stored), and now.
+    orders: HashMap<(String, String), (Option<OrderState>, OrderState)>,
+}
+
+#[derive(Default)]
+struct CustomerChanges {
+    touches: Vec<Touch>,
+    orders: BTreeSet<String>,
+}
+
+impl AttributionChanges {
+    fn customer(&mut self, tenant: &str, customer: &str) -> &mut CustomerChanges {
+        self.customers.entry((tenant.to_owned(), customer.to_owned())).or_default()
+    }
 }
 
 /// Applies `events` (already de-duplicated) to the roll-ups and the analytics state in `tx`.
@@ -197,7 +237,7 @@ pub fn apply(
 
     let mut deltas = Deltas::default();
     let mut hits: BTreeMap<(String, String), Vec<Hit>> = BTreeMap::new();
-    let mut customers = Customers::new();
+    let mut attribution_changes = AttributionChanges::default();
     let mut newest: HashMap<String, i64> = HashMap::new();
     for e in events {
         let t = e.event_time.timestamp_millis();
@@ -233,7 +273,7 @@ pub fn apply(
                     OrderStatus::Refunded => deltas.add(&tables::SALES, tenant, t, &dims, &[0, 0, 0, 0, 1, amount]),
                     OrderStatus::Paid | OrderStatus::Shipped => {}
                 }
-                order_event(tx, e, t, late, &mut deltas, &mut customers, &mut applied)?;
+                order_event(tx, e, t, late, &mut attribution_changes, &mut applied)?;
             }
             Payload::Marketing(m) => {
                 applied.changed.insert((e.tenant.clone(), "marketing"));
@@ -241,7 +281,7 @@ pub fn apply(
                 let currency = m.currency.as_deref().unwrap_or_default();
                 deltas.add(&tables::MARKETING, tenant, t, &[&m.channel, &m.campaign, currency], &[1, cost]);
                 if !late {
-                    tx.exec(
+                    let stored = tx.exec(
                         "INSERT INTO touches (tenant, user_id, time_ms, channel, campaign, agent_id, source_id, seq)
                          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8) ON CONFLICT DO NOTHING",
                         &[
@@ -255,7 +295,10 @@ pub fn apply(
                             Val::Int(e.seq as i64),
                         ],
                     )?;
-                    touch_customer(&mut customers, &e.tenant, &m.user_id, t);
+                    if stored > 0 {
+                        let touch = Touch { time_ms: t, channel: m.channel.clone(), campaign: m.campaign.clone() };
+                        attribution_changes.customer(tenant, &m.user_id).touches.push(touch);
+                    }
                 }
             }
             Payload::Behavior(b) => {
@@ -297,8 +340,8 @@ pub fn apply(
     for ((tenant, visitor), visitor_hits) in &hits {
         sessionize(tx, tenant, visitor, visitor_hits, gap, &mut deltas)?;
     }
-    for ((tenant, customer), from) in &customers {
-        attribute(tx, tenant, customer, (*from).max(horizon(tenant)), params, &mut deltas)?;
+    for ((tenant, customer), changes) in &attribution_changes.customers {
+        attribute(tx, tenant, customer, changes, &attribution_changes.orders, params, &mut deltas)?;
     }
     write_deltas(tx, &deltas)?;
 
@@ -322,11 +365,13 @@ pub fn apply(
             "DELETE FROM sessions WHERE tenant = ?1 AND end_ms < ?2",
             &[Val::from(&tenant), h.saturating_sub(gap).into()],
         )?;
+        // Touches are kept as long as an order kept may have them in its window: an order's
+        // credit is derived from them whenever it changes.
+        let keep_orders = lateness.max(AnalyticsConfig::ms(cfg.order_retention_secs));
         tx.exec(
             "DELETE FROM touches WHERE tenant = ?1 AND time_ms <= ?2",
-            &[Val::from(&tenant), h.saturating_sub(params.lookback_ms).into()],
+            &[Val::from(&tenant), w.saturating_sub(keep_orders).saturating_sub(params.lookback_ms).into()],
         )?;
-        let keep_orders = lateness.max(AnalyticsConfig::ms(cfg.order_retention_secs));
         tx.exec(
             "DELETE FROM attr_orders WHERE tenant = ?1 AND time_ms < ?2",
             &[Val::from(&tenant), w.saturating_sub(keep_orders).into()],
@@ -335,23 +380,13 @@ pub fn apply(
     Ok(applied)
 }
 
-/// (tenant, customer) -> the earliest time from which its orders' credit may have changed.
-type Customers = BTreeMap<(String, String), i64>;
-
-/// Notes that `customer`'s orders from `time_ms` on must be credited again.
-fn touch_customer(customers: &mut Customers, tenant: &str, customer: &str, time_ms: i64) {
-    let from = customers.entry((tenant.to_owned(), customer.to_owned())).or_insert(time_ms);
-    *from = (*from).min(time_ms);
-}
-
 /// Records a sales event's effect on its order's attribution state.
 fn order_event(
     tx: &mut dyn Tx,
     e: &Event,
     t: i64,
     late: bool,
-    deltas: &mut Deltas,
-    customers: &mut Customers,
+    changes: &mut AttributionChanges,
     applied: &mut Applied,
 ) -> Result<(), DbError> {
     let Payload::Sales(o) = &e.payload else { return Ok(()) };
@@ -366,16 +401,25 @@ fn order_event(
     // The order's credit may be re-computed at this moment by the processor of a touch of its
     // customer: read and change it only under the customer's lock (the one `attribute` holds).
     tx.lock_key(&customer_lock(&e.tenant, &o.customer_id))?;
-    let mut stored = load_order(tx, &e.tenant, &o.order_id)?;
-    if let Some(s) = &stored
-        && s.customer != o.customer_id
-    {
-        // Placed for another customer than this event names: that one's lock, and read again.
-        tx.lock_key(&customer_lock(&e.tenant, &s.customer))?;
-        stored = load_order(tx, &e.tenant, &o.order_id)?;
-    }
-    let mut state = match stored {
-        Some(s) => s,
+    let key = (e.tenant.clone(), o.order_id.clone());
+    // As this commit left it (its customers are locked already), else as stored.
+    let stored = match changes.orders.get(&key) {
+        Some((_, now)) => Some(now.clone()),
+        None => {
+            let mut stored = load_order(tx, &e.tenant, &o.order_id)?;
+            if let Some(s) = &stored
+                && s.customer != o.customer_id
+            {
+                // Placed for another customer than this event names: that one's lock, and read
+                // again.
+                tx.lock_key(&customer_lock(&e.tenant, &s.customer))?;
+                stored = load_order(tx, &e.tenant, &o.order_id)?;
+            }
+            stored
+        }
+    };
+    let mut state = match &stored {
+        Some(s) => s.clone(),
         None if late => return Ok(()),
         None => OrderState {
             customer: o.customer_id.clone(),
@@ -384,39 +428,34 @@ fn order_event(
             currency: o.currency.clone(),
             placed: false,
             cancelled: false,
-            credits: Vec::new(),
+            legacy_credits: String::new(),
         },
     };
     if cancels {
-        state.cancelled = true;
-        if !state.credits.is_empty() {
-            retract(deltas, &e.tenant, &state, &state.credits);
-            state.credits.clear();
+        if state.credited() {
             applied.changed.insert((e.tenant.clone(), "marketing"));
         }
+        state.cancelled = true;
     } else if !state.placed || t < state.time_ms {
         // The earliest placement defines the order (a cancellation seen first only holds the
-        // order's place). Credit given under a later placement is taken back first: the order
-        // is re-credited at its new time.
-        if !state.credits.is_empty() {
-            retract(deltas, &e.tenant, &state, &state.credits);
-            state.credits.clear();
-        }
+        // order's place): it is credited at its new time.
         state.placed = true;
         state.customer = o.customer_id.clone();
         state.time_ms = t;
         state.amount = o.amount.raw();
         state.currency = o.currency.clone();
-        if !state.cancelled {
-            touch_customer(&mut *customers, &e.tenant, &state.customer, t);
-        }
     }
+    if stored.as_ref() == Some(&state) {
+        return Ok(());
+    }
+    // Its credit is derived from now on (`attribute` takes back the stored one).
+    state.legacy_credits.clear();
     tx.exec(
-        "INSERT INTO attr_orders (tenant, order_id, customer_id, time_ms, amount, currency, placed, cancelled, credits)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+        "INSERT INTO attr_orders (tenant, order_id, customer_id, time_ms, amount, currency, placed, cancelled, legacy_credits)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, '')
          ON CONFLICT (tenant, order_id) DO UPDATE SET customer_id = excluded.customer_id, time_ms = excluded.time_ms,
              amount = excluded.amount, currency = excluded.currency, placed = excluded.placed,
-             cancelled = excluded.cancelled, credits = excluded.credits",
+             cancelled = excluded.cancelled, legacy_credits = excluded.legacy_credits",
         &[
             (&e.tenant).into(),
             (&o.order_id).into(),
@@ -426,9 +465,18 @@ fn order_event(
             (&state.currency).into(),
             i64::from(state.placed).into(),
             i64::from(state.cancelled).into(),
-            credits_text(&state.credits).into(),
         ],
     )?;
+    if let Some(before) = &stored {
+        changes.customer(&e.tenant, &before.customer).orders.insert(o.order_id.clone());
+    }
+    changes.customer(&e.tenant, &state.customer).orders.insert(o.order_id.clone());
+    match changes.orders.entry(key) {
+        Entry::Occupied(mut changed) => changed.get_mut().1 = state,
+        Entry::Vacant(first) => {
+            first.insert((stored, state));
+        }
+    }
     Ok(())
 }
 
@@ -439,7 +487,7 @@ fn customer_lock(tenant: &str, customer: &str) -> String {
 
 fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<OrderState>, DbError> {
     let rows = tx.query(
-        "SELECT customer_id, time_ms, amount, currency, placed, cancelled, credits FROM attr_orders
+        "SELECT customer_id, time_ms, amount, currency, placed, cancelled, legacy_credits FROM attr_orders
          WHERE tenant = ?1 AND order_id = ?2",
         &[tenant.into(), order_id.into()],
     )?;
@@ -452,34 +500,18 @@ fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<Or
         currency: c.text(),
         placed: c.int() != 0,
         cancelled: c.int() != 0,
-        credits: parse_credits(&c.text(), tenant, order_id)?,
+        legacy_credits: c.text(),
     }))
 }
 
-fn credits_text(credits: &[Credit]) -> String {
-    attribution::encode_credits(credits)
-}
-
-/// An order's stored credits. Unreadable text (the store's own, so never expected) is an error
-/// that stops the commit: retracting nothing would leave the credit counted for ever.
-fn parse_credits(text: &str, tenant: &str, order_id: &str) -> Result<Vec<Credit>, DbError> {
+/// An order's credits as stored by a version before 2026-12-04. Unreadable text (the store's
+/// own, so never expected) is an error that stops the commit: retracting nothing would leave
+/// the credit counted for ever.
+fn parse_credits(text: &str, tenant: &str, customer: &str) -> Result<Vec<Credit>, DbError> {
     attribution::decode_credits(text).map_err(|e| DbError {
-        message: format!("the stored credits of order {order_id:?} of tenant {tenant:?}: {e}"),
+        message: format!("the stored credits of an order of customer {customer:?} of tenant {tenant:?}: {e}"),
         retryable: false,
     })
-}
-
-/// Takes an order's credits back from the attribution roll-up.
-fn retract(deltas: &mut Deltas, tenant: &str, order: &OrderState, credits: &[Credit]) {
-    credit_change(deltas, tenant, order.time_ms, &order.currency, credits, &[]);
-}
-
-/// Replaces an order's credits `old` by `new` (both sorted) in the attribution roll-up: one
-/// delta per model, channel and campaign whose credit changed.
-fn credit_change(deltas: &mut Deltas, tenant: &str, time_ms: i64, currency: &str, old: &[Credit], new: &[Credit]) {
-    let mut sums = CreditSums::default();
-    sums.change(time_ms, currency, old, new);
-    sums.write(deltas, tenant);
 }
 
 /// Changes of orders' credits summed per bucket of the attribution roll-up's finest grain,
@@ -491,40 +523,36 @@ struct CreditSums<'a> {
 }
 
 impl<'a> CreditSums<'a> {
-    /// Adds the change of an order at `time_ms` from `old` to `new` (both sorted).
-    fn change(&mut self, time_ms: i64, currency: &'a str, old: &'a [Credit], new: &'a [Credit]) {
-        use std::cmp::Ordering;
-        fn key(c: &Credit) -> (attribution::Model, &str, &str) {
-            (c.model, &c.channel, &c.campaign)
-        }
+    /// Adds `sign` × the credits (model, channel, campaign, orders, revenue) of an order at
+    /// `time_ms`.
+    fn add(
+        &mut self,
+        time_ms: i64,
+        currency: &'a str,
+        credits: impl Iterator<Item = (attribution::Model, &'a str, &'a str, i64, i64)>,
+        sign: i64,
+    ) {
         let grain_ms = tables::ATTRIBUTION.finest * 1000;
         let bucket = time_ms.div_euclid(grain_ms) * grain_ms;
-        let (mut i, mut j) = (0, 0);
-        while i < old.len() || j < new.len() {
-            let (c, orders, revenue) = match (old.get(i), new.get(j)) {
-                (Some(o), Some(n)) if key(o) == key(n) => {
-                    (i, j) = (i + 1, j + 1);
-                    (n, n.orders_micro.saturating_sub(o.orders_micro), n.revenue_nano.saturating_sub(o.revenue_nano))
-                }
-                (Some(o), n) if n.is_none_or(|n| key(o).cmp(&key(n)) == Ordering::Less) => {
-                    i += 1;
-                    (o, o.orders_micro.saturating_neg(), o.revenue_nano.saturating_neg())
-                }
-                (_, Some(n)) => {
-                    j += 1;
-                    (n, n.orders_micro, n.revenue_nano)
-                }
-                (_, None) => break,
-            };
-            if orders != 0 || revenue != 0 {
-                let sum = self.sums.entry((bucket, c.model, &c.channel, &c.campaign, currency)).or_default();
-                sum[0] = sum[0].saturating_add(orders);
-                sum[1] = sum[1].saturating_add(revenue);
-            }
+        for (model, channel, campaign, orders, revenue) in credits {
+            let sum = self.sums.entry((bucket, model, channel, campaign, currency)).or_default();
+            sum[0] = sum[0].saturating_add(orders.saturating_mul(sign));
+            sum[1] = sum[1].saturating_add(revenue.saturating_mul(sign));
         }
     }
 
-    /// The sums, as deltas of the attribution roll-up.
+    /// Adds `sign` × the credits of the orders `of` (in the order `credited` was given them).
+    fn add_credited(&mut self, of: &[&'a OrderState], credited: &attribution::Credited<'a>, sign: i64) {
+        for (order, credits) in of.iter().zip(&credited.of_orders) {
+            let credits = credits.iter().map(|c| {
+                let (channel, campaign) = credited.key(c.key);
+                (c.model, channel, campaign, c.orders_micro, c.revenue_nano)
+            });
+            self.add(order.time_ms, &order.currency, credits, sign);
+        }
+    }
+
+    /// The sums, as deltas of the attribution roll-up (sums that cancelled out give none).
     fn write(self, deltas: &mut Deltas, tenant: &str) {
         for ((bucket, model, channel, campaign, currency), [orders, revenue]) in self.sums {
             if orders != 0 || revenue != 0 {
@@ -540,28 +568,72 @@ impl<'a> CreditSums<'a> {
     }
 }
 
-/// Re-credits the attributable orders of a customer placed at or after `from_ms`.
+/// Applies a commit's changes to a customer's attribution: for every order whose credit they
+/// may change — the orders they changed, and the others from the earliest new touch on — the
+/// credit before (the order and touches before the commit) is taken back and the credit after
+/// given, as one delta per hour, model, channel, campaign and currency.
+///
+/// An order's credit is not stored: it is derived, the same way every time, from the order and
+/// its customer's touches, which are kept as long as the order (see [`apply`]). An order
+/// stored by a version before 2026-12-04 holds its credit as text; that is taken back instead,
+/// and the text cleared.
 fn attribute(
     tx: &mut dyn Tx,
     tenant: &str,
     customer: &str,
-    from_ms: i64,
+    changes: &CustomerChanges,
+    orders: &HashMap<(String, String), (Option<OrderState>, OrderState)>,
     params: Params,
     deltas: &mut Deltas,
 ) -> Result<(), DbError> {
     tx.lock_key(&customer_lock(tenant, customer))?;
-    let rows = tx.query(
-        "SELECT order_id, time_ms, amount, currency, credits FROM attr_orders
-         WHERE tenant = ?1 AND customer_id = ?2 AND placed = 1 AND cancelled = 0 AND time_ms >= ?3
-         ORDER BY time_ms, order_id",
-        &[tenant.into(), customer.into(), from_ms.into()],
-    )?;
-    if rows.is_empty() {
-        return Ok(());
+    // The changed orders, before and after.
+    let (mut before, mut after): (Vec<&OrderState>, Vec<&OrderState>) = (Vec::new(), Vec::new());
+    for id in &changes.orders {
+        let Some((was, now)) = orders.get(&(tenant.to_owned(), id.clone())) else { continue };
+        if let Some(was) = was
+            && was.customer == customer
+            && was.credited()
+        {
+            before.push(was);
+        }
+        if now.customer == customer && now.credited() {
+            after.push(now);
+        }
     }
-    let first = rows.iter().map(|r| r[1].int_or_zero()).min().unwrap_or(from_ms);
-    let last = rows.iter().map(|r| r[1].int_or_zero()).max().unwrap_or(from_ms);
-    let touches: Vec<Touch> = tx
+    // The others a new touch reaches: credited, at or after the earliest new touch.
+    let mut unchanged: Vec<(String, OrderState)> = Vec::new();
+    if let Some(first) = changes.touches.iter().map(|t| t.time_ms).min() {
+        for row in tx.query(
+            "SELECT order_id, time_ms, amount, currency, legacy_credits FROM attr_orders
+             WHERE tenant = ?1 AND customer_id = ?2 AND placed = 1 AND cancelled = 0 AND time_ms >= ?3",
+            &[tenant.into(), customer.into(), first.into()],
+        )? {
+            let mut c = Cols::new(row);
+            let id = c.text();
+            if changes.orders.contains(&id) {
+                continue;
+            }
+            let (time_ms, amount, currency, legacy_credits) = (c.int(), c.int(), c.text(), c.text());
+            let order = OrderState {
+                customer: String::new(),
+                time_ms,
+                amount,
+                currency,
+                placed: true,
+                cancelled: false,
+                legacy_credits,
+            };
+            unchanged.push((id, order));
+        }
+    }
+    for (_, order) in &unchanged {
+        before.push(order);
+        after.push(order);
+    }
+    let Some(first) = before.iter().chain(&after).map(|o| o.time_ms).min() else { return Ok(()) };
+    let last = before.iter().chain(&after).map(|o| o.time_ms).max().unwrap_or(first);
+    let touches_after: Vec<Touch> = tx
         .query(
             "SELECT time_ms, channel, campaign FROM touches
              WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4
@@ -574,32 +646,53 @@ fn attribute(
             Touch { time_ms: c.int(), channel: c.text(), campaign: c.text() }
         })
         .collect();
-    let orders: Vec<(i64, i64)> = rows.iter().map(|r| (r[1].int_or_zero(), r[2].int_or_zero())).collect();
-    let credited = attribution::credit_orders(&orders, &touches, params);
-    // The changed orders (time, currency, old and new credits), kept to the end: their credit
-    // changes are summed before they become deltas.
-    let mut changed: Vec<(i64, String, Vec<Credit>, &[Credit])> = Vec::new();
-    for (row, new) in rows.into_iter().zip(&credited) {
-        let mut c = Cols::new(row);
-        let order_id = c.text();
-        let (time_ms, _amount, currency, stored) = (c.int(), c.int(), c.text(), c.text());
-        let text = credits_text(new);
-        if text == stored {
-            continue;
-        }
-        let old = parse_credits(&stored, tenant, &order_id)?;
-        tx.exec(
-            "UPDATE attr_orders SET credits = ?3 WHERE tenant = ?1 AND order_id = ?2",
-            &[tenant.into(), order_id.into(), text.into()],
-        )?;
-        changed.push((time_ms, currency, old, new));
-    }
+    let touches_before = without(&touches_after, &changes.touches);
+    // Orders stored with their credit take that back; the others, the credit derived.
+    let (legacy, derived): (Vec<&OrderState>, Vec<&OrderState>) =
+        before.into_iter().partition(|o| !o.legacy_credits.is_empty());
+    let legacy: Vec<(&OrderState, Vec<Credit>)> = legacy
+        .into_iter()
+        .map(|o| Ok((o, parse_credits(&o.legacy_credits, tenant, customer)?)))
+        .collect::<Result<_, DbError>>()?;
+    let times = |of: &[&OrderState]| of.iter().map(|o| (o.time_ms, o.amount)).collect::<Vec<_>>();
+    let credited_before = attribution::Credited::new(&times(&derived), &touches_before, params);
+    let credited_after = attribution::Credited::new(&times(&after), &touches_after, params);
     let mut sums = CreditSums::default();
-    for (time_ms, currency, old, new) in &changed {
-        sums.change(*time_ms, currency, old, new);
+    sums.add_credited(&derived, &credited_before, -1);
+    for (order, credits) in &legacy {
+        let credits = credits.iter().map(|c| (c.model, &*c.channel, &*c.campaign, c.orders_micro, c.revenue_nano));
+        sums.add(order.time_ms, &order.currency, credits, -1);
     }
+    sums.add_credited(&after, &credited_after, 1);
     sums.write(deltas, tenant);
+    for (id, order) in &unchanged {
+        if !order.legacy_credits.is_empty() {
+            tx.exec(
+                "UPDATE attr_orders SET legacy_credits = '' WHERE tenant = ?1 AND order_id = ?2",
+                &[tenant.into(), id.into()],
+            )?;
+        }
+    }
     Ok(())
+}
+
+/// The touches of `all` (sorted) that are not in `added` (any order), as multisets: the
+/// touches before a commit, from those after it and those it added.
+fn without(all: &[Touch], added: &[Touch]) -> Vec<Touch> {
+    if added.is_empty() {
+        return all.to_vec();
+    }
+    let mut added: Vec<&Touch> = added.iter().collect();
+    added.sort();
+    let mut next = added.into_iter().peekable();
+    let mut out = Vec::with_capacity(all.len());
+    for t in all {
+        while next.next_if(|a| *a < t).is_some() {}
+        if next.next_if(|a| *a == t).is_none() {
+            out.push(t.clone());
+        }
+    }
+    out
 }
 
 /// Adds a visitor's hits to its sessions.
@@ -713,6 +806,7 @@ CREATE TABLE IF NOT EXISTS attr_orders (
     currency TEXT NOT NULL,
     placed BIGINT NOT NULL,
     cancelled BIGINT NOT NULL,
+    -- Renamed legacy_credits by the store's version 5.
     credits TEXT NOT NULL,
     PRIMARY KEY (tenant, order_id)
 );
@@ -753,31 +847,8 @@ mod tests {
     use super::*;
     use attribution::Model;
 
-    fn c(model: Model, channel: &str, orders_micro: i64) -> Credit {
-        Credit { model, channel: channel.into(), campaign: "x".into(), orders_micro, revenue_nano: orders_micro * 10 }
-    }
-
-    #[test]
-    fn a_credit_change_writes_only_what_changed() {
-        let old = [c(Model::LastTouch, "a", 1), c(Model::LastTouch, "b", 2), c(Model::Linear, "a", 7)];
-        let new = [c(Model::LastTouch, "b", 5), c(Model::LastTouch, "c", 1), c(Model::Linear, "a", 7)];
-        let mut deltas = Deltas::default();
-        credit_change(&mut deltas, "t", 0, "EUR", &old, &new);
-        let changed: Vec<(String, String, Vec<i64>)> = deltas
-            .by_grain()
-            .into_iter()
-            .filter(|r| r.grain == 3600)
-            .map(|r| (r.dims[0].clone(), r.dims[1].clone(), r.metrics().to_vec()))
-            .collect();
-        let row = |m: &str, ch: &str, o: i64| (m.to_owned(), ch.to_owned(), vec![o, o * 10]);
-        assert_eq!(changed, [row("last_touch", "a", -1), row("last_touch", "b", 3), row("last_touch", "c", 1)]);
-        // Retracting everything, and nothing to nothing.
-        let mut deltas = Deltas::default();
-        credit_change(&mut deltas, "t", 0, "EUR", &old, &[]);
-        assert_eq!(deltas.by_grain().iter().filter(|r| r.grain == 3600).count(), 3);
-        let mut deltas = Deltas::default();
-        credit_change(&mut deltas, "t", 0, "EUR", &[], &[]);
-        assert!(deltas.is_empty());
+    fn c(model: Model, channel: &str, orders_micro: i64) -> (Model, &str, &str, i64, i64) {
+        (model, channel, "x", orders_micro, orders_micro * 10)
     }
 
     #[test]
@@ -786,11 +857,14 @@ mod tests {
         let a = [c(Model::Linear, "a", 4)];
         let b = [c(Model::Linear, "a", 6), c(Model::Linear, "b", 1)];
         let mut sums = CreditSums::default();
-        sums.change(10 * HOUR + 5, "EUR", &[], &a);
-        sums.change(10 * HOUR + 59 * 60_000, "EUR", &a, &b);
-        sums.change(11 * HOUR, "EUR", &[], &a);
-        sums.change(10 * HOUR + 1, "USD", &b, &[]);
-        sums.change(10 * HOUR + 2, "USD", &[], &b);
+        // An order credited a, then b (a taken back); another credited a; one credited b and
+        // taken back.
+        sums.add(10 * HOUR + 5, "EUR", a.into_iter(), 1);
+        sums.add(10 * HOUR + 59 * 60_000, "EUR", a.into_iter(), -1);
+        sums.add(10 * HOUR + 59 * 60_000, "EUR", b.into_iter(), 1);
+        sums.add(11 * HOUR, "EUR", a.into_iter(), 1);
+        sums.add(10 * HOUR + 1, "USD", b.into_iter(), -1);
+        sums.add(10 * HOUR + 2, "USD", b.into_iter(), 1);
         let mut deltas = Deltas::default();
         sums.write(&mut deltas, "t");
         let rows: Vec<(i64, String, String, i64, i64)> = deltas

@@ -6,7 +6,8 @@
 //! Version 1 (`migrations/0001_init.sql`): `dedup` (highest seq applied per stream and
 //! source), `offsets` (Kafka positions), `agents` (fleet health), `counters`. Version 2: the
 //! roll-ups ([`crate::analytics::tables`]) and the analytics state ([`crate::analytics`]);
-//! version 1's revenue and domain roll-ups are carried over.
+//! version 1's revenue and domain roll-ups are carried over. Versions 3 to 5: see
+//! [`migrations`] (5: attribution credits are derived, no longer stored with each order).
 //!
 //! # Invariants
 //! * One [`Store::commit`] is one transaction: roll-up changes, analytics state,
@@ -89,8 +90,31 @@ impl Location {
 
 /// The schema, one migration per version.
 fn migrations() -> Vec<String> {
-    vec![include_str!("../../migrations/0001_init.sql").to_owned(), migration_2(), migration_3(), migration_4()]
+    vec![
+        include_str!("../../migrations/0001_init.sql").to_owned(),
+        migration_2(),
+        migration_3(),
+        migration_4(),
+        MIGRATION_5.to_owned(),
+    ]
 }
+
+/// Version 5: orders' credits are derived, no longer stored; the credits that older versions
+/// stored stay as `legacy_credits` until their order is credited again. The rename also fences
+/// processes of older versions sharing the store during an upgrade: their statements name
+/// `credits` and fail (a commit refused) instead of reading a derived order as uncredited and
+/// crediting it twice.
+const MIGRATION_5: &str = "ALTER TABLE attr_orders RENAME COLUMN credits TO legacy_credits;\n";
+
+/// [`MIGRATION_5`] for PostgreSQL, whose schema is applied whole at every start.
+const POSTGRES_MIGRATION_5: &str = "
+DO $$ BEGIN
+    IF EXISTS (SELECT 1 FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = 'attr_orders' AND column_name = 'credits') THEN
+        ALTER TABLE attr_orders RENAME COLUMN credits TO legacy_credits;
+    END IF;
+END $$;
+";
 
 /// The agents' health history (both engines).
 const AGENT_HEALTH_DDL: &str = "CREATE TABLE IF NOT EXISTS agent_health (
@@ -224,6 +248,7 @@ ALTER TABLE agents ADD COLUMN IF NOT EXISTS errors_rising_at TEXT;
     );
     sql.push_str(AGENT_HEALTH_DDL);
     sql += &analytics::state_ddl(false);
+    sql.push_str(POSTGRES_MIGRATION_5);
     sql
 }
 

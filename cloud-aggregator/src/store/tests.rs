@@ -403,6 +403,140 @@ fn an_orders_events_in_one_commit_credit_as_in_commits_of_their_own() {
     assert_eq!(last, [row("bing"), row("google")], "o3 moved to d (bing); o1 placed at 09:30, before the email");
 }
 
+/// Attribution test events: a touch of customer `user` and an order of 10.00.
+fn touch_at(time: &str, seq: u64, user: &str, channel: &str) -> Event {
+    let touch = actidash_shared::event::MarketingTouch {
+        user_id: user.into(),
+        channel: channel.into(),
+        campaign: "x".into(),
+        cost: None,
+        currency: None,
+    };
+    at(time, seq, actidash_shared::event::Payload::Marketing(touch))
+}
+
+fn order_at(time: &str, seq: u64, id: &str, customer: &str, status: actidash_shared::event::OrderStatus) -> Event {
+    let mut e = actidash_shared::testing::sale_with("acme", "a1", seq, time, "web", "10", status);
+    if let actidash_shared::event::Payload::Sales(o) = &mut e.payload {
+        o.order_id = id.into();
+        o.customer_id = customer.into();
+    }
+    e.entity_key = e.payload.entity_key();
+    e
+}
+
+/// Orders credited per channel (non-zero) under `model`, over all time.
+fn credited_orders(store: &mut Store, model: crate::analytics::attribution::Model) -> Vec<(String, String)> {
+    let sel = query::Selection {
+        tenant: Some("acme".into()),
+        group_by: vec!["channel".into()],
+        ..query::Selection::all_time()
+    };
+    let report = store.read(|tx| query::attribution(tx, &sel, model)).unwrap();
+    report
+        .rows
+        .iter()
+        .filter(|r| r.attributed_orders != "0")
+        .map(|r| (r.dims["channel"].clone(), r.attributed_orders.clone()))
+        .collect()
+}
+
+/// A cancellation beyond the horizon retracts its order's credit exactly as long as the order
+/// is kept: the credit is derived from the touches, so they are kept as long (here the touch is
+/// past lateness + lookback, where it was compacted before 2026-12-04).
+#[test]
+fn a_late_cancellation_retracts_the_credit_of_an_order_kept() {
+    use crate::analytics::attribution::Model;
+    use actidash_shared::event::OrderStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = crate::analytics::AnalyticsConfig {
+        allowed_lateness_secs: 3600,
+        attribution_lookback_secs: 86_400,
+        order_retention_secs: 10 * 86_400,
+        ..Default::default()
+    };
+    let mut store = Store::open(&dir.path().join("s.db")).unwrap().with_analytics(cfg);
+    let commit = |store: &mut Store, events: Vec<Event>| {
+        store.commit(CommitWork { inputs: vec![input("embedded", events)], ..Default::default() }).unwrap()
+    };
+    commit(
+        &mut store,
+        vec![
+            touch_at("2026-11-20T09:00:00Z", 0, "c", "google"),
+            order_at("2026-11-20T10:00:00Z", 1, "o", "c", OrderStatus::Placed),
+        ],
+    );
+    assert_eq!(credited_orders(&mut store, Model::Linear), [("google".to_owned(), "1".to_owned())]);
+    // Three days on: the touch is 3 days old, beyond lateness + lookback (1 h + 1 day).
+    commit(&mut store, vec![at("2026-11-23T10:00:00Z", 2, page_view("v"))]);
+    let state = store.read(query::state_sizes).unwrap();
+    assert_eq!((state["touches"], state["attr_orders"]), (1, 1), "kept with the order: {state:?}");
+    let outcome = commit(&mut store, vec![order_at("2026-11-20T11:00:00Z", 3, "o", "c", OrderStatus::Cancelled)]);
+    assert_eq!(outcome.n_late_beyond_horizon, 1);
+    for model in Model::ALL {
+        assert_eq!(credited_orders(&mut store, model), [], "{model:?}: taken back whole, nothing to (none)");
+    }
+    // Past the order's retention both go.
+    commit(&mut store, vec![at("2026-12-01T10:00:01Z", 4, page_view("v"))]);
+    let state = store.read(query::state_sizes).unwrap();
+    assert_eq!((state["touches"], state["attr_orders"]), (0, 0), "{state:?}");
+}
+
+/// Orders stored by a version before 2026-12-04 hold their credit as text: that credit is what
+/// a change takes back (their touches may be gone), and the text is cleared once the order is
+/// credited again. Statements of those versions fail on the migrated store (they name
+/// `credits`): an old processor sharing it cannot credit an order twice.
+#[test]
+fn an_order_stored_with_its_credit_by_version_4_has_that_credit_taken_back() {
+    use crate::analytics::attribution::Model;
+    use actidash_shared::event::OrderStatus;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.db");
+    let commit = |store: &mut Store, events: Vec<Event>| {
+        store.commit(CommitWork { inputs: vec![input("embedded", events)], ..Default::default() }).unwrap();
+    };
+    let mut store = Store::open(&path).unwrap();
+    commit(
+        &mut store,
+        vec![
+            touch_at("2026-11-27T09:00:00Z", 0, "c", "google"),
+            order_at("2026-11-27T10:00:00Z", 1, "o1", "c", OrderStatus::Placed),
+            order_at("2026-11-27T12:00:00Z", 2, "o2", "c", OrderStatus::Placed),
+        ],
+    );
+    drop(store);
+    // As version 4 left them: each order's credit (google, whole, in every model) as text, and
+    // o1's touch compacted.
+    let text: String = (0..5).map(|m| format!("{m},1000000,1000000000;")).collect();
+    let text = format!("6:google1:x{text}\n");
+    {
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("ALTER TABLE attr_orders RENAME COLUMN legacy_credits TO credits; DELETE FROM touches")
+            .unwrap();
+        conn.execute("UPDATE attr_orders SET credits = ?1", [&text]).unwrap();
+        conn.pragma_update(None, "user_version", 4).unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    let credits_of = |store: &mut Store, id: &str| {
+        let rows = store
+            .read(|tx| tx.query("SELECT legacy_credits FROM attr_orders WHERE order_id = ?1", &[Val::from(id)]))
+            .unwrap();
+        rows[0][0].text().to_owned()
+    };
+    assert_eq!(credits_of(&mut store, "o1"), text, "kept through the migration");
+    let old_statement = store.read(|tx| tx.query("SELECT credits FROM attr_orders", &[]));
+    assert!(old_statement.is_err(), "a version 4 statement fails");
+    // o1 cancelled: its stored credit is taken back (derived from the touches left, it would be
+    // (none)'s).
+    commit(&mut store, vec![order_at("2026-11-27T13:00:00Z", 3, "o1", "c", OrderStatus::Cancelled)]);
+    assert_eq!(credited_orders(&mut store, Model::Linear), [("google".to_owned(), "1".to_owned())], "o2's");
+    // A touch before o2 credits it again: its stored credit out, the derived one in.
+    commit(&mut store, vec![touch_at("2026-11-27T11:00:00Z", 4, "c", "email")]);
+    assert_eq!(credited_orders(&mut store, Model::LastTouch), [("email".to_owned(), "1".to_owned())]);
+    assert_eq!(credited_orders(&mut store, Model::Linear), [("email".to_owned(), "1".to_owned())]);
+    assert_eq!(credits_of(&mut store, "o2"), "", "derived from now on");
+}
+
 /// Sums that leave the 64-bit range are clamped, in the roll-up rows and in the reads, instead
 /// of failing the commit or the API (issue 17: three orders of 4·10^14 made the totals answer
 /// "integer overflow"; such orders are now refused, but a flood of orders at the bound, 10^12
