@@ -269,6 +269,11 @@ impl<'t> Credited<'t> {
         Credited { keys, of_orders: out }
     }
 
+    /// The number of keys: the touches' channels and campaigns, and `(none)`.
+    pub fn n_keys(&self) -> usize {
+        self.keys.len() + 1
+    }
+
     /// The channel and campaign of a credit's key.
     pub fn key(&self, key: usize) -> (&'t str, &'t str) {
         self.keys.get(key).copied().unwrap_or((NONE, NONE))

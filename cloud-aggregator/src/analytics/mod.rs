@@ -185,9 +185,11 @@ struct AttributionChanges {
     /// (tenant, customer) -> the touches this commit stored, and the orders it changed that
     /// are or were the customer's.
     customers: BTreeMap<(String, String), CustomerChanges>,
-    /// (tenant, order id) -> the order before this commit (None: not stored), and now.
-    orders: HashMap<(String, String), (Option<OrderState>, OrderState)>,
+    /// Tenant -> order id -> the order before this commit (None: not stored), and now.
+    orders: ChangedOrders,
 }
+
+type ChangedOrders = HashMap<String, HashMap<String, (Option<OrderState>, OrderState)>>;
 
 #[derive(Default)]
 struct CustomerChanges {
@@ -239,6 +241,10 @@ pub fn apply(
     let mut hits: BTreeMap<(String, String), Vec<Hit>> = BTreeMap::new();
     let mut attribution_changes = AttributionChanges::default();
     let mut newest: HashMap<String, i64> = HashMap::new();
+    // (tenant, SKU, warehouse) -> the newest time of its stock levels, and those of that time
+    // (event, on hand).
+    type Newest<'e> = (i64, Vec<(&'e Event, i64)>);
+    let mut stock: BTreeMap<(&str, &str, &str), Newest> = BTreeMap::new();
     for e in events {
         let t = e.event_time.timestamp_millis();
         let tenant = e.tenant.as_str();
@@ -314,35 +320,50 @@ pub fn apply(
             }
             Payload::Inventory(i) => {
                 applied.changed.insert((e.tenant.clone(), "inventory"));
-                tx.exec(
-                    "INSERT INTO inventory (tenant, sku, warehouse, on_hand, time_ms, agent_id, source_id, seq)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
-                     ON CONFLICT (tenant, sku, warehouse) DO UPDATE SET on_hand = excluded.on_hand,
-                         time_ms = excluded.time_ms, agent_id = excluded.agent_id, source_id = excluded.source_id,
-                         seq = excluded.seq
-                     WHERE (excluded.time_ms, excluded.agent_id, excluded.source_id, excluded.seq)
-                         > (inventory.time_ms, inventory.agent_id, inventory.source_id, inventory.seq)",
-                    &[
-                        tenant.into(),
-                        (&i.sku).into(),
-                        (&i.warehouse).into(),
-                        i.on_hand.into(),
-                        t.into(),
-                        (&e.agent_id).into(),
-                        (&e.source_id).into(),
-                        Val::Int(e.seq as i64),
-                    ],
-                )?;
+                let newest = stock.entry((tenant, &i.sku, &i.warehouse)).or_insert((t, Vec::new()));
+                if t > newest.0 {
+                    *newest = (t, Vec::new());
+                }
+                if t == newest.0 {
+                    newest.1.push((e, i.on_hand));
+                }
             }
         }
     }
 
+    // Of a SKU's stock levels in a warehouse, only the newest of the commit can win; those of
+    // its newest time are all written, for the store to order by the rest of the key.
+    for ((tenant, sku, warehouse), (t, newest)) in &stock {
+        for (e, on_hand) in newest {
+            tx.exec(
+                "INSERT INTO inventory (tenant, sku, warehouse, on_hand, time_ms, agent_id, source_id, seq)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)
+                 ON CONFLICT (tenant, sku, warehouse) DO UPDATE SET on_hand = excluded.on_hand,
+                     time_ms = excluded.time_ms, agent_id = excluded.agent_id, source_id = excluded.source_id,
+                     seq = excluded.seq
+                 WHERE (excluded.time_ms, excluded.agent_id, excluded.source_id, excluded.seq)
+                     > (inventory.time_ms, inventory.agent_id, inventory.source_id, inventory.seq)",
+                &[
+                    (*tenant).into(),
+                    (*sku).into(),
+                    (*warehouse).into(),
+                    (*on_hand).into(),
+                    (*t).into(),
+                    (&e.agent_id).into(),
+                    (&e.source_id).into(),
+                    Val::Int(e.seq as i64),
+                ],
+            )?;
+        }
+    }
     for ((tenant, visitor), visitor_hits) in &hits {
         sessionize(tx, tenant, visitor, visitor_hits, gap, &mut deltas)?;
     }
+    let mut credit_sums = CreditSums::default();
     for ((tenant, customer), changes) in &attribution_changes.customers {
-        attribute(tx, tenant, customer, changes, &attribution_changes.orders, params, &mut deltas)?;
+        attribute(tx, tenant, customer, changes, &attribution_changes.orders, params, &mut credit_sums)?;
     }
+    credit_sums.write(&mut deltas);
     write_deltas(tx, &deltas)?;
 
     // Move the watermarks on, then compact state that fell behind the horizon.
@@ -401,9 +422,8 @@ fn order_event(
     // The order's credit may be re-computed at this moment by the processor of a touch of its
     // customer: read and change it only under the customer's lock (the one `attribute` holds).
     tx.lock_key(&customer_lock(&e.tenant, &o.customer_id))?;
-    let key = (e.tenant.clone(), o.order_id.clone());
     // As this commit left it (its customers are locked already), else as stored.
-    let stored = match changes.orders.get(&key) {
+    let stored = match changes.orders.get(&e.tenant).and_then(|of_tenant| of_tenant.get(&o.order_id)) {
         Some((_, now)) => Some(now.clone()),
         None => {
             let mut stored = load_order(tx, &e.tenant, &o.order_id)?;
@@ -471,7 +491,7 @@ fn order_event(
         changes.customer(&e.tenant, &before.customer).orders.insert(o.order_id.clone());
     }
     changes.customer(&e.tenant, &state.customer).orders.insert(o.order_id.clone());
-    match changes.orders.entry(key) {
+    match changes.orders.entry(e.tenant.clone()).or_default().entry(o.order_id.clone()) {
         Entry::Occupied(mut changed) => changed.get_mut().1 = state,
         Entry::Vacant(first) => {
             first.insert((stored, state));
@@ -514,54 +534,97 @@ fn parse_credits(text: &str, tenant: &str, customer: &str) -> Result<Vec<Credit>
     })
 }
 
-/// Changes of orders' credits summed per bucket of the attribution roll-up's finest grain,
-/// model, channel, campaign and currency before they become roll-up deltas: a customer's
-/// orders share few keys, and a busy customer has hundreds of orders re-credited in a commit.
+/// Changes of orders' credits summed per tenant, bucket of the attribution roll-up's finest
+/// grain, model, channel, campaign and currency before they become roll-up deltas: a commit
+/// credits thousands of orders over a few dozen such keys. Texts are interned, so that adding a
+/// credit hashes integers only.
 #[derive(Default)]
-struct CreditSums<'a> {
-    sums: FxHashMap<(i64, attribution::Model, &'a str, &'a str, &'a str), [i64; 2]>,
+struct CreditSums {
+    ids: FxHashMap<Box<str>, u32>,
+    texts: Vec<Box<str>>,
+    /// (tenant, bucket, model, channel, campaign, currency) -> (orders, revenue).
+    sums: FxHashMap<CreditKey, [i64; 2]>,
 }
 
-impl<'a> CreditSums<'a> {
-    /// Adds `sign` × the credits (model, channel, campaign, orders, revenue) of an order at
-    /// `time_ms`.
-    fn add(
+/// (tenant, bucket, model, channel, campaign, currency), texts by their [`CreditSums::id`].
+type CreditKey = (u32, i64, attribution::Model, u32, u32, u32);
+
+impl CreditSums {
+    /// The id of a text.
+    fn id(&mut self, text: &str) -> u32 {
+        if let Some(id) = self.ids.get(text) {
+            return *id;
+        }
+        let id = u32::try_from(self.texts.len()).unwrap_or(u32::MAX);
+        self.texts.push(text.into());
+        self.ids.insert(text.into(), id);
+        id
+    }
+
+    /// The bucket of the roll-up's finest grain an order at `time_ms` counts in.
+    fn bucket(time_ms: i64) -> i64 {
+        let grain_ms = tables::ATTRIBUTION.finest * 1000;
+        time_ms.div_euclid(grain_ms) * grain_ms
+    }
+
+    fn add_one(&mut self, key: CreditKey, orders: i64, revenue: i64, sign: i64) {
+        let sum = self.sums.entry(key).or_default();
+        sum[0] = sum[0].saturating_add(orders.saturating_mul(sign));
+        sum[1] = sum[1].saturating_add(revenue.saturating_mul(sign));
+    }
+
+    /// Adds `sign` × the credits (model, channel, campaign, orders, revenue) of an order of
+    /// `tenant` at `time_ms`.
+    fn add<'c>(
         &mut self,
+        tenant: &str,
         time_ms: i64,
-        currency: &'a str,
-        credits: impl Iterator<Item = (attribution::Model, &'a str, &'a str, i64, i64)>,
+        currency: &str,
+        credits: impl Iterator<Item = (attribution::Model, &'c str, &'c str, i64, i64)>,
         sign: i64,
     ) {
-        let grain_ms = tables::ATTRIBUTION.finest * 1000;
-        let bucket = time_ms.div_euclid(grain_ms) * grain_ms;
+        let (tenant, bucket, currency) = (self.id(tenant), Self::bucket(time_ms), self.id(currency));
         for (model, channel, campaign, orders, revenue) in credits {
-            let sum = self.sums.entry((bucket, model, channel, campaign, currency)).or_default();
-            sum[0] = sum[0].saturating_add(orders.saturating_mul(sign));
-            sum[1] = sum[1].saturating_add(revenue.saturating_mul(sign));
+            let key = (tenant, bucket, model, self.id(channel), self.id(campaign), currency);
+            self.add_one(key, orders, revenue, sign);
         }
     }
 
-    /// Adds `sign` × the credits of the orders `of` (in the order `credited` was given them).
-    fn add_credited(&mut self, of: &[&'a OrderState], credited: &attribution::Credited<'a>, sign: i64) {
+    /// Adds `sign` × the credits of the orders `of` of `tenant` (in the order `credited` was
+    /// given them).
+    fn add_credited(&mut self, tenant: &str, of: &[&OrderState], credited: &attribution::Credited<'_>, sign: i64) {
+        let tenant = self.id(tenant);
+        let keys: Vec<(u32, u32)> = (0..credited.n_keys())
+            .map(|k| {
+                let (channel, campaign) = credited.key(k);
+                (self.id(channel), self.id(campaign))
+            })
+            .collect();
         for (order, credits) in of.iter().zip(&credited.of_orders) {
-            let credits = credits.iter().map(|c| {
-                let (channel, campaign) = credited.key(c.key);
-                (c.model, channel, campaign, c.orders_micro, c.revenue_nano)
-            });
-            self.add(order.time_ms, &order.currency, credits, sign);
+            let (bucket, currency) = (Self::bucket(order.time_ms), self.id(&order.currency));
+            for c in credits {
+                let (channel, campaign) = keys[c.key];
+                self.add_one(
+                    (tenant, bucket, c.model, channel, campaign, currency),
+                    c.orders_micro,
+                    c.revenue_nano,
+                    sign,
+                );
+            }
         }
     }
 
     /// The sums, as deltas of the attribution roll-up (sums that cancelled out give none).
-    fn write(self, deltas: &mut Deltas, tenant: &str) {
-        for ((bucket, model, channel, campaign, currency), [orders, revenue]) in self.sums {
-            if orders != 0 || revenue != 0 {
+    fn write(&self, deltas: &mut Deltas) {
+        for ((tenant, bucket, model, channel, campaign, currency), [orders, revenue]) in &self.sums {
+            if *orders != 0 || *revenue != 0 {
+                let text = |id: &u32| &*self.texts[*id as usize];
                 deltas.add(
                     &tables::ATTRIBUTION,
-                    tenant,
-                    bucket,
-                    &[model.name(), channel, campaign, currency],
-                    &[orders, revenue],
+                    text(tenant),
+                    *bucket,
+                    &[model.name(), text(channel), text(campaign), text(currency)],
+                    &[*orders, *revenue],
                 );
             }
         }
@@ -582,15 +645,15 @@ fn attribute(
     tenant: &str,
     customer: &str,
     changes: &CustomerChanges,
-    orders: &HashMap<(String, String), (Option<OrderState>, OrderState)>,
+    orders: &ChangedOrders,
     params: Params,
-    deltas: &mut Deltas,
+    sums: &mut CreditSums,
 ) -> Result<(), DbError> {
     tx.lock_key(&customer_lock(tenant, customer))?;
     // The changed orders, before and after.
     let (mut before, mut after): (Vec<&OrderState>, Vec<&OrderState>) = (Vec::new(), Vec::new());
     for id in &changes.orders {
-        let Some((was, now)) = orders.get(&(tenant.to_owned(), id.clone())) else { continue };
+        let Some((was, now)) = orders.get(tenant).and_then(|of_tenant| of_tenant.get(id)) else { continue };
         if let Some(was) = was
             && was.customer == customer
             && was.credited()
@@ -657,14 +720,12 @@ fn attribute(
     let times = |of: &[&OrderState]| of.iter().map(|o| (o.time_ms, o.amount)).collect::<Vec<_>>();
     let credited_before = attribution::Credited::new(&times(&derived), &touches_before, params);
     let credited_after = attribution::Credited::new(&times(&after), &touches_after, params);
-    let mut sums = CreditSums::default();
-    sums.add_credited(&derived, &credited_before, -1);
+    sums.add_credited(tenant, &derived, &credited_before, -1);
     for (order, credits) in &legacy {
         let credits = credits.iter().map(|c| (c.model, &*c.channel, &*c.campaign, c.orders_micro, c.revenue_nano));
-        sums.add(order.time_ms, &order.currency, credits, -1);
+        sums.add(tenant, order.time_ms, &order.currency, credits, -1);
     }
-    sums.add_credited(&after, &credited_after, 1);
-    sums.write(deltas, tenant);
+    sums.add_credited(tenant, &after, &credited_after, 1);
     for (id, order) in &unchanged {
         if !order.legacy_credits.is_empty() {
             tx.exec(
@@ -859,14 +920,14 @@ mod tests {
         let mut sums = CreditSums::default();
         // An order credited a, then b (a taken back); another credited a; one credited b and
         // taken back.
-        sums.add(10 * HOUR + 5, "EUR", a.into_iter(), 1);
-        sums.add(10 * HOUR + 59 * 60_000, "EUR", a.into_iter(), -1);
-        sums.add(10 * HOUR + 59 * 60_000, "EUR", b.into_iter(), 1);
-        sums.add(11 * HOUR, "EUR", a.into_iter(), 1);
-        sums.add(10 * HOUR + 1, "USD", b.into_iter(), -1);
-        sums.add(10 * HOUR + 2, "USD", b.into_iter(), 1);
+        sums.add("t", 10 * HOUR + 5, "EUR", a.into_iter(), 1);
+        sums.add("t", 10 * HOUR + 59 * 60_000, "EUR", a.into_iter(), -1);
+        sums.add("t", 10 * HOUR + 59 * 60_000, "EUR", b.into_iter(), 1);
+        sums.add("t", 11 * HOUR, "EUR", a.into_iter(), 1);
+        sums.add("t", 10 * HOUR + 1, "USD", b.into_iter(), -1);
+        sums.add("t", 10 * HOUR + 2, "USD", b.into_iter(), 1);
         let mut deltas = Deltas::default();
-        sums.write(&mut deltas, "t");
+        sums.write(&mut deltas);
         let rows: Vec<(i64, String, String, i64, i64)> = deltas
             .by_grain()
             .into_iter()
