@@ -283,6 +283,12 @@ impl<'t> Credited<'t> {
 /// One model's credit of an order: one order and `revenue` split over the keys by their
 /// weights `per_key`; keys without weight get nothing.
 fn split(model: Model, per_key: &[u128], revenue: i128, out: &mut Vec<KeyCredit>) {
+    let mut weighted = per_key.iter().enumerate().filter(|(_, w)| **w != 0);
+    if let (Some((key, _)), None) = (weighted.next(), weighted.next()) {
+        // One key (first and last touch always): the whole of it, as `allocate` would give.
+        out.push(KeyCredit { model, key, orders_micro: MICRO_PER_ORDER, revenue_nano: clamp(revenue) });
+        return;
+    }
     let orders = allocate(i128::from(MICRO_PER_ORDER), per_key);
     let revenues = allocate(revenue, per_key);
     for (key, w) in per_key.iter().enumerate() {
@@ -412,15 +418,18 @@ mod tests {
             for (w, k) in weights(model, &eligible, order_ms, params.half_life_ms).into_iter().zip(&key_of) {
                 per_key[*k] += w;
             }
-            let mut split_credits = Vec::new();
-            split(model, &per_key, revenue, &mut split_credits);
-            out.extend(split_credits.into_iter().map(|c| Credit {
-                model,
-                channel: keys[c.key].0.into(),
-                campaign: keys[c.key].1.into(),
-                orders_micro: c.orders_micro,
-                revenue_nano: c.revenue_nano,
-            }));
+            // Split by `allocate` alone (the product's `split` takes shortcuts).
+            let orders = allocate(i128::from(MICRO_PER_ORDER), &per_key);
+            let revenues = allocate(revenue, &per_key);
+            for (k, (channel, campaign)) in keys.iter().enumerate().filter(|(k, _)| per_key[*k] != 0) {
+                out.push(Credit {
+                    model,
+                    channel: (*channel).into(),
+                    campaign: (*campaign).into(),
+                    orders_micro: clamp(orders[k]),
+                    revenue_nano: clamp(revenues[k]),
+                });
+            }
         }
         out
     }

@@ -696,11 +696,12 @@ fn attribute(
     }
     let Some(first) = before.iter().chain(&after).map(|o| o.time_ms).min() else { return Ok(()) };
     let last = before.iter().chain(&after).map(|o| o.time_ms).max().unwrap_or(first);
-    let touches_after: Vec<Touch> = tx
+    // In key order (time first), sorted here by time, channel and campaign: SQL would sort
+    // through a temporary B-tree.
+    let mut touches_after: Vec<Touch> = tx
         .query(
             "SELECT time_ms, channel, campaign FROM touches
-             WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4
-             ORDER BY time_ms, channel, campaign",
+             WHERE tenant = ?1 AND user_id = ?2 AND time_ms > ?3 AND time_ms <= ?4",
             &[tenant.into(), customer.into(), first.saturating_sub(params.lookback_ms).into(), last.into()],
         )?
         .into_iter()
@@ -709,6 +710,7 @@ fn attribute(
             Touch { time_ms: c.int(), channel: c.text(), campaign: c.text() }
         })
         .collect();
+    touches_after.sort_unstable();
     let touches_before = without(&touches_after, &changes.touches);
     // Orders stored with their credit take that back; the others, the credit derived.
     let (legacy, derived): (Vec<&OrderState>, Vec<&OrderState>) =
