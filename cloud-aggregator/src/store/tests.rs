@@ -339,26 +339,8 @@ fn an_earlier_placement_of_an_order_moves_its_credit_and_a_cancellation_retracts
 #[test]
 fn an_orders_events_in_one_commit_credit_as_in_commits_of_their_own() {
     use crate::analytics::attribution::Model;
-    use actidash_shared::event::{MarketingTouch, OrderStatus, Payload};
-    let touch = |time: &str, seq: u64, user: &str, channel: &str| {
-        let touch = MarketingTouch {
-            user_id: user.into(),
-            channel: channel.into(),
-            campaign: "x".into(),
-            cost: None,
-            currency: None,
-        };
-        at(time, seq, Payload::Marketing(touch))
-    };
-    let order = |time: &str, seq: u64, id: &str, customer: &str, status: OrderStatus| {
-        let mut e = actidash_shared::testing::sale_with("acme", "a1", seq, time, "web", "10", status);
-        if let Payload::Sales(o) = &mut e.payload {
-            o.order_id = id.into();
-            o.customer_id = customer.into();
-        }
-        e.entity_key = e.payload.entity_key();
-        e
-    };
+    use actidash_shared::event::OrderStatus;
+    let (touch, order) = (touch_at, order_at);
     let events = vec![
         touch("2026-11-27T09:00:00Z", 0, "c", "google"),
         order("2026-11-27T10:05:00Z", 1, "o1", "c", OrderStatus::Placed),
@@ -371,12 +353,7 @@ fn an_orders_events_in_one_commit_credit_as_in_commits_of_their_own() {
         order("2026-11-27T10:00:00Z", 8, "o3", "d", OrderStatus::Placed),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let mut together = Store::open(&dir.path().join("together.db")).unwrap();
-    let mut apart = Store::open(&dir.path().join("apart.db")).unwrap();
-    together.commit(CommitWork { inputs: vec![input("embedded", events.clone())], ..Default::default() }).unwrap();
-    for e in events {
-        apart.commit(CommitWork { inputs: vec![input("embedded", vec![e])], ..Default::default() }).unwrap();
-    }
+    let (mut together, mut apart) = committed_together_and_apart(dir.path(), events);
     let sel = query::Selection {
         tenant: Some("acme".into()),
         group_by: vec!["channel".into(), "campaign".into()],
@@ -401,6 +378,17 @@ fn an_orders_events_in_one_commit_credit_as_in_commits_of_their_own() {
     let last = credited(&mut together, Model::LastTouch).0;
     let row = |channel: &str| (channel.to_owned(), "1".to_owned(), "10".to_owned());
     assert_eq!(last, [row("bing"), row("google")], "o3 moved to d (bing); o1 placed at 09:30, before the email");
+}
+
+/// Two stores given the same events: in one commit, and in one commit per event.
+fn committed_together_and_apart(dir: &Path, events: Vec<Event>) -> (Store, Store) {
+    let mut together = Store::open(&dir.join("together.db")).unwrap();
+    let mut apart = Store::open(&dir.join("apart.db")).unwrap();
+    together.commit(CommitWork { inputs: vec![input("embedded", events.clone())], ..Default::default() }).unwrap();
+    for e in events {
+        apart.commit(CommitWork { inputs: vec![input("embedded", vec![e])], ..Default::default() }).unwrap();
+    }
+    (together, apart)
 }
 
 /// Attribution test events: a touch of customer `user` and an order of 10.00.
@@ -557,12 +545,7 @@ fn a_commits_stock_levels_count_as_in_commits_of_their_own() {
         level("2026-11-27T09:00:00Z", "a1", 5, "B", 3),
     ];
     let dir = tempfile::tempdir().unwrap();
-    let mut together = Store::open(&dir.path().join("together.db")).unwrap();
-    let mut apart = Store::open(&dir.path().join("apart.db")).unwrap();
-    together.commit(CommitWork { inputs: vec![input("embedded", events.clone())], ..Default::default() }).unwrap();
-    for e in events {
-        apart.commit(CommitWork { inputs: vec![input("embedded", vec![e])], ..Default::default() }).unwrap();
-    }
+    let (mut together, mut apart) = committed_together_and_apart(dir.path(), events);
     let stock = |store: &mut Store| {
         let rows = store.read(|tx| tx.query("SELECT sku, on_hand, agent_id FROM inventory ORDER BY sku", &[])).unwrap();
         rows.iter().map(|r| (r[0].text().to_owned(), r[1].int_or_zero(), r[2].text().to_owned())).collect::<Vec<_>>()
