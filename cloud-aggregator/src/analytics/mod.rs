@@ -80,7 +80,8 @@ pub struct AnalyticsConfig {
     pub attribution_lookback_secs: u64,
     /// Half-life of the time-decay model.
     pub time_decay_half_life_secs: u64,
-    /// How long an order is kept so that its cancellation retracts its credit.
+    /// How long an order is kept so that its cancellation retracts its credit (its customer's
+    /// touches are kept for this plus the lookback).
     pub order_retention_secs: u64,
     /// Event times further than this past the processor's clock do not move the watermark.
     pub max_future_skew_secs: u64,
