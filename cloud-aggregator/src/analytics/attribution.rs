@@ -134,38 +134,6 @@ pub fn decode_credits(text: &str) -> Result<Vec<Credit>, String> {
     Ok(out)
 }
 
-/// The credits of an order of `amount_raw` (money's raw units) placed at `order_ms`, given its
-/// customer's touches in any order (those outside the lookback window are ignored). Sorted by
-/// model, channel, campaign.
-pub fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
-    credit_orders(&[(order_ms, amount_raw)], touches, params).pop().unwrap_or_default()
-}
-
-/// [`credit_order`] for many orders of one customer: `orders` are (time, amount), the result
-/// is in their order.
-pub fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -> Vec<Vec<Credit>> {
-    let credited = Credited::new(orders, touches, params);
-    credited
-        .of_orders
-        .iter()
-        .map(|of_order| {
-            of_order
-                .iter()
-                .map(|c| {
-                    let (channel, campaign) = credited.key(c.key);
-                    Credit {
-                        model: c.model,
-                        channel: channel.to_owned(),
-                        campaign: campaign.to_owned(),
-                        orders_micro: c.orders_micro,
-                        revenue_nano: c.revenue_nano,
-                    }
-                })
-                .collect()
-        })
-        .collect()
-}
-
 /// One model's credit of one order to the channel and campaign `key` of a [`Credited`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyCredit {
@@ -361,6 +329,38 @@ fn clamp(v: i128) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The credits of an order of `amount_raw` (money's raw units) placed at `order_ms`, given its
+    /// customer's touches in any order (those outside the lookback window are ignored). Sorted by
+    /// model, channel, campaign.
+    fn credit_order(order_ms: i64, amount_raw: i64, touches: &[Touch], params: Params) -> Vec<Credit> {
+        credit_orders(&[(order_ms, amount_raw)], touches, params).pop().unwrap_or_default()
+    }
+
+    /// [`credit_order`] for many orders of one customer, through [`Credited`]: `orders` are
+    /// (time, amount), the result is in their order.
+    fn credit_orders(orders: &[(i64, i64)], touches: &[Touch], params: Params) -> Vec<Vec<Credit>> {
+        let credited = Credited::new(orders, touches, params);
+        credited
+            .of_orders
+            .iter()
+            .map(|of_order| {
+                of_order
+                    .iter()
+                    .map(|c| {
+                        let (channel, campaign) = credited.key(c.key);
+                        Credit {
+                            model: c.model,
+                            channel: channel.to_owned(),
+                            campaign: campaign.to_owned(),
+                            orders_micro: c.orders_micro,
+                            revenue_nano: c.revenue_nano,
+                        }
+                    })
+                    .collect()
+            })
+            .collect()
+    }
 
     /// The text [`decode_credits`] reads, as versions before 2026-12-04 wrote it.
     fn encode_credits(credits: &[Credit]) -> String {

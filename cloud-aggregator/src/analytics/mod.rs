@@ -488,7 +488,9 @@ fn order_event(
             i64::from(state.cancelled).into(),
         ],
     )?;
-    if let Some(before) = &stored {
+    if let Some(before) = &stored
+        && before.customer != state.customer
+    {
         changes.customer(&e.tenant, &before.customer).orders.insert(o.order_id.clone());
     }
     changes.customer(&e.tenant, &state.customer).orders.insert(o.order_id.clone());
@@ -528,9 +530,9 @@ fn load_order(tx: &mut dyn Tx, tenant: &str, order_id: &str) -> Result<Option<Or
 /// An order's credits as stored by a version before 2026-12-04. Unreadable text (the store's
 /// own, so never expected) is an error that stops the commit: retracting nothing would leave
 /// the credit counted for ever.
-fn parse_credits(text: &str, tenant: &str, customer: &str) -> Result<Vec<Credit>, DbError> {
+fn parse_credits(text: &str, tenant: &str, order_id: &str) -> Result<Vec<Credit>, DbError> {
     attribution::decode_credits(text).map_err(|e| DbError {
-        message: format!("the stored credits of an order of customer {customer:?} of tenant {tenant:?}: {e}"),
+        message: format!("the stored credits of order {order_id:?} of tenant {tenant:?}: {e}"),
         retryable: false,
     })
 }
@@ -651,15 +653,15 @@ fn attribute(
     sums: &mut CreditSums,
 ) -> Result<(), DbError> {
     tx.lock_key(&customer_lock(tenant, customer))?;
-    // The changed orders, before and after.
-    let (mut before, mut after): (Vec<&OrderState>, Vec<&OrderState>) = (Vec::new(), Vec::new());
+    // The changed orders, before (with their ids) and after.
+    let (mut before, mut after): (Vec<(&str, &OrderState)>, Vec<&OrderState>) = (Vec::new(), Vec::new());
     for id in &changes.orders {
         let Some((was, now)) = orders.get(tenant).and_then(|of_tenant| of_tenant.get(id)) else { continue };
         if let Some(was) = was
             && was.customer == customer
             && was.credited()
         {
-            before.push(was);
+            before.push((id, was));
         }
         if now.customer == customer && now.credited() {
             after.push(now);
@@ -691,12 +693,12 @@ fn attribute(
             unchanged.push((id, order));
         }
     }
-    for (_, order) in &unchanged {
-        before.push(order);
+    for (id, order) in &unchanged {
+        before.push((id, order));
         after.push(order);
     }
-    let Some(first) = before.iter().chain(&after).map(|o| o.time_ms).min() else { return Ok(()) };
-    let last = before.iter().chain(&after).map(|o| o.time_ms).max().unwrap_or(first);
+    let order_times = || before.iter().map(|(_, o)| o.time_ms).chain(after.iter().map(|o| o.time_ms));
+    let (Some(first), Some(last)) = (order_times().min(), order_times().max()) else { return Ok(()) };
     // In key order (time first), sorted here by time, channel and campaign: SQL would sort
     // through a temporary B-tree.
     let mut touches_after: Vec<Touch> = tx
@@ -714,15 +716,17 @@ fn attribute(
     touches_after.sort_unstable();
     let touches_before = without(&touches_after, &changes.touches);
     // Orders stored with their credit take that back; the others, the credit derived.
-    let (legacy, derived): (Vec<&OrderState>, Vec<&OrderState>) =
-        before.into_iter().partition(|o| !o.legacy_credits.is_empty());
-    let legacy: Vec<(&OrderState, Vec<Credit>)> = legacy
-        .into_iter()
-        .map(|o| Ok((o, parse_credits(&o.legacy_credits, tenant, customer)?)))
-        .collect::<Result<_, DbError>>()?;
-    let times = |of: &[&OrderState]| of.iter().map(|o| (o.time_ms, o.amount)).collect::<Vec<_>>();
-    let credited_before = attribution::Credited::new(&times(&derived), &touches_before, params);
-    let credited_after = attribution::Credited::new(&times(&after), &touches_after, params);
+    let (mut derived, mut legacy): (Vec<&OrderState>, Vec<(&OrderState, Vec<Credit>)>) = (Vec::new(), Vec::new());
+    for (id, order) in before {
+        if order.legacy_credits.is_empty() {
+            derived.push(order);
+        } else {
+            legacy.push((order, parse_credits(&order.legacy_credits, tenant, id)?));
+        }
+    }
+    let times_and_amounts = |of: &[&OrderState]| of.iter().map(|o| (o.time_ms, o.amount)).collect::<Vec<_>>();
+    let credited_before = attribution::Credited::new(&times_and_amounts(&derived), &touches_before, params);
+    let credited_after = attribution::Credited::new(&times_and_amounts(&after), &touches_after, params);
     sums.add_credited(tenant, &derived, &credited_before, -1);
     for (order, credits) in &legacy {
         let credits = credits.iter().map(|c| (c.model, &*c.channel, &*c.campaign, c.orders_micro, c.revenue_nano));
